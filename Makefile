@@ -1,0 +1,39 @@
+# The two commands of the README: `make repro` and `make test`. Both set up .venv first.
+SHELL := /bin/bash
+VENV ?= .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.twilbert-installed
+TORCH_SPEC ?= torch==2.13.0
+export PATH := $(CURDIR)/$(VENV)/bin:$(PATH)
+
+.PHONY: setup repro test test-fast params check-params acceptance clean
+
+$(STAMP): pyproject.toml constraints.txt
+	@test -x $(PY) || python3 -m venv $(VENV)
+	@# An already-installed torch (e.g. your CUDA build) is kept: torch is installed only when missing.
+	@$(PY) -c "import torch" 2>/dev/null || $(PY) -m pip install --quiet "$(TORCH_SPEC)"
+	$(PY) -m pip install --quiet -c constraints.txt -e ".[test]"
+	@touch $(STAMP)
+
+setup: $(STAMP)
+
+## params.yaml is the composition of conf/ (DVC composes it itself under `dvc exp run`).
+params: setup
+	$(PY) -m twilbert.cli compose --out params.yaml
+
+check-params: setup
+	$(PY) -m twilbert.cli compose --check params.yaml
+
+repro: setup check-params
+	dvc repro
+	@echo
+	@cat results/results.md
+
+test: setup
+	$(PY) -m pytest
+
+test-fast: setup
+	$(PY) -m pytest -m "not slow and not network"
+
+clean:
+	rm -rf data models results/tasks results/*.md results/*.csv results/*.json .dvc/cache mlflow.db mlartifacts

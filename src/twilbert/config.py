@@ -1,0 +1,455 @@
+"""Typed configuration: one dataclass per section of params.yaml, validated once on load.
+
+Key names follow TWilBert's JSON configs (``n_encoders``, ``cross_sharing``, ``pkm_params``,
+``masked_lm``, ``rop``...). Every error names the dotted key that is wrong.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal, Optional, Union
+
+import yaml
+
+
+class ConfigError(ValueError):
+    """A config value is unknown, mistyped or inconsistent; the message names the key."""
+
+
+# --------------------------------------------------------------------------------------------
+# Sections
+# --------------------------------------------------------------------------------------------
+
+
+@dataclass
+class PkmConfig:
+    """Product Key Memory (Lample et al. 2019), TWilBert's ``pkm_params``."""
+
+    factorize_embeddings: bool = False
+    value_size: Optional[int] = None  # E of the value table when factorized (default k_dim // 4)
+    k_dim: int = 512
+    memory_size: int = 256
+    n_heads: int = 4
+    knn: int = 32
+    in_layers: list[int] = field(default_factory=list)
+    input_dropout: float = 0.0
+    output_dropout: float = 0.0
+    batch_norm: bool = True
+    value_lr: float = 1e-3  # XLM: the sparse value table learns best at its own, higher rate
+
+    def validate(self, where: str) -> None:
+        _positive(self, where, "k_dim", "memory_size", "n_heads", "knn")
+        if self.k_dim % 2:
+            raise ConfigError(f"{where}.k_dim must be even (it is split in two halves), got {self.k_dim}")
+        if self.knn > self.memory_size:
+            raise ConfigError(f"{where}.knn ({self.knn}) must be <= {where}.memory_size ({self.memory_size})")
+        _probability(self, where, "input_dropout", "output_dropout")
+
+
+@dataclass
+class MaskProbs:
+    mask: float = 0.8
+    random: float = 0.1
+    keep: float = 0.1
+
+
+@dataclass
+class MaskedLMConfig:
+    type: Literal["word", "span"] = "word"
+    max_span: int = 3
+    budget: float = 0.15
+    probs: MaskProbs = field(default_factory=MaskProbs)
+
+    def validate(self, where: str) -> None:
+        _positive(self, where, "max_span")
+        if not 0.0 < self.budget < 1.0:
+            raise ConfigError(f"{where}.budget must be in (0, 1), got {self.budget}")
+        total = self.probs.mask + self.probs.random + self.probs.keep
+        if abs(total - 1.0) > 1e-6 or min(self.probs.mask, self.probs.random, self.probs.keep) < 0:
+            raise ConfigError(f"{where}.probs mask+random+keep must be non-negative and sum to 1, got {total}")
+
+
+@dataclass
+class RopConfig:
+    enabled: bool = True
+    n_hidden: int = 1
+    hidden_size: int = 512
+
+
+@dataclass
+class ModelConfig:
+    """The TWilBert encoder and its pretraining heads (TWilBert's ``model`` section)."""
+
+    name: str = "tiny"
+    factorize_embeddings: bool = True
+    cross_sharing: bool = True
+    embedding_size: int = 128
+    hidden_size: int = 768
+    n_encoders: int = 12
+    n_heads: int = 12
+    attention_size: Optional[int] = None  # d_k per head; None means hidden_size // n_heads
+    intermediate_size: Optional[int] = None  # feed-forward width; None means 4 * hidden_size
+    hidden_act: Literal["gelu", "gelu_new", "relu"] = "gelu"
+    input_dropout: float = 0.0
+    output_dropout: float = 0.0
+    initializer_range: float = 0.02
+    layer_norm_eps: float = 1e-12
+    pkm: bool = False
+    pkm_params: PkmConfig = field(default_factory=PkmConfig)
+    masked_lm: MaskedLMConfig = field(default_factory=MaskedLMConfig)
+    rop: RopConfig = field(default_factory=RopConfig)
+
+    @property
+    def head_size(self) -> int:
+        return self.attention_size or self.hidden_size // self.n_heads
+
+    @property
+    def ffn_size(self) -> int:
+        return self.intermediate_size or 4 * self.hidden_size
+
+    def validate(self, where: str = "model") -> None:
+        _positive(self, where, "embedding_size", "hidden_size", "n_encoders", "n_heads")
+        if self.attention_size is None and self.hidden_size % self.n_heads:
+            raise ConfigError(
+                f"{where}.n_heads ({self.n_heads}) must divide {where}.hidden_size ({self.hidden_size}) "
+                f"unless {where}.attention_size is set"
+            )
+        if not self.factorize_embeddings and self.embedding_size != self.hidden_size:
+            raise ConfigError(
+                f"{where}.embedding_size ({self.embedding_size}) must equal {where}.hidden_size "
+                f"({self.hidden_size}) when {where}.factorize_embeddings is false"
+            )
+        _probability(self, where, "input_dropout", "output_dropout")
+        if self.pkm:
+            self.pkm_params.validate(f"{where}.pkm_params")
+            bad = [i for i in self.pkm_params.in_layers if not 0 <= i < self.n_encoders]
+            if bad:
+                raise ConfigError(
+                    f"{where}.pkm_params.in_layers {bad} out of range for n_encoders={self.n_encoders}"
+                )
+        self.masked_lm.validate(f"{where}.masked_lm")
+
+
+@dataclass
+class RepresentationConfig:
+    max_len: int = 64  # tokens per text; the input is [CLS] a [SEP] b [SEP] (2*max_len+3)
+    max_len_test: Optional[int] = None
+
+    def validate(self, where: str = "representation") -> None:
+        _positive(self, where, "max_len")
+        if self.max_len_test is not None and self.max_len_test > self.max_len:
+            raise ConfigError(
+                f"{where}.max_len_test ({self.max_len_test}) must be <= {where}.max_len ({self.max_len})"
+            )
+
+
+@dataclass
+class DataConfig:
+    """Where the pretraining corpus comes from (the ``data`` stage)."""
+
+    source: Literal["evomsa", "pairs_file"] = "evomsa"
+    pairs_file: Optional[str] = None  # TWilBert pair corpus TSV when source=pairs_file
+    pairs_header: bool = True  # False for headerless pair files (TWilBert's own dumps)
+    delimiter: str = "\t"
+    orig_text_header: str = "ORIG_TEXT"
+    reply_text_header: str = "REPLY_TEXT"
+    evomsa_version: str = "2.0.14"
+    evomsa_sha256: str = "948955df920578c668d1c19cf7051f2034a1c968ced6275284d9082b8c6cd8c4"
+    split: list[float] = field(default_factory=lambda: [0.7, 0.15, 0.15])  # train/dev/test
+
+    def validate(self, where: str = "data") -> None:
+        if self.source == "pairs_file" and not self.pairs_file:
+            raise ConfigError(f"{where}.pairs_file must be set when {where}.source is 'pairs_file'")
+        if len(self.split) != 3 or abs(sum(self.split) - 1.0) > 1e-6 or min(self.split) <= 0:
+            raise ConfigError(f"{where}.split must be three positive fractions summing to 1, got {self.split}")
+
+
+@dataclass
+class VocabConfig:
+    vocab_size: int = 8000
+    model_type: Literal["unigram", "bpe"] = "unigram"
+    character_coverage: float = 0.9995
+    lowercase: bool = False
+
+    def validate(self, where: str = "vocab") -> None:
+        if self.vocab_size < 16:
+            raise ConfigError(f"{where}.vocab_size must be >= 16, got {self.vocab_size}")
+
+
+@dataclass
+class PairsConfig:
+    heldout_fraction: float = 0.05  # pairs kept aside for held-out MLM/ROP evaluation
+    shard_size: int = 100_000
+
+
+@dataclass
+class TrainingConfig:
+    """Pretraining loop (TWilBert's ``training`` section)."""
+
+    batch_size: int = 32
+    epochs: int = 10
+    optimizer: str = "adam"  # adam | lamb | any torch.optim class name
+    lr: float = 1e-3
+    weight_decay: float = 0.01
+    noam_annealing: bool = False
+    warmup_steps: int = 8000
+    accum_iters: int = 1
+    max_grad_norm: Optional[float] = 1.0
+    precision: Literal["fp32", "bf16"] = "fp32"
+    device: str = "auto"  # auto | cpu | cuda | cuda:N
+    path_initial_weights: Optional[str] = None
+    log_every: int = 10
+
+    def validate(self, where: str = "training") -> None:
+        _positive(self, where, "batch_size", "epochs", "accum_iters", "warmup_steps", "log_every")
+        if self.lr <= 0:
+            raise ConfigError(f"{where}.lr must be > 0, got {self.lr}")
+
+
+@dataclass
+class FinetuningConfig:
+    """Finetuning loop and head (TWilBert's ``finetuning`` section)."""
+
+    batch_size: int = 32
+    pred_batch_size: int = 64
+    epochs: int = 10
+    patience: int = 3
+    finetune_all: bool = True
+    collapse_mode: Literal["avg", "cls"] = "avg"
+    use_special_tokens: bool = True
+    loss: str = "categorical_crossentropy"
+    optimizer: str = "adam"
+    lr: float = 1e-4
+    weight_decay: float = 0.0
+    noam_annealing: bool = False
+    warmup_steps: int = 5
+    accum_iters: int = 1
+    max_grad_norm: Optional[float] = 1.0
+    dropout: float = 0.1
+    n_hidden: int = 0
+    hidden_size: int = 256
+    precision: Literal["fp32", "bf16"] = "fp32"
+    device: str = "auto"
+
+    def validate(self, where: str = "finetuning") -> None:
+        _positive(self, where, "batch_size", "pred_batch_size", "epochs", "patience", "accum_iters")
+        _probability(self, where, "dropout")
+        if self.lr <= 0:
+            raise ConfigError(f"{where}.lr must be > 0, got {self.lr}")
+
+
+@dataclass
+class TaskDataset:
+    """Files of one finetuning task, TWilBert's ``dataset`` keys relative to ``data_dir``."""
+
+    data_dir: str = "data/default"
+    train_file: str = "train.tsv"
+    dev_file: Optional[str] = "dev.tsv"
+    test_file: Optional[str] = "test.tsv"
+    id_header: str = "ID"
+    text_header: str = "TEXT"
+    class_header: str = "CLASS"
+    aux_header: Optional[str] = None
+    delimiter: str = "\t"
+    dev_fraction: float = 0.15  # share of train held out as dev when the task ships no dev file
+
+    def path(self, name: Optional[str]) -> Optional[Path]:
+        return None if name is None else Path(self.data_dir) / name
+
+
+@dataclass
+class TaskSpec:
+    """TWilBert's ``task`` keys: labels and the official metric."""
+
+    regression: bool = False
+    multi_label: bool = False
+    categories: dict[str, int] = field(default_factory=dict)
+    class_weights: Optional[Union[str, dict[str, float]]] = None  # explicit, or "auto"
+    eval_metric: Literal["f1", "accuracy", "precision", "recall", "pearson", "jaccard"] = "f1"
+    average_metric: Optional[Literal["macro", "micro", "none"]] = "macro"
+    class_metric: Optional[str] = None
+    stance_f1: bool = False
+    threshold: float = 0.5  # multi-label decision threshold on sigmoid outputs
+
+
+@dataclass
+class TaskConfig:
+    name: str = ""
+    dataset: TaskDataset = field(default_factory=TaskDataset)
+    task: TaskSpec = field(default_factory=TaskSpec)
+
+    def validate(self, where: str) -> None:
+        spec = self.task
+        if not spec.regression and not spec.categories:
+            raise ConfigError(f"{where}.task.categories must list the labels of a classification task")
+        indices = sorted(spec.categories.values())
+        if indices != list(range(len(indices))):
+            raise ConfigError(f"{where}.task.categories must map labels to 0..C-1, got {spec.categories}")
+        if spec.class_metric is not None and spec.class_metric not in spec.categories:
+            raise ConfigError(
+                f"{where}.task.class_metric {spec.class_metric!r} is not one of the categories {list(spec.categories)}"
+            )
+        if isinstance(spec.class_weights, str) and spec.class_weights != "auto":
+            raise ConfigError(f"{where}.task.class_weights must be 'auto' or a mapping, got {spec.class_weights!r}")
+
+
+@dataclass
+class TrackingConfig:
+    uri: Optional[str] = None  # None: sqlite mlflow.db in the repo root (absolute URI)
+    experiment: str = "twilbert"
+
+
+@dataclass
+class Config:
+    seed: int = 1234
+    data: DataConfig = field(default_factory=DataConfig)
+    vocab: VocabConfig = field(default_factory=VocabConfig)
+    representation: RepresentationConfig = field(default_factory=RepresentationConfig)
+    pairs: PairsConfig = field(default_factory=PairsConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    training: TrainingConfig = field(default_factory=TrainingConfig)
+    finetuning: FinetuningConfig = field(default_factory=FinetuningConfig)
+    tasks: dict[str, TaskConfig] = field(default_factory=dict)
+    tracking: TrackingConfig = field(default_factory=TrackingConfig)
+    # Tweet normalization; a PreprocessConfig after validate() (defined beside the code it drives).
+    preprocess: Any = None
+
+    def validate(self) -> "Config":
+        from twilbert.data.preprocess import PreprocessConfig
+
+        if not isinstance(self.preprocess, PreprocessConfig):
+            self.preprocess = PreprocessConfig.from_dict(self.preprocess, "preprocess")
+        self.data.validate()
+        self.vocab.validate()
+        self.representation.validate()
+        self.model.validate()
+        self.training.validate()
+        self.finetuning.validate()
+        for name, task in self.tasks.items():
+            task.name = task.name or name
+            task.validate(f"tasks.{name}")
+        return self
+
+
+# --------------------------------------------------------------------------------------------
+# Loading: dict -> dataclasses, strictly
+# --------------------------------------------------------------------------------------------
+
+T = typing.TypeVar("T")
+
+
+def from_dict(cls: type[T], data: Any, where: str = "") -> T:
+    """Build ``cls`` from a plain mapping, rejecting unknown keys and mistyped values."""
+    if data is None:
+        data = {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"{where or 'config'} must be a mapping, got {type(data).__name__}")
+    hints = typing.get_type_hints(cls)
+    names = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(data) - names)
+    if unknown:
+        keys = ", ".join(_join(where, k) for k in unknown)
+        raise ConfigError(f"unknown config key(s): {keys} (known: {', '.join(sorted(names))})")
+    kwargs = {k: _coerce(hints[k], v, _join(where, k)) for k, v in data.items()}
+    return cls(**kwargs)
+
+
+def _coerce(tp: Any, value: Any, where: str) -> Any:
+    origin = typing.get_origin(tp)
+    args = typing.get_args(tp)
+    if origin in (Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        errors = []
+        for arg in (a for a in args if a is not type(None)):
+            try:
+                return _coerce(arg, value, where)
+            except ConfigError as err:
+                errors.append(str(err))
+        raise ConfigError(errors[-1] if len(errors) == 1 else f"{where}: {value!r} matches none of {tp}")
+    if origin is Literal:
+        if value not in args:
+            raise ConfigError(f"{where} must be one of {list(args)}, got {value!r}")
+        return value
+    if origin is list:
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"{where} must be a list, got {value!r}")
+        return [_coerce(args[0], v, f"{where}[{i}]") for i, v in enumerate(value)]
+    if origin is dict:
+        if not isinstance(value, dict):
+            raise ConfigError(f"{where} must be a mapping, got {value!r}")
+        return {str(k): _coerce(args[1], v, _join(where, str(k))) for k, v in value.items()}
+    if dataclasses.is_dataclass(tp):
+        return from_dict(tp, value, where)
+    if tp is Any:
+        return value
+    if tp is bool:
+        if not isinstance(value, bool):
+            raise ConfigError(f"{where} must be true or false, got {value!r}")
+        return value
+    if tp is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ConfigError(f"{where} must be an integer, got {value!r}")
+        return value
+    if tp is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ConfigError(f"{where} must be a number, got {value!r}")
+        return float(value)
+    if tp is str:
+        if not isinstance(value, str):
+            raise ConfigError(f"{where} must be a string, got {value!r}")
+        return value
+    raise ConfigError(f"{where}: unsupported config type {tp}")
+
+
+def _join(where: str, key: str) -> str:
+    return f"{where}.{key}" if where else key
+
+
+def _positive(obj: Any, where: str, *names: str) -> None:
+    for name in names:
+        value = getattr(obj, name)
+        if value <= 0:
+            raise ConfigError(f"{where}.{name} must be > 0, got {value}")
+
+
+def _probability(obj: Any, where: str, *names: str) -> None:
+    for name in names:
+        value = getattr(obj, name)
+        if not 0.0 <= value < 1.0:
+            raise ConfigError(f"{where}.{name} must be in [0, 1), got {value}")
+
+
+def to_dict(obj: Any) -> Any:
+    """Dataclass tree -> plain dict (for JSON model configs and MLflow params)."""
+    return dataclasses.asdict(obj) if dataclasses.is_dataclass(obj) else obj
+
+
+def load_config(params: Union[str, Path, dict]) -> Config:
+    """Load and validate the whole config from a params.yaml path or an already-parsed dict."""
+    if isinstance(params, (str, Path)):
+        path = Path(params)
+        try:
+            data = yaml.safe_load(path.read_text(encoding="utf-8"))
+        except FileNotFoundError:
+            raise ConfigError(f"{path}: params file not found") from None
+        except yaml.YAMLError as err:
+            raise ConfigError(f"{path}: invalid YAML: {err}") from None
+    else:
+        data = params
+    return from_dict(Config, data).validate()
+
+
+def compose(overrides: Optional[list[str]] = None, config_dir: Union[str, Path] = "conf") -> dict:
+    """Compose ``conf/`` with Hydra overrides into the plain dict DVC writes to params.yaml."""
+    from hydra import compose as hydra_compose
+    from hydra import initialize_config_dir
+    from omegaconf import OmegaConf
+
+    with initialize_config_dir(config_dir=str(Path(config_dir).resolve()), version_base=None):
+        cfg = hydra_compose(config_name="config", overrides=list(overrides or []))
+    return OmegaConf.to_container(cfg, resolve=True)

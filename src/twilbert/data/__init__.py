@@ -1,0 +1,1 @@
+"""Data: file formats, tweet preprocessing, tokenization, pair sampling, masking and task datasets."""

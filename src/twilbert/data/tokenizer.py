@@ -1,0 +1,146 @@
+"""SentencePiece vocabulary with TWilBert's special tokens, and the pair encoding ``[CLS] a [SEP] b [SEP]``.
+
+The vocab directory carries its own metadata (``meta.json``: size, special-token ids, the
+preprocessing applied before tokenization), so later stages never re-derive them.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import shutil
+import tempfile
+from dataclasses import asdict
+from pathlib import Path
+from typing import Iterable, Optional, Sequence
+
+import numpy as np
+import sentencepiece as spm
+
+from twilbert.config import VocabConfig
+from twilbert.data.preprocess import PreprocessConfig, Preprocessor
+
+log = logging.getLogger(__name__)
+
+SPECIAL_TOKENS = ("[PAD]", "[UNK]", "[MASK]", "[CLS]", "[SEP]")
+PAD_ID, UNK_ID, MASK_ID, CLS_ID, SEP_ID = range(len(SPECIAL_TOKENS))
+N_SPECIAL = len(SPECIAL_TOKENS)
+
+MODEL_FILE = "spm.model"
+META_FILE = "meta.json"
+
+
+def train_vocab(
+    texts: Iterable[str],
+    out_dir: Path,
+    cfg: VocabConfig,
+    preprocess: Optional[PreprocessConfig] = None,
+) -> Path:
+    """Train a SentencePiece model on ``texts`` (pretraining texts only) into ``out_dir``, atomically."""
+    out_dir = Path(out_dir)
+    prep = Preprocessor(preprocess or PreprocessConfig())
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=out_dir.parent, prefix=f".{out_dir.name}.") as tmp:
+        tmp_dir = Path(tmp) / "vocab"
+        tmp_dir.mkdir()
+        corpus = Path(tmp) / "corpus.txt"
+        n_texts = 0
+        with corpus.open("w", encoding="utf-8") as fh:
+            for text in texts:
+                fh.write(prep(text).replace("\n", " ") + "\n")
+                n_texts += 1
+        if n_texts == 0:
+            raise ValueError("vocab: the pretraining corpus is empty; nothing to train a vocabulary on")
+        spm.SentencePieceTrainer.train(
+            input=str(corpus),
+            model_prefix=str(tmp_dir / "spm"),
+            vocab_size=cfg.vocab_size,
+            model_type=cfg.model_type,
+            character_coverage=cfg.character_coverage,
+            normalization_rule_name="nmt_nfkc_cf" if cfg.lowercase else "nmt_nfkc",
+            pad_id=PAD_ID,
+            unk_id=UNK_ID,
+            bos_id=-1,
+            eos_id=-1,
+            pad_piece="[PAD]",
+            unk_piece="[UNK]",
+            user_defined_symbols=list(SPECIAL_TOKENS[2:]),
+            # A small corpus cannot always fill vocab_size; the real size is recorded in meta.json.
+            hard_vocab_limit=False,
+            # One thread keeps the trained vocabulary identical across reruns.
+            num_threads=1,
+            minloglevel=2,
+        )
+        sp = spm.SentencePieceProcessor(model_file=str(tmp_dir / "spm.model"))
+        meta = {
+            "vocab_size": sp.get_piece_size(),
+            "requested_vocab_size": cfg.vocab_size,
+            "special_tokens": {tok: i for i, tok in enumerate(SPECIAL_TOKENS)},
+            "n_training_texts": n_texts,
+            "vocab": asdict(cfg),
+            "preprocess": prep.to_dict(),
+        }
+        (tmp_dir / "spm.vocab").unlink(missing_ok=True)
+        (tmp_dir / META_FILE).write_text(json.dumps(meta, indent=2, ensure_ascii=False), encoding="utf-8")
+        if out_dir.exists():
+            shutil.rmtree(out_dir)
+        tmp_dir.rename(out_dir)
+    log.info("vocab: %d pieces from %d texts -> %s", meta["vocab_size"], n_texts, out_dir)
+    return out_dir
+
+
+class Tokenizer:
+    """SentencePiece pieces plus the preprocessing the vocabulary was trained with."""
+
+    def __init__(self, vocab_dir: Path):
+        self.vocab_dir = vocab_dir = Path(vocab_dir)
+        model, meta = vocab_dir / MODEL_FILE, vocab_dir / META_FILE
+        for path in (model, meta):
+            if not path.is_file():
+                raise FileNotFoundError(f"{path}: missing; is {vocab_dir} a twilbert vocab or model directory?")
+        self.meta = json.loads(meta.read_text(encoding="utf-8"))
+        self.sp = spm.SentencePieceProcessor(model_file=str(model))
+        self.preprocess = Preprocessor(PreprocessConfig.from_dict(self.meta.get("preprocess", {})))
+        if self.sp.piece_to_id("[CLS]") != CLS_ID or self.sp.pad_id() != PAD_ID:
+            raise ValueError(f"{model}: special tokens are not at the ids twilbert expects {SPECIAL_TOKENS}")
+
+    @property
+    def vocab_size(self) -> int:
+        return self.sp.get_piece_size()
+
+    def encode(self, texts: Sequence[str]) -> list[list[int]]:
+        """Preprocess and tokenize, untruncated."""
+        return self.sp.encode([self.preprocess(t) for t in texts])
+
+    def decode_ids(self, ids: Sequence[int]) -> list[str]:
+        return [self.sp.id_to_piece(int(i)) for i in ids]
+
+    def copy_to(self, directory: Path) -> None:
+        """Embed the vocabulary in a model directory so the model is self-contained."""
+        directory = Path(directory)
+        shutil.copyfile(self.vocab_dir / MODEL_FILE, directory / MODEL_FILE)
+        (directory / META_FILE).write_text(json.dumps(self.meta, indent=2, ensure_ascii=False), encoding="utf-8")
+
+
+def pack_pairs(
+    a: Sequence[Sequence[int]], b: Optional[Sequence[Sequence[int]]], max_len: int
+) -> dict[str, np.ndarray]:
+    """Pack texts into ``[CLS] a [SEP] b [SEP]`` rows, each text cut to ``max_len`` tokens.
+
+    Returns ``input_ids`` (N, T) with T = 2*max_len+3 (max_len+2 without b), ``len_a`` (N,) the
+    length of a after truncation, and ``length`` (N,) the number of real tokens in the row.
+    """
+    n = len(a)
+    width = 2 * max_len + 3 if b is not None else max_len + 2
+    ids = np.full((n, width), PAD_ID, dtype=np.int32)
+    len_a = np.zeros(n, dtype=np.int32)
+    length = np.zeros(n, dtype=np.int32)
+    for i in range(n):
+        ta = list(a[i][:max_len])
+        row = [CLS_ID, *ta, SEP_ID]
+        if b is not None:
+            row += [*b[i][:max_len], SEP_ID]
+        ids[i, : len(row)] = row
+        len_a[i] = len(ta)
+        length[i] = len(row)
+    return {"input_ids": ids, "len_a": len_a, "length": length}

@@ -1,0 +1,57 @@
+"""The TWilBert model: encoder, product-key memory, heads, checkpoint I/O and Hugging Face export."""
+
+from twilbert.model.encoder import (
+    TWilBertAttention,
+    TWilBertEmbeddings,
+    TWilBertLayer,
+    TWilBertModel,
+    TWilBertTransformer,
+    init_weights,
+)
+from twilbert.model.heads import (
+    ClassificationHead,
+    PretrainOutput,
+    TWilBertForClassification,
+    TWilBertForPretraining,
+    TWilBertMLMHead,
+    TWilBertROPHead,
+    count_parameters,
+)
+from twilbert.model.hf import ExportError, save_hf, to_hf
+from twilbert.model.io import (
+    CheckpointError,
+    LoadReport,
+    load_into,
+    load_pretrained_state,
+    model_config_dict,
+    model_config_from_dict,
+    save_pretrained,
+)
+from twilbert.model.pkm import ProductKeyMemory
+
+__all__ = [
+    "CheckpointError",
+    "ClassificationHead",
+    "ExportError",
+    "LoadReport",
+    "PretrainOutput",
+    "ProductKeyMemory",
+    "TWilBertAttention",
+    "TWilBertEmbeddings",
+    "TWilBertForClassification",
+    "TWilBertForPretraining",
+    "TWilBertLayer",
+    "TWilBertMLMHead",
+    "TWilBertModel",
+    "TWilBertROPHead",
+    "TWilBertTransformer",
+    "count_parameters",
+    "init_weights",
+    "load_into",
+    "load_pretrained_state",
+    "model_config_dict",
+    "model_config_from_dict",
+    "save_hf",
+    "save_pretrained",
+    "to_hf",
+]

@@ -1,0 +1,254 @@
+"""Model directories: ``model.safetensors`` + ``config.json``, written atomically, read without pickle.
+
+config.json holds the model config under ``"model"`` (``asdict(ModelConfig)``) with ``"vocab_size"``
+and ``"max_positions"``; callers may add keys of their own, which are kept as given.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shutil
+import tempfile
+import uuid
+from pathlib import Path
+from typing import Any, NamedTuple, Union
+
+import torch
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import save_file
+from torch import nn
+
+from twilbert.config import ConfigError, ModelConfig, from_dict, to_dict
+
+logger = logging.getLogger(__name__)
+
+WEIGHTS_NAME = "model.safetensors"
+CONFIG_NAME = "config.json"
+REQUIRED_KEYS = ("model", "vocab_size", "max_positions")
+_TIED_KEY = "twilbert_tied"  # safetensors metadata: JSON {alias name: stored name}
+PREFIX = "twilbert."  # the encoder's attribute in the full models
+
+PathLike = Union[str, os.PathLike]
+
+
+class CheckpointError(RuntimeError):
+    """A model directory is unreadable or does not fit the model; the message names the file or parameter."""
+
+
+class LoadReport(NamedTuple):
+    missing: list[str]  # model parameters the checkpoint did not provide
+    unexpected: list[str]  # checkpoint tensors the model has no place for
+
+
+# --------------------------------------------------------------------------------------------
+# config.json
+# --------------------------------------------------------------------------------------------
+
+
+def model_config_dict(cfg: ModelConfig, vocab_size: int, max_positions: int, **extra: Any) -> dict:
+    """The config.json content for a model: its config, sizes, and any caller keys."""
+    return {"model": to_dict(cfg), "vocab_size": vocab_size, "max_positions": max_positions, **extra}
+
+
+def model_config_from_dict(config: dict, where: str = CONFIG_NAME) -> tuple[ModelConfig, int, int]:
+    """(ModelConfig, vocab_size, max_positions) from a config.json dict, validated."""
+    missing = [k for k in REQUIRED_KEYS if k not in config]
+    if missing:
+        raise CheckpointError(f"{where}: missing key(s) {missing}")
+    try:
+        cfg = from_dict(ModelConfig, config["model"], "model")
+        cfg.validate()
+    except ConfigError as err:
+        raise CheckpointError(f"{where}: {err}") from None
+    return cfg, int(config["vocab_size"]), int(config["max_positions"])
+
+
+# --------------------------------------------------------------------------------------------
+# Saving
+# --------------------------------------------------------------------------------------------
+
+
+def _untie(state_dict: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """Keep one copy of each tensor; tied names (e.g. the MLM decoder) become aliases.
+
+    safetensors refuses tensors that share storage, and storing a tied matrix twice would both
+    waste space and lose the tie.
+    """
+    tensors: dict[str, torch.Tensor] = {}
+    aliases: dict[str, str] = {}
+    seen: dict[tuple, str] = {}
+    storages: set[int] = set()
+    for name, t in state_dict.items():
+        t = t.detach()
+        view = (t.untyped_storage().data_ptr(), t.storage_offset(), tuple(t.shape), tuple(t.stride()), t.dtype)
+        if t.numel() and view in seen:
+            aliases[name] = seen[view]
+            continue
+        seen[view] = name
+        ptr = t.untyped_storage().data_ptr()
+        # Different views of one storage cannot be aliased by name: store them as separate copies.
+        t = t.cpu().contiguous().clone() if t.numel() and ptr in storages else t.cpu().contiguous()
+        storages.add(ptr)
+        tensors[name] = t
+    return tensors, aliases
+
+
+def _fsync(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _carry_extras(old: Path, new: Path) -> None:
+    """Files other callers put in an existing model directory survive a re-save."""
+    for entry in old.iterdir():
+        if entry.name in (WEIGHTS_NAME, CONFIG_NAME):
+            continue
+        target = new / entry.name
+        if entry.is_dir():
+            shutil.copytree(entry, target, copy_function=_link_or_copy)
+        else:
+            _link_or_copy(entry, target)
+
+
+def _link_or_copy(src: PathLike, dst: PathLike) -> None:
+    try:
+        os.link(src, dst)
+    except OSError:
+        shutil.copy2(src, dst)
+
+
+def save_pretrained(directory: PathLike, model: nn.Module, config: dict) -> Path:
+    """Write ``model.safetensors`` and ``config.json`` to ``directory`` atomically.
+
+    Everything is written into a temporary sibling directory which then replaces ``directory``,
+    so a crash leaves either the previous complete directory or the new one, never a mix.
+    """
+    directory = Path(directory)
+    missing = [k for k in REQUIRED_KEYS if k not in config]
+    if missing:
+        raise ValueError(f"config for {directory / CONFIG_NAME} lacks {missing}; build it with model_config_dict()")
+    if directory.exists() and not directory.is_dir():
+        raise CheckpointError(f"{directory}: exists and is not a directory")
+    config_text = json.dumps(config, indent=2)  # fails on unserialisable values before touching disk
+    tensors, aliases = _untie(model.state_dict())
+
+    directory.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{directory.name}.tmp-", dir=directory.parent))
+    try:
+        save_file(tensors, str(tmp / WEIGHTS_NAME), metadata={"format": "pt", _TIED_KEY: json.dumps(aliases)})
+        (tmp / CONFIG_NAME).write_text(config_text + "\n", encoding="utf-8")
+        for name in (WEIGHTS_NAME, CONFIG_NAME):
+            _fsync(tmp / name)
+        if directory.exists():
+            _carry_extras(directory, tmp)
+            old = directory.parent / f".{directory.name}.old-{uuid.uuid4().hex[:8]}"
+            os.replace(directory, old)
+            try:
+                os.replace(tmp, directory)
+            except BaseException:
+                os.replace(old, directory)
+                raise
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.replace(tmp, directory)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    logger.info("saved %d tensors (%d tied) to %s", len(tensors), len(aliases), directory)
+    return directory
+
+
+# --------------------------------------------------------------------------------------------
+# Loading
+# --------------------------------------------------------------------------------------------
+
+
+def load_pretrained_state(directory: PathLike) -> tuple[dict, dict[str, torch.Tensor]]:
+    """Read (config dict, state_dict) from a model directory: safetensors and JSON only, never pickle."""
+    directory = Path(directory)
+    if not directory.is_dir():
+        raise FileNotFoundError(f"{directory}: model directory not found")
+    config_path = directory / CONFIG_NAME
+    weights_path = directory / WEIGHTS_NAME
+    for path in (config_path, weights_path):
+        if not path.is_file():
+            hint = " (pickle checkpoints such as pytorch_model.bin are never loaded)" if path == weights_path else ""
+            raise FileNotFoundError(f"{path}: missing; a model directory holds {CONFIG_NAME} and {WEIGHTS_NAME}{hint}")
+
+    try:
+        config = json.loads(config_path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise CheckpointError(f"{config_path}: not valid JSON ({err})") from None
+    if not isinstance(config, dict):
+        raise CheckpointError(f"{config_path}: expected a JSON object, got {type(config).__name__}")
+
+    try:
+        with safe_open(str(weights_path), framework="pt", device="cpu") as f:
+            metadata = f.metadata() or {}
+            state = {name: f.get_tensor(name) for name in f.keys()}
+        aliases = json.loads(metadata.get(_TIED_KEY, "{}"))
+    except (SafetensorError, OSError, ValueError) as err:
+        raise CheckpointError(f"{weights_path}: corrupt or not a safetensors file ({err})") from None
+    for alias, stored in aliases.items():
+        if stored not in state:
+            raise CheckpointError(f"{weights_path}: tied tensor {alias!r} points at missing {stored!r}")
+        state[alias] = state[stored]
+    return config, state
+
+
+def _align_prefix(model_keys: set[str], state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Let an encoder load from a full model's checkpoint and vice versa (``twilbert.`` prefix)."""
+    model_prefixed = any(k.startswith(PREFIX) for k in model_keys)
+    state_prefixed = any(k.startswith(PREFIX) for k in state)
+    if state_prefixed and not model_prefixed:
+        dropped = sorted(k for k in state if not k.startswith(PREFIX))
+        if dropped:
+            logger.info("loading the encoder only; ignoring %d head tensors", len(dropped))
+        return {k[len(PREFIX) :]: v for k, v in state.items() if k.startswith(PREFIX)}
+    if model_prefixed and not state_prefixed:
+        return {PREFIX + k: v for k, v in state.items()}
+    return state
+
+
+def _mismatch_hint(name: str, theirs: tuple, ours: tuple) -> str:
+    if len(theirs) == len(ours) and theirs[1:] == ours[1:]:
+        if name.endswith(("word_embeddings.weight", "decoder.weight", "predictions.bias")):
+            return "vocab size differs"
+        if name.endswith("position_embeddings.weight"):
+            return "max_positions differs"
+    return "model config differs (compare the checkpoint's config.json with the model's)"
+
+
+def load_into(model: nn.Module, state_dict: dict[str, torch.Tensor], strict: bool = True) -> LoadReport:
+    """Copy ``state_dict`` into ``model``; shape mismatches always raise, naming each parameter.
+
+    With ``strict`` missing or unexpected names raise too; otherwise they are reported and logged.
+    """
+    own = model.state_dict()
+    state = _align_prefix(set(own), state_dict)
+    mismatches = []
+    for name, tensor in state.items():
+        if name in own and own[name].shape != tensor.shape:
+            theirs, ours = tuple(tensor.shape), tuple(own[name].shape)
+            mismatches.append(f"{name}: checkpoint {theirs} vs model {ours} — {_mismatch_hint(name, theirs, ours)}")
+    if mismatches:
+        raise CheckpointError("checkpoint does not fit the model:\n  " + "\n  ".join(mismatches))
+
+    missing = [k for k in own if k not in state]
+    unexpected = [k for k in state if k not in own]
+    if strict and (missing or unexpected):
+        raise CheckpointError(
+            f"checkpoint does not fit the model: missing {missing}, unexpected {unexpected} "
+            "(pass strict=False to load a subset, e.g. an encoder under a new head)"
+        )
+    model.load_state_dict({k: v for k, v in state.items() if k in own}, strict=False)
+    if missing:
+        logger.info("not in checkpoint, left as initialised: %s", missing)
+    if unexpected:
+        logger.info("in checkpoint, not used by the model: %s", unexpected)
+    return LoadReport(missing, unexpected)

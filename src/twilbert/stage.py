@@ -1,0 +1,65 @@
+"""What every stage script shares: arguments, config loading, logging, user-facing errors.
+
+Under DVC a stage reads the composed ``params.yaml`` (so ``dvc exp run -S`` values apply). Run
+by hand, extra ``key=value`` arguments are Hydra overrides: the stage composes ``conf/`` with them,
+e.g. ``python stages/pretrain.py model.n_encoders=4``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from pathlib import Path
+from typing import Callable, Optional
+
+import yaml
+
+from twilbert.config import Config, ConfigError, compose, load_config
+
+log = logging.getLogger("twilbert")
+
+PARAMS_FILE = "params.yaml"
+CONF_DIR = "conf"
+
+
+def setup_logging() -> None:
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+                        datefmt="%H:%M:%S")
+    for noisy in ("alembic", "mlflow", "urllib3", "git"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+
+
+def parse_args(parser: argparse.ArgumentParser, argv: Optional[list[str]] = None) -> tuple[argparse.Namespace, list[str]]:
+    """Known ``--flags`` for paths; the rest must be Hydra ``key=value`` overrides."""
+    args, rest = parser.parse_known_args(argv)
+    bad = [r for r in rest if "=" not in r]
+    if bad:
+        parser.error(f"unrecognized arguments: {' '.join(bad)} (overrides look like model.n_encoders=4)")
+    return args, rest
+
+
+def load_stage_config(overrides: list[str], params: str = PARAMS_FILE) -> tuple[Config, dict]:
+    """The validated config and its raw dict (for MLflow params)."""
+    if overrides:
+        raw = compose(overrides, CONF_DIR)
+    else:
+        path = Path(params)
+        if not path.is_file():
+            raise ConfigError(f"{path}: not found; run `make params` (or pass Hydra overrides) first")
+        raw = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+    return load_config(raw), raw
+
+
+def run(main: Callable[[], None]) -> None:
+    """Run a stage; expected failures print one clear line (no traceback) and exit with status 2."""
+    setup_logging()
+    from twilbert.data.corpus import DataStageError
+    from twilbert.data.formats import DataFormatError
+    from twilbert.data.tasks import TaskFilesError
+
+    try:
+        main()
+    except (ConfigError, DataFormatError, DataStageError, TaskFilesError, FileNotFoundError) as err:
+        log.error("%s", err)
+        sys.exit(2)

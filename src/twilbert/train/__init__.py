@@ -1,0 +1,1 @@
+"""Training math: optimizers and schedules, losses, metrics."""

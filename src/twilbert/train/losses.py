@@ -1,0 +1,248 @@
+"""Losses: MLM and ROP for pretraining; finetuning losses by TWilBert name.
+
+The metric-approximating losses (González et al. 2018, LKE) replace counts by probabilities:
+tp_c = sum_b y_bc p_bc, fp_c = sum_b (1 - y_bc) p_bc, fn_c = sum_b y_bc (1 - p_bc). On one-hot
+predictions every ``soft_*`` function equals the scikit-learn metric with ``zero_division=0``
+over all classes; the loss is ``1 - metric``.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Sequence
+from typing import Optional, Union
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from twilbert.config import TaskSpec
+
+log = logging.getLogger(__name__)
+
+IGNORE_INDEX = -100
+LossFn = Callable[[Tensor, Tensor], Tensor]
+
+
+# --------------------------------------------------------------------------------------------
+# Pretraining
+# --------------------------------------------------------------------------------------------
+
+
+def mlm_loss(logits: Tensor, targets: Tensor, normalizer: Union[float, Tensor, None] = None) -> Tensor:
+    """Summed cross-entropy over masked tokens divided by ``normalizer`` (default: their count).
+
+    logits (N, V), targets (N,); targets equal to -100 are ignored. Under DDP pass the masked
+    count summed over ranks so every token weighs the same whatever rank it landed on.
+    """
+    total = F.cross_entropy(logits.float(), targets, reduction="sum", ignore_index=IGNORE_INDEX)
+    if normalizer is None:
+        normalizer = (targets != IGNORE_INDEX).sum()
+    if isinstance(normalizer, Tensor):
+        return total / normalizer.to(total.dtype).clamp_min(1.0)
+    return total / max(float(normalizer), 1.0)
+
+
+def rop_loss(logits: Tensor, labels: Tensor) -> Tensor:
+    """Mean cross-entropy of reply order prediction; logits (B, 2), labels (B,), 1 = original order."""
+    return F.cross_entropy(logits.float(), labels)
+
+
+# --------------------------------------------------------------------------------------------
+# Soft metrics: probabilities p (B, C) against 0/1 targets y (B, C)
+# --------------------------------------------------------------------------------------------
+
+
+def _div(num: Tensor, den: Tensor) -> Tensor:
+    # num <= den and num >= 0 here, so den == 0 implies num == 0: the clamp yields sklearn's
+    # zero_division=0 without the NaN gradients torch.where would leak
+    return num / den.clamp_min(torch.finfo(den.dtype).tiny)
+
+
+def _counts(p: Tensor, y: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """Soft tp, fp, fn per class, each (C,)."""
+    tp = (y * p).sum(0)
+    fp = ((1.0 - y) * p).sum(0)
+    fn = (y * (1.0 - p)).sum(0)
+    return tp, fp, fn
+
+
+def soft_precision(p: Tensor, y: Tensor, average: Optional[str] = "macro") -> Tensor:
+    """Precision with ``average`` in macro | micro | None (per class, (C,))."""
+    tp, fp, _ = _counts(p, y)
+    if average == "micro":
+        return _div(tp.sum(), tp.sum() + fp.sum())
+    per_class = _div(tp, tp + fp)
+    return per_class.mean() if average == "macro" else per_class
+
+
+def soft_recall(p: Tensor, y: Tensor, average: Optional[str] = "macro") -> Tensor:
+    """Recall with ``average`` in macro | micro | None (per class, (C,))."""
+    tp, _, fn = _counts(p, y)
+    if average == "micro":
+        return _div(tp.sum(), tp.sum() + fn.sum())
+    per_class = _div(tp, tp + fn)
+    return per_class.mean() if average == "macro" else per_class
+
+
+def soft_f1(p: Tensor, y: Tensor, average: Optional[str] = "macro") -> Tensor:
+    """F1 = 2tp / (2tp + fp + fn) with ``average`` in macro | micro | None (per class, (C,))."""
+    tp, fp, fn = _counts(p, y)
+    if average == "micro":
+        tp, fp, fn = tp.sum(), fp.sum(), fn.sum()
+        return _div(2.0 * tp, 2.0 * tp + fp + fn)
+    per_class = _div(2.0 * tp, 2.0 * tp + fp + fn)
+    return per_class.mean() if average == "macro" else per_class
+
+
+def soft_f1_of_macro(p: Tensor, y: Tensor) -> Tensor:
+    """TWilBert's ``f1_macro``: harmonic mean of macro precision and macro recall."""
+    mp, mr = soft_precision(p, y, "macro"), soft_recall(p, y, "macro")
+    return _div(2.0 * mp * mr, mp + mr)
+
+
+def soft_jaccard(p: Tensor, y: Tensor) -> Tensor:
+    """Sample-averaged Jaccard |y ∩ ŷ| / |y ∪ ŷ|, with ∪ as y + p - y p (= max(y, p) for 0/1 y)."""
+    inter = (y * p).sum(1)
+    union = (y + p - y * p).sum(1)
+    return _div(inter, union).mean()
+
+
+# --------------------------------------------------------------------------------------------
+# Finetuning losses by name
+# --------------------------------------------------------------------------------------------
+
+_SOFT_METRICS: dict[str, Callable[[Tensor, Tensor], Tensor]] = {
+    "macro_f1": lambda p, y: soft_f1(p, y, "macro"),
+    "f1_macro": soft_f1_of_macro,
+    "micro_f1": lambda p, y: soft_f1(p, y, "micro"),
+    "binary_f1": lambda p, y: soft_f1(p, y, None)[1],
+    "macro_precision": lambda p, y: soft_precision(p, y, "macro"),
+    "macro_recall": lambda p, y: soft_recall(p, y, "macro"),
+    "micro_precision": lambda p, y: soft_precision(p, y, "micro"),
+    "micro_recall": lambda p, y: soft_recall(p, y, "micro"),
+    "jaccard_acc": soft_jaccard,
+}
+_ALIASES = {"categorical_crossentropy": "cross_entropy", "binary_crossentropy": "bce"}
+LOSS_NAMES = ("categorical_crossentropy", "cross_entropy", "binary_crossentropy", "bce", "mse", "rmse",
+              *_SOFT_METRICS)
+
+
+def _probs_and_onehot(logits: Tensor, targets: Tensor, multi_label: bool) -> tuple[Tensor, Tensor]:
+    logits = logits.float()
+    if multi_label:
+        return torch.sigmoid(logits), targets.float()
+    return torch.softmax(logits, dim=-1), F.one_hot(targets.long(), logits.shape[-1]).float()
+
+
+def _soft_metric_loss(metric: Callable[[Tensor, Tensor], Tensor], multi_label: bool) -> LossFn:
+    def loss(logits: Tensor, targets: Tensor) -> Tensor:
+        p, y = _probs_and_onehot(logits, targets, multi_label)
+        return 1.0 - metric(p, y)
+
+    return loss
+
+
+def _regression_loss(root: bool) -> LossFn:
+    def loss(logits: Tensor, targets: Tensor) -> Tensor:
+        mse = F.mse_loss(logits.float().reshape(targets.shape), targets.float())
+        return mse.sqrt() if root else mse
+
+    return loss
+
+
+def build_loss(name: str, spec: TaskSpec, class_weights: Optional[Tensor] = None) -> LossFn:
+    """Finetuning loss ``(logits, targets) -> scalar`` by TWilBert name.
+
+    Targets: class indices (B,) for single-label, 0/1 floats (B, C) for multi-label, floats
+    (B,) or (B, 1) for regression. ``class_weights`` (C,) weight the cross-entropy and act as
+    BCE positive weights; the soft-metric losses ignore them.
+    """
+    key = _ALIASES.get(name.lower(), name.lower())
+    if key not in ("cross_entropy", "bce", "mse", "rmse", *_SOFT_METRICS):
+        raise ValueError(f"unknown loss {name!r}; choose one of: {', '.join(LOSS_NAMES)}")
+    if key in ("mse", "rmse"):
+        if not spec.regression:
+            raise ValueError(f"loss {name!r} needs a regression task (task.regression: true)")
+        return _regression_loss(root=key == "rmse")
+    if spec.regression:
+        raise ValueError(f"loss {name!r} is for classification; use 'mse' or 'rmse' for regression")
+
+    if key == "cross_entropy":
+        if spec.multi_label:
+            raise ValueError(f"loss {name!r} is single-label; use 'binary_crossentropy' for multi-label")
+        weight = None if class_weights is None else class_weights.float()
+
+        def cross_entropy(logits: Tensor, targets: Tensor) -> Tensor:
+            w = None if weight is None else weight.to(logits.device)
+            return F.cross_entropy(logits.float(), targets.long(), weight=w)
+
+        return cross_entropy
+
+    if key == "bce":
+        pos_weight = None if class_weights is None else class_weights.float()
+
+        def bce(logits: Tensor, targets: Tensor) -> Tensor:
+            _, y = _probs_and_onehot(logits, targets, spec.multi_label)
+            w = None if pos_weight is None else pos_weight.to(logits.device)
+            return F.binary_cross_entropy_with_logits(logits.float(), y, pos_weight=w)
+
+        return bce
+
+    if key == "binary_f1" and (spec.multi_label or len(spec.categories) != 2):
+        raise ValueError(f"loss {name!r} needs a single-label task with 2 categories, got {spec.categories}")
+    return _soft_metric_loss(_SOFT_METRICS[key], spec.multi_label)
+
+
+# --------------------------------------------------------------------------------------------
+# Class weights
+# --------------------------------------------------------------------------------------------
+
+
+def class_weights_tensor(
+    spec: TaskSpec, train_targets: Union[Sequence, np.ndarray, Tensor, None] = None
+) -> Optional[Tensor]:
+    """Class weights (C,) from ``task.class_weights``: None, ``'auto'`` or a mapping label → weight.
+
+    ``'auto'`` is inverse training frequency normalized to mean 1 over the classes present
+    (absent classes get 1). Mapping keys are label names; a key that is not a label but an
+    index string (``"0"``, as in TWilBert's JSON configs) is read as that index. Unlisted
+    classes weigh 1.
+    """
+    if spec.class_weights is None:
+        return None
+    if spec.regression:
+        raise ValueError("task.class_weights is set but the task is a regression; remove it")
+    n_classes = len(spec.categories)
+    if spec.class_weights == "auto":
+        if train_targets is None:
+            raise ValueError("task.class_weights 'auto' needs the training targets")
+        y = np.asarray(train_targets.cpu() if isinstance(train_targets, Tensor) else train_targets)
+        if spec.multi_label:
+            counts = y.reshape(-1, n_classes).sum(0).astype(np.float64)
+        else:
+            counts = np.bincount(y.astype(int).reshape(-1), minlength=n_classes).astype(np.float64)
+        present = counts > 0
+        weights = np.ones(n_classes)
+        if present.any():
+            inv = 1.0 / counts[present]
+            weights[present] = inv / inv.mean()
+        if not present.all():
+            absent = [lab for lab, i in spec.categories.items() if not present[i]]
+            log.warning("class_weights auto: labels %s never occur in the training set; weight 1", absent)
+        return torch.tensor(weights, dtype=torch.float32)
+    if isinstance(spec.class_weights, str):
+        raise ValueError(f"task.class_weights must be 'auto' or a mapping, got {spec.class_weights!r}")
+
+    weights = np.ones(n_classes)
+    for label, value in spec.class_weights.items():
+        if label in spec.categories:
+            weights[spec.categories[label]] = value
+        elif str(label).isdigit() and int(label) < n_classes:
+            weights[int(label)] = value
+        else:
+            raise ValueError(
+                f"task.class_weights.{label}: {label!r} is not one of the categories {list(spec.categories)}"
+            )
+    return torch.tensor(weights, dtype=torch.float32)

@@ -1,0 +1,30 @@
+"""DVC stage `evaluate`: the results tables from the per-task metrics of the tasks in params."""
+
+import argparse
+from pathlib import Path
+
+from twilbert.results import write_results
+from twilbert.stage import load_stage_config, parse_args, run
+from twilbert.track import Tracker
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--tasks-dir", type=Path, default=Path("results/tasks"))
+    parser.add_argument("--out", type=Path, default=Path("results"))
+    args, overrides = parse_args(parser)
+    cfg, _ = load_stage_config(overrides)
+    files = [args.tasks_dir / name / "metrics.json" for name in cfg.tasks]
+    missing = [str(f) for f in files if not f.is_file()]
+    if missing:
+        raise FileNotFoundError(f"evaluate: missing per-task metrics {missing}; run the finetune stages")
+    table = write_results(files, args.out)
+    tracker = Tracker(cfg.tracking, stage="evaluate")
+    with tracker.start({"tasks": ",".join(sorted(cfg.tasks))}, run_name="evaluate"):
+        for name in ("results.md", "results.csv"):
+            tracker.log_artifact(args.out / name)
+    print(table)
+
+
+if __name__ == "__main__":
+    run(main)

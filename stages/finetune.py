@@ -1,0 +1,38 @@
+"""DVC stage `finetune` (one instance per task): head on the pretrained encoder, best dev epoch, test."""
+
+import argparse
+from pathlib import Path
+
+from twilbert.config import ConfigError
+from twilbert.stage import load_stage_config, parse_args, run
+from twilbert.track import Tracker
+from twilbert.train.finetune import finetune_task
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--task", required=True, help="a key of `tasks` in params.yaml")
+    parser.add_argument("--pretrained", type=Path, default=Path("models/pretrained"))
+    parser.add_argument("--model-out", type=Path)
+    parser.add_argument("--metrics-out", type=Path)
+    args, overrides = parse_args(parser)
+    cfg, raw = load_stage_config(overrides)
+    if args.task not in cfg.tasks:
+        raise ConfigError(f"--task {args.task!r} is not in params.yaml tasks (have: {sorted(cfg.tasks)})")
+    task = cfg.tasks[args.task]
+    params = {"seed": raw["seed"], "finetuning": raw["finetuning"], "representation": raw["representation"],
+              "task": raw["tasks"][args.task]}
+    tracker = Tracker(cfg.tracking, stage="finetune")
+    with tracker.start(params, run_name=f"finetune-{args.task}"):
+        metrics = finetune_task(
+            cfg, task, args.pretrained,
+            args.model_out or Path("models/finetuned") / args.task,
+            args.metrics_out or Path("results/tasks") / args.task,
+            tracker,
+        )
+        tracker.log_artifact((args.metrics_out or Path("results/tasks") / args.task) / "metrics.json")
+    print(f"{args.task}: test {metrics['official_metric']} = {metrics['test']['official']:.4f}")
+
+
+if __name__ == "__main__":
+    run(main)

@@ -1,0 +1,33 @@
+"""DVC stage `pretrain`: masked LM + reply-order prediction; the best epoch becomes the pretrained model."""
+
+import argparse
+import json
+from pathlib import Path
+
+from twilbert.io_utils import atomic_write
+from twilbert.stage import load_stage_config, parse_args, run
+from twilbert.track import Tracker
+from twilbert.train.pretrain import pretrain
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--pairs", type=Path, default=Path("data/pairs"))
+    parser.add_argument("--vocab", type=Path, default=Path("data/vocab"))
+    parser.add_argument("--out", type=Path, default=Path("models/pretrained"))
+    parser.add_argument("--checkpoints", type=Path, default=Path("models/checkpoints/pretrain"))
+    parser.add_argument("--metrics", type=Path, default=Path("results/pretrain.json"))
+    args, overrides = parse_args(parser)
+    cfg, raw = load_stage_config(overrides)
+    params = {k: raw[k] for k in ("seed", "model", "training", "representation", "vocab") if k in raw}
+    tracker = Tracker(cfg.tracking, stage="pretrain")
+    with tracker.start(params, run_name=f"pretrain-{cfg.model.name}"):
+        metrics = pretrain(cfg, args.pairs, args.vocab, args.out, args.checkpoints, tracker)
+        args.metrics.parent.mkdir(parents=True, exist_ok=True)
+        with atomic_write(args.metrics) as fh:
+            json.dump(metrics, fh, indent=2)
+        tracker.log_artifact(args.out / "config.json")
+
+
+if __name__ == "__main__":
+    run(main)

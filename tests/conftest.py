@@ -1,0 +1,48 @@
+"""Shared fixtures: small generated corpora and a tiny config (tests make their own data)."""
+
+from __future__ import annotations
+
+import random
+from pathlib import Path
+
+import pytest
+
+from twilbert.config import compose, load_config
+
+REPO = Path(__file__).resolve().parents[1]
+
+WORDS = (
+    "hola que tal estoy muy feliz hoy con mis amigos jajaja no me gusta nada este lunes "
+    "qué bonito día gracias por todo odio el tráfico de la ciudad vamos al partido esta noche "
+    "buenísimo el concierto de ayer url @usuario #fiesta 😂 🙏 increíble pésimo servicio"
+).split()
+LABELS = ("P", "N", "NEU", "NONE")
+
+
+def make_tweets(n: int, seed: int = 0) -> list[tuple[str, str]]:
+    """(text, label) pairs whose label leaves a trace in the words, so a model can learn something."""
+    rng = random.Random(seed)
+    cue = {"P": "feliz", "N": "odio", "NEU": "hoy", "NONE": "url"}
+    out = []
+    for i in range(n):
+        label = LABELS[i % len(LABELS)]
+        words = [rng.choice(WORDS) for _ in range(rng.randint(4, 14))]
+        words.insert(rng.randint(0, len(words)), cue[label])
+        out.append((" ".join(words), label))
+    return out
+
+
+@pytest.fixture
+def tiny_raw() -> dict:
+    raw = compose(["model=tiny"], REPO / "conf")
+    raw["vocab"]["vocab_size"] = 120
+    raw["representation"]["max_len"] = 16
+    raw["training"]["epochs"] = 1
+    raw["training"]["batch_size"] = 16
+    raw["finetuning"]["epochs"] = 2
+    return raw
+
+
+@pytest.fixture
+def tiny_cfg(tiny_raw):
+    return load_config(tiny_raw)

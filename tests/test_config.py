@@ -1,0 +1,74 @@
+from pathlib import Path
+
+import pytest
+import yaml
+
+from twilbert.config import ConfigError, compose, load_config
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def test_committed_params_equal_the_composition_of_conf():
+    committed = yaml.safe_load((REPO / "params.yaml").read_text(encoding="utf-8"))
+    assert committed == compose([], REPO / "conf")
+
+
+@pytest.mark.parametrize("preset", ["tiny", "base", "large", "xlarge", "xxlarge"])
+def test_every_model_preset_composes_and_validates(preset):
+    cfg = load_config(compose([f"model={preset}"], REPO / "conf"))
+    assert cfg.model.name == preset
+
+
+def test_readme_table_presets_have_the_documented_sizes():
+    sizes = {p: load_config(compose([f"model={p}"], REPO / "conf")).model for p in ("base", "large", "xlarge", "xxlarge")}
+    assert [(m.n_encoders, m.n_heads) for m in sizes.values()] == [(6, 6), (10, 10), (12, 12), (16, 16)]
+    for m in sizes.values():
+        assert (m.embedding_size, m.hidden_size, m.cross_sharing) == (128, 768, True)
+        assert (m.pkm_params.knn, m.pkm_params.memory_size, m.pkm_params.k_dim, m.pkm_params.n_heads) == (32, 256, 512, 4)
+
+
+def test_hydra_override_reaches_the_config():
+    cfg = load_config(compose(["model.n_encoders=4"], REPO / "conf"))
+    assert cfg.model.n_encoders == 4
+
+
+def test_unknown_key_is_rejected_with_its_dotted_name(tiny_raw):
+    tiny_raw["model"]["n_encoder"] = 3
+    with pytest.raises(ConfigError, match=r"model\.n_encoder\b"):
+        load_config(tiny_raw)
+
+
+def test_wrong_type_is_rejected_with_its_key(tiny_raw):
+    tiny_raw["training"]["batch_size"] = "32"
+    with pytest.raises(ConfigError, match=r"training\.batch_size must be an integer"):
+        load_config(tiny_raw)
+
+
+@pytest.mark.parametrize(
+    "section,key,value,message",
+    [
+        ("representation", "max_len_test", 999, r"max_len_test .* must be <= representation\.max_len"),
+        ("model", "n_heads", 3, r"model\.n_heads \(3\) must divide model\.hidden_size"),
+        ("model", "masked_lm", {"budget": 1.5}, r"model\.masked_lm\.budget"),
+    ],
+)
+def test_inconsistent_values_are_rejected_before_any_work(tiny_raw, section, key, value, message):
+    if isinstance(value, dict):
+        tiny_raw[section][key].update(value)
+    else:
+        tiny_raw[section][key] = value
+    with pytest.raises(ConfigError, match=message):
+        load_config(tiny_raw)
+
+
+def test_knn_larger_than_memory_is_rejected(tiny_raw):
+    tiny_raw["model"]["pkm"] = True
+    tiny_raw["model"]["pkm_params"].update(knn=64, memory_size=16, in_layers=[0])
+    with pytest.raises(ConfigError, match=r"model\.pkm_params\.knn \(64\) must be <= model\.pkm_params\.memory_size"):
+        load_config(tiny_raw)
+
+
+def test_task_class_metric_must_be_a_category(tiny_raw):
+    tiny_raw["tasks"]["tass_default"]["task"]["class_metric"] = "HUMOR"
+    with pytest.raises(ConfigError, match=r"tasks\.tass_default\.task\.class_metric 'HUMOR'"):
+        load_config(tiny_raw)
