@@ -147,6 +147,9 @@ tweety = st.lists(st.sampled_from(tweet_pieces), max_size=40).map("".join)
 configs = st.builds(
     PreprocessConfig,
     users=st.sampled_from(["@usuario", "", None]),
+    urls=st.sampled_from(["url", "", None]),
+    elongation=st.booleans(),
+    max_repeat=st.sampled_from([2, 3]),
     hashtags=st.sampled_from(["keep", "strip", "split"]),
     emoji=st.sampled_from(["keep", "text", "remove"]),
     lowercase=st.booleans(),
