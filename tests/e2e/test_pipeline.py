@@ -1,0 +1,139 @@
+"""The real pipeline, end to end: real DVC in a temp git repo, real SentencePiece, real torch
+training, a real MLflow store — on a tiny corpus generated here (an sdist-shaped EvoMSA tarball
+placed in the download cache, so the `data` stage runs its real code path offline)."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+from twilbert.cli import dump_params
+from twilbert.config import compose
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from conftest import make_tweets  # noqa: E402
+from test_corpus import fake_sdist  # noqa: E402
+
+REPO = Path(__file__).resolve().parents[2]
+COPY = ("conf", "stages", "src", "dvc.yaml", ".dvcignore", ".gitignore")
+
+pytestmark = pytest.mark.slow
+
+
+def run(cmd: list[str], cwd: Path, env: dict) -> str:
+    proc = subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True)
+    assert proc.returncode == 0, f"{' '.join(cmd)} failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}"
+    return proc.stdout
+
+
+def shrink_conf(conf_file: Path, sha: str) -> None:
+    """Make the default pipeline tiny; edited in conf/ so `dvc exp run` recomposes the same values."""
+    conf = yaml.safe_load(conf_file.read_text(encoding="utf-8"))
+    conf["data"]["evomsa_sha256"] = sha
+    conf["vocab"]["vocab_size"] = 150
+    conf["representation"]["max_len"] = 16
+    conf["training"].update(epochs=2, batch_size=16)
+    conf["finetuning"].update(epochs=2, patience=2)
+    conf_file.write_text(yaml.safe_dump(conf, sort_keys=False, allow_unicode=True), encoding="utf-8")
+
+
+@pytest.fixture(scope="module")
+def project(tmp_path_factory):
+    root = tmp_path_factory.mktemp("e2e")
+    repo = root / "repo"
+    repo.mkdir()
+    for name in COPY:
+        src = REPO / name
+        (shutil.copytree if src.is_dir() else shutil.copy)(src, repo / name)
+    shutil.rmtree(repo / "src" / "twilbert" / "__pycache__", ignore_errors=True)
+    cache = root / "cache"
+    (cache / "twilbert").mkdir(parents=True)
+    sha = fake_sdist(cache / "twilbert" / "evomsa-2.0.14.tar.gz", make_tweets(240, seed=5))
+    shrink_conf(repo / "conf" / "config.yaml", sha)
+    (repo / "params.yaml").write_text(dump_params(compose([], repo / "conf")), encoding="utf-8")
+    env = {
+        **os.environ,
+        "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}",
+        "XDG_CACHE_HOME": str(cache),
+        "MLFLOW_TRACKING_URI": f"sqlite:///{root / 'mlflow.db'}",
+        "CI": "1",
+        "GIT_AUTHOR_NAME": "t", "GIT_AUTHOR_EMAIL": "t@t", "GIT_COMMITTER_NAME": "t", "GIT_COMMITTER_EMAIL": "t@t",
+    }
+    run(["git", "init", "-q", "-b", "main"], repo, env)
+    run(["dvc", "init", "-q"], repo, env)
+    shutil.copy(REPO / ".dvc" / "config", repo / ".dvc" / "config")
+    run(["git", "add", "-A"], repo, env)
+    run(["git", "commit", "-qm", "init"], repo, env)
+    run(["dvc", "repro"], repo, env)
+    return repo, env, root
+
+
+def mlflow_runs(root: Path):
+    import mlflow
+
+    client = mlflow.MlflowClient(tracking_uri=f"sqlite:///{root / 'mlflow.db'}")
+    exp = client.get_experiment_by_name("twilbert")
+    return client, client.search_runs([exp.experiment_id], max_results=1000)
+
+
+def test_repro_writes_a_results_table_with_the_default_task(project):
+    repo, _, _ = project
+    table = (repo / "results" / "results.md").read_text(encoding="utf-8")
+    assert "| tass_default | twilbert |" in table
+    metrics = json.loads((repo / "results" / "metrics.json").read_text())
+    score = metrics["tass_default"]["test_official"]
+    assert math.isfinite(score) and 0.0 <= score <= 1.0
+    task_metrics = json.loads((repo / "results/tasks/tass_default/metrics.json").read_text())
+    assert task_metrics["test"]["official"] == score
+
+
+def test_pretrained_model_is_safetensors_plus_json_with_its_vocab(project):
+    repo, _, _ = project
+    files = {p.name for p in (repo / "models" / "pretrained").iterdir()}
+    assert {"model.safetensors", "config.json", "spm.model", "meta.json"} <= files
+    assert not any(name.endswith((".bin", ".pt", ".pkl")) for name in files)
+
+
+def test_mlflow_holds_the_training_runs_with_finite_metrics(project):
+    _, _, root = project
+    client, runs = mlflow_runs(root)
+    stages = {r.data.tags.get("twilbert.stage") for r in runs}
+    assert {"pretrain", "finetune", "evaluate"} <= stages
+    pretrain = next(r for r in runs if r.data.tags.get("twilbert.stage") == "pretrain")
+    assert pretrain.data.params["model.n_encoders"] == "2"
+    assert math.isfinite(pretrain.data.metrics["heldout_mlm_accuracy"])
+    history = client.get_metric_history(pretrain.info.run_id, "heldout_mlm_loss")
+    assert len(history) == 2  # one point per epoch
+    parents = {r.data.tags.get("mlflow.parentRunId") for r in runs if r.data.tags.get("twilbert.stage")}
+    assert len(parents) == 1 and None not in parents
+
+
+def test_second_repro_runs_no_stage(project):
+    repo, env, _ = project
+    out = run(["dvc", "repro"], repo, env)
+    assert "Running stage" not in out
+
+
+def test_experiment_with_changed_param_gets_its_own_metrics_and_runs(project):
+    repo, env, root = project
+    run(["git", "add", "-A"], repo, env)
+    run(["git", "commit", "-qm", "baseline results"], repo, env)
+    run(["dvc", "exp", "run", "-S", "model.n_encoders=1", "-n", "one-layer"], repo, env)
+    shown = json.loads(run(["dvc", "exp", "show", "--json"], repo, env))
+    exps = [e for rev in shown for e in (rev.get("experiments") or [])]
+    names = [e.get("name") for e in exps]
+    assert "one-layer" in names
+    exp = next(e for e in exps if e.get("name") == "one-layer")
+    data = exp["revs"][0]["data"]
+    assert data["params"]["params.yaml"]["data"]["model"]["n_encoders"] == 1
+    assert "tass_default" in data["metrics"]["results/metrics.json"]["data"]
+    _, runs = mlflow_runs(root)
+    assert {"workspace", "one-layer"} <= {r.data.tags.get("dvc.exp_name") for r in runs}
