@@ -1,0 +1,66 @@
+"""Stage scripts as a user runs them: bad input gets one clear line (no traceback) and no output."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def run_stage(script: str, *args: str, cwd: Path, tmp_path: Path) -> subprocess.CompletedProcess:
+    env = {**os.environ, "MLFLOW_TRACKING_URI": f"sqlite:///{tmp_path / 'mlflow.db'}", "CI": "1"}
+    return subprocess.run([sys.executable, str(REPO / "stages" / script), *args], cwd=cwd, env=env,
+                          capture_output=True, text=True, timeout=300)
+
+
+@pytest.fixture
+def workdir(tmp_path):
+    (tmp_path / "conf").symlink_to(REPO / "conf")
+    return tmp_path
+
+
+def test_unknown_params_key_is_named_and_nothing_is_written(workdir, tmp_path):
+    proc = run_stage("data.py", "--out", "out", "+data.sorce=evomsa", cwd=workdir, tmp_path=tmp_path)
+    assert proc.returncode == 2
+    assert "data.sorce" in proc.stderr and "Traceback" not in proc.stderr
+    assert not (workdir / "out").exists()
+
+
+def test_task_without_files_is_reported_with_its_path(workdir, tmp_path):
+    proc = run_stage(
+        "finetune.py", "--task", "tass_default", "--model-out", "m", "--metrics-out", "r",
+        "tasks.tass_default.dataset.data_dir=nowhere/hateval",
+        cwd=workdir, tmp_path=tmp_path,
+    )
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    assert "Traceback" not in proc.stderr
+    assert "nowhere/hateval" in proc.stderr or "models/pretrained" in proc.stderr
+    assert not (workdir / "m").exists() and not (workdir / "r").exists()
+
+
+def test_malformed_pair_corpus_names_file_and_line(workdir, tmp_path):
+    bad = workdir / "pairs.tsv"
+    bad.write_text("1\thola\t2\tque tal\n3\tsolo tres campos\t4\n", encoding="utf-8")
+    proc = run_stage(
+        "data.py", "--out", "out", "data.source=pairs_file", f"data.pairs_file={bad}", "data.pairs_header=false",
+        cwd=workdir, tmp_path=tmp_path,
+    )
+    assert proc.returncode == 2
+    assert f"{bad}:2:" in proc.stderr and "Traceback" not in proc.stderr
+    assert not (workdir / "out" / "pretrain" / "corpus.jsonl").exists()
+
+
+def test_invalid_utf8_in_pair_corpus_names_file_and_line(workdir, tmp_path):
+    bad = workdir / "pairs.tsv"
+    bad.write_bytes(b"1\thola\t2\tque tal\n3\tmal \xff byte\t4\tok\n")
+    proc = run_stage(
+        "data.py", "--out", "out", "data.source=pairs_file", f"data.pairs_file={bad}", "data.pairs_header=false",
+        cwd=workdir, tmp_path=tmp_path,
+    )
+    assert proc.returncode == 2
+    assert f"{bad}:2:" in proc.stderr and "UTF-8" in proc.stderr
