@@ -1,6 +1,9 @@
-"""DVC stage `finetune` (one instance per task): head on the pretrained encoder, best dev epoch, test."""
+"""DVC stage `finetune` (one instance per task): the configured backbone (TWilBert encoder, a local
+Hugging Face checkpoint, or the TF-IDF baseline) with the task's overrides, best dev epoch or k
+blended folds, test; plus the baseline row (baseline.json)."""
 
 import argparse
+from dataclasses import asdict
 from pathlib import Path
 
 from twilbert.config import ConfigError
@@ -20,18 +23,16 @@ def main() -> None:
     if args.task not in cfg.tasks:
         raise ConfigError(f"--task {args.task!r} is not in params.yaml tasks (have: {sorted(cfg.tasks)})")
     task = cfg.tasks[args.task]
-    params = {"seed": raw["seed"], "finetuning": raw["finetuning"], "representation": raw["representation"],
-              "task": raw["tasks"][args.task]}
+    metrics_out = args.metrics_out or Path("results/tasks") / args.task
+    params = {"seed": cfg.seed, "finetuning": asdict(task.finetuning_config(cfg.finetuning)),
+              "representation": raw["representation"], "task": raw["tasks"][args.task]}
     tracker = Tracker(cfg.tracking, stage="finetune")
     with tracker.start(params, run_name=f"finetune-{args.task}"):
-        metrics = finetune_task(
-            cfg, task, args.pretrained,
-            args.model_out or Path("models/finetuned") / args.task,
-            args.metrics_out or Path("results/tasks") / args.task,
-            tracker,
-        )
-        tracker.log_artifact((args.metrics_out or Path("results/tasks") / args.task) / "metrics.json")
-    print(f"{args.task}: test {metrics['official_metric']} = {metrics['test']['official']:.4f}")
+        metrics = finetune_task(cfg, task, args.pretrained, args.model_out or Path("models/finetuned") / args.task,
+                                metrics_out, tracker)
+        for name in ("metrics.json", "baseline.json"):
+            tracker.log_artifact(metrics_out / name)
+    print(f"{args.task} ({metrics['model']}): test {metrics['official_metric']} = {metrics['test']['official']:.4f}")
 
 
 if __name__ == "__main__":

@@ -1,4 +1,11 @@
-"""Finetuning one task: a classification head on the pretrained encoder, best epoch on dev, test once."""
+"""Finetuning one task: a classification head on an encoder (TWilBert's or a Hugging Face one) or the
+TF-IDF baseline; the best dev epoch (early stopping), or k folds blended; test evaluated once.
+
+A *learner* is one model family: it prepares splits (packed rows, or texts for the baseline) and
+fits a model on a train split, monitored on a held-out one. ``evaluate_learner`` runs a learner
+with or without k-fold and saves what it fits; ``finetune_task`` runs the configured backbone,
+the baseline row, and writes the metrics files.
+"""
 
 from __future__ import annotations
 
@@ -7,28 +14,47 @@ import csv
 import json
 import logging
 import math
-from dataclasses import asdict
+import os
+import shutil
+import tempfile
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Optional
+from typing import Any, Iterator, Optional, Union
 
 import numpy as np
 import torch
+from torch import nn
 
-from twilbert.config import Config, FinetuningConfig, ModelConfig, TaskConfig, from_dict
+from twilbert.baseline import fit_baseline, save_baseline
+from twilbert.config import Config, ConfigError, FinetuningConfig, ModelConfig, TaskConfig, from_dict
 from twilbert.data.formats import TaskExamples
-from twilbert.data.pairs import iterate_batches, make_batch
+from twilbert.data.pairs import SHARD_KEYS, PairBatch, make_batch
+from twilbert.data.preprocess import Preprocessor
 from twilbert.data.tasks import TaskData, load_task
-from twilbert.data.tokenizer import Tokenizer, pack_pairs
+from twilbert.data.tokenizer import META_FILE, Tokenizer
 from twilbert.io_utils import atomic_write
 from twilbert.model import TWilBertForClassification
-from twilbert.model.io import load_pretrained_state, save_pretrained
+from twilbert.model.backbone import (
+    HFClassifier, TWilBertPacker, hf_packer, load_hf_backbone, save_hf_classifier, set_trainable,
+)
+from twilbert.model.io import CONFIG_NAME, load_pretrained_state, save_pretrained
 from twilbert.track import Tracker
+from twilbert.train.kfold import FoldResult, KFoldOutcome, concat_examples, run_kfold
 from twilbert.train.loop import Trainer, autocast, resolve_device
 from twilbert.train.losses import build_loss, class_weights_tensor
 from twilbert.train.metrics import evaluate_predictions, official_metric_name
 from twilbert.train.optim import build_optimizer, build_scheduler, param_groups
 
 log = logging.getLogger(__name__)
+
+Split = dict[str, np.ndarray]  # prepared split: packed rows or texts, plus "labels"
+FOLDS_DIR = "folds"
+
+
+# --------------------------------------------------------------------------------------------
+# Task shapes
+# --------------------------------------------------------------------------------------------
 
 
 def n_outputs(task: TaskConfig) -> int:
@@ -44,16 +70,41 @@ def resolve_loss(name: str, task: TaskConfig) -> str:
     return "binary_crossentropy" if task.task.multi_label else "categorical_crossentropy"
 
 
-def encode_examples(tokenizer: Tokenizer, ex: TaskExamples, max_len: int, task: TaskConfig) -> dict[str, np.ndarray]:
-    """Pack ``[CLS] text [SEP] (aux [SEP])`` rows with their targets."""
-    a = tokenizer.encode(ex.texts)
-    b = tokenizer.encode(ex.aux_texts) if ex.aux_texts is not None else None
-    packed = pack_pairs(a, b, max_len)
+def label_array(ex: TaskExamples, task: TaskConfig) -> np.ndarray:
+    """Class indices (N,), 0/1 flags (N, C) for multi-label, or floats (N,) for regression."""
     if task.task.regression or task.task.multi_label:
-        packed["labels"] = np.asarray(ex.labels, dtype=np.float32)
-    else:
-        packed["labels"] = np.asarray(ex.labels, dtype=np.int64)
+        return np.asarray(ex.labels, dtype=np.float32)
+    return np.asarray(ex.labels, dtype=np.int64)
+
+
+def encode_examples(packer: Any, ex: TaskExamples, max_len: int, task: TaskConfig) -> Split:
+    """Packed ``[CLS] text [SEP] (aux [SEP])`` rows with their targets; ``packer`` may be a Tokenizer."""
+    if isinstance(packer, Tokenizer):
+        packer = TWilBertPacker(packer)
+    packed = packer.pack(ex.texts, ex.aux_texts, max_len)
+    packed["labels"] = label_array(ex, task)
     return packed
+
+
+def decide(scores: np.ndarray, task: TaskConfig) -> np.ndarray:
+    if task.task.regression:
+        return scores
+    if task.task.multi_label:
+        return (scores >= task.task.threshold).astype(np.int64)
+    return scores.argmax(-1)
+
+
+def evaluate_scores(task: TaskConfig, labels: np.ndarray, scores: np.ndarray) -> dict[str, float]:
+    return evaluate_predictions(task.task, labels, decide(scores, task), scores)
+
+
+def subset(split: Split, idx: np.ndarray) -> Split:
+    return {k: v[idx] for k, v in split.items()}
+
+
+# --------------------------------------------------------------------------------------------
+# Neural classifiers: building, batching, predicting
+# --------------------------------------------------------------------------------------------
 
 
 def build_classifier(encoder_config: dict, ft: FinetuningConfig, task: TaskConfig) -> TWilBertForClassification:
@@ -75,19 +126,29 @@ def load_encoder_weights(model: TWilBertForClassification, pretrained_dir: Path)
     return config
 
 
-def predict_scores(model, data: dict[str, np.ndarray], task: TaskConfig, batch_size: int,
-                   device: torch.device, precision: str = "fp32") -> np.ndarray:
+def shuffled_batches(data: Split, packer: Any, batch_size: int, seed: int, epoch: int) -> Iterator[PairBatch]:
+    """Training batches in an order that is a pure function of (seed, epoch)."""
+    n = len(data["labels"])
+    order = np.random.default_rng([seed, epoch]).permutation(n)
+    for begin in range(0, n, batch_size):
+        idx = np.sort(order[begin : begin + batch_size])
+        yield packer.batch(*(data[k][idx] for k in SHARD_KEYS))
+
+
+def predict_scores(model, data: Split, task: TaskConfig, batch_size: int, device: torch.device,
+                   precision: str = "fp32", packer: Any = None) -> np.ndarray:
     """Probabilities (softmax / sigmoid) or regression values, in input order.
 
     Rows are batched by length so each batch pads only to its own longest row.
     """
+    to_batch = packer.batch if packer is not None else make_batch
     model.eval()
     order = np.argsort(data["length"], kind="stable")
     out = []
     with torch.no_grad():
         for begin in range(0, len(order), batch_size):
             idx = order[begin : begin + batch_size]
-            batch = make_batch(data["input_ids"][idx], data["len_a"][idx], data["length"][idx], data["labels"][idx])
+            batch = to_batch(data["input_ids"][idx], data["len_a"][idx], data["length"][idx], data["labels"][idx])
             batch = batch.to(device)
             with autocast(precision, device):
                 logits = model(batch.input_ids, batch.segment_ids, batch.attention_mask, batch.special_mask)
@@ -105,109 +166,388 @@ def predict_scores(model, data: dict[str, np.ndarray], task: TaskConfig, batch_s
     return result
 
 
-def decide(scores: np.ndarray, task: TaskConfig) -> np.ndarray:
-    if task.task.regression:
-        return scores
-    if task.task.multi_label:
-        return (scores >= task.task.threshold).astype(np.int64)
-    return scores.argmax(-1)
+def score_split(model, data: Split, task: TaskConfig, ft: FinetuningConfig, device, packer: Any = None) -> dict[str, float]:
+    """Metrics of ``model`` on one split (the per-epoch dev monitor)."""
+    scores = predict_scores(model, data, task, ft.pred_batch_size, device, ft.precision, packer)
+    return evaluate_scores(task, data["labels"], scores)
 
 
-def score_split(model, data, task: TaskConfig, ft: FinetuningConfig, device) -> dict[str, float]:
-    scores = predict_scores(model, data, task, ft.pred_batch_size, device, ft.precision)
-    return evaluate_predictions(task.task, data["labels"], decide(scores, task), scores)
+def head_config(ft: FinetuningConfig) -> dict:
+    return {k: getattr(ft, k) for k in ("collapse_mode", "use_special_tokens", "dropout", "n_hidden", "hidden_size")}
+
+
+# --------------------------------------------------------------------------------------------
+# Learners
+# --------------------------------------------------------------------------------------------
+
+
+@dataclass
+class Fitted:
+    """One fitted model: how to score a prepared split and how to save it."""
+
+    learner: "Learner"
+    model: Any
+    best_epoch: Optional[int]
+    history: list[dict]
+
+    def predict(self, split: Split) -> np.ndarray:
+        return self.learner.predict(self.model, split)
+
+    def save(self, directory: Path, extra: dict) -> None:
+        self.learner.save(self.model, directory, extra)
+
+
+@dataclass
+class Learner:
+    """What ``evaluate_learner`` needs from a model family."""
+
+    kind: str  # twilbert | hf | baseline: the "model" of the metrics file
+    name: str  # a readable name for tables (pretrained preset, HF checkpoint folder, tfidf-svm)
+    task: TaskConfig
+    ft: FinetuningConfig
+    seed: int
+    preprocess: Preprocessor
+
+    def prepare(self, ex: TaskExamples, max_len: int) -> Split:
+        raise NotImplementedError
+
+    def fit(self, train: Split, dev: Split, fold: Optional[int] = None) -> Fitted:
+        raise NotImplementedError
+
+    def predict(self, model: Any, split: Split) -> np.ndarray:
+        raise NotImplementedError
+
+    def save(self, model: Any, directory: Path, extra: dict) -> None:
+        raise NotImplementedError
+
+
+@dataclass
+class NeuralLearner(Learner):
+    """An encoder plus ``ClassificationHead``, trained with early stopping on dev."""
+
+    packer: Any = None
+    new_model: Any = None  # () -> a fresh classifier holding the pretrained encoder weights
+    hidden_size: int = 0  # for Noam
+    save_model: Any = None  # (model, directory, extra) -> None
+    tracker: Optional[Tracker] = None
+    device: torch.device = field(default_factory=lambda: torch.device("cpu"))
+
+    def prepare(self, ex: TaskExamples, max_len: int) -> Split:
+        return encode_examples(self.packer, ex, max_len, self.task)
+
+    def predict(self, model: nn.Module, split: Split) -> np.ndarray:
+        ft = self.ft
+        return predict_scores(model, split, self.task, ft.pred_batch_size, self.device, ft.precision, self.packer)
+
+    def save(self, model: nn.Module, directory: Path, extra: dict) -> None:
+        self.save_model(model, directory, {"head": head_config(self.ft), **extra})
+
+    def fit(self, train: Split, dev: Split, fold: Optional[int] = None) -> Fitted:
+        ft, task, device = self.ft, self.task, self.device
+        seed = self.seed + (fold or 0)
+        tag = task.name if fold is None else f"{task.name} fold {fold}"
+        torch.manual_seed(seed)
+        model = self.new_model()
+        set_trainable(model, ft.finetune_all, ft.trainable_layers)
+        model.to(device)
+
+        weights = class_weights_tensor(task.task, train["labels"])
+        criterion = build_loss(resolve_loss(ft.loss, task), task.task, None if weights is None else weights.to(device))
+
+        def loss_fn(m, batch):
+            batch = batch.to(device)
+            logits = m(batch.input_ids, batch.segment_ids, batch.attention_mask, batch.special_mask)
+            return criterion(logits.float(), batch.labels), {}
+
+        groups = param_groups(model, ft.lr, ft.weight_decay, None)  # skips frozen parameters
+        optimizer = build_optimizer(ft.optimizer, groups, ft.lr, ft.weight_decay)
+        scheduler = build_scheduler(optimizer, ft.noam_annealing, self.hidden_size, ft.warmup_steps)
+        prefix = f"finetune_{task.name}" + ("" if fold is None else f"_fold{fold}")
+        trainer = Trainer(model, optimizer, scheduler, accum_iters=ft.accum_iters, max_grad_norm=ft.max_grad_norm,
+                          precision=ft.precision, device=device, tracker=self.tracker, log_every=10, prefix=prefix)
+        metric_prefix = "" if fold is None else f"fold{fold}_"
+        best_score, best_epoch, best_state, since_best = -math.inf, 0, None, 0
+        history = []
+        for epoch in range(ft.epochs):
+            batches = shuffled_batches(train, self.packer, ft.batch_size, seed, epoch)
+            sums = trainer.train_epoch(batches, loss_fn, total=math.ceil(len(train["labels"]) / ft.batch_size))
+            dev_metrics = score_split(model, dev, task, ft, device, self.packer)
+            row = {"epoch": epoch + 1, "train_loss": sums["loss"], **{f"dev_{k}": v for k, v in dev_metrics.items()}}
+            history.append(row if fold is None else {"fold": fold, **row})
+            if self.tracker:
+                self.tracker.log_metrics({f"{metric_prefix}{k}": v for k, v in row.items()}, step=epoch + 1)
+            log.info("%s epoch %d: loss %.4f dev %s %.4f", tag, epoch + 1, sums["loss"],
+                     official_metric_name(task.task), dev_metrics["official"])
+            if best_state is None or dev_metrics["official"] > best_score:  # NaN-safe: epoch 1 always counts
+                best_score, best_epoch, since_best = dev_metrics["official"], epoch + 1, 0
+                best_state = {k: v.detach().to("cpu", copy=True) for k, v in model.state_dict().items()}
+            else:
+                since_best += 1
+                if since_best >= ft.patience:
+                    log.info("%s: early stop after epoch %d (best epoch %d)", tag, epoch + 1, best_epoch)
+                    break
+        model.load_state_dict(best_state)
+        return Fitted(self, model, best_epoch, history)
+
+
+@dataclass
+class BaselineLearner(Learner):
+    """TF-IDF n-grams and a linear model; one fit, no epochs."""
+
+    def prepare(self, ex: TaskExamples, max_len: int) -> Split:
+        split = {"texts": np.asarray(ex.texts, dtype=object), "labels": label_array(ex, self.task)}
+        if ex.aux_texts is not None:
+            split["aux"] = np.asarray(ex.aux_texts, dtype=object)
+        return split
+
+    def predict(self, model, split: Split) -> np.ndarray:
+        aux = split["aux"].tolist() if "aux" in split else None
+        return model.predict_scores(split["texts"].tolist(), aux)
+
+    def save(self, model, directory: Path, extra: dict) -> None:
+        save_baseline(directory, model, self.ft.baseline_model, self.ft.baseline_c, extra)
+
+    def fit(self, train: Split, dev: Split, fold: Optional[int] = None) -> Fitted:
+        weights = class_weights_tensor(self.task.task, train["labels"])
+        model = fit_baseline(
+            train["texts"].tolist(), train["aux"].tolist() if "aux" in train else None, train["labels"],
+            self.task.task, self.ft.baseline_model, self.ft.baseline_c, self.seed + (fold or 0), self.preprocess,
+            None if weights is None else weights.numpy(),
+        )
+        dev_metrics = evaluate_scores(self.task, dev["labels"], self.predict(model, dev))
+        row = {"epoch": 1, **{f"dev_{k}": v for k, v in dev_metrics.items()}}
+        return Fitted(self, model, None, [row if fold is None else {"fold": fold, **row}])
+
+
+def check_loss(ft: FinetuningConfig, task: TaskConfig) -> None:
+    """Fail before any work when the loss does not fit the task."""
+    try:
+        build_loss(resolve_loss(ft.loss, task), task.task)
+    except ValueError as err:
+        raise ConfigError(f"tasks.{task.name}.finetuning.loss ({ft.loss!r}): {err}") from None
+
+
+def twilbert_learner(cfg: Config, task: TaskConfig, ft: FinetuningConfig, pretrained_dir: Path,
+                     tracker: Optional[Tracker]) -> NeuralLearner:
+    check_loss(ft, task)
+    tokenizer = Tokenizer(pretrained_dir)
+    encoder_config = json.loads((pretrained_dir / CONFIG_NAME).read_text(encoding="utf-8"))
+
+    def new_model() -> nn.Module:
+        model = build_classifier(encoder_config, ft, task)
+        load_encoder_weights(model, pretrained_dir)
+        return model
+
+    def save_model(model: nn.Module, directory: Path, extra: dict) -> None:
+        save_pretrained(directory, model, {**encoder_config, "backbone": "twilbert", **extra})
+        tokenizer.copy_to(directory)
+
+    return NeuralLearner(
+        "twilbert", encoder_config["model"].get("name", "twilbert"), task, ft, cfg.seed, tokenizer.preprocess,
+        packer=TWilBertPacker(tokenizer), new_model=new_model, hidden_size=encoder_config["model"]["hidden_size"],
+        save_model=save_model, tracker=tracker, device=resolve_device(ft.device),
+    )
+
+
+def hf_learner(cfg: Config, task: TaskConfig, ft: FinetuningConfig, tracker: Optional[Tracker]) -> NeuralLearner:
+    check_loss(ft, task)
+    encoder, tokenizer = load_hf_backbone(ft.hf_path)
+    packer = hf_packer(encoder, tokenizer, Preprocessor(cfg.preprocess))
+
+    def new_model() -> nn.Module:
+        return HFClassifier(copy.deepcopy(encoder), n_outputs(task), ft.collapse_mode, ft.use_special_tokens,
+                            ft.dropout, ft.n_hidden, ft.hidden_size)
+
+    def save_model(model: nn.Module, directory: Path, extra: dict) -> None:
+        save_hf_classifier(directory, model, packer, extra)
+
+    return NeuralLearner(
+        "hf", Path(ft.hf_path).name, task, ft, cfg.seed, packer.preprocess,
+        packer=packer, new_model=new_model, hidden_size=encoder.config.hidden_size,
+        save_model=save_model, tracker=tracker, device=resolve_device(ft.device),
+    )
+
+
+def baseline_learner(cfg: Config, task: TaskConfig, ft: FinetuningConfig, preprocess: Preprocessor) -> BaselineLearner:
+    return BaselineLearner("baseline", f"tfidf-{ft.baseline_model}", task, ft, cfg.seed, preprocess)
+
+
+def task_preprocessor(cfg: Config, pretrained_dir: Path) -> Preprocessor:
+    """The vocabulary's preprocessing when there is a pretrained model, else ``preprocess``."""
+    if (Path(pretrained_dir) / META_FILE).is_file():
+        return Tokenizer(pretrained_dir).preprocess
+    return Preprocessor(cfg.preprocess)
+
+
+# --------------------------------------------------------------------------------------------
+# One learner on one task: single model or k folds
+# --------------------------------------------------------------------------------------------
+
+
+@dataclass
+class LearnerRun:
+    metrics: dict
+    history: list[dict]
+    kfold: Optional[KFoldOutcome] = None
+
+
+def evaluate_learner(learner: Learner, splits: TaskData, max_len: int, test_len: int, model_out: Path) -> LearnerRun:
+    """Fit (once, or once per fold), evaluate dev and test, save the model(s) under ``model_out``."""
+    task, ft = learner.task, learner.ft
+    extra = {"task": asdict(task), "max_len_test": test_len, "finetuning": asdict(ft)}
+    kfold_on = ft.kfold_on
+    if ft.kfold and kfold_on == "train+dev" and splits.test_is_dev:
+        log.warning("%s: no test file, so dev is the test; k-fold on train only to keep it unseen", task.name)
+        kfold_on = "train"
+    base = {
+        "task": task.name, "model": learner.kind, "model_name": learner.name,
+        "official_metric": official_metric_name(task.task),
+        "dev_from_train": splits.dev_from_train, "test_is_dev": splits.test_is_dev,
+    }
+    if not ft.kfold:
+        train, dev = learner.prepare(splits.train, max_len), learner.prepare(splits.dev, test_len)
+        test = dev if splits.test_is_dev else learner.prepare(splits.test, test_len)
+        fitted = learner.fit(train, dev)
+        dev_metrics = evaluate_scores(task, dev["labels"], fitted.predict(dev))
+        test_metrics = dev_metrics if splits.test_is_dev else evaluate_scores(task, test["labels"], fitted.predict(test))
+        fitted.save(model_out, {**extra, "best_epoch": fitted.best_epoch})
+        metrics = {**base, "best_epoch": fitted.best_epoch, "epochs_run": epochs_run(learner, fitted.history),
+                   "n_train": len(train["labels"]), "n_dev": len(dev["labels"]), "n_test": len(test["labels"]),
+                   "dev": dev_metrics, "test": test_metrics}
+        return LearnerRun(metrics, fitted.history)
+
+    pool_ex = concat_examples(splits.train, splits.dev) if kfold_on == "train+dev" else splits.train
+    pool = learner.prepare(pool_ex, max_len)
+    evals = {"test": learner.prepare(splits.test, test_len)} if not splits.test_is_dev else {}
+    if kfold_on == "train":
+        evals["dev"] = learner.prepare(splits.dev, test_len)
+    history: list[dict] = []
+
+    def train_fold(fold: int, train_idx: np.ndarray, held_idx: np.ndarray) -> FoldResult:
+        held = subset(pool, held_idx)
+        fitted = learner.fit(subset(pool, train_idx), held, fold)
+        history.extend(fitted.history)
+        held_scores = fitted.predict(held)
+        fitted.save(model_out / FOLDS_DIR / str(fold), {**extra, "best_epoch": fitted.best_epoch, "fold": fold})
+        return FoldResult(evaluate_scores(task, held["labels"], held_scores)["official"], held_scores,
+                          {name: fitted.predict(split) for name, split in evals.items()}, fitted.best_epoch)
+
+    outcome = run_kfold(pool["labels"], task.task, ft.kfold, learner.seed, train_fold)
+    if kfold_on == "train":
+        dev_metrics = evaluate_scores(task, evals["dev"]["labels"], outcome.blended["dev"])
+    else:  # dev is inside the pool: each example scored by the fold model that never saw it
+        dev_metrics = evaluate_scores(task, pool["labels"], outcome.out_of_fold)
+    test_metrics = (dev_metrics if splits.test_is_dev
+                    else evaluate_scores(task, evals["test"]["labels"], outcome.blended["test"]))
+    members = [f"{FOLDS_DIR}/{i}" for i in range(ft.kfold)]
+    selected = int(np.argmax(outcome.fold_scores))
+    _publish_fold(model_out, selected, {**outcome.summary(), "on": kfold_on, "members": members, "selected_fold": selected})
+    n_test = len(splits.test) if not splits.test_is_dev else len(splits.dev)
+    metrics = {**base, "best_epoch": None, "epochs_run": epochs_run(learner, history),
+               "n_train": len(pool["labels"]), "n_dev": len(splits.dev), "n_test": n_test,
+               "dev": dev_metrics, "test": test_metrics,
+               "kfold": {**outcome.summary(), "on": kfold_on, "dev_is_out_of_fold": kfold_on == "train+dev"}}
+    return LearnerRun(metrics, history, outcome)
+
+
+def epochs_run(learner: Learner, history: list[dict]) -> Optional[int]:
+    """Epochs trained (summed over folds); None for the baseline, which has none."""
+    return None if isinstance(learner, BaselineLearner) else len(history)
+
+
+def _publish_fold(model_out: Path, fold: int, kfold_info: dict) -> None:
+    """The selected fold's model becomes the directory's own (loaders see a normal model);
+    ``config.json["kfold"]`` lists every fold model for blended prediction."""
+    source = model_out / FOLDS_DIR / str(fold)
+    for entry in source.rglob("*"):
+        target = model_out / entry.relative_to(source)
+        if entry.is_dir():
+            target.mkdir(parents=True, exist_ok=True)
+        else:
+            target.parent.mkdir(parents=True, exist_ok=True)
+            try:
+                os.link(entry, target)
+            except OSError:
+                shutil.copy2(entry, target)
+    config_path = model_out / CONFIG_NAME
+    config = json.loads(config_path.read_text(encoding="utf-8"))
+    config["kfold"] = kfold_info
+    config_path.unlink()  # a hard link: rewrite a fresh file rather than the fold's
+    config_path.write_text(json.dumps(config, indent=2) + "\n", encoding="utf-8")
+
+
+@contextmanager
+def staged_directory(final: Path) -> Iterator[Path]:
+    """A fresh directory that replaces ``final`` only when the block succeeds."""
+    final = Path(final)
+    final.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.tmp-", dir=final.parent))
+    try:
+        staged = tmp / final.name
+        staged.mkdir()
+        yield staged
+        if final.exists():
+            os.replace(final, tmp / "previous")
+        os.replace(staged, final)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+# --------------------------------------------------------------------------------------------
+# The finetune stage's work
+# --------------------------------------------------------------------------------------------
+
+
+BASELINE_FILE = "baseline.json"
+METRICS_FILE = "metrics.json"
+EPOCHS_FILE = "epochs.csv"
+BASELINE_DIR = "baseline"  # the baseline row's model, inside the task's model directory
 
 
 def finetune_task(cfg: Config, task: TaskConfig, pretrained_dir: Path, model_out: Path, metrics_out: Path,
                   tracker: Optional[Tracker] = None) -> dict:
-    """Finetune on ``task``, pick the best dev epoch (early stopping), evaluate it on test, write outputs."""
-    ft = cfg.finetuning
-    device = resolve_device(ft.device)
+    """Finetune the configured backbone on ``task`` (and the baseline row); write models and metrics."""
+    ft = task.finetuning_config(cfg.finetuning)
     pretrained_dir, model_out, metrics_out = Path(pretrained_dir), Path(model_out), Path(metrics_out)
-    tokenizer = Tokenizer(pretrained_dir)
-    splits: TaskData = load_task(task, cfg.seed)
+    splits = load_task(task, cfg.seed)
     max_len = cfg.representation.max_len
     test_len = cfg.representation.max_len_test or max_len
-    train = encode_examples(tokenizer, splits.train, max_len, task)
-    dev = encode_examples(tokenizer, splits.dev, test_len, task)
-    test = encode_examples(tokenizer, splits.test, test_len, task)
+    if ft.backbone == "twilbert":
+        learner: Learner = twilbert_learner(cfg, task, ft, pretrained_dir, tracker)
+    elif ft.backbone == "hf":
+        learner = hf_learner(cfg, task, ft, tracker)
+    else:
+        learner = baseline_learner(cfg, task, ft, task_preprocessor(cfg, pretrained_dir))
 
-    torch.manual_seed(cfg.seed)
-    encoder_config = json.loads((pretrained_dir / "config.json").read_text())
-    model = build_classifier(encoder_config, ft, task)
-    load_encoder_weights(model, pretrained_dir)
-    if not ft.finetune_all:
-        model.twilbert.requires_grad_(False)
-    model.to(device)
+    with staged_directory(model_out) as staged:
+        run = evaluate_learner(learner, splits, max_len, test_len, staged)
+        baseline: Union[dict, None] = None
+        if ft.baseline_row and ft.backbone != "baseline":
+            row = baseline_learner(cfg, task, ft, learner.preprocess)
+            baseline = evaluate_learner(row, splits, max_len, test_len, staged / BASELINE_DIR).metrics
 
-    weights = class_weights_tensor(task.task, splits.train.labels)
-    loss_name = resolve_loss(ft.loss, task)
-    criterion = build_loss(loss_name, task.task, None if weights is None else weights.to(device))
-
-    def loss_fn(m, batch):
-        batch = batch.to(device)
-        logits = m(batch.input_ids, batch.segment_ids, batch.attention_mask, batch.special_mask)
-        return criterion(logits.float(), batch.labels), {}
-
-    groups = param_groups(model, ft.lr, ft.weight_decay, None)
-    groups = [g for g in ({**g, "params": [p for p in g["params"] if p.requires_grad]} for g in groups) if g["params"]]
-    optimizer = build_optimizer(ft.optimizer, groups, ft.lr, ft.weight_decay)
-    hidden = encoder_config["model"]["hidden_size"]
-    scheduler = build_scheduler(optimizer, ft.noam_annealing, hidden, ft.warmup_steps)
-    trainer = Trainer(model, optimizer, scheduler, accum_iters=ft.accum_iters, max_grad_norm=ft.max_grad_norm,
-                      precision=ft.precision, device=device, tracker=tracker, log_every=10,
-                      prefix=f"finetune_{task.name}")
-    official = official_metric_name(task.task)
-    best_score, best_epoch, best_state, since_best = -math.inf, 0, None, 0
-    history = []
-    for epoch in range(ft.epochs):
-        n = len(train["labels"])
-        sums = trainer.train_epoch(iterate_batches(train, ft.batch_size, cfg.seed, epoch), loss_fn,
-                                   total=math.ceil(n / ft.batch_size))
-        dev_metrics = score_split(model, dev, task, ft, device)
-        row = {"epoch": epoch + 1, "train_loss": sums["loss"], **{f"dev_{k}": v for k, v in dev_metrics.items()}}
-        history.append(row)
-        if tracker:
-            tracker.log_metrics(row, step=epoch + 1)
-        log.info("%s epoch %d: loss %.4f dev %s %.4f", task.name, epoch + 1, sums["loss"], official, dev_metrics["official"])
-        if dev_metrics["official"] > best_score:
-            best_score, best_epoch, since_best = dev_metrics["official"], epoch + 1, 0
-            best_state = copy.deepcopy({k: v.detach().cpu() for k, v in model.state_dict().items()})
-        else:
-            since_best += 1
-            if since_best >= ft.patience:
-                log.info("%s: early stop after epoch %d (best epoch %d)", task.name, epoch + 1, best_epoch)
-                break
-    model.load_state_dict(best_state)
-    dev_metrics = score_split(model, dev, task, ft, device)
-    test_metrics = score_split(model, test, task, ft, device)
-    metrics = {
-        "task": task.name,
-        "model": "twilbert",
-        "official_metric": official,
-        "best_epoch": best_epoch,
-        "epochs_run": len(history),
-        "dev_from_train": splits.dev_from_train,
-        "test_is_dev": splits.test_is_dev,
-        "n_train": len(train["labels"]),
-        "n_dev": len(dev["labels"]),
-        "n_test": len(test["labels"]),
-        "dev": dev_metrics,
-        "test": test_metrics,
-    }
     if tracker:
-        tracker.log_metrics({f"test_{k}": v for k, v in test_metrics.items()})
-        tracker.log_metrics({f"best_dev_{k}": v for k, v in dev_metrics.items()})
+        tracker.log_metrics({f"test_{k}": v for k, v in run.metrics["test"].items()})
+        tracker.log_metrics({f"best_dev_{k}": v for k, v in run.metrics["dev"].items()})
+        if baseline:
+            tracker.log_metrics({f"baseline_test_{k}": v for k, v in baseline["test"].items()})
+    write_metrics(metrics_out, run, baseline, ft)
+    return run.metrics
 
-    head = {k: getattr(ft, k) for k in ("collapse_mode", "use_special_tokens", "dropout", "n_hidden", "hidden_size")}
-    save_pretrained(model_out, model, {**encoder_config, "head": head, "task": asdict(task),
-                                       "max_len_test": test_len, "best_epoch": best_epoch})
-    tokenizer.copy_to(model_out)
+
+def write_metrics(metrics_out: Path, run: LearnerRun, baseline: Optional[dict], ft: FinetuningConfig) -> None:
+    """``metrics.json``, ``baseline.json`` (a note without scores when there is no separate baseline
+    row, so DVC always finds it) and ``epochs.csv``."""
     metrics_out.mkdir(parents=True, exist_ok=True)
-    with atomic_write(metrics_out / "metrics.json") as fh:
-        json.dump(metrics, fh, indent=2)
-    with atomic_write(metrics_out / "epochs.csv") as fh:
-        writer = csv.DictWriter(fh, fieldnames=list(history[0]))
+    if baseline is None:
+        reason = ("finetuning.baseline_row is false" if not ft.baseline_row
+                  else "the backbone is the baseline: see metrics.json")
+        baseline = {"task": run.metrics["task"], "model": "baseline", "skipped": reason}
+    for name, content in ((METRICS_FILE, run.metrics), (BASELINE_FILE, baseline)):
+        with atomic_write(metrics_out / name) as fh:
+            json.dump(content, fh, indent=2)
+    fields = list(dict.fromkeys(k for row in run.history for k in row))
+    with atomic_write(metrics_out / EPOCHS_FILE) as fh:
+        writer = csv.DictWriter(fh, fieldnames=fields)
         writer.writeheader()
-        writer.writerows(history)
-    return metrics
+        writer.writerows(run.history)

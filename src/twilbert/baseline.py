@@ -1,0 +1,208 @@
+"""The baseline row: TF-IDF word (1-2) and character (2-5, within word boundaries) n-grams under a
+linear model (scikit-learn), on the same preprocessed text as the neural models.
+
+``svm`` is LinearSVC and ``logreg`` LogisticRegression; multi-label tasks fit one of them per
+label (one-vs-rest) and regression tasks a Ridge. Scores come out as the neural models' do:
+softmax over the classes' margins (single-label; for logreg these are its probabilities), a
+sigmoid per label (multi-label), raw values (regression), so thresholds, blending and metrics
+are shared. A saved baseline is JSON (the n-gram vocabularies) and ``.npz`` arrays (idf, weights)
+read with ``allow_pickle=False``: no pickle anywhere.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Optional, Sequence, Union
+
+import numpy as np
+import scipy.sparse as sp
+from sklearn.feature_extraction.text import TfidfVectorizer
+from sklearn.linear_model import LogisticRegression, Ridge
+from sklearn.multiclass import OneVsRestClassifier
+from sklearn.svm import LinearSVC
+
+from twilbert.config import TaskSpec
+from twilbert.data.preprocess import PreprocessConfig, Preprocessor
+from twilbert.model.io import CONFIG_NAME
+
+log = logging.getLogger(__name__)
+
+WORD_NGRAMS = (1, 2)
+CHAR_NGRAMS = (2, 5)
+TOKEN_PATTERN = r"[#@]?\w+|[^\w\s]"  # words, #hashtags, @users, and each emoji or punctuation mark
+AUX_JOINER = " | "  # a multiple-input task's two texts, as one document
+FEATURES_FILE = "features.json"
+WEIGHTS_FILE = "weights.npz"
+ABSENT_LOGIT = -1e4  # a class never seen in training is never predicted
+CONSTANT_LOGIT = 30.0  # a label constant in training (multi-label) is predicted as that constant
+
+PathLike = Union[str, Path]
+
+
+def _vectorizers(word_vocab: Optional[list[str]] = None, char_vocab: Optional[list[str]] = None):
+    common = dict(sublinear_tf=True, lowercase=True, dtype=np.float32)
+    word = TfidfVectorizer(analyzer="word", ngram_range=WORD_NGRAMS, token_pattern=TOKEN_PATTERN,
+                           vocabulary=word_vocab, **common)
+    char = TfidfVectorizer(analyzer="char_wb", ngram_range=CHAR_NGRAMS, vocabulary=char_vocab, **common)
+    return word, char
+
+
+def _vocabulary(vectorizer: TfidfVectorizer) -> list[str]:
+    terms = [""] * len(vectorizer.vocabulary_)
+    for term, index in vectorizer.vocabulary_.items():
+        terms[index] = term
+    return terms
+
+
+@dataclass
+class TfidfBaseline:
+    word: TfidfVectorizer
+    char: TfidfVectorizer
+    coef: np.ndarray  # (K, F) one row per class / label (K = 1 for regression)
+    intercept: np.ndarray  # (K,)
+    link: str  # softmax | sigmoid | identity
+    preprocess: Preprocessor
+
+    def documents(self, texts: Sequence[str], aux_texts: Optional[Sequence[str]] = None) -> list[str]:
+        docs = [self.preprocess(t) for t in texts]
+        if aux_texts is not None:
+            docs = [d + AUX_JOINER + self.preprocess(a) for d, a in zip(docs, aux_texts)]
+        return docs
+
+    def features(self, texts: Sequence[str], aux_texts: Optional[Sequence[str]] = None) -> sp.csr_matrix:
+        docs = self.documents(texts, aux_texts)
+        return sp.hstack([self.word.transform(docs), self.char.transform(docs)]).tocsr()  # (N, F)
+
+    def predict_scores(self, texts: Sequence[str], aux_texts: Optional[Sequence[str]] = None) -> np.ndarray:
+        """Probabilities (N, C), or values (N,) for regression, in input order."""
+        z = self.features(texts, aux_texts) @ self.coef.T.astype(np.float64) + self.intercept  # (N, K)
+        z = np.asarray(z)
+        if self.link == "identity":
+            return z[:, 0].astype(np.float32)
+        if self.link == "sigmoid":
+            return (1.0 / (1.0 + np.exp(-z))).astype(np.float32)
+        z = z - z.max(axis=1, keepdims=True)
+        e = np.exp(z)
+        return (e / e.sum(axis=1, keepdims=True)).astype(np.float32)
+
+    @property
+    def n_features(self) -> int:
+        return self.coef.shape[1]
+
+
+def fit_baseline(
+    texts: Sequence[str],
+    aux_texts: Optional[Sequence[str]],
+    labels: np.ndarray,
+    spec: TaskSpec,
+    model: str = "svm",
+    c: float = 1.0,
+    seed: int = 0,
+    preprocess: Optional[Preprocessor] = None,
+    class_weights: Optional[np.ndarray] = None,
+) -> TfidfBaseline:
+    """Fit the vectorizers and the linear model on one training split."""
+    word, char = _vectorizers()
+    baseline = TfidfBaseline(word, char, np.zeros((0, 0)), np.zeros(0), "softmax", preprocess or Preprocessor())
+    docs = baseline.documents(texts, aux_texts)
+    X = sp.hstack([word.fit_transform(docs), char.fit_transform(docs)]).tocsr()  # (N, F)
+    labels = np.asarray(labels)
+    if spec.regression:
+        reg = Ridge(alpha=1.0 / c).fit(X, labels.astype(np.float64))
+        baseline.coef, baseline.intercept = np.atleast_2d(reg.coef_), np.atleast_1d(reg.intercept_)
+        baseline.link = "identity"
+        return baseline
+    if spec.multi_label:
+        ovr = OneVsRestClassifier(_linear(model, c, seed, None)).fit(X, labels.astype(np.int64))
+        baseline.coef, baseline.intercept = _stack_binary(ovr.estimators_, X.shape[1])
+        baseline.link = "sigmoid"
+        return baseline
+    y = labels.astype(np.int64)
+    n_classes = len(spec.categories)
+    present = np.unique(y)
+    if len(present) < 2:
+        raise ValueError(f"baseline: the training split has a single class ({present.tolist()}); nothing to separate")
+    weights = None if class_weights is None else {int(i): float(class_weights[i]) for i in present}
+    clf = _linear(model, c, seed, weights).fit(X, y)
+    coef, intercept = np.atleast_2d(clf.coef_), np.atleast_1d(clf.intercept_)
+    if len(clf.classes_) == 2:  # one margin d for the second class: softmax([0, d]) = [1 - σ(d), σ(d)]
+        coef, intercept = np.vstack([np.zeros_like(coef), coef]), np.array([0.0, intercept[0]])
+    full_coef = np.zeros((n_classes, X.shape[1]), dtype=np.float32)
+    full_intercept = np.full(n_classes, ABSENT_LOGIT)
+    full_coef[clf.classes_], full_intercept[clf.classes_] = coef, intercept
+    baseline.coef, baseline.intercept = full_coef, full_intercept
+    return baseline
+
+
+def _linear(model: str, c: float, seed: int, class_weight: Optional[dict]):
+    if model == "svm":
+        return LinearSVC(C=c, class_weight=class_weight, random_state=seed)
+    if model == "logreg":
+        return LogisticRegression(C=c, class_weight=class_weight, max_iter=1000, random_state=seed)
+    raise ValueError(f"finetuning.baseline_model must be 'svm' or 'logreg', got {model!r}")
+
+
+def _stack_binary(estimators: list, n_features: int) -> tuple[np.ndarray, np.ndarray]:
+    """One-vs-rest rows; a label constant in training becomes a constant logit."""
+    coef = np.zeros((len(estimators), n_features), dtype=np.float32)
+    intercept = np.zeros(len(estimators))
+    for i, est in enumerate(estimators):
+        if hasattr(est, "coef_"):
+            coef[i], intercept[i] = est.coef_.reshape(-1), float(np.ravel(est.intercept_)[0])
+        else:  # sklearn's constant predictor: the label was always (or never) on
+            intercept[i] = CONSTANT_LOGIT if int(np.ravel(est.y_)[0]) == 1 else -CONSTANT_LOGIT
+    return coef, intercept
+
+
+# --------------------------------------------------------------------------------------------
+# Saving and loading, without pickle
+# --------------------------------------------------------------------------------------------
+
+
+def baseline_description(model: str, c: float, link: str) -> dict:
+    return {"baseline_model": model, "c": c, "link": link, "word_ngrams": list(WORD_NGRAMS),
+            "char_ngrams": list(CHAR_NGRAMS), "token_pattern": TOKEN_PATTERN}
+
+
+def save_baseline(directory: PathLike, baseline: TfidfBaseline, model: str, c: float, extra: dict) -> Path:
+    """``config.json`` (``"backbone": "baseline"``), ``features.json`` and ``weights.npz``."""
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    config = {
+        "model": baseline_description(model, c, baseline.link),
+        "vocab_size": baseline.n_features,
+        "max_positions": None,
+        "backbone": "baseline",
+        "head": None,
+        "preprocess": baseline.preprocess.to_dict(),
+        **extra,
+    }
+    (directory / FEATURES_FILE).write_text(
+        json.dumps({"word": _vocabulary(baseline.word), "char": _vocabulary(baseline.char)}, ensure_ascii=False),
+        encoding="utf-8",
+    )
+    np.savez(directory / WEIGHTS_FILE, word_idf=baseline.word.idf_, char_idf=baseline.char.idf_,
+             coef=baseline.coef.astype(np.float32), intercept=baseline.intercept.astype(np.float64))
+    (directory / CONFIG_NAME).write_text(json.dumps(config, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+    return directory
+
+
+def load_baseline(directory: PathLike) -> tuple[TfidfBaseline, dict]:
+    """(baseline, config.json) from :func:`save_baseline` output."""
+    directory = Path(directory)
+    config_path = directory / CONFIG_NAME
+    if not config_path.is_file():
+        raise FileNotFoundError(f"{config_path}: missing; is {directory} a baseline model directory?")
+    config = json.loads(config_path.read_text(encoding="utf-8"))
+    if config.get("backbone") != "baseline":
+        raise ValueError(f"{config_path}: backbone is {config.get('backbone')!r}, not 'baseline'")
+    vocab = json.loads((directory / FEATURES_FILE).read_text(encoding="utf-8"))
+    word, char = _vectorizers(vocab["word"], vocab["char"])
+    with np.load(directory / WEIGHTS_FILE, allow_pickle=False) as z:
+        word.idf_, char.idf_ = z["word_idf"], z["char_idf"]
+        coef, intercept = z["coef"], z["intercept"]
+    preprocess = Preprocessor(PreprocessConfig.from_dict(config.get("preprocess")))
+    return TfidfBaseline(word, char, coef, intercept, config["model"]["link"], preprocess), config
