@@ -1,10 +1,18 @@
-"""The `twilbert` command: compose params, and tools around trained models."""
+"""The `twilbert` command: compose params, and tools around trained models (predict, embeddings, export-hf).
+
+The model tools import torch lazily, so `compose` stays quick.
+"""
 
 from __future__ import annotations
 
 import argparse
+import json
 import logging
+import os
+import shutil
 import sys
+import tempfile
+from contextlib import ExitStack
 from pathlib import Path
 from typing import Optional
 
@@ -44,6 +52,140 @@ def cmd_compose(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_predict(args: argparse.Namespace) -> int:
+    from twilbert.io_utils import atomic_write
+    from twilbert.predict import (
+        PredictError, chunked, iter_lines, load_finetuned, open_input, predict_stream, text_rows, tsv_rows, with_aux,
+    )
+
+    if args.texts and args.input:
+        raise PredictError("give TEXT arguments or --input, not both")
+    if not args.texts and not args.input:
+        raise PredictError("no input: give TEXT arguments, or --input FILE (- for stdin)")
+    if args.column and not args.input:
+        raise PredictError("--column reads a TSV file: use it with --input FILE (- for stdin)")
+    fm = load_finetuned(args.model, args.device, blend=not args.no_blend)
+    aux_column = None
+    if args.aux_input and not fm.aux_header:
+        raise PredictError(f"{args.model}: the model takes one text per example; drop --aux-input")
+    if fm.aux_header and not args.aux_input:
+        if not args.column:
+            raise PredictError(
+                f"{args.model}: the model was trained with a second text ({fm.aux_header!r}); pass --aux-input FILE "
+                f"(one line per input line) or a TSV with a {fm.aux_header!r} column (--input FILE --column NAME)"
+            )
+        aux_column = fm.aux_header
+    with ExitStack() as stack:
+        if args.texts:
+            name, rows = "arguments", text_rows(args.texts)
+        else:
+            name = "stdin" if args.input == "-" else args.input
+            lines = iter_lines(stack.enter_context(open_input(args.input)))
+            rows = tsv_rows(lines, name, args.column, args.id_column, aux_column) if args.column else text_rows(lines)
+        if args.aux_input:
+            rows = with_aux(rows, iter_lines(stack.enter_context(open_input(args.aux_input))), name, args.aux_input)
+        out = stack.enter_context(atomic_write(args.output)) if args.output else utf8_stdout()
+        n = predict_stream(fm, chunked(rows, name, args.chunk_size), out, args.format, not args.no_text,
+                           not args.no_header, args.batch_size, args.precision)
+        out.flush()
+    log.info("predict: %d lines -> %s", n, args.output or "stdout")
+    return 0
+
+
+def cmd_embeddings(args: argparse.Namespace) -> int:
+    from twilbert.embeddings import write_embeddings
+
+    write_embeddings(args.model, args.input, args.output, args.collapse_mode, args.use_special_tokens,
+                     args.column, args.batch_size, args.chunk_size, args.device)
+    return 0
+
+
+TOKENIZER_NOTE = """# Tokenizer of this export
+
+Exported by `twilbert export-hf` from `{source}` as `{hf_class}`.
+
+- The vocabulary is twilbert's SentencePiece model, copied as `spiece.model` (and as `spm.model`, with
+  `meta.json`, so `twilbert.data.tokenizer.Tokenizer("<this dir>")` loads it too). `tokenizer_config.json`
+  declares it an `AlbertTokenizer` that keeps case and accents, so `AutoTokenizer.from_pretrained("<this dir>")`
+  gives the ids twilbert gives, for BERT-layout exports too: [PAD]=0 [UNK]=1 [MASK]=2 [CLS]=3 [SEP]=4, inputs
+  `[CLS] a [SEP] (b [SEP])`, token_type_ids 0 then 1.
+- Tweet normalization is NOT part of the Hugging Face tokenizer. Apply the preprocessing the model was
+  trained with first (the `preprocess` section of `meta.json`):
+  `Preprocessor.from_dict(json.load(open("meta.json"))["preprocess"])(text)` from `twilbert.data.preprocess`.
+- The model has {max_positions} positions: at most {max_single} tokens per single text, truncate to that.
+"""
+
+
+def tokenizer_config(max_positions: int) -> dict:
+    """Hugging Face tokenizer settings that reproduce twilbert's SentencePiece encoding."""
+    return {
+        "tokenizer_class": "AlbertTokenizer",
+        "do_lower_case": False,  # any lowercasing is inside the SentencePiece normalizer already
+        "keep_accents": True,
+        "remove_space": True,
+        "unk_token": "[UNK]",
+        "pad_token": "[PAD]",
+        "cls_token": "[CLS]",
+        "sep_token": "[SEP]",
+        "mask_token": "[MASK]",
+        "bos_token": "[CLS]",
+        "eos_token": "[SEP]",
+        "model_max_length": max_positions,
+        "model_input_names": ["input_ids", "token_type_ids", "attention_mask"],
+    }
+
+
+def export_hf_dir(model_dir: Path, out_dir: Path) -> str:
+    """Write a twilbert model directory as a Hugging Face one (plus tokenizer files); returns the HF class name.
+
+    A pretrained model becomes ``*ForPreTraining``/``*ForMaskedLM``; a finetuned one exports its encoder.
+    """
+    from twilbert.data.tokenizer import META_FILE, MODEL_FILE
+    from twilbert.model import (
+        TWilBertForPretraining, TWilBertModel, load_into, load_pretrained_state, model_config_from_dict, save_hf,
+    )
+    from twilbert.predict import PredictError, read_model_config
+
+    model_dir, out_dir = Path(model_dir), Path(out_dir)
+    config = read_model_config(model_dir)
+    cfg, vocab_size, max_positions = model_config_from_dict(config, str(model_dir / "config.json"))
+    if out_dir.exists() and (not out_dir.is_dir() or any(out_dir.iterdir())):
+        raise PredictError(f"{out_dir}: exists and is not an empty directory; remove it or choose another --out")
+    _, state = load_pretrained_state(model_dir)
+    pretraining = any(k.startswith("predictions.") for k in state)
+    model = (TWilBertForPretraining if pretraining else TWilBertModel)(cfg, vocab_size, max_positions)
+    load_into(model, state, strict=True)
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.tmp-", dir=out_dir.parent))
+    try:
+        hf = save_hf(tmp, model, cfg, vocab_size, max_positions)
+        shutil.copyfile(model_dir / MODEL_FILE, tmp / "spiece.model")  # the name Hugging Face's ALBERT looks for
+        shutil.copyfile(model_dir / MODEL_FILE, tmp / MODEL_FILE)
+        shutil.copyfile(model_dir / META_FILE, tmp / META_FILE)
+        (tmp / "tokenizer_config.json").write_text(json.dumps(tokenizer_config(max_positions), indent=2) + "\n")
+        note = TOKENIZER_NOTE.format(source=model_dir, hf_class=type(hf).__name__, max_positions=max_positions,
+                                     max_single=max_positions - 2)
+        (tmp / "TOKENIZER.md").write_text(note, encoding="utf-8")
+        os.replace(tmp, out_dir)  # atomic; replaces only an empty directory
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return type(hf).__name__
+
+
+def cmd_export_hf(args: argparse.Namespace) -> int:
+    hf_class = export_hf_dir(Path(args.model), Path(args.out))
+    log.info("export-hf: %s -> %s (%s)", args.model, args.out, hf_class)
+    return 0
+
+
+def utf8_stdout():
+    """stdout, made UTF-8 whatever the locale (tweets are full of emoji)."""
+    if hasattr(sys.stdout, "reconfigure"):
+        sys.stdout.reconfigure(encoding="utf-8")
+    return sys.stdout
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="twilbert", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -53,7 +195,64 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", help="write here (atomically) instead of stdout")
     p.add_argument("--check", metavar="PARAMS", help="exit 1 if PARAMS differs from the composition")
     p.set_defaults(func=cmd_compose)
+
+    p = sub.add_parser(
+        "predict", help="label new tweets with a finetuned model",
+        description="Label tweets with a finetuned model directory. Every input line gets exactly one output line "
+        "(in input order): a blank line, or one preprocessing empties, is labelled as the placeholder text "
+        "(preprocess.empty_text, '[vacío]' by default); long texts are truncated to the model's max_len_test. "
+        "Input is UTF-8 (undecodable bytes become U+FFFD), split on \\n only. Output: id, text, the label "
+        "(multi-label: the labels over the threshold joined by '|'; regression: the value) and prob_<class> for "
+        "every class, as TSV with a header line or as JSON lines. A k-fold model directory averages its folds' "
+        "probabilities.",
+    )
+    p.add_argument("texts", nargs="*", metavar="TEXT", help="texts to label (or use --input)")
+    p.add_argument("--model", required=True,
+                   help="finetuned model directory (models/finetuned/<task>, or its baseline/)")
+    p.add_argument("--input", metavar="FILE", help="one text per line; - reads stdin")
+    p.add_argument("--column", metavar="NAME", help="the input is a TSV with a header; label its NAME column")
+    p.add_argument("--id-column", metavar="NAME", help="TSV column echoed as the id (default ID when present, "
+                   "else the line number)")
+    p.add_argument("--aux-input", metavar="FILE", help="second texts (segment B), one per input line, for models "
+                   "trained with an aux_header")
+    p.add_argument("--output", metavar="FILE", help="write here (atomically) instead of stdout")
+    p.add_argument("--format", choices=("tsv", "jsonl"), default="tsv")
+    p.add_argument("--no-text", action="store_true", help="do not echo the text")
+    p.add_argument("--no-header", action="store_true", help="TSV without its header line")
+    p.add_argument("--batch-size", type=positive_int, default=64)
+    p.add_argument("--chunk-size", type=positive_int, default=10_000, help="lines read and scored at a time")
+    p.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N")
+    p.add_argument("--precision", choices=("fp32", "bf16"), default="fp32")
+    p.add_argument("--no-blend", action="store_true", help="k-fold model: use the selected fold's model only, "
+                   "not the average of every fold's")
+    p.set_defaults(func=cmd_predict)
+
+    p = sub.add_parser("embeddings", help="sentence embeddings of a text file to .npy (TWilBert's get_embeddings)")
+    p.add_argument("--model", required=True, help="pretrained or finetuned model directory")
+    p.add_argument("--input", required=True, metavar="FILE", help="one text per line (row i of the array = line i)")
+    p.add_argument("--output", required=True, metavar="X.npy",
+                   help="float32 array (lines, hidden_size), written atomically")
+    p.add_argument("--column", metavar="NAME", help="the input is a TSV with a header; embed its NAME column")
+    p.add_argument("--collapse-mode", choices=("avg", "cls"), help="default: the finetuned head's, else avg")
+    p.add_argument("--use-special-tokens", action=argparse.BooleanOptionalAction, default=None,
+                   help="count [CLS]/[SEP] in the avg (default: the finetuned head's, else yes)")
+    p.add_argument("--batch-size", type=positive_int, default=64)
+    p.add_argument("--chunk-size", type=positive_int, default=10_000)
+    p.add_argument("--device", default="auto")
+    p.set_defaults(func=cmd_embeddings)
+
+    p = sub.add_parser("export-hf", help="export a model directory to Hugging Face format (transformers needed)")
+    p.add_argument("--model", required=True, help="pretrained (or finetuned: encoder only) model directory")
+    p.add_argument("--out", required=True, help="new (or empty) output directory")
+    p.set_defaults(func=cmd_export_hf)
     return parser
+
+
+def positive_int(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
+    return value
 
 
 def main(argv: Optional[list[str]] = None) -> int:
@@ -64,6 +263,23 @@ def main(argv: Optional[list[str]] = None) -> int:
     except ConfigError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
+    except BrokenPipeError:  # `twilbert predict ... | head`: the reader left; stop quietly
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 1
+    except (ValueError, RuntimeError) as err:
+        if not _user_error(err):
+            raise
+        print("error: " + "; ".join(line.strip() for line in str(err).splitlines() if line.strip()), file=sys.stderr)
+        return 2
+
+
+def _user_error(err: BaseException) -> bool:
+    """Errors whose message is the whole story (bad model directory or input): no traceback for these."""
+    from twilbert.model.hf import ExportError
+    from twilbert.model.io import CheckpointError
+    from twilbert.predict import PredictError
+
+    return isinstance(err, (PredictError, CheckpointError, ExportError))
 
 
 if __name__ == "__main__":

@@ -1,0 +1,468 @@
+"""Label new tweets with a finetuned model directory, streaming: read, tokenize, batch by length, write.
+
+Input is read in chunks of ``CHUNK_SIZE`` lines, so memory stays flat however long it is. Within a
+chunk the texts are tokenized together, sorted by length and batched (each batch pads only to its
+own longest row), and the scores are put back in input order. Every input line gets exactly one
+output line: a blank line, or one that preprocessing empties (only emoji, only a URL), is labelled
+as the model's placeholder text (``preprocess.empty_text``, ``[vacío]`` by default), and a text
+longer than the model's ``max_len_test`` tokens is truncated to it.
+
+Any finetune stage output works: a TWilBert or Hugging Face encoder under the classification head,
+or the TF-IDF baseline (``config.json["backbone"]``); a k-fold directory blends its folds' models.
+"""
+
+from __future__ import annotations
+
+import io
+import itertools
+import json
+import logging
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+from typing import IO, Any, Iterable, Iterator, NamedTuple, Optional, Sequence, Union
+
+import numpy as np
+import torch
+
+from twilbert.baseline import FEATURES_FILE, WEIGHTS_FILE, load_baseline
+from twilbert.config import ConfigError, TaskConfig, from_dict
+from twilbert.data.preprocess import Preprocessor
+from twilbert.data.tokenizer import CLS_ID, META_FILE, MODEL_FILE, PAD_ID, SEP_ID, Tokenizer
+from twilbert.model.backbone import HF_DIR, TWilBertPacker, load_classifier
+from twilbert.model.io import CONFIG_NAME, WEIGHTS_NAME, CheckpointError
+from twilbert.train.finetune import decide, predict_scores
+from twilbert.train.loop import resolve_device
+
+log = logging.getLogger(__name__)
+
+CHUNK_SIZE = 10_000  # lines read, scored and written at a time
+FORMATS = ("tsv", "jsonl")
+BACKBONES = ("twilbert", "hf", "baseline")
+# What each kind of model directory holds besides config.json ("hf/": the HF config and tokenizer).
+MODEL_FILES = {
+    "twilbert": (WEIGHTS_NAME, MODEL_FILE, META_FILE),
+    "hf": (WEIGHTS_NAME, HF_DIR + "/"),
+    "baseline": (FEATURES_FILE, WEIGHTS_FILE),
+}
+
+
+class PredictError(ValueError):
+    """A model directory or an input cannot be used; the one-line message names the file and the fix."""
+
+
+# --------------------------------------------------------------------------------------------
+# Model directories
+# --------------------------------------------------------------------------------------------
+
+
+def read_model_config(directory: Union[str, Path], backbones: Sequence[str] = BACKBONES,
+                      command: str = "predict") -> dict:
+    """config.json of a model directory, after checking that every file its backbone needs is there."""
+    directory = Path(directory)
+    if not directory.is_dir():
+        raise PredictError(f"{directory}: model directory not found")
+    path = directory / CONFIG_NAME
+    if not path.is_file():
+        raise PredictError(f"{directory}: missing {CONFIG_NAME}; a twilbert model directory holds {CONFIG_NAME}, "
+                           f"{', '.join(MODEL_FILES['twilbert'])} (written by the pretrain and finetune stages)")
+    try:
+        config = json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise PredictError(f"{path}: not valid JSON ({err})") from None
+    if not isinstance(config, dict):
+        raise PredictError(f"{path}: expected a JSON object, got {type(config).__name__}")
+    backbone = config.get("backbone", "twilbert")
+    if backbone not in backbones:
+        raise PredictError(f"{path}: backbone {backbone!r} is not supported by {command} yet "
+                           f"(supported: {', '.join(backbones)})")
+    files = MODEL_FILES[backbone]
+    missing = [name for name in files if not (directory / name).exists()]
+    if missing:
+        raise PredictError(f"{directory}: missing {', '.join(missing)}; a {backbone} model directory holds "
+                           f"{CONFIG_NAME}, {', '.join(files)}")
+    return config
+
+
+def model_max_len(config: dict, n_segments: int = 1) -> int:
+    """Tokens per text: the model's test length, cut so ``[CLS] a [SEP] (b [SEP])`` fits its positions."""
+    max_len = int(config.get("max_len_test") or config.get("max_len") or config["max_positions"])
+    fits = (int(config["max_positions"]) - 1 - n_segments) // n_segments
+    return max(1, min(max_len, fits))
+
+
+@dataclass
+class Member:
+    """One model of a directory: a neural classifier with its packer, or the TF-IDF baseline (packer None)."""
+
+    directory: Path
+    model: Any
+    packer: Any
+
+    @property
+    def preprocess(self) -> Preprocessor:
+        return (self.packer or self.model).preprocess
+
+    def encode(self, texts: Sequence[str], aux: Optional[Sequence[str]], max_len: int) -> dict[str, np.ndarray]:
+        if isinstance(self.packer, TWilBertPacker):  # the same rows, packed without a loop over texts
+            tokenizer = self.packer.tokenizer
+            return pack_texts(tokenizer.encode(texts), tokenizer.encode(aux) if aux is not None else None, max_len)
+        return self.packer.pack(texts, aux, max_len)
+
+    def scores(self, texts: Sequence[str], aux: Optional[Sequence[str]], task: TaskConfig, max_len: int,
+               batch_size: int, device: torch.device, precision: str) -> np.ndarray:
+        if self.packer is None:
+            return self.model.predict_scores(texts, aux)
+        data = self.encode(texts, aux, max_len)
+        data["labels"] = np.zeros(len(texts), dtype=np.int64)  # the shared batching carries targets; none here
+        return predict_scores(self.model, data, task, batch_size, device, precision, self.packer)
+
+
+@dataclass
+class FinetunedModel:
+    """A finetune stage output ready to label texts: its model(s), task definition and text length.
+
+    A k-fold directory holds one model per fold; by default their scores are averaged (blended), as
+    the stage blends them for its test metrics.
+    """
+
+    members: list[Member]
+    task: TaskConfig
+    max_len: int
+    device: torch.device
+    backbone: str = "twilbert"
+
+    @property
+    def labels(self) -> list[str]:
+        """Category names in output order (empty for regression)."""
+        return sorted(self.task.task.categories, key=self.task.task.categories.get)
+
+    @property
+    def aux_header(self) -> Optional[str]:
+        """Name of the second text the model was trained with (segment B), or None."""
+        return self.task.dataset.aux_header
+
+    @property
+    def placeholder(self) -> str:
+        return self.members[0].preprocess.cfg.empty_text
+
+    def scores(self, texts: Sequence[str], aux: Optional[Sequence[str]] = None, batch_size: int = 64,
+               precision: str = "fp32") -> np.ndarray:
+        """Probabilities (N, C) (softmax, or sigmoid for multi-label) or regression values (N,), in input order."""
+        if (aux is None) != (self.aux_header is None):
+            raise ValueError(f"this model takes {'two texts' if self.aux_header else 'one text'} per example")
+        each = [m.scores(texts, aux, self.task, self.max_len, batch_size, self.device, precision) for m in self.members]
+        return each[0] if len(each) == 1 else np.mean(each, axis=0)
+
+
+def load_finetuned(directory: Union[str, Path], device: str = "cpu", blend: bool = True) -> FinetunedModel:
+    """Load a finetune stage output (safetensors, JSON and .npz only) for prediction.
+
+    ``blend``: a k-fold directory predicts with every fold's model, averaged; else with its selected fold's.
+    """
+    directory = Path(directory)
+    config = read_model_config(directory)
+    path = directory / CONFIG_NAME
+    backbone = config.get("backbone", "twilbert")
+    needed = ("task",) if backbone == "baseline" else ("task", "head")
+    absent = [key for key in needed if not config.get(key)]
+    if absent:
+        raise PredictError(
+            f"{path}: no {' or '.join(map(repr, absent))} key, so {directory} is not a finetuned model; "
+            "predict needs a finetune stage output (`twilbert embeddings` works with pretrained models too)"
+        )
+    try:
+        task = from_dict(TaskConfig, config["task"], "task")
+    except ConfigError as err:
+        raise PredictError(f"{path}: {err}") from None
+    target = resolve_device(device)
+    member_dirs = [directory]
+    if blend and config.get("kfold", {}).get("members"):
+        member_dirs = [directory / member for member in config["kfold"]["members"]]
+    members = [load_member(d, target) for d in member_dirs]
+    n_segments = 2 if task.dataset.aux_header else 1
+    if backbone == "twilbert":
+        max_len = model_max_len(config, n_segments)
+    else:  # the stage already fitted max_len_test to the HF template; the baseline does not truncate
+        max_len = int(config.get("max_len_test") or config.get("max_len") or 0)
+    return FinetunedModel(members, task, max_len, target, backbone)
+
+
+def load_member(directory: Path, device: torch.device) -> Member:
+    """One model directory's classifier (twilbert, hf) or baseline, checked against its own files."""
+    config = read_model_config(directory)
+    backbone = config.get("backbone", "twilbert")
+    if backbone == "baseline":
+        try:
+            model, _ = load_baseline(directory)
+        except (OSError, ValueError, KeyError) as err:
+            raise PredictError(f"{directory}: unreadable baseline model ({err})") from None
+        return Member(directory, model, None)
+    try:
+        model, packer, _ = load_classifier(directory)
+    except CheckpointError:
+        raise  # already names the file and the parameter
+    except (ConfigError, KeyError) as err:
+        raise PredictError(f"{directory / CONFIG_NAME}: not a finetuned {backbone} model ({err})") from None
+    except ImportError as err:
+        raise PredictError(f"{directory}: a {backbone} model needs the transformers package ({err})") from None
+    except (OSError, RuntimeError) as err:  # e.g. sentencepiece on a corrupt spm.model
+        raise PredictError(f"{directory}: unreadable model files ({err})") from None
+    if isinstance(packer, TWilBertPacker):
+        check_vocab_fits(directory, packer.tokenizer, int(config["vocab_size"]))
+    return Member(directory, model.to(device).eval(), packer)
+
+
+def check_vocab_fits(directory: Path, tokenizer: Tokenizer, vocab_size: int) -> None:
+    """A swapped spm.model would index past the embedding table; say so before it does."""
+    if tokenizer.vocab_size > vocab_size:
+        raise PredictError(
+            f"{directory / MODEL_FILE}: {tokenizer.vocab_size} pieces but the model has {vocab_size} embeddings; "
+            "this spm.model does not belong to the model"
+        )
+
+
+# --------------------------------------------------------------------------------------------
+# Packing token ids into rows
+# --------------------------------------------------------------------------------------------
+
+
+def _place(ids: np.ndarray, seqs: Sequence[Sequence[int]], max_len: int, start: Union[int, np.ndarray]) -> np.ndarray:
+    """Write ``seqs[i][:max_len]`` into row i of ``ids`` from column ``start`` (or ``start[i]``).
+
+    Returns the kept lengths.
+    """
+    lengths = np.fromiter(map(len, seqs), dtype=np.int64, count=len(seqs))
+    flat = np.fromiter(itertools.chain.from_iterable(seqs), dtype=np.int32, count=int(lengths.sum()))
+    row = np.repeat(np.arange(len(seqs)), lengths)  # (total,) the text each token belongs to
+    col = np.arange(len(flat)) - np.repeat(np.cumsum(lengths) - lengths, lengths)  # (total,) position in its text
+    keep = col < max_len
+    offset = start if np.isscalar(start) else start[row[keep]]
+    ids[row[keep], col[keep] + offset] = flat[keep]
+    return np.minimum(lengths, max_len).astype(np.int32)
+
+
+def pack_texts(
+    a: Sequence[Sequence[int]], b: Optional[Sequence[Sequence[int]]], max_len: int
+) -> dict[str, np.ndarray]:
+    """``tokenizer.pack_pairs`` without a Python loop over rows: the same arrays, built by numpy scatters."""
+    n = len(a)
+    width = 2 * max_len + 3 if b is not None else max_len + 2
+    ids = np.full((n, width), PAD_ID, dtype=np.int32)  # (N, T)
+    rows = np.arange(n)
+    ids[:, 0] = CLS_ID
+    len_a = _place(ids, a, max_len, 1)
+    length = len_a + 2
+    ids[rows, length - 1] = SEP_ID
+    if b is not None:
+        len_b = _place(ids, b, max_len, length)
+        length = length + len_b + 1
+        ids[rows, length - 1] = SEP_ID
+    return {"input_ids": ids, "len_a": len_a, "length": length.astype(np.int32)}
+
+
+# --------------------------------------------------------------------------------------------
+# Input: lines and TSV rows, in chunks
+# --------------------------------------------------------------------------------------------
+
+
+class Chunk(NamedTuple):
+    ids: list  # 1-based line (or argument) numbers, or the values of the TSV's ID column
+    texts: list[str]
+    aux: Optional[list[str]]  # second texts (segment B), when the model takes them
+
+
+def open_input(path: str) -> IO[str]:
+    """A file, or stdin for ``-``: UTF-8 (BOM dropped, undecodable bytes become U+FFFD), split on ``\\n`` only."""
+    if path == "-":
+        try:  # closefd=False: closing the input must not close the process's stdin
+            return open(sys.stdin.fileno(), encoding="utf-8-sig", errors="replace", newline="\n", closefd=False)
+        except (AttributeError, OSError, ValueError):  # a replaced sys.stdin (tests) has no file descriptor
+            return io.TextIOWrapper(sys.stdin.buffer, encoding="utf-8-sig", errors="replace", newline="\n")
+    try:
+        return open(path, encoding="utf-8-sig", errors="replace", newline="\n")
+    except FileNotFoundError:
+        raise PredictError(f"{path}: input file not found") from None
+    except IsADirectoryError:
+        raise PredictError(f"{path}: is a directory, expected a text file") from None
+    except OSError as err:
+        raise PredictError(f"{path}: cannot read the input ({err.strerror})") from None
+
+
+def iter_lines(handle: Iterable[str]) -> Iterator[str]:
+    """Lines without their ``\\n`` / ``\\r\\n`` ending; blank lines are kept (each gets an output line)."""
+    for line in handle:
+        if line.endswith("\n"):
+            line = line[:-1]
+        yield line[:-1] if line.endswith("\r") else line
+
+
+def text_rows(lines: Iterable[str]) -> Iterator[tuple[int, str, None]]:
+    """One text per line, numbered from 1."""
+    for number, line in enumerate(lines, 1):
+        yield number, line, None
+
+
+def tsv_rows(lines: Iterable[str], name: str, column: str, id_column: Optional[str] = None,
+             aux_column: Optional[str] = None) -> Iterator[tuple[Union[int, str], str, Optional[str]]]:
+    """(id, text, aux) per data row of a tab-separated file with a header line.
+
+    The id is the ``id_column`` value (default: ``ID`` when the header has it), else the line number.
+    A row with too few fields still gets a prediction (missing fields read as empty) and is reported.
+    """
+    lines = iter(lines)
+    header = next(lines, None)
+    if header is None:
+        raise PredictError(f"{name}: empty input; expected a header line with a {column!r} column")
+    cols = [c.strip() for c in header.split("\t")]
+
+    def index(col: Optional[str], what: str) -> Optional[int]:
+        if col is None:
+            return None
+        if col not in cols:
+            shown = ", ".join(repr(c) for c in cols[:12])
+            raise PredictError(f"{name}:1: no {col!r} column in the header ({shown}); {what}")
+        return cols.index(col)
+
+    i_text = index(column, "set --column to the text column")
+    i_id = index(id_column, "set --id-column to one of them") if id_column else (
+        cols.index("ID") if "ID" in cols else None)
+    i_aux = index(aux_column, "the model was trained with this second text; add it or pass --aux-input")
+    width = len(cols)
+    bad: list[int] = []
+    n_bad = 0
+    for number, line in enumerate(lines, 2):
+        fields = line.split("\t")
+        if len(fields) != width:
+            n_bad += 1
+            if len(bad) < 5:
+                bad.append(number)
+            fields += [""] * (width - len(fields))
+        row_id = fields[i_id] if i_id is not None else number
+        yield row_id, fields[i_text], (None if i_aux is None else fields[i_aux])
+    if n_bad:
+        shown = ", ".join(map(str, bad)) + (", ..." if n_bad > 5 else "")
+        log.warning("%s: %d rows have a field count other than the header's %d (lines %s); missing fields "
+                    "were read as empty", name, n_bad, len(cols), shown)
+
+
+def with_aux(rows: Iterable[tuple], aux_lines: Iterable[str], name: str, aux_name: str) -> Iterator[tuple]:
+    """Pair each row with the line of the same number in the aux file; the counts must agree."""
+    aux_lines = iter(aux_lines)
+    n = 0
+    for n, (row_id, text, _) in enumerate(rows, 1):
+        aux = next(aux_lines, None)
+        if aux is None:
+            raise PredictError(f"{aux_name}: {n - 1} lines, fewer than the input {name}; "
+                               "give one second text per input line")
+        yield row_id, text, aux
+    if next(aux_lines, None) is not None:
+        raise PredictError(f"{aux_name}: more lines than the {n} of the input {name}; "
+                           "give one second text per input line")
+
+
+def chunked(rows: Iterable[tuple], name: str, size: int = CHUNK_SIZE) -> Iterator[Chunk]:
+    """Chunks of at most ``size`` rows; an input without a single row is an error."""
+    if size < 1:
+        raise ValueError(f"chunk size must be >= 1, got {size}")
+    n = 0
+    rows = iter(rows)
+    while True:
+        block = list(itertools.islice(rows, size))
+        if not block:
+            break
+        n += len(block)
+        ids, texts, aux = (list(col) for col in zip(*block))
+        yield Chunk(ids, texts, None if aux[0] is None else aux)
+    if n == 0:
+        raise PredictError(f"{name}: empty input; nothing to label (give TEXT arguments, a non-empty file or stdin)")
+
+
+# --------------------------------------------------------------------------------------------
+# Output: TSV with a header line, or JSON lines
+# --------------------------------------------------------------------------------------------
+
+_TSV_UNSAFE = str.maketrans({"\t": " ", "\n": " ", "\r": " "})
+
+
+class PredictionWriter:
+    """Formats predictions: id, text (optional), label(s) or value, and the score of every class."""
+
+    def __init__(self, fm: FinetunedModel, fmt: str = "tsv", with_text: bool = True):
+        if fmt not in FORMATS:
+            raise ValueError(f"output format must be one of {FORMATS}, got {fmt!r}")
+        self.task = fm.task
+        self.fmt, self.with_text = fmt, with_text
+        self.labels = fm.labels
+        self.label_array = np.array(self.labels, dtype=object)
+        spec = fm.task.task
+        self.kind = "regression" if spec.regression else "multi_label" if spec.multi_label else "single_label"
+
+    def header(self) -> str:
+        cols = ["id"] + (["text"] if self.with_text else [])
+        if self.kind == "regression":
+            cols.append("value")
+        else:
+            cols.append("labels" if self.kind == "multi_label" else "label")
+            cols += [f"prob_{label}".translate(_TSV_UNSAFE) for label in self.labels]
+        return "\t".join(cols) + "\n"
+
+    def decided(self, scores: np.ndarray) -> list:
+        """Per row: the label, the list of labels over the threshold, or the value."""
+        if self.kind == "regression":
+            return scores.astype(np.float64).tolist()
+        decisions = decide(scores, self.task)
+        if self.kind == "single_label":
+            return self.label_array[decisions].tolist()
+        return [self.label_array[row].tolist() for row in decisions.astype(bool)]
+
+    def lines(self, chunk: Chunk, scores: np.ndarray) -> Iterator[str]:
+        decided = self.decided(scores)
+        probs = None if self.kind == "regression" else np.round(scores.astype(np.float64), 6).tolist()
+        texts = chunk.texts if self.with_text else itertools.repeat(None)
+        if self.fmt == "jsonl":
+            key = {"regression": "value", "multi_label": "labels", "single_label": "label"}[self.kind]
+            for i, (row_id, text, out) in enumerate(zip(chunk.ids, texts, decided)):
+                record = {"id": row_id}
+                if self.with_text:
+                    record["text"] = text
+                record[key] = round(out, 6) if self.kind == "regression" else out
+                if probs is not None:
+                    record["probs"] = dict(zip(self.labels, probs[i]))
+                yield json.dumps(record, ensure_ascii=False) + "\n"
+            return
+        n_fields = 2 + self.with_text
+        template = "\t".join(["{}"] * n_fields) + ("" if probs is None else "\t{:.6f}" * len(self.labels)) + "\n"
+        for i, (row_id, text, out) in enumerate(zip(chunk.ids, texts, decided)):
+            head = [str(row_id).translate(_TSV_UNSAFE)]
+            if self.with_text:
+                head.append(text.translate(_TSV_UNSAFE))
+            if self.kind == "regression":
+                head.append(f"{out:.6f}")
+            else:
+                head.append("|".join(out) if self.kind == "multi_label" else out)
+            yield template.format(*head, *(probs[i] if probs is not None else ()))
+
+
+# --------------------------------------------------------------------------------------------
+# The whole path
+# --------------------------------------------------------------------------------------------
+
+
+def predict_stream(fm: FinetunedModel, chunks: Iterable[Chunk], out: IO[str], fmt: str = "tsv",
+                   with_text: bool = True, header: bool = True, batch_size: int = 64,
+                   precision: str = "fp32") -> int:
+    """Score and write every chunk as it comes; returns the number of lines written (header excluded)."""
+    writer = PredictionWriter(fm, fmt, with_text)
+    n = n_blank = 0
+    for k, chunk in enumerate(chunks):
+        if k == 0 and header and fmt == "tsv":
+            out.write(writer.header())
+        scores = fm.scores(chunk.texts, chunk.aux, batch_size, precision)
+        out.writelines(writer.lines(chunk, scores))
+        n += len(chunk.texts)
+        n_blank += sum(not t.strip() for t in chunk.texts)
+        log.debug("predicted %d texts", n)
+    if n_blank:
+        log.info("%d blank input lines labelled as the placeholder text %r", n_blank, fm.placeholder)
+    return n

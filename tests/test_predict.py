@@ -1,0 +1,396 @@
+"""Predicting with a finetuned model directory: one line out per line in, input order, every task shape.
+
+The builders here (``build_vocab``, ``build_finetuned``, ``build_pretrained``) make tiny model directories shaped like
+the stages' outputs; the CLI, embeddings and soak tests reuse them.
+"""
+
+import io
+import json
+from dataclasses import asdict
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from conftest import REPO, make_tweets
+from finetune_data import first, make_config, make_hf_bert, make_pretrained, write_task
+from twilbert.config import ModelConfig, RopConfig, TaskConfig, TaskDataset, TaskSpec, VocabConfig, compose, from_dict
+from twilbert.data.tokenizer import Tokenizer, pack_pairs, train_vocab
+from twilbert.embeddings import load_encoder
+from twilbert.model import TWilBertForClassification, TWilBertForPretraining, model_config_dict, save_pretrained
+from twilbert.model.backbone import load_classifier
+from twilbert.predict import (
+    Chunk,
+    PredictError,
+    chunked,
+    load_finetuned,
+    pack_texts,
+    predict_stream,
+    text_rows,
+    tsv_rows,
+    with_aux,
+)
+from twilbert.train.finetune import finetune_task, predict_scores
+
+CATEGORIES = {"N": 0, "NEU": 1, "NONE": 2, "P": 3}
+EMOTIONS = {"anger": 0, "joy": 1, "fear": 2}
+LONG = "odio el tráfico de la ciudad " * 200  # ~5,800 characters, far over max_len tokens
+
+
+def tiny_model_cfg(**overrides) -> ModelConfig:
+    fields = dict(embedding_size=8, hidden_size=16, n_encoders=2, n_heads=2, intermediate_size=32,
+                  pkm=False, rop=RopConfig(hidden_size=16))
+    fields.update(overrides)
+    cfg = ModelConfig(**fields)
+    cfg.validate()
+    return cfg
+
+
+def build_vocab(directory: Path, n_texts: int = 300, vocab_size: int = 120) -> Path:
+    return train_vocab([t for t, _ in make_tweets(n_texts)], directory, VocabConfig(vocab_size=vocab_size))
+
+
+def build_finetuned(directory: Path, vocab_dir: Path, kind: str = "single_label", aux_header=None,
+                    max_len: int = 16, collapse_mode: str = "avg", seed: int = 0, **model_overrides) -> Path:
+    """A finetune-stage-shaped model directory with random weights: single_label, multi_label or regression."""
+    spec = {
+        "single_label": TaskSpec(categories=dict(CATEGORIES)),
+        "multi_label": TaskSpec(categories=dict(EMOTIONS), multi_label=True, threshold=0.5),
+        "regression": TaskSpec(regression=True, eval_metric="pearson"),
+    }[kind]
+    task = TaskConfig(name=f"t_{kind}", dataset=TaskDataset(aux_header=aux_header), task=spec)
+    n_out = 1 if spec.regression else len(spec.categories)
+    tokenizer = Tokenizer(vocab_dir)
+    cfg = tiny_model_cfg(**model_overrides)
+    max_positions = 2 * max_len + 3
+    torch.manual_seed(seed)
+    model = TWilBertForClassification(cfg, tokenizer.vocab_size, max_positions, n_out, collapse_mode)
+    with torch.no_grad():  # weights far from the tiny init, so that texts get clearly different scores
+        for p in model.parameters():
+            p.add_(torch.randn(p.shape) * 0.3)
+    head = {"collapse_mode": collapse_mode, "use_special_tokens": True, "dropout": 0.1, "n_hidden": 0,
+            "hidden_size": 32}
+    config = model_config_dict(cfg, tokenizer.vocab_size, max_positions, head=head, task=asdict(task),
+                               max_len_test=max_len)
+    save_pretrained(directory, model, config)
+    tokenizer.copy_to(directory)
+    return directory
+
+
+def copy_model(source: Path, target: Path, without: str = "") -> Path:
+    """A copy of a model directory, less the file named ``without``."""
+    target.mkdir()
+    for f in source.iterdir():
+        if f.name != without:
+            (target / f.name).write_bytes(f.read_bytes())
+    return target
+
+
+def build_pretrained(directory: Path, vocab_dir: Path, max_len: int = 16, seed: int = 1) -> Path:
+    """A pretrain-stage-shaped directory: encoder + MLM + ROP heads, config with max_len."""
+    cfg = tiny_model_cfg()
+    tokenizer = Tokenizer(vocab_dir)
+    torch.manual_seed(seed)
+    max_positions = 2 * max_len + 3
+    model = TWilBertForPretraining(cfg, tokenizer.vocab_size, max_positions)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(torch.randn(p.shape) * 0.3)
+    save_pretrained(directory, model, model_config_dict(cfg, tokenizer.vocab_size, max_positions, max_len=max_len))
+    tokenizer.copy_to(directory)
+    return directory
+
+
+@pytest.fixture(scope="module")
+def vocab_dir(tmp_path_factory):
+    return build_vocab(tmp_path_factory.mktemp("vocab") / "vocab")
+
+
+@pytest.fixture(scope="module")
+def single_dir(tmp_path_factory, vocab_dir):
+    return build_finetuned(tmp_path_factory.mktemp("single") / "model", vocab_dir)
+
+
+def run(fm, texts, fmt="tsv", chunk_size=10_000, batch_size=4, aux=None, **kwargs) -> str:
+    out = io.StringIO()
+    rows = text_rows(texts) if aux is None else with_aux(text_rows(texts), aux, "texts", "aux")
+    predict_stream(fm, chunked(rows, "texts", chunk_size), out, fmt, batch_size=batch_size, **kwargs)
+    return out.getvalue()
+
+
+def parse_tsv(text: str) -> tuple[list[str], list[list[str]]]:
+    lines = text.split("\n")
+    assert lines[-1] == ""
+    header, *rows = [line.split("\t") for line in lines[:-1]]
+    assert all(len(r) == len(header) for r in rows)
+    return header, rows
+
+
+# --------------------------------------------------------------------------------------------
+# Packing
+# --------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("with_b", [False, True])
+def test_pack_texts_equals_pack_pairs(with_b):
+    rng = np.random.default_rng(0)
+    a = [list(rng.integers(5, 100, size=n)) for n in (0, 1, 3, 7, 12, 40)]
+    b = [list(rng.integers(5, 100, size=n)) for n in (9, 0, 30, 2, 6, 1)] if with_b else None
+    ours, reference = pack_texts(a, b, 8), pack_pairs(a, b, 8)
+    assert set(ours) == set(reference)
+    for key in reference:
+        np.testing.assert_array_equal(ours[key], reference[key], err_msg=key)
+        assert ours[key].dtype == reference[key].dtype
+
+
+# --------------------------------------------------------------------------------------------
+# One line out per line in, in input order
+# --------------------------------------------------------------------------------------------
+
+
+def test_every_input_line_gets_one_output_line_even_blank_emoji_url_and_huge(single_dir):
+    fm = load_finetuned(single_dir)
+    texts = ["hola que tal", "", "   ", "😂🙏", "https://t.co/abc", "@alguien", LONG, "odio el lunes"]
+    header, rows = parse_tsv(run(fm, texts))
+    assert header == ["id", "text", "label", "prob_N", "prob_NEU", "prob_NONE", "prob_P"]
+    assert [r[0] for r in rows] == [str(i) for i in range(1, len(texts) + 1)]
+    assert [r[1] for r in rows] == texts
+    for r in rows:
+        probs = np.array(r[3:], dtype=float)
+        assert abs(probs.sum() - 1) < 1e-4
+        assert r[2] == list(CATEGORIES)[int(probs.argmax())]
+
+
+def test_blank_lines_are_labelled_as_the_placeholder_text(single_dir):
+    fm = load_finetuned(single_dir)
+    blank, placeholder = fm.scores(["", "  "]), fm.scores([fm.placeholder])
+    np.testing.assert_allclose(blank, np.repeat(placeholder, 2, axis=0), atol=1e-6)
+
+
+def test_length_bucketing_preserves_input_order(single_dir):
+    fm = load_finetuned(single_dir)
+    texts = [t for t, _ in make_tweets(37, seed=3)] + [LONG, "", "sí"]
+    batched = fm.scores(texts, batch_size=4)
+    one_by_one = np.concatenate([fm.scores([t], batch_size=1) for t in texts])
+    np.testing.assert_allclose(batched, one_by_one, atol=1e-5)
+    assert len({tuple(np.round(row, 4)) for row in batched}) > 10  # texts really get different scores
+
+
+def test_chunk_size_and_batch_size_do_not_change_the_output(single_dir):
+    fm = load_finetuned(single_dir)
+    texts = [t for t, _ in make_tweets(25, seed=5)] + [""]
+    reference = run(fm, texts, chunk_size=10_000, batch_size=64)
+    assert run(fm, texts, chunk_size=3, batch_size=2) == reference
+    assert reference.count("\n") == len(texts) + 1
+
+
+def test_long_texts_are_truncated_to_max_len(single_dir):
+    fm = load_finetuned(single_dir)
+    data = fm.members[0].encode([LONG, "hola"], None, fm.max_len)
+    assert data["length"].tolist()[0] == fm.max_len + 2
+    np.testing.assert_allclose(fm.scores([LONG]), fm.scores([LONG + " jaja " * 500]), atol=1e-6)
+
+
+# --------------------------------------------------------------------------------------------
+# Formats and task shapes
+# --------------------------------------------------------------------------------------------
+
+
+def test_jsonl_lines_parse_with_label_and_probabilities(single_dir):
+    fm = load_finetuned(single_dir)
+    texts = ["hola", "", "odio"]
+    records = [json.loads(line) for line in run(fm, texts, fmt="jsonl").splitlines()]
+    assert [r["id"] for r in records] == [1, 2, 3]
+    assert [r["text"] for r in records] == texts
+    for r in records:
+        assert set(r["probs"]) == set(CATEGORIES)
+        assert r["label"] == max(r["probs"], key=r["probs"].get)
+
+
+def test_without_text_and_header(single_dir):
+    fm = load_finetuned(single_dir)
+    lines = run(fm, ["a\tb", "c"], with_text=False, header=False).splitlines()
+    assert [line.split("\t")[0] for line in lines] == ["1", "2"]
+    assert all(len(line.split("\t")) == 2 + len(CATEGORIES) for line in lines)
+
+
+def test_tabs_in_echoed_text_do_not_break_tsv_columns(single_dir):
+    fm = load_finetuned(single_dir)
+    _, rows = parse_tsv(run(fm, ["uno\tdos\rtres"]))
+    assert rows[0][1] == "uno dos tres"
+
+
+def test_multi_label_lists_the_labels_over_the_threshold(tmp_path, vocab_dir):
+    directory = build_finetuned(tmp_path / "ml", vocab_dir, kind="multi_label")
+    fm = load_finetuned(directory)
+    with torch.no_grad():  # anger always on, fear always off, joy undecided
+        out = fm.members[0].model.classifier.out
+        out.weight[[0, 2]] = 0.0
+        out.bias[:] = torch.tensor([6.0, 0.0, -6.0])
+    texts = ["hola", "", "odio el lunes"]
+    header, rows = parse_tsv(run(fm, texts))
+    assert header == ["id", "text", "labels", "prob_anger", "prob_joy", "prob_fear"]
+    for r in rows:
+        probs = dict(zip(EMOTIONS, map(float, r[3:])))
+        assert r[2].split("|") == [k for k, p in probs.items() if p >= 0.5]
+        assert r[2].startswith("anger") and "fear" not in r[2]
+    records = [json.loads(line) for line in run(fm, texts, fmt="jsonl").splitlines()]
+    assert all(isinstance(r["labels"], list) and r["labels"][0] == "anger" for r in records)
+    assert all(set(r["probs"]) == set(EMOTIONS) for r in records)
+
+
+def test_regression_outputs_one_value_per_text(tmp_path, vocab_dir):
+    fm = load_finetuned(build_finetuned(tmp_path / "reg", vocab_dir, kind="regression"))
+    texts = ["hola", "", LONG]
+    header, rows = parse_tsv(run(fm, texts))
+    assert header == ["id", "text", "value"]
+    values = [float(r[2]) for r in rows]
+    np.testing.assert_allclose(values, fm.scores(texts), atol=1e-5)
+    records = [json.loads(line) for line in run(fm, texts, fmt="jsonl").splitlines()]
+    assert [r["value"] for r in records] == pytest.approx(values, abs=1e-5)
+    assert all("probs" not in r for r in records)
+
+
+def test_two_text_model_uses_the_second_text(tmp_path, vocab_dir):
+    fm = load_finetuned(build_finetuned(tmp_path / "aux", vocab_dir, aux_header="CONTEXT"))
+    assert fm.aux_header == "CONTEXT"
+    same = fm.scores(["hola", "hola"], ["odio el lunes", "qué bonito día con mis amigos"])
+    assert not np.allclose(same[0], same[1])
+    assert len(run(fm, ["hola", ""], aux=["a", ""]).splitlines()) == 3
+
+
+def test_aux_lines_must_match_the_input_lines():
+    with pytest.raises(PredictError, match="aux: 1 lines, fewer than the input"):
+        list(with_aux(text_rows(["a", "b"]), ["x"], "texts", "aux"))
+    with pytest.raises(PredictError, match="more lines than the 1"):
+        list(with_aux(text_rows(["a"]), ["x", "y"], "texts", "aux"))
+
+
+# --------------------------------------------------------------------------------------------
+# Inputs and errors
+# --------------------------------------------------------------------------------------------
+
+
+def test_empty_input_is_an_error():
+    with pytest.raises(PredictError, match="stdin: empty input"):
+        list(chunked(text_rows([]), "stdin"))
+
+
+def test_tsv_rows_echo_the_id_column_and_read_short_rows_as_empty(caplog):
+    lines = ["ID\tTEXT\tCLASS", "a1\thola\tP", "a2", "a3\t\tN"]
+    rows = list(tsv_rows(lines, "in.tsv", "TEXT"))
+    assert rows == [("a1", "hola", None), ("a2", "", None), ("a3", "", None)]
+    assert "in.tsv: 1 rows have a field count" in caplog.text and "lines 3" in caplog.text
+    assert [r[0] for r in tsv_rows(["TEXT", "x", "y"], "in.tsv", "TEXT")] == [2, 3]  # no ID column: line numbers
+
+
+def test_tsv_without_the_column_names_the_header():
+    with pytest.raises(PredictError, match=r"in.tsv:1: no 'TEXTO' column in the header \('ID', 'TEXT'\)"):
+        list(tsv_rows(["ID\tTEXT", "1\thola"], "in.tsv", "TEXTO"))
+
+
+@pytest.mark.parametrize("missing", ["config.json", "model.safetensors", "spm.model", "meta.json"])
+def test_wrong_model_directory_names_the_missing_file(tmp_path, single_dir, missing):
+    broken = copy_model(single_dir, tmp_path / "broken", without=missing)
+    with pytest.raises(PredictError, match=f"broken: missing {missing};"):
+        load_finetuned(broken)
+
+
+def test_missing_directory_and_pretrained_directory_are_rejected(tmp_path, single_dir):
+    with pytest.raises(PredictError, match="nope: model directory not found"):
+        load_finetuned(tmp_path / "nope")
+    pretrained = copy_model(single_dir, tmp_path / "pretrained")
+    config = json.loads((single_dir / "config.json").read_text())
+    for key in ("task", "head"):
+        config.pop(key)
+    (pretrained / "config.json").write_text(json.dumps(config))
+    with pytest.raises(PredictError, match="is not a finetuned model"):
+        load_finetuned(pretrained)
+
+
+def test_an_unknown_backbone_is_refused_clearly(tmp_path, single_dir):
+    other = copy_model(single_dir, tmp_path / "other")
+    config = json.loads((single_dir / "config.json").read_text())
+    (other / "config.json").write_text(json.dumps({**config, "backbone": "xgboost"}))
+    with pytest.raises(PredictError, match="backbone 'xgboost' is not supported by predict yet"):
+        load_finetuned(other)
+
+
+def test_a_vocabulary_that_does_not_fit_the_model_is_rejected(tmp_path, single_dir):
+    rng = np.random.default_rng(0)
+    words = ["".join(rng.choice(list("abcdefghijklmnopqrstuvwxyz"), size=rng.integers(3, 9))) for _ in range(500)]
+    texts = [" ".join(rng.choice(words, size=12)) for _ in range(600)]
+    bigger = train_vocab(texts, tmp_path / "v", VocabConfig(vocab_size=400))
+    assert Tokenizer(bigger).vocab_size > Tokenizer(single_dir).vocab_size
+    swapped = copy_model(single_dir, tmp_path / "swapped")
+    Tokenizer(bigger).copy_to(swapped)
+    with pytest.raises(PredictError, match=r"swapped/spm.model: \d+ pieces but the model has \d+ embeddings"):
+        load_finetuned(swapped)
+
+
+def test_chunk_carries_aux_only_when_given():
+    chunks = list(chunked(text_rows(["a", "b", "c"]), "x", size=2))
+    assert [c.texts for c in chunks] == [["a", "b"], ["c"]] and chunks[0].aux is None
+    assert isinstance(chunks[0], Chunk)
+
+
+# --------------------------------------------------------------------------------------------
+# Every kind of directory the finetune stage writes
+# --------------------------------------------------------------------------------------------
+
+STAGE_TEXTS = ["hola que tal", "", "😂🙏", "https://t.co/x", LONG, "odio el tráfico"]
+
+
+def stage_output(tmp_path, **finetuning) -> Path:
+    """Run the real finetune stage on a tiny generated task; return its model directory."""
+    pretrained = make_pretrained(tmp_path / "pretrained")
+    cfg = make_config(compose(["model=tiny"], REPO / "conf"), {"t": write_task(tmp_path / "data")}, epochs=1,
+                      **finetuning)
+    finetune_task(cfg, first(cfg), pretrained, tmp_path / "model", tmp_path / "results")
+    return tmp_path / "model"
+
+
+def stage_scores(directory: Path, texts) -> np.ndarray:
+    """Scores the way the finetune stage computes them: its own loader, packer and predict_scores."""
+    model, packer, config = load_classifier(directory)
+    task = from_dict(TaskConfig, config["task"], "task")
+    data = packer.pack(texts, None, config["max_len_test"])
+    data["labels"] = np.zeros(len(texts), dtype=np.int64)
+    return predict_scores(model, data, task, 4, torch.device("cpu"), packer=packer)
+
+
+def test_kfold_output_blends_its_folds_and_its_baseline_row_predicts(tmp_path):
+    directory = stage_output(tmp_path, kfold=2, baseline_row=True)
+    blended = load_finetuned(directory)
+    assert len(blended.members) == 2 and blended.backbone == "twilbert"
+    folds = [stage_scores(directory / "folds" / str(i), STAGE_TEXTS) for i in range(2)]
+    np.testing.assert_allclose(blended.scores(STAGE_TEXTS), np.mean(folds, axis=0), atol=1e-5)
+    selected = load_finetuned(directory, blend=False)
+    assert len(selected.members) == 1
+    np.testing.assert_allclose(selected.scores(STAGE_TEXTS), stage_scores(directory, STAGE_TEXTS), atol=1e-5)
+
+    baseline = load_finetuned(directory / "baseline")
+    assert baseline.backbone == "baseline"
+    header, rows = parse_tsv(run(baseline, STAGE_TEXTS))
+    assert len(rows) == len(STAGE_TEXTS) and header[2] == "label"
+    assert all(abs(sum(map(float, r[3:])) - 1) < 1e-4 for r in rows)
+
+
+def test_hugging_face_backbone_output_predicts_as_the_stage_does(tmp_path):
+    pytest.importorskip("transformers")
+    bert = make_hf_bert(tmp_path / "bert")
+    directory = stage_output(tmp_path, backbone="hf", hf_path=str(bert), baseline_row=False)
+    fm = load_finetuned(directory)
+    assert fm.backbone == "hf"
+    np.testing.assert_allclose(fm.scores(STAGE_TEXTS, batch_size=2), stage_scores(directory, STAGE_TEXTS), atol=1e-5)
+    assert len(run(fm, STAGE_TEXTS).splitlines()) == len(STAGE_TEXTS) + 1
+
+
+def test_embeddings_refuse_a_hugging_face_directory_clearly(tmp_path):
+    directory = tmp_path / "hf_model"
+    (directory / "hf").mkdir(parents=True)
+    (directory / "config.json").write_text(json.dumps({"backbone": "hf"}))
+    (directory / "model.safetensors").write_bytes(b"")
+    with pytest.raises(PredictError, match="backbone 'hf' is not supported by embeddings yet"):
+        load_encoder(directory)
