@@ -35,5 +35,10 @@ test: setup
 test-fast: setup
 	$(PY) -m pytest -m "not slow and not network"
 
+## TWilBert's 11 sample tasks finetuned end to end -> results/acceptance/results.md
+SAMPLES ?= ../shared/data/twilbert-samples
+acceptance: setup check-params
+	$(PY) scripts/acceptance.py --samples "$(SAMPLES)"
+
 clean:
 	rm -rf data models results/tasks results/*.md results/*.csv results/*.json .dvc/cache mlflow.db mlartifacts

@@ -1,9 +1,10 @@
-"""DVC stage `evaluate`: the results tables from the per-task metrics of the tasks in params."""
+"""DVC stage `evaluate`: the results tables from the metrics files of the tasks in params
+(every model that ran on a task: metrics.json, baseline.json, ...)."""
 
 import argparse
 from pathlib import Path
 
-from twilbert.results import write_results
+from twilbert.results import collect, task_metrics_files, tracked_metrics, write_results
 from twilbert.stage import load_stage_config, parse_args, run
 from twilbert.track import Tracker
 
@@ -14,13 +15,15 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=Path("results"))
     args, overrides = parse_args(parser)
     cfg, _ = load_stage_config(overrides)
-    files = [args.tasks_dir / name / "metrics.json" for name in cfg.tasks]
-    missing = [str(f) for f in files if not f.is_file()]
+    missing = [str(args.tasks_dir / name / "metrics.json") for name in cfg.tasks
+               if not (args.tasks_dir / name / "metrics.json").is_file()]
     if missing:
         raise FileNotFoundError(f"evaluate: missing per-task metrics {missing}; run the finetune stages")
+    files = [f for name in cfg.tasks for f in task_metrics_files(args.tasks_dir / name)]
     table = write_results(files, args.out)
     tracker = Tracker(cfg.tracking, stage="evaluate")
     with tracker.start({"tasks": ",".join(sorted(cfg.tasks))}, run_name="evaluate"):
+        tracker.log_metrics(tracked_metrics(collect(files)))
         for name in ("results.md", "results.csv"):
             tracker.log_artifact(args.out / name)
     print(table)

@@ -121,3 +121,10 @@ def test_baseline_row_off_leaves_a_note_without_scores(tmp_path, raw):
     finetune_task(cfg, first(cfg), tmp_path / "absent", tmp_path / "model", tmp_path / "results")
     note = json.loads((tmp_path / "results" / "baseline.json").read_text())
     assert note == {"task": "t", "model": "baseline", "skipped": "finetuning.baseline_row is false"}
+
+
+def test_single_class_training_split_gives_a_constant_baseline_not_a_failure():
+    spec = TaskSpec(categories={"0": 0, "1": 1})
+    texts = [t for t, _ in make_tweets(12)]
+    baseline = fit_baseline(texts, None, np.zeros(12, dtype=np.int64), spec)
+    assert (baseline.predict_scores(texts[:4], None).argmax(-1) == 0).all()

@@ -124,7 +124,13 @@ def fit_baseline(
     n_classes = len(spec.categories)
     present = np.unique(y)
     if len(present) < 2:
-        raise ValueError(f"baseline: the training split has a single class ({present.tolist()}); nothing to separate")
+        # Nothing to separate: the baseline is the constant predictor of the only class seen
+        # (what a majority baseline is), rather than a failure that would sink the task's run.
+        log.warning("baseline: the training split has a single class %s; predicting it always", present.tolist())
+        baseline.coef = np.zeros((n_classes, X.shape[1]), dtype=np.float32)
+        baseline.intercept = np.full(n_classes, ABSENT_LOGIT)
+        baseline.intercept[present[0]] = 0.0
+        return baseline
     weights = None if class_weights is None else {int(i): float(class_weights[i]) for i in present}
     clf = _linear(model, c, seed, weights).fit(X, y)
     coef, intercept = np.atleast_2d(clf.coef_), np.atleast_1d(clf.intercept_)
