@@ -201,27 +201,33 @@ class TrainingConfig:
     max_grad_norm: Optional[float] = 1.0
     precision: Literal["fp32", "bf16"] = "fp32"
     device: str = "auto"  # auto | cpu | cuda | cuda:N
-    path_initial_weights: Optional[str] = None
+    path_initial_weights: Optional[str] = None  # a model directory to continue pretraining from
     log_every: int = 10
+    pll_examples: int = 16  # held-out examples scored by pseudo-log-likelihood each epoch (0: off)
 
     def validate(self, where: str = "training") -> None:
         _positive(self, where, "batch_size", "epochs", "accum_iters", "warmup_steps", "log_every")
         if self.lr <= 0:
             raise ConfigError(f"{where}.lr must be > 0, got {self.lr}")
+        if self.pll_examples < 0:
+            raise ConfigError(f"{where}.pll_examples must be >= 0 (0 turns it off), got {self.pll_examples}")
 
 
 @dataclass
 class FinetuningConfig:
-    """Finetuning loop and head (TWilBert's ``finetuning`` section)."""
+    """Finetuning loop and head (TWilBert's ``finetuning`` section); a task may override any key."""
 
+    backbone: Literal["twilbert", "hf", "baseline"] = "twilbert"
+    hf_path: Optional[str] = None  # local Hugging Face checkpoint directory when backbone is hf
     batch_size: int = 32
     pred_batch_size: int = 64
     epochs: int = 10
-    patience: int = 3
-    finetune_all: bool = True
+    patience: int = 3  # epochs without a better dev score before stopping
+    finetune_all: bool = True  # false: the encoder is frozen, only the head trains
+    trainable_layers: Optional[int] = None  # train only the top k encoder layers (null: all)
     collapse_mode: Literal["avg", "cls"] = "avg"
     use_special_tokens: bool = True
-    loss: str = "categorical_crossentropy"
+    loss: str = "auto"  # auto: cross-entropy, BCE (multi-label) or MSE (regression); or a TWilBert loss
     optimizer: str = "adam"
     lr: float = 1e-4
     weight_decay: float = 0.0
@@ -234,12 +240,32 @@ class FinetuningConfig:
     hidden_size: int = 256
     precision: Literal["fp32", "bf16"] = "fp32"
     device: str = "auto"
+    kfold: int = 0  # 0: one model; k >= 2: one model per fold, test probabilities blended
+    kfold_on: Literal["train", "train+dev"] = "train"
+    baseline_model: Literal["svm", "logreg"] = "svm"
+    baseline_c: float = 1.0  # inverse regularization of the baseline's linear model (Ridge: 1/alpha)
+    baseline_row: bool = True  # also fit the TF-IDF baseline and write baseline.json beside metrics.json
 
     def validate(self, where: str = "finetuning") -> None:
-        _positive(self, where, "batch_size", "pred_batch_size", "epochs", "patience", "accum_iters")
+        _positive(self, where, "batch_size", "pred_batch_size", "epochs", "patience", "accum_iters",
+                  "warmup_steps", "hidden_size", "baseline_c")
         _probability(self, where, "dropout")
         if self.lr <= 0:
             raise ConfigError(f"{where}.lr must be > 0, got {self.lr}")
+        if self.n_hidden < 0:
+            raise ConfigError(f"{where}.n_hidden must be >= 0, got {self.n_hidden}")
+        if self.backbone == "hf" and not self.hf_path:
+            raise ConfigError(f"{where}.hf_path must name a local Hugging Face checkpoint when {where}.backbone is 'hf'")
+        if self.kfold < 0 or self.kfold == 1:
+            raise ConfigError(f"{where}.kfold must be 0 (off) or >= 2 folds, got {self.kfold}")
+        if self.trainable_layers is not None:
+            if self.trainable_layers < 0:
+                raise ConfigError(f"{where}.trainable_layers must be >= 0 or null, got {self.trainable_layers}")
+            if not self.finetune_all:
+                raise ConfigError(
+                    f"{where}.trainable_layers ({self.trainable_layers}) contradicts {where}.finetune_all: false "
+                    "(which freezes the whole encoder); set one of them"
+                )
 
 
 @dataclass
@@ -281,8 +307,16 @@ class TaskConfig:
     name: str = ""
     dataset: TaskDataset = field(default_factory=TaskDataset)
     task: TaskSpec = field(default_factory=TaskSpec)
+    finetuning: dict[str, Any] = field(default_factory=dict)  # this task's overrides of `finetuning`
 
-    def validate(self, where: str) -> None:
+    def finetuning_config(self, base: FinetuningConfig, where: Optional[str] = None) -> FinetuningConfig:
+        """The global ``finetuning`` section with this task's overrides applied, validated."""
+        where = where or (f"tasks.{self.name}.finetuning" if self.name else "finetuning")
+        merged = from_dict(FinetuningConfig, {**dataclasses.asdict(base), **self.finetuning}, where)
+        merged.validate(where)
+        return merged
+
+    def validate(self, where: str, base: Optional[FinetuningConfig] = None) -> None:
         spec = self.task
         if not spec.regression and not spec.categories:
             raise ConfigError(f"{where}.task.categories must list the labels of a classification task")
@@ -295,12 +329,25 @@ class TaskConfig:
             )
         if isinstance(spec.class_weights, str) and spec.class_weights != "auto":
             raise ConfigError(f"{where}.task.class_weights must be 'auto' or a mapping, got {spec.class_weights!r}")
+        if not 0.0 < spec.threshold < 1.0:
+            raise ConfigError(f"{where}.task.threshold must be in (0, 1), got {spec.threshold}")
+        self.finetuning_config(base or FinetuningConfig(), f"{where}.finetuning")
 
 
 @dataclass
 class TrackingConfig:
     uri: Optional[str] = None  # None: sqlite mlflow.db in the repo root (absolute URI)
     experiment: str = "twilbert"
+    on_unreachable: Literal["fallback", "fail"] = "fallback"  # fallback: the local sqlite store, with a warning
+    timeout: float = 5.0  # seconds: the reachability probe and each HTTP request to the store
+    retries: int = 3  # per store call: HTTP retries, and retries on SQLite's 'database is locked'
+
+    def __post_init__(self) -> None:
+        # Checked on construction: the section is complete and self-contained.
+        if self.timeout <= 0:
+            raise ConfigError(f"tracking.timeout must be > 0 seconds, got {self.timeout}")
+        if self.retries < 0:
+            raise ConfigError(f"tracking.retries must be >= 0, got {self.retries}")
 
 
 @dataclass
@@ -331,7 +378,7 @@ class Config:
         self.finetuning.validate()
         for name, task in self.tasks.items():
             task.name = task.name or name
-            task.validate(f"tasks.{name}")
+            task.validate(f"tasks.{name}", self.finetuning)
         return self
 
 

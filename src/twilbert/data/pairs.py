@@ -157,12 +157,17 @@ def make_batch(input_ids: np.ndarray, len_a: np.ndarray, length: np.ndarray, lab
     return PairBatch(ids, segment, attention, special, target)
 
 
+def epoch_order(n: int, seed: int, epoch: int, shuffle: bool = True) -> np.ndarray:
+    """The example order of one epoch: a pure function of (seed, epoch), shared by every rank under DDP."""
+    return np.random.default_rng([seed, epoch]).permutation(n) if shuffle else np.arange(n)
+
+
 def iterate_batches(
     data: dict[str, np.ndarray], batch_size: int, seed: int, epoch: int, shuffle: bool = True, start: int = 0
 ) -> Iterator[PairBatch]:
     """Batches in an order that is a pure function of (seed, epoch): resumable from batch ``start``."""
     n = len(data["labels"])
-    order = np.random.default_rng([seed, epoch]).permutation(n) if shuffle else np.arange(n)
+    order = epoch_order(n, seed, epoch, shuffle)
     for begin in range(start * batch_size, n, batch_size):
         idx = np.sort(order[begin : begin + batch_size])
         yield make_batch(*(data[k][idx] for k in SHARD_KEYS))

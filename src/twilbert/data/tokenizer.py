@@ -7,6 +7,7 @@ preprocessing applied before tokenization), so later stages never re-derive them
 from __future__ import annotations
 
 import json
+import re
 import logging
 import shutil
 import tempfile
@@ -25,6 +26,9 @@ log = logging.getLogger(__name__)
 SPECIAL_TOKENS = ("[PAD]", "[UNK]", "[MASK]", "[CLS]", "[SEP]")
 PAD_ID, UNK_ID, MASK_ID, CLS_ID, SEP_ID = range(len(SPECIAL_TOKENS))
 N_SPECIAL = len(SPECIAL_TOKENS)
+
+# Cut points inside a typed control-token string: after its '[' ("[" | "MASK]").
+SPECIAL_TEXT = re.compile(r"(?<=\[)(?=(?:PAD|UNK|MASK|CLS|SEP)\])")
 
 MODEL_FILE = "spm.model"
 META_FILE = "meta.json"
@@ -109,8 +113,21 @@ class Tokenizer:
         return self.sp.get_piece_size()
 
     def encode(self, texts: Sequence[str]) -> list[list[int]]:
-        """Preprocess and tokenize, untruncated."""
-        return self.sp.encode([self.preprocess(t) for t in texts])
+        """Preprocess and tokenize, untruncated; every text yields at least one token."""
+        prepped = [self.preprocess(t) for t in texts]
+        ids = self.sp.encode(prepped)
+        for i, row in enumerate(ids):
+            if SPECIAL_TEXT.search(prepped[i]):
+                row = ids[i] = self._encode_literal_specials(prepped[i])
+            if not row:  # e.g. a lone '▁' or U+FFFD: SentencePiece keeps nothing of it
+                ids[i] = [UNK_ID]
+        return ids
+
+    def _encode_literal_specials(self, text: str) -> list[int]:
+        """A tweet that types '[MASK]' means the characters, not the control token: encode the
+        text in parts cut inside each such string, so SentencePiece never sees it whole."""
+        parts = SPECIAL_TEXT.split(text)
+        return [i for part in parts if part for i in self.sp.encode(part)]
 
     def decode_ids(self, ids: Sequence[int]) -> list[str]:
         return [self.sp.id_to_piece(int(i)) for i in ids]
