@@ -7,6 +7,7 @@ import torch
 
 from twilbert.config import ModelConfig, PkmConfig
 from twilbert.model import TWilBertModel, count_parameters
+from twilbert.model.encoder import explicit_attention, padding_bias
 
 VOCAB, MAX_POS = 40, 24
 
@@ -195,3 +196,36 @@ def test_input_longer_than_max_positions_raises_with_both_numbers():
     ids, seg, mask = batch([MAX_POS + 1], MAX_POS + 1)
     with pytest.raises(ValueError, match=f"{MAX_POS + 1}.*max_positions={MAX_POS}"):
         model(tiny_cfg())(ids, seg, mask)
+
+
+def test_explicit_attention_equals_sdpa_with_padding_bias():
+    g = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(2, 3, 5, 4, generator=g) for _ in range(3))
+    mask = torch.tensor([[True] * 5, [True, True, False, False, False]])
+    bias = padding_bias(mask, torch.float32)
+    expected = torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=bias)
+    torch.testing.assert_close(explicit_attention(q, k, v, bias, 0.0), expected)
+
+
+def test_bf16_autocast_on_cpu_stays_within_bf16_precision_and_ignores_padding():
+    m = model(tiny_cfg())
+    ids, seg, mask = batch([9, 6], 9)
+    reference = m(ids, seg, mask)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = m(ids, seg, mask).float()
+        longer = m(*(torch.nn.functional.pad(t, (0, 3)) for t in (ids, seg, mask))).float()
+    torch.testing.assert_close(out, reference, atol=0.1, rtol=0.05)
+    torch.testing.assert_close(longer[:, :9][mask], out[mask], atol=0.05, rtol=0.02)
+
+
+def test_unpadded_batch_runs_attention_without_a_mask(monkeypatch):
+    """No padding anywhere: the model drops the mask, so SDPA may take its unmasked path."""
+    seen = []
+    real = torch.nn.functional.scaled_dot_product_attention
+    monkeypatch.setattr(torch.nn.functional, "scaled_dot_product_attention",
+                        lambda *a, **kw: seen.append(kw.get("attn_mask")) or real(*a, **kw))
+    m = model(tiny_cfg(n_encoders=2))
+    ids, seg, mask = batch([7, 7], 7)
+    m(ids, seg, mask)
+    m(*batch([7, 5], 7))
+    assert seen[:2] == [None, None] and all(b is not None for b in seen[2:]) and len(seen) == 4

@@ -44,6 +44,29 @@ class TWilBertEmbeddings(nn.Module):
         return self.dropout(self.LayerNorm(x))
 
 
+def padding_bias(attention_mask: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """Additive attention bias (B, 1, 1, T): 0 on real keys, the dtype's finite minimum on padding.
+
+    Not a boolean mask: a row whose keys are all padding then gets uniform weights instead of NaN,
+    in fp32 and bf16 alike.
+    """
+    bias = torch.zeros(attention_mask.shape, dtype=dtype, device=attention_mask.device)
+    return bias.masked_fill(~attention_mask, torch.finfo(dtype).min)[:, None, None, :]
+
+
+def explicit_attention(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias: Optional[torch.Tensor], dropout_p: float
+) -> torch.Tensor:
+    """softmax(q k^T / sqrt(hs) + bias) v as two matmuls: q, k, v (B, nh, T, hs) -> (B, nh, T, hs)."""
+    scores = torch.matmul(q * q.shape[-1] ** -0.5, k.transpose(-1, -2))  # (B, nh, T, T)
+    if bias is not None:
+        scores = scores + bias
+    probs = scores.softmax(-1)  # (B, nh, T, T)
+    if dropout_p:
+        probs = F.dropout(probs, dropout_p)
+    return torch.matmul(probs, v)
+
+
 class TWilBertAttention(nn.Module):
     """Multi-head self-attention with n_heads x head_size inner width, residual and post-LayerNorm."""
 
@@ -59,18 +82,20 @@ class TWilBertAttention(nn.Module):
         self.LayerNorm = nn.LayerNorm(cfg.hidden_size, eps=cfg.layer_norm_eps)
         self.dropout = nn.Dropout(cfg.output_dropout)
 
-    def forward(self, x: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
-        """x (B, T, H), attention_mask (B, T) bool, True on real tokens -> (B, T, H)."""
+    def forward(self, x: torch.Tensor, attention_mask: Optional[torch.Tensor]) -> torch.Tensor:
+        """x (B, T, H), attention_mask (B, T) bool, True on real tokens (None: no padding) -> (B, T, H)."""
         B, T, _ = x.shape
         q = self.query(x).view(B, T, self.n_heads, self.head_size).transpose(1, 2)  # (B, nh, T, hs)
         k = self.key(x).view(B, T, self.n_heads, self.head_size).transpose(1, 2)  # (B, nh, T, hs)
         v = self.value(x).view(B, T, self.n_heads, self.head_size).transpose(1, 2)  # (B, nh, T, hs)
-        # Additive bias with the dtype's finite minimum rather than a boolean mask: a row whose keys
-        # are all padding then gets uniform weights instead of NaN, in fp32 and bf16 alike.
-        bias = torch.zeros(attention_mask.shape, dtype=q.dtype, device=q.device)
-        bias = bias.masked_fill(~attention_mask, torch.finfo(q.dtype).min)[:, None, None, :]  # (B, 1, 1, T)
+        bias = None if attention_mask is None else padding_bias(attention_mask, q.dtype)  # (B, 1, 1, T)
         dropout_p = self.dropout.p if self.training else 0.0
-        ctx = F.scaled_dot_product_attention(q, k, v, attn_mask=bias, dropout_p=dropout_p)  # (B, nh, T, hs)
+        if q.dtype == torch.bfloat16 and q.device.type == "cpu":
+            # PyTorch's CPU flash kernel is slow in bf16 (its backward above all); plain bf16 matmuls
+            # run on the matrix units: a whole pretraining step was ~20% faster (benchmarks/).
+            ctx = explicit_attention(q, k, v, bias, dropout_p)  # (B, nh, T, hs)
+        else:
+            ctx = F.scaled_dot_product_attention(q, k, v, attn_mask=bias, dropout_p=dropout_p)  # (B, nh, T, hs)
         ctx = ctx.transpose(1, 2).reshape(B, T, self.n_heads * self.head_size)  # (B, T, nh*hs)
         return self.LayerNorm(x + self.dropout(self.dense(ctx)))
 
@@ -90,7 +115,7 @@ class TWilBertLayer(nn.Module):
         self.full_layer_layer_norm = nn.LayerNorm(cfg.hidden_size, eps=cfg.layer_norm_eps)
 
     def forward(
-        self, x: torch.Tensor, attention_mask: torch.Tensor, memory: Optional[ProductKeyMemory] = None
+        self, x: torch.Tensor, attention_mask: Optional[torch.Tensor], memory: Optional[ProductKeyMemory] = None
     ) -> torch.Tensor:
         """x (B, T, H) -> (B, T, H); ``memory`` replaces the FFN in this application (XLM)."""
         x = self.attention(x, attention_mask)
@@ -129,7 +154,8 @@ class TWilBertTransformer(nn.Module):
         """The layer module applied at depth i (the same object for every i when shared)."""
         return self.layers[0 if self.cross_sharing else i]
 
-    def forward(self, x: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, attention_mask: Optional[torch.Tensor]) -> torch.Tensor:
+        """x (B, T, H), attention_mask (B, T) bool or None (no padding) -> (B, T, H)."""
         for i in range(self.n_encoders):
             memory = self.memories[str(i)] if str(i) in self.memories else None
             x = self.layer_at(i)(x, attention_mask, memory)
@@ -178,9 +204,11 @@ class TWilBertModel(nn.Module):
                 f"input length {T} exceeds max_positions={self.max_positions} of this model; "
                 "truncate the input or build the model with more positions"
             )
-        if attention_mask is None:
-            attention_mask = torch.ones_like(input_ids, dtype=torch.bool)
-        attention_mask = attention_mask.bool()
+        if attention_mask is not None:
+            attention_mask = attention_mask.bool()
+            # Without padding, attention runs unmasked (SDPA's faster path) and memories skip the gather.
+            if bool(attention_mask.all()):
+                attention_mask = None
         x = self.embeddings(input_ids, segment_ids)  # (B, T, E)
         x = self.embedding_hidden_mapping_in(x)  # (B, T, H)
         return self.encoder(x, attention_mask)  # (B, T, H)

@@ -78,34 +78,44 @@ class Trainer:
         self.precision, self.device = precision, device
         self.tracker, self.log_every, self.prefix = tracker, log_every, prefix
         self.state = LoopState()
+        self._pending = 0  # micro-batches whose gradients await the next optimizer step
         self._trainable = [p for p in model.parameters() if p.requires_grad]
 
-    def train_epoch(self, batches: Iterable, loss_fn: LossFn, total: Optional[int] = None) -> dict[str, float]:
-        """One pass over ``batches``; returns the epoch's mean loss and summed counts."""
+    def train_step(self, batch: object, loss_fn: LossFn) -> tuple[float, dict[str, float]]:
+        """One micro-batch: forward under autocast, backward, and the optimizer step once
+        ``accum_iters`` micro-batches have accumulated. Returns the micro-batch loss and its counts."""
         self.model.train()
+        with autocast(self.precision, self.device):
+            loss, counts = loss_fn(self.model, batch)
+        if not torch.isfinite(loss):
+            raise NonFiniteLossError(
+                f"{self.prefix}: loss is {loss.item()} at epoch {self.state.epoch + 1}, "
+                f"optimizer step {self.state.optimizer_steps}; stopping before the weights are "
+                "corrupted (the last saved checkpoint is intact). Lower the learning rate or "
+                "use fp32."
+            )
+        (loss / self.accum_iters).backward()
+        self._pending += 1
+        self.state.micro_steps += 1
+        value = float(loss.detach())
+        if self._pending == self.accum_iters:
+            self._optimizer_step(value)
+        return value, counts
+
+    def train_epoch(self, batches: Iterable, loss_fn: LossFn, total: Optional[int] = None) -> dict[str, float]:
+        """One pass over ``batches``; returns the epoch's mean loss and summed counts.
+
+        A last, incomplete accumulation window still gets its optimizer step.
+        """
         sums: dict[str, float] = {}
-        loss_sum, n_micro, pending = 0.0, 0, 0
+        loss_sum, n_micro = 0.0, 0
         for batch in progress(batches, total, f"{self.prefix} epoch {self.state.epoch + 1}"):
-            with autocast(self.precision, self.device):
-                loss, counts = loss_fn(self.model, batch)
-            if not torch.isfinite(loss):
-                raise NonFiniteLossError(
-                    f"{self.prefix}: loss is {loss.item()} at epoch {self.state.epoch + 1}, "
-                    f"optimizer step {self.state.optimizer_steps}; stopping before the weights are "
-                    "corrupted (the last saved checkpoint is intact). Lower the learning rate or "
-                    "use fp32."
-                )
-            (loss / self.accum_iters).backward()
-            pending += 1
-            self.state.micro_steps += 1
-            loss_sum += float(loss.detach())
+            loss, counts = self.train_step(batch, loss_fn)
+            loss_sum += loss
             n_micro += 1
             for key, value in counts.items():
                 sums[key] = sums.get(key, 0.0) + float(value)
-            if pending == self.accum_iters:
-                self._optimizer_step(float(loss.detach()))
-                pending = 0
-        if pending:
+        if self._pending:
             self._optimizer_step(loss_sum / max(n_micro, 1))
         self.state.epoch += 1
         return {"loss": loss_sum / max(n_micro, 1), **sums}
@@ -117,6 +127,7 @@ class Trainer:
         if self.scheduler is not None:
             self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
+        self._pending = 0
         self.state.optimizer_steps += 1
         if self.tracker and self.state.optimizer_steps % self.log_every == 0:
             lr = self.optimizer.param_groups[0]["lr"]

@@ -1,0 +1,276 @@
+"""Pretraining training-step throughput (tokens/s): the pretrain stage's step vs Hugging Face
+``AlbertForPreTraining``, in fp32 and under bf16 autocast, plus ours with product-key memory.
+
+One step = forward, backward, gradient clipping (max norm 1, both sides) and optimizer step on one
+batch of ``--batch`` rows of ``[CLS] a [SEP] b [SEP]`` (2*64+3 = 131 tokens, no padding).
+
+- ours: the stage's own code, not a copy. ``build_pretraining`` (what ``pretrain()`` calls) builds
+  ``TWilBertForPretraining``, ``build_optimizer('adam', param_groups(...))`` (AdamW), the schedule,
+  the ``Trainer`` and the ``PretrainObjective``; a step is ``trainer.train_step(batch, objective)``,
+  which draws the dynamic mask (``mask_tokens``, span masking, budget 0.15), runs the model (MLM
+  projection only at the masked positions), ``mlm_loss`` + ``rop_loss``, backward and the
+  optimizer step. The config is ``conf/`` composed with ``model=base`` and the sizes below.
+- HF: ``AlbertForPreTraining`` at the same sizes, fed the same masked inputs and labels (drawn once
+  by the same ``mask_tokens``); it scores the full vocabulary at every position, as HF does. Its
+  optimizer is what HF's ``Trainer`` uses by default with torch >= 2.8: ``torch.optim.AdamW(fused=True)``.
+- Sizes: V=30000, E=128, H=768, A=12, L=6 all-shared, intermediate 3072, both sides with
+  ``gelu_new`` (ALBERT's default activation; ``--act gelu`` for the exact GELU of our presets) and
+  dropout 0 (ALBERT v2's default). PKM: the base preset's memory (k_dim 512, 256^2 slots, 4 heads,
+  knn 32) in layer 4.
+
+Each ratio is the median over ``--rounds`` rounds of (ours tok/s / HF tok/s), each round timing
+``--steps`` steps of each side, the order alternating between rounds; tok/s figures are medians.
+
+FLOPs are counted explicitly (matmuls only; a training step is 3x the forward): per token and
+layer 8*H*A*d_k (Q, K, V, output) + 4*T*A*d_k (scores, weighted sum) + 4*H*I (FFN), plus 2*E*H for
+the embedding projection, plus 2*H*E + 2*E*V per masked token for the MLM head and the ROP head per
+row. ``mfu_bf16`` = ours' achieved FLOP/s under bf16 / the FLOP/s of a 4096^3 bf16 matmul (median
+of 10), measured after each bf16 round because a shared host's speed drifts; the median over rounds.
+
+    python benchmarks/pretrain_throughput.py                 # the full comparison (minutes)
+    python benchmarks/pretrain_throughput.py --steps 3 --rounds 5 --batch 32
+    python benchmarks/pretrain_throughput.py --quick         # small sizes, a smoke run of seconds
+
+Prints the figures, then one JSON line with hf_fp32_tok_s, ours_fp32_tok_s, hf_bf16_tok_s,
+ours_bf16_tok_s, ours_pkm_bf16_tok_s, ratio_fp32, ratio_bf16, mfu_bf16.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import functools
+import gc
+import json
+import logging
+import os
+import platform
+import statistics
+import time
+from pathlib import Path
+from typing import Callable, Optional
+
+import numpy as np
+import torch
+
+from twilbert.config import Config, compose, load_config
+from twilbert.data.pairs import PairBatch, make_batch
+from twilbert.data.tokenizer import N_SPECIAL, pack_pairs
+from twilbert.train.pretrain import PretrainObjective, build_pretraining
+
+REPO = Path(__file__).resolve().parents[1]
+FULL = dict(vocab=30000, embedding_size=128, hidden_size=768, n_heads=12, n_encoders=6, intermediate_size=3072,
+            max_len=64, pkm=dict(k_dim=512, memory_size=256, n_heads=4, knn=32, in_layers=[4]), matmul=4096)
+QUICK = dict(vocab=1000, embedding_size=16, hidden_size=32, n_heads=2, n_encoders=2, intermediate_size=64,
+             max_len=8, pkm=dict(k_dim=16, memory_size=16, n_heads=2, knn=4, in_layers=[1]), matmul=256)
+
+
+def pretraining_config(sizes: dict, batch: int, precision: str, pkm: bool, act: str = "gelu_new") -> Config:
+    """conf/ with model=base, resized for the benchmark: what the pretrain stage would read."""
+    overrides = [
+        "model=base", f"model.embedding_size={sizes['embedding_size']}", f"model.hidden_size={sizes['hidden_size']}",
+        f"model.n_heads={sizes['n_heads']}", f"model.n_encoders={sizes['n_encoders']}",
+        f"model.intermediate_size={sizes['intermediate_size']}", f"model.hidden_act={act}",
+        "model.input_dropout=0.0", "model.output_dropout=0.0", f"model.pkm={str(pkm).lower()}",
+        f"representation.max_len={sizes['max_len']}", f"training.batch_size={batch}",
+        f"training.precision={precision}", "training.device=cpu",
+    ]
+    overrides += [f"model.pkm_params.{k}={v}" for k, v in sizes["pkm"].items()]
+    return load_config(compose(overrides, REPO / "conf"))
+
+
+def random_batch(vocab: int, batch: int, max_len: int, seed: int = 0) -> PairBatch:
+    """Full-length rows [CLS] a [SEP] b [SEP] of random ids, packed by the data stage's own code."""
+    rng = np.random.default_rng(seed)
+    a = rng.integers(N_SPECIAL, vocab, (batch, max_len)).tolist()
+    b = rng.integers(N_SPECIAL, vocab, (batch, max_len)).tolist()
+    packed = pack_pairs(a, b, max_len)
+    return make_batch(packed["input_ids"], packed["len_a"], packed["length"], rng.integers(0, 2, batch))
+
+
+def fixed_masks(cfg: Config, vocab: int, batch: PairBatch) -> tuple[torch.Tensor, torch.Tensor]:
+    """The masked ids and MLM labels our objective draws for ``batch`` at a fixed (epoch, step) key."""
+    return PretrainObjective(cfg.model.masked_lm, cfg.seed, vocab, torch.device("cpu")).mask(batch, 0, 0)
+
+
+def ours_step(cfg: Config, vocab: int, batch: PairBatch) -> Callable[[], None]:
+    """One step of the pretrain stage's training loop on ``batch``."""
+    _, trainer, objective = build_pretraining(cfg, vocab, torch.device("cpu"))
+    return lambda: trainer.train_step(batch, objective)
+
+
+def hf_step(cfg: Config, vocab: int, batch: PairBatch) -> Callable[[], None]:
+    """One step of AlbertForPreTraining with HF Trainer's default optimizer, on the same masked batch."""
+    from transformers import AlbertConfig, AlbertForPreTraining
+
+    m = cfg.model
+    model = AlbertForPreTraining(AlbertConfig(
+        vocab_size=vocab, embedding_size=m.embedding_size, hidden_size=m.hidden_size,
+        num_attention_heads=m.n_heads, num_hidden_layers=m.n_encoders, num_hidden_groups=1, inner_group_num=1,
+        intermediate_size=m.ffn_size, hidden_act=m.hidden_act, hidden_dropout_prob=0.0,
+        attention_probs_dropout_prob=0.0, classifier_dropout_prob=0.0,
+        max_position_embeddings=batch.input_ids.shape[1], layer_norm_eps=m.layer_norm_eps,
+    )).train()
+    optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.training.lr, weight_decay=cfg.training.weight_decay,
+                                  fused=True)
+    # the masks our objective draws, and ALBERT's SOP label: 0 = original order
+    masked, labels = fixed_masks(cfg, vocab, batch)
+    inputs = dict(input_ids=masked, attention_mask=batch.attention_mask.long(), token_type_ids=batch.segment_ids,
+                  labels=labels, sentence_order_label=1 - batch.labels)
+    bf16 = cfg.training.precision == "bf16"
+
+    def step() -> None:
+        with torch.autocast("cpu", dtype=torch.bfloat16) if bf16 else contextlib.nullcontext():
+            loss = model(**inputs).loss
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.training.max_grad_norm)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+
+    return step
+
+
+def seconds(step: Callable[[], None], n: int) -> float:
+    start = time.perf_counter()
+    for _ in range(n):
+        step()
+    return (time.perf_counter() - start) / n
+
+
+def compare(name: str, ours: Callable, hf: Callable, tokens: int, steps: int, rounds: int,
+            probe: Optional[Callable[[], float]] = None) -> dict:
+    """Alternating timed rounds of both sides; medians of tok/s and of the per-round ratio.
+
+    ``probe`` (e.g. a matmul's FLOP/s) is measured once per round, beside the steps it is compared with.
+    """
+    ours(), hf()  # warm-up: allocator, kernels, optimizer state
+    ours_tok, hf_tok, probes = [], [], []
+    for r in range(rounds):
+        sides = [("ours", ours, ours_tok), ("HF", hf, hf_tok)]
+        for label, step, out in sides if r % 2 == 0 else sides[::-1]:
+            out.append(tokens / seconds(step, steps))
+            print(f"  {name} round {r + 1} {label:4s}: {out[-1]:8.1f} tok/s", flush=True)
+        if probe is not None:
+            probes.append(probe())
+    ratios = [o / h for o, h in zip(ours_tok, hf_tok)]
+    result = dict(ours=statistics.median(ours_tok), hf=statistics.median(hf_tok), ratio=statistics.median(ratios),
+                  ours_rounds=ours_tok, probes=probes)
+    print(f"{name}: ours {result['ours']:.1f} tok/s, HF {result['hf']:.1f} tok/s, "
+          f"ratio {result['ratio']:.2f}x (per round {', '.join(f'{x:.2f}' for x in ratios)})", flush=True)
+    return result
+
+
+def single(name: str, step: Callable, tokens: int, steps: int, rounds: int) -> float:
+    step()
+    rates = [tokens / seconds(step, steps) for _ in range(rounds)]
+    print(f"{name}: ours {statistics.median(rates):.1f} tok/s (rounds {', '.join(f'{x:.1f}' for x in rates)})",
+          flush=True)
+    return statistics.median(rates)
+
+
+def matmul_flops_shape(rows: int, inner: int, cols: int, dtype: torch.dtype, repeats: int = 10) -> float:
+    """FLOP/s of a (rows x inner) @ (inner x cols) matmul in ``dtype`` (median of ``repeats``)."""
+    a, b = torch.randn(rows, inner, dtype=dtype), torch.randn(inner, cols, dtype=dtype)
+    for _ in range(3):
+        a @ b
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        a @ b
+        times.append(time.perf_counter() - start)
+    return 2 * rows * inner * cols / statistics.median(times)
+
+
+def matmul_flops(n: int, dtype: torch.dtype) -> float:
+    """FLOP/s of an n x n x n matmul: the reference of ``mfu_bf16``."""
+    return matmul_flops_shape(n, n, n, dtype)
+
+
+def linear_layers_flops(cfg: Config, n_tokens: int, dtype: torch.dtype) -> float:
+    """FLOP/s of the encoder's own linear-layer matmuls alone (forward and both backward products),
+    time-weighted: the rate a step made only of those matmuls would reach."""
+    m = cfg.model
+    inner = m.n_heads * m.head_size
+    flops = seconds_total = 0.0
+    for fan_in, fan_out, count in ((m.hidden_size, inner, 3), (inner, m.hidden_size, 1),
+                                   (m.hidden_size, m.ffn_size, 1), (m.ffn_size, m.hidden_size, 1)):
+        # forward x W^T, input gradient g W, weight gradient g^T x
+        for shape in ((n_tokens, fan_in, fan_out), (n_tokens, fan_out, fan_in), (fan_out, n_tokens, fan_in)):
+            rows, inner_dim, cols = shape
+            rate = matmul_flops_shape(rows, inner_dim, cols, dtype, repeats=5)
+            flops += count * 2 * rows * inner_dim * cols
+            seconds_total += count * 2 * rows * inner_dim * cols / rate
+    return flops / seconds_total
+
+
+def train_flops(cfg: Config, vocab: int, batch: int, seq: int, n_masked: int) -> float:
+    """Matmul FLOPs of one training step of our PKM-free model (forward x 3); see the module docstring."""
+    m = cfg.model
+    inner = m.n_heads * m.head_size
+    per_token = 2 * m.embedding_size * m.hidden_size * m.factorize_embeddings
+    per_token += m.n_encoders * (8 * m.hidden_size * inner + 4 * seq * inner + 4 * m.hidden_size * m.ffn_size)
+    per_masked = 2 * m.hidden_size * m.embedding_size + 2 * m.embedding_size * vocab
+    widths = [m.hidden_size] + [m.rop.hidden_size] * m.rop.n_hidden + [2]
+    per_row = sum(2 * a * b for a, b in zip(widths[:-1], widths[1:])) if m.rop.enabled else 0
+    return 3.0 * (per_token * batch * seq + per_masked * n_masked + per_row * batch)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--steps", type=int, default=3, help="timed steps per side and round")
+    parser.add_argument("--rounds", type=int, default=3, help="alternating rounds per comparison (>= 3)")
+    parser.add_argument("--batch", type=int, default=32)
+    parser.add_argument("--quick", action="store_true", help="small sizes: a smoke run of a few seconds")
+    parser.add_argument("--act", choices=("gelu_new", "gelu"), default="gelu_new",
+                        help="activation of both sides: ALBERT's gelu_new (default) or exact gelu (our presets')")
+    args = parser.parse_args()
+    logging.basicConfig(level=logging.WARNING)
+    sizes = QUICK if args.quick else FULL
+    vocab, seq = sizes["vocab"], 2 * sizes["max_len"] + 3
+    tokens = args.batch * seq
+    batch = random_batch(vocab, args.batch, sizes["max_len"])
+    print(f"machine: {platform.processor() or platform.machine()}, {os.cpu_count()} CPUs, "
+          f"torch {torch.__version__}, {torch.get_num_threads()} threads; load average {os.getloadavg()[0]:.2f}")
+    print(f"sizes: V={vocab} E={sizes['embedding_size']} H={sizes['hidden_size']} A={sizes['n_heads']} "
+          f"L={sizes['n_encoders']} I={sizes['intermediate_size']} T={seq} B={args.batch}, {args.act}; "
+          f"{args.steps} steps x {args.rounds} rounds", flush=True)
+
+    cfg = pretraining_config(sizes, args.batch, "bf16", pkm=False, act=args.act)
+    n_masked = int((fixed_masks(cfg, vocab, batch)[1] != -100).sum())  # the same count every step
+    flops = train_flops(cfg, vocab, args.batch, seq, n_masked)
+    matmul = functools.partial(matmul_flops, sizes["matmul"], torch.bfloat16)
+
+    results = {}
+    for precision in ("fp32", "bf16"):
+        cfg = pretraining_config(sizes, args.batch, precision, pkm=False, act=args.act)
+        results[precision] = compare(precision, ours_step(cfg, vocab, batch), hf_step(cfg, vocab, batch),
+                                     tokens, args.steps, args.rounds, matmul if precision == "bf16" else None)
+        gc.collect()
+    pkm_cfg = pretraining_config(sizes, args.batch, "bf16", pkm=True, act=args.act)
+    pkm_tok_s = single("bf16 + PKM", ours_step(pkm_cfg, vocab, batch), tokens, args.steps, args.rounds)
+
+    # MFU per bf16 round, against the matmul measured right after that round (the host's speed drifts)
+    bf16 = results["bf16"]
+    mfus = [flops * tok_s / tokens / peak for tok_s, peak in zip(bf16["ours_rounds"], bf16["probes"])]
+    print(f"model FLOPs per step: {flops / 1e9:.1f} GFLOP ({n_masked} masked tokens); ours bf16 achieves "
+          f"{', '.join(f'{flops * t / tokens / 1e9:.0f}' for t in bf16['ours_rounds'])} GFLOP/s per round; "
+          f"bf16 {sizes['matmul']}^3 matmul: {', '.join(f'{p / 1e9:.0f}' for p in bf16['probes'])} GFLOP/s; "
+          f"mfu per round {', '.join(f'{m:.2f}' for m in mfus)}")
+    ceiling = linear_layers_flops(cfg, tokens, torch.bfloat16)
+    print(f"bf16 matmuls of the encoder's linear layers alone (their own shapes): {ceiling / 1e9:.0f} GFLOP/s; "
+          f"ours bf16 reaches {flops * bf16['ours'] / tokens / ceiling:.2f} of that")
+    print(f"load average at the end: {os.getloadavg()[0]:.2f}")
+    print(json.dumps({
+        "hf_fp32_tok_s": round(results["fp32"]["hf"], 1),
+        "ours_fp32_tok_s": round(results["fp32"]["ours"], 1),
+        "hf_bf16_tok_s": round(results["bf16"]["hf"], 1),
+        "ours_bf16_tok_s": round(results["bf16"]["ours"], 1),
+        "ours_pkm_bf16_tok_s": round(pkm_tok_s, 1),
+        "ratio_fp32": round(results["fp32"]["ratio"], 3),
+        "ratio_bf16": round(results["bf16"]["ratio"], 3),
+        "mfu_bf16": round(statistics.median(mfus), 3),
+    }))
+
+
+if __name__ == "__main__":
+    main()

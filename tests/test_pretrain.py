@@ -1,0 +1,200 @@
+"""Pretraining: the loss falls, MLM-only mode, accumulation, Noam per optimizer step, PLL, continuing."""
+
+import json
+import math
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+from twilbert.config import VocabConfig, compose, load_config
+from twilbert.data.pairs import build_pair_shards, load_shards, make_batch
+from twilbert.data.tokenizer import MASK_ID, N_SPECIAL, Tokenizer, pack_pairs, train_vocab
+from twilbert.model.io import load_pretrained_state
+from twilbert.train.pretrain import build_pretraining, pretrain, pseudo_log_likelihood
+
+from conftest import REPO, make_tweets
+
+
+class RecordingTracker:
+    """Stands in for MLflow: keeps the per-epoch metrics the stage logs."""
+
+    def __init__(self):
+        self.epochs = []
+
+    def log_metrics(self, metrics, step=None):
+        if "epoch" in metrics:
+            self.epochs.append(dict(metrics))
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory):
+    root = tmp_path_factory.mktemp("pretrain")
+    train_vocab([t for t, _ in make_tweets(200)], root / "vocab", VocabConfig(vocab_size=120))
+    tokenizer = Tokenizer(root / "vocab")
+    build_pair_shards([(t, None) for t, _ in make_tweets(160, seed=1)], tokenizer, root / "pairs", max_len=12,
+                      heldout_fraction=0.1, shard_size=1000, seed=0)
+    return root
+
+
+def configure(raw, **training):
+    raw = {**raw, "training": {**raw["training"], **training}}
+    return load_config(raw)
+
+
+@pytest.fixture(scope="module")
+def run(corpus, tmp_path_factory):
+    """Three epochs of the real stage function on the tiny corpus."""
+    raw = compose(["model=tiny", "representation.max_len=12", "training.batch_size=16", "training.epochs=3",
+                   "training.lr=0.003", "training.pll_examples=8"], REPO / "conf")
+    out = tmp_path_factory.mktemp("run")
+    tracker = RecordingTracker()
+    cfg = configure(raw)
+    metrics = pretrain(cfg, corpus / "pairs", corpus / "vocab", out / "model", out / "checkpoints", tracker)
+    vocab = Tokenizer(corpus / "vocab").vocab_size
+    return dict(raw=raw, cfg=cfg, metrics=metrics, epochs=tracker.epochs, out=out, vocab=vocab)
+
+
+def test_pretraining_lowers_the_mlm_loss_across_epochs(run):
+    losses = [e["train_mlm_loss"] for e in run["epochs"]]
+    assert len(losses) == 3
+    assert losses[-1] < losses[0] - 0.1, losses
+    assert run["epochs"][-1]["heldout_mlm_loss"] < run["epochs"][0]["heldout_mlm_loss"]
+
+
+def test_last_and_best_checkpoints_and_the_best_model_are_written(run):
+    out = run["out"]
+    best_epoch = run["metrics"]["epoch"]
+    config, _ = load_pretrained_state(out / "checkpoints" / "best")
+    assert config["epoch"] == best_epoch
+    assert load_pretrained_state(out / "checkpoints" / "last")[0]["epoch"] == 3
+    assert {"model.safetensors", "config.json", "spm.model", "meta.json"} <= {p.name for p in (out / "model").iterdir()}
+
+
+def test_pretrain_metrics_hold_heldout_accuracy_perplexity_rop_and_a_finite_pll(run):
+    m = run["metrics"]
+    for key in ("heldout_mlm_accuracy", "heldout_perplexity", "heldout_rop_accuracy", "heldout_pll",
+                "heldout_pseudo_perplexity"):
+        assert math.isfinite(m[key]), key
+    assert m["heldout_pll"] < 0 and m["heldout_pseudo_perplexity"] > 1
+    assert math.isclose(m["heldout_perplexity"], math.exp(m["heldout_mlm_loss"]))
+
+
+def test_mlm_only_pretraining_when_rop_is_disabled(run, corpus, tmp_path):
+    raw = {**run["raw"], "model": {**run["raw"]["model"], "rop": {**run["raw"]["model"]["rop"], "enabled": False}}}
+    cfg = configure(raw, epochs=1)
+    metrics = pretrain(cfg, corpus / "pairs", corpus / "vocab", tmp_path / "model", tmp_path / "ck")
+    assert not [k for k in metrics if "rop" in k]
+    assert math.isfinite(metrics["heldout_mlm_accuracy"]) and math.isfinite(metrics["heldout_pll"])
+    config, state = load_pretrained_state(tmp_path / "model")
+    assert config["model"]["rop"]["enabled"] is False
+    assert not [k for k in state if k.startswith("rop_classifier")]
+
+
+def full_rows(n, vocab, max_len, seed):
+    """n rows of equal, unpadded length: every row gets the same number of masked tokens."""
+    rng = np.random.default_rng(seed)
+    a = rng.integers(N_SPECIAL, vocab, (n, max_len)).tolist()
+    b = rng.integers(N_SPECIAL, vocab, (n, max_len)).tolist()
+    packed = pack_pairs(a, b, max_len)
+    return packed["input_ids"], packed["len_a"], packed["length"], rng.integers(0, 2, n)
+
+
+def test_gradient_accumulation_over_k_batches_equals_one_batch_k_times_larger_under_sgd(run):
+    raw = {**run["raw"], "model": {**run["raw"]["model"], "input_dropout": 0.0, "output_dropout": 0.0,
+                                   "masked_lm": {**run["raw"]["model"]["masked_lm"], "type": "word"}}}
+    k, b, vocab = 2, 4, run["vocab"]
+    rows = full_rows(k * b, vocab, 12, seed=3)
+    big = make_batch(*rows)
+    small = [make_batch(*(r[i * b : (i + 1) * b] for r in rows)) for i in range(k)]
+
+    params = []
+    for accum, batches in ((k, small), (1, [big])):
+        cfg = configure(raw, optimizer="sgd", lr=0.5, weight_decay=0.0, accum_iters=accum, max_grad_norm=None)
+        model, trainer, objective = build_pretraining(cfg, vocab, torch.device("cpu"))
+        masked, labels = objective.mask(big, 0, 0)  # one draw for all rows: both runs see the same masks
+        parts = iter([(masked, labels)] if accum == 1 else
+                     [(masked[i * b : (i + 1) * b], labels[i * b : (i + 1) * b]) for i in range(k)])
+        trainer.train_epoch(batches, lambda m, batch: objective.outputs(m, batch, *next(parts)))
+        assert trainer.state.optimizer_steps == 1
+        params.append(dict(model.named_parameters()))
+    accumulated, single = params
+    assert (labels != -100).sum(1).unique().numel() == 1  # every row, hence every micro-batch, masks as many
+    for name, p in single.items():
+        torch.testing.assert_close(accumulated[name], p, rtol=1e-5, atol=1e-6, msg=name)
+    start = build_pretraining(configure(raw), vocab, torch.device("cpu")).model
+    assert not torch.equal(start.twilbert.encoder.layers[0].ffn.weight, single["twilbert.encoder.layers.0.ffn.weight"])
+
+
+def test_noam_schedule_advances_once_per_optimizer_step_not_per_micro_batch(run):
+    cfg = configure(run["raw"], noam_annealing=True, warmup_steps=3, accum_iters=2, max_grad_norm=None)
+    model, trainer, objective = build_pretraining(cfg, run["vocab"], torch.device("cpu"))
+    used = []
+    trainer.optimizer.register_step_pre_hook(lambda opt, args, kwargs: used.append(opt.param_groups[0]["lr"]))
+    rows = full_rows(12, run["vocab"], 8, seed=0)
+    batches = [make_batch(*(r[i * 2 : (i + 1) * 2] for r in rows)) for i in range(6)]
+    trainer.train_epoch(batches, objective)
+    # H = 64, warmup 3: lr_t = 64^-0.5 * min(t^-0.5, t * 3^-1.5)
+    assert trainer.state.optimizer_steps == 3 and trainer.state.micro_steps == 6
+    np.testing.assert_allclose(used, [0.0240563, 0.0481125, 0.0721688], rtol=1e-5)
+
+
+def test_pll_equals_masking_each_token_in_turn_one_forward_at_a_time(run, corpus):
+    cfg = run["cfg"]
+    model, _, _ = build_pretraining(cfg, run["vocab"], torch.device("cpu"))
+    model.eval()
+    data = load_shards(corpus / "pairs" / "heldout")
+    rows = np.flatnonzero(data["labels"] == 1)[:3]
+    got = pseudo_log_likelihood(model, data, 3, torch.device("cpu"), chunk=7)  # chunks cut across rows
+
+    per_example, total, count = [], 0.0, 0
+    with torch.no_grad():
+        for r in rows:
+            batch = make_batch(*(data[k][[r]] for k in ("input_ids", "len_a", "length", "labels")))
+            ids = batch.input_ids[0]
+            lls = []
+            for t in (~batch.special_mask[0]).nonzero().flatten().tolist():
+                masked = ids.clone()
+                masked[t] = MASK_ID
+                labels = torch.full_like(ids, -100)
+                labels[t] = ids[t]
+                out = model(masked[None], batch.segment_ids, batch.attention_mask, labels[None])
+                lls.append(F.log_softmax(out.mlm_logits, -1)[0, ids[t]].item())
+            per_example.append(np.mean(lls))
+            total, count = total + sum(lls), count + len(lls)
+    assert got["heldout_pll"] == pytest.approx(np.mean(per_example), abs=1e-5)
+    assert got["heldout_pseudo_perplexity"] == pytest.approx(math.exp(-total / count), rel=1e-5)
+
+
+def test_path_initial_weights_continues_from_the_saved_weights(run):
+    saved = load_pretrained_state(run["out"] / "model")[1]
+    fresh = build_pretraining(run["cfg"], run["vocab"], torch.device("cpu")).model.state_dict()
+    cfg = configure(run["raw"], path_initial_weights=str(run["out"] / "model"))
+    model = build_pretraining(cfg, run["vocab"], torch.device("cpu")).model
+    state = model.state_dict()
+    assert state.keys() == saved.keys()
+    for name, tensor in saved.items():
+        assert torch.equal(state[name], tensor), name
+    assert not torch.equal(fresh["twilbert.encoder.layers.0.ffn.weight"], saved["twilbert.encoder.layers.0.ffn.weight"])
+
+
+def test_continued_pretraining_starts_from_the_saved_model_metrics(run, corpus, tmp_path):
+    """One more epoch at a negligible learning rate ends where the saved model was."""
+    cfg = configure(run["raw"], path_initial_weights=str(run["out"] / "model"), epochs=1, lr=1e-9)
+    metrics = pretrain(cfg, corpus / "pairs", corpus / "vocab", tmp_path / "model", tmp_path / "ck")
+    best = run["metrics"]
+    assert metrics["heldout_mlm_loss"] == pytest.approx(best["heldout_mlm_loss"], abs=1e-4)
+    assert metrics["heldout_pll"] == pytest.approx(best["heldout_pll"], abs=1e-4)
+
+
+def test_throughput_benchmark_quick_mode_ends_with_the_json_line():
+    cmd = [sys.executable, "benchmarks/pretrain_throughput.py", "--quick", "--steps", "1", "--batch", "4"]
+    done = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    figures = json.loads(done.stdout.strip().splitlines()[-1])
+    assert set(figures) == {"hf_fp32_tok_s", "ours_fp32_tok_s", "hf_bf16_tok_s", "ours_bf16_tok_s",
+                            "ours_pkm_bf16_tok_s", "ratio_fp32", "ratio_bf16", "mfu_bf16"}
+    assert all(v > 0 for v in figures.values())
