@@ -222,9 +222,23 @@ def test_build_optimizer_accepts_generators_inside_groups():
     assert len(opt.param_groups[0]["params"]) == 2
 
 
-def test_build_optimizer_adam_uses_foreach_on_cpu():
+def test_build_optimizer_adam_uses_the_fused_kernel_on_cpu():
     opt = build_optimizer("adam", [nn.Parameter(torch.ones(2))], lr=1e-3, weight_decay=0.0)
-    assert opt.defaults["foreach"] is True and not opt.defaults["fused"]
+    assert opt.defaults["fused"] is True
+
+
+def test_fused_adam_step_matches_the_reference_adamw():
+    torch.manual_seed(0)
+    a, b = nn.Parameter(torch.randn(5, 3)), nn.Parameter(torch.randn(5, 3))
+    b.data.copy_(a.data)
+    fused = build_optimizer("adam", [a], lr=1e-2, weight_decay=0.01)
+    plain = torch.optim.AdamW([b], lr=1e-2, weight_decay=0.01, foreach=False)
+    for _ in range(3):
+        g = torch.randn(5, 3)
+        a.grad, b.grad = g.clone(), g.clone()
+        fused.step()
+        plain.step()
+    torch.testing.assert_close(a.data, b.data)
 
 
 def test_build_optimizer_unknown_name_lists_choices():

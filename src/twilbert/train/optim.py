@@ -164,9 +164,13 @@ def build_optimizer(name: str, groups: ParamGroups, lr: float, weight_decay: flo
     key = name.lower()
     if key in ("adam", "adam_accumulated"):
         tensors = [t for g in groups for t in (g["params"] if isinstance(g, dict) else [g])]
-        on_cuda = bool(tensors) and all(t.is_cuda for t in tensors)
-        # fused kernels need every tensor on CUDA; foreach is the fast path elsewhere
-        kind = {"fused": True} if on_cuda else {"foreach": True}
+        # The fused kernel (CUDA, and CPU since torch 2.4) needs every tensor on one such device
+        # type and floating point; foreach is the fast path elsewhere.
+        types = {t.device.type for t in tensors}
+        fusable = bool(tensors) and len(types) == 1 and types <= {"cpu", "cuda"} and all(
+            t.is_floating_point() for t in tensors
+        )
+        kind = {"fused": True} if fusable else {"foreach": True}
         return torch.optim.AdamW(groups, lr=lr, weight_decay=weight_decay, **kind)
     if key in ("lamb", "lamb_accumulated"):
         return Lamb(groups, lr=lr, weight_decay=weight_decay)
