@@ -116,6 +116,17 @@ def test_mlflow_holds_the_training_runs_with_finite_metrics(project):
     assert len(parents) == 1 and None not in parents
 
 
+def test_table_metrics_and_mlflow_hold_the_same_numbers(project):
+    repo, _, root = project
+    _, runs = mlflow_runs(root)
+    finetune = next(r for r in runs if r.data.tags.get("twilbert.stage") == "finetune")
+    task_metrics = json.loads((repo / "results/tasks/tass_default/metrics.json").read_text())
+    for key in ("official", "mf1", "acc"):
+        assert finetune.data.metrics[f"test_{key}"] == pytest.approx(task_metrics["test"][key], abs=1e-12)
+    table = (repo / "results" / "results.md").read_text(encoding="utf-8")
+    assert f"{100 * task_metrics['test']['mf1']:.2f}" in table
+
+
 def test_second_repro_runs_no_stage(project):
     repo, env, _ = project
     out = run(["dvc", "repro"], repo, env)
