@@ -1,9 +1,14 @@
-"""DVC stage `pretrain`: masked LM + reply-order prediction; the best epoch becomes the pretrained model."""
+"""DVC stage `pretrain`: masked LM + reply-order prediction; the best epoch becomes the pretrained model.
+
+Rerun after a crash, it resumes from the newest training checkpoint of the same run. Under
+`torchrun --nproc_per_node N stages/pretrain.py ...` it trains with DDP; rank 0 writes.
+"""
 
 import argparse
 import json
 from pathlib import Path
 
+from twilbert.distributed import distributed_context
 from twilbert.io_utils import atomic_write
 from twilbert.stage import load_stage_config, parse_args, run
 from twilbert.track import Tracker
@@ -20,13 +25,15 @@ def main() -> None:
     args, overrides = parse_args(parser)
     cfg, raw = load_stage_config(overrides)
     params = {k: raw[k] for k in ("seed", "model", "training", "representation", "vocab") if k in raw}
-    tracker = Tracker(cfg.tracking, stage="pretrain")
-    with tracker.start(params, run_name=f"pretrain-{cfg.model.name}"):
-        metrics = pretrain(cfg, args.pairs, args.vocab, args.out, args.checkpoints, tracker)
-        args.metrics.parent.mkdir(parents=True, exist_ok=True)
-        with atomic_write(args.metrics) as fh:
-            json.dump(metrics, fh, indent=2)
-        tracker.log_artifact(args.out / "config.json")
+    with distributed_context(cfg.training.device) as ctx:
+        tracker = Tracker(cfg.tracking, stage="pretrain", enabled=ctx.is_main)
+        with tracker.start(params, run_name=f"pretrain-{cfg.model.name}"):
+            metrics = pretrain(cfg, args.pairs, args.vocab, args.out, args.checkpoints, tracker, ctx)
+            if ctx.is_main:
+                args.metrics.parent.mkdir(parents=True, exist_ok=True)
+                with atomic_write(args.metrics) as fh:
+                    json.dump(metrics, fh, indent=2)
+                tracker.log_artifact(args.out / "config.json")
 
 
 if __name__ == "__main__":

@@ -204,9 +204,13 @@ class TrainingConfig:
     path_initial_weights: Optional[str] = None  # a model directory to continue pretraining from
     log_every: int = 10
     pll_examples: int = 16  # held-out examples scored by pseudo-log-likelihood each epoch (0: off)
+    checkpoint_every: int = 1000  # micro-steps between training checkpoints (0: only at epoch ends)
 
     def validate(self, where: str = "training") -> None:
         _positive(self, where, "batch_size", "epochs", "accum_iters", "warmup_steps", "log_every")
+        if self.checkpoint_every < 0:
+            raise ConfigError(
+                f"{where}.checkpoint_every must be >= 0 (0: epoch ends only), got {self.checkpoint_every}")
         if self.lr <= 0:
             raise ConfigError(f"{where}.lr must be > 0, got {self.lr}")
         if self.pll_examples < 0:
@@ -245,10 +249,14 @@ class FinetuningConfig:
     baseline_model: Literal["svm", "logreg"] = "svm"
     baseline_c: float = 1.0  # inverse regularization of the baseline's linear model (Ridge: 1/alpha)
     baseline_row: bool = True  # also fit the TF-IDF baseline and write baseline.json beside metrics.json
+    checkpoint_every: int = 0  # micro-steps between training checkpoints (0: only at epoch ends)
 
     def validate(self, where: str = "finetuning") -> None:
         _positive(self, where, "batch_size", "pred_batch_size", "epochs", "patience", "accum_iters",
                   "warmup_steps", "hidden_size", "baseline_c")
+        if self.checkpoint_every < 0:
+            raise ConfigError(
+                f"{where}.checkpoint_every must be >= 0 (0: epoch ends only), got {self.checkpoint_every}")
         _probability(self, where, "dropout")
         if self.lr <= 0:
             raise ConfigError(f"{where}.lr must be > 0, got {self.lr}")

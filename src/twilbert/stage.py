@@ -57,9 +57,11 @@ def run(main: Callable[[], None]) -> None:
     from twilbert.data.corpus import DataStageError
     from twilbert.data.formats import DataFormatError
     from twilbert.data.tasks import TaskFilesError
+    from twilbert.train.loop import NonFiniteLossError
 
     try:
         main()
-    except (ConfigError, DataFormatError, DataStageError, TaskFilesError, FileNotFoundError) as err:
+    except (ConfigError, DataFormatError, DataStageError, TaskFilesError, FileNotFoundError,
+            NonFiniteLossError) as err:
         log.error("%s", err)
         sys.exit(2)

@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -17,6 +18,7 @@ import yaml
 
 from twilbert.cli import dump_params
 from twilbert.config import compose
+from twilbert.train.loop import KILL_HOOK_ENV
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from conftest import make_tweets  # noqa: E402
@@ -148,3 +150,48 @@ def test_experiment_with_changed_param_gets_its_own_metrics_and_runs(project):
     assert "tass_default" in data["metrics"]["results/metrics.json"]["data"]
     _, runs = mlflow_runs(root)
     assert {"workspace", "one-layer"} <= {r.data.tags.get("dvc.exp_name") for r in runs}
+
+
+# --------------------------------------------------------------------------------------------
+# What reruns, and a `dvc repro` killed mid-training
+# --------------------------------------------------------------------------------------------
+
+
+def repro(repo: Path, env: dict, **extra_env: str) -> subprocess.CompletedProcess:
+    return subprocess.run(["dvc", "repro"], cwd=repo, env={**env, **extra_env}, capture_output=True, text=True)
+
+
+def stages_run(proc: subprocess.CompletedProcess) -> list[str]:
+    return re.findall(r"Running stage '([^']+)'", proc.stdout + proc.stderr)
+
+
+def set_params(repo: Path, section: str, **values) -> None:
+    params = yaml.safe_load((repo / "params.yaml").read_text(encoding="utf-8"))
+    params[section].update(values)
+    (repo / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False, allow_unicode=True), encoding="utf-8")
+
+
+@pytest.mark.reliability
+def test_a_changed_finetuning_param_reruns_only_finetune_and_evaluate(project):
+    repo, env, _ = project
+    assert stages_run(repro(repo, env)) == []  # up to date, whatever ran before
+    set_params(repo, "finetuning", lr=0.003)
+    proc = repro(repo, env)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert stages_run(proc) == ["finetune@tass_default", "evaluate"]
+
+
+@pytest.mark.reliability
+def test_a_killed_repro_leaves_dvc_lock_unchanged_and_the_rerun_resumes_the_stage(project):
+    repo, env, _ = project
+    set_params(repo, "training", lr=0.002, checkpoint_every=2)
+    lock = (repo / "dvc.lock").read_text(encoding="utf-8")
+    killed = repro(repo, env, **{KILL_HOOK_ENV: "4"})  # pretrain SIGKILLs itself after its checkpoint at step 4
+    assert killed.returncode != 0 and stages_run(killed) == ["pretrain"]
+    assert (repo / "dvc.lock").read_text(encoding="utf-8") == lock
+
+    resumed = repro(repo, env)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert "resuming at epoch 1, batch 4" in resumed.stdout + resumed.stderr
+    assert stages_run(resumed)[0] == "pretrain" and "evaluate" in stages_run(resumed)
+    assert "lr: 0.002" in (repo / "dvc.lock").read_text(encoding="utf-8")

@@ -7,6 +7,8 @@ accumulation window) holding
 - ``optimizer.pt`` / ``scheduler.pt``: ``state_dict()`` written by ``torch.save`` and read back only
   with ``torch.load(weights_only=True)``: tensors and plain numbers, never arbitrary pickles;
 - ``gradients.safetensors``: the accumulated gradients, only when saved inside an accumulation window;
+- ``<name>.safetensors``: any further tensor groups of the caller (e.g. ``best``, the weights of the
+  best epoch so far, so that early stopping and model selection survive a restart);
 - ``trainer.json``: counters, data position, config fingerprint, and every RNG state (python,
   numpy, torch CPU and CUDA; one set per rank) as plain ints and lists;
 - ``checksums.json``: the sha256 of each of those files.
@@ -54,6 +56,10 @@ GRADIENTS_FILE = "gradients.safetensors"
 TRAINER_FILE = "trainer.json"
 CHECKSUMS_FILE = "checksums.json"
 REQUIRED_FILES = (MODEL_FILE, OPTIMIZER_FILE, TRAINER_FILE)
+TENSORS_KEY = "tensors"  # the key under which loading returns the caller's tensor groups
+RESERVED_GROUPS = ("model", "optimizer", "scheduler", "gradients", "trainer", "checksums")
+HASH_WHOLE_FILE_UP_TO = 64 << 20  # larger inputs are fingerprinted by size, head and tail
+HASH_HEAD_TAIL = 4 << 20
 
 # What trainer.json must say about where training stands (the caller may add any JSON-able keys).
 STATE_KEYS = ("epoch", "batch_in_epoch", "optimizer_steps", "micro_steps", "accum_position")
@@ -68,13 +74,19 @@ NON_TRAJECTORY_KEYS = (
     "training.epochs",
     "training.log_every",
     "training.device",
+    "training.checkpoint_every",
     "finetuning.epochs",
     "finetuning.patience",
     "finetuning.pred_batch_size",
     "finetuning.device",
+    "finetuning.checkpoint_every",
+    "finetuning.baseline_model",  # the baseline row is refitted each time; it has no trajectory
+    "finetuning.baseline_c",
+    "finetuning.baseline_row",
 )
 
 _STEP_DIR = re.compile(r"^step-(\d{8,})$")
+_GROUP_NAME = re.compile(r"[a-z][a-z0-9_]*")
 _LEFTOVER = re.compile(r"^step-(\d{8,})\.(tmp|old)$")
 
 
@@ -131,6 +143,45 @@ def _prune_keys(node: Any, ignore: tuple[str, ...], prefix: str) -> Any:
             continue
         out[str(key)] = _prune_keys(value, ignore, path)
     return out
+
+
+def files_digest(paths: Iterable[PathLike]) -> str:
+    """sha256 over the files under ``paths`` (files or directories): relative names, sizes, contents.
+
+    Files larger than 64 MiB (pair shards of a large corpus) contribute their size and their first
+    and last 4 MiB, so fingerprinting stays quick; a change inside such a file that keeps its size
+    and both ends goes unnoticed. Missing paths count as absent, ``__pycache__`` is skipped.
+    """
+    digest = hashlib.sha256()
+    for root in (Path(p) for p in paths):  # in the caller's order: names, not locations, are hashed
+        if root.is_dir():
+            files = sorted(f for f in root.rglob("*") if f.is_file() and "__pycache__" not in f.parts)
+        else:
+            files = [root] if root.is_file() else []
+        digest.update(f"{root.name}:{len(files)}\n".encode())
+        for file in files:
+            size = file.stat().st_size
+            digest.update(f"{file.relative_to(root.parent).as_posix()}:{size}\n".encode())
+            with open(file, "rb") as fh:
+                if size <= HASH_WHOLE_FILE_UP_TO:
+                    while block := fh.read(1 << 20):
+                        digest.update(block)
+                else:
+                    digest.update(fh.read(HASH_HEAD_TAIL))
+                    fh.seek(size - HASH_HEAD_TAIL)
+                    digest.update(fh.read(HASH_HEAD_TAIL))
+    return digest.hexdigest()
+
+
+def package_paths(*relative: str) -> list[Path]:
+    """Paths inside the installed ``twilbert`` package (the code a run's fingerprint covers)."""
+    root = Path(__file__).resolve().parents[1]
+    return [root / r for r in relative]
+
+
+def run_fingerprint(parts: Mapping[str, str]) -> str:
+    """One fingerprint of a run from named parts (e.g. config, inputs, code digests)."""
+    return hashlib.sha256(json.dumps(dict(parts), sort_keys=True).encode("utf-8")).hexdigest()
 
 
 # --------------------------------------------------------------------------------------------
@@ -196,10 +247,13 @@ def save_training_checkpoint(
     state: Mapping[str, Any],
     config_fingerprint: str,
     keep: int = 2,
+    tensors: Optional[Mapping[str, Mapping[str, torch.Tensor]]] = None,
 ) -> Path:
     """Write ``<directory>/step-<micro_steps>`` atomically and prune all but the newest ``keep``.
 
     ``state`` holds :data:`STATE_KEYS` plus any JSON-able keys of the caller (epoch sums, best score).
+    ``tensors`` maps a group name to tensors saved as ``<name>.safetensors`` (e.g. ``best``: the best
+    epoch's weights); loading returns them under ``state["tensors"]``.
     Under DDP every rank calls this; each rank's RNG state is gathered, and only rank 0 writes,
     between two barriers (no rank runs ahead of, or reads, a half-written checkpoint).
     Checkpoints newer than the one written belong to an abandoned timeline (resume passed them
@@ -210,11 +264,18 @@ def save_training_checkpoint(
         raise ValueError(f"training state lacks {missing}; it needs {list(STATE_KEYS)}")
     if keep < 1:
         raise ValueError(f"keep must be >= 1, got {keep}")
+    if TENSORS_KEY in state:
+        raise ValueError(f"state key {TENSORS_KEY!r} is reserved for the tensor groups; pass them as tensors=")
+    tensors = dict(tensors or {})
+    bad = [name for name in tensors if not _valid_group(name)]
+    if bad:
+        raise ValueError(f"tensor group names {bad} are reserved or not lower_snake_case")
     trainer = {
         "format": FORMAT_VERSION,
         "config_fingerprint": config_fingerprint,
         "world_size": distributed.world_size(),
         "state": dict(state),
+        "tensor_groups": sorted(tensors),
         "rng": distributed.all_gather_object(capture_rng_state()),
     }
     try:
@@ -232,13 +293,19 @@ def save_training_checkpoint(
     final = directory / checkpoint_name(state["micro_steps"])
     distributed.barrier()
     if distributed.rank() == 0:
-        _write(directory, final, model, optimizer, scheduler, gradients, trainer_text)
+        _write(directory, final, model, optimizer, scheduler, gradients, tensors, trainer_text)
         _prune(directory, keep, int(state["micro_steps"]))
     distributed.barrier()
     return final
 
 
-def _write(directory: Path, final: Path, model: nn.Module, optimizer, scheduler, gradients, trainer_text: str) -> None:
+def _valid_group(name: Any) -> bool:
+    """A tensor group name that can only name a file of its own (no path, no clash with ours)."""
+    return isinstance(name, str) and bool(_GROUP_NAME.fullmatch(name)) and name not in RESERVED_GROUPS
+
+
+def _write(directory: Path, final: Path, model: nn.Module, optimizer, scheduler, gradients, tensors,
+           trainer_text: str) -> None:
     directory.mkdir(parents=True, exist_ok=True)
     _clean_leftovers(directory)
     tmp = final.with_name(final.name + ".tmp")
@@ -250,6 +317,9 @@ def _write(directory: Path, final: Path, model: nn.Module, optimizer, scheduler,
             torch.save(scheduler.state_dict(), tmp / SCHEDULER_FILE)
         if gradients is not None:
             save_file(gradients, str(tmp / GRADIENTS_FILE), metadata={"format": "pt"})
+        for name, group in tensors.items():
+            plain = {k: v.detach().cpu().contiguous() for k, v in group.items()}
+            save_file(plain, str(tmp / f"{name}.safetensors"), metadata={"format": "pt"})
         (tmp / TRAINER_FILE).write_text(trainer_text, encoding="utf-8")
         sums = {p.name: sha256_file(p) for p in sorted(tmp.iterdir())}
         (tmp / CHECKSUMS_FILE).write_text(json.dumps(sums, indent=2), encoding="utf-8")
@@ -372,6 +442,9 @@ def read_trainer_state(path: PathLike) -> dict:
     missing = [k for k in STATE_KEYS if k not in trainer.get("state", {})]
     if missing or not isinstance(trainer.get("rng"), list) or not trainer["rng"]:
         raise TrainingCheckpointError(f"{file}: incomplete (state lacks {missing} or no RNG states)")
+    groups = trainer.setdefault("tensor_groups", [])
+    if not isinstance(groups, list) or not all(_valid_group(g) for g in groups):
+        raise TrainingCheckpointError(f"{file}: corrupted tensor_groups {groups!r}")
     return trainer
 
 
@@ -434,6 +507,7 @@ def load_training_checkpoint(
     gradients = None
     if trainer["state"]["accum_position"]:
         gradients, _ = _read_tensors(path / GRADIENTS_FILE)
+    groups = {name: _read_tensors(path / f"{name}.safetensors")[0] for name in trainer["tensor_groups"]}
 
     # Tied tensors were stored once; save_model recorded each dropped alias -> kept name.
     for alias, kept in metadata.items():
@@ -464,7 +538,10 @@ def load_training_checkpoint(
         restore_rng_state(states[me % len(states)])
     log.info("resumed from %s (epoch %d, batch %d, optimizer step %d)", path, trainer["state"]["epoch"],
              trainer["state"]["batch_in_epoch"], trainer["state"]["optimizer_steps"])
-    return dict(trainer["state"])
+    state = dict(trainer["state"])
+    if groups:
+        state[TENSORS_KEY] = groups
+    return state
 
 
 def resume_training(
@@ -473,18 +550,21 @@ def resume_training(
     optimizer: torch.optim.Optimizer,
     scheduler: Optional[Any],
     config_fingerprint: str,
+    parts: Optional[Mapping[str, str]] = None,
 ) -> Optional[dict]:
     """Continue from the newest usable checkpoint of ``directory``: its ``state``, or None to start fresh.
 
     Corrupted or refused checkpoints are reported and passed over for the previous one. When the
     newest checkpoint was written under another config (fingerprint), the run starts fresh and says
-    so; the stale checkpoints move to ``<directory>/superseded/<fingerprint>/`` rather than being
-    deleted. Under DDP rank 0 chooses and every rank loads the same checkpoint (a shared filesystem).
+    so (naming which of ``parts`` changed, when the caller saved them as ``state["fingerprint_parts"]``);
+    the stale checkpoints move to ``<directory>/superseded/<fingerprint>/`` rather than being deleted
+    (only the latest superseded run is kept). Under DDP rank 0 chooses and every rank loads the same
+    checkpoint (a shared filesystem).
     """
     directory = Path(directory)
     state, choice = None, None
     if distributed.rank() == 0:
-        state, choice = _resume_first_usable(directory, model, optimizer, scheduler, config_fingerprint)
+        state, choice = _resume_first_usable(directory, model, optimizer, scheduler, config_fingerprint, parts)
     choice = distributed.broadcast_object(choice)
     if choice is not None and distributed.rank() != 0:
         state = load_training_checkpoint(directory / choice, model, optimizer, scheduler)
@@ -492,14 +572,15 @@ def resume_training(
 
 
 def _resume_first_usable(
-    directory: Path, model, optimizer, scheduler, fingerprint: str
+    directory: Path, model, optimizer, scheduler, fingerprint: str, parts: Optional[Mapping[str, str]]
 ) -> tuple[Optional[dict], Optional[str]]:
     for path in reversed(list_checkpoints(directory)):
         try:
             verify_checkpoint(path)
-            saved = read_trainer_state(path)["config_fingerprint"]
+            trainer = read_trainer_state(path)
+            saved = trainer["config_fingerprint"]
             if saved != fingerprint:
-                _supersede(directory, saved)
+                _supersede(directory, saved, _changed_parts(trainer["state"].get("fingerprint_parts"), parts))
                 return None, None
             # Loading checks what checksums cannot (a consistent but refused file) before changing anything.
             return load_training_checkpoint(path, model, optimizer, scheduler, verify=False), path.name
@@ -508,14 +589,29 @@ def _resume_first_usable(
     return None, None
 
 
-def _supersede(directory: Path, fingerprint: str) -> None:
-    target = directory / "superseded" / fingerprint[:16]
+def _changed_parts(saved: Any, current: Optional[Mapping[str, str]]) -> str:
+    """'the config', 'the inputs and the code'...: what differs between two fingerprint part maps."""
+    if not isinstance(saved, Mapping) or not current:
+        return "the config"
+    changed = [name for name in sorted(set(saved) | set(current)) if saved.get(name) != current.get(name)]
+    if not changed:
+        return "the config"
+    return " and ".join(f"the {name}" for name in changed)
+
+
+def _supersede(directory: Path, fingerprint: str, what: str = "the config") -> None:
+    root = directory / "superseded"
+    target = root / fingerprint[:16]
+    if root.is_dir():  # bounded disk: only the latest superseded run is kept
+        for old in root.iterdir():
+            if old != target:
+                shutil.rmtree(old, ignore_errors=True)
     target.mkdir(parents=True, exist_ok=True)
     for path in list_checkpoints(directory):
         if (target / path.name).exists():
             shutil.rmtree(target / path.name)
         os.replace(path, target / path.name)
     log.warning(
-        "the config changed since the checkpoints in %s were written: starting fresh; "
-        "the old checkpoints were moved to %s", directory, target,
+        "%s changed since the checkpoints in %s were written: not the same run, starting fresh; "
+        "the old checkpoints were moved to %s", what, directory, target,
     )

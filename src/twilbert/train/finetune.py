@@ -5,6 +5,11 @@ A *learner* is one model family: it prepares splits (packed rows, or texts for t
 fits a model on a train split, monitored on a held-out one. ``evaluate_learner`` runs a learner
 with or without k-fold and saves what it fits; ``finetune_task`` runs the configured backbone,
 the baseline row, and writes the metrics files.
+
+Neural learners checkpoint each epoch end (and every ``finetuning.checkpoint_every`` micro-steps)
+when given a checkpoint directory, best epoch and early-stopping counters included; a rerun of the
+same run (config, data, pretrained model, code) continues exactly. Under torchrun every rank trains
+its slice of each batch and scores dev in full; only rank 0 writes.
 """
 
 from __future__ import annotations
@@ -13,7 +18,6 @@ import copy
 import csv
 import json
 import logging
-import math
 import os
 import shutil
 import tempfile
@@ -26,10 +30,12 @@ import numpy as np
 import torch
 from torch import nn
 
+from twilbert import distributed
 from twilbert.baseline import fit_baseline, save_baseline
-from twilbert.config import Config, ConfigError, FinetuningConfig, ModelConfig, TaskConfig, from_dict
+from twilbert.config import Config, ConfigError, FinetuningConfig, ModelConfig, TaskConfig, from_dict, to_dict
 from twilbert.data.formats import TaskExamples
 from twilbert.data.pairs import SHARD_KEYS, PairBatch, make_batch
+from twilbert.distributed import DistContext, n_rank_batches, rank_batch_indices, wrap_ddp
 from twilbert.data.preprocess import Preprocessor
 from twilbert.data.tasks import TaskData, load_task
 from twilbert.data.tokenizer import META_FILE, Tokenizer
@@ -40,8 +46,9 @@ from twilbert.model.backbone import (
 )
 from twilbert.model.io import CONFIG_NAME, load_pretrained_state, save_pretrained
 from twilbert.track import Tracker
+from twilbert.train.checkpoint import config_fingerprint, files_digest, package_paths, run_fingerprint
 from twilbert.train.kfold import FoldResult, KFoldOutcome, concat_examples, run_kfold
-from twilbert.train.loop import Trainer, autocast, resolve_device
+from twilbert.train.loop import BestEpoch, Checkpointing, Trainer, autocast, resolve_device, seed_everything
 from twilbert.train.losses import build_loss, class_weights_tensor
 from twilbert.train.metrics import evaluate_predictions, official_metric_name
 from twilbert.train.optim import build_optimizer, build_scheduler, param_groups
@@ -50,6 +57,10 @@ log = logging.getLogger(__name__)
 
 Split = dict[str, np.ndarray]  # prepared split: packed rows or texts, plus "labels"
 FOLDS_DIR = "folds"
+TRAIN_STATE_DIR = "train_state"  # training checkpoints of the single model; fold-<i> for k-fold
+# The code a finetuning run's identity covers (the stage's code deps in dvc.yaml).
+FINGERPRINT_CODE = ("model", "train", "data/tasks.py", "data/formats.py", "data/tokenizer.py",
+                    "data/preprocess.py", "data/pairs.py", "distributed.py")
 
 
 # --------------------------------------------------------------------------------------------
@@ -126,12 +137,13 @@ def load_encoder_weights(model: TWilBertForClassification, pretrained_dir: Path)
     return config
 
 
-def shuffled_batches(data: Split, packer: Any, batch_size: int, seed: int, epoch: int) -> Iterator[PairBatch]:
-    """Training batches in an order that is a pure function of (seed, epoch)."""
+def shuffled_batches(data: Split, packer: Any, batch_size: int, seed: int, epoch: int,
+                     ctx: Optional[DistContext] = None, start: int = 0) -> Iterator[PairBatch]:
+    """This rank's training batches from batch ``start`` on, in an order that is a pure function of
+    (seed, epoch) (every rank takes its slice of each global batch: ``distributed.rank_batch_indices``)."""
+    ctx = ctx or DistContext()
     n = len(data["labels"])
-    order = np.random.default_rng([seed, epoch]).permutation(n)
-    for begin in range(0, n, batch_size):
-        idx = np.sort(order[begin : begin + batch_size])
+    for idx in rank_batch_indices(n, batch_size, seed, epoch, ctx.rank, ctx.world_size, start=start):
         yield packer.batch(*(data[k][idx] for k in SHARD_KEYS))
 
 
@@ -231,6 +243,11 @@ class NeuralLearner(Learner):
     save_model: Any = None  # (model, directory, extra) -> None
     tracker: Optional[Tracker] = None
     device: torch.device = field(default_factory=lambda: torch.device("cpu"))
+    ctx: DistContext = field(default_factory=DistContext)
+    # Hugging Face encoders compute a pooler the head does not use: DDP must be told to expect it.
+    find_unused_parameters: bool = False
+    checkpoint_dir: Optional[Path] = None  # None: no training checkpoints, no resume
+    fingerprint_parts: Optional[dict[str, str]] = None  # the run's identity (finetune_fingerprint)
 
     def prepare(self, ex: TaskExamples, max_len: int) -> Split:
         return encode_examples(self.packer, ex, max_len, self.task)
@@ -243,18 +260,22 @@ class NeuralLearner(Learner):
         self.save_model(model, directory, {"head": head_config(self.ft), **extra})
 
     def fit(self, train: Split, dev: Split, fold: Optional[int] = None) -> Fitted:
-        ft, task, device = self.ft, self.task, self.device
+        ft, task, device, ctx = self.ft, self.task, self.device, self.ctx
         seed = self.seed + (fold or 0)
         tag = task.name if fold is None else f"{task.name} fold {fold}"
         torch.manual_seed(seed)
         model = self.new_model()
         set_trainable(model, ft.finetune_all, ft.trainable_layers)
         model.to(device)
+        if ctx.is_distributed:
+            torch.manual_seed(seed + ctx.rank)  # dropout differs per rank; DDP broadcasts rank 0's weights
 
         weights = class_weights_tensor(task.task, train["labels"])
         criterion = build_loss(resolve_loss(ft.loss, task), task.task, None if weights is None else weights.to(device))
 
         def loss_fn(m, batch):
+            # Under DDP each rank's mean over its slice, averaged over ranks by DDP: the global mean
+            # when the slices are equal (all but possibly an epoch's last batch).
             batch = batch.to(device)
             logits = m(batch.input_ids, batch.segment_ids, batch.attention_mask, batch.special_mask)
             return criterion(logits.float(), batch.labels), {}
@@ -263,31 +284,45 @@ class NeuralLearner(Learner):
         optimizer = build_optimizer(ft.optimizer, groups, ft.lr, ft.weight_decay)
         scheduler = build_scheduler(optimizer, ft.noam_annealing, self.hidden_size, ft.warmup_steps)
         prefix = f"finetune_{task.name}" + ("" if fold is None else f"_fold{fold}")
-        trainer = Trainer(model, optimizer, scheduler, accum_iters=ft.accum_iters, max_grad_norm=ft.max_grad_norm,
-                          precision=ft.precision, device=device, tracker=self.tracker, log_every=10, prefix=prefix)
+        best, history = BestEpoch(lower_is_better=False), []
+        ddp = wrap_ddp(model, ctx, find_unused_parameters=self.find_unused_parameters)
+        trainer = Trainer(ddp, optimizer, scheduler, accum_iters=ft.accum_iters,
+                          max_grad_norm=ft.max_grad_norm, precision=ft.precision, device=device, tracker=self.tracker,
+                          log_every=10, prefix=prefix, checkpointing=self._checkpointing(fold, best, history))
+        restored = trainer.resume()
+        if restored:
+            best.restore(restored)
+            history.extend(restored["history"])
         metric_prefix = "" if fold is None else f"fold{fold}_"
-        best_score, best_epoch, best_state, since_best = -math.inf, 0, None, 0
-        history = []
-        for epoch in range(ft.epochs):
-            batches = shuffled_batches(train, self.packer, ft.batch_size, seed, epoch)
-            sums = trainer.train_epoch(batches, loss_fn, total=math.ceil(len(train["labels"]) / ft.batch_size))
-            dev_metrics = score_split(model, dev, task, ft, device, self.packer)
+        total = n_rank_batches(len(train["labels"]), ft.batch_size, ctx.world_size)
+        # A resumed run that had stopped early (patience) or finished stays stopped.
+        while trainer.state.epoch < ft.epochs and not (best.weights is not None and best.since >= ft.patience):
+            epoch, start = trainer.state.epoch, trainer.state.batch_in_epoch
+            batches = shuffled_batches(train, self.packer, ft.batch_size, seed, epoch, ctx, start)
+            sums = trainer.train_epoch(batches, loss_fn, total=total)
+            dev_metrics = score_split(model, dev, task, ft, device, self.packer)  # every rank: the same decision
             row = {"epoch": epoch + 1, "train_loss": sums["loss"], **{f"dev_{k}": v for k, v in dev_metrics.items()}}
             history.append(row if fold is None else {"fold": fold, **row})
             if self.tracker:
                 self.tracker.log_metrics({f"{metric_prefix}{k}": v for k, v in row.items()}, step=epoch + 1)
-            log.info("%s epoch %d: loss %.4f dev %s %.4f", tag, epoch + 1, sums["loss"],
-                     official_metric_name(task.task), dev_metrics["official"])
-            if best_state is None or dev_metrics["official"] > best_score:  # NaN-safe: epoch 1 always counts
-                best_score, best_epoch, since_best = dev_metrics["official"], epoch + 1, 0
-                best_state = {k: v.detach().to("cpu", copy=True) for k, v in model.state_dict().items()}
-            else:
-                since_best += 1
-                if since_best >= ft.patience:
-                    log.info("%s: early stop after epoch %d (best epoch %d)", tag, epoch + 1, best_epoch)
-                    break
-        model.load_state_dict(best_state)
-        return Fitted(self, model, best_epoch, history)
+            if ctx.is_main:
+                log.info("%s epoch %d: loss %.4f dev %s %.4f", tag, epoch + 1, sums["loss"],
+                         official_metric_name(task.task), dev_metrics["official"])
+            # NaN-safe: epoch 1 always counts
+            if not best.update(dev_metrics["official"], epoch + 1, {}, model) and best.since >= ft.patience:
+                if ctx.is_main:
+                    log.info("%s: early stop after epoch %d (best epoch %d)", tag, epoch + 1, best.epoch)
+            trainer.save_checkpoint()
+        model.load_state_dict(best.weights)
+        return Fitted(self, model, best.epoch, history)
+
+    def _checkpointing(self, fold: Optional[int], best: BestEpoch, history: list) -> Optional[Checkpointing]:
+        if self.checkpoint_dir is None:
+            return None
+        parts = dict(self.fingerprint_parts or {})
+        directory = Path(self.checkpoint_dir) / (TRAIN_STATE_DIR if fold is None else f"fold-{fold}")
+        return Checkpointing(directory, run_fingerprint(parts), self.ft.checkpoint_every, parts=parts,
+                             state=lambda: {**best.to_state(), "history": history}, tensors=best.tensors)
 
 
 @dataclass
@@ -328,7 +363,7 @@ def check_loss(ft: FinetuningConfig, task: TaskConfig) -> None:
 
 
 def twilbert_learner(cfg: Config, task: TaskConfig, ft: FinetuningConfig, pretrained_dir: Path,
-                     tracker: Optional[Tracker]) -> NeuralLearner:
+                     tracker: Optional[Tracker], ctx: Optional[DistContext] = None) -> NeuralLearner:
     check_loss(ft, task)
     tokenizer = Tokenizer(pretrained_dir)
     encoder_config = json.loads((pretrained_dir / CONFIG_NAME).read_text(encoding="utf-8"))
@@ -345,11 +380,12 @@ def twilbert_learner(cfg: Config, task: TaskConfig, ft: FinetuningConfig, pretra
     return NeuralLearner(
         "twilbert", encoder_config["model"].get("name", "twilbert"), task, ft, cfg.seed, tokenizer.preprocess,
         packer=TWilBertPacker(tokenizer), new_model=new_model, hidden_size=encoder_config["model"]["hidden_size"],
-        save_model=save_model, tracker=tracker, device=resolve_device(ft.device),
+        save_model=save_model, tracker=tracker, **_placement(ft, ctx),
     )
 
 
-def hf_learner(cfg: Config, task: TaskConfig, ft: FinetuningConfig, tracker: Optional[Tracker]) -> NeuralLearner:
+def hf_learner(cfg: Config, task: TaskConfig, ft: FinetuningConfig, tracker: Optional[Tracker],
+               ctx: Optional[DistContext] = None) -> NeuralLearner:
     check_loss(ft, task)
     encoder, tokenizer = load_hf_backbone(ft.hf_path)
     packer = hf_packer(encoder, tokenizer, Preprocessor(cfg.preprocess))
@@ -364,8 +400,14 @@ def hf_learner(cfg: Config, task: TaskConfig, ft: FinetuningConfig, tracker: Opt
     return NeuralLearner(
         "hf", Path(ft.hf_path).name, task, ft, cfg.seed, packer.preprocess,
         packer=packer, new_model=new_model, hidden_size=encoder.config.hidden_size,
-        save_model=save_model, tracker=tracker, device=resolve_device(ft.device),
+        save_model=save_model, tracker=tracker, find_unused_parameters=True, **_placement(ft, ctx),
     )
+
+
+def _placement(ft: FinetuningConfig, ctx: Optional[DistContext]) -> dict:
+    """The learner's device and process group: torchrun's when distributed, else ``finetuning.device``."""
+    ctx = ctx or DistContext(device=resolve_device(ft.device))
+    return {"device": ctx.device, "ctx": ctx}
 
 
 def baseline_learner(cfg: Config, task: TaskConfig, ft: FinetuningConfig, preprocess: Preprocessor) -> BaselineLearner:
@@ -391,8 +433,10 @@ class LearnerRun:
     kfold: Optional[KFoldOutcome] = None
 
 
-def evaluate_learner(learner: Learner, splits: TaskData, max_len: int, test_len: int, model_out: Path) -> LearnerRun:
-    """Fit (once, or once per fold), evaluate dev and test, save the model(s) under ``model_out``."""
+def evaluate_learner(learner: Learner, splits: TaskData, max_len: int, test_len: int,
+                     model_out: Optional[Path]) -> LearnerRun:
+    """Fit (once, or once per fold), evaluate dev and test, save the model(s) under ``model_out``
+    (None: save nothing, as on the ranks other than 0 under torchrun)."""
     task, ft = learner.task, learner.ft
     extra = {"task": asdict(task), "max_len_test": test_len, "finetuning": asdict(ft)}
     kfold_on = ft.kfold_on
@@ -410,7 +454,8 @@ def evaluate_learner(learner: Learner, splits: TaskData, max_len: int, test_len:
         fitted = learner.fit(train, dev)
         dev_metrics = evaluate_scores(task, dev["labels"], fitted.predict(dev))
         test_metrics = dev_metrics if splits.test_is_dev else evaluate_scores(task, test["labels"], fitted.predict(test))
-        fitted.save(model_out, {**extra, "best_epoch": fitted.best_epoch})
+        if model_out is not None:
+            fitted.save(model_out, {**extra, "best_epoch": fitted.best_epoch})
         metrics = {**base, "best_epoch": fitted.best_epoch, "epochs_run": epochs_run(learner, fitted.history),
                    "n_train": len(train["labels"]), "n_dev": len(dev["labels"]), "n_test": len(test["labels"]),
                    "dev": dev_metrics, "test": test_metrics}
@@ -428,7 +473,8 @@ def evaluate_learner(learner: Learner, splits: TaskData, max_len: int, test_len:
         fitted = learner.fit(subset(pool, train_idx), held, fold)
         history.extend(fitted.history)
         held_scores = fitted.predict(held)
-        fitted.save(model_out / FOLDS_DIR / str(fold), {**extra, "best_epoch": fitted.best_epoch, "fold": fold})
+        if model_out is not None:
+            fitted.save(model_out / FOLDS_DIR / str(fold), {**extra, "best_epoch": fitted.best_epoch, "fold": fold})
         return FoldResult(evaluate_scores(task, held["labels"], held_scores)["official"], held_scores,
                           {name: fitted.predict(split) for name, split in evals.items()}, fitted.best_epoch)
 
@@ -441,7 +487,9 @@ def evaluate_learner(learner: Learner, splits: TaskData, max_len: int, test_len:
                     else evaluate_scores(task, evals["test"]["labels"], outcome.blended["test"]))
     members = [f"{FOLDS_DIR}/{i}" for i in range(ft.kfold)]
     selected = int(np.argmax(outcome.fold_scores))
-    _publish_fold(model_out, selected, {**outcome.summary(), "on": kfold_on, "members": members, "selected_fold": selected})
+    if model_out is not None:
+        _publish_fold(model_out, selected,
+                      {**outcome.summary(), "on": kfold_on, "members": members, "selected_fold": selected})
     n_test = len(splits.test) if not splits.test_is_dev else len(splits.dev)
     metrics = {**base, "best_epoch": None, "epochs_run": epochs_run(learner, history),
                "n_train": len(pool["labels"]), "n_dev": len(splits.dev), "n_test": n_test,
@@ -504,20 +552,49 @@ EPOCHS_FILE = "epochs.csv"
 BASELINE_DIR = "baseline"  # the baseline row's model, inside the task's model directory
 
 
+def finetune_fingerprint(cfg: Config, task: TaskConfig, ft: FinetuningConfig, pretrained_dir: Path) -> dict[str, str]:
+    """What makes two finetuning runs of a task the same run: config, task files, backbone, code."""
+    raw = {"seed": cfg.seed, "finetuning": to_dict(ft), "representation": to_dict(cfg.representation),
+           "preprocess": to_dict(cfg.preprocess),
+           "task": {"dataset": to_dict(task.dataset), "task": to_dict(task.task)}}
+    files = [task.dataset.path(name) for name in (task.dataset.train_file, task.dataset.dev_file,
+                                                   task.dataset.test_file)]
+    backbone = Path(ft.hf_path) if ft.backbone == "hf" else Path(pretrained_dir)
+    return {"config": config_fingerprint(raw), "inputs": files_digest([f for f in files if f] + [backbone]),
+            "code": files_digest(package_paths(*FINGERPRINT_CODE))}
+
+
 def finetune_task(cfg: Config, task: TaskConfig, pretrained_dir: Path, model_out: Path, metrics_out: Path,
-                  tracker: Optional[Tracker] = None) -> dict:
-    """Finetune the configured backbone on ``task`` (and the baseline row); write models and metrics."""
+                  tracker: Optional[Tracker] = None, checkpoint_dir: Optional[Path] = None,
+                  ctx: Optional[DistContext] = None) -> dict:
+    """Finetune the configured backbone on ``task`` (and the baseline row); write models and metrics.
+
+    With ``checkpoint_dir`` the neural backbones checkpoint and resume there (``train_state/``, or
+    ``fold-<i>/`` per fold). Under torchrun (``ctx``) every rank trains; rank 0 alone fits the
+    baseline row and writes.
+    """
     ft = task.finetuning_config(cfg.finetuning)
+    ctx = ctx or DistContext(device=resolve_device(ft.device))
+    seed_everything(cfg.seed, ctx.device)
     pretrained_dir, model_out, metrics_out = Path(pretrained_dir), Path(model_out), Path(metrics_out)
     splits = load_task(task, cfg.seed)
     max_len = cfg.representation.max_len
     test_len = cfg.representation.max_len_test or max_len
     if ft.backbone == "twilbert":
-        learner: Learner = twilbert_learner(cfg, task, ft, pretrained_dir, tracker)
+        learner: Learner = twilbert_learner(cfg, task, ft, pretrained_dir, tracker, ctx)
     elif ft.backbone == "hf":
-        learner = hf_learner(cfg, task, ft, tracker)
+        learner = hf_learner(cfg, task, ft, tracker, ctx)
     else:
         learner = baseline_learner(cfg, task, ft, task_preprocessor(cfg, pretrained_dir))
+    if checkpoint_dir is not None and isinstance(learner, NeuralLearner):
+        learner.checkpoint_dir = Path(checkpoint_dir)
+        learner.fingerprint_parts = finetune_fingerprint(cfg, task, ft, pretrained_dir)
+
+    if not ctx.is_main:  # train beside rank 0, write nothing
+        neural = isinstance(learner, NeuralLearner)
+        metrics = evaluate_learner(learner, splits, max_len, test_len, None).metrics if neural else {}
+        distributed.barrier()
+        return metrics
 
     with staged_directory(model_out) as staged:
         run = evaluate_learner(learner, splits, max_len, test_len, staged)
@@ -532,6 +609,7 @@ def finetune_task(cfg: Config, task: TaskConfig, pretrained_dir: Path, model_out
         if baseline:
             tracker.log_metrics({f"baseline_test_{k}": v for k, v in baseline["test"].items()})
     write_metrics(metrics_out, run, baseline, ft)
+    distributed.barrier()
     return run.metrics
 
 

@@ -1,27 +1,41 @@
-"""One training loop for pretraining and finetuning: accumulation, bf16 autocast, clipping, logging.
+"""One training loop for pretraining and finetuning: accumulation, bf16 autocast, clipping, logging,
+training checkpoints with exact resume, and DDP gradient sync.
 
-What differs between the two is the batch source and the loss function handed in.
+What differs between the two is the batch source and the loss function handed in. The loop owns
+where training stands (``LoopState``); a checkpoint of it, plus the weights, optimizer, scheduler
+and RNG states (``train.checkpoint``), is everything needed to continue as if never stopped.
 """
 
 from __future__ import annotations
 
 import logging
+import math
 import os
+import random
+import signal
 import sys
 from contextlib import nullcontext
 from dataclasses import dataclass, field
-from typing import Callable, Iterable, Optional
+from pathlib import Path
+from typing import Callable, Iterable, Iterator, Optional
 
+import numpy as np
 import torch
 from tqdm import tqdm
 
+from twilbert import distributed
 from twilbert.track import Tracker
+from twilbert.train.checkpoint import TENSORS_KEY, resume_training, save_training_checkpoint
 
 log = logging.getLogger(__name__)
 
 # A loss function gets (model, batch) and returns the loss of the micro-batch and summable counts
 # (e.g. {"mlm_correct": 12, "mlm_count": 40}) that the loop aggregates over the epoch.
 LossFn = Callable[[torch.nn.Module, object], tuple[torch.Tensor, dict[str, float]]]
+
+# Test hook: SIGKILL this process right after the checkpoint of this micro-step is saved, the way a
+# crash or an OOM kill would stop it (tests/test_resume.py, tests/e2e). Never set it otherwise.
+KILL_HOOK_ENV = "TWILBERT_TEST_KILL_AT_MICRO_STEP"
 
 
 class NonFiniteLossError(RuntimeError):
@@ -34,6 +48,21 @@ def resolve_device(name: str) -> torch.device:
     return torch.device(name)
 
 
+def seed_everything(seed: int, device: torch.device) -> None:
+    """Seed python, numpy and torch; on CPU also ask torch for deterministic kernels.
+
+    On GPUs determinism is not switched on (it needs CUBLAS_WORKSPACE_CONFIG and costs speed):
+    see "What is deterministic" in docs/reliability.md.
+    """
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+    if device.type == "cpu":
+        torch.use_deterministic_algorithms(True, warn_only=True)
+        # Filling every torch.empty with NaN is a debugging aid, not needed for determinism; it costs time.
+        torch.utils.deterministic.fill_uninitialized_memory = False
+
+
 def autocast(precision: str, device: torch.device):
     """bf16 autocast on CPU or GPU when asked for; fp32 otherwise."""
     if precision == "bf16":
@@ -42,22 +71,95 @@ def autocast(precision: str, device: torch.device):
 
 
 def progress(iterable: Iterable, total: Optional[int], desc: str):
-    quiet = bool(os.environ.get("CI")) or not sys.stderr.isatty()
+    quiet = bool(os.environ.get("CI")) or not sys.stderr.isatty() or distributed.rank() != 0
     return tqdm(iterable, total=total, desc=desc, disable=quiet, leave=False, dynamic_ncols=True)
+
+
+def with_last(items: Iterable) -> Iterator[tuple[object, bool]]:
+    """(item, is_last) pairs: the loop must know the epoch's last micro-batch before running it."""
+    iterator = iter(items)
+    try:
+        current = next(iterator)
+    except StopIteration:
+        return
+    for following in iterator:
+        yield current, False
+        current = following
+    yield current, True
+
+
+def cpu_copy(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """A detached CPU copy of the plain model's state dict (DDP and compile wrappers removed)."""
+    return {k: v.detach().to("cpu", copy=True) for k, v in distributed.unwrap(model).state_dict().items()}
 
 
 @dataclass
 class LoopState:
-    """Counters that survive across epochs (and, with checkpoints, across restarts)."""
+    """Where training stands; with the weights, optimizer and RNG states, all a checkpoint needs."""
 
-    epoch: int = 0
+    epoch: int = 0  # epochs completed
+    batch_in_epoch: int = 0  # micro-batches of the current epoch already trained
     optimizer_steps: int = 0
     micro_steps: int = 0
-    history: list = field(default_factory=list)
+    loss_sum: float = 0.0  # the current epoch's running sums: its metrics survive a restart
+    sums: dict[str, float] = field(default_factory=dict)
+
+
+@dataclass
+class BestEpoch:
+    """The best epoch so far by a score (``lower`` or higher is better), with its metrics and weights.
+
+    Checkpoints carry it (``to_state`` / ``tensors``), so model selection and early stopping
+    continue across a restart. The first scored epoch always counts, even with a NaN score.
+    """
+
+    lower_is_better: bool = True
+    score: float = math.nan
+    epoch: int = 0
+    metrics: dict = field(default_factory=dict)
+    weights: Optional[dict[str, torch.Tensor]] = None
+    since: int = 0  # epochs since the best one (early-stopping patience)
+
+    def update(self, score: float, epoch: int, metrics: dict, model: torch.nn.Module) -> bool:
+        improved = self.weights is None or (score < self.score if self.lower_is_better else score > self.score)
+        if improved:
+            self.score, self.epoch, self.metrics, self.since = score, epoch, metrics, 0
+            self.weights = cpu_copy(model)
+        else:
+            self.since += 1
+        return improved
+
+    def to_state(self) -> dict:
+        return {"best": {"score": self.score, "epoch": self.epoch, "metrics": self.metrics, "since": self.since}}
+
+    def tensors(self) -> dict:
+        return {} if self.weights is None else {"best": self.weights}
+
+    def restore(self, state: dict) -> None:
+        best = state["best"]
+        self.score, self.epoch, self.metrics, self.since = best["score"], best["epoch"], best["metrics"], best["since"]
+        self.weights = state.get(TENSORS_KEY, {}).get("best")
+
+
+@dataclass
+class Checkpointing:
+    """Where and how often the loop saves training checkpoints, and what of the caller's they carry."""
+
+    directory: Path
+    fingerprint: str  # the run's identity: a checkpoint of another fingerprint is never resumed
+    every: int = 0  # micro-steps between checkpoints; 0: only when the caller saves (epoch ends)
+    keep: int = 2
+    parts: Optional[dict[str, str]] = None  # what the fingerprint hashes; a change is reported by name
+    state: Callable[[], dict] = dict  # the caller's JSON state (best epoch, history...)
+    tensors: Callable[[], dict] = dict  # the caller's tensor groups ({"best": weights})
 
 
 class Trainer:
-    """Runs epochs of micro-batches with gradient accumulation over ``accum_iters`` of them."""
+    """Runs epochs of micro-batches with gradient accumulation over ``accum_iters`` of them.
+
+    ``model`` may be wrapped in DDP (``distributed.wrap_ddp``): gradients are then all-reduced only
+    on the last micro-batch of each accumulation window, and checkpoints wait for a window boundary.
+    """
 
     def __init__(
         self,
@@ -72,53 +174,134 @@ class Trainer:
         tracker: Optional[Tracker] = None,
         log_every: int = 10,
         prefix: str = "train",
+        checkpointing: Optional[Checkpointing] = None,
     ):
         self.model, self.optimizer, self.scheduler = model, optimizer, scheduler
         self.accum_iters, self.max_grad_norm = accum_iters, max_grad_norm
         self.precision, self.device = precision, device
         self.tracker, self.log_every, self.prefix = tracker, log_every, prefix
+        self.checkpointing = checkpointing
         self.state = LoopState()
         self._pending = 0  # micro-batches whose gradients await the next optimizer step
+        self._save_due = False  # a periodic checkpoint waits for the end of an accumulation window (DDP)
         self._trainable = [p for p in model.parameters() if p.requires_grad]
 
-    def train_step(self, batch: object, loss_fn: LossFn) -> tuple[float, dict[str, float]]:
+    # ---- checkpoints
+
+    def resume(self) -> Optional[dict]:
+        """Continue from the newest valid checkpoint of this run; its state (the caller's keys and
+        tensor groups included), or None when training starts fresh."""
+        ck = self.checkpointing
+        if ck is None:
+            return None
+        state = resume_training(ck.directory, self.model, self.optimizer, self.scheduler, ck.fingerprint, ck.parts)
+        if state is None:
+            return None
+        self.state = LoopState(state["epoch"], state["batch_in_epoch"], state["optimizer_steps"],
+                               state["micro_steps"], state["loss_sum"], dict(state["sums"]))
+        self._pending = state["accum_position"]
+        log.info("%s: resuming at epoch %d, batch %d (micro-step %d, optimizer step %d)", self.prefix,
+                 self.state.epoch + 1, self.state.batch_in_epoch, self.state.micro_steps, self.state.optimizer_steps)
+        return state
+
+    def save_checkpoint(self) -> Optional[Path]:
+        """Save where training stands now (every rank calls it; rank 0 writes). No-op without checkpointing."""
+        ck = self.checkpointing
+        if ck is None:
+            return None
+        s = self.state
+        state = {"epoch": s.epoch, "batch_in_epoch": s.batch_in_epoch, "optimizer_steps": s.optimizer_steps,
+                 "micro_steps": s.micro_steps, "accum_position": self._pending, "loss_sum": s.loss_sum,
+                 "sums": dict(s.sums), "fingerprint_parts": ck.parts, **ck.state()}
+        path = save_training_checkpoint(ck.directory, self.model, self.optimizer, self.scheduler, state,
+                                        ck.fingerprint, keep=ck.keep, tensors=ck.tensors())
+        self._save_due = False
+        _kill_hook(s.micro_steps)
+        return path
+
+    def _maybe_checkpoint(self) -> None:
+        ck = self.checkpointing
+        if ck is None or not ck.every:
+            return
+        if self.state.micro_steps % ck.every == 0:
+            self._save_due = True
+        # Under DDP each rank's gradients inside a window are its own: save at the window's end.
+        if self._save_due and (self._pending == 0 or distributed.world_size() == 1):
+            self.save_checkpoint()
+
+    # ---- training
+
+    def train_step(self, batch: object, loss_fn: LossFn, sync: bool = False) -> tuple[float, dict[str, float]]:
         """One micro-batch: forward under autocast, backward, and the optimizer step once
-        ``accum_iters`` micro-batches have accumulated. Returns the micro-batch loss and its counts."""
+        ``accum_iters`` micro-batches have accumulated, or at once when ``sync`` (the epoch's last
+        micro-batch). Returns the micro-batch loss and its counts."""
         self.model.train()
-        with autocast(self.precision, self.device):
-            loss, counts = loss_fn(self.model, batch)
-        if not torch.isfinite(loss):
-            raise NonFiniteLossError(
-                f"{self.prefix}: loss is {loss.item()} at epoch {self.state.epoch + 1}, "
-                f"optimizer step {self.state.optimizer_steps}; stopping before the weights are "
-                "corrupted (the last saved checkpoint is intact). Lower the learning rate or "
-                "use fp32."
-            )
-        (loss / self.accum_iters).backward()
+        step_now = sync or self._pending + 1 == self.accum_iters
+        with distributed.no_sync_unless(self.model, step_now):
+            with autocast(self.precision, self.device):
+                loss, counts = loss_fn(self.model, batch)
+            self._check_finite(loss)
+            (loss / self.accum_iters).backward()
         self._pending += 1
         self.state.micro_steps += 1
+        self.state.batch_in_epoch += 1
         value = float(loss.detach())
-        if self._pending == self.accum_iters:
+        if step_now:
             self._optimizer_step(value)
         return value, counts
 
     def train_epoch(self, batches: Iterable, loss_fn: LossFn, total: Optional[int] = None) -> dict[str, float]:
-        """One pass over ``batches``; returns the epoch's mean loss and summed counts.
+        """The rest of the current epoch; returns its mean loss and summed counts (over ranks under DDP).
 
-        A last, incomplete accumulation window still gets its optimizer step.
+        ``batches`` must start at ``state.batch_in_epoch`` (0, or where a resumed checkpoint
+        stopped); ``total`` is the epoch's number of batches (progress only). A last, incomplete
+        accumulation window still gets its optimizer step.
         """
-        sums: dict[str, float] = {}
-        loss_sum, n_micro = 0.0, 0
-        for batch in progress(batches, total, f"{self.prefix} epoch {self.state.epoch + 1}"):
-            loss, counts = self.train_step(batch, loss_fn)
-            loss_sum += loss
-            n_micro += 1
+        s = self.state
+        remaining = None if total is None else total - s.batch_in_epoch
+        for batch, last in with_last(progress(batches, remaining, f"{self.prefix} epoch {s.epoch + 1}")):
+            loss, counts = self.train_step(batch, loss_fn, sync=last)
+            s.loss_sum += loss
             for key, value in counts.items():
-                sums[key] = sums.get(key, 0.0) + float(value)
-        if self._pending:
-            self._optimizer_step(loss_sum / max(n_micro, 1))
-        self.state.epoch += 1
-        return {"loss": loss_sum / max(n_micro, 1), **sums}
+                s.sums[key] = s.sums.get(key, 0.0) + float(value)
+            self._maybe_checkpoint()
+        if self._pending:  # only when no batch was left to carry the step
+            self._optimizer_step(s.loss_sum / max(s.batch_in_epoch, 1))
+        result = self._epoch_totals()
+        s.epoch += 1
+        s.batch_in_epoch, s.loss_sum, s.sums = 0, 0.0, {}
+        self._save_due = False
+        return result
+
+    def _epoch_totals(self) -> dict[str, float]:
+        s = self.state
+        if distributed.world_size() == 1:
+            return {"loss": s.loss_sum / max(s.batch_in_epoch, 1), **s.sums}
+        keys = sorted(s.sums)
+        totals = torch.tensor([s.loss_sum, s.batch_in_epoch, *(s.sums[k] for k in keys)], dtype=torch.float64,
+                              device=self.device)
+        totals = distributed.all_reduce_sum(totals).tolist()
+        return {"loss": totals[0] / max(totals[1], 1), **dict(zip(keys, totals[2:]))}
+
+    def _check_finite(self, loss: torch.Tensor) -> None:
+        bad = not bool(torch.isfinite(loss.detach()).all())
+        if distributed.world_size() > 1:  # every rank stops together, none waits on a collective
+            flag = torch.tensor([float(bad)], device=loss.device)
+            anywhere = bool(distributed.all_reduce_sum(flag).item() > 0)
+        else:
+            anywhere = bad
+        if not anywhere:
+            return
+        s = self.state
+        where = (f"epoch {s.epoch + 1}, batch {s.batch_in_epoch + 1} (micro-step {s.micro_steps + 1}, "
+                 f"optimizer step {s.optimizer_steps})")
+        what = f"loss is {float(loss.detach())}" if bad else "the loss is not finite on another rank"
+        kept = (f"the last checkpoint in {self.checkpointing.directory} is intact" if self.checkpointing
+                else "no checkpoint is written by this loop")
+        raise NonFiniteLossError(
+            f"{self.prefix}: {what} at {where}; stopped before the weights were corrupted ({kept}). "
+            "Lower the learning rate, set a max_grad_norm, or use fp32 precision."
+        )
 
     def _optimizer_step(self, last_loss: float) -> None:
         if self.max_grad_norm:
@@ -134,3 +317,11 @@ class Trainer:
             self.tracker.log_metrics(
                 {f"{self.prefix}_loss": last_loss, f"{self.prefix}_lr": lr}, step=self.state.optimizer_steps
             )
+
+
+def _kill_hook(micro_steps: int) -> None:
+    wanted = os.environ.get(KILL_HOOK_ENV)
+    if wanted and int(wanted) == micro_steps:
+        log.warning("%s=%s: killing this process (test hook)", KILL_HOOK_ENV, wanted)
+        logging.shutdown()
+        os.kill(os.getpid(), signal.SIGKILL)

@@ -3,6 +3,11 @@
 One training step is ``Trainer.train_step(batch, PretrainObjective)`` on the stack that
 ``build_pretraining`` assembles: the stage runs it through ``Trainer.train_epoch``, and
 ``benchmarks/pretrain_throughput.py`` times that very call.
+
+The stage checkpoints every ``training.checkpoint_every`` micro-steps and at each epoch end, and a
+rerun continues the newest valid checkpoint of the same run (config, inputs and code) exactly: the
+batch order and the masks are pure functions of (seed, epoch, step). Under torchrun each rank trains
+its slice of every global batch and only rank 0 writes.
 """
 
 from __future__ import annotations
@@ -19,14 +24,17 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from twilbert.config import Config, MaskedLMConfig
+from twilbert import distributed
+from twilbert.config import Config, MaskedLMConfig, to_dict
 from twilbert.data.masking import IGNORE_INDEX, mask_tokens
-from twilbert.data.pairs import SHARD_KEYS, PairBatch, iterate_batches, load_shards, make_batch, n_batches
+from twilbert.data.pairs import SHARD_KEYS, PairBatch, iterate_batches, load_shards, make_batch
 from twilbert.data.tokenizer import MASK_ID, N_SPECIAL, Tokenizer
+from twilbert.distributed import DistContext, iterate_rank_batches, loss_normalizer, n_rank_batches, wrap_ddp
 from twilbert.model import TWilBertForPretraining, count_parameters
 from twilbert.model.io import CheckpointError, LoadReport, load_into, load_pretrained_state, save_pretrained
 from twilbert.track import Tracker
-from twilbert.train.loop import Trainer, autocast, resolve_device
+from twilbert.train.checkpoint import config_fingerprint, files_digest, package_paths, run_fingerprint
+from twilbert.train.loop import BestEpoch, Checkpointing, Trainer, autocast, resolve_device, seed_everything
 from twilbert.train.losses import mlm_loss, rop_loss
 from twilbert.train.optim import build_optimizer, build_scheduler, param_groups
 
@@ -34,6 +42,10 @@ log = logging.getLogger(__name__)
 
 EVAL_STREAM = 2**31 - 1  # the "epoch" key of held-out masks: fixed, and never a training epoch
 PLL_CHUNK = 256  # single-mask variants per forward pass of the pseudo-log-likelihood
+TRAIN_STATE_DIR = "train_state"  # training checkpoints, under the stage's checkpoint directory
+# What a run's identity covers: the stage's params in dvc.yaml, and the package code it runs.
+FINGERPRINT_KEYS = ("seed", "model", "training", "representation.max_len")
+FINGERPRINT_CODE = ("model", "train", "data/masking.py", "data/pairs.py", "distributed.py")
 
 
 def step_seed(seed: int, *keys: int) -> int:
@@ -71,11 +83,17 @@ def load_initial_weights(model: TWilBertForPretraining, directory: Path) -> Load
 
 
 class PretrainObjective:
-    """MLM + ROP loss of one batch; masks drawn from a generator seeded by (seed, epoch, step)."""
+    """MLM + ROP loss of one batch; masks drawn from a generator seeded by (seed, epoch, step).
 
-    def __init__(self, masked_lm: MaskedLMConfig, seed: int, vocab_size: int, device: torch.device):
+    Under DDP (``rank`` set) the key also holds the rank, so that ranks draw different masks, and
+    the losses are divided by the masked-token and pair counts summed over ranks (``loss_normalizer``).
+    """
+
+    def __init__(self, masked_lm: MaskedLMConfig, seed: int, vocab_size: int, device: torch.device,
+                 rank: Optional[int] = None):
         self.masked_lm, self.seed, self.vocab_size, self.device = masked_lm, seed, vocab_size, device
-        self.epoch, self.step = 0, 0
+        self.rank = rank
+        self.epoch, self.step = 0, 0  # the step restarts at each epoch; a resumed epoch sets it to its batch
 
     def mask(self, batch: PairBatch, *keys: int) -> tuple[torch.Tensor, torch.Tensor]:
         generator = torch.Generator().manual_seed(step_seed(self.seed, *keys))
@@ -83,55 +101,76 @@ class PretrainObjective:
             batch.input_ids, batch.special_mask, self.masked_lm, self.vocab_size, MASK_ID, N_SPECIAL, generator
         )
 
-    def outputs(self, model: torch.nn.Module, batch: PairBatch, masked: torch.Tensor, labels: torch.Tensor):
-        """(loss, summable counts) of ``batch`` under the given masks."""
+    def outputs(self, model: torch.nn.Module, batch: PairBatch, masked: torch.Tensor, labels: torch.Tensor,
+                normalizers: Optional[torch.Tensor] = None):
+        """(loss, summable counts) of ``batch`` under the given masks.
+
+        ``normalizers`` (2,): the divisors of the summed MLM and ROP losses (DDP); default, this
+        batch's own counts (means).
+        """
         batch = batch.to(self.device)
         out = model(masked.to(self.device), batch.segment_ids, batch.attention_mask, labels.to(self.device))
-        mlm = mlm_loss(out.mlm_logits, out.mlm_targets)
-        loss = mlm
         n_masked = out.mlm_targets.numel()
+        mlm = mlm_loss(out.mlm_logits, out.mlm_targets, None if normalizers is None else normalizers[0])
+        loss = mlm
         # max().indices rather than argmax(): same first-maximum index, ~4x faster on CPU for (N, V) rows
         predicted = out.mlm_logits.detach().max(-1).indices  # (N,)
         counts = {
             "mlm_correct": (predicted == out.mlm_targets).sum().item(),
             "mlm_count": n_masked,
-            "mlm_nll_sum": mlm.item() * n_masked,
+            "mlm_nll_sum": mlm.item() * (n_masked if normalizers is None else float(normalizers[0])),
         }
         if out.rop_logits is not None:
-            loss = loss + rop_loss(out.rop_logits, batch.labels)
+            if normalizers is None:
+                loss = loss + rop_loss(out.rop_logits, batch.labels)
+            else:
+                total = F.cross_entropy(out.rop_logits.float(), batch.labels, reduction="sum")
+                loss = loss + total / normalizers[1].clamp_min(1.0)
             counts["rop_correct"] = (out.rop_logits.argmax(-1) == batch.labels).sum().item()
             counts["rop_count"] = batch.labels.numel()
         return loss, counts
 
     def __call__(self, model: torch.nn.Module, batch: PairBatch):
-        masked, labels = self.mask(batch, self.epoch, self.step)
+        keys = (self.epoch, self.step) if self.rank is None else (self.epoch, self.step, self.rank)
+        masked, labels = self.mask(batch, *keys)
         self.step += 1
-        return self.outputs(model, batch, masked, labels)
+        normalizers = None
+        if self.rank is not None:  # every masked token and every pair weighs the same on any rank
+            local = torch.tensor([(labels != IGNORE_INDEX).sum().item(), batch.labels.numel()], dtype=torch.float32)
+            normalizers = loss_normalizer(local, self.device)
+        return self.outputs(model, batch, masked, labels, normalizers)
 
 
 class Pretraining(NamedTuple):
-    model: TWilBertForPretraining
+    model: TWilBertForPretraining  # the plain model (the trainer may hold it wrapped in DDP)
     trainer: Trainer
     objective: PretrainObjective
 
 
 def build_pretraining(
-    cfg: Config, vocab_size: int, device: torch.device, tracker: Optional[Tracker] = None
+    cfg: Config, vocab_size: int, device: torch.device, tracker: Optional[Tracker] = None,
+    ctx: Optional[DistContext] = None,
 ) -> Pretraining:
-    """Model (from ``path_initial_weights`` when set), optimizer, schedule, loop and objective."""
+    """Model (from ``path_initial_weights`` when set), optimizer, schedule, loop and objective;
+    the model wrapped in DDP when ``ctx`` spans several ranks."""
     tcfg = cfg.training
+    ctx = ctx or DistContext(device=device)
     model = build_pretraining_model(cfg, vocab_size)
     if tcfg.path_initial_weights:
         load_initial_weights(model, Path(tcfg.path_initial_weights))
     model.to(device)
+    if ctx.is_distributed:
+        torch.manual_seed(cfg.seed + ctx.rank)  # dropout differs per rank; DDP broadcasts rank 0's weights
     value_lr = cfg.model.pkm_params.value_lr if cfg.model.pkm else None
     optimizer = build_optimizer(tcfg.optimizer, param_groups(model, tcfg.lr, tcfg.weight_decay, value_lr),
                                 tcfg.lr, tcfg.weight_decay)
     scheduler = build_scheduler(optimizer, tcfg.noam_annealing, cfg.model.hidden_size, tcfg.warmup_steps)
-    trainer = Trainer(model, optimizer, scheduler, accum_iters=tcfg.accum_iters, max_grad_norm=tcfg.max_grad_norm,
-                      precision=tcfg.precision, device=device, tracker=tracker, log_every=tcfg.log_every,
-                      prefix="pretrain")
-    return Pretraining(model, trainer, PretrainObjective(cfg.model.masked_lm, cfg.seed, vocab_size, device))
+    trainer = Trainer(wrap_ddp(model, ctx), optimizer, scheduler, accum_iters=tcfg.accum_iters,
+                      max_grad_norm=tcfg.max_grad_norm, precision=tcfg.precision, device=device, tracker=tracker,
+                      log_every=tcfg.log_every, prefix="pretrain")
+    objective = PretrainObjective(cfg.model.masked_lm, cfg.seed, vocab_size, device,
+                                  rank=ctx.rank if ctx.is_distributed else None)
+    return Pretraining(model, trainer, objective)
 
 
 # --------------------------------------------------------------------------------------------
@@ -239,59 +278,99 @@ def heldout_metrics(model, objective: PretrainObjective, data: dict, batch_size:
 # --------------------------------------------------------------------------------------------
 
 
+def pretrain_fingerprint(cfg: Config, pairs_dir: Path, vocab_dir: Path) -> dict[str, str]:
+    """What makes two pretraining runs the same run: config, input data, and the code that trains."""
+    raw = {"seed": cfg.seed, "model": to_dict(cfg.model), "training": to_dict(cfg.training),
+           "representation": to_dict(cfg.representation)}
+    inputs = [pairs_dir, vocab_dir]
+    if cfg.training.path_initial_weights:
+        inputs.append(Path(cfg.training.path_initial_weights))
+    return {"config": config_fingerprint(raw, include=FINGERPRINT_KEYS), "inputs": files_digest(inputs),
+            "code": files_digest(package_paths(*FINGERPRINT_CODE))}
+
+
 def pretrain(cfg: Config, pairs_dir: Path, vocab_dir: Path, out_dir: Path, checkpoint_dir: Path,
-             tracker: Optional[Tracker] = None) -> dict[str, float]:
+             tracker: Optional[Tracker] = None, ctx: Optional[DistContext] = None) -> dict[str, float]:
     """Pretrain on ``pairs_dir``; write the best epoch's model (safetensors + JSON + vocab) to ``out_dir``.
 
-    Every epoch is checkpointed to ``checkpoint_dir/last``, the best so far (held-out MLM loss plus
-    ROP error) to ``checkpoint_dir/best``.
+    Training checkpoints go to ``checkpoint_dir/train_state`` (every ``training.checkpoint_every``
+    micro-steps and each epoch end) and a rerun resumes the newest valid one of the same run. Each
+    epoch's model is also saved to ``checkpoint_dir/last``, the best so far (held-out MLM loss plus
+    ROP error) to ``checkpoint_dir/best``. Under torchrun (``ctx``) only rank 0 writes.
     """
     tcfg = cfg.training
-    device = resolve_device(tcfg.device)
+    ctx = ctx or DistContext(device=resolve_device(tcfg.device))
+    device = ctx.device
+    seed_everything(cfg.seed, device)
+    pairs_dir, vocab_dir, out_dir, checkpoint_dir = map(Path, (pairs_dir, vocab_dir, out_dir, checkpoint_dir))
     tokenizer = Tokenizer(vocab_dir)
-    meta = json.loads((Path(pairs_dir) / "meta.json").read_text())
+    meta = json.loads((pairs_dir / "meta.json").read_text())
     if meta["max_len"] != cfg.representation.max_len:
         raise ValueError(
             f"{pairs_dir}/meta.json: pairs were packed with max_len={meta['max_len']} but "
             f"representation.max_len={cfg.representation.max_len}; rerun the pairs stage"
         )
-    train_data = load_shards(Path(pairs_dir) / "train")
-    heldout_data = load_shards(Path(pairs_dir) / "heldout")
+    train_data = load_shards(pairs_dir / "train")
+    heldout_data = load_shards(pairs_dir / "heldout")
     vocab_size = tokenizer.vocab_size
-    model, trainer, objective = build_pretraining(cfg, vocab_size, device, tracker)
+    model, trainer, objective = build_pretraining(cfg, vocab_size, device, tracker, ctx)
     n_params = count_parameters(model)
-    log.info("pretrain: %s preset, %d parameters, device %s", cfg.model.name, n_params, device)
+    if ctx.is_main:
+        log.info("pretrain: %s preset, %d parameters, device %s, %d process(es)", cfg.model.name, n_params, device,
+                 ctx.world_size)
 
     config = model_config_dict(cfg, vocab_size)
-    best, best_metrics = math.inf, {}
-    checkpoint_dir = Path(checkpoint_dir)
-    for epoch in range(tcfg.epochs):
-        objective.epoch, objective.step = epoch, 0
+    best = BestEpoch(lower_is_better=True)
+    parts = pretrain_fingerprint(cfg, pairs_dir, vocab_dir)
+    trainer.checkpointing = Checkpointing(checkpoint_dir / TRAIN_STATE_DIR, run_fingerprint(parts),
+                                          tcfg.checkpoint_every, parts=parts, state=best.to_state,
+                                          tensors=best.tensors)
+    restored = trainer.resume()
+    if restored:
+        best.restore(restored)
+    n_train = len(train_data["labels"])
+    for epoch in range(trainer.state.epoch, tcfg.epochs):
+        start = trainer.state.batch_in_epoch
+        objective.epoch, objective.step = epoch, start  # masks are keyed by (epoch, step): the stream continues
         sums = trainer.train_epoch(
-            iterate_batches(train_data, tcfg.batch_size, cfg.seed, epoch), objective,
-            total=n_batches(train_data, tcfg.batch_size),
+            iterate_rank_batches(train_data, tcfg.batch_size, cfg.seed, epoch, ctx, start=start), objective,
+            total=n_rank_batches(n_train, tcfg.batch_size, ctx.world_size),
         )
+        # Every rank scores the whole held-out set: the same numbers, so the same best-epoch decision.
         metrics = {
             **summarize(sums, "train"),
             **heldout_metrics(model, objective, heldout_data, tcfg.batch_size, tcfg.pll_examples, device,
                               tcfg.precision),
             "epoch": epoch + 1,
         }
-        log.info("pretrain epoch %d: %s", epoch + 1, {k: round(v, 4) for k, v in metrics.items()})
-        if tracker:
-            tracker.log_metrics(metrics, step=trainer.state.optimizer_steps)
-        save_pretrained(checkpoint_dir / "last", model, {**config, "epoch": epoch + 1, "metrics": metrics})
         score = metrics.get("heldout_mlm_loss", math.inf) + (1.0 - metrics.get("heldout_rop_accuracy", 1.0))
-        if score < best:
-            best, best_metrics = score, metrics
-            save_pretrained(checkpoint_dir / "best", model, {**config, "epoch": epoch + 1, "metrics": metrics})
-    # The stage's output is the best epoch's model, with its vocabulary embedded.
-    staged = Path(out_dir).with_name(f".{Path(out_dir).name}.tmp")
+        improved = best.update(score, epoch + 1, metrics, model)
+        if ctx.is_main:
+            log.info("pretrain epoch %d: %s", epoch + 1, {k: round(v, 4) for k, v in metrics.items()})
+            if tracker:
+                tracker.log_metrics(metrics, step=trainer.state.optimizer_steps)
+            save_pretrained(checkpoint_dir / "last", model, {**config, "epoch": epoch + 1, "metrics": metrics})
+            if improved:
+                save_pretrained(checkpoint_dir / "best", model, {**config, "epoch": epoch + 1, "metrics": metrics})
+        trainer.save_checkpoint()
+    if best.weights is None:
+        raise ValueError(f"pretrain: no epoch trained (training.epochs={tcfg.epochs})")
+    if ctx.is_main:
+        publish_best(model, best, config, tokenizer, checkpoint_dir / "best", out_dir)
+    distributed.barrier()
+    return {**best.metrics, "parameters": n_params}
+
+
+def publish_best(model: TWilBertForPretraining, best: BestEpoch, config: dict, tokenizer: Tokenizer,
+                 best_dir: Path, out_dir: Path) -> None:
+    """The stage's output: the best epoch's weights (as the checkpoint recorded them) with the vocabulary."""
+    model.load_state_dict(best.weights)
+    save_pretrained(best_dir, model, {**config, "epoch": best.epoch, "metrics": best.metrics})
+    staged = out_dir.with_name(f".{out_dir.name}.tmp")
     if staged.exists():
         shutil.rmtree(staged)
-    shutil.copytree(checkpoint_dir / "best", staged)
+    shutil.copytree(best_dir, staged)
     tokenizer.copy_to(staged)
-    if Path(out_dir).exists():
+    if out_dir.exists():
         shutil.rmtree(out_dir)
     staged.rename(out_dir)
-    return {**best_metrics, "parameters": n_params}

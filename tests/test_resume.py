@@ -1,0 +1,284 @@
+"""Exact resume: a stage killed with SIGKILL inside an accumulation window, then rerun with the same
+command, ends with the weights and metrics of a run that was never interrupted (CPU, bit for bit).
+
+The kill comes from the loop's test hook ``TWILBERT_TEST_KILL_AT_MICRO_STEP=k``: the process sends
+itself SIGKILL right after saving the checkpoint of micro-step k, as an OOM kill or a lost node
+would stop it (no handler, no cleanup). The helpers here are shared by the other reliability tests.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+from typing import Optional
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from twilbert.cli import dump_params
+from twilbert.config import VocabConfig, compose
+from twilbert.data.pairs import build_pair_shards
+from twilbert.data.tokenizer import Tokenizer, train_vocab
+from twilbert.train.loop import KILL_HOOK_ENV
+
+from conftest import REPO, make_tweets
+from finetune_data import make_pretrained, write_task
+
+pytestmark = pytest.mark.reliability
+
+MAX_LEN = 12
+# 108 training pairs, batch 8: 14 micro-steps an epoch; windows of 2; a checkpoint every 3 micro-steps.
+PRETRAIN = ["model=tiny", f"representation.max_len={MAX_LEN}", "training.batch_size=8", "training.epochs=2",
+            "training.accum_iters=2", "training.checkpoint_every=3", "training.pll_examples=2",
+            "training.device=cpu"]
+# 48 training rows, batch 8: 6 micro-steps an epoch; early stopping with patience 2 over up to 5 epochs.
+FINETUNE = {"epochs": 5, "patience": 2, "batch_size": 8, "accum_iters": 2, "checkpoint_every": 3, "lr": 1e-2,
+            "dropout": 0.1, "device": "cpu", "baseline_row": False}
+
+
+# --------------------------------------------------------------------------------------------
+# Shared helpers: tiny inputs, a params.yaml, the real stage scripts in a subprocess
+# --------------------------------------------------------------------------------------------
+
+
+def make_pretrain_inputs(root: Path) -> Path:
+    """A vocabulary and ROP pair shards of 60 generated tweets under ``root``."""
+    train_vocab([t for t, _ in make_tweets(200)], root / "vocab", VocabConfig(vocab_size=120))
+    build_pair_shards([(t, None) for t, _ in make_tweets(60, seed=1)], Tokenizer(root / "vocab"), root / "pairs",
+                      max_len=MAX_LEN, heldout_fraction=0.1, shard_size=1000, seed=0)
+    return root
+
+
+def make_finetune_inputs(root: Path) -> tuple[Path, dict]:
+    """A tiny pretrained encoder and a generated 4-class task (its ``tasks.<name>`` entry)."""
+    return make_pretrained(root / "pretrained"), write_task(root / "task")
+
+
+def write_params(workdir: Path, overrides: list[str], tasks: Optional[dict] = None,
+                 finetuning: Optional[dict] = None) -> dict:
+    """``workdir/params.yaml``: conf/ composed with ``overrides``, as `make params` writes it."""
+    raw = compose(overrides, REPO / "conf")
+    if tasks is not None:
+        raw["tasks"] = tasks
+    if finetuning:
+        raw["finetuning"].update(finetuning)
+    workdir.mkdir(parents=True, exist_ok=True)
+    (workdir / "params.yaml").write_text(dump_params(raw), encoding="utf-8")
+    return raw
+
+
+def run_stage(script: str, args: list, workdir: Path, kill_at: Optional[int] = None,
+              launcher: Optional[list[str]] = None) -> subprocess.CompletedProcess:
+    """``python stages/<script> args`` in ``workdir`` (which holds params.yaml), MLflow in a temp store."""
+    env = {**os.environ, "MLFLOW_TRACKING_URI": f"sqlite:///{workdir.parent / 'mlflow.db'}", "CI": "1"}
+    env.pop(KILL_HOOK_ENV, None)
+    if kill_at is not None:
+        env[KILL_HOOK_ENV] = str(kill_at)
+    cmd = [*(launcher or [sys.executable]), str(REPO / "stages" / script), *map(str, args)]
+    return subprocess.run(cmd, cwd=workdir, env=env, capture_output=True, text=True, timeout=300)
+
+
+def ok(proc: subprocess.CompletedProcess) -> subprocess.CompletedProcess:
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    return proc
+
+
+def killed(proc: subprocess.CompletedProcess) -> subprocess.CompletedProcess:
+    assert proc.returncode == -signal.SIGKILL, (proc.returncode, proc.stderr[-4000:])
+    return proc
+
+
+def assert_same_weights(a: Path, b: Path) -> None:
+    left, right = load_file(str(a)), load_file(str(b))
+    assert left.keys() == right.keys()
+    for name, tensor in left.items():
+        assert torch.equal(tensor, right[name]), f"{name} differs"
+
+
+def trainer_state(checkpoint: Path) -> dict:
+    return json.loads((checkpoint / "trainer.json").read_text())["state"]
+
+
+def steps(directory: Path) -> list[str]:
+    return sorted(p.name for p in directory.iterdir() if p.name.startswith("step-"))
+
+
+@pytest.fixture(scope="module")
+def pretrain_inputs(tmp_path_factory):
+    return make_pretrain_inputs(tmp_path_factory.mktemp("pretrain-inputs"))
+
+
+def pretrain_args(inputs: Path, out: Path) -> list:
+    return ["--pairs", inputs / "pairs", "--vocab", inputs / "vocab", "--out", out / "model",
+            "--checkpoints", out / "checkpoints", "--metrics", out / "metrics.json"]
+
+
+# --------------------------------------------------------------------------------------------
+# Pretraining
+# --------------------------------------------------------------------------------------------
+
+
+@pytest.mark.slow
+def test_pretrain_killed_inside_a_window_resumes_bit_for_bit_and_passes_over_a_truncated_checkpoint(
+        pretrain_inputs, tmp_path, caplog):
+    work = tmp_path / "work"
+    write_params(work, PRETRAIN)
+    reference = tmp_path / "reference"
+    ok(run_stage("pretrain.py", pretrain_args(pretrain_inputs, reference), work))
+
+    out = tmp_path / "interrupted"
+    args = pretrain_args(pretrain_inputs, out)
+    states = out / "checkpoints" / "train_state"
+    # Micro-step 9: epoch 1, inside the window of micro-steps 9-10 (pending gradients, masks at step 9).
+    killed(run_stage("pretrain.py", args, work, kill_at=9))
+    assert steps(states) == ["step-00000006", "step-00000009"]
+    state = trainer_state(states / "step-00000009")
+    assert (state["epoch"], state["batch_in_epoch"], state["accum_position"]) == (0, 9, 1)
+    assert (states / "step-00000009" / "gradients.safetensors").is_file()
+    assert not (out / "model").exists()
+
+    resumed = ok(run_stage("pretrain.py", args, work))  # the same command
+    assert "resuming at epoch 1, batch 9" in resumed.stderr
+    assert_same_weights(reference / "model" / "model.safetensors", out / "model" / "model.safetensors")
+    assert json.loads((reference / "metrics.json").read_text()) == json.loads((out / "metrics.json").read_text())
+
+    # The run's last checkpoints are micro-steps 27 (epoch 2, inside its last window) and 28 (the end).
+    # Truncate 28: rerun (in this process, to save a start-up), the stage reports it, resumes 27, and
+    # ends at the same weights once more.
+    assert steps(states) == ["step-00000027", "step-00000028"]
+    assert trainer_state(states / "step-00000027")["accum_position"] == 1
+    newest = states / "step-00000028" / "model.safetensors"
+    newest.write_bytes(newest.read_bytes()[: newest.stat().st_size // 2])
+    from twilbert.config import load_config
+    from twilbert.train.pretrain import pretrain
+
+    again = tmp_path / "again"
+    with caplog.at_level("INFO"):
+        metrics = pretrain(load_config(work / "params.yaml"), pretrain_inputs / "pairs", pretrain_inputs / "vocab",
+                           again / "model", out / "checkpoints")
+    assert "step-00000028" in caplog.text and "model.safetensors: checksum mismatch" in caplog.text
+    assert "resuming at epoch 2, batch 13" in caplog.text
+    assert_same_weights(reference / "model" / "model.safetensors", again / "model" / "model.safetensors")
+    # the best epoch is the second, resumed in its last batch: its train_* sums came from the checkpoint
+    assert metrics == json.loads((reference / "metrics.json").read_text()) and metrics["epoch"] == 2
+
+
+def test_pretrain_rerun_with_a_changed_config_starts_fresh_and_says_so(pretrain_inputs, tmp_path, caplog):
+    from twilbert.config import load_config
+    from twilbert.train.pretrain import pretrain
+
+    raw = compose([*PRETRAIN, "training.epochs=1", "training.checkpoint_every=0", "training.pll_examples=0"],
+                  REPO / "conf")
+    out = tmp_path / "out"
+    pretrain(load_config(raw), pretrain_inputs / "pairs", pretrain_inputs / "vocab", out / "model", out / "ck")
+    assert steps(out / "ck" / "train_state") == ["step-00000014"]
+
+    raw["training"]["lr"] = raw["training"]["lr"] / 2
+    with caplog.at_level("WARNING"):
+        pretrain(load_config(raw), pretrain_inputs / "pairs", pretrain_inputs / "vocab", out / "model", out / "ck")
+    assert "the config changed" in caplog.text and "starting fresh" in caplog.text
+    assert (out / "ck" / "train_state" / "superseded").is_dir()
+    assert trainer_state(out / "ck" / "train_state" / "step-00000014")["epoch"] == 1  # retrained, not resumed
+
+
+# --------------------------------------------------------------------------------------------
+# Finetuning
+# --------------------------------------------------------------------------------------------
+
+
+def finetune_args(inputs: Path, out: Path) -> list:
+    return ["--task", "t", "--pretrained", inputs / "pretrained", "--model-out", out / "model",
+            "--metrics-out", out / "results", "--checkpoints", out / "checkpoints"]
+
+
+@pytest.mark.slow
+def test_finetune_killed_mid_epoch_resumes_bit_for_bit_with_its_best_epoch_and_patience(tmp_path):
+    pretrained, task = make_finetune_inputs(tmp_path)
+    work = tmp_path / "work"
+    write_params(work, ["model=tiny", f"representation.max_len={MAX_LEN}"], tasks={"t": task}, finetuning=FINETUNE)
+    ok(run_stage("finetune.py", finetune_args(tmp_path, tmp_path / "reference"), work))
+    reference = json.loads((tmp_path / "reference" / "results" / "metrics.json").read_text())
+
+    out = tmp_path / "interrupted"
+    # Micro-step 15: epoch 3, batch 3, inside a window; epochs 1-2 (and their best) are behind it.
+    killed(run_stage("finetune.py", finetune_args(tmp_path, out), work, kill_at=15))
+    state = trainer_state(out / "checkpoints" / "train_state" / "step-00000015")
+    assert (state["epoch"], state["batch_in_epoch"], state["accum_position"]) == (2, 3, 1)
+    assert len(state["history"]) == 2 and state["best"]["epoch"] in (1, 2)
+    resumed = ok(run_stage("finetune.py", finetune_args(tmp_path, out), work))
+    assert "resuming at epoch 3, batch 3" in resumed.stderr
+
+    assert_same_weights(tmp_path / "reference" / "model" / "model.safetensors", out / "model" / "model.safetensors")
+    for name in ("metrics.json", "epochs.csv"):
+        assert (tmp_path / "reference" / "results" / name).read_text() == (out / "results" / name).read_text(), name
+    # the reference stopped early after the kill point, so the restored patience counter mattered
+    assert reference["epochs_run"] < FINETUNE["epochs"] and reference["epochs_run"] >= 3, reference
+
+
+# --------------------------------------------------------------------------------------------
+# What the loop adds to a checkpoint: tensor groups, and which part of a run changed
+# --------------------------------------------------------------------------------------------
+
+
+def _linear_checkpoint(directory: Path, parts: dict, best: Optional[dict] = None) -> Path:
+    from twilbert.train.checkpoint import run_fingerprint, save_training_checkpoint
+
+    torch.manual_seed(0)
+    model = torch.nn.Linear(3, 2)
+    state = {"epoch": 1, "batch_in_epoch": 0, "optimizer_steps": 2, "micro_steps": 2, "accum_position": 0,
+             "fingerprint_parts": parts}
+    return save_training_checkpoint(directory, model, torch.optim.SGD(model.parameters(), lr=0.1), None, state,
+                                     run_fingerprint(parts), tensors={"best": best} if best else None)
+
+
+def test_the_best_weights_travel_in_the_checkpoint_under_its_checksums(tmp_path, caplog):
+    from twilbert.train.checkpoint import latest_valid_checkpoint, load_training_checkpoint
+
+    best = {"weight": torch.arange(6.0).reshape(2, 3), "bias": torch.tensor([1.0, -1.0])}
+    parts = {"config": "a", "inputs": "b", "code": "c"}
+    _linear_checkpoint(tmp_path / "older", parts)
+    path = _linear_checkpoint(tmp_path, parts, best)
+    model = torch.nn.Linear(3, 2)
+    state = load_training_checkpoint(path, model, torch.optim.SGD(model.parameters(), lr=0.1))
+    assert state["tensors"]["best"].keys() == best.keys()
+    assert all(torch.equal(state["tensors"]["best"][k], v) for k, v in best.items())
+
+    data = bytearray((path / "best.safetensors").read_bytes())
+    data[-1] ^= 1
+    (path / "best.safetensors").write_bytes(bytes(data))
+    with caplog.at_level("WARNING"):
+        assert latest_valid_checkpoint(tmp_path) is None
+    assert "best.safetensors: checksum mismatch" in caplog.text
+
+
+def test_starting_fresh_names_the_part_of_the_run_that_changed(tmp_path, caplog):
+    from twilbert.train.checkpoint import resume_training, run_fingerprint
+
+    saved = {"config": "a", "inputs": "b", "code": "c"}
+    _linear_checkpoint(tmp_path, saved)
+    now = {**saved, "code": "c2"}
+    model = torch.nn.Linear(3, 2)
+    with caplog.at_level("WARNING"):
+        assert resume_training(tmp_path, model, torch.optim.SGD(model.parameters(), lr=0.1), None,
+                               run_fingerprint(now), now) is None
+    assert "the code changed" in caplog.text and "starting fresh" in caplog.text
+
+
+def test_an_input_digest_follows_content_not_location(tmp_path):
+    import shutil
+
+    from twilbert.train.checkpoint import files_digest
+
+    pairs = tmp_path / "a" / "pairs"
+    pairs.mkdir(parents=True)
+    (pairs / "shard-00000.npz").write_bytes(b"\x00" * 100)
+    (pairs / "meta.json").write_text("{}")
+    shutil.copytree(tmp_path / "a", tmp_path / "b")
+    assert files_digest([tmp_path / "a" / "pairs"]) == files_digest([tmp_path / "b" / "pairs"])
+    (tmp_path / "b" / "pairs" / "shard-00000.npz").write_bytes(b"\x00" * 99 + b"\x01")
+    assert files_digest([tmp_path / "a" / "pairs"]) != files_digest([tmp_path / "b" / "pairs"])
