@@ -14,6 +14,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 import yaml
 
 from twilbert.cli import dump_params
@@ -133,6 +134,31 @@ def test_second_repro_runs_no_stage(project):
     repo, env, _ = project
     out = run(["dvc", "repro"], repo, env)
     assert "Running stage" not in out
+
+
+@pytest.mark.reliability
+def test_forced_rerun_reproduces_metrics_and_weights_exactly(project):
+    """Same config + same seed: `dvc repro -f` gives identical metrics and bit-identical weights."""
+    repo, env, _ = project
+    outputs = ("results/metrics.json", "results/pretrain.json", "results/tasks/tass_default/metrics.json",
+               "models/pretrained/model.safetensors", "models/finetuned/tass_default/model.safetensors")
+    from safetensors.torch import load_file
+
+    def read(name: str):
+        path = repo / name
+        return load_file(str(path)) if name.endswith(".safetensors") else path.read_bytes()
+
+    def same(a, b) -> bool:
+        if isinstance(a, bytes):
+            return a == b
+        return a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+    before = {name: read(name) for name in outputs}
+    # Without the persisted training checkpoints the forced rerun trains from scratch, not resumes.
+    shutil.rmtree(repo / "models" / "checkpoints")
+    run(["dvc", "repro", "-f"], repo, env)
+    changed = [name for name in outputs if not same(read(name), before[name])]
+    assert not changed, f"a forced rerun changed {changed}"
 
 
 def test_experiment_with_changed_param_gets_its_own_metrics_and_runs(project):
