@@ -32,18 +32,21 @@ def test_hydra_override_reaches_the_config():
     assert cfg.model.n_encoders == 4
 
 
+@pytest.mark.reliability
 def test_unknown_key_is_rejected_with_its_dotted_name(tiny_raw):
     tiny_raw["model"]["n_encoder"] = 3
     with pytest.raises(ConfigError, match=r"model\.n_encoder\b"):
         load_config(tiny_raw)
 
 
+@pytest.mark.reliability
 def test_wrong_type_is_rejected_with_its_key(tiny_raw):
     tiny_raw["training"]["batch_size"] = "32"
     with pytest.raises(ConfigError, match=r"training\.batch_size must be an integer"):
         load_config(tiny_raw)
 
 
+@pytest.mark.reliability
 @pytest.mark.parametrize(
     "section,key,value,message",
     [
@@ -61,6 +64,7 @@ def test_inconsistent_values_are_rejected_before_any_work(tiny_raw, section, key
         load_config(tiny_raw)
 
 
+@pytest.mark.reliability
 def test_knn_larger_than_memory_is_rejected(tiny_raw):
     tiny_raw["model"]["pkm"] = True
     tiny_raw["model"]["pkm_params"].update(knn=64, memory_size=16, in_layers=[0])
@@ -68,6 +72,7 @@ def test_knn_larger_than_memory_is_rejected(tiny_raw):
         load_config(tiny_raw)
 
 
+@pytest.mark.reliability
 def test_task_class_metric_must_be_a_category(tiny_raw):
     tiny_raw["tasks"]["tass_default"]["task"]["class_metric"] = "HUMOR"
     with pytest.raises(ConfigError, match=r"tasks\.tass_default\.task\.class_metric 'HUMOR'"):
