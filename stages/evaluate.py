@@ -20,7 +20,8 @@ def main() -> None:
     if missing:
         raise FileNotFoundError(f"evaluate: missing per-task metrics {missing}; run the finetune stages")
     files = [f for name in cfg.tasks for f in task_metrics_files(args.tasks_dir / name)]
-    table = write_results(files, args.out)
+    shown = {name: task.compare_as for name, task in cfg.tasks.items() if task.compare_as}
+    table = write_results(files, args.out, labels=shown)
     tracker = Tracker(cfg.tracking, stage="evaluate")
     with tracker.start({"tasks": ",".join(sorted(cfg.tasks))}, run_name="evaluate"):
         tracker.log_metrics(tracked_metrics(collect(files)))

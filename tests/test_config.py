@@ -77,3 +77,10 @@ def test_task_class_metric_must_be_a_category(tiny_raw):
     tiny_raw["tasks"]["tass_default"]["task"]["class_metric"] = "HUMOR"
     with pytest.raises(ConfigError, match=r"tasks\.tass_default\.task\.class_metric 'HUMOR'"):
         load_config(tiny_raw)
+
+
+@pytest.mark.reliability
+def test_compare_as_must_name_a_task(tiny_raw):
+    tiny_raw["tasks"]["tass_default"]["compare_as"] = "coset17"
+    with pytest.raises(ConfigError, match=r"tasks\.tass_default\.compare_as 'coset17' is not a task"):
+        load_config(tiny_raw)

@@ -158,3 +158,17 @@ def test_a_skipped_baseline_file_is_left_out(tmp_path):
     skipped = _write(tmp_path, "coset17", "baseline.json",
                      {"task": "coset17", "model": "baseline", "skipped": "finetuning.baseline_row is false"})
     assert [r["model"] for r in collect([good, skipped])] == ["twilbert"]
+
+
+def test_a_task_compared_as_another_joins_its_rows_in_the_comparison(tasks_dir, tmp_path):
+    """Our encoder, an HF backbone and the baseline on one benchmark: the HF run is a second task
+    entry (`compare_as: coset17`) and its row sits with coset17's, scored against the same baseline."""
+    _write(tasks_dir, "coset17_beto", "metrics.json", _metrics("coset17_beto", "hf", official=0.5, mf1=0.5))
+    md = write_results(_files(tasks_dir, "coset17", "coset17_beto"), tmp_path / "out",
+                       labels={"coset17_beto": "coset17"})
+    rows = _md_rows(md.split("## Models compared")[1])
+    assert rows[1:] == [
+        "| coset17 | mf1 | twilbert | 33.33 | 40.00 | +15.00 |",
+        "| coset17 | mf1 | baseline | 33.33 | 25.00 | - |",
+        "| coset17 | mf1 | hf | 33.33 | **50.00** | +25.00 |",
+    ]

@@ -316,6 +316,9 @@ class TaskConfig:
     dataset: TaskDataset = field(default_factory=TaskDataset)
     task: TaskSpec = field(default_factory=TaskSpec)
     finetuning: dict[str, Any] = field(default_factory=dict)  # this task's overrides of `finetuning`
+    # Show this task's models among another task's rows in the results tables: the same benchmark
+    # finetuned again with another backbone (e.g. a copy with `finetuning: {backbone: hf}`).
+    compare_as: Optional[str] = None
 
     def finetuning_config(self, base: FinetuningConfig, where: Optional[str] = None) -> FinetuningConfig:
         """The global ``finetuning`` section with this task's overrides applied, validated."""
@@ -387,6 +390,10 @@ class Config:
         for name, task in self.tasks.items():
             task.name = task.name or name
             task.validate(f"tasks.{name}", self.finetuning)
+            if task.compare_as is not None and task.compare_as not in self.tasks:
+                raise ConfigError(
+                    f"tasks.{name}.compare_as {task.compare_as!r} is not a task in params (have: {sorted(self.tasks)})"
+                )
         return self
 
 

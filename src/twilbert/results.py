@@ -139,7 +139,7 @@ def comparison_table(rows: list[dict], labels: Optional[Mapping[str, str]] = Non
     task in bold, and the difference to the baseline where the task has one."""
     labels = labels or {}
     lines = _md_head(["Task", "Official", "Model", "dev", "test", "Δ test vs baseline"], "lllrrr")
-    for task_rows in _by_task(rows).values():
+    for task_rows in _by_task(rows, labels).values():
         scores = [r["test"]["official"] for r in task_rows]
         best = max(scores) if len(task_rows) > 1 else None
         baseline = next((r for r in task_rows if r["model"] == BASELINE_MODEL), None)
@@ -155,10 +155,12 @@ def comparison_table(rows: list[dict], labels: Optional[Mapping[str, str]] = Non
     return "\n".join(lines) + "\n"
 
 
-def _by_task(rows: list[dict]) -> dict[str, list[dict]]:
+def _by_task(rows: list[dict], labels: Optional[Mapping[str, str]] = None) -> dict[str, list[dict]]:
+    """Rows grouped by the task name shown, so a task listed ``compare_as`` another joins its rows."""
+    labels = labels or {}
     groups: dict[str, list[dict]] = {}
     for row in rows:
-        groups.setdefault(row["task"], []).append(row)
+        groups.setdefault(labels.get(row["task"], row["task"]), []).append(row)
     return groups
 
 
