@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import random
+import socket
 from pathlib import Path
 
 import pytest
@@ -46,3 +47,10 @@ def tiny_raw() -> dict:
 @pytest.fixture
 def tiny_cfg(tiny_raw):
     return load_config(tiny_raw)
+
+
+def free_port() -> int:
+    """A loopback port nobody listens on, for a test's own process group."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]

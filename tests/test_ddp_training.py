@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 import sys
 
 import numpy as np
@@ -23,7 +22,7 @@ from twilbert.distributed import (
 from twilbert.train.loop import Checkpointing
 from twilbert.train.pretrain import build_pretraining
 
-from conftest import REPO
+from conftest import REPO, free_port
 from test_resume import (
     MAX_LEN, assert_same_weights, finetune_args, make_finetune_inputs, make_pretrain_inputs, ok, pretrain_args,
     run_stage, steps, write_params,
@@ -90,16 +89,10 @@ def _worker(rank: int, port: int, out_dir: str) -> None:
         destroy_distributed()
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def test_an_epoch_on_two_ranks_with_batch_b_equals_one_process_with_batch_2b(tmp_path):
     from safetensors.torch import load_file
 
-    mp.spawn(_worker, args=(_free_port(), str(tmp_path)), nprocs=WORLD, join=True)
+    mp.spawn(_worker, args=(free_port(), str(tmp_path)), nprocs=WORLD, join=True)
     single, single_totals, single_steps = train_one_epoch(PER_RANK * WORLD, DistContext())
     assert single_steps == 3  # 5 micro-batches in windows of 2: the last, short window steps too
 

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 
 import numpy as np
 import pytest
@@ -26,6 +25,8 @@ from twilbert.distributed import (
 )
 from twilbert.model import TWilBertForPretraining
 from twilbert.train.losses import mlm_loss
+
+from conftest import free_port
 
 pytestmark = pytest.mark.reliability
 
@@ -114,16 +115,10 @@ def _worker(rank: int, port: int, out_dir: str) -> None:
         destroy_distributed()
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def test_two_gloo_ranks_give_the_gradients_of_one_process_with_twice_the_batch(tmp_path):
     from safetensors.torch import load_file
 
-    mp.spawn(_worker, args=(_free_port(), str(tmp_path)), nprocs=WORLD, join=True)
+    mp.spawn(_worker, args=(free_port(), str(tmp_path)), nprocs=WORLD, join=True)
 
     data, labels = pair_data()
     model = tiny_model()

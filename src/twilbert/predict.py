@@ -30,7 +30,7 @@ from twilbert.config import ConfigError, TaskConfig, from_dict
 from twilbert.data.preprocess import Preprocessor
 from twilbert.data.tokenizer import CLS_ID, META_FILE, MODEL_FILE, PAD_ID, SEP_ID, Tokenizer
 from twilbert.model.backbone import HF_DIR, TWilBertPacker, load_classifier
-from twilbert.model.io import CONFIG_NAME, WEIGHTS_NAME, CheckpointError
+from twilbert.model.io import CONFIG_NAME, WEIGHTS_NAME, CheckpointError, read_config_json
 from twilbert.train.finetune import decide, predict_scores
 from twilbert.train.loop import resolve_device
 
@@ -67,11 +67,9 @@ def read_model_config(directory: Union[str, Path], backbones: Sequence[str] = BA
         raise PredictError(f"{directory}: missing {CONFIG_NAME}; a twilbert model directory holds {CONFIG_NAME}, "
                            f"{', '.join(MODEL_FILES['twilbert'])} (written by the pretrain and finetune stages)")
     try:
-        config = json.loads(path.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as err:
-        raise PredictError(f"{path}: not valid JSON ({err})") from None
-    if not isinstance(config, dict):
-        raise PredictError(f"{path}: expected a JSON object, got {type(config).__name__}")
+        config = read_config_json(path)
+    except CheckpointError as err:
+        raise PredictError(str(err)) from None
     backbone = config.get("backbone", "twilbert")
     if backbone not in backbones:
         raise PredictError(f"{path}: backbone {backbone!r} is not supported by {command} yet "

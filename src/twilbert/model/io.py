@@ -168,6 +168,17 @@ def save_pretrained(directory: PathLike, model: nn.Module, config: dict) -> Path
 # --------------------------------------------------------------------------------------------
 
 
+def read_config_json(path: Path) -> dict:
+    """A model directory's ``config.json`` as a dict; CheckpointError naming the file otherwise."""
+    try:
+        config = json.loads(Path(path).read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise CheckpointError(f"{path}: not valid JSON ({err})") from None
+    if not isinstance(config, dict):
+        raise CheckpointError(f"{path}: expected a JSON object, got {type(config).__name__}")
+    return config
+
+
 def load_pretrained_state(directory: PathLike) -> tuple[dict, dict[str, torch.Tensor]]:
     """Read (config dict, state_dict) from a model directory: safetensors and JSON only, never pickle."""
     directory = Path(directory)
@@ -180,12 +191,7 @@ def load_pretrained_state(directory: PathLike) -> tuple[dict, dict[str, torch.Te
             hint = " (pickle checkpoints such as pytorch_model.bin are never loaded)" if path == weights_path else ""
             raise FileNotFoundError(f"{path}: missing; a model directory holds {CONFIG_NAME} and {WEIGHTS_NAME}{hint}")
 
-    try:
-        config = json.loads(config_path.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as err:
-        raise CheckpointError(f"{config_path}: not valid JSON ({err})") from None
-    if not isinstance(config, dict):
-        raise CheckpointError(f"{config_path}: expected a JSON object, got {type(config).__name__}")
+    config = read_config_json(config_path)
 
     try:
         with safe_open(str(weights_path), framework="pt", device="cpu") as f:
