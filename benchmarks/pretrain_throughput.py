@@ -26,13 +26,20 @@ layer 8*H*A*d_k (Q, K, V, output) + 4*T*A*d_k (scores, weighted sum) + 4*H*I (FF
 the embedding projection, plus 2*H*E + 2*E*V per masked token for the MLM head and the ROP head per
 row. ``mfu_bf16`` = ours' achieved FLOP/s under bf16 / the FLOP/s of a 4096^3 bf16 matmul (median
 of 10), measured after each bf16 round because a shared host's speed drifts; the median over rounds.
+``mfu_fp32`` is the same in fp32.
+
+bf16 is timed only on a CPU with bf16 matrix instructions (AVX512-BF16 or AMX, what oneDNN
+reports): elsewhere PyTorch emulates bf16 matmuls ~100x slower than fp32 (measured on the AVX2-only
+EPYC this project's CI has run on) and a step would take an hour. Then the bf16 figures are null
+and the script says why; ``--bf16 on`` times them anyway.
 
     python benchmarks/pretrain_throughput.py                 # the full comparison (minutes)
     python benchmarks/pretrain_throughput.py --steps 3 --rounds 5 --batch 32
     python benchmarks/pretrain_throughput.py --quick         # small sizes, a smoke run of seconds
 
 Prints the figures, then one JSON line with hf_fp32_tok_s, ours_fp32_tok_s, hf_bf16_tok_s,
-ours_bf16_tok_s, ours_pkm_bf16_tok_s, ratio_fp32, ratio_bf16, mfu_bf16.
+ours_bf16_tok_s, ours_pkm_fp32_tok_s, ours_pkm_bf16_tok_s, ratio_fp32, ratio_bf16, mfu_fp32,
+mfu_bf16 (null where bf16 was not timed) and native_bf16.
 """
 
 from __future__ import annotations
@@ -56,6 +63,7 @@ import torch
 from twilbert.config import Config, compose, load_config
 from twilbert.data.pairs import PairBatch, make_batch
 from twilbert.data.tokenizer import N_SPECIAL, pack_pairs
+from twilbert.train.loop import native_bf16
 from twilbert.train.pretrain import PretrainObjective, build_pretraining
 
 REPO = Path(__file__).resolve().parents[1]
@@ -182,7 +190,7 @@ def matmul_flops_shape(rows: int, inner: int, cols: int, dtype: torch.dtype, rep
 
 
 def matmul_flops(n: int, dtype: torch.dtype) -> float:
-    """FLOP/s of an n x n x n matmul: the reference of ``mfu_bf16``."""
+    """FLOP/s of an n x n x n matmul: the reference of ``mfu_fp32`` and ``mfu_bf16``."""
     return matmul_flops_shape(n, n, n, dtype)
 
 
@@ -223,6 +231,9 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true", help="small sizes: a smoke run of a few seconds")
     parser.add_argument("--act", choices=("gelu_new", "gelu"), default="gelu_new",
                         help="activation of both sides: ALBERT's gelu_new (default) or exact gelu (our presets')")
+    parser.add_argument("--bf16", choices=("auto", "on", "off"), default="auto",
+                        help="time bf16 autocast: auto = only on a CPU with bf16 matrix instructions (AVX512-BF16 "
+                             "or AMX); elsewhere PyTorch emulates bf16 ~100x slower than fp32")
     args = parser.parse_args()
     logging.basicConfig(level=logging.WARNING)
     sizes = QUICK if args.quick else FULL
@@ -235,40 +246,61 @@ def main() -> None:
           f"L={sizes['n_encoders']} I={sizes['intermediate_size']} T={seq} B={args.batch}, {args.act}; "
           f"{args.steps} steps x {args.rounds} rounds", flush=True)
 
-    cfg = pretraining_config(sizes, args.batch, "bf16", pkm=False, act=args.act)
+    cfg = pretraining_config(sizes, args.batch, "fp32", pkm=False, act=args.act)
     n_masked = int((fixed_masks(cfg, vocab, batch)[1] != -100).sum())  # the same count every step
     flops = train_flops(cfg, vocab, args.batch, seq, n_masked)
-    matmul = functools.partial(matmul_flops, sizes["matmul"], torch.bfloat16)
+    native = native_bf16(torch.device("cpu"))
+    precisions = ["fp32"]
+    if args.bf16 == "on" or (args.bf16 == "auto" and native):
+        precisions.append("bf16")
+    elif args.bf16 == "off":
+        print("bf16 skipped (--bf16 off)", flush=True)
+    else:
+        fp32_rate, bf16_rate = (matmul_flops(512, dtype) for dtype in (torch.float32, torch.bfloat16))
+        print(f"bf16 skipped: this CPU has no bf16 matrix instructions; a 512^3 matmul runs at "
+              f"{bf16_rate / 1e9:.1f} GFLOP/s in bf16 against {fp32_rate / 1e9:.1f} in fp32, so a bf16 step would "
+              f"time PyTorch's emulation, not the model. --bf16 on runs it anyway.", flush=True)
 
-    results = {}
-    for precision in ("fp32", "bf16"):
+    results, pkm_tok_s, mfu = {}, {}, {}
+    for precision in precisions:
+        dtype = torch.float32 if precision == "fp32" else torch.bfloat16
         cfg = pretraining_config(sizes, args.batch, precision, pkm=False, act=args.act)
+        matmul = functools.partial(matmul_flops, sizes["matmul"], dtype)
         results[precision] = compare(precision, ours_step(cfg, vocab, batch), hf_step(cfg, vocab, batch),
-                                     tokens, args.steps, args.rounds, matmul if precision == "bf16" else None)
+                                     tokens, args.steps, args.rounds, matmul)
         gc.collect()
-    pkm_cfg = pretraining_config(sizes, args.batch, "bf16", pkm=True, act=args.act)
-    pkm_tok_s = single("bf16 + PKM", ours_step(pkm_cfg, vocab, batch), tokens, args.steps, args.rounds)
-
-    # MFU per bf16 round, against the matmul measured right after that round (the host's speed drifts)
-    bf16 = results["bf16"]
-    mfus = [flops * tok_s / tokens / peak for tok_s, peak in zip(bf16["ours_rounds"], bf16["probes"])]
-    print(f"model FLOPs per step: {flops / 1e9:.1f} GFLOP ({n_masked} masked tokens); ours bf16 achieves "
-          f"{', '.join(f'{flops * t / tokens / 1e9:.0f}' for t in bf16['ours_rounds'])} GFLOP/s per round; "
-          f"bf16 {sizes['matmul']}^3 matmul: {', '.join(f'{p / 1e9:.0f}' for p in bf16['probes'])} GFLOP/s; "
-          f"mfu per round {', '.join(f'{m:.2f}' for m in mfus)}")
-    ceiling = linear_layers_flops(cfg, tokens, torch.bfloat16)
-    print(f"bf16 matmuls of the encoder's linear layers alone (their own shapes): {ceiling / 1e9:.0f} GFLOP/s; "
-          f"ours bf16 reaches {flops * bf16['ours'] / tokens / ceiling:.2f} of that")
+        pkm_cfg = pretraining_config(sizes, args.batch, precision, pkm=True, act=args.act)
+        pkm_tok_s[precision] = single(f"{precision} + PKM", ours_step(pkm_cfg, vocab, batch), tokens, args.steps,
+                                      args.rounds)
+        gc.collect()
+        # MFU per round, against the matmul measured right after that round (the host's speed drifts)
+        rounds = results[precision]
+        mfus = [flops * tok_s / tokens / peak for tok_s, peak in zip(rounds["ours_rounds"], rounds["probes"])]
+        mfu[precision] = statistics.median(mfus)
+        print(f"{precision}: model FLOPs per step {flops / 1e9:.1f} GFLOP ({n_masked} masked tokens); ours achieves "
+              f"{', '.join(f'{flops * t / tokens / 1e9:.0f}' for t in rounds['ours_rounds'])} GFLOP/s per round; "
+              f"{precision} {sizes['matmul']}^3 matmul: {', '.join(f'{p / 1e9:.0f}' for p in rounds['probes'])} "
+              f"GFLOP/s; mfu per round {', '.join(f'{m:.2f}' for m in mfus)}")
+        ceiling = linear_layers_flops(cfg, tokens, dtype)
+        print(f"{precision} matmuls of the encoder's linear layers alone (their own shapes): {ceiling / 1e9:.0f} "
+              f"GFLOP/s; ours {precision} reaches {flops * rounds['ours'] / tokens / ceiling:.2f} of that", flush=True)
     print(f"load average at the end: {os.getloadavg()[0]:.2f}")
+
+    def figure(precision: str, value: Callable[[], float], digits: int = 1) -> Optional[float]:
+        return round(value(), digits) if precision in results else None
+
     print(json.dumps({
-        "hf_fp32_tok_s": round(results["fp32"]["hf"], 1),
-        "ours_fp32_tok_s": round(results["fp32"]["ours"], 1),
-        "hf_bf16_tok_s": round(results["bf16"]["hf"], 1),
-        "ours_bf16_tok_s": round(results["bf16"]["ours"], 1),
-        "ours_pkm_bf16_tok_s": round(pkm_tok_s, 1),
-        "ratio_fp32": round(results["fp32"]["ratio"], 3),
-        "ratio_bf16": round(results["bf16"]["ratio"], 3),
-        "mfu_bf16": round(statistics.median(mfus), 3),
+        "hf_fp32_tok_s": figure("fp32", lambda: results["fp32"]["hf"]),
+        "ours_fp32_tok_s": figure("fp32", lambda: results["fp32"]["ours"]),
+        "hf_bf16_tok_s": figure("bf16", lambda: results["bf16"]["hf"]),
+        "ours_bf16_tok_s": figure("bf16", lambda: results["bf16"]["ours"]),
+        "ours_pkm_fp32_tok_s": figure("fp32", lambda: pkm_tok_s["fp32"]),
+        "ours_pkm_bf16_tok_s": figure("bf16", lambda: pkm_tok_s["bf16"]),
+        "ratio_fp32": figure("fp32", lambda: results["fp32"]["ratio"], 3),
+        "ratio_bf16": figure("bf16", lambda: results["bf16"]["ratio"], 3),
+        "mfu_fp32": figure("fp32", lambda: mfu["fp32"], 3),
+        "mfu_bf16": figure("bf16", lambda: mfu["bf16"], 3),
+        "native_bf16": native,
     }))
 
 
