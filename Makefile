@@ -29,11 +29,13 @@ repro: setup check-params
 	@echo
 	@cat results/results.md
 
+# One pytest-xdist worker per core; whole files per worker, as the e2e tests share one project.
+PYTEST_WORKERS ?= auto
 test: setup
-	$(PY) -m pytest
+	$(PY) -m pytest -n $(PYTEST_WORKERS) --dist loadfile
 
 test-fast: setup
-	$(PY) -m pytest -m "not slow and not network"
+	$(PY) -m pytest -n $(PYTEST_WORKERS) --dist loadfile -m "not slow and not network"
 
 ## TWilBert's 11 sample tasks finetuned end to end -> results/acceptance/results.md
 SAMPLES ?= ../shared/data/twilbert-samples

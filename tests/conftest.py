@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import random
 import socket
 from pathlib import Path
@@ -11,6 +12,16 @@ import pytest
 from twilbert.config import compose, load_config
 
 REPO = Path(__file__).resolve().parents[1]
+
+
+def pytest_configure(config):
+    # `make test` runs one pytest-xdist worker per core: each worker, and the stage processes it
+    # starts, get one torch thread, or the workers' thread pools fight over the same cores.
+    if os.environ.get("PYTEST_XDIST_WORKER"):
+        import torch
+
+        os.environ["OMP_NUM_THREADS"] = "1"
+        torch.set_num_threads(1)
 
 WORDS = (
     "hola que tal estoy muy feliz hoy con mis amigos jajaja no me gusta nada este lunes "
