@@ -41,7 +41,7 @@ def test_mlm_logits_exist_only_at_positions_with_a_label():
     labels = torch.full_like(ids, -100)
     labels[0, 2], labels[0, 5], labels[2, 1] = 7, 11, 13
     calls = []
-    m.predictions.register_forward_hook(lambda _m, args, _o: calls.append(args[0].shape))
+    m.predictions.dense.register_forward_hook(lambda _m, args, _o: calls.append(args[0].shape))
     out = m(ids, seg, mask, labels)
     assert out.mlm_logits.shape == (3, VOCAB)
     assert calls == [torch.Size([3, 16])]  # the head never sees unlabelled positions

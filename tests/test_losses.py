@@ -11,6 +11,7 @@ from hypothesis import strategies as st
 from sklearn.metrics import f1_score, jaccard_score, precision_score, recall_score
 
 from twilbert.config import TaskSpec
+from twilbert.train import losses
 from twilbert.train.losses import (
     build_loss,
     class_weights_tensor,
@@ -231,3 +232,70 @@ def test_class_weights_with_unknown_label_names_it():
     spec = TaskSpec(categories={"AGAINST": 0, "FAVOR": 1}, class_weights={"FAVOUR": 2.0})
     with pytest.raises(ValueError, match=r"class_weights\.FAVOUR.*'AGAINST', 'FAVOR'"):
         class_weights_tensor(spec, None)
+
+
+# --------------------------------------------------------------------------------------------
+# linear_mlm_loss: the decoder and cross-entropy fused, chunk by chunk
+# --------------------------------------------------------------------------------------------
+
+
+def _mlm_problem(n: int, dim: int = 8, vocab: int = 50, seed: int = 0):
+    g = torch.Generator().manual_seed(seed)
+    states = torch.randn(n, dim, generator=g, requires_grad=True)
+    weight = torch.randn(vocab, dim, generator=g).requires_grad_()
+    bias = torch.randn(vocab, generator=g).requires_grad_()
+    targets = torch.randint(0, vocab, (n,), generator=g)
+    return states, weight, bias, targets
+
+
+@pytest.mark.parametrize("chunk_elements", [50, 7 * 50, 1 << 22])  # one row per chunk, uneven chunks, one chunk
+def test_linear_mlm_loss_equals_decoder_then_cross_entropy_in_value_gradients_and_accuracy(monkeypatch,
+                                                                                           chunk_elements):
+    monkeypatch.setattr(losses, "_LOGIT_CHUNK_ELEMENTS", chunk_elements)
+    states, weight, bias, targets = _mlm_problem(23)
+    logits = F.linear(states, weight, bias)
+    targets[:5] = logits[:5].argmax(-1)  # some rows right, so the count is not trivially 0
+    expected = mlm_loss(logits, targets)
+    expected.backward()
+    expected_grads = [t.grad.clone() for t in (states, weight, bias)]
+    for t in (states, weight, bias):
+        t.grad = None
+    loss, correct = losses.linear_mlm_loss(states, weight, bias, targets)
+    loss.backward()
+    torch.testing.assert_close(loss, expected)
+    for got, want in zip((states.grad, weight.grad, bias.grad), expected_grads):
+        torch.testing.assert_close(got, want)
+    assert correct.item() == (logits.argmax(-1) == targets).sum().item() >= 5
+
+
+def test_linear_mlm_loss_divides_by_the_given_normalizer_and_runs_without_gradients():
+    states, weight, bias, targets = _mlm_problem(9)
+    summed = mlm_loss(F.linear(states, weight, bias), targets, normalizer=1.0)
+    loss, _ = losses.linear_mlm_loss(states, weight, bias, targets, normalizer=torch.tensor(4))
+    torch.testing.assert_close(loss, summed / 4)
+    with torch.no_grad():
+        loss, correct = losses.linear_mlm_loss(states, weight, bias, targets)
+    torch.testing.assert_close(loss, summed / 9)
+    assert not loss.requires_grad
+
+
+def test_linear_mlm_loss_of_no_rows_is_zero_with_zero_gradients():
+    states, weight, bias, targets = _mlm_problem(0)
+    loss, correct = losses.linear_mlm_loss(states, weight, bias, targets)
+    loss.backward()
+    assert loss.item() == 0.0 and correct.item() == 0
+    assert not weight.grad.any() and not bias.grad.any()
+
+
+def test_linear_mlm_loss_under_bf16_autocast_stays_within_bf16_precision():
+    states, weight, bias, targets = _mlm_problem(16, dim=32, vocab=200)
+    expected = mlm_loss(F.linear(states, weight, bias), targets)
+    expected.backward()
+    want = weight.grad.clone()
+    weight.grad = None
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        loss, _ = losses.linear_mlm_loss(states, weight, bias, targets)
+    loss.backward()
+    assert loss.dtype == torch.float32 and weight.grad.dtype == torch.float32
+    torch.testing.assert_close(loss, expected, rtol=0.02, atol=0.05)
+    torch.testing.assert_close(weight.grad, want, rtol=0.05, atol=0.02)

@@ -31,10 +31,13 @@ class TWilBertMLMHead(nn.Module):
         self.decoder.weight = word_embeddings.weight
         self.bias = nn.Parameter(torch.zeros(vocab_size))
 
+    def transform(self, hidden: torch.Tensor) -> torch.Tensor:
+        """hidden (N, H) -> (N, E): everything before the decoder."""
+        return self.LayerNorm(self.activation(self.dense(hidden)))
+
     def forward(self, hidden: torch.Tensor) -> torch.Tensor:
         """hidden (N, H) of the masked positions only -> logits (N, V)."""
-        h = self.LayerNorm(self.activation(self.dense(hidden)))  # (N, E)
-        return F.linear(h, self.decoder.weight, self.bias)  # (N, V)
+        return F.linear(self.transform(hidden), self.decoder.weight, self.bias)  # (N, V)
 
 
 class TWilBertROPHead(nn.Module):
@@ -111,9 +114,16 @@ class ClassificationHead(nn.Module):
 
 
 class PretrainOutput(NamedTuple):
-    mlm_logits: torch.Tensor  # (N, V) at the N positions with a label
+    mlm_states: torch.Tensor  # (N, E) the MLM head's states before the decoder, at the N positions with a label
     mlm_targets: torch.Tensor  # (N,) the labels of those positions
     rop_logits: Optional[torch.Tensor]  # (B, 2), None when ROP is off
+    decoder_weight: torch.Tensor  # (V, E) the MLM decoder, tied to the word embeddings
+    decoder_bias: torch.Tensor  # (V,)
+
+    @property
+    def mlm_logits(self) -> torch.Tensor:
+        """(N, V). Training never builds them: ``losses.linear_mlm_loss`` takes the states and the decoder."""
+        return F.linear(self.mlm_states, self.decoder_weight, self.decoder_bias)
 
 
 class TWilBertForPretraining(nn.Module):
@@ -137,11 +147,13 @@ class TWilBertForPretraining(nn.Module):
     ) -> PretrainOutput:
         """mlm_labels (B, T): target id at masked positions, -100 elsewhere."""
         hidden = self.twilbert(input_ids, segment_ids, attention_mask)  # (B, T, H)
-        # The V-projection dominates the head's cost, so run it on the ~15% masked positions only.
+        # The V-projection dominates the head's cost, so it runs on the ~15% masked positions only,
+        # and in the loss (or ``mlm_logits``), not here.
         selected = mlm_labels != IGNORE_INDEX  # (B, T)
-        mlm_logits = self.predictions(hidden[selected])  # (N, V)
+        mlm_states = self.predictions.transform(hidden[selected])  # (N, E)
         rop_logits = self.rop_classifier(hidden[:, 0]) if self.rop_classifier is not None else None
-        return PretrainOutput(mlm_logits, mlm_labels[selected], rop_logits)
+        return PretrainOutput(mlm_states, mlm_labels[selected], rop_logits, self.predictions.decoder.weight,
+                              self.predictions.bias)
 
 
 class TWilBertForClassification(nn.Module):

@@ -44,6 +44,76 @@ def mlm_loss(logits: Tensor, targets: Tensor, normalizer: Union[float, Tensor, N
     return total / max(float(normalizer), 1.0)
 
 
+# Rows of (rows, V) logits held at once by ``linear_mlm_loss``: ~16 MiB in fp32, small enough to stay
+# in the allocator's reused memory instead of fresh pages every step.
+_LOGIT_CHUNK_ELEMENTS = 1 << 22
+
+
+class _LinearCrossEntropy(torch.autograd.Function):
+    """Summed cross-entropy of ``states @ weight.T + bias`` and the count of correct argmaxes.
+
+    The (N, V) logits exist only one chunk of rows at a time, and the gradients are computed while
+    they do (softmax minus one-hot, times the decoder and the states), so backward only scales
+    them. A plain decoder + ``F.cross_entropy`` holds the logits, the log-softmax, the zeroed
+    gradient buffer and the logits' gradient, four (N, V) tensors.
+    """
+
+    @staticmethod
+    def forward(ctx, states: Tensor, weight: Tensor, bias: Optional[Tensor], targets: Tensor):
+        need_grad = any(ctx.needs_input_grad[:3])
+        autocast = torch.is_autocast_enabled(states.device.type)
+        rows = max(1, _LOGIT_CHUNK_ELEMENTS // weight.shape[0])
+        loss = torch.zeros((), dtype=torch.float32, device=states.device)
+        correct = torch.zeros((), dtype=torch.long, device=states.device)
+        grad_states = torch.empty(states.shape, dtype=torch.float32, device=states.device) if need_grad else None
+        grad_weight = torch.zeros(weight.shape, dtype=torch.float32, device=states.device) if need_grad else None
+        grad_bias = None if bias is None or not need_grad else torch.zeros(weight.shape[0], device=states.device)
+        for start in range(0, states.shape[0], rows):
+            h, t = states[start:start + rows], targets[start:start + rows, None]  # (c, E), (c, 1)
+            logits = F.linear(h, weight, bias).float()  # (c, V)
+            top, predicted = logits.max(-1)
+            correct += (predicted == t[:, 0]).sum()
+            picked = logits.gather(1, t)[:, 0] - top  # (c,)
+            shifted = logits.sub_(top[:, None]).exp_()  # (c, V), exp(logit - max)
+            total = shifted.sum(-1)  # (c,)
+            loss += (total.log() - picked).sum()
+            if not need_grad:
+                continue
+            grad_logits = shifted.div_(total[:, None])  # softmax, in place
+            grad_logits.scatter_add_(1, t, grad_logits.new_full(t.shape, -1.0))  # minus the one-hot target
+            grad_states[start:start + rows] = grad_logits @ (weight if autocast else weight.to(grad_logits.dtype))
+            if autocast:  # the same reduced-precision product autograd would run under autocast
+                grad_weight += grad_logits.t() @ h
+            else:
+                grad_weight.addmm_(grad_logits.t(), h.to(grad_logits.dtype))
+            if grad_bias is not None:
+                grad_bias += grad_logits.sum(0)
+        ctx.save_for_backward(grad_states, grad_weight, grad_bias)
+        ctx.dtypes = (states.dtype, weight.dtype, None if bias is None else bias.dtype)
+        ctx.mark_non_differentiable(correct)
+        return loss, correct
+
+    @staticmethod
+    def backward(ctx, grad_loss: Tensor, _grad_correct: Tensor):
+        grads = [None if g is None else (g * grad_loss).to(dtype) for g, dtype in zip(ctx.saved_tensors, ctx.dtypes)]
+        return (*grads, None)
+
+
+def linear_mlm_loss(states: Tensor, weight: Tensor, bias: Optional[Tensor], targets: Tensor,
+                    normalizer: Union[float, Tensor, None] = None) -> tuple[Tensor, Tensor]:
+    """``mlm_loss(F.linear(states, weight, bias), targets, normalizer)`` and the number of rows whose
+    argmax is the target, without the (N, V) logits ever held whole (see ``_LinearCrossEntropy``).
+
+    states (N, E) at the masked positions only, weight (V, E), bias (V,), targets (N,) all valid ids.
+    """
+    total, correct = _LinearCrossEntropy.apply(states, weight, bias, targets)
+    if normalizer is None:
+        normalizer = targets.numel()
+    if isinstance(normalizer, Tensor):
+        return total / normalizer.to(total.dtype).clamp_min(1.0), correct
+    return total / max(float(normalizer), 1.0), correct
+
+
 def rop_loss(logits: Tensor, labels: Tensor) -> Tensor:
     """Mean cross-entropy of reply order prediction; logits (B, 2), labels (B,), 1 = original order."""
     return F.cross_entropy(logits.float(), labels)

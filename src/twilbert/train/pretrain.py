@@ -35,7 +35,7 @@ from twilbert.model.io import CheckpointError, LoadReport, load_into, load_pretr
 from twilbert.track import Tracker
 from twilbert.train.checkpoint import config_fingerprint, files_digest, package_paths, run_fingerprint
 from twilbert.train.loop import BestEpoch, Checkpointing, Trainer, autocast, resolve_device, seed_everything
-from twilbert.train.losses import mlm_loss, rop_loss
+from twilbert.train.losses import linear_mlm_loss, rop_loss
 from twilbert.train.optim import build_optimizer, build_scheduler, param_groups
 
 log = logging.getLogger(__name__)
@@ -111,12 +111,11 @@ class PretrainObjective:
         batch = batch.to(self.device)
         out = model(masked.to(self.device), batch.segment_ids, batch.attention_mask, labels.to(self.device))
         n_masked = out.mlm_targets.numel()
-        mlm = mlm_loss(out.mlm_logits, out.mlm_targets, None if normalizers is None else normalizers[0])
+        mlm, correct = linear_mlm_loss(out.mlm_states, out.decoder_weight, out.decoder_bias, out.mlm_targets,
+                                       None if normalizers is None else normalizers[0])
         loss = mlm
-        # max().indices rather than argmax(): same first-maximum index, ~4x faster on CPU for (N, V) rows
-        predicted = out.mlm_logits.detach().max(-1).indices  # (N,)
         counts = {
-            "mlm_correct": (predicted == out.mlm_targets).sum().item(),
+            "mlm_correct": correct.item(),
             "mlm_count": n_masked,
             "mlm_nll_sum": mlm.item() * (n_masked if normalizers is None else float(normalizers[0])),
         }
