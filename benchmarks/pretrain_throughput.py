@@ -261,22 +261,20 @@ def main() -> None:
               f"{bf16_rate / 1e9:.1f} GFLOP/s in bf16 against {fp32_rate / 1e9:.1f} in fp32, so a bf16 step would "
               f"time PyTorch's emulation, not the model. --bf16 on runs it anyway.", flush=True)
 
-    results, pkm_tok_s, mfu = {}, {}, {}
+    results = {}  # precision -> compare()'s figures, plus "pkm" (tok/s) and "mfu"
     for precision in precisions:
         dtype = torch.float32 if precision == "fp32" else torch.bfloat16
         cfg = pretraining_config(sizes, args.batch, precision, pkm=False, act=args.act)
         matmul = functools.partial(matmul_flops, sizes["matmul"], dtype)
-        results[precision] = compare(precision, ours_step(cfg, vocab, batch), hf_step(cfg, vocab, batch),
-                                     tokens, args.steps, args.rounds, matmul)
+        rounds = results[precision] = compare(precision, ours_step(cfg, vocab, batch), hf_step(cfg, vocab, batch),
+                                              tokens, args.steps, args.rounds, matmul)
         gc.collect()
         pkm_cfg = pretraining_config(sizes, args.batch, precision, pkm=True, act=args.act)
-        pkm_tok_s[precision] = single(f"{precision} + PKM", ours_step(pkm_cfg, vocab, batch), tokens, args.steps,
-                                      args.rounds)
+        rounds["pkm"] = single(f"{precision} + PKM", ours_step(pkm_cfg, vocab, batch), tokens, args.steps, args.rounds)
         gc.collect()
         # MFU per round, against the matmul measured right after that round (the host's speed drifts)
-        rounds = results[precision]
         mfus = [flops * tok_s / tokens / peak for tok_s, peak in zip(rounds["ours_rounds"], rounds["probes"])]
-        mfu[precision] = statistics.median(mfus)
+        rounds["mfu"] = statistics.median(mfus)
         print(f"{precision}: model FLOPs per step {flops / 1e9:.1f} GFLOP ({n_masked} masked tokens); ours achieves "
               f"{', '.join(f'{flops * t / tokens / 1e9:.0f}' for t in rounds['ours_rounds'])} GFLOP/s per round; "
               f"{precision} {sizes['matmul']}^3 matmul: {', '.join(f'{p / 1e9:.0f}' for p in rounds['probes'])} "
@@ -286,20 +284,20 @@ def main() -> None:
               f"GFLOP/s; ours {precision} reaches {flops * rounds['ours'] / tokens / ceiling:.2f} of that", flush=True)
     print(f"load average at the end: {os.getloadavg()[0]:.2f}")
 
-    def figure(precision: str, value: Callable[[], float], digits: int = 1) -> Optional[float]:
-        return round(value(), digits) if precision in results else None
+    def figure(precision: str, name: str, digits: int = 1) -> Optional[float]:
+        return round(results[precision][name], digits) if precision in results else None
 
     print(json.dumps({
-        "hf_fp32_tok_s": figure("fp32", lambda: results["fp32"]["hf"]),
-        "ours_fp32_tok_s": figure("fp32", lambda: results["fp32"]["ours"]),
-        "hf_bf16_tok_s": figure("bf16", lambda: results["bf16"]["hf"]),
-        "ours_bf16_tok_s": figure("bf16", lambda: results["bf16"]["ours"]),
-        "ours_pkm_fp32_tok_s": figure("fp32", lambda: pkm_tok_s["fp32"]),
-        "ours_pkm_bf16_tok_s": figure("bf16", lambda: pkm_tok_s["bf16"]),
-        "ratio_fp32": figure("fp32", lambda: results["fp32"]["ratio"], 3),
-        "ratio_bf16": figure("bf16", lambda: results["bf16"]["ratio"], 3),
-        "mfu_fp32": figure("fp32", lambda: mfu["fp32"], 3),
-        "mfu_bf16": figure("bf16", lambda: mfu["bf16"], 3),
+        "hf_fp32_tok_s": figure("fp32", "hf"),
+        "ours_fp32_tok_s": figure("fp32", "ours"),
+        "hf_bf16_tok_s": figure("bf16", "hf"),
+        "ours_bf16_tok_s": figure("bf16", "ours"),
+        "ours_pkm_fp32_tok_s": figure("fp32", "pkm"),
+        "ours_pkm_bf16_tok_s": figure("bf16", "pkm"),
+        "ratio_fp32": figure("fp32", "ratio", 3),
+        "ratio_bf16": figure("bf16", "ratio", 3),
+        "mfu_fp32": figure("fp32", "mfu", 3),
+        "mfu_bf16": figure("bf16", "mfu", 3),
         "native_bf16": native,
     }))
 

@@ -65,3 +65,15 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+def join_gloo_group(rank: int, world_size: int, port: int):
+    """In a spawned test worker: join a CPU process group on ``port`` as torchrun would set it up."""
+    import torch
+
+    from twilbert.distributed import init_distributed
+
+    os.environ.update(RANK=str(rank), WORLD_SIZE=str(world_size), LOCAL_RANK=str(rank),
+                      MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    torch.set_num_threads(1)
+    return init_distributed("cpu")

@@ -4,7 +4,6 @@ batch; the stage scripts under torchrun write one model, and a killed torchrun r
 from __future__ import annotations
 
 import json
-import os
 import sys
 
 import numpy as np
@@ -17,12 +16,12 @@ from twilbert.data.masking import mask_tokens
 from twilbert.data.pairs import make_batch
 from twilbert.data.tokenizer import MASK_ID, N_SPECIAL, pack_pairs
 from twilbert.distributed import (
-    DistContext, destroy_distributed, init_distributed, iterate_rank_batches, rank_batch_indices,
+    DistContext, destroy_distributed, iterate_rank_batches, rank_batch_indices,
 )
 from twilbert.train.loop import Checkpointing
 from twilbert.train.pretrain import build_pretraining
 
-from conftest import REPO, free_port
+from conftest import REPO, free_port, join_gloo_group
 from test_resume import (
     MAX_LEN, assert_same_weights, finetune_args, make_finetune_inputs, make_pretrain_inputs, ok, pretrain_args,
     run_stage, steps, write_params,
@@ -74,12 +73,9 @@ def train_one_epoch(batch_size: int, ctx: DistContext, checkpoint_dir=None):
 
 
 def _worker(rank: int, port: int, out_dir: str) -> None:
-    os.environ.update(RANK=str(rank), WORLD_SIZE=str(WORLD), LOCAL_RANK=str(rank),
-                      MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    torch.set_num_threads(1)
     from safetensors.torch import save_file
 
-    ctx = init_distributed("cpu")
+    ctx = join_gloo_group(rank, WORLD, port)
     try:
         weights, totals, optimizer_steps = train_one_epoch(PER_RANK, ctx, f"{out_dir}/ckpt")
         save_file(weights, f"{out_dir}/weights-{rank}.safetensors")

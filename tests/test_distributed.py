@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
 
 import numpy as np
 import pytest
@@ -26,7 +25,7 @@ from twilbert.distributed import (
 from twilbert.model import TWilBertForPretraining
 from twilbert.train.losses import mlm_loss
 
-from conftest import free_port
+from conftest import free_port, join_gloo_group
 
 pytestmark = pytest.mark.reliability
 
@@ -73,14 +72,11 @@ def accumulate(model, batches, labels_of, normalizer) -> list[float]:
 
 
 def _worker(rank: int, port: int, out_dir: str) -> None:
-    os.environ.update(RANK=str(rank), WORLD_SIZE=str(WORLD), LOCAL_RANK=str(rank),
-                      MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    torch.set_num_threads(1)
     from safetensors.torch import save_file
 
     from twilbert.train.checkpoint import resume_training, save_training_checkpoint
 
-    ctx = init_distributed("cpu")
+    ctx = join_gloo_group(rank, WORLD, port)
     try:
         data, labels = pair_data()
         model = tiny_model()

@@ -190,13 +190,18 @@ def test_continued_pretraining_starts_from_the_saved_model_metrics(run, corpus, 
     assert metrics["heldout_pll"] == pytest.approx(best["heldout_pll"], abs=1e-4)
 
 
-def test_throughput_benchmark_quick_mode_ends_with_the_json_line():
-    # --bf16 on: at these sizes even emulated bf16 (a CPU without bf16 instructions) takes seconds
+def run_quick_benchmark(bf16: str) -> tuple[str, dict]:
+    """The throughput benchmark at its smoke-run sizes: (stdout, the figures of its JSON line)."""
     cmd = [sys.executable, "benchmarks/pretrain_throughput.py", "--quick", "--steps", "1", "--batch", "4",
-           "--bf16", "on"]
+           "--bf16", bf16]
     done = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-2000:]
-    figures = json.loads(done.stdout.strip().splitlines()[-1])
+    return done.stdout, json.loads(done.stdout.strip().splitlines()[-1])
+
+
+def test_throughput_benchmark_quick_mode_ends_with_the_json_line():
+    # --bf16 on: at these sizes even emulated bf16 (a CPU without bf16 instructions) takes seconds
+    _, figures = run_quick_benchmark("on")
     assert isinstance(figures.pop("native_bf16"), bool)
     assert set(figures) == {"hf_fp32_tok_s", "ours_fp32_tok_s", "hf_bf16_tok_s", "ours_bf16_tok_s",
                             "ours_pkm_fp32_tok_s", "ours_pkm_bf16_tok_s", "ratio_fp32", "ratio_bf16",
@@ -205,11 +210,7 @@ def test_throughput_benchmark_quick_mode_ends_with_the_json_line():
 
 
 def test_throughput_benchmark_without_bf16_reports_nulls_and_says_why():
-    cmd = [sys.executable, "benchmarks/pretrain_throughput.py", "--quick", "--steps", "1", "--batch", "4",
-           "--bf16", "off"]
-    done = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=300)
-    assert done.returncode == 0, done.stderr[-2000:]
-    figures = json.loads(done.stdout.strip().splitlines()[-1])
-    assert "bf16 skipped" in done.stdout
+    stdout, figures = run_quick_benchmark("off")
+    assert "bf16 skipped" in stdout
     assert all(figures[k] is None for k in figures if "bf16" in k and k != "native_bf16")
     assert figures["ratio_fp32"] > 0 and figures["mfu_fp32"] > 0

@@ -64,6 +64,7 @@ def seed_everything(seed: int, device: torch.device) -> None:
         torch.utils.deterministic.fill_uninitialized_memory = False
 
 
+@functools.lru_cache(maxsize=None)  # asked at every micro-step under bf16; the hardware does not change
 def native_bf16(device: torch.device) -> bool:
     """Whether ``device`` runs bf16 matmuls in hardware (CPU: AVX512-BF16 or AMX; GPU: Ampere or newer)."""
     if device.type == "cuda":

@@ -37,8 +37,11 @@ def mlm_loss(logits: Tensor, targets: Tensor, normalizer: Union[float, Tensor, N
     count summed over ranks so every token weighs the same whatever rank it landed on.
     """
     total = F.cross_entropy(logits.float(), targets, reduction="sum", ignore_index=IGNORE_INDEX)
-    if normalizer is None:
-        normalizer = (targets != IGNORE_INDEX).sum()
+    return _normalized(total, (targets != IGNORE_INDEX).sum() if normalizer is None else normalizer)
+
+
+def _normalized(total: Tensor, normalizer: Union[float, Tensor]) -> Tensor:
+    """``total / normalizer``, a normalizer of 0 (no masked token) counting as 1."""
     if isinstance(normalizer, Tensor):
         return total / normalizer.to(total.dtype).clamp_min(1.0)
     return total / max(float(normalizer), 1.0)
@@ -107,11 +110,7 @@ def linear_mlm_loss(states: Tensor, weight: Tensor, bias: Optional[Tensor], targ
     states (N, E) at the masked positions only, weight (V, E), bias (V,), targets (N,) all valid ids.
     """
     total, correct = _LinearCrossEntropy.apply(states, weight, bias, targets)
-    if normalizer is None:
-        normalizer = targets.numel()
-    if isinstance(normalizer, Tensor):
-        return total / normalizer.to(total.dtype).clamp_min(1.0), correct
-    return total / max(float(normalizer), 1.0), correct
+    return _normalized(total, targets.numel() if normalizer is None else normalizer), correct
 
 
 def rop_loss(logits: Tensor, labels: Tensor) -> Tensor:
