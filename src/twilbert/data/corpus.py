@@ -19,7 +19,7 @@ import tarfile
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Optional
+from typing import Iterator, Optional
 
 from sklearn.model_selection import train_test_split
 
@@ -137,16 +137,20 @@ def write_pretrain_corpus(path: Path, pairs: list[tuple[str, Optional[str]]]) ->
             fh.write(json.dumps({"a": a, "b": b}, ensure_ascii=False) + "\n")
 
 
-def read_pretrain_corpus(path: Path) -> list[tuple[str, Optional[str]]]:
-    pairs = []
+def iter_pretrain_corpus(path: Path) -> Iterator[tuple[str, Optional[str]]]:
+    """The corpus's (text, reply or None) rows, streamed: memory does not grow with the corpus."""
     with Path(path).open(encoding="utf-8") as fh:
         for lineno, line in enumerate(fh, 1):
             try:
                 row = json.loads(line)
-                pairs.append((row["a"], row["b"]))
+                pair = (row["a"], row["b"])
             except (json.JSONDecodeError, KeyError, TypeError) as err:
                 raise DataStageError(f"{path}:{lineno}: not a pretraining corpus row ({err})") from None
-    return pairs
+            yield pair
+
+
+def read_pretrain_corpus(path: Path) -> list[tuple[str, Optional[str]]]:
+    return list(iter_pretrain_corpus(path))
 
 
 def run_data_stage(cfg: DataConfig, seed: int, out: Path) -> dict:
