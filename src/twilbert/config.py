@@ -151,19 +151,42 @@ class RepresentationConfig:
 class DataConfig:
     """Where the pretraining corpus comes from (the ``data`` stage)."""
 
-    source: Literal["evomsa", "pairs_file"] = "evomsa"
-    pairs_file: Optional[str] = None  # TWilBert pair corpus TSV when source=pairs_file
+    # evomsa: the embedded default | pairs_file: TWilBert pair TSVs | text_file: one tweet per line
+    source: Literal["evomsa", "pairs_file", "text_file"] = "evomsa"
+    # A path, a glob or a list of them (read in order, each glob sorted); ``.gz`` files are gunzipped.
+    pairs_file: Union[str, list[str], None] = None
+    text_file: Union[str, list[str], None] = None
     pairs_header: bool = True  # False for headerless pair files (TWilBert's own dumps)
     delimiter: str = "\t"
     orig_text_header: str = "ORIG_TEXT"
     reply_text_header: str = "REPLY_TEXT"
+    # The folder DVC tracks as the corpus (dvc.yaml's data stage depends on it): editing a file in it
+    # reruns the pipeline. Corpus files outside it are read, with a warning that DVC cannot see them.
+    corpus_dir: str = "corpus"
+    dedup: bool = True  # drop exact duplicates (after normalizing case, spaces, @users, URLs, 'RT @x:')
+    max_bad_rows: int = 0  # malformed rows reported and skipped before the stage fails instead
     evomsa_version: str = "2.0.14"
     evomsa_sha256: str = "948955df920578c668d1c19cf7051f2034a1c968ced6275284d9082b8c6cd8c4"
     split: list[float] = field(default_factory=lambda: [0.7, 0.15, 0.15])  # train/dev/test
 
+    def corpus_files(self) -> list[str]:
+        """The configured paths and globs of the selected source, unexpanded."""
+        spec = {"pairs_file": self.pairs_file, "text_file": self.text_file}.get(self.source)
+        return [] if spec is None else [spec] if isinstance(spec, str) else list(spec)
+
     def validate(self, where: str = "data") -> None:
-        if self.source == "pairs_file" and not self.pairs_file:
-            raise ConfigError(f"{where}.pairs_file must be set when {where}.source is 'pairs_file'")
+        if self.source != "evomsa":
+            key = f"{where}.{self.source}"
+            if not self.corpus_files():
+                raise ConfigError(f"{key} must be set when {where}.source is '{self.source}' (a path, glob or list)")
+            if any(not p.strip() for p in self.corpus_files()):
+                raise ConfigError(f"{key} holds an empty path")
+        if not self.corpus_dir.strip():
+            raise ConfigError(f"{where}.corpus_dir must be a folder (DVC tracks it as the corpus), got ''")
+        if not self.delimiter or self.delimiter in "\r\n":
+            raise ConfigError(f"{where}.delimiter must be a non-empty string without line breaks, got {self.delimiter!r}")
+        if self.max_bad_rows < 0:
+            raise ConfigError(f"{where}.max_bad_rows must be >= 0, got {self.max_bad_rows}")
         if len(self.split) != 3 or abs(sum(self.split) - 1.0) > 1e-6 or min(self.split) <= 0:
             raise ConfigError(f"{where}.split must be three positive fractions summing to 1, got {self.split}")
 
@@ -174,10 +197,15 @@ class VocabConfig:
     model_type: Literal["unigram", "bpe"] = "unigram"
     character_coverage: float = 0.9995
     lowercase: bool = False
+    # SentencePiece trains on a seeded uniform sample of at most this many texts: its memory grows
+    # with the sample (about 4 KB per tweet), never with the corpus.
+    max_sentences: int = 1_000_000
 
     def validate(self, where: str = "vocab") -> None:
         if self.vocab_size < 16:
             raise ConfigError(f"{where}.vocab_size must be >= 16, got {self.vocab_size}")
+        if self.max_sentences < 1:
+            raise ConfigError(f"{where}.max_sentences must be >= 1, got {self.max_sentences}")
 
 
 @dataclass

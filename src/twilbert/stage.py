@@ -56,12 +56,13 @@ def run(main: Callable[[], None]) -> None:
     setup_logging()
     from twilbert.data.corpus import DataStageError
     from twilbert.data.formats import DataFormatError
+    from twilbert.data.sources import CorpusError
     from twilbert.data.tasks import TaskFilesError
     from twilbert.train.loop import NonFiniteLossError
 
     try:
         main()
-    except (ConfigError, DataFormatError, DataStageError, TaskFilesError, FileNotFoundError,
+    except (ConfigError, DataFormatError, DataStageError, CorpusError, TaskFilesError, FileNotFoundError,
             NonFiniteLossError) as err:
         log.error("%s", err)
         sys.exit(2)

@@ -26,7 +26,7 @@ from conftest import make_tweets  # noqa: E402
 from test_corpus import fake_sdist  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[2]
-COPY = ("conf", "stages", "src", "dvc.yaml", ".dvcignore", ".gitignore")
+COPY = ("conf", "stages", "src", "corpus", "dvc.yaml", ".dvcignore", ".gitignore")
 
 pytestmark = pytest.mark.slow
 

@@ -1,15 +1,18 @@
-"""The `data` stage: the embedded default corpus (EvoMSA's TASS tweets) or the user's pair corpus.
+"""The `data` stage: the embedded default corpus (EvoMSA's TASS tweets) or the user's corpus
+(TWilBert pair TSVs or plain tweets, see :mod:`twilbert.data.sources`), streamed.
 
 Outputs
 - ``<out>/default/{train,dev,test}.tsv``: the default task (``ID TEXT CLASS``), seeded stratified split.
 - ``<out>/pretrain/corpus.jsonl``: the pretraining texts, one ``{"a": text, "b": reply|null}`` per line.
   For the default only the *train* split's texts are used, so the vocabulary and pretraining never
-  see dev/test tweets.
+  see dev/test tweets. Exact duplicates are dropped when ``data.dedup`` (see :mod:`twilbert.data.dedup`).
+- ``<out>/pretrain/summary.json``: what the stage read, removed and skipped.
 """
 
 from __future__ import annotations
 
 import hashlib
+import itertools
 import json
 import logging
 import os
@@ -19,17 +22,20 @@ import tarfile
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator, Optional
+from typing import Iterable, Iterator, Optional
 
 from sklearn.model_selection import train_test_split
 
 from twilbert.config import DataConfig
-from twilbert.data.formats import read_pairs, write_table
+from twilbert.data.dedup import DigestSet, row_digests
+from twilbert.data.formats import write_table
+from twilbert.data.sources import BadRowBudget, iter_corpus_rows, resolve_corpus_files, untracked_files
 from twilbert.io_utils import atomic_write
 
 log = logging.getLogger(__name__)
 
 EVOMSA_MEMBER = "EvoMSA/tests/tweets.json"
+CHUNK_ROWS = 65_536  # rows deduplicated and written at a time
 
 
 class DataStageError(RuntimeError):
@@ -76,7 +82,7 @@ def fetch_evomsa_sdist(cfg: DataConfig, cache: Optional[Path] = None) -> Path:
                 f"(pip said: {proc.stderr.strip()[-400:] or 'nothing'}).\n"
                 "Offline? Place the sdist at "
                 f"{target}, or use your own data: set data.source=pairs_file and data.pairs_file=<your "
-                "pairs TSV>, and point tasks.<name>.dataset.data_dir at your task files (see README)."
+                "pairs TSV> (or data.source=text_file and data.text_file=<one tweet per line>), and point tasks.<name>.dataset.data_dir at your task files (see README)."
             )
         digest = sha256_of(found[0])
         if digest != cfg.evomsa_sha256:
@@ -130,11 +136,25 @@ def write_task_split(path: Path, tweets: list[LabelledTweet]) -> None:
     write_table(path, ["ID", "TEXT", "CLASS"], [[t.id, t.text, t.label] for t in tweets])
 
 
-def write_pretrain_corpus(path: Path, pairs: list[tuple[str, Optional[str]]]) -> None:
+def write_pretrain_corpus(
+    path: Path, rows: Iterable[tuple[str, Optional[str]]], dedup: bool = False
+) -> dict[str, int]:
+    """Stream ``rows`` into the corpus file (atomically), without exact duplicates when ``dedup``;
+    return the counts read, written and removed. Memory holds one chunk of rows plus the digests."""
     path.parent.mkdir(parents=True, exist_ok=True)
+    seen = DigestSet() if dedup else None
+    counts = {"rows_read": 0, "duplicates_removed": 0, "pretrain_texts": 0, "pretrain_pairs_with_reply": 0}
+    rows = iter(rows)
     with atomic_write(path) as fh:
-        for a, b in pairs:
-            fh.write(json.dumps({"a": a, "b": b}, ensure_ascii=False) + "\n")
+        while chunk := list(itertools.islice(rows, CHUNK_ROWS)):
+            keep = seen.add(row_digests(chunk)) if seen is not None else itertools.repeat(True)
+            kept = [(a, b) for (a, b), new in zip(chunk, keep) if new]
+            fh.writelines(json.dumps({"a": a, "b": b}, ensure_ascii=False) + "\n" for a, b in kept)
+            counts["rows_read"] += len(chunk)
+            counts["duplicates_removed"] += len(chunk) - len(kept)
+            counts["pretrain_texts"] += len(kept)
+            counts["pretrain_pairs_with_reply"] += sum(1 for _, b in kept if b is not None)
+    return counts
 
 
 def iter_pretrain_corpus(path: Path) -> Iterator[tuple[str, Optional[str]]]:
@@ -153,10 +173,23 @@ def read_pretrain_corpus(path: Path) -> list[tuple[str, Optional[str]]]:
     return list(iter_pretrain_corpus(path))
 
 
+def iter_corpus_texts(path: Path) -> Iterator[str]:
+    """Every text of the corpus, streamed: each row's text, then its reply when it has one."""
+    for a, b in iter_pretrain_corpus(path):
+        yield a
+        if b is not None:
+            yield b
+
+
 def run_data_stage(cfg: DataConfig, seed: int, out: Path) -> dict:
-    """Write the default task split and the pretraining corpus under ``out``; return a summary."""
+    """Write the default task split and the pretraining corpus under ``out``; return a summary.
+
+    The summary is also written to ``<out>/pretrain/summary.json``: rows read, duplicates removed,
+    malformed rows skipped (the first of them listed), files read and those DVC does not track.
+    """
     out = Path(out)
     summary: dict = {"source": cfg.source}
+    corpus_file = out / "pretrain" / "corpus.jsonl"
     if cfg.source == "evomsa":
         tweets = read_evomsa_tweets(fetch_evomsa_sdist(cfg), cfg.evomsa_version)
         train, dev, test = stratified_split(tweets, cfg.split, seed)
@@ -164,23 +197,31 @@ def run_data_stage(cfg: DataConfig, seed: int, out: Path) -> dict:
         for name, part in (("train", train), ("dev", dev), ("test", test)):
             write_task_split(out / "default" / f"{name}.tsv", part)
             summary[f"default_{name}"] = len(part)
-        corpus: list[tuple[str, Optional[str]]] = [(t.text, None) for t in train]
+        summary.update(write_pretrain_corpus(corpus_file, ((t.text, None) for t in train), cfg.dedup))
     else:
-        pairs = read_pairs(
-            Path(cfg.pairs_file),
-            header=cfg.pairs_header,
-            delimiter=cfg.delimiter,
-            orig_text_header=cfg.orig_text_header,
-            reply_text_header=cfg.reply_text_header,
-        )
-        corpus = list(zip(pairs.orig_texts, pairs.reply_texts))
+        files = resolve_corpus_files(cfg)
+        untracked = untracked_files(files, cfg.corpus_dir)
+        if untracked:
+            shown = ", ".join(str(f) for f in untracked[:5]) + (", ..." if len(untracked) > 5 else "")
+            log.warning(
+                "%d corpus file(s) lie outside data.corpus_dir=%s (%s): DVC does not track them, so editing "
+                "them reruns nothing; move or link them into %s, or set data.corpus_dir to their folder",
+                len(untracked), cfg.corpus_dir, shown, cfg.corpus_dir,
+            )
+        budget = BadRowBudget(cfg.max_bad_rows)
+        counts = write_pretrain_corpus(corpus_file, iter_corpus_rows(cfg, files, budget), cfg.dedup)
+        summary.update(files=len(files), untracked_files=len(untracked), **counts, bad_rows_skipped=budget.skipped)
+        if budget.listed:
+            summary["bad_rows"] = budget.listed
+        if not counts["pretrain_texts"]:
+            corpus_file.unlink()
+            raise DataStageError(f"data.{cfg.source}: no well-formed rows in {len(files)} file(s); nothing to pretrain on")
         # DVC needs the declared output to exist even when the default task is not used.
         (out / "default").mkdir(parents=True, exist_ok=True)
         (out / "default" / "README.txt").write_text(
-            "data.source is pairs_file: the embedded default task is not produced.\n", encoding="utf-8"
+            f"data.source is {cfg.source}: the embedded default task is not produced.\n", encoding="utf-8"
         )
-    write_pretrain_corpus(out / "pretrain" / "corpus.jsonl", corpus)
-    summary["pretrain_texts"] = len(corpus)
-    summary["pretrain_pairs_with_reply"] = sum(1 for _, b in corpus if b is not None)
-    log.info("data: %s", summary)
+    with atomic_write(out / "pretrain" / "summary.json") as fh:
+        fh.write(json.dumps(summary, indent=2, ensure_ascii=False) + "\n")
+    log.info("data: %s", {k: v for k, v in summary.items() if k != "bad_rows"})
     return summary

@@ -7,11 +7,14 @@ Quoting is off: double quotes are ordinary text, as in TWilBert's files.
 
 from __future__ import annotations
 
+import gzip
+import itertools
 import math
 import os
+import zlib
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterable, Mapping, Optional, Sequence, Union
+from typing import Any, Callable, Iterable, Iterator, Mapping, Optional, Sequence, Union
 
 from twilbert.io_utils import atomic_write
 
@@ -50,9 +53,13 @@ class _Problems:
         self.path = str(path)
         self.kept: list[tuple[Optional[int], str]] = []
         self.total = 0
+        # Streaming readers set a list here: the problems of the row being read, cleared per row.
+        self.recent: Optional[list[str]] = None
 
     def add(self, line: Optional[int], problem: str) -> None:
         self.total += 1
+        if self.recent is not None:
+            self.recent.append(problem)
         if len(self.kept) < MAX_REPORTED:
             self.kept.append((line, problem))
 
@@ -141,8 +148,8 @@ def _read_table(
         unknown = [c for c in columns if c not in cols]
         if unknown:
             raise ValueError(f"required columns {unknown} are not among names={cols}")
-        if lines and lines[0] is not None and [f.strip() for f in lines[0].split(delimiter)] == cols:
-            problems.add(1, "this line is a header, but the file is read as headerless; set the header option to true")
+        if lines and _is_header_line(lines[0], cols, delimiter):
+            problems.add(1, HEADER_IN_HEADERLESS)
             first = 1
 
     must_fill = [(c, cols.index(c)) for c in (columns if non_empty is None else non_empty)]
@@ -151,25 +158,34 @@ def _read_table(
     appenders = [v.append for v in values]
     line_numbers: list[int] = []
     for lineno, line in enumerate(lines[first:], first + 1):
-        if line is None:  # undecodable; already reported
-            continue
-        if not line or (delimiter not in line and not line.strip()):
-            problems.add(lineno, "blank line (blank lines are not skipped; remove it)")
-            continue
-        fields = line.split(delimiter)
-        if len(fields) != n_cols:
-            problems.add(lineno, _field_count_problem(n_cols, len(fields), delimiter))
-            continue
-        bad = False
-        for name, i in must_fill:
-            if not fields[i].strip():
-                problems.add(lineno, f"empty {name!r} field")
-                bad = True
-        if not bad:
+        fields = _row_fields(lineno, line, delimiter, n_cols, must_fill, problems)
+        if fields is not None:
             for append, value in zip(appenders, fields):
                 append(value)
             line_numbers.append(lineno)
     return Table(str(path), cols, dict(zip(cols, values)), line_numbers)
+
+
+def _row_fields(
+    lineno: int, line: Optional[str], delimiter: str, n_cols: int, must_fill: Sequence[tuple[str, int]],
+    problems: _Problems,
+) -> Optional[list[str]]:
+    """The fields of one data line, or None when it is malformed (each problem added to ``problems``)."""
+    if line is None:  # undecodable; already reported
+        return None
+    if not line or (delimiter not in line and not line.strip()):
+        problems.add(lineno, "blank line (blank lines are not skipped; remove it)")
+        return None
+    fields = line.split(delimiter)
+    if len(fields) != n_cols:
+        problems.add(lineno, _field_count_problem(n_cols, len(fields), delimiter))
+        return None
+    bad = False
+    for name, i in must_fill:
+        if not fields[i].strip():
+            problems.add(lineno, f"empty {name!r} field")
+            bad = True
+    return None if bad else fields
 
 
 def _read_lines(path: PathLike, problems: _Problems) -> list[Optional[str]]:
@@ -191,17 +207,27 @@ def _read_lines(path: PathLike, problems: _Problems) -> list[Optional[str]]:
             try:
                 lines.append(raw.decode("utf-8"))
             except UnicodeDecodeError as err:
-                bad = raw[err.start : err.start + 4]
-                problems.add(
-                    lineno,
-                    f"invalid UTF-8 at byte offset {offset + err.start} (byte {err.start + 1} of the line, "
-                    f"{bad!r}); re-save the file as UTF-8",
-                )
+                problems.add(lineno, _utf8_problem(raw, err, offset))
                 lines.append(None)
             offset += len(raw) + 1
     if lines and lines[-1] == "":  # the newline that ends the last line (or an empty file)
         lines.pop()
     return [line[:-1] if line and line[-1] == "\r" else line for line in lines]
+
+
+HEADER_IN_HEADERLESS = "this line is a header, but the file is read as headerless; set the header option to true"
+
+
+def _is_header_line(line: Optional[str], names: Sequence[str], delimiter: str) -> bool:
+    return line is not None and [f.strip() for f in line.split(delimiter)] == list(names)
+
+
+def _utf8_problem(raw: bytes, err: UnicodeDecodeError, line_offset: int) -> str:
+    bad = raw[err.start : err.start + 4]
+    return (
+        f"invalid UTF-8 at byte offset {line_offset + err.start} (byte {err.start + 1} of the line, "
+        f"{bad!r}); re-save the file as UTF-8"
+    )
 
 
 def _check_header(
@@ -387,6 +413,142 @@ def read_texts(path: PathLike) -> list[str]:
         problems.add(None, "no texts (the file is empty)")
     problems.raise_if_any()
     return lines  # type: ignore[return-value]  # no None left once no problem was found
+
+
+# --------------------------------------------------------------------------------------------
+# Streaming: pretraining corpora of any size, plain or gzip-compressed
+# --------------------------------------------------------------------------------------------
+
+SkipBad = Callable[[str, int, str], bool]
+"""Asked about each malformed row ``(path, line, problem)``: True skips the row and reading goes on."""
+
+
+def iter_lines(path: PathLike, problems: _Problems) -> Iterator[tuple[int, Optional[str]]]:
+    """The physical lines of a UTF-8 file one at a time, as :func:`_read_lines` gives them all (BOM and
+    line terminators removed, None for an undecodable line, its problem added). A ``.gz`` file is
+    decompressed on the fly. Memory holds one line, whatever the file's size."""
+    path = Path(path)
+    gzipped = path.suffix == ".gz"
+    try:
+        fh = gzip.open(path, "rb") if gzipped else path.open("rb")
+    except FileNotFoundError:
+        raise DataFormatError(path, [(None, "file not found")]) from None
+    except IsADirectoryError:
+        raise DataFormatError(path, [(None, "is a directory, expected a file")]) from None
+    lineno = offset = 0
+    with fh:
+        try:
+            for raw in fh:
+                lineno += 1
+                start, offset = offset, offset + len(raw)
+                if lineno == 1 and raw.startswith(_BOM):
+                    raw = raw[len(_BOM) :]
+                    start += len(_BOM)
+                if raw.endswith(b"\n"):
+                    raw = raw[:-1]
+                elif not raw:  # the file holds only a byte order mark
+                    return
+                try:
+                    line = raw.decode("utf-8")
+                except UnicodeDecodeError as err:
+                    problems.add(lineno, _utf8_problem(raw, err, start))
+                    yield lineno, None
+                    continue
+                yield lineno, line[:-1] if line.endswith("\r") else line
+        except (OSError, EOFError, zlib.error) as err:  # gzip.BadGzipFile is an OSError
+            what = "a truncated or corrupt gzip file?" if gzipped else "a read error"
+            raise DataFormatError(path, [(lineno + 1, f"cannot read past this point ({what}): {err}")]) from None
+
+
+def iter_pairs(
+    path: PathLike,
+    header: bool = True,
+    delimiter: str = "\t",
+    orig_text_header: str = "ORIG_TEXT",
+    reply_text_header: str = "REPLY_TEXT",
+    skip_bad: Optional[SkipBad] = None,
+) -> Iterator[tuple[int, str, str]]:
+    """Stream a TWilBert pair corpus as ``(line, orig_text, reply_text)``: the rows :func:`read_pairs`
+    returns, in memory that does not grow with the file.
+
+    A malformed row is offered to ``skip_bad``; when it declines (or there is none) nothing more is
+    yielded, the rest of the file is still checked, and the :class:`DataFormatError` ``read_pairs``
+    would raise is raised at its end. A file that cannot be read as a pair corpus at all (missing,
+    broken header, empty) raises at once; its header is the only line checked then.
+    """
+    if not delimiter or delimiter in "\r\n":
+        raise ValueError(f"delimiter must be a non-empty string without line breaks, got {delimiter!r}")
+    text_cols = [orig_text_header, reply_text_header]
+    problems = _Problems(path)
+    problems.recent = []
+    lines = iter_lines(path, problems)
+    first = next(lines, None)
+    if header:
+        if first is None:
+            problems.add(1, f"empty file; expected a header line with the columns {', '.join(text_cols)}")
+        elif first[1] is not None:
+            cols = [c.strip() for c in first[1].split(delimiter)]
+            hint = "; if the file has no header line, set the pairs header option to false"
+            _check_header(cols, text_cols, delimiter, hint, problems)
+        problems.raise_if_any()  # row checks are meaningless against a broken header
+        rows: Iterable[tuple[int, Optional[str]]] = lines
+    else:
+        cols = [PAIR_COLUMNS[0], orig_text_header, PAIR_COLUMNS[2], reply_text_header]
+        if first is not None and _is_header_line(first[1], cols, delimiter):
+            problems.add(1, HEADER_IN_HEADERLESS)
+        rows = lines if first is None else itertools.chain([first], lines)
+    must_fill = [(c, cols.index(c)) for c in text_cols]
+    i_orig, i_reply = cols.index(orig_text_header), cols.index(reply_text_header)
+    yield from _stream_rows(path, rows, problems, skip_bad, "no pairs in the file",
+                            lambda lineno, line: _row_fields(lineno, line, delimiter, len(cols), must_fill, problems),
+                            lambda fields: (fields[i_orig], fields[i_reply]))
+
+
+def iter_texts(path: PathLike, skip_bad: Optional[SkipBad] = None) -> Iterator[tuple[int, str]]:
+    """Stream a plain-text corpus (one tweet per line, tabs allowed) as ``(line, text)``; blank lines
+    are malformed rows, handled as in :func:`iter_pairs`."""
+    problems = _Problems(path)
+    problems.recent = []
+
+    def text(lineno: int, line: Optional[str]) -> Optional[str]:
+        if line is not None and not line.strip():
+            problems.add(lineno, "blank line (every line must hold a text; remove it)")
+            return None
+        return line
+
+    yield from _stream_rows(path, iter_lines(path, problems), problems, skip_bad, "no texts (the file is empty)",
+                            text, lambda line: (line,))
+
+
+def _stream_rows(
+    path: PathLike,
+    lines: Iterable[tuple[int, Optional[str]]],
+    problems: _Problems,
+    skip_bad: Optional[SkipBad],
+    empty_problem: str,
+    parse: Callable[[int, Optional[str]], Any],
+    pick: Callable[[Any], tuple],
+) -> Iterator[tuple]:
+    """``(line, *pick(parsed))`` for each line that parses; malformed rows go to ``skip_bad``.
+    ``problems.recent`` holds the problems found so far on the line being read."""
+    assert problems.recent is not None
+    failing = False
+    n_rows = 0
+    for lineno, line in lines:
+        parsed = parse(lineno, line)
+        if problems.recent:  # this line's problems, its decoding included
+            reason = "; ".join(problems.recent)
+            problems.recent.clear()
+            if not failing and skip_bad is not None and skip_bad(str(path), lineno, reason):
+                continue
+            failing = True
+        elif not failing:
+            n_rows += 1
+            yield (lineno, *pick(parsed))
+    if failing:
+        problems.raise_if_any()
+    if not n_rows and not problems.total:
+        raise DataFormatError(path, [(None, empty_problem)])
 
 
 # --------------------------------------------------------------------------------------------

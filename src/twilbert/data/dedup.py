@@ -1,0 +1,98 @@
+"""Exact-duplicate removal for tweet dumps: a normalized key per row, kept as an 8-byte digest.
+
+Retweets and copy-pastes are a large share of real dumps. Two rows are duplicates when their texts
+match after casefolding, collapsing whitespace, replacing @users and URLs by placeholders and
+dropping a leading ``RT @user:``. Only the 8-byte BLAKE2b digest of that key is remembered, in an
+open-addressing table of uint64 slots (linear probing, filled to at most 70%): 11.4 to 22.9 bytes
+per unique row, about 1.1 GB for 70M unique tweets. Two different rows share a digest with
+probability about n²/2⁶⁵ (3·10⁻⁴ for 10⁸ rows): at worst one row would be dropped by mistake.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import re
+from typing import Optional, Sequence
+
+import numpy as np
+
+from twilbert.data.preprocess import collapse_whitespace, replace_urls, replace_users
+
+DIGEST_BYTES = 8
+MAX_LOAD = 0.7
+_RETWEET = re.compile(r"^rt @user\b:?\s*")
+
+
+def normalized(text: str) -> str:
+    """The form of a text that duplicates share: ``RT @Ana: Hola  https://t.co/x`` -> ``hola url``."""
+    text = collapse_whitespace(text).casefold()
+    if "://" in text or "www." in text:  # the cheap test first: most tweets hold no URL
+        text = replace_urls(text, "url")
+    if "@" in text:
+        text = replace_users(text, "@user")
+    return _RETWEET.sub("", text) if text.startswith("rt @") else text
+
+
+def row_digests(rows: Sequence[tuple[str, Optional[str]]]) -> np.ndarray:
+    """One uint64 digest per ``(text, reply or None)`` row; never 0 (the table's empty slot)."""
+    blob = bytearray()
+    for a, b in rows:
+        key = normalized(a) if b is None else f"{normalized(a)}\n{normalized(b)}"  # '\n' never survives normalizing
+        blob += hashlib.blake2b(key.encode("utf-8", "surrogatepass"), digest_size=DIGEST_BYTES).digest()
+    digests = np.frombuffer(bytes(blob), dtype="<u8").astype(np.uint64)
+    digests[digests == 0] = 1
+    return digests
+
+
+class DigestSet:
+    """A growing set of nonzero uint64 digests; :meth:`add` inserts a batch with numpy, not per row."""
+
+    def __init__(self, capacity: int = 1 << 16):
+        self.slots = np.zeros(1 << max(4, (capacity - 1).bit_length()), dtype=np.uint64)
+        self.count = 0
+
+    def __len__(self) -> int:
+        return self.count
+
+    @property
+    def nbytes(self) -> int:
+        return self.slots.nbytes
+
+    def add(self, digests: np.ndarray) -> np.ndarray:
+        """Insert ``digests``; True where a digest is new: not in the set, nor earlier in the batch."""
+        digests = np.asarray(digests, dtype=np.uint64)
+        unique, first = np.unique(digests, return_index=True)
+        while self.count + len(unique) > MAX_LOAD * len(self.slots):
+            self._grow()
+        inserted = self._insert(unique)
+        self.count += int(inserted.sum())
+        new = np.zeros(len(digests), dtype=bool)
+        new[first[inserted]] = True
+        return new
+
+    def _insert(self, keys: np.ndarray) -> np.ndarray:
+        """Linear probing for distinct ``keys`` at once; True where a key was not there and is now."""
+        slots = self.slots
+        mask = np.uint64(len(slots) - 1)
+        pos = (keys & mask).astype(np.int64)
+        inserted = np.zeros(len(keys), dtype=bool)
+        pending = np.arange(len(keys))
+        while pending.size:
+            at = pos[pending]
+            held = slots[at]
+            done = held == keys[pending]  # already in the set
+            empty = np.flatnonzero(held == 0)
+            # Several keys may reach the same empty slot: the first takes it, the others probe on.
+            _, winners = np.unique(at[empty], return_index=True)
+            won = empty[winners]
+            slots[at[won]] = keys[pending[won]]
+            inserted[pending[won]] = True
+            done[won] = True
+            pending = pending[~done]
+            pos[pending] = (pos[pending] + 1) & int(mask)
+        return inserted
+
+    def _grow(self) -> None:
+        keys = self.slots[self.slots != 0]
+        self.slots = np.zeros(2 * len(self.slots), dtype=np.uint64)
+        self._insert(keys)

@@ -1,0 +1,105 @@
+"""The user's pretraining corpus: which files (paths, globs, lists), read as one stream of rows.
+
+Rows are ``(text, reply or None)``: TWilBert's pair TSVs give both, plain-text dumps (one tweet per
+line) give ``None`` replies, which the ``pairs`` stage splits SOP-style. Malformed rows fail the stage
+with ``file:line: problem``, unless ``data.max_bad_rows`` allows skipping them: each skipped row is
+logged and counted, never dropped silently.
+"""
+
+from __future__ import annotations
+
+import glob
+import logging
+import os
+from pathlib import Path
+from typing import Iterator, Optional
+
+from twilbert.config import DataConfig
+from twilbert.data.formats import DataFormatError, iter_pairs, iter_texts
+
+log = logging.getLogger(__name__)
+
+MAX_LISTED = 100  # skipped rows listed in the stage's summary; every one is logged and counted
+_GLOB_CHARS = set("*?[")
+
+
+class CorpusError(RuntimeError):
+    """The configured corpus cannot be read; the message names the key or file:line."""
+
+
+def resolve_corpus_files(cfg: DataConfig) -> list[Path]:
+    """The selected source's files in reading order: entries as listed, each glob's matches sorted."""
+    key = f"data.{cfg.source}"
+    files: list[Path] = []
+    seen: set[str] = set()
+    for entry in cfg.corpus_files():
+        pattern = os.path.expanduser(entry)
+        if _GLOB_CHARS & set(pattern):
+            matches = sorted(m for m in glob.glob(pattern, recursive=True) if not os.path.isdir(m))
+            if not matches:
+                raise CorpusError(f"{key}: {entry!r} matches no file (relative paths start at {os.getcwd()})")
+        else:
+            if not os.path.exists(pattern):
+                raise DataFormatError(pattern, [(None, f"file not found (set by {key})")])
+            matches = [pattern]
+        for match in matches:
+            real = os.path.realpath(match)
+            if real in seen:
+                log.warning("%s: %s is listed twice in %s; it is read once", match, real, key)
+                continue
+            seen.add(real)
+            files.append(Path(match))
+    return files
+
+
+def untracked_files(files: list[Path], corpus_dir: str) -> list[Path]:
+    """Files outside ``corpus_dir``: DVC does not hash them, so editing them reruns nothing."""
+    root = os.path.abspath(corpus_dir)
+    return [f for f in files if os.path.commonpath([root, os.path.abspath(f)]) != root]
+
+
+class BadRowBudget:
+    """Skips up to ``max_bad_rows`` malformed rows over the whole corpus, logging each one."""
+
+    def __init__(self, max_bad_rows: int):
+        self.max_bad_rows = max_bad_rows
+        self.skipped = 0
+        self.declined = False  # a row came past the budget: the stage fails
+        self.listed: list[str] = []
+
+    def __call__(self, path: str, line: int, problem: str) -> bool:
+        if self.skipped >= self.max_bad_rows:
+            self.declined = True
+            return False
+        self.skipped += 1
+        where = f"{path}:{line}: {problem}"
+        log.warning("%s (row skipped: %d of data.max_bad_rows=%d)", where, self.skipped, self.max_bad_rows)
+        if len(self.listed) < MAX_LISTED:
+            self.listed.append(where)
+        return True
+
+
+def iter_corpus_rows(cfg: DataConfig, files: list[Path], budget: BadRowBudget) -> Iterator[tuple[str, Optional[str]]]:
+    """Every well-formed row of ``files``, streamed in order.
+
+    Past the budget the file's :class:`DataFormatError` is raised as it is (max_bad_rows 0, today's
+    error), or, when some rows were allowed, with a line saying the budget ran out.
+    """
+    for path in files:
+        if cfg.source == "text_file":
+            rows = ((text, None) for _, text in iter_texts(path, skip_bad=budget))
+        else:
+            rows = (
+                (a, b)
+                for _, a, b in iter_pairs(path, cfg.pairs_header, cfg.delimiter, cfg.orig_text_header,
+                                          cfg.reply_text_header, skip_bad=budget)
+            )
+        try:
+            yield from rows
+        except DataFormatError as err:
+            if not (budget.max_bad_rows and budget.declined):
+                raise
+            raise CorpusError(
+                f"{err}\n{budget.skipped} malformed rows were skipped before this, the most data.max_bad_rows="
+                f"{budget.max_bad_rows} allows: fix the rows above or raise data.max_bad_rows"
+            ) from None
