@@ -3,7 +3,7 @@
 import argparse
 from pathlib import Path
 
-from twilbert.data.corpus import read_pretrain_corpus
+from twilbert.data.corpus import iter_corpus_texts
 from twilbert.data.tokenizer import train_vocab
 from twilbert.stage import load_stage_config, parse_args, run
 
@@ -14,9 +14,8 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=Path("data/vocab"))
     args, overrides = parse_args(parser)
     cfg, _ = load_stage_config(overrides)
-    corpus = read_pretrain_corpus(args.corpus)
-    texts = [t for a, b in corpus for t in (a, b) if t is not None]
-    train_vocab(texts, args.out, cfg.vocab, cfg.preprocess)
+    # The corpus is streamed: SentencePiece sees a seeded sample of at most vocab.max_sentences texts.
+    train_vocab(iter_corpus_texts(args.corpus), args.out, cfg.vocab, cfg.preprocess, seed=cfg.seed)
 
 
 if __name__ == "__main__":

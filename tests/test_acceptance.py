@@ -148,7 +148,7 @@ def test_two_real_sample_tasks_run_through_the_acceptance_path(tmp_path, pretrai
 # Grid search: a 4-point DVC queue in a temp copy of the project
 # --------------------------------------------------------------------------------------------
 
-PROJECT_FILES = ("conf", "stages", "src", "dvc.yaml", ".dvcignore", ".gitignore")
+PROJECT_FILES = ("conf", "stages", "src", "corpus", "dvc.yaml", ".dvcignore", ".gitignore")
 GRID = ["-S", "finetuning.lr=1e-3,1e-4", "-S", "finetuning.batch_size=16,32"]
 # The persisted pretraining checkpoints are untracked: copied in, the queued runs skip pretraining.
 KEEP_PRETRAINED = ["-C", "models/checkpoints/pretrain"]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import ctypes
 import os
 import secrets
 import stat
@@ -42,6 +43,35 @@ def atomic_write(
             pass
         raise
     _fsync_dir(path.parent)
+
+
+def replace_dir(new: PathLike, target: PathLike, aside: PathLike) -> None:
+    """Publish directory ``new`` at ``target``; a previous ``target`` ends at ``aside`` for the caller
+    to delete (all three on one filesystem).
+
+    On Linux the two directories swap in one atomic step (``renameat2(RENAME_EXCHANGE)``), so
+    ``target`` always holds a complete directory, old or new. Where that call is missing the old one
+    is renamed aside first: ``target`` is then absent, never half-written, between two renames.
+    """
+    new, target, aside = Path(new), Path(target), Path(aside)
+    if not os.path.lexists(target):
+        os.rename(new, target)
+    elif _exchange(new, target):
+        os.rename(new, aside)  # `new` now names the old directory
+    else:
+        os.rename(target, aside)
+        os.rename(new, target)
+    _fsync_dir(target.parent)
+
+
+def _exchange(a: Path, b: Path) -> bool:
+    try:
+        renameat2 = ctypes.CDLL(None, use_errno=True).renameat2
+    except (OSError, AttributeError):  # not glibc >= 2.28
+        return False
+    renameat2.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.c_int, ctypes.c_char_p, ctypes.c_uint]
+    at_fdcwd, rename_exchange = -100, 2
+    return renameat2(at_fdcwd, os.fsencode(a), at_fdcwd, os.fsencode(b), rename_exchange) == 0
 
 
 def _create_temp(path: Path) -> tuple[Path, int]:

@@ -6,9 +6,11 @@ preprocessing applied before tokenization), so later stages never re-derive them
 
 from __future__ import annotations
 
+import io
 import json
-import re
 import logging
+import random
+import re
 import shutil
 import tempfile
 from dataclasses import asdict
@@ -20,6 +22,7 @@ import sentencepiece as spm
 
 from twilbert.config import VocabConfig
 from twilbert.data.preprocess import PreprocessConfig, Preprocessor
+from twilbert.io_utils import replace_dir
 
 log = logging.getLogger(__name__)
 
@@ -39,58 +42,85 @@ def train_vocab(
     out_dir: Path,
     cfg: VocabConfig,
     preprocess: Optional[PreprocessConfig] = None,
+    seed: int = 0,
 ) -> Path:
-    """Train a SentencePiece model on ``texts`` (pretraining texts only) into ``out_dir``, atomically."""
+    """Train a SentencePiece model on ``texts`` (pretraining texts only) into ``out_dir``, atomically.
+
+    ``texts`` is streamed once: SentencePiece sees a seeded uniform sample of at most
+    ``cfg.max_sentences`` of them, so memory is bounded by the sample, not by the corpus. The same
+    texts, config and seed write the same bytes: ``spm.model`` records no path (the trainer reads an
+    iterator and hands the model back), and its own random generator is seeded.
+    """
     out_dir = Path(out_dir)
     prep = Preprocessor(preprocess or PreprocessConfig())
+    sample, n_texts = sample_texts(texts, cfg.max_sentences, seed)
+    if n_texts == 0:
+        raise ValueError("vocab: the pretraining corpus is empty; nothing to train a vocabulary on")
+    n_sample = len(sample)
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=out_dir.parent, prefix=f".{out_dir.name}.") as tmp:
-        tmp_dir = Path(tmp) / "vocab"
-        tmp_dir.mkdir()
-        corpus = Path(tmp) / "corpus.txt"
-        n_texts = 0
-        with corpus.open("w", encoding="utf-8") as fh:
-            for text in texts:
-                fh.write(prep(text).replace("\n", " ") + "\n")
-                n_texts += 1
-        if n_texts == 0:
-            raise ValueError("vocab: the pretraining corpus is empty; nothing to train a vocabulary on")
-        spm.SentencePieceTrainer.train(
-            input=str(corpus),
-            model_prefix=str(tmp_dir / "spm"),
-            vocab_size=cfg.vocab_size,
-            model_type=cfg.model_type,
-            character_coverage=cfg.character_coverage,
-            normalization_rule_name="nmt_nfkc_cf" if cfg.lowercase else "nmt_nfkc",
-            pad_id=PAD_ID,
-            unk_id=UNK_ID,
-            bos_id=-1,
-            eos_id=-1,
-            pad_piece="[PAD]",
-            unk_piece="[UNK]",
-            user_defined_symbols=list(SPECIAL_TOKENS[2:]),
-            # A small corpus cannot always fill vocab_size; the real size is recorded in meta.json.
-            hard_vocab_limit=False,
-            # One thread keeps the trained vocabulary identical across reruns.
-            num_threads=1,
-            minloglevel=2,
-        )
-        sp = spm.SentencePieceProcessor(model_file=str(tmp_dir / "spm.model"))
+        # The sample waits on disk, preprocessed, while SentencePiece holds its own copy.
+        sample_file = Path(tmp) / "sample.txt"
+        with sample_file.open("w", encoding="utf-8", newline="\n") as fh:
+            fh.writelines(prep(text).replace("\n", " ") + "\n" for text in sample)
+        del sample
+        model = io.BytesIO()
+        spm.set_random_generator_seed(seed)
+        with sample_file.open(encoding="utf-8", newline="\n") as fh:
+            spm.SentencePieceTrainer.train(
+                sentence_iterator=(line[:-1] for line in fh),
+                model_writer=model,
+                vocab_size=cfg.vocab_size,
+                model_type=cfg.model_type,
+                character_coverage=cfg.character_coverage,
+                normalization_rule_name="nmt_nfkc_cf" if cfg.lowercase else "nmt_nfkc",
+                pad_id=PAD_ID,
+                unk_id=UNK_ID,
+                bos_id=-1,
+                eos_id=-1,
+                pad_piece="[PAD]",
+                unk_piece="[UNK]",
+                user_defined_symbols=list(SPECIAL_TOKENS[2:]),
+                # A small corpus cannot always fill vocab_size; the real size is recorded in meta.json.
+                hard_vocab_limit=False,
+                # One thread keeps the trained vocabulary identical across reruns.
+                num_threads=1,
+                minloglevel=2,
+            )
+        new_dir = Path(tmp) / "vocab"
+        new_dir.mkdir()
+        (new_dir / MODEL_FILE).write_bytes(model.getvalue())
+        sp = spm.SentencePieceProcessor(model_proto=model.getvalue())
         meta = {
             "vocab_size": sp.get_piece_size(),
             "requested_vocab_size": cfg.vocab_size,
             "special_tokens": {tok: i for i, tok in enumerate(SPECIAL_TOKENS)},
-            "n_training_texts": n_texts,
+            "n_training_texts": n_sample,
+            "n_corpus_texts": n_texts,
+            "sample_seed": seed,
             "vocab": asdict(cfg),
             "preprocess": prep.to_dict(),
         }
-        (tmp_dir / "spm.vocab").unlink(missing_ok=True)
-        (tmp_dir / META_FILE).write_text(json.dumps(meta, indent=2, ensure_ascii=False), encoding="utf-8")
-        if out_dir.exists():
-            shutil.rmtree(out_dir)
-        tmp_dir.rename(out_dir)
-    log.info("vocab: %d pieces from %d texts -> %s", meta["vocab_size"], n_texts, out_dir)
+        (new_dir / META_FILE).write_text(json.dumps(meta, indent=2, ensure_ascii=False), encoding="utf-8")
+        replace_dir(new_dir, out_dir, aside=Path(tmp) / "previous")
+    log.info("vocab: %d pieces from a sample of %d of %d texts -> %s", meta["vocab_size"], n_sample, n_texts, out_dir)
     return out_dir
+
+
+def sample_texts(texts: Iterable[str], k: int, seed: int) -> tuple[list[str], int]:
+    """A uniform sample of at most ``k`` of ``texts`` (reservoir sampling, one pass) and how many
+    there were. Integer draws only, so the same seed picks the same texts on every platform."""
+    rng = random.Random(seed)
+    sample: list[str] = []
+    n = 0
+    for n, text in enumerate(texts, 1):
+        if n <= k:
+            sample.append(text)
+        else:
+            j = rng.randrange(n)
+            if j < k:
+                sample[j] = text
+    return sample, n
 
 
 class Tokenizer:
