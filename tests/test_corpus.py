@@ -1,4 +1,5 @@
 import collections
+import gzip
 import hashlib
 import io
 import json
@@ -15,7 +16,7 @@ from twilbert.data.corpus import (
     run_data_stage,
     stratified_split,
 )
-from twilbert.data.formats import read_table
+from twilbert.data.formats import DataFormatError, read_table
 
 from conftest import make_tweets
 
@@ -102,3 +103,119 @@ def test_real_evomsa_download_matches_the_pinned_checksum(tmp_path, monkeypatch)
     tweets = read_evomsa_tweets(fetch_evomsa_sdist(cfg), cfg.evomsa_version)
     assert len(tweets) == 1000
     assert {t.label for t in tweets} == {"P", "N", "NEU", "NONE"}
+
+
+# --------------------------------------------------------------------------------------------
+# The user's corpus at scale: plain text, gz, several files, duplicates, bad rows
+# --------------------------------------------------------------------------------------------
+
+
+def write_gz(path, text: str):
+    path.write_bytes(gzip.compress(text.encode("utf-8")))
+    return path
+
+
+def test_plain_text_gz_and_several_files_become_rows_without_replies(tmp_path):
+    corpus = tmp_path / "corpus"
+    corpus.mkdir()
+    write_gz(corpus / "2019.txt.gz", "hola que tal\nodio el lunes\n")
+    (corpus / "2020.txt").write_text("vamos al partido\testa noche\n", encoding="utf-8")
+    cfg = DataConfig(source="text_file", text_file=str(corpus / "20*"), corpus_dir=str(corpus))
+    summary = run_data_stage(cfg, seed=1, out=tmp_path / "data")
+    assert read_pretrain_corpus(tmp_path / "data/pretrain/corpus.jsonl") == [
+        ("hola que tal", None), ("odio el lunes", None), ("vamos al partido\testa noche", None)]
+    assert summary["files"] == 2 and summary["untracked_files"] == 0 and summary["pretrain_pairs_with_reply"] == 0
+    assert json.loads((tmp_path / "data/pretrain/summary.json").read_text()) == summary
+
+
+def test_pair_files_in_a_list_keep_their_replies(tmp_path):
+    a = write_gz(tmp_path / "a.tsv.gz", "ORIG_ID\tORIG_TEXT\tREPLY_ID\tREPLY_TEXT\n1\thola\t2\tque tal\n")
+    b = tmp_path / "b.tsv"
+    b.write_text("ORIG_ID\tORIG_TEXT\tREPLY_ID\tREPLY_TEXT\n3\todio\t4\tyo también\n", encoding="utf-8")
+    cfg = DataConfig(source="pairs_file", pairs_file=[str(a), str(b)], corpus_dir=str(tmp_path))
+    run_data_stage(cfg, seed=1, out=tmp_path / "data")
+    assert read_pretrain_corpus(tmp_path / "data/pretrain/corpus.jsonl") == [("hola", "que tal"), ("odio", "yo también")]
+
+
+def test_duplicates_after_normalizing_are_removed_and_counted(tmp_path):
+    texts = ["Hola mundo https://t.co/a", "RT @ana: hola  mundo https://t.co/b", "hola mundo", "HOLA MUNDO url",
+             "otro tuit @pepe", "otro tuit @juan", "distinto"]
+    path = tmp_path / "t.txt"
+    path.write_text("\n".join(texts) + "\n", encoding="utf-8")
+    cfg = DataConfig(source="text_file", text_file=str(path), corpus_dir=str(tmp_path))
+    summary = run_data_stage(cfg, seed=1, out=tmp_path / "data")
+    kept = [a for a, _ in read_pretrain_corpus(tmp_path / "data/pretrain/corpus.jsonl")]
+    assert kept == ["Hola mundo https://t.co/a", "hola mundo", "otro tuit @pepe", "distinto"]  # first one kept, as written
+    assert (summary["rows_read"], summary["duplicates_removed"], summary["pretrain_texts"]) == (7, 3, 4)
+    cfg.dedup = False
+    assert run_data_stage(cfg, seed=1, out=tmp_path / "all")["duplicates_removed"] == 0
+    assert len(read_pretrain_corpus(tmp_path / "all/pretrain/corpus.jsonl")) == 7
+
+
+def test_dedup_spans_files_and_chunks(tmp_path, monkeypatch):
+    import twilbert.data.corpus as corpus_module
+
+    monkeypatch.setattr(corpus_module, "CHUNK_ROWS", 7)
+    (tmp_path / "a.txt").write_text("".join(f"tuit {i % 40}\n" for i in range(100)), encoding="utf-8")
+    (tmp_path / "b.txt").write_text("".join(f"tuit {i}\n" for i in range(30, 60)), encoding="utf-8")
+    cfg = DataConfig(source="text_file", text_file=str(tmp_path / "*.txt"), corpus_dir=str(tmp_path))
+    summary = run_data_stage(cfg, seed=1, out=tmp_path / "data")
+    kept = [a for a, _ in read_pretrain_corpus(tmp_path / "data/pretrain/corpus.jsonl")]
+    assert kept == [f"tuit {i}" for i in range(60)]
+    assert summary["duplicates_removed"] == 130 - 60
+
+
+def test_bad_rows_within_max_bad_rows_are_skipped_counted_and_listed(tmp_path):
+    path = tmp_path / "pairs.tsv"
+    path.write_text("1\thola\t2\tque tal\n3\tsolo tres\t4\n5\tbien\t6\t\n7\ta\t8\tb\n", encoding="utf-8")
+    cfg = DataConfig(source="pairs_file", pairs_file=str(path), pairs_header=False, max_bad_rows=2,
+                     corpus_dir=str(tmp_path))
+    summary = run_data_stage(cfg, seed=1, out=tmp_path / "data")
+    assert summary["bad_rows_skipped"] == 2 and summary["pretrain_texts"] == 2
+    assert summary["bad_rows"] == [f"{path}:2: expected 4 fields, found 3 (a field may contain a line break, or "
+                                   "the delimiter is not '\\t')", f"{path}:3: empty 'REPLY_TEXT' field"]
+
+
+def test_a_bad_row_without_budget_fails_with_file_and_line_and_writes_no_corpus(tmp_path):
+    path = tmp_path / "t.txt.gz"
+    write_gz(path, "uno\ndos\n\ntres\n")
+    cfg = DataConfig(source="text_file", text_file=str(path), corpus_dir=str(tmp_path))
+    with pytest.raises(DataFormatError, match=rf"^{path}:3: blank line"):
+        run_data_stage(cfg, seed=1, out=tmp_path / "data")
+    assert not (tmp_path / "data/pretrain/corpus.jsonl").exists()
+    assert not list((tmp_path / "data/pretrain").iterdir())  # no temp file left either
+
+
+def test_a_corpus_of_only_skipped_rows_is_an_error(tmp_path):
+    path = tmp_path / "t.txt"
+    path.write_text("\n \n", encoding="utf-8")
+    cfg = DataConfig(source="text_file", text_file=str(path), max_bad_rows=5, corpus_dir=str(tmp_path))
+    with pytest.raises(DataStageError, match="no well-formed rows"):
+        run_data_stage(cfg, seed=1, out=tmp_path / "data")
+    assert not (tmp_path / "data/pretrain/corpus.jsonl").exists()
+
+
+def test_corpus_files_outside_corpus_dir_are_read_with_a_warning(tmp_path, caplog):
+    path = tmp_path / "t.txt"
+    path.write_text("hola\n", encoding="utf-8")
+    cfg = DataConfig(source="text_file", text_file=str(path), corpus_dir=str(tmp_path / "corpus"))
+    with caplog.at_level("WARNING"):
+        summary = run_data_stage(cfg, seed=1, out=tmp_path / "data")
+    assert summary["untracked_files"] == 1 and summary["pretrain_texts"] == 1
+    assert "DVC does not track them" in caplog.text and str(path) in caplog.text
+
+
+def test_vocab_trains_on_a_streamed_plain_text_corpus(tmp_path):
+    from twilbert.config import VocabConfig
+    from twilbert.data.corpus import iter_corpus_texts
+    from twilbert.data.tokenizer import Tokenizer, train_vocab
+
+    write_gz(tmp_path / "a.txt.gz", "".join(t + "\n" for t, _ in make_tweets(150, seed=1)))
+    write_gz(tmp_path / "b.txt.gz", "".join(t + "\n" for t, _ in make_tweets(150, seed=2)))
+    cfg = DataConfig(source="text_file", text_file=str(tmp_path / "*.txt.gz"), corpus_dir=str(tmp_path))
+    summary = run_data_stage(cfg, seed=1, out=tmp_path / "data")
+    corpus = tmp_path / "data/pretrain/corpus.jsonl"
+    train_vocab(iter_corpus_texts(corpus), tmp_path / "vocab", VocabConfig(vocab_size=80, max_sentences=100), seed=1)
+    tok = Tokenizer(tmp_path / "vocab")
+    assert tok.meta["n_corpus_texts"] == summary["pretrain_texts"] and tok.meta["n_training_texts"] == 100
+    assert all(tok.encode(["hola que tal"]))

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import gzip
 import os
 import pickle
+from pathlib import Path
 
 import pytest
 from hypothesis import given, settings
@@ -11,7 +13,10 @@ from hypothesis import strategies as st
 
 from twilbert.config import TaskDataset
 from twilbert.data.formats import (
+    MAX_REPORTED,
     DataFormatError,
+    iter_pairs,
+    iter_texts,
     read_pairs,
     read_table,
     read_task_split,
@@ -309,3 +314,136 @@ def test_write_then_read_round_trips_exactly(tmp_path_factory, rows):
     assert written == len(rows) == len(table)
     assert list(zip(table.columns["ID"], table.columns["TEXT"], table.columns["CLASS"])) == rows
     assert table.line_numbers == list(range(2, len(rows) + 2))
+
+
+# --------------------------------------------------------------------------------------------
+# Streaming readers: the rows and errors of the whole-file readers, one line in memory
+# --------------------------------------------------------------------------------------------
+
+SAMPLES = Path(os.environ.get("TWILBERT_SAMPLES", Path(__file__).resolve().parents[2] / "shared" / "data" / "twilbert-samples"))
+
+
+def rows_of(pairs):
+    return list(zip(pairs.line_numbers, pairs.orig_texts, pairs.reply_texts))
+
+
+def outcome(read):
+    """The rows a reader gives, or its error's (problems, total)."""
+    try:
+        return list(read()), None
+    except DataFormatError as err:
+        return None, err
+
+
+def assert_same_outcome(old, new, stream_stops_at_line_1: bool):
+    (old_rows, old_err), (new_rows, new_err) = old, new
+    if old_err is None:
+        assert new_err is None and new_rows == old_rows
+        return
+    assert new_err is not None and new_rows is None, f"streaming gave rows where the reader raised {old_err}"
+    assert str(new_err).startswith(str(old_err.path))
+    if stream_stops_at_line_1 and any(line == 1 for line, _ in old_err.problems):
+        # A broken header stops the stream at once; the whole-file reader also lists later lines.
+        assert set(new_err.problems) <= set(old_err.problems) and new_err.problems
+    elif old_err.total <= MAX_REPORTED:
+        assert (new_err.problems, new_err.total) == (old_err.problems, old_err.total)
+    else:
+        assert new_err.total == old_err.total
+
+
+def test_streamed_pairs_equal_read_pairs_with_and_without_header(tmp_path):
+    import random
+
+    rng = random.Random(3)
+    words = ["hola", "qué", "tal", "😂", '"citado"', "url", "@user", "#lunes", "ñandú"]
+    rows = [(str(i), " ".join(rng.choices(words, k=rng.randint(1, 12))), str(i + 9000),
+             " ".join(rng.choices(words, k=rng.randint(1, 12)))) for i in range(3000)]
+    body = "".join("\t".join(r) + ("\r\n" if i % 7 == 0 else "\n") for i, r in enumerate(rows))
+    plain = write_text(tmp_path, body, "plain.tsv")
+    headed = write_text(tmp_path, "\ufeffORIG_ID\tORIG_TEXT\tREPLY_ID\tREPLY_TEXT\n" + body, "headed.tsv")
+    for path, header in ((plain, False), (headed, True)):
+        expected = rows_of(read_pairs(path, header=header))
+        assert list(iter_pairs(path, header=header)) == expected
+        assert [(a, b) for _, a, b in expected] == [(r[1], r[3]) for r in rows]
+        gz = path.with_name(path.name + ".gz")
+        gz.write_bytes(gzip.compress(path.read_bytes()))
+        assert list(iter_pairs(gz, header=header)) == expected
+
+
+def test_streamed_pairs_honour_the_delimiter_and_column_names(tmp_path):
+    path = write_text(tmp_path, "id;tweet;rid;reply\n1;hola;2;adiós\n")
+    kwargs = dict(header=True, delimiter=";", orig_text_header="tweet", reply_text_header="reply")
+    assert list(iter_pairs(path, **kwargs)) == rows_of(read_pairs(path, **kwargs)) == [(2, "hola", "adiós")]
+
+
+@pytest.mark.skipif(not (SAMPLES / "pretraining" / "pairs_sample.tsv").is_file(), reason="TWilBert's samples not at hand")
+def test_streamed_sample_pairs_equal_read_pairs():
+    path = SAMPLES / "pretraining" / "pairs_sample.tsv"
+    expected = rows_of(read_pairs(path, header=False))
+    assert len(expected) == 200 and list(iter_pairs(path, header=False)) == expected
+
+
+def test_bad_pair_rows_keep_their_file_line_errors_when_streamed(tmp_path):
+    content = b"1\thola\t2\tque tal\n3\tsolo tres\t4\n\n5\tmal \xff byte\t6\tok\n7\ta\t8\t \n9\tbien\t10\tbien\n"
+    path = write_bytes(tmp_path, content)
+    old = error_of(read_pairs, path, header=False)
+    new = error_of(lambda: list(iter_pairs(path, header=False)))
+    assert str(new) == str(old)
+    assert [line for line, _ in new.problems] == [2, 3, 4, 5]
+
+
+def test_skip_bad_is_asked_once_per_malformed_row_and_the_rest_streams(tmp_path):
+    path = write_bytes(tmp_path, b"1\thola\t2\tque tal\n3\t\t4\t\n5\tmal \xff\t6\tok\n7\tbien\t8\tbien\n")
+    asked = []
+    rows = list(iter_pairs(path, header=False, skip_bad=lambda *bad: asked.append(bad) or True))
+    assert rows == [(1, "hola", "que tal"), (4, "bien", "bien")]
+    assert [(p, line) for p, line, _ in asked] == [(str(path), 2), (str(path), 3)]
+    assert asked[0][2] == "empty 'ORIG_TEXT' field; empty 'REPLY_TEXT' field"  # one row, both problems
+
+
+def test_a_declined_bad_row_fails_the_file_with_all_its_problems(tmp_path):
+    path = write_text(tmp_path, "1\thola\t2\tq\n3\tx\n5\ty\t6\tz\n7\tw\n")
+    answers = iter([True, False])
+    err = error_of(lambda: list(iter_pairs(path, header=False, skip_bad=lambda *_: next(answers))))
+    assert [line for line, _ in err.problems] == [2, 4]  # the skipped row is listed too
+
+
+def test_a_broken_header_fails_at_once_whatever_skip_bad_says(tmp_path):
+    path = write_text(tmp_path, "ID\tTEXT\n1\thola\n")
+    err = error_of(lambda: list(iter_pairs(path, header=True, skip_bad=lambda *_: True)))
+    assert f"{path}:1: missing required column 'ORIG_TEXT'" in str(err)
+
+
+def test_truncated_gzip_names_the_file_and_the_line_reached(tmp_path):
+    path = tmp_path / "tweets.txt.gz"
+    path.write_bytes(gzip.compress("".join(f"tuit número {i}\n" for i in range(5000)).encode())[:-50])
+    err = error_of(lambda: list(iter_texts(path)))
+    assert str(err).startswith(f"{path}:") and "truncated or corrupt gzip" in str(err)
+
+
+def test_streamed_texts_equal_read_texts(tmp_path):
+    path = write_bytes(tmp_path, b"\xef\xbb\xbfhola\tcon tab\r\nadi\xc3\xb3s \"x\nlast line without newline")
+    assert list(iter_texts(path)) == list(enumerate(read_texts(path), 1))
+    bad = write_bytes(tmp_path, b"uno\n \ndos \xff\n", "bad.txt")
+    assert str(error_of(lambda: list(iter_texts(bad)))) == str(error_of(read_texts, bad))
+    empty = write_bytes(tmp_path, b"", "empty.txt")
+    assert str(error_of(lambda: list(iter_texts(empty)))) == str(error_of(read_texts, empty))
+
+
+corpus_bytes = st.lists(
+    st.sampled_from([b"\t", b"\t", b"\n", b"\n", b"\r\n", b"\r", b"\xef\xbb\xbf", b"\xff", b"\xc3", b" ", b"hola",
+                     b"qu\xc3\xa9", "😂".encode(), b"1", b"ORIG_ID", b"ORIG_TEXT", b"REPLY_ID", b"REPLY_TEXT",
+                     b"ORIG_ID\tORIG_TEXT\tREPLY_ID\tREPLY_TEXT\n"]),
+    max_size=80,
+).map(b"".join)
+
+
+@settings(max_examples=150, deadline=None)
+@given(content=corpus_bytes, header=st.booleans())
+def test_any_bytes_stream_to_the_rows_or_errors_of_the_whole_file_readers(tmp_path_factory, content, header):
+    path = tmp_path_factory.mktemp("stream") / "corpus.tsv"
+    path.write_bytes(content)
+    assert_same_outcome(outcome(lambda: rows_of(read_pairs(path, header=header))),
+                        outcome(lambda: iter_pairs(path, header=header)), stream_stops_at_line_1=header)
+    assert_same_outcome(outcome(lambda: enumerate(read_texts(path), 1)), outcome(lambda: iter_texts(path)),
+                        stream_stops_at_line_1=False)

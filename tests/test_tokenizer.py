@@ -1,8 +1,14 @@
+import collections
+import os
+
 import numpy as np
 import pytest
 
 from twilbert.config import VocabConfig
-from twilbert.data.tokenizer import CLS_ID, MASK_ID, PAD_ID, SEP_ID, SPECIAL_TOKENS, Tokenizer, pack_pairs, train_vocab
+from twilbert.data.tokenizer import (
+    CLS_ID, MASK_ID, PAD_ID, SEP_ID, SPECIAL_TOKENS, Tokenizer, pack_pairs, sample_texts, train_vocab,
+)
+from twilbert.io_utils import replace_dir
 
 from conftest import make_tweets
 
@@ -60,3 +66,57 @@ def test_pack_single_texts_has_no_second_segment():
     packed = pack_pairs([[7], [7, 8]], None, max_len=4)
     assert packed["input_ids"].shape == (2, 6)
     assert np.array_equal(packed["length"], [3, 4])
+
+
+def test_vocab_files_are_byte_identical_when_trained_in_different_directories(tmp_path):
+    texts = [t for t, _ in make_tweets(300, seed=4)]
+    cfg = VocabConfig(vocab_size=90, max_sentences=200)
+    a = train_vocab(iter(texts), tmp_path / "one" / "vocab", cfg, seed=7)
+    b = train_vocab(iter(texts), tmp_path / "two" / "deeper" / "vocab", cfg, seed=7)
+    for name in ("spm.model", "meta.json"):
+        assert (a / name).read_bytes() == (b / name).read_bytes(), name
+    assert str(tmp_path).encode() not in (a / "spm.model").read_bytes()
+    assert sorted(p.name for p in a.iterdir()) == ["meta.json", "spm.model"]
+
+
+def test_vocab_trains_on_a_seeded_sample_of_at_most_max_sentences(tmp_path):
+    texts = [t for t, _ in make_tweets(400, seed=5)]
+    cfg = VocabConfig(vocab_size=80, max_sentences=150)
+    meta = Tokenizer(train_vocab(texts, tmp_path / "v", cfg, seed=1)).meta
+    assert (meta["n_training_texts"], meta["n_corpus_texts"], meta["sample_seed"]) == (150, 400, 1)
+    assert meta["vocab"]["max_sentences"] == 150
+    other = train_vocab(texts, tmp_path / "w", cfg, seed=2)
+    assert (tmp_path / "v/spm.model").read_bytes() != (other / "spm.model").read_bytes()
+
+
+def test_reservoir_sample_is_seeded_and_uniform():
+    assert sample_texts(iter("abcdefghij"), 3, seed=1) == sample_texts("abcdefghij", 3, seed=1)
+    assert sample_texts("abc", 5, seed=1) == (["a", "b", "c"], 3)
+    counts = collections.Counter()
+    for seed in range(2000):
+        sample, n = sample_texts(range(20), 5, seed)
+        assert n == 20 and len(set(sample)) == 5
+        counts.update(sample)
+    # each item is kept with probability 5/20: 500 of 2000 draws, sd ~19
+    assert all(abs(counts[i] - 500) < 100 for i in range(20)), counts
+
+
+def test_retraining_replaces_the_vocab_directory_whole(tmp_path):
+    out = tmp_path / "vocab"
+    train_vocab([t for t, _ in make_tweets(150, seed=1)], out, VocabConfig(vocab_size=60))
+    (out / "stale.txt").write_text("from an old run")
+    train_vocab([t for t, _ in make_tweets(150, seed=2)], out, VocabConfig(vocab_size=70))
+    assert sorted(p.name for p in out.iterdir()) == ["meta.json", "spm.model"]
+    assert Tokenizer(out).meta["requested_vocab_size"] == 70
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["vocab"]  # no temp or old directory left
+
+
+def test_replace_dir_swaps_a_directory_in_without_a_moment_of_absence(tmp_path):
+    (tmp_path / "old").mkdir()
+    (tmp_path / "old" / "f").write_text("old")
+    (tmp_path / "new").mkdir()
+    (tmp_path / "new" / "f").write_text("new")
+    os.rename(tmp_path / "old", tmp_path / "target")
+    replace_dir(tmp_path / "new", tmp_path / "target", aside=tmp_path / "aside")
+    assert (tmp_path / "target" / "f").read_text() == "new" and (tmp_path / "aside" / "f").read_text() == "old"
+    assert not (tmp_path / "new").exists()

@@ -36,6 +36,7 @@ log = logging.getLogger(__name__)
 
 EVOMSA_MEMBER = "EvoMSA/tests/tweets.json"
 CHUNK_ROWS = 65_536  # rows deduplicated and written at a time
+_encode = json.JSONEncoder(ensure_ascii=False).encode  # json.dumps would build an encoder per row
 
 
 class DataStageError(RuntimeError):
@@ -149,7 +150,7 @@ def write_pretrain_corpus(
         while chunk := list(itertools.islice(rows, CHUNK_ROWS)):
             keep = seen.add(row_digests(chunk)) if seen is not None else itertools.repeat(True)
             kept = [(a, b) for (a, b), new in zip(chunk, keep) if new]
-            fh.writelines(json.dumps({"a": a, "b": b}, ensure_ascii=False) + "\n" for a, b in kept)
+            fh.writelines(_encode({"a": a, "b": b}) + "\n" for a, b in kept)
             counts["rows_read"] += len(chunk)
             counts["duplicates_removed"] += len(chunk) - len(kept)
             counts["pretrain_texts"] += len(kept)
