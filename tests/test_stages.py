@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -64,3 +65,29 @@ def test_invalid_utf8_in_pair_corpus_names_file_and_line(workdir, tmp_path):
     )
     assert proc.returncode == 2
     assert f"{bad}:2:" in proc.stderr and "UTF-8" in proc.stderr
+
+
+def test_bad_rows_within_max_bad_rows_are_reported_on_stderr_and_in_the_summary(workdir, tmp_path):
+    bad = workdir / "pairs.tsv"
+    bad.write_text("1\thola\t2\tque tal\n3\tsolo tres campos\t4\n5\tbien\t6\tbien\n", encoding="utf-8")
+    proc = run_stage(
+        "data.py", "--out", "out", "data.source=pairs_file", f"data.pairs_file={bad}", "data.pairs_header=false",
+        "data.max_bad_rows=1", f"data.corpus_dir={workdir}", cwd=workdir, tmp_path=tmp_path,
+    )
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert f"{bad}:2: expected 4 fields" in proc.stderr and "skipped" in proc.stderr
+    summary = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert summary["bad_rows_skipped"] == 1 and summary["pretrain_texts"] == 2
+
+
+def test_more_bad_rows_than_max_bad_rows_fail_naming_lines_and_the_key(workdir, tmp_path):
+    bad = workdir / "tweets.txt"
+    bad.write_text("uno\n\ndos\n\n", encoding="utf-8")
+    proc = run_stage(
+        "data.py", "--out", "out", "data.source=text_file", f"data.text_file={bad}", "data.max_bad_rows=1",
+        cwd=workdir, tmp_path=tmp_path,
+    )
+    assert proc.returncode == 2
+    assert f"{bad}:2: blank line" in proc.stderr and f"{bad}:4: blank line" in proc.stderr
+    assert "data.max_bad_rows=1" in proc.stderr and "Traceback" not in proc.stderr
+    assert not (workdir / "out" / "pretrain" / "corpus.jsonl").exists()
