@@ -186,13 +186,16 @@ def test_a_bad_row_without_budget_fails_with_file_and_line_and_writes_no_corpus(
     assert not list((tmp_path / "data/pretrain").iterdir())  # no temp file left either
 
 
-def test_a_corpus_of_only_skipped_rows_is_an_error(tmp_path):
+def test_a_corpus_of_only_skipped_rows_is_an_error_that_keeps_the_previous_output(tmp_path):
     path = tmp_path / "t.txt"
-    path.write_text("\n \n", encoding="utf-8")
+    path.write_text("hola\n", encoding="utf-8")
     cfg = DataConfig(source="text_file", text_file=str(path), max_bad_rows=5, corpus_dir=str(tmp_path))
-    with pytest.raises(DataStageError, match="no well-formed rows"):
+    run_data_stage(cfg, seed=1, out=tmp_path / "data")
+    before = (tmp_path / "data/pretrain/corpus.jsonl").read_bytes()
+    path.write_text("\n \n", encoding="utf-8")
+    with pytest.raises(DataStageError, match=r"data\.text_file \(1 file\(s\)\): no well-formed rows"):
         run_data_stage(cfg, seed=1, out=tmp_path / "data")
-    assert not (tmp_path / "data/pretrain/corpus.jsonl").exists()
+    assert (tmp_path / "data/pretrain/corpus.jsonl").read_bytes() == before
 
 
 def test_corpus_files_outside_corpus_dir_are_read_with_a_warning(tmp_path, caplog):

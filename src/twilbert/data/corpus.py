@@ -83,7 +83,8 @@ def fetch_evomsa_sdist(cfg: DataConfig, cache: Optional[Path] = None) -> Path:
                 f"(pip said: {proc.stderr.strip()[-400:] or 'nothing'}).\n"
                 "Offline? Place the sdist at "
                 f"{target}, or use your own data: set data.source=pairs_file and data.pairs_file=<your "
-                "pairs TSV> (or data.source=text_file and data.text_file=<one tweet per line>), and point tasks.<name>.dataset.data_dir at your task files (see README)."
+                "pairs TSV> (or data.source=text_file and data.text_file=<one tweet per line>), and point "
+                "tasks.<name>.dataset.data_dir at your task files (see README)."
             )
         digest = sha256_of(found[0])
         if digest != cfg.evomsa_sha256:
@@ -138,10 +139,11 @@ def write_task_split(path: Path, tweets: list[LabelledTweet]) -> None:
 
 
 def write_pretrain_corpus(
-    path: Path, rows: Iterable[tuple[str, Optional[str]]], dedup: bool = False
+    path: Path, rows: Iterable[tuple[str, Optional[str]]], dedup: bool = False, source: str = "the corpus"
 ) -> dict[str, int]:
     """Stream ``rows`` into the corpus file (atomically), without exact duplicates when ``dedup``;
-    return the counts read, written and removed. Memory holds one chunk of rows plus the digests."""
+    return the counts read, written and removed. Memory holds one chunk of rows plus the digests.
+    No rows at all is an error naming ``source``, and leaves ``path`` as it was."""
     path.parent.mkdir(parents=True, exist_ok=True)
     seen = DigestSet() if dedup else None
     counts = {"rows_read": 0, "duplicates_removed": 0, "pretrain_texts": 0, "pretrain_pairs_with_reply": 0}
@@ -155,6 +157,8 @@ def write_pretrain_corpus(
             counts["duplicates_removed"] += len(chunk) - len(kept)
             counts["pretrain_texts"] += len(kept)
             counts["pretrain_pairs_with_reply"] += sum(1 for _, b in kept if b is not None)
+        if not counts["rows_read"]:
+            raise DataStageError(f"{source}: no well-formed rows; nothing to pretrain on")
     return counts
 
 
@@ -210,13 +214,11 @@ def run_data_stage(cfg: DataConfig, seed: int, out: Path) -> dict:
                 len(untracked), cfg.corpus_dir, shown, cfg.corpus_dir,
             )
         budget = BadRowBudget(cfg.max_bad_rows)
-        counts = write_pretrain_corpus(corpus_file, iter_corpus_rows(cfg, files, budget), cfg.dedup)
+        rows = iter_corpus_rows(cfg, files, budget)
+        counts = write_pretrain_corpus(corpus_file, rows, cfg.dedup, f"data.{cfg.source} ({len(files)} file(s))")
         summary.update(files=len(files), untracked_files=len(untracked), **counts, bad_rows_skipped=budget.skipped)
         if budget.listed:
             summary["bad_rows"] = budget.listed
-        if not counts["pretrain_texts"]:
-            corpus_file.unlink()
-            raise DataStageError(f"data.{cfg.source}: no well-formed rows in {len(files)} file(s); nothing to pretrain on")
         # DVC needs the declared output to exist even when the default task is not used.
         (out / "default").mkdir(parents=True, exist_ok=True)
         (out / "default" / "README.txt").write_text(
