@@ -85,7 +85,8 @@ def test_without_a_budget_a_bad_row_raises_the_readers_own_error(tmp_path):
 
 def test_config_checks_the_corpus_keys(tiny_raw):
     for data, key in (({"source": "text_file"}, "data.text_file"), ({"max_bad_rows": -1}, "data.max_bad_rows"),
-                      ({"source": "pairs_file", "pairs_file": []}, "data.pairs_file"), ({"corpus_dir": ""}, "data.corpus_dir")):
+                      ({"source": "pairs_file", "pairs_file": []}, "data.pairs_file"), ({"corpus_dir": ""}, "data.corpus_dir"),
+                      ({"corpus_dir": "./data"}, "data.corpus_dir")):
         raw = {**tiny_raw, "data": {**tiny_raw["data"], **data}}
         with pytest.raises(ConfigError, match=key.replace(".", r"\.")):
             load_config(raw)

@@ -7,6 +7,7 @@ Key names follow TWilBert's JSON configs (``n_encoders``, ``cross_sharing``, ``p
 from __future__ import annotations
 
 import dataclasses
+import os
 import types
 import typing
 from dataclasses import dataclass, field
@@ -183,6 +184,11 @@ class DataConfig:
                 raise ConfigError(f"{key} holds an empty path")
         if not self.corpus_dir.strip():
             raise ConfigError(f"{where}.corpus_dir must be a folder (DVC tracks it as the corpus), got ''")
+        if os.path.normpath(self.corpus_dir) in (".", "..", "data", "models", "results"):
+            raise ConfigError(
+                f"{where}.corpus_dir {self.corpus_dir!r} would hold the pipeline's own outputs or the whole "
+                "repository; use a folder of its own such as 'corpus', or an absolute path"
+            )
         if not self.delimiter or self.delimiter in "\r\n":
             raise ConfigError(f"{where}.delimiter must be a non-empty string without line breaks, got {self.delimiter!r}")
         if self.max_bad_rows < 0:
