@@ -426,7 +426,8 @@ SkipBad = Callable[[str, int, str], bool]
 def iter_lines(path: PathLike, problems: _Problems) -> Iterator[tuple[int, Optional[str]]]:
     """The physical lines of a UTF-8 file one at a time, as :func:`_read_lines` gives them all (BOM and
     line terminators removed, None for an undecodable line, its problem added). A ``.gz`` file is
-    decompressed on the fly. Memory holds one line, whatever the file's size."""
+    decompressed on the fly (byte offsets then count decompressed bytes). Memory holds one line,
+    whatever the file's size."""
     path = Path(path)
     gzipped = path.suffix == ".gz"
     try:
