@@ -11,7 +11,7 @@ import torch
 import torch.nn.functional as F
 
 from twilbert.config import VocabConfig, compose, load_config
-from twilbert.data.pairs import build_pair_shards, load_shards, make_batch
+from twilbert.data.pairs import batch_of, build_pair_shards, load_shards, make_batch
 from twilbert.data.tokenizer import MASK_ID, N_SPECIAL, Tokenizer, pack_pairs, train_vocab
 from twilbert.model.io import load_pretrained_state
 from twilbert.train.pretrain import build_pretraining, pretrain, pseudo_log_likelihood
@@ -147,13 +147,13 @@ def test_pll_equals_masking_each_token_in_turn_one_forward_at_a_time(run, corpus
     model, _, _ = build_pretraining(cfg, run["vocab"], torch.device("cpu"))
     model.eval()
     data = load_shards(corpus / "pairs" / "heldout")
-    rows = np.flatnonzero(data["labels"] == 1)[:3]
+    rows = data.originals(3)
     got = pseudo_log_likelihood(model, data, 3, torch.device("cpu"), chunk=7)  # chunks cut across rows
 
     per_example, total, count = [], 0.0, 0
     with torch.no_grad():
         for r in rows:
-            batch = make_batch(*(data[k][[r]] for k in ("input_ids", "len_a", "length", "labels")))
+            batch = batch_of(data, [r])
             ids = batch.input_ids[0]
             lls = []
             for t in (~batch.special_mask[0]).nonzero().flatten().tolist():
