@@ -210,6 +210,7 @@ def run_pipeline(root: Path, n_pairs: int, seed: int, overrides: list[str], prob
         if name == "data":
             out["data_bytes"] = du(data / "pretrain")
         print(line, flush=True)
+    (root / "measured.json").write_text(json.dumps({k: v for k, v in out.items()}, default=str, indent=1))
     return out
 
 
