@@ -117,7 +117,7 @@ class Tokenizer:
         prepped = [self.preprocess(t) for t in texts]
         ids = self.sp.encode(prepped)
         for i, row in enumerate(ids):
-            if SPECIAL_TEXT.search(prepped[i]):
+            if "[" in prepped[i] and SPECIAL_TEXT.search(prepped[i]):  # the scan in C spares most regex calls
                 row = ids[i] = self._encode_literal_specials(prepped[i])
             if not row:  # e.g. a lone '▁' or U+FFFD: SentencePiece keeps nothing of it
                 ids[i] = [UNK_ID]
