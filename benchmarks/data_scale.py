@@ -7,7 +7,8 @@ a TWilBert pair TSV (``ORIG_ID ORIG_TEXT REPLY_ID REPLY_TEXT``) and fed to the s
 ``data.source=pairs_file data.pairs_file=<tsv>``. Every stage runs from the repository's
 ``stages/`` with Hydra overrides, outputs under ``--workdir``.
 
-Measured per stage: wall seconds, and the peak memory of the stage's process tree: the larger of
+Measured per stage: wall seconds, CPU seconds (the stage and its workers, from ``os.wait4``; on a
+shared host the honest figure of what a stage costs), and the peak memory of the stage's process tree: the larger of
 the biggest process's own peak (``ru_maxrss``, from ``os.wait4``) and the peak, sampled every 0.2 s,
 of the tree's summed PSS (proportional set size: pages shared by forked workers counted once).
 The pretrain probe reports its own ``VmHWM`` after opening the shards and running the steps.
@@ -163,8 +164,10 @@ def run_measured(cmd: list[str], log_path: Path) -> dict:
     wall = time.perf_counter() - start
     if proc.returncode != 0:
         raise RuntimeError(f"{' '.join(cmd)} failed ({proc.returncode}):\n{log_path.read_text()[-3000:]}")
-    return {"s": wall, "rss_mb": max(usage.ru_maxrss / 1024, peak[0]), "maxrss_mb": usage.ru_maxrss / 1024,
-            "output": log_path.read_text()}
+    # CPU seconds of the stage and of its waited-for children (the tokenizer workers): on a loaded
+    # host this, not the wall time, says what the stage costs.
+    return {"s": wall, "cpu_s": usage.ru_utime + usage.ru_stime, "rss_mb": max(usage.ru_maxrss / 1024, peak[0]),
+            "maxrss_mb": usage.ru_maxrss / 1024, "output": log_path.read_text()}
 
 
 def du(path: Path) -> int:
@@ -194,12 +197,12 @@ def run_pipeline(root: Path, n_pairs: int, seed: int, overrides: list[str], prob
     for name, cmd in steps.items():
         m = run_measured(cmd, root / f"{name}.log")
         out[name] = m
-        line = f"[{n_pairs} pairs] {name:8s} {m['s']:8.1f} s   peak {m['rss_mb']:8.1f} MiB"
+        line = f"[{n_pairs} pairs] {name:8s} {m['s']:8.1f} s ({m['cpu_s']:.1f} CPU s)   peak {m['rss_mb']:8.1f} MiB"
         if name == "pairs":
             manifest = json.loads((data / "pairs" / "manifest.json").read_text())
             out["pairs_bytes"] = du(data / "pairs")
             out["corpus_tokens"] = manifest["corpus_tokens"]
-            line += (f"   {n_pairs / m['s']:,.0f} pairs/s   {out['pairs_bytes'] / 2**20:.1f} MiB on disk = "
+            line += (f"   {n_pairs / m['s']:,.0f} pairs/s ({n_pairs / m['cpu_s']:,.0f} per CPU s)   {out['pairs_bytes'] / 2**20:.1f} MiB on disk = "
                      f"{out['pairs_bytes'] / manifest['corpus_tokens']:.2f} bytes/token "
                      f"({manifest['corpus_tokens']:,} corpus tokens, dtype {manifest['dtype']})")
         if name == "pretrain":
