@@ -130,7 +130,7 @@ _worker_tokenizer: Optional[Tokenizer] = None
 def _init_worker(vocab_dir: str) -> None:
     global _worker_tokenizer
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C stops the parent, which ends the pool
-    _worker_tokenizer = Tokenizer(Path(vocab_dir))
+    _worker_tokenizer = Tokenizer(Path(vocab_dir), num_threads=1)  # the workers are the parallelism
 
 
 def _tokenize_in_worker(first_row: int, rows: list, params: PairParams) -> dict:
