@@ -120,10 +120,12 @@ def test_heldout_pairs_are_disjoint_from_training_pairs(tokenizer, tmp_path):
     held = heldout_rows(0, np.arange(60), 0.1)
     assert summary["heldout_examples"] == 2 * held.sum() > 0
     assert summary["train_examples"] + summary["heldout_examples"] == 2 * (60 - summary["skipped_short"])
-    train, heldout = (load_shards(tmp_path / "p" / s) for s in ("train", "heldout"))
-    as_rows = lambda data: {tuple(r[:n]) for r, n in zip(*(data.take(data.originals(len(data)))[k]  # noqa: E731
-                                                             for k in ("input_ids", "length")))}
-    assert not as_rows(train) & as_rows(heldout)
+    def pairs_of(split):
+        data = load_shards(tmp_path / "p" / split)
+        rows = data.take(data.originals(data.pairs))
+        return {tuple(r[:n]) for r, n in zip(rows["input_ids"], rows["length"])}
+
+    assert not pairs_of("train") & pairs_of("heldout")
 
 
 def test_shards_are_byte_identical_for_one_and_two_workers_and_any_chunking(tokenizer, tmp_path):
