@@ -174,7 +174,14 @@ def du(path: Path) -> int:
     return sum(p.stat().st_size for p in path.rglob("*") if p.is_file())
 
 
-def run_pipeline(root: Path, n_pairs: int, seed: int, overrides: list[str], probe_steps: int) -> dict:
+def head_lines(src: Path, dst: Path, n: int) -> Path:
+    with src.open(encoding="utf-8") as fh, dst.open("w", encoding="utf-8") as out:
+        out.writelines(line for _, line in zip(range(n), fh))
+    return dst
+
+
+def run_pipeline(root: Path, n_pairs: int, seed: int, overrides: list[str], probe_steps: int,
+                 vocab_sample: Optional[int] = None) -> dict:
     """Corpus of ``n_pairs``, then the data, vocab, pairs stages and the pretrain probe under ``root``."""
     root.mkdir(parents=True, exist_ok=True)
     corpus = root / "corpus.tsv"
@@ -185,9 +192,10 @@ def run_pipeline(root: Path, n_pairs: int, seed: int, overrides: list[str], prob
     py = sys.executable
     common = [f"data.pairs_file={corpus}", "data.source=pairs_file", *overrides]
     data = root / "data"
+    vocab_corpus = data / "pretrain" / "corpus.jsonl"
     steps = {
         "data": [py, "stages/data.py", "--out", str(data), *common],
-        "vocab": [py, "stages/vocab.py", "--corpus", str(data / "pretrain" / "corpus.jsonl"), "--out",
+        "vocab": [py, "stages/vocab.py", "--corpus", str(vocab_corpus), "--out",
                   str(data / "vocab"), *common],
         "pairs": [py, "stages/pairs.py", "--corpus", str(data / "pretrain" / "corpus.jsonl"), "--vocab",
                   str(data / "vocab"), "--out", str(data / "pairs"), *common],
@@ -195,6 +203,12 @@ def run_pipeline(root: Path, n_pairs: int, seed: int, overrides: list[str], prob
     }
     out = {"n_pairs": n_pairs}
     for name, cmd in steps.items():
+        if name == "vocab" and vocab_sample and vocab_sample < n_pairs:
+            # the vocab stage's own input: the first K pairs of the corpus the data stage wrote
+            sample = head_lines(vocab_corpus, root / "vocab-sample.jsonl", vocab_sample)
+            cmd[cmd.index(str(vocab_corpus))] = str(sample)
+            print(f"[{n_pairs} pairs] vocab trained on the first {vocab_sample} pairs only (--vocab-sample)",
+                  flush=True)
         m = run_measured(cmd, root / f"{name}.log")
         out[name] = m
         line = f"[{n_pairs} pairs] {name:8s} {m['s']:8.1f} s ({m['cpu_s']:.1f} CPU s)   peak {m['rss_mb']:8.1f} MiB"
@@ -202,7 +216,8 @@ def run_pipeline(root: Path, n_pairs: int, seed: int, overrides: list[str], prob
             manifest = json.loads((data / "pairs" / "manifest.json").read_text())
             out["pairs_bytes"] = du(data / "pairs")
             out["corpus_tokens"] = manifest["corpus_tokens"]
-            line += (f"   {n_pairs / m['s']:,.0f} pairs/s ({n_pairs / m['cpu_s']:,.0f} per CPU s)   {out['pairs_bytes'] / 2**20:.1f} MiB on disk = "
+            line += (f"   {n_pairs / m['s']:,.0f} pairs/s ({n_pairs / m['cpu_s']:,.0f} per CPU s)   "
+                     f"{out['pairs_bytes'] / 2**20:.1f} MiB on disk = "
                      f"{out['pairs_bytes'] / manifest['corpus_tokens']:.2f} bytes/token "
                      f"({manifest['corpus_tokens']:,} corpus tokens, dtype {manifest['dtype']})")
         if name == "pretrain":
@@ -299,6 +314,8 @@ def main(argv: Optional[list[str]] = None) -> None:
     parser.add_argument("--workdir", type=Path, help="where corpora and outputs go (default: a temp dir)")
     parser.add_argument("--keep", action="store_true", help="keep --workdir's outputs")
     parser.add_argument("--seed", type=int, default=2024)
+    parser.add_argument("--vocab-sample", type=int, help="train the vocabulary on the first K pairs only (for a "
+                        "vocab stage that holds its whole input in memory; its figures are then the sample's)")
     parser.add_argument("--probe", type=Path, help=argparse.SUPPRESS)  # internal: the pretrain probe's data dir
     parser.add_argument("--probe-steps", type=int, default=3, help="training steps of the pretrain probe")
     args, overrides = parser.parse_known_args(argv)
@@ -312,7 +329,8 @@ def main(argv: Optional[list[str]] = None) -> None:
     work = args.workdir or Path(tempfile.mkdtemp(prefix="twilbert-scale-"))
     try:
         base = run_pipeline(work / f"n{BASELINE_PAIRS}", BASELINE_PAIRS, args.seed, overrides, args.probe_steps)
-        run = run_pipeline(work / f"n{n_pairs}", n_pairs, args.seed + 1, overrides, args.probe_steps)
+        run = run_pipeline(work / f"n{n_pairs}", n_pairs, args.seed + 1, overrides, args.probe_steps,
+                           args.vocab_sample)
     finally:
         if not args.keep:
             shutil.rmtree(work, ignore_errors=True)
