@@ -224,7 +224,8 @@ def run_pipeline(root: Path, n_pairs: int, seed: int, overrides: list[str], prob
             probe = json.loads(m["output"].strip().splitlines()[-1])
             out["probe"] = probe
             line = (f"[{n_pairs} pairs] pretrain startup + {probe_steps} steps: {m['s']:.1f} s, VmHWM "
-                    f"{probe['hwm_mb']:.1f} MiB (VmRSS {probe['rss_mb']:.1f} MiB, {probe['examples']:,} examples)")
+                    f"{probe['hwm_mb']:.1f} MiB (VmRSS {probe['rss_mb']:.1f} MiB: anonymous {probe['anon_mb']:.1f}, "
+                    f"file-backed {probe['file_mb']:.1f}; {probe['examples']:,} examples)")
         if name == "data":
             out["data_bytes"] = du(data / "pretrain")
         print(line, flush=True)
@@ -263,8 +264,10 @@ def probe(data: Path, steps: int, overrides: list[str]) -> None:
     for _, batch in zip(range(steps), batches):
         trainer.train_step(batch, objective)
     batches.close()
-    print(json.dumps({"hwm_mb": status_mb("VmHWM"), "rss_mb": status_mb("VmRSS"), "examples": len(train),
-                      "heldout_examples": len(heldout)}))
+    # RssFile: pages of the memory-mapped shards (and libraries) the kernel mapped in: page cache it may
+    # drop, not memory the loader holds; RssAnon is what the process itself allocated.
+    print(json.dumps({"hwm_mb": status_mb("VmHWM"), "rss_mb": status_mb("VmRSS"), "anon_mb": status_mb("RssAnon"),
+                      "file_mb": status_mb("RssFile"), "examples": len(train), "heldout_examples": len(heldout)}))
 
 
 # --------------------------------------------------------------------------------------------
