@@ -1,10 +1,14 @@
-"""DVC stage `pairs`: reply-order prediction pairs, tokenized into shards for pretraining."""
+"""DVC stage `pairs`: reply-order prediction pairs, tokenized into memory-mappable shards for pretraining.
+
+Streams the corpus through `pairs.workers` tokenizer processes; rerun after a crash, it resumes
+after the last completed shard.
+"""
 
 import argparse
 from pathlib import Path
 
-from twilbert.data.corpus import read_pretrain_corpus
-from twilbert.data.pairs import build_pair_shards
+from twilbert.data.corpus import iter_pretrain_corpus
+from twilbert.data.pairs import build_pair_shards, resolve_workers
 from twilbert.data.tokenizer import Tokenizer
 from twilbert.stage import load_stage_config, parse_args, run
 
@@ -16,10 +20,12 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=Path("data/pairs"))
     args, overrides = parse_args(parser)
     cfg, _ = load_stage_config(overrides)
+    stat = args.corpus.stat()  # the corpus version a resumed build must match
     build_pair_shards(
-        read_pretrain_corpus(args.corpus), Tokenizer(args.vocab), args.out,
+        iter_pretrain_corpus(args.corpus), Tokenizer(args.vocab), args.out,
         max_len=cfg.representation.max_len, heldout_fraction=cfg.pairs.heldout_fraction,
-        shard_size=cfg.pairs.shard_size, seed=cfg.seed,
+        shard_size=cfg.pairs.shard_size, seed=cfg.seed, workers=resolve_workers(cfg.pairs.workers),
+        source_id=f"{args.corpus.resolve()}:{stat.st_size}:{stat.st_mtime_ns}",
     )
 
 

@@ -186,3 +186,56 @@ def test_a_partial_torchrun_environment_is_a_clear_error(monkeypatch):
     monkeypatch.delenv("RANK", raising=False)
     with pytest.raises(RuntimeError, match="RANK.*torchrun --nproc_per_node"):
         init_distributed("cpu")
+
+
+# --------------------------------------------------------------------------------------------
+# Memory-mapped pair shards under DDP: each rank reads its own share
+# --------------------------------------------------------------------------------------------
+
+
+def _examples_as_rows(batches) -> list:
+    return [(tuple(r[: int(n)].tolist()), int(y)) for b in batches
+            for r, n, y in zip(b.input_ids, b.attention_mask.sum(1), b.labels)]
+
+
+def _shard_worker(rank: int, port: int, pairs_dir: str, out_dir: str) -> None:
+    from twilbert.data.pairs import load_shards
+
+    ctx = join_gloo_group(rank, WORLD, port)
+    try:
+        data = load_shards(pairs_dir)
+        seen = {epoch: _examples_as_rows(iterate_rank_batches(data, 5, SEED, epoch, ctx)) for epoch in (0, 1)}
+        report = {"seen": seen, "memmap": all(isinstance(a, np.memmap) for a in data.open_arrays())}
+        with open(f"{out_dir}/shard-report-{rank}.json", "w") as fh:
+            json.dump(report, fh)
+    finally:
+        destroy_distributed()
+
+
+def test_two_gloo_ranks_read_disjoint_shares_of_the_shards_that_cover_every_example_once_per_epoch(tmp_path):
+    from collections import Counter
+
+    from twilbert.config import VocabConfig
+    from twilbert.data.pairs import build_pair_shards, load_shards
+    from twilbert.data.tokenizer import Tokenizer, train_vocab
+
+    from conftest import make_tweets
+
+    train_vocab([t for t, _ in make_tweets(200)], tmp_path / "vocab", VocabConfig(vocab_size=100))
+    corpus = [(t, None) if i % 2 else (t, "gracias " + t) for i, (t, _) in enumerate(make_tweets(47, seed=5))]
+    build_pair_shards(corpus, Tokenizer(tmp_path / "vocab"), tmp_path / "pairs", max_len=8, heldout_fraction=0.0,
+                      shard_size=10, seed=0)
+    mp.spawn(_shard_worker, args=(free_port(), str(tmp_path / "pairs" / "train"), str(tmp_path)), nprocs=WORLD,
+             join=True)
+    reports = [json.loads((tmp_path / f"shard-report-{r}.json").read_text()) for r in range(WORLD)]
+    data = load_shards(tmp_path / "pairs" / "train")
+    every = data.take(np.arange(len(data)))
+    expected = Counter((tuple(r[: int(n)].tolist()), int(y))
+                       for r, n, y in zip(every["input_ids"], every["length"], every["labels"]))
+    assert len(data) == 94
+    for epoch in ("0", "1"):
+        shares = [Counter((tuple(row), label) for row, label in rep["seen"][epoch]) for rep in reports]
+        assert sum(shares[0].values()) == sum(shares[1].values()) == len(data) // WORLD
+        assert shares[0] + shares[1] == expected  # together every example exactly once, none on both ranks
+    assert reports[0]["seen"]["0"] != reports[0]["seen"]["1"]  # a new order each epoch
+    assert all(rep["memmap"] for rep in reports)

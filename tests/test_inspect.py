@@ -5,6 +5,7 @@ import os
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 import torch
 
@@ -38,7 +39,7 @@ def test_inspect_metrics_equal_the_pretrain_stage_heldout_metrics(pretrained):
                                cfg.training.pll_examples, torch.device("cpu"))
     for key in ("heldout_mlm_accuracy", "heldout_perplexity", "heldout_rop_accuracy", "heldout_pll"):
         assert metrics[key] == pytest.approx(pretrained["metrics"][key], rel=1e-5), key
-    assert metrics["examples"] == len(load_shards(pretrained["heldout"])["labels"])
+    assert metrics["examples"] == len(load_shards(pretrained["heldout"]))
 
 
 def test_samples_show_every_masked_position_with_truth_and_ranked_predictions(pretrained):
@@ -49,7 +50,8 @@ def test_samples_show_every_masked_position_with_truth_and_ranked_predictions(pr
     objective = PretrainObjective(model.cfg.masked_lm, cfg.seed, config["vocab_size"], torch.device("cpu"))
     samples = inspect_samples(model, objective, data, tokenizer, 3, cfg.training.batch_size, top_k=4)
     assert len(samples) == 3
-    for sample, ids, length in zip(samples, data["input_ids"], data["length"]):
+    rows = data.take(np.arange(3))  # the first evaluation batch, in order
+    for sample, ids, length in zip(samples, rows["input_ids"], rows["length"]):
         assert len(sample.pieces) == length and sample.pieces[0] == "[CLS]"
         assert [m.position for m in sample.predictions] == sample.chosen and sample.chosen
         for m in sample.predictions:
@@ -61,11 +63,12 @@ def test_samples_show_every_masked_position_with_truth_and_ranked_predictions(pr
 
 def test_markdown_report_has_metrics_masked_input_prediction_table_and_rop_line(pretrained):
     cfg = pretrained["cfg"]
-    report, metrics = inspect_model(pretrained["model"], pretrained["heldout"], 2, cfg.seed,
+    # four samples: enough masked positions that one is shown as [MASK] (80% of them are)
+    report, metrics = inspect_model(pretrained["model"], pretrained["heldout"], 4, cfg.seed,
                                     cfg.training.batch_size, 0, torch.device("cpu"))
     assert "heldout_pll" not in metrics  # pll_examples=0 turns it off
     assert "| MLM accuracy |" in report and "| ROP accuracy |" in report
-    assert report.count("## Sample") == 2 and report.count("ROP: ") == 2
+    assert report.count("## Sample") == 4 and report.count("ROP: ") == 4
     assert "**\\[MASK\\]**" in report  # a masked position, escaped for Markdown and in bold
     assert "| position | input | truth | top predictions | |" in report
 

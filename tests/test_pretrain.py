@@ -4,6 +4,7 @@ import json
 import math
 import subprocess
 import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -11,7 +12,7 @@ import torch
 import torch.nn.functional as F
 
 from twilbert.config import VocabConfig, compose, load_config
-from twilbert.data.pairs import build_pair_shards, load_shards, make_batch
+from twilbert.data.pairs import batch_of, build_pair_shards, load_shards, make_batch
 from twilbert.data.tokenizer import MASK_ID, N_SPECIAL, Tokenizer, pack_pairs, train_vocab
 from twilbert.model.io import load_pretrained_state
 from twilbert.train.pretrain import build_pretraining, pretrain, pseudo_log_likelihood
@@ -147,13 +148,13 @@ def test_pll_equals_masking_each_token_in_turn_one_forward_at_a_time(run, corpus
     model, _, _ = build_pretraining(cfg, run["vocab"], torch.device("cpu"))
     model.eval()
     data = load_shards(corpus / "pairs" / "heldout")
-    rows = np.flatnonzero(data["labels"] == 1)[:3]
+    rows = data.originals(3)
     got = pseudo_log_likelihood(model, data, 3, torch.device("cpu"), chunk=7)  # chunks cut across rows
 
     per_example, total, count = [], 0.0, 0
     with torch.no_grad():
         for r in rows:
-            batch = make_batch(*(data[k][[r]] for k in ("input_ids", "len_a", "length", "labels")))
+            batch = batch_of(data, [r])
             ids = batch.input_ids[0]
             lls = []
             for t in (~batch.special_mask[0]).nonzero().flatten().tolist():
@@ -214,3 +215,31 @@ def test_throughput_benchmark_without_bf16_reports_nulls_and_says_why():
     assert "bf16 skipped" in stdout
     assert all(figures[k] is None for k in figures if "bf16" in k and k != "native_bf16")
     assert figures["ratio_fp32"] > 0 and figures["mfu_fp32"] > 0
+
+
+def test_pretraining_reads_memory_mapped_shards_and_never_materializes_them(corpus, run, tmp_path, monkeypatch):
+    """Every shard the stage opens is np.load'ed with mmap_mode='r' and held as np.memmap."""
+    from twilbert.data import shards as shards_module
+
+    loads, opened = [], []
+    real_load, real_init = np.load, shards_module.PairShards.__init__
+
+    def spying_load(path, *args, **kwargs):
+        loads.append((str(path), kwargs.get("mmap_mode")))
+        return real_load(path, *args, **kwargs)
+
+    def recording_init(self, *args, **kwargs):
+        real_init(self, *args, **kwargs)
+        opened.append(self)
+
+    monkeypatch.setattr(np, "load", spying_load)
+    monkeypatch.setattr(shards_module.PairShards, "__init__", recording_init)
+    cfg = configure(run["raw"], epochs=1, pll_examples=2)
+    pretrain(cfg, corpus / "pairs", corpus / "vocab", tmp_path / "model", tmp_path / "ck")
+
+    shard_loads = [(p, mode) for p, mode in loads if p.endswith(".npy")]
+    assert shard_loads and all(mode == "r" for _, mode in shard_loads), shard_loads
+    assert {Path(p).parent.name for p, _ in shard_loads} == {"train", "heldout"}
+    assert len(opened) == 2
+    held = [a for shards in opened for a in shards.open_arrays()]
+    assert held and all(isinstance(a, np.memmap) for a in held)

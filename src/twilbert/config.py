@@ -217,8 +217,15 @@ class VocabConfig:
 
 @dataclass
 class PairsConfig:
-    heldout_fraction: float = 0.05  # pairs kept aside for held-out MLM/ROP evaluation
-    shard_size: int = 100_000
+    heldout_fraction: float = 0.05  # share of corpus rows kept aside for held-out MLM/ROP evaluation
+    shard_size: int = 100_000  # corpus rows per shard: the unit a crashed pairs stage resumes from
+    workers: Optional[int] = None  # tokenizer processes; None or 0: one per core
+
+    def validate(self, where: str = "pairs") -> None:
+        _positive(self, where, "shard_size")
+        _probability(self, where, "heldout_fraction")
+        if self.workers is not None and self.workers < 0:
+            raise ConfigError(f"{where}.workers must be >= 0 (0 or null: one per core), got {self.workers}")
 
 
 @dataclass
@@ -419,6 +426,7 @@ class Config:
         self.data.validate()
         self.vocab.validate()
         self.representation.validate()
+        self.pairs.validate()
         self.model.validate()
         self.training.validate()
         self.finetuning.validate()

@@ -25,7 +25,7 @@ import torch.distributed as dist
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
-from twilbert.data.pairs import SHARD_KEYS, PairBatch, epoch_order, make_batch
+from twilbert.data.pairs import Examples, PairBatch, as_examples, batch_of, epoch_order
 
 log = logging.getLogger(__name__)
 
@@ -218,13 +218,16 @@ def rank_batch_indices(
 
 
 def iterate_rank_batches(
-    data: dict[str, np.ndarray], batch_size: int, seed: int, epoch: int, ctx: DistContext,
+    data: Union[Examples, dict], batch_size: int, seed: int, epoch: int, ctx: DistContext,
     shuffle: bool = True, start: int = 0,
 ) -> Iterator[PairBatch]:
-    """The distributed counterpart of ``pairs.iterate_batches``: this rank's batches of the shared order."""
-    n = len(data["labels"])
-    for idx in rank_batch_indices(n, batch_size, seed, epoch, ctx.rank, ctx.world_size, shuffle, start):
-        yield make_batch(*(data[k][idx] for k in SHARD_KEYS))
+    """The distributed counterpart of ``pairs.iterate_batches``: this rank's batches of the shared order.
+
+    On memory-mapped shards a rank reads only the examples of its own slices.
+    """
+    examples = as_examples(data)
+    for idx in rank_batch_indices(len(examples), batch_size, seed, epoch, ctx.rank, ctx.world_size, shuffle, start):
+        yield batch_of(examples, idx)
 
 
 @contextmanager

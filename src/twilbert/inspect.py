@@ -136,10 +136,12 @@ def inspect_model(model_dir: Path, pairs_dir: Path, n_samples: int, seed: int, b
     model, config = load_pretraining_model(Path(model_dir))
     model.to(device)
     tokenizer = Tokenizer(model_dir)  # the vocabulary embedded in the model directory
-    data = load_shards(Path(pairs_dir))
+    data = load_shards(Path(pairs_dir))  # memory-mapped; only the rows scored are read
+    if not len(data):
+        raise ValueError(f"{pairs_dir}: the held-out split holds no pairs; raise pairs.heldout_fraction")
     objective = PretrainObjective(model.cfg.masked_lm, seed, config["vocab_size"], device)
     metrics = heldout_metrics(model, objective, data, batch_size, pll_examples, device, precision)
-    metrics["examples"] = len(data["labels"])
+    metrics["examples"] = len(data)
     samples = inspect_samples(model, objective, data, tokenizer, n_samples, batch_size)
     log.info("inspect: %s", {k: round(v, 4) for k, v in metrics.items()})
     return render_markdown(samples, metrics, f"Inspect: {model_dir} on {pairs_dir}"), metrics

@@ -1,116 +1,338 @@
-"""Reply-order prediction (ROP) pair sampling, tokenized into shards that pretraining streams.
+"""Reply-order prediction (ROP) pairs: tokenized from the corpus into shards, read back as batches.
 
 Each (tweet, reply) pair yields a positive in its order (label 1) and a negative with the two
-swapped (label 0), as TWilBert does. A text with no reply is split into two contiguous segments at
-a seeded random token boundary (ALBERT's sentence-order prediction), so the same objective trains.
+swapped (label 0), as TWilBert does; the shards store each pair once and the negative is made when
+a batch is read (``shards.PairShards``). A text with no reply is split into two contiguous segments
+at a seeded token boundary (ALBERT's sentence-order prediction), so the same objective trains.
 Masking is not done here: it is dynamic, drawn at train time.
+
+The build streams the corpus in chunks through ``workers`` tokenizer processes and writes each shard
+of ``shard_size`` corpus rows as soon as it is complete. Whatever depends on chance is a pure
+function of (seed, corpus row): whether a row is held out, where a text is cut. So the shards are
+the same bytes whatever the number of workers or the chunking, and a killed run resumes after its
+last completed shard.
 """
 
 from __future__ import annotations
 
+import hashlib
+import itertools
 import json
 import logging
 import math
+import multiprocessing
+import os
 import shutil
-import tempfile
+import signal
+from collections import deque
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator, Optional, Sequence
+from typing import Iterable, Iterator, Optional, Union
 
 import numpy as np
 import torch
 
-from twilbert.data.tokenizer import CLS_ID, PAD_ID, SEP_ID, Tokenizer, pack_pairs
+from twilbert.data.shards import (
+    FORMAT, MANIFEST, PACKED_KEYS, SPLITS, PairShards, concat_ranges, read_manifest, token_dtype, write_json,
+    write_shard,
+)
+from twilbert.data.tokenizer import CLS_ID, PAD_ID, SEP_ID, Tokenizer
 
 log = logging.getLogger(__name__)
 
-SHARD_KEYS = ("input_ids", "len_a", "length", "labels")  # labels: ROP, 1 = original order
+SHARD_KEYS = PACKED_KEYS  # labels: ROP, 1 = original order
+CHUNK_ROWS = 2048  # corpus rows per tokenizer task
+JOURNAL = "journal.json"  # the completed shards of an unfinished build, in its staging directory
+# Test hook: SIGKILL the pairs build right after shard k is journaled (tests/test_pairs.py). Never set it otherwise.
+KILL_HOOK_ENV = "TWILBERT_TEST_KILL_AFTER_PAIRS_SHARD"
+
+# --------------------------------------------------------------------------------------------
+# Chance as a function of (seed, row): held-out split and the cut of a text without reply
+# --------------------------------------------------------------------------------------------
+
+_HELDOUT_STREAM, _CUT_STREAM = 0, 1
 
 
-def segment_pairs(
-    token_ids: Sequence[Sequence[int]], replies: Sequence[Optional[Sequence[int]]], rng: np.random.Generator
-) -> tuple[list[list[int]], list[list[int]], int]:
-    """(a, b) token pairs: the reply when there is one, else a split of the text. Returns skipped count."""
-    a_out, b_out, skipped = [], [], 0
-    for ids, reply in zip(token_ids, replies):
-        if reply is not None:
-            if not ids or not reply:
-                skipped += 1
-                continue
-            a_out.append(list(ids))
-            b_out.append(list(reply))
-            continue
-        if len(ids) < 2:
-            skipped += 1  # one token cannot be put in two orders
-            continue
-        cut = int(rng.integers(1, len(ids)))
-        a_out.append(list(ids[:cut]))
-        b_out.append(list(ids[cut:]))
-    return a_out, b_out, skipped
+def row_hash(seed: int, rows: np.ndarray, stream: int) -> np.ndarray:
+    """64 well-mixed bits per corpus row (splitmix64 of the row keyed by (seed, stream)), vectorized."""
+    key = np.random.SeedSequence([seed, stream]).generate_state(1, np.uint64)[0]
+    with np.errstate(over="ignore"):  # the arithmetic is modulo 2**64 on purpose
+        z = np.asarray(rows, dtype=np.uint64) * np.uint64(0x9E3779B97F4A7C15) + key
+        z = (z ^ (z >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
+        z = (z ^ (z >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
+    return z ^ (z >> np.uint64(31))
 
 
-def rop_examples(a: list[list[int]], b: list[list[int]], max_len: int) -> dict[str, np.ndarray]:
-    """Positives (a, b, 1) interleaved with negatives (b, a, 0), packed to fixed width."""
-    first = [x for pair in zip(a, b) for x in pair]
-    second = [x for pair in zip(b, a) for x in pair]
-    packed = pack_pairs(first, second, max_len)
-    packed["labels"] = np.tile(np.array([1, 0], dtype=np.int64), len(a))
-    return packed
+def heldout_rows(seed: int, rows: np.ndarray, fraction: float) -> np.ndarray:
+    """Whether each corpus row belongs to the held-out split: a seeded coin of probability ``fraction``."""
+    uniform = (row_hash(seed, rows, _HELDOUT_STREAM) >> np.uint64(11)).astype(np.float64) * 2.0**-53
+    return uniform < fraction
 
 
-def write_shards(out_dir: Path, examples: dict[str, np.ndarray], shard_size: int) -> int:
-    out_dir.mkdir(parents=True, exist_ok=True)
-    n = len(examples["labels"])
-    n_shards = max(1, math.ceil(n / shard_size))
-    for s in range(n_shards):
-        part = {k: v[s * shard_size : (s + 1) * shard_size] for k, v in examples.items()}
-        np.savez(out_dir / f"shard-{s:05d}.npz", **part)
-    return n_shards
+def sop_cuts(seed: int, rows: np.ndarray, n_tokens: np.ndarray) -> np.ndarray:
+    """Where a text of ``n_tokens`` (>= 2) is cut into two non-empty segments: in 1 .. n_tokens - 1."""
+    span = np.maximum(np.asarray(n_tokens, dtype=np.int64) - 1, 1).astype(np.uint64)
+    return (row_hash(seed, rows, _CUT_STREAM) % span).astype(np.int64) + 1
+
+
+def _flat(ids: list[list[int]]) -> tuple[np.ndarray, np.ndarray]:
+    lengths = np.fromiter(map(len, ids), dtype=np.int64, count=len(ids))
+    return np.fromiter(itertools.chain.from_iterable(ids), dtype=np.int64, count=int(lengths.sum())), lengths
+
+
+@dataclass(frozen=True)
+class PairParams:
+    max_len: int
+    heldout_fraction: float
+    seed: int
+    dtype: str
+
+
+def tokenize_chunk(tokenizer: Tokenizer, first_row: int, rows: list[tuple[str, Optional[str]]],
+                   params: PairParams) -> dict:
+    """The pairs of corpus rows ``first_row, first_row + 1, ...``: per split, the flat tokens of each
+    pair's a then b (each cut to max_len) and its (start, len_a, len_b); plus the chunk's counts."""
+    n = len(rows)
+    row_ids = np.arange(first_row, first_row + n, dtype=np.int64)
+    has_reply = np.fromiter((b is not None for _, b in rows), dtype=bool, count=n)
+    text, text_len = _flat(tokenizer.encode([a for a, _ in rows]))
+    reply, reply_len = _flat(tokenizer.encode([b for _, b in rows if b is not None]))
+    source = np.concatenate([text, reply])  # replies follow the texts
+    text_start = np.cumsum(text_len) - text_len
+    reply_start = np.zeros(n, dtype=np.int64)
+    reply_start[has_reply] = len(text) + np.cumsum(reply_len) - reply_len
+    full_reply_len = np.zeros(n, dtype=np.int64)
+    full_reply_len[has_reply] = reply_len
+
+    cut = sop_cuts(params.seed, row_ids, text_len)
+    usable = has_reply | (text_len >= 2)  # one token without a reply cannot be put in two orders
+    a_start = text_start
+    a_len = np.where(has_reply, text_len, cut)
+    b_start = np.where(has_reply, reply_start, text_start + cut)
+    b_len = np.where(has_reply, full_reply_len, text_len - cut)
+    a_len, b_len = np.minimum(a_len, params.max_len), np.minimum(b_len, params.max_len)
+
+    heldout = heldout_rows(params.seed, row_ids, params.heldout_fraction)
+    out = {"rows": n, "skipped_short": int((~usable).sum()), "corpus_tokens": int(text_len.sum() + reply_len.sum())}
+    for split, member in (("train", usable & ~heldout), ("heldout", usable & heldout)):
+        la, lb = a_len[member], b_len[member]
+        starts = np.stack([a_start[member], b_start[member]], 1).ravel()  # a0 b0 a1 b1 ...
+        lens = np.stack([la, lb], 1).ravel()
+        tokens = source[concat_ranges(starts, lens)].astype(params.dtype)
+        index = np.stack([np.cumsum(la + lb) - (la + lb), la, lb], 1)
+        out[split] = (tokens, index)
+    return out
+
+
+_worker_tokenizer: Optional[Tokenizer] = None
+
+
+def _init_worker(vocab_dir: str) -> None:
+    global _worker_tokenizer
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C stops the parent, which ends the pool
+    _worker_tokenizer = Tokenizer(Path(vocab_dir), num_threads=1)  # the workers are the parallelism
+
+
+def _tokenize_in_worker(first_row: int, rows: list, params: PairParams) -> dict:
+    return tokenize_chunk(_worker_tokenizer, first_row, rows, params)
+
+
+def resolve_workers(workers: Optional[int]) -> int:
+    """``pairs.workers``: None or 0 means one per core this process may run on."""
+    if workers:
+        return workers
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except AttributeError:  # not Linux
+        return max(1, os.cpu_count() or 1)
+
+
+# --------------------------------------------------------------------------------------------
+# Building the shards: streamed, parallel, resumable, published atomically
+# --------------------------------------------------------------------------------------------
+
+
+def _chunks(rows: Iterator, first_shard: int, shard_size: int, chunk_rows: int):
+    """(shard, first row, rows, last chunk of its shard?) from shard ``first_shard`` on."""
+    shard, row = first_shard, first_shard * shard_size
+    while True:
+        left, pending = shard_size, None
+        while left:
+            part = list(itertools.islice(rows, min(chunk_rows, left)))
+            if not part:
+                break
+            if pending:
+                yield (*pending, False)
+            pending = (shard, row, part)
+            row, left = row + len(part), left - len(part)
+        if pending is None:
+            return
+        yield (*pending, True)
+        if left:
+            return
+        shard += 1
+
+
+class _ShardBuffer:
+    """The pairs of the shard being filled, per split, until its last chunk is in."""
+
+    def __init__(self):
+        self.parts = {split: [] for split in SPLITS}
+        self.counts = {"rows": 0, "skipped_short": 0, "corpus_tokens": 0}
+
+    def add(self, result: dict) -> None:
+        for split in SPLITS:
+            self.parts[split].append(result[split])
+        for key in self.counts:
+            self.counts[key] += result[key]
+
+    def arrays(self, split: str) -> tuple[np.ndarray, np.ndarray]:
+        tokens = [t for t, _ in self.parts[split]]
+        offsets = np.cumsum([0] + [len(t) for t in tokens[:-1]])
+        index = [i + np.array([o, 0, 0]) for (_, i), o in zip(self.parts[split], offsets)]
+        return np.concatenate(tokens), np.concatenate(index) if index else np.zeros((0, 3), dtype=np.int64)
+
+
+def _vocab_digest(tokenizer: Tokenizer) -> str:
+    h = hashlib.sha256()
+    for name in ("spm.model", "meta.json"):
+        h.update((tokenizer.vocab_dir / name).read_bytes())
+    return h.hexdigest()
 
 
 def build_pair_shards(
-    corpus: Sequence[tuple[str, Optional[str]]],
+    corpus: Iterable[tuple[str, Optional[str]]],
     tokenizer: Tokenizer,
     out_dir: Path,
     max_len: int,
     heldout_fraction: float,
     shard_size: int,
     seed: int,
+    workers: int = 1,
+    source_id: Optional[str] = None,
+    chunk_rows: int = CHUNK_ROWS,
 ) -> dict:
-    """Tokenize the corpus, sample ROP pairs, split off a held-out part, write shards atomically."""
-    out_dir = Path(out_dir)
-    rng = np.random.default_rng(seed)
-    texts = [a for a, _ in corpus]
-    has_reply = [b is not None for _, b in corpus]
-    tokens = tokenizer.encode(texts)
-    reply_tokens = iter(tokenizer.encode([b for _, b in corpus if b is not None]))
-    replies = [next(reply_tokens) if r else None for r in has_reply]
-    a, b, skipped = segment_pairs(tokens, replies, rng)
-    if not a:
-        raise ValueError("pairs: no usable pairs (every text is shorter than two tokens)")
-    order = rng.permutation(len(a))
-    n_heldout = min(len(a) - 1, max(1, round(heldout_fraction * len(a)))) if heldout_fraction > 0 else 0
-    parts = {"heldout": order[:n_heldout], "train": order[n_heldout:]}
+    """Tokenize the corpus rows into ROP pair shards under ``out_dir``, published atomically.
 
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    summary = {"pairs": len(a), "skipped_short": skipped, "max_len": max_len, "seed": seed,
-               "vocab_size": tokenizer.vocab_size}
-    with tempfile.TemporaryDirectory(dir=out_dir.parent, prefix=f".{out_dir.name}.") as tmp:
-        staged = Path(tmp) / "pairs"
-        for name, idx in parts.items():
-            examples = rop_examples([a[i] for i in idx], [b[i] for i in idx], max_len)
-            summary[f"{name}_examples"] = len(examples["labels"])
-            summary[f"{name}_shards"] = write_shards(staged / name, examples, shard_size)
-        (staged / "meta.json").write_text(json.dumps(summary, indent=2), encoding="utf-8")
-        if out_dir.exists():
-            shutil.rmtree(out_dir)
-        staged.rename(out_dir)
+    ``corpus`` is streamed; ``workers`` processes tokenize chunks of ``chunk_rows`` rows (1: in this
+    process). Shards are staged in ``.<out_dir>.partial`` beside ``out_dir`` and journaled one by
+    one; a rerun with the same inputs (``source_id`` names the corpus version, e.g. path, size and
+    mtime; None never resumes) continues after the last journaled shard. Returns the summary that
+    ``manifest.json`` holds.
+    """
+    out_dir = Path(out_dir)
+    dtype = token_dtype(tokenizer.vocab_size)
+    params = PairParams(max_len, heldout_fraction, seed, dtype.name)
+    identity = {"format": FORMAT, "max_len": max_len, "heldout_fraction": heldout_fraction,
+                "shard_size": shard_size, "seed": seed, "vocab": _vocab_digest(tokenizer), "source": source_id}
+    staging = out_dir.parent / f".{out_dir.name}.partial"
+    done = _resume(staging, identity)
+    shards: list[dict] = done["shards"]
+    if shards:
+        log.info("pairs: resuming after shard %d of an earlier run (%s)", len(shards) - 1, staging)
+    rows = iter(corpus)
+    for _ in itertools.islice(rows, len(shards) * shard_size):  # rows of completed shards: already written
+        pass
+
+    chunks = _chunks(rows, len(shards), shard_size, chunk_rows)
+    buffer = _ShardBuffer()
+
+    def consume(shard: int, result: dict, last: bool) -> None:
+        nonlocal buffer
+        buffer.add(result)
+        if not last:
+            return
+        entry = {"shard": shard, **buffer.counts}
+        for split in SPLITS:
+            entry[split] = write_shard(staging / split, shard, *buffer.arrays(split))
+        shards.append(entry)
+        write_json(staging / JOURNAL, {"identity": identity, "shards": shards})
+        log.info("pairs: shard %d: %d rows -> %d train, %d held-out pairs", shard, entry["rows"],
+                 entry["train"]["rows"], entry["heldout"]["rows"])
+        buffer = _ShardBuffer()
+        hook = os.environ.get(KILL_HOOK_ENV)
+        if hook and int(hook) == shard:
+            logging.shutdown()
+            os.kill(os.getpid(), signal.SIGKILL)
+
+    staging.mkdir(parents=True, exist_ok=True)
+    if workers <= 1:
+        for shard, first, part, last in chunks:
+            consume(shard, tokenize_chunk(tokenizer, first, part, params), last)
+    else:
+        # fork: the workers need nothing of the parent but the vocabulary path; ordered results,
+        # at most 2 chunks per worker in flight, so memory does not grow with the corpus.
+        ctx = multiprocessing.get_context("fork" if "fork" in multiprocessing.get_all_start_methods() else "spawn")
+        with ctx.Pool(workers, initializer=_init_worker, initargs=(str(tokenizer.vocab_dir),)) as pool:
+            in_flight: deque = deque()
+            for shard, first, part, last in chunks:
+                in_flight.append((shard, last, pool.apply_async(_tokenize_in_worker, (first, part, params))))
+                if len(in_flight) >= 2 * workers:
+                    shard_, last_, result = in_flight.popleft()
+                    consume(shard_, result.get(), last_)
+            while in_flight:
+                shard_, last_, result = in_flight.popleft()
+                consume(shard_, result.get(), last_)
+    return _publish(staging, out_dir, shards, identity, tokenizer.vocab_size, dtype)
+
+
+def _resume(staging: Path, identity: dict) -> dict:
+    """The journal of an unfinished build of the same inputs, or a fresh start (staging emptied)."""
+    journal = staging / JOURNAL
+    if identity["source"] is not None and journal.is_file():
+        try:
+            saved = json.loads(journal.read_text(encoding="utf-8"))
+        except ValueError:
+            saved = {}
+        if saved.get("identity") == identity:
+            return {"shards": saved["shards"]}
+        log.warning("pairs: %s belongs to a build of other inputs or settings; starting fresh", staging)
+    if staging.exists():
+        shutil.rmtree(staging)
+    return {"shards": []}
+
+
+def _publish(staging: Path, out_dir: Path, shards: list[dict], identity: dict, vocab_size: int,
+             dtype: np.dtype) -> dict:
+    totals = {key: sum(s[key] for s in shards) for key in ("rows", "skipped_short", "corpus_tokens")}
+    common = {"format": FORMAT, "max_len": identity["max_len"], "vocab_size": vocab_size, "dtype": dtype.name,
+              "seed": identity["seed"], "heldout_fraction": identity["heldout_fraction"],
+              "shard_size": identity["shard_size"]}
+    splits = {}
+    for split in SPLITS:
+        entries = [s[split] for s in shards]
+        pairs = sum(e["rows"] for e in entries)
+        splits[split] = {"pairs": pairs, "examples": 2 * pairs, "tokens": sum(e["tokens"] for e in entries),
+                         "shards": entries}
+    if splits["train"]["pairs"] == 0:
+        raise ValueError("pairs: no training pairs (every text is shorter than two tokens, the corpus is empty, "
+                         "or every pair fell in the held-out split: lower pairs.heldout_fraction)")
+    if identity["heldout_fraction"] > 0 and splits["heldout"]["pairs"] == 0:
+        log.warning("pairs: no pair fell in the held-out split (corpus too small for pairs.heldout_fraction=%s); "
+                    "pretraining reports no held-out metrics", identity["heldout_fraction"])
+    manifest = {**common, "corpus_rows": totals["rows"], "skipped_short": totals["skipped_short"],
+                "corpus_tokens": totals["corpus_tokens"], "pairs": sum(s["pairs"] for s in splits.values()),
+                "splits": splits}
+    for split in SPLITS:
+        (staging / split).mkdir(parents=True, exist_ok=True)
+        write_json(staging / split / MANIFEST, {**common, "split": split, **splits[split]})
+    write_json(staging / MANIFEST, manifest)
+    (staging / JOURNAL).unlink()
+    if out_dir.exists():
+        shutil.rmtree(out_dir)
+    staging.rename(out_dir)
+    summary = {"pairs": manifest["pairs"], "skipped_short": totals["skipped_short"], "max_len": common["max_len"],
+               "seed": common["seed"], "vocab_size": vocab_size, "dtype": dtype.name,
+               "corpus_rows": totals["rows"], "corpus_tokens": totals["corpus_tokens"]}
+    for split in SPLITS:
+        summary[f"{split}_examples"] = splits[split]["examples"]
+        summary[f"{split}_shards"] = len(splits[split]["shards"])
     log.info("pairs: %s", summary)
     return summary
 
 
 # --------------------------------------------------------------------------------------------
-# Reading shards back as batches
+# Reading examples back as batches
 # --------------------------------------------------------------------------------------------
 
 
@@ -126,19 +348,34 @@ class PairBatch:
         return PairBatch(*(t.to(device, non_blocking=True) for t in vars(self).values()))
 
 
-def load_shards(directory: Path) -> dict[str, np.ndarray]:
-    """All shards of one split, concatenated (``allow_pickle=False``: shards are plain arrays)."""
-    files = sorted(Path(directory).glob("shard-*.npz"))
-    if not files:
-        raise FileNotFoundError(f"{directory}: no shard-*.npz files; run the pairs stage first")
-    parts = []
-    for f in files:
-        with np.load(f, allow_pickle=False) as z:
-            missing = [k for k in SHARD_KEYS if k not in z.files]
-            if missing:
-                raise ValueError(f"{f}: not a pairs shard (missing {missing})")
-            parts.append({k: z[k] for k in SHARD_KEYS})
-    return {k: np.concatenate([p[k] for p in parts]) for k in SHARD_KEYS}
+class PackedRows:
+    """In-memory packed rows (``pack_pairs`` output plus ``labels``) with the interface of ``PairShards``."""
+
+    def __init__(self, data: dict[str, np.ndarray]):
+        self.data = data
+
+    def __len__(self) -> int:
+        return len(self.data["labels"])
+
+    def take(self, idx: np.ndarray) -> dict[str, np.ndarray]:
+        return {k: self.data[k][idx] for k in SHARD_KEYS}
+
+    def originals(self, n: int) -> np.ndarray:
+        rows = np.flatnonzero(self.data["labels"] == 1)  # ROP label 1: the pair in its original order
+        return (rows if len(rows) else np.arange(len(self)))[:n]
+
+
+Examples = Union[PairShards, PackedRows]
+
+
+def as_examples(data: Union[PairShards, PackedRows, dict]) -> Examples:
+    """Shards as they are; a dict of packed arrays wrapped in ``PackedRows``."""
+    return PackedRows(data) if isinstance(data, dict) else data
+
+
+def load_shards(directory: Path) -> PairShards:
+    """The examples of one split directory (``data/pairs/train``), memory-mapped: nothing is read yet."""
+    return PairShards(Path(directory), read_manifest(Path(directory)))
 
 
 def make_batch(input_ids: np.ndarray, len_a: np.ndarray, length: np.ndarray, labels: np.ndarray) -> PairBatch:
@@ -146,8 +383,8 @@ def make_batch(input_ids: np.ndarray, len_a: np.ndarray, length: np.ndarray, lab
     width = int(length.max())
     ids = torch.from_numpy(np.ascontiguousarray(input_ids[:, :width])).long()
     pos = torch.arange(width).unsqueeze(0)  # (1, T)
-    len_a_t = torch.from_numpy(len_a).long().unsqueeze(1)
-    length_t = torch.from_numpy(length).long().unsqueeze(1)
+    len_a_t = torch.from_numpy(np.asarray(len_a)).long().unsqueeze(1)
+    length_t = torch.from_numpy(np.asarray(length)).long().unsqueeze(1)
     attention = pos < length_t
     segment = ((pos > len_a_t + 1) & attention).long()
     special = (ids == CLS_ID) | (ids == SEP_ID) | (ids == PAD_ID) | ~attention
@@ -157,21 +394,34 @@ def make_batch(input_ids: np.ndarray, len_a: np.ndarray, length: np.ndarray, lab
     return PairBatch(ids, segment, attention, special, target)
 
 
+def batch_of(data: Union[Examples, dict], idx: np.ndarray) -> PairBatch:
+    """The batch of examples ``idx`` (shards or packed rows)."""
+    rows = as_examples(data).take(idx)
+    return make_batch(*(rows[k] for k in SHARD_KEYS))
+
+
 def epoch_order(n: int, seed: int, epoch: int, shuffle: bool = True) -> np.ndarray:
-    """The example order of one epoch: a pure function of (seed, epoch), shared by every rank under DDP."""
-    return np.random.default_rng([seed, epoch]).permutation(n) if shuffle else np.arange(n)
+    """The example order of one epoch: a pure function of (seed, epoch), shared by every rank under DDP.
+
+    A full permutation, as uint32 (4 bytes per example) while the examples fit, else int64; the
+    same order as ``default_rng([seed, epoch]).permutation(n)``.
+    """
+    dtype = np.uint32 if n <= np.iinfo(np.uint32).max else np.int64
+    order = np.arange(n, dtype=dtype)
+    if shuffle:
+        np.random.default_rng([seed, epoch]).shuffle(order)
+    return order
 
 
 def iterate_batches(
-    data: dict[str, np.ndarray], batch_size: int, seed: int, epoch: int, shuffle: bool = True, start: int = 0
+    data: Union[Examples, dict], batch_size: int, seed: int, epoch: int, shuffle: bool = True, start: int = 0
 ) -> Iterator[PairBatch]:
     """Batches in an order that is a pure function of (seed, epoch): resumable from batch ``start``."""
-    n = len(data["labels"])
-    order = epoch_order(n, seed, epoch, shuffle)
-    for begin in range(start * batch_size, n, batch_size):
-        idx = np.sort(order[begin : begin + batch_size])
-        yield make_batch(*(data[k][idx] for k in SHARD_KEYS))
+    examples = as_examples(data)
+    order = epoch_order(len(examples), seed, epoch, shuffle)
+    for begin in range(start * batch_size, len(examples), batch_size):
+        yield batch_of(examples, np.sort(order[begin : begin + batch_size]))
 
 
-def n_batches(data: dict[str, np.ndarray], batch_size: int) -> int:
-    return math.ceil(len(data["labels"]) / batch_size)
+def n_batches(data: Union[Examples, dict], batch_size: int) -> int:
+    return math.ceil(len(as_examples(data)) / batch_size)

@@ -26,7 +26,6 @@ from twilbert.config import from_dict as build_config
 _SURROGATE = re.compile("[\ud800-\udfff]")
 # C0/C1 controls other than whitespace, zero-width space, BOM/zero-width no-break space.
 _INVISIBLE = re.compile("[\x00-\x08\x0e-\x1b\x7f-\x84\x86-\x9f\u200b\ufeff]")
-_WHITESPACE = re.compile(r"\s+")
 
 
 def fix_surrogates(text: str) -> str:
@@ -43,7 +42,8 @@ def remove_invisible(text: str) -> str:
 
 def collapse_whitespace(text: str) -> str:
     """Every run of Unicode whitespace becomes one space; ends are stripped."""
-    return _WHITESPACE.sub(" ", text).strip()
+    # str.split() and the regex's \s agree on every code point (str.isspace); split is ~2x faster
+    return " ".join(text.split())
 
 
 # --------------------------------------------------------------------------------------------
@@ -62,11 +62,16 @@ _HASHTAG = re.compile(r"(?<![\w#&@\u0300-\u036f])#(\w+)")
 
 def replace_urls(text: str, placeholder: str = "url") -> str:
     """``https://t.co/x``, ``www.x.es`` and truncated ``https://…`` become ``placeholder`` ('' removes them)."""
+    low = text.lower()  # no other code point matches h, t, p or w case-insensitively: a safe shortcut
+    if "http" not in low and "www" not in low:
+        return text
     return _URL.sub(lambda _: placeholder or " ", text)  # a space, so removal never glues neighbours
 
 
 def replace_users(text: str, placeholder: str = "@usuario") -> str:
     """``@handle`` mentions become ``placeholder`` ('' removes them)."""
+    if "@" not in text:  # the common case, at the cost of a scan in C
+        return text
     return _USER.sub(lambda _: placeholder or " ", text)  # a space, so removal never glues neighbours
 
 
@@ -112,6 +117,9 @@ def _is_laughter(word: str) -> bool:
 
 def normalize_laughter(text: str, token: str = "jaja") -> str:
     """Laughter words (two or more ``j`` among vowels/``s``, or ``haha``-like) become ``token``."""
+    low = text.lower()  # laughter holds a j or an h, and only J/H fold to them
+    if "j" not in low and "h" not in low:
+        return text
     return _LAUGH_CANDIDATE.sub(lambda m: token if _is_laughter(m.group(0).lower()) else m.group(0), text)
 
 

@@ -12,7 +12,6 @@ its slice of every global batch and only rank 0 writes.
 
 from __future__ import annotations
 
-import json
 import logging
 import math
 import shutil
@@ -27,7 +26,9 @@ import torch.nn.functional as F
 from twilbert import distributed
 from twilbert.config import Config, MaskedLMConfig, to_dict
 from twilbert.data.masking import IGNORE_INDEX, mask_tokens
-from twilbert.data.pairs import SHARD_KEYS, PairBatch, iterate_batches, load_shards, make_batch
+from twilbert.data.pairs import Examples, PairBatch, as_examples, batch_of, iterate_batches, load_shards
+from twilbert.data.prefetch import prefetch
+from twilbert.data.shards import MANIFEST, read_manifest
 from twilbert.data.tokenizer import MASK_ID, N_SPECIAL, Tokenizer
 from twilbert.distributed import DistContext, iterate_rank_batches, loss_normalizer, n_rank_batches, wrap_ddp
 from twilbert.model import TWilBertForPretraining, count_parameters
@@ -45,7 +46,8 @@ PLL_CHUNK = 256  # single-mask variants per forward pass of the pseudo-log-likel
 TRAIN_STATE_DIR = "train_state"  # training checkpoints, under the stage's checkpoint directory
 # What a run's identity covers: the stage's params in dvc.yaml, and the package code it runs.
 FINGERPRINT_KEYS = ("seed", "model", "training", "representation.max_len")
-FINGERPRINT_CODE = ("model", "train", "data/masking.py", "data/pairs.py", "distributed.py")
+FINGERPRINT_CODE = ("model", "train", "data/masking.py", "data/pairs.py", "data/shards.py", "distributed.py")
+PREFETCH_BATCHES = 4  # batches read ahead of the step on a background thread
 
 
 def step_seed(seed: int, *keys: int) -> int:
@@ -235,14 +237,14 @@ def pseudo_log_likelihood(
     """
     if n_examples <= 0:
         return {}
-    originals = np.flatnonzero(data["labels"] == 1)  # ROP label 1: the pair in its original order
-    rows = (originals if len(originals) else np.arange(len(data["labels"])))[:n_examples]
+    examples = as_examples(data)
+    rows = examples.originals(n_examples)  # ROP label 1: each pair in its original order
     model.eval()
     per_example, total_ll, total_tokens = [], 0.0, 0
-    group = max(1, chunk // int(data["length"][rows].max())) if len(rows) else 1  # rows giving ~chunk variants
+    group = max(1, chunk // int(examples.take(rows)["length"].max())) if len(rows) else 1  # ~chunk variants
     for begin in range(0, len(rows), group):
         idx = rows[begin : begin + group]
-        batch = make_batch(*(data[k][idx] for k in SHARD_KEYS))
+        batch = batch_of(examples, idx)
         variants, labels, owner = single_mask_variants(batch)
         sums = torch.zeros(len(idx), dtype=torch.float64)
         for lo in range(0, owner.numel(), chunk):
@@ -278,14 +280,31 @@ def heldout_metrics(model, objective: PretrainObjective, data: dict, batch_size:
 
 
 def pretrain_fingerprint(cfg: Config, pairs_dir: Path, vocab_dir: Path) -> dict[str, str]:
-    """What makes two pretraining runs the same run: config, input data, and the code that trains."""
+    """What makes two pretraining runs the same run: config, input data, and the code that trains.
+
+    The pairs count through their manifest, which holds every shard's sha256: a restart reads no shard.
+    """
     raw = {"seed": cfg.seed, "model": to_dict(cfg.model), "training": to_dict(cfg.training),
            "representation": to_dict(cfg.representation)}
-    inputs = [pairs_dir, vocab_dir]
+    inputs = [pairs_dir / MANIFEST, vocab_dir]
     if cfg.training.path_initial_weights:
         inputs.append(Path(cfg.training.path_initial_weights))
     return {"config": config_fingerprint(raw, include=FINGERPRINT_KEYS), "inputs": files_digest(inputs),
             "code": files_digest(package_paths(*FINGERPRINT_CODE))}
+
+
+def open_pretrain_data(pairs_dir: Path, max_len: int, vocab_size: int) -> tuple[Examples, Examples]:
+    """The train and held-out examples of ``pairs_dir``, memory-mapped (nothing is read but the
+    manifests), after checking that they were built for this max_len and vocabulary."""
+    manifest = read_manifest(pairs_dir)
+    where = pairs_dir / MANIFEST
+    if manifest["max_len"] != max_len:
+        raise ValueError(f"{where}: pairs were built with max_len={manifest['max_len']} but "
+                         f"representation.max_len={max_len}; rerun the pairs stage")
+    if manifest["vocab_size"] != vocab_size:
+        raise ValueError(f"{where}: pairs were tokenized with a vocabulary of {manifest['vocab_size']} pieces, "
+                         f"the vocabulary has {vocab_size}; rerun the pairs stage")
+    return load_shards(pairs_dir / "train"), load_shards(pairs_dir / "heldout")
 
 
 def pretrain(cfg: Config, pairs_dir: Path, vocab_dir: Path, out_dir: Path, checkpoint_dir: Path,
@@ -303,15 +322,8 @@ def pretrain(cfg: Config, pairs_dir: Path, vocab_dir: Path, out_dir: Path, check
     seed_everything(cfg.seed, device)
     pairs_dir, vocab_dir, out_dir, checkpoint_dir = map(Path, (pairs_dir, vocab_dir, out_dir, checkpoint_dir))
     tokenizer = Tokenizer(vocab_dir)
-    meta = json.loads((pairs_dir / "meta.json").read_text())
-    if meta["max_len"] != cfg.representation.max_len:
-        raise ValueError(
-            f"{pairs_dir}/meta.json: pairs were packed with max_len={meta['max_len']} but "
-            f"representation.max_len={cfg.representation.max_len}; rerun the pairs stage"
-        )
-    train_data = load_shards(pairs_dir / "train")
-    heldout_data = load_shards(pairs_dir / "heldout")
     vocab_size = tokenizer.vocab_size
+    train_data, heldout_data = open_pretrain_data(pairs_dir, cfg.representation.max_len, vocab_size)
     model, trainer, objective = build_pretraining(cfg, vocab_size, device, tracker, ctx)
     n_params = count_parameters(model)
     if ctx.is_main:
@@ -327,14 +339,13 @@ def pretrain(cfg: Config, pairs_dir: Path, vocab_dir: Path, out_dir: Path, check
     restored = trainer.resume()
     if restored:
         best.restore(restored)
-    n_train = len(train_data["labels"])
+    n_train = len(train_data)
     for epoch in range(trainer.state.epoch, tcfg.epochs):
         start = trainer.state.batch_in_epoch
         objective.epoch, objective.step = epoch, start  # masks are keyed by (epoch, step): the stream continues
-        sums = trainer.train_epoch(
-            iterate_rank_batches(train_data, tcfg.batch_size, cfg.seed, epoch, ctx, start=start), objective,
-            total=n_rank_batches(n_train, tcfg.batch_size, ctx.world_size),
-        )
+        batches = iterate_rank_batches(train_data, tcfg.batch_size, cfg.seed, epoch, ctx, start=start)
+        sums = trainer.train_epoch(prefetch(batches, PREFETCH_BATCHES), objective,
+                                   total=n_rank_batches(n_train, tcfg.batch_size, ctx.world_size))
         # Every rank scores the whole held-out set: the same numbers, so the same best-epoch decision.
         metrics = {
             **summarize(sums, "train"),

@@ -1,0 +1,197 @@
+"""The on-disk format of the ROP pair shards, and their memory-mapped reader.
+
+A pairs directory (the `pairs` stage's output)::
+
+    manifest.json                  max_len, vocab_size, dtype, seed, the counts, and every shard of both splits
+    train/manifest.json            the train split's part of it: a split directory stands alone
+    train/shard-00000.tokens.npy   (T,) uint16 (int32 past 65,536 pieces): each pair's a then b, no specials
+    train/shard-00000.index.npy    (n, 3) uint32: where the pair starts in tokens, len(a), len(b)
+    heldout/...                    the same for the held-out split
+
+Shard k holds the usable pairs of corpus rows [k * shard_size, (k+1) * shard_size) that fell in its
+split, so the stage can resume after its last completed shard. Each pair is stored once, truncated to
+max_len per segment and unpadded; its swapped negative is made when a batch is read: example 2i is
+pair i in its order (ROP label 1), example 2i+1 the same pair swapped (label 0), as TWilBert's
+70M pairs are its 140M examples. ``.npy`` files, so ``numpy.load(mmap_mode='r')`` maps them without
+reading them, and memory does not grow with the corpus.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import threading
+from collections import OrderedDict
+from pathlib import Path
+from typing import Optional
+
+import numpy as np
+
+from twilbert.data.tokenizer import CLS_ID, PAD_ID, SEP_ID
+from twilbert.io_utils import atomic_write
+
+FORMAT = "twilbert-pairs/2"
+MANIFEST = "manifest.json"
+SPLITS = ("train", "heldout")
+INDEX_DTYPE = np.uint32  # start, len_a, len_b: a shard holds fewer than 2**32 tokens (checked on write)
+PACKED_KEYS = ("input_ids", "len_a", "length", "labels")  # what make_batch takes, in its order
+MAX_OPEN_SHARDS = 128  # memory maps kept open at once (two file descriptors each)
+
+
+def token_dtype(vocab_size: int) -> np.dtype:
+    """The smallest integer type holding every piece id: uint16 up to 65,536 pieces, else int32."""
+    return np.dtype(np.uint16) if vocab_size <= np.iinfo(np.uint16).max + 1 else np.dtype(np.int32)
+
+
+def shard_name(k: int) -> str:
+    return f"shard-{k:05d}"
+
+
+def _npy_bytes(array: np.ndarray) -> bytes:
+    buf = io.BytesIO()
+    np.save(buf, array, allow_pickle=False)
+    return buf.getvalue()
+
+
+def write_shard(directory: Path, k: int, tokens: np.ndarray, index: np.ndarray) -> dict:
+    """Write shard ``k`` of one split (each file atomically); its manifest entry with the checksums."""
+    if len(tokens) > np.iinfo(INDEX_DTYPE).max:
+        raise ValueError(f"{directory}/{shard_name(k)}: {len(tokens)} tokens exceed a shard's uint32 index; "
+                         "lower pairs.shard_size")
+    directory.mkdir(parents=True, exist_ok=True)
+    entry = {"name": shard_name(k), "rows": int(len(index)), "tokens": int(len(tokens)), "sha256": {}}
+    for part, array in (("tokens", tokens), ("index", index.astype(INDEX_DTYPE, copy=False))):
+        data = _npy_bytes(array)
+        entry["sha256"][part] = hashlib.sha256(data).hexdigest()
+        with atomic_write(directory / f"{entry['name']}.{part}.npy", "wb") as fh:
+            fh.write(data)
+    return entry
+
+
+def write_json(path: Path, obj: dict) -> None:
+    with atomic_write(path) as fh:
+        fh.write(json.dumps(obj, indent=2, sort_keys=True) + "\n")
+
+
+def read_manifest(directory: Path) -> dict:
+    """The manifest of a pairs directory or of one split directory; a clear error for the old format."""
+    directory = Path(directory)
+    path = directory / MANIFEST
+    if not path.is_file():
+        old = list(directory.glob("shard-*.npz")) or list(directory.glob("*/shard-*.npz"))
+        hint = ("it holds shards of an older twilbert (.npz); rerun the pairs stage (`dvc repro pairs`)" if old
+                else "run the pairs stage first")
+        raise FileNotFoundError(f"{path}: missing; {hint}")
+    manifest = json.loads(path.read_text(encoding="utf-8"))
+    if manifest.get("format") != FORMAT:
+        raise ValueError(f"{path}: format {manifest.get('format')!r}, expected {FORMAT!r}; rerun the pairs stage")
+    return manifest
+
+
+def verify_shards(directory: Path) -> list[str]:
+    """Shards of a split directory whose files do not match the manifest's sha256 (reads every byte)."""
+    manifest = read_manifest(directory)
+    bad = []
+    for entry in manifest["shards"]:
+        for part, digest in entry["sha256"].items():
+            path = Path(directory) / f"{entry['name']}.{part}.npy"
+            h = hashlib.sha256()
+            with open(path, "rb") as fh:
+                while block := fh.read(1 << 20):
+                    h.update(block)
+            if h.hexdigest() != digest:
+                bad.append(path.name)
+    return bad
+
+
+def concat_ranges(starts: np.ndarray, lengths: np.ndarray) -> np.ndarray:
+    """Concatenated ``arange(s, s + n)`` for each (s, n), without a Python loop."""
+    total = int(lengths.sum())
+    within = np.arange(total, dtype=np.int64) - np.repeat(np.cumsum(lengths) - lengths, lengths)
+    return np.repeat(starts.astype(np.int64), lengths) + within
+
+
+class PairShards:
+    """The examples of one split, read from memory-mapped shards; nothing is loaded up front.
+
+    ``len()`` is the number of examples (two per pair); ``take(idx)`` packs the examples ``idx``
+    into ``[CLS] a [SEP] b [SEP]`` rows (:data:`PACKED_KEYS`), the negatives swapped on the fly.
+    Shards are opened on first use and at most :data:`MAX_OPEN_SHARDS` stay open.
+    """
+
+    def __init__(self, directory: Path, manifest: Optional[dict] = None):
+        self.directory = Path(directory)
+        self.manifest = manifest or read_manifest(self.directory)
+        self.shards = [s for s in self.manifest["shards"] if s["rows"]]
+        for entry in self.shards:  # a stat per file: a truncated or missing shard fails now, not mid-epoch
+            for part, width in (("tokens", np.dtype(self.manifest["dtype"]).itemsize), ("index", 12)):
+                path = self.directory / f"{entry['name']}.{part}.npy"
+                count = entry["tokens"] if part == "tokens" else entry["rows"]
+                if not path.is_file() or path.stat().st_size < count * width:
+                    raise ValueError(f"{path}: missing or shorter than the {count} entries {MANIFEST} lists; "
+                                     "rerun the pairs stage")
+        rows = np.array([s["rows"] for s in self.shards], dtype=np.int64)
+        self._first = np.concatenate([[0], np.cumsum(rows)])  # (n_shards + 1,) first pair of each shard
+        self.pairs = int(self._first[-1])
+        self.max_len = int(self.manifest["max_len"])
+        self._open: OrderedDict[int, tuple[np.ndarray, np.ndarray]] = OrderedDict()
+        self._lock = threading.Lock()  # batches are read on a prefetch thread
+
+    def __len__(self) -> int:
+        return 2 * self.pairs
+
+    def arrays(self, s: int) -> tuple[np.ndarray, np.ndarray]:
+        """(tokens, index) of shard ``s``, memory-mapped (read-only)."""
+        with self._lock:
+            if s in self._open:
+                self._open.move_to_end(s)
+                return self._open[s]
+            name = self.shards[s]["name"]
+            maps = tuple(np.load(self.directory / f"{name}.{part}.npy", mmap_mode="r", allow_pickle=False)
+                         for part in ("tokens", "index"))
+            self._open[s] = maps
+            if len(self._open) > MAX_OPEN_SHARDS:
+                self._open.popitem(last=False)
+            return maps
+
+    def open_arrays(self) -> list[np.ndarray]:
+        """Every array currently held (for tests: they must all be memory maps)."""
+        with self._lock:
+            return [a for maps in self._open.values() for a in maps]
+
+    def originals(self, n: int) -> np.ndarray:
+        """The first ``n`` examples in their original order (label 1): one per pair."""
+        return np.arange(0, 2 * min(n, self.pairs), 2, dtype=np.int64)
+
+    def take(self, idx: np.ndarray) -> dict[str, np.ndarray]:
+        """Packed rows of examples ``idx``: input_ids (B, W) with W the longest row, len_a, length, labels."""
+        idx = np.asarray(idx, dtype=np.int64)
+        if len(idx) and (idx.min() < 0 or idx.max() >= len(self)):
+            raise IndexError(f"{self.directory}: example index outside 0..{len(self) - 1}")
+        pair, swapped = idx >> 1, (idx & 1).astype(bool)
+        shard = np.searchsorted(self._first, pair, side="right") - 1
+        first_len = np.zeros(len(idx), dtype=np.int64)
+        second_len = np.zeros(len(idx), dtype=np.int64)
+        groups = []
+        for s in np.unique(shard):
+            rows = np.flatnonzero(shard == s)
+            tokens, index = self.arrays(int(s))
+            start, la, lb = np.asarray(index[pair[rows] - self._first[s]], dtype=np.int64).T
+            sw = swapped[rows]
+            # a positive reads (a, b); a negative (b, a): the same bytes, the other order
+            s1, l1 = np.where(sw, start + la, start), np.where(sw, lb, la)
+            s2, l2 = np.where(sw, start, start + la), np.where(sw, la, lb)
+            first_len[rows], second_len[rows] = l1, l2
+            groups.append((rows, tokens, s1, l1, s2, l2))
+        length = first_len + second_len + 3
+        ids = np.full((len(idx), int(length.max()) if len(idx) else 0), PAD_ID, dtype=np.int64)
+        ids[:, 0] = CLS_ID
+        ids[np.arange(len(idx)), first_len + 1] = SEP_ID
+        ids[np.arange(len(idx)), length - 1] = SEP_ID
+        for rows, tokens, s1, l1, s2, l2 in groups:
+            for starts, lens, offset in ((s1, l1, 1), (s2, l2, l1 + 2)):
+                where = np.repeat(rows, lens)
+                col = concat_ranges(np.broadcast_to(offset, lens.shape), lens)
+                ids[where, col] = tokens[concat_ranges(starts, lens)]
+        return {"input_ids": ids, "len_a": first_len, "length": length, "labels": (~swapped).astype(np.int64)}
