@@ -48,7 +48,9 @@ from twilbert.model.io import CONFIG_NAME, load_pretrained_state, save_pretraine
 from twilbert.track import Tracker
 from twilbert.train.checkpoint import config_fingerprint, files_digest, package_paths, run_fingerprint
 from twilbert.train.kfold import FoldResult, KFoldOutcome, concat_examples, run_kfold
-from twilbert.train.loop import BestEpoch, Checkpointing, Trainer, autocast, resolve_device, seed_everything
+from twilbert.train.loop import (
+    BestEpoch, Checkpointing, Trainer, autocast, configure_matmul, resolve_device, seed_everything,
+)
 from twilbert.train.losses import build_loss, class_weights_tensor
 from twilbert.train.metrics import evaluate_predictions, official_metric_name
 from twilbert.train.optim import build_optimizer, build_scheduler, param_groups
@@ -580,6 +582,7 @@ def finetune_task(cfg: Config, task: TaskConfig, pretrained_dir: Path, model_out
     ft = task.finetuning_config(cfg.finetuning)
     ctx = ctx or DistContext(device=resolve_device(ft.device))
     seed_everything(cfg.seed, ctx.device)
+    configure_matmul(ctx.device, ft.tf32)
     pretrained_dir, model_out, metrics_out = Path(pretrained_dir), Path(model_out), Path(metrics_out)
     splits = load_task(task, cfg.seed)
     max_len = cfg.representation.max_len

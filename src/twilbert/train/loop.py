@@ -74,6 +74,14 @@ def seed_everything(seed: int, device: torch.device) -> None:
         torch.utils.deterministic.fill_uninitialized_memory = False
 
 
+def configure_matmul(device: torch.device, tf32: bool) -> None:
+    """On CUDA, let fp32 matmuls (and convolutions) run on TF32 tensor cores when ``tf32`` (Ampere or newer;
+    ~10 mantissa bits in the products, fp32 accumulation). Process-wide; nothing changes on other devices."""
+    if device.type == "cuda":
+        torch.backends.cuda.matmul.allow_tf32 = tf32
+        torch.backends.cudnn.allow_tf32 = tf32
+
+
 @functools.lru_cache(maxsize=None)  # asked at every micro-step under bf16; the hardware does not change
 def native_bf16(device: torch.device) -> bool:
     """Whether ``device`` runs bf16 matmuls in hardware (CPU: AVX512-BF16 or AMX; GPU: Ampere or newer)."""

@@ -34,7 +34,9 @@ from twilbert.model import TWilBertForPretraining, count_parameters
 from twilbert.model.io import CheckpointError, LoadReport, load_into, load_pretrained_state, save_pretrained
 from twilbert.track import Tracker
 from twilbert.train.checkpoint import config_fingerprint, files_digest, package_paths, run_fingerprint
-from twilbert.train.loop import BestEpoch, Checkpointing, Trainer, autocast, resolve_device, seed_everything
+from twilbert.train.loop import (
+    BestEpoch, Checkpointing, Trainer, autocast, configure_matmul, resolve_device, seed_everything,
+)
 from twilbert.train.losses import linear_mlm_loss, rop_loss
 from twilbert.train.optim import build_optimizer, build_scheduler, param_groups
 
@@ -172,7 +174,10 @@ def build_pretraining(
     optimizer = build_optimizer(tcfg.optimizer, param_groups(model, tcfg.lr, tcfg.weight_decay, value_lr),
                                 tcfg.lr, tcfg.weight_decay)
     scheduler = build_scheduler(optimizer, tcfg.noam_annealing, cfg.model.hidden_size, tcfg.warmup_steps)
-    trainer = Trainer(wrap_ddp(model, ctx), optimizer, scheduler, accum_iters=tcfg.accum_iters,
+    trained = wrap_ddp(model, ctx)
+    if tcfg.compile:  # the compiled graph wraps DDP's module, so DDP's bucketed all-reduce stays in charge
+        trained = torch.compile(trained)
+    trainer = Trainer(trained, optimizer, scheduler, accum_iters=tcfg.accum_iters,
                       max_grad_norm=tcfg.max_grad_norm, precision=tcfg.precision, device=device, tracker=tracker,
                       log_every=tcfg.log_every, prefix="pretrain")
     objective = PretrainObjective(cfg.model.masked_lm, cfg.seed, vocab_size, device,
@@ -317,6 +322,7 @@ def pretrain(cfg: Config, pairs_dir: Path, vocab_dir: Path, out_dir: Path, check
     ctx = ctx or DistContext(device=resolve_device(tcfg.device))
     device = ctx.device
     seed_everything(cfg.seed, device)
+    configure_matmul(device, tcfg.tf32)
     pairs_dir, vocab_dir, out_dir, checkpoint_dir = map(Path, (pairs_dir, vocab_dir, out_dir, checkpoint_dir))
     tokenizer = Tokenizer(vocab_dir)
     meta = json.loads((pairs_dir / "meta.json").read_text())
