@@ -378,5 +378,11 @@ def main() -> None:
     }))
 
 
+OUT_OF_MEMORY = 3  # exit status when the batch does not fit the GPU (scripts/device_check.sh tries a smaller one)
+
 if __name__ == "__main__":
-    main()
+    try:
+        main()
+    except torch.cuda.OutOfMemoryError as err:
+        print(f"out of memory: {str(err).splitlines()[0]}", flush=True)
+        raise SystemExit(OUT_OF_MEMORY)
