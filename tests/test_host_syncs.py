@@ -131,3 +131,25 @@ def test_finetuning_reads_the_device_once_per_logging_window(tmp_path, monkeypat
     start = recorder.calls.index(recorder.in_loop()[0])
     after = [c for c in recorder.calls[start:] if not c[2]]
     assert len(after) <= 1, after
+
+
+def test_a_non_finite_loss_stops_training_within_its_window_naming_its_step_before_a_checkpoint(tmp_path):
+    from twilbert.train.checkpoint import latest_valid_checkpoint
+    from twilbert.train.loop import Checkpointing, NonFiniteLossError
+
+    cfg = load_config(compose(["model=tiny", "representation.max_len=8", "training.log_every=5",
+                               "training.device=cpu", "training.batch_size=4"], REPO / "conf"))
+    _, trainer, objective = build_pretraining(cfg, 60, torch.device("cpu"))
+    trainer.checkpointing = Checkpointing(tmp_path / "train_state", "run", every=4)
+    calls = []
+
+    def poisoned(model, batch):
+        calls.append(1)
+        loss, counts = objective(model, batch)
+        return (loss * float("nan") if len(calls) == 6 else loss), counts
+
+    with pytest.raises(NonFiniteLossError, match=r"loss is nan at epoch 1, batch 6 \(micro-step 6, optimizer step 5\)"):
+        trainer.train_epoch(list(pretraining_batches(60, STEPS, 4, 8)), poisoned)
+    # read at the checkpoint of micro-step 8 (before the window's end at 10), which was not written
+    assert len(calls) == 8
+    assert latest_valid_checkpoint(tmp_path / "train_state").name == "step-00000004"
