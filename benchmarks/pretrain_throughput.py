@@ -63,7 +63,7 @@ import torch
 from twilbert.config import Config, compose, load_config
 from twilbert.data.pairs import PairBatch, make_batch
 from twilbert.data.tokenizer import N_SPECIAL, pack_pairs
-from twilbert.train.loop import native_bf16
+from twilbert.train.loop import configure_matmul, native_bf16
 from twilbert.train.pretrain import PretrainObjective, build_pretraining
 
 REPO = Path(__file__).resolve().parents[1]
@@ -73,7 +73,8 @@ QUICK = dict(vocab=1000, embedding_size=16, hidden_size=32, n_heads=2, n_encoder
              max_len=8, pkm=dict(k_dim=16, memory_size=16, n_heads=2, knn=4, in_layers=[1]), matmul=256)
 
 
-def pretraining_config(sizes: dict, batch: int, precision: str, pkm: bool, act: str = "gelu_new") -> Config:
+def pretraining_config(sizes: dict, batch: int, precision: str, pkm: bool, act: str = "gelu_new",
+                       device: str = "cpu", compiled: bool = False) -> Config:
     """conf/ with model=base, resized for the benchmark: what the pretrain stage would read."""
     overrides = [
         "model=base", f"model.embedding_size={sizes['embedding_size']}", f"model.hidden_size={sizes['hidden_size']}",
@@ -81,8 +82,10 @@ def pretraining_config(sizes: dict, batch: int, precision: str, pkm: bool, act: 
         f"model.intermediate_size={sizes['intermediate_size']}", f"model.hidden_act={act}",
         "model.input_dropout=0.0", "model.output_dropout=0.0", f"model.pkm={str(pkm).lower()}",
         f"representation.max_len={sizes['max_len']}", f"training.batch_size={batch}",
-        f"training.precision={precision}", "training.device=cpu",
+        f"training.precision={precision}", f"training.device={device}",
     ]
+    if compiled:  # only named when asked: the key is newer than some of the code this script is pointed at (A/B)
+        overrides.append("training.compile=true")
     overrides += [f"model.pkm_params.{k}={v}" for k, v in sizes["pkm"].items()]
     return load_config(compose(overrides, REPO / "conf"))
 
@@ -102,8 +105,9 @@ def fixed_masks(cfg: Config, vocab: int, batch: PairBatch) -> tuple[torch.Tensor
 
 
 def ours_step(cfg: Config, vocab: int, batch: PairBatch) -> Callable[[], None]:
-    """One step of the pretrain stage's training loop on ``batch``."""
-    _, trainer, objective = build_pretraining(cfg, vocab, torch.device("cpu"))
+    """One step of the pretrain stage's training loop on ``batch`` (a host batch: each step copies it to
+    the device, as the stage does)."""
+    _, trainer, objective = build_pretraining(cfg, vocab, torch.device(cfg.training.device))
     return lambda: trainer.train_step(batch, objective)
 
 
@@ -119,16 +123,19 @@ def hf_step(cfg: Config, vocab: int, batch: PairBatch) -> Callable[[], None]:
         attention_probs_dropout_prob=0.0, classifier_dropout_prob=0.0,
         max_position_embeddings=batch.input_ids.shape[1], layer_norm_eps=m.layer_norm_eps,
     )).train()
+    device = torch.device(cfg.training.device)
+    model.to(device)
     optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.training.lr, weight_decay=cfg.training.weight_decay,
                                   fused=True)
     # the masks our objective draws, and ALBERT's SOP label: 0 = original order
     masked, labels = fixed_masks(cfg, vocab, batch)
     inputs = dict(input_ids=masked, attention_mask=batch.attention_mask.long(), token_type_ids=batch.segment_ids,
                   labels=labels, sentence_order_label=1 - batch.labels)
+    inputs = {k: v.to(device) for k, v in inputs.items()}  # on the device once: HF gets no copy per step
     bf16 = cfg.training.precision == "bf16"
 
     def step() -> None:
-        with torch.autocast("cpu", dtype=torch.bfloat16) if bf16 else contextlib.nullcontext():
+        with torch.autocast(device.type, dtype=torch.bfloat16) if bf16 else contextlib.nullcontext():
             loss = model(**inputs).loss
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.training.max_grad_norm)
@@ -138,23 +145,35 @@ def hf_step(cfg: Config, vocab: int, batch: PairBatch) -> Callable[[], None]:
     return step
 
 
+DEVICE = torch.device("cpu")  # set by main(): where the steps and the matmul probes run
+
+
+def synchronize() -> None:
+    if DEVICE.type == "cuda":
+        torch.cuda.synchronize(DEVICE)
+
+
 def seconds(step: Callable[[], None], n: int) -> float:
+    synchronize()
     start = time.perf_counter()
     for _ in range(n):
         step()
+    synchronize()  # a GPU step returns once queued: wait for all of them
     return (time.perf_counter() - start) / n
 
 
 def compare(name: str, ours: Callable, hf: Callable, tokens: int, steps: int, rounds: int,
-            probe: Optional[Callable[[], float]] = None) -> dict:
+            probe: Optional[Callable[[], float]] = None, labels: tuple[str, str] = ("ours", "HF"),
+            warmup: int = 1) -> dict:
     """Alternating timed rounds of both sides; medians of tok/s and of the per-round ratio.
 
     ``probe`` (e.g. a matmul's FLOP/s) is measured once per round, beside the steps it is compared with.
     """
-    ours(), hf()  # warm-up: allocator, kernels, optimizer state
+    for _ in range(warmup):  # allocator, kernels, optimizer state; compilation
+        ours(), hf()
     ours_tok, hf_tok, probes = [], [], []
     for r in range(rounds):
-        sides = [("ours", ours, ours_tok), ("HF", hf, hf_tok)]
+        sides = [(labels[0], ours, ours_tok), (labels[1], hf, hf_tok)]
         for label, step, out in sides if r % 2 == 0 else sides[::-1]:
             out.append(tokens / seconds(step, steps))
             print(f"  {name} round {r + 1} {label:4s}: {out[-1]:8.1f} tok/s", flush=True)
@@ -163,13 +182,14 @@ def compare(name: str, ours: Callable, hf: Callable, tokens: int, steps: int, ro
     ratios = [o / h for o, h in zip(ours_tok, hf_tok)]
     result = dict(ours=statistics.median(ours_tok), hf=statistics.median(hf_tok), ratio=statistics.median(ratios),
                   ours_rounds=ours_tok, probes=probes)
-    print(f"{name}: ours {result['ours']:.1f} tok/s, HF {result['hf']:.1f} tok/s, "
+    print(f"{name}: {labels[0]} {result['ours']:.1f} tok/s, {labels[1]} {result['hf']:.1f} tok/s, "
           f"ratio {result['ratio']:.2f}x (per round {', '.join(f'{x:.2f}' for x in ratios)})", flush=True)
     return result
 
 
-def single(name: str, step: Callable, tokens: int, steps: int, rounds: int) -> float:
-    step()
+def single(name: str, step: Callable, tokens: int, steps: int, rounds: int, warmup: int = 1) -> float:
+    for _ in range(warmup):
+        step()
     rates = [tokens / seconds(step, steps) for _ in range(rounds)]
     print(f"{name}: ours {statistics.median(rates):.1f} tok/s (rounds {', '.join(f'{x:.1f}' for x in rates)})",
           flush=True)
@@ -178,14 +198,19 @@ def single(name: str, step: Callable, tokens: int, steps: int, rounds: int) -> f
 
 def matmul_flops_shape(rows: int, inner: int, cols: int, dtype: torch.dtype, repeats: int = 10) -> float:
     """FLOP/s of a (rows x inner) @ (inner x cols) matmul in ``dtype`` (median of ``repeats``)."""
-    a, b = torch.randn(rows, inner, dtype=dtype), torch.randn(inner, cols, dtype=dtype)
+    a = torch.randn(rows, inner, dtype=dtype, device=DEVICE)
+    b = torch.randn(inner, cols, dtype=dtype, device=DEVICE)
     for _ in range(3):
         a @ b
     times = []
+    inner_repeats = 20 if DEVICE.type == "cuda" else 1  # a GPU matmul is too short to time alone
     for _ in range(repeats):
+        synchronize()
         start = time.perf_counter()
-        a @ b
-        times.append(time.perf_counter() - start)
+        for _ in range(inner_repeats):
+            a @ b
+        synchronize()
+        times.append((time.perf_counter() - start) / inner_repeats)
     return 2 * rows * inner * cols / statistics.median(times)
 
 
@@ -224,6 +249,7 @@ def train_flops(cfg: Config, vocab: int, batch: int, seq: int, n_masked: int) ->
 
 
 def main() -> None:
+    global DEVICE
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--steps", type=int, default=3, help="timed steps per side and round")
     parser.add_argument("--rounds", type=int, default=3, help="alternating rounds per comparison (>= 3)")
@@ -232,24 +258,40 @@ def main() -> None:
     parser.add_argument("--act", choices=("gelu_new", "gelu"), default="gelu_new",
                         help="activation of both sides: ALBERT's gelu_new (default) or exact gelu (our presets')")
     parser.add_argument("--bf16", choices=("auto", "on", "off"), default="auto",
-                        help="time bf16 autocast: auto = only on a CPU with bf16 matrix instructions (AVX512-BF16 "
-                             "or AMX); elsewhere PyTorch emulates bf16 ~100x slower than fp32")
+                        help="time bf16 autocast: auto = only on a device with bf16 matrix instructions (a GPU "
+                             "from Ampere on; a CPU with AVX512-BF16 or AMX); elsewhere PyTorch emulates bf16 "
+                             "~100x slower than fp32")
+    parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
+    parser.add_argument("--tf32", action="store_true", help="CUDA: fp32 matmuls on TF32 tensor cores (both sides)")
+    parser.add_argument("--compile", choices=("off", "on", "ab"), default="off",
+                        help="on: ours with training.compile; ab: ours compiled against ours eager (no HF)")
+    parser.add_argument("--no-pkm", action="store_true", help="skip the product-key-memory figure")
+    parser.add_argument("--warmup", type=int, default=1, help="untimed steps of each side first (more for compile)")
     args = parser.parse_args()
     logging.basicConfig(level=logging.WARNING)
+    DEVICE = torch.device(args.device)
+    if DEVICE.type == "cuda" and not torch.cuda.is_available():
+        parser.error("--device cuda: this torch sees no CUDA device")
+    if args.tf32:
+        configure_matmul(DEVICE, True)
     sizes = QUICK if args.quick else FULL
     vocab, seq = sizes["vocab"], 2 * sizes["max_len"] + 3
     tokens = args.batch * seq
     batch = random_batch(vocab, args.batch, sizes["max_len"])
-    print(f"machine: {platform.processor() or platform.machine()}, {os.cpu_count()} CPUs, "
-          f"torch {torch.__version__}, {torch.get_num_threads()} threads; load average {os.getloadavg()[0]:.2f}")
+    host = platform.node()
+    if DEVICE.type == "cuda":
+        where = f"GPU {torch.cuda.get_device_name(DEVICE)}"
+    else:
+        where = f"{platform.processor() or platform.machine()}, {os.cpu_count()} CPUs, {torch.get_num_threads()} threads"
+    print(f"machine: {host}: {where}, torch {torch.__version__}; load average {os.getloadavg()[0]:.2f}")
     print(f"sizes: V={vocab} E={sizes['embedding_size']} H={sizes['hidden_size']} A={sizes['n_heads']} "
           f"L={sizes['n_encoders']} I={sizes['intermediate_size']} T={seq} B={args.batch}, {args.act}; "
-          f"{args.steps} steps x {args.rounds} rounds", flush=True)
+          f"{args.steps} steps x {args.rounds} rounds; compile {args.compile}, tf32 {args.tf32}", flush=True)
 
     cfg = pretraining_config(sizes, args.batch, "fp32", pkm=False, act=args.act)
     n_masked = int((fixed_masks(cfg, vocab, batch)[1] != -100).sum())  # the same count every step
     flops = train_flops(cfg, vocab, args.batch, seq, n_masked)
-    native = native_bf16(torch.device("cpu"))
+    native = native_bf16(DEVICE)
     precisions = ["fp32"]
     if args.bf16 == "on" or (args.bf16 == "auto" and native):
         precisions.append("bf16")
@@ -257,24 +299,36 @@ def main() -> None:
         print("bf16 skipped (--bf16 off)", flush=True)
     else:
         fp32_rate, bf16_rate = (matmul_flops(512, dtype) for dtype in (torch.float32, torch.bfloat16))
-        print(f"bf16 skipped: this CPU has no bf16 matrix instructions; a 512^3 matmul runs at "
+        print(f"bf16 skipped: this {args.device} has no bf16 matrix instructions; a 512^3 matmul runs at "
               f"{bf16_rate / 1e9:.1f} GFLOP/s in bf16 against {fp32_rate / 1e9:.1f} in fp32, so a bf16 step would "
               f"time PyTorch's emulation, not the model. --bf16 on runs it anyway.", flush=True)
 
+    def build(precision: str, pkm: bool = False, compiled: bool = args.compile == "on") -> Config:
+        return pretraining_config(sizes, args.batch, precision, pkm=pkm, act=args.act, device=args.device,
+                                  compiled=compiled)
+
     results = {}  # precision -> compare()'s figures, plus "pkm" (tok/s) and "mfu"
+    peaks = {}  # precision -> the median matmul FLOP/s of its rounds
     for precision in precisions:
         dtype = torch.float32 if precision == "fp32" else torch.bfloat16
-        cfg = pretraining_config(sizes, args.batch, precision, pkm=False, act=args.act)
+        cfg = build(precision)
         matmul = functools.partial(matmul_flops, sizes["matmul"], dtype)
-        rounds = results[precision] = compare(precision, ours_step(cfg, vocab, batch), hf_step(cfg, vocab, batch),
-                                              tokens, args.steps, args.rounds, matmul)
+        if args.compile == "ab":
+            rounds = results[precision] = compare(
+                precision, ours_step(build(precision, compiled=True), vocab, batch), ours_step(cfg, vocab, batch),
+                tokens, args.steps, args.rounds, matmul, labels=("compiled", "eager"), warmup=args.warmup)
+        else:
+            rounds = results[precision] = compare(precision, ours_step(cfg, vocab, batch), hf_step(cfg, vocab, batch),
+                                                  tokens, args.steps, args.rounds, matmul, warmup=args.warmup)
         gc.collect()
-        pkm_cfg = pretraining_config(sizes, args.batch, precision, pkm=True, act=args.act)
-        rounds["pkm"] = single(f"{precision} + PKM", ours_step(pkm_cfg, vocab, batch), tokens, args.steps, args.rounds)
-        gc.collect()
+        if not args.no_pkm:
+            rounds["pkm"] = single(f"{precision} + PKM", ours_step(build(precision, pkm=True), vocab, batch), tokens,
+                                   args.steps, args.rounds, warmup=args.warmup)
+            gc.collect()
         # MFU per round, against the matmul measured right after that round (the host's speed drifts)
         mfus = [flops * tok_s / tokens / peak for tok_s, peak in zip(rounds["ours_rounds"], rounds["probes"])]
         rounds["mfu"] = statistics.median(mfus)
+        peaks[precision] = statistics.median(rounds["probes"])
         print(f"{precision}: model FLOPs per step {flops / 1e9:.1f} GFLOP ({n_masked} masked tokens); ours achieves "
               f"{', '.join(f'{flops * t / tokens / 1e9:.0f}' for t in rounds['ours_rounds'])} GFLOP/s per round; "
               f"{precision} {sizes['matmul']}^3 matmul: {', '.join(f'{p / 1e9:.0f}' for p in rounds['probes'])} "
@@ -282,15 +336,27 @@ def main() -> None:
         ceiling = linear_layers_flops(cfg, tokens, dtype)
         print(f"{precision} matmuls of the encoder's linear layers alone (their own shapes): {ceiling / 1e9:.0f} "
               f"GFLOP/s; ours {precision} reaches {flops * rounds['ours'] / tokens / ceiling:.2f} of that", flush=True)
+    if DEVICE.type == "cuda":
+        from twilbert.model.kernels import attention_backend
+        from twilbert.train.pretrain import build_pretraining_model
+
+        model = build_pretraining_model(build("bf16"), vocab).to(DEVICE)
+        kernels = {f"{p}_{'padded' if padded else 'unpadded'}": attention_backend(model, args.batch, seq, padded, p)
+                   for p in precisions for padded in (False, True)}
+        print(f"attention kernels (SDPA, training mode): {kernels}", flush=True)
+        print(f"peak memory allocated: {torch.cuda.max_memory_allocated(DEVICE) / 2**30:.1f} GiB", flush=True)
+    else:
+        kernels = None
     print(f"load average at the end: {os.getloadavg()[0]:.2f}")
 
     def figure(precision: str, name: str, digits: int = 1) -> Optional[float]:
-        return round(results[precision][name], digits) if precision in results else None
+        return round(results[precision][name], digits) if precision in results and name in results[precision] else None
 
+    other = "eager" if args.compile == "ab" else "hf"  # what "ours" is compared with
     print(json.dumps({
-        "hf_fp32_tok_s": figure("fp32", "hf"),
+        f"{other}_fp32_tok_s": figure("fp32", "hf"),
         "ours_fp32_tok_s": figure("fp32", "ours"),
-        "hf_bf16_tok_s": figure("bf16", "hf"),
+        f"{other}_bf16_tok_s": figure("bf16", "hf"),
         "ours_bf16_tok_s": figure("bf16", "ours"),
         "ours_pkm_fp32_tok_s": figure("fp32", "pkm"),
         "ours_pkm_bf16_tok_s": figure("bf16", "pkm"),
@@ -298,9 +364,25 @@ def main() -> None:
         "ratio_bf16": figure("bf16", "ratio", 3),
         "mfu_fp32": figure("fp32", "mfu", 3),
         "mfu_bf16": figure("bf16", "mfu", 3),
+        "matmul_fp32_tflops": round(peaks["fp32"] / 1e12, 2) if "fp32" in peaks else None,
+        "matmul_bf16_tflops": round(peaks["bf16"] / 1e12, 2) if "bf16" in peaks else None,
         "native_bf16": native,
+        "device": args.device,
+        "device_name": where,
+        "host": host,
+        "batch": args.batch,
+        "compile": args.compile,
+        "tf32": args.tf32,
+        "attention_kernels": kernels,
+        "load_average_end": round(os.getloadavg()[0], 2),
     }))
 
 
+OUT_OF_MEMORY = 3  # exit status when the batch does not fit the GPU (scripts/device_check.sh tries a smaller one)
+
 if __name__ == "__main__":
-    main()
+    try:
+        main()
+    except torch.cuda.OutOfMemoryError as err:
+        print(f"out of memory: {str(err).splitlines()[0]}", flush=True)
+        raise SystemExit(OUT_OF_MEMORY)

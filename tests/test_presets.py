@@ -92,5 +92,5 @@ def test_reduced_base_override_trains_a_step():
     batch = make_batch(packed["input_ids"], packed["len_a"], packed["length"], torch.tensor([1, 0, 1, 0]).numpy())
     before = model.twilbert.encoder.memories["4"].values.weight.detach().clone()
     loss, counts = trainer.train_step(batch, objective)
-    assert torch.isfinite(torch.tensor(loss)) and counts["mlm_count"] > 0 and trainer.state.optimizer_steps == 1
+    assert torch.isfinite(loss) and counts["mlm_count"] > 0 and trainer.state.optimizer_steps == 1
     assert not torch.equal(before, model.twilbert.encoder.memories["4"].values.weight)

@@ -247,6 +247,8 @@ class TrainingConfig:
     log_every: int = 10
     pll_examples: int = 16  # held-out examples scored by pseudo-log-likelihood each epoch (0: off)
     checkpoint_every: int = 1000  # micro-steps between training checkpoints (0: only at epoch ends)
+    tf32: bool = False  # CUDA only: fp32 matmuls on TF32 tensor cores (Ampere or newer)
+    compile: bool = False  # torch.compile the model (not faster on the CPUs measured: README "On a GPU")
 
     def validate(self, where: str = "training") -> None:
         _positive(self, where, "batch_size", "epochs", "accum_iters", "warmup_steps", "log_every")
@@ -292,6 +294,7 @@ class FinetuningConfig:
     baseline_c: float = 1.0  # inverse regularization of the baseline's linear model (Ridge: 1/alpha)
     baseline_row: bool = True  # also fit the TF-IDF baseline and write baseline.json beside metrics.json
     checkpoint_every: int = 0  # micro-steps between training checkpoints (0: only at epoch ends)
+    tf32: bool = False  # CUDA only: fp32 matmuls on TF32 tensor cores (Ampere or newer)
 
     def validate(self, where: str = "finetuning") -> None:
         _positive(self, where, "batch_size", "pred_batch_size", "epochs", "patience", "accum_iters",

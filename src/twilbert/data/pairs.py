@@ -343,9 +343,22 @@ class PairBatch:
     attention_mask: torch.Tensor  # (B, T) bool, True on real tokens
     special_mask: torch.Tensor  # (B, T) bool, True on [CLS]/[SEP]/[PAD]: never masked
     labels: torch.Tensor  # (B,) ROP label (1 = original order), or a finetuning task's targets
+    # Whether any row is padded, known on the host from the lengths (``make_batch``): the model then
+    # skips the attention mask without asking the device (a sync). None: not known, the model checks.
+    padded: Optional[bool] = None
+
+    def tensors(self) -> tuple[torch.Tensor, ...]:
+        return self.input_ids, self.segment_ids, self.attention_mask, self.special_mask, self.labels
+
+    def pin_memory(self) -> "PairBatch":
+        """A copy in page-locked memory, so that ``to(cuda)`` is an asynchronous copy."""
+        return PairBatch(*(t.pin_memory() for t in self.tensors()), padded=self.padded)
 
     def to(self, device: torch.device) -> "PairBatch":
-        return PairBatch(*(t.to(device, non_blocking=True) for t in vars(self).values()))
+        """On ``device``; on CUDA copied from pinned memory without blocking the host."""
+        device = torch.device(device)
+        source = self.pin_memory() if device.type == "cuda" and not self.input_ids.is_pinned() else self
+        return PairBatch(*(t.to(device, non_blocking=True) for t in source.tensors()), padded=self.padded)
 
 
 class PackedRows:
@@ -391,7 +404,7 @@ def make_batch(input_ids: np.ndarray, len_a: np.ndarray, length: np.ndarray, lab
     target = torch.from_numpy(np.ascontiguousarray(labels))
     if not target.is_floating_point():
         target = target.long()
-    return PairBatch(ids, segment, attention, special, target)
+    return PairBatch(ids, segment, attention, special, target, padded=bool(length.min() < width))
 
 
 def batch_of(data: Union[Examples, dict], idx: np.ndarray) -> PairBatch:

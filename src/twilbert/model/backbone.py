@@ -159,8 +159,9 @@ class HFClassifier(nn.Module):
         segment_ids: torch.Tensor,
         attention_mask: torch.Tensor,
         special_mask: Optional[torch.Tensor] = None,
+        padded: Optional[bool] = None,
     ) -> torch.Tensor:
-        """(B, T) inputs -> logits (B, n_outputs)."""
+        """(B, T) inputs -> logits (B, n_outputs); ``padded`` is TWilBert's hint, unused here (HF masks itself)."""
         out = self.backbone(
             input_ids=input_ids,
             attention_mask=attention_mask.long(),

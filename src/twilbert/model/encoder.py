@@ -196,8 +196,14 @@ class TWilBertModel(nn.Module):
         input_ids: torch.Tensor,
         segment_ids: torch.Tensor,
         attention_mask: Optional[torch.Tensor] = None,
+        padded: Optional[bool] = None,
     ) -> torch.Tensor:
-        """input_ids/segment_ids (B, T) long, attention_mask (B, T) bool (None: all real) -> (B, T, H)."""
+        """input_ids/segment_ids (B, T) long, attention_mask (B, T) bool (None: all real) -> (B, T, H).
+
+        ``padded``: whether any row of the batch is padded, as the batch builder knows it on the host
+        (``PairBatch.padded``). Without padding attention runs unmasked (SDPA's flash kernel on a GPU)
+        and memories skip the gather. None: the mask is inspected, which waits for the device.
+        """
         T = input_ids.shape[1]
         if T > self.max_positions:
             raise ValueError(
@@ -206,8 +212,9 @@ class TWilBertModel(nn.Module):
             )
         if attention_mask is not None:
             attention_mask = attention_mask.bool()
-            # Without padding, attention runs unmasked (SDPA's faster path) and memories skip the gather.
-            if bool(attention_mask.all()):
+            if padded is None:
+                padded = not bool(attention_mask.all())  # a host sync: the training loops pass ``padded``
+            if not padded:
                 attention_mask = None
         x = self.embeddings(input_ids, segment_ids)  # (B, T, E)
         x = self.embedding_hidden_mapping_in(x)  # (B, T, H)

@@ -144,16 +144,27 @@ class TWilBertForPretraining(nn.Module):
         segment_ids: torch.Tensor,
         attention_mask: torch.Tensor,
         mlm_labels: torch.Tensor,
+        padded: Optional[bool] = None,
+        mlm_positions: Optional[torch.Tensor] = None,
     ) -> PretrainOutput:
-        """mlm_labels (B, T): target id at masked positions, -100 elsewhere."""
-        hidden = self.twilbert(input_ids, segment_ids, attention_mask)  # (B, T, H)
+        """mlm_labels (B, T): target id at masked positions, -100 elsewhere.
+
+        ``mlm_positions`` (N,): the flat indices (row * T + column) of those positions, when the caller
+        knows them (the masks are drawn on the host): a boolean selection on the device would wait
+        for it to count them. ``padded``: see ``TWilBertModel.forward``.
+        """
+        hidden = self.twilbert(input_ids, segment_ids, attention_mask, padded)  # (B, T, H)
         # The V-projection dominates the head's cost, so it runs on the ~15% masked positions only,
         # and in the loss (or ``mlm_logits``), not here.
-        selected = mlm_labels != IGNORE_INDEX  # (B, T)
-        mlm_states = self.predictions.transform(hidden[selected])  # (N, E)
+        if mlm_positions is None:
+            selected = mlm_labels != IGNORE_INDEX  # (B, T)
+            masked_hidden, targets = hidden[selected], mlm_labels[selected]  # (N, H), (N,)
+        else:
+            masked_hidden = hidden.flatten(0, 1).index_select(0, mlm_positions)  # (N, H)
+            targets = mlm_labels.flatten().index_select(0, mlm_positions)  # (N,)
+        mlm_states = self.predictions.transform(masked_hidden)  # (N, E)
         rop_logits = self.rop_classifier(hidden[:, 0]) if self.rop_classifier is not None else None
-        return PretrainOutput(mlm_states, mlm_labels[selected], rop_logits, self.predictions.decoder.weight,
-                              self.predictions.bias)
+        return PretrainOutput(mlm_states, targets, rop_logits, self.predictions.decoder.weight, self.predictions.bias)
 
 
 class TWilBertForClassification(nn.Module):
@@ -191,11 +202,13 @@ class TWilBertForClassification(nn.Module):
         segment_ids: torch.Tensor,
         attention_mask: torch.Tensor,
         special_mask: Optional[torch.Tensor] = None,
+        padded: Optional[bool] = None,
     ) -> torch.Tensor:
-        """-> logits (B, n_outputs); special_mask defaults to the [CLS]/[SEP] positions of input_ids."""
+        """-> logits (B, n_outputs); special_mask defaults to the [CLS]/[SEP] positions of input_ids.
+        ``padded``: see ``TWilBertModel.forward``."""
         if special_mask is None:
             special_mask = (input_ids == CLS_ID) | (input_ids == SEP_ID)
-        hidden = self.twilbert(input_ids, segment_ids, attention_mask)  # (B, T, H)
+        hidden = self.twilbert(input_ids, segment_ids, attention_mask, padded)  # (B, T, H)
         return self.classifier(hidden, attention_mask, special_mask)
 
 

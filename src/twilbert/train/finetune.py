@@ -48,7 +48,9 @@ from twilbert.model.io import CONFIG_NAME, load_pretrained_state, save_pretraine
 from twilbert.track import Tracker
 from twilbert.train.checkpoint import config_fingerprint, files_digest, package_paths, run_fingerprint
 from twilbert.train.kfold import FoldResult, KFoldOutcome, concat_examples, run_kfold
-from twilbert.train.loop import BestEpoch, Checkpointing, Trainer, autocast, resolve_device, seed_everything
+from twilbert.train.loop import (
+    BestEpoch, Checkpointing, Trainer, autocast, configure_matmul, resolve_device, seed_everything,
+)
 from twilbert.train.losses import build_loss, class_weights_tensor
 from twilbert.train.metrics import evaluate_predictions, official_metric_name
 from twilbert.train.optim import build_optimizer, build_scheduler, param_groups
@@ -151,7 +153,9 @@ def predict_scores(model, data: Split, task: TaskConfig, batch_size: int, device
                    precision: str = "fp32", packer: Any = None) -> np.ndarray:
     """Probabilities (softmax / sigmoid) or regression values, in input order.
 
-    Rows are batched by length so each batch pads only to its own longest row.
+    Rows are batched by length so each batch pads only to its own longest row (and a batch of equal
+    lengths runs attention unmasked); the scores stay on the device until all batches are queued,
+    then come back in one transfer.
     """
     to_batch = packer.batch if packer is not None else make_batch
     model.eval()
@@ -163,7 +167,8 @@ def predict_scores(model, data: Split, task: TaskConfig, batch_size: int, device
             batch = to_batch(data["input_ids"][idx], data["len_a"][idx], data["length"][idx], data["labels"][idx])
             batch = batch.to(device)
             with autocast(precision, device):
-                logits = model(batch.input_ids, batch.segment_ids, batch.attention_mask, batch.special_mask)
+                logits = model(batch.input_ids, batch.segment_ids, batch.attention_mask, batch.special_mask,
+                               padded=batch.padded)
             logits = logits.float()
             if task.task.regression:
                 scores = logits.squeeze(-1)
@@ -171,8 +176,8 @@ def predict_scores(model, data: Split, task: TaskConfig, batch_size: int, device
                 scores = torch.sigmoid(logits)
             else:
                 scores = torch.softmax(logits, dim=-1)
-            out.append(scores.cpu().numpy())
-    scores = np.concatenate(out) if out else np.zeros((0, n_outputs(task)), dtype=np.float32)
+            out.append(scores)
+    scores = torch.cat(out).cpu().numpy() if out else np.zeros((0, n_outputs(task)), dtype=np.float32)
     result = np.empty_like(scores)
     result[order] = scores
     return result
@@ -277,7 +282,8 @@ class NeuralLearner(Learner):
             # Under DDP each rank's mean over its slice, averaged over ranks by DDP: the global mean
             # when the slices are equal (all but possibly an epoch's last batch).
             batch = batch.to(device)
-            logits = m(batch.input_ids, batch.segment_ids, batch.attention_mask, batch.special_mask)
+            logits = m(batch.input_ids, batch.segment_ids, batch.attention_mask, batch.special_mask,
+                       padded=batch.padded)
             return criterion(logits.float(), batch.labels), {}
 
         groups = param_groups(model, ft.lr, ft.weight_decay, None)  # skips frozen parameters
@@ -576,6 +582,7 @@ def finetune_task(cfg: Config, task: TaskConfig, pretrained_dir: Path, model_out
     ft = task.finetuning_config(cfg.finetuning)
     ctx = ctx or DistContext(device=resolve_device(ft.device))
     seed_everything(cfg.seed, ctx.device)
+    configure_matmul(ctx.device, ft.tf32)
     pretrained_dir, model_out, metrics_out = Path(pretrained_dir), Path(model_out), Path(metrics_out)
     splits = load_task(task, cfg.seed)
     max_len = cfg.representation.max_len

@@ -31,8 +31,9 @@ from twilbert.train.checkpoint import TENSORS_KEY, resume_training, save_trainin
 log = logging.getLogger(__name__)
 
 # A loss function gets (model, batch) and returns the loss of the micro-batch and summable counts
-# (e.g. {"mlm_correct": 12, "mlm_count": 40}) that the loop aggregates over the epoch.
-LossFn = Callable[[torch.nn.Module, object], tuple[torch.Tensor, dict[str, float]]]
+# (e.g. {"mlm_correct": tensor(12), "mlm_count": 40}) that the loop aggregates over the epoch. A count
+# may be a device tensor: the loop reads those once per logging window, never per step.
+LossFn = Callable[[torch.nn.Module, object], tuple[torch.Tensor, dict[str, object]]]
 
 # Test hook: SIGKILL this process right after the checkpoint of this micro-step is saved, the way a
 # crash or an OOM kill would stop it (tests/test_resume.py, tests/e2e). Never set it otherwise.
@@ -40,7 +41,16 @@ KILL_HOOK_ENV = "TWILBERT_TEST_KILL_AT_MICRO_STEP"
 
 
 class NonFiniteLossError(RuntimeError):
-    """The loss became NaN or infinite; training stopped before the weights were corrupted."""
+    """The loss became NaN or infinite; training stopped before any checkpoint took the corrupted weights."""
+
+
+@dataclass
+class _Trained:
+    """A trained micro-step whose loss and counts may still live on the device (read at the next flush)."""
+
+    position: tuple[int, int, int, int]  # epoch, batch (1-based), micro-step (1-based), optimizer steps before it
+    loss: torch.Tensor  # () detached
+    counts: dict[str, object]
 
 
 def resolve_device(name: str) -> torch.device:
@@ -62,6 +72,14 @@ def seed_everything(seed: int, device: torch.device) -> None:
         torch.use_deterministic_algorithms(True, warn_only=True)
         # Filling every torch.empty with NaN is a debugging aid, not needed for determinism; it costs time.
         torch.utils.deterministic.fill_uninitialized_memory = False
+
+
+def configure_matmul(device: torch.device, tf32: bool) -> None:
+    """On CUDA, let fp32 matmuls (and convolutions) run on TF32 tensor cores when ``tf32`` (Ampere or newer;
+    ~10 mantissa bits in the products, fp32 accumulation). Process-wide; nothing changes on other devices."""
+    if device.type == "cuda":
+        torch.backends.cuda.matmul.allow_tf32 = tf32
+        torch.backends.cudnn.allow_tf32 = tf32
 
 
 @functools.lru_cache(maxsize=None)  # asked at every micro-step under bf16; the hardware does not change
@@ -208,6 +226,8 @@ class Trainer:
         self._pending = 0  # micro-batches whose gradients await the next optimizer step
         self._save_due = False  # a periodic checkpoint waits for the end of an accumulation window (DDP)
         self._trainable = [p for p in model.parameters() if p.requires_grad]
+        self._window: list[_Trained] = []  # micro-steps not yet read from the device (see ``flush``)
+        self._last_loss: Optional[float] = None  # the newest loss read, for the tracker
 
     # ---- checkpoints
 
@@ -223,6 +243,7 @@ class Trainer:
         self.state = LoopState(state["epoch"], state["batch_in_epoch"], state["optimizer_steps"],
                                state["micro_steps"], state["loss_sum"], dict(state["sums"]))
         self._pending = state["accum_position"]
+        self._window = []
         log.info("%s: resuming at epoch %d, batch %d (micro-step %d, optimizer step %d)", self.prefix,
                  self.state.epoch + 1, self.state.batch_in_epoch, self.state.micro_steps, self.state.optimizer_steps)
         return state
@@ -232,6 +253,7 @@ class Trainer:
         ck = self.checkpointing
         if ck is None:
             return None
+        self.flush()  # the state must hold every trained step, and corrupted weights are never saved
         s = self.state
         state = {"epoch": s.epoch, "batch_in_epoch": s.batch_in_epoch, "optimizer_steps": s.optimizer_steps,
                  "micro_steps": s.micro_steps, "accum_position": self._pending, "loss_sum": s.loss_sum,
@@ -254,24 +276,30 @@ class Trainer:
 
     # ---- training
 
-    def train_step(self, batch: object, loss_fn: LossFn, sync: bool = False) -> tuple[float, dict[str, float]]:
+    def train_step(self, batch: object, loss_fn: LossFn, sync: bool = False) -> tuple[torch.Tensor, dict[str, object]]:
         """One micro-batch: forward under autocast, backward, and the optimizer step once
         ``accum_iters`` micro-batches have accumulated, or at once when ``sync`` (the epoch's last
-        micro-batch). Returns the micro-batch loss and its counts."""
+        micro-batch). Returns the micro-batch loss (detached, on the device) and its counts.
+
+        Nothing here waits for the device: the loss and counts join the current logging window and
+        are read by ``flush`` (every ``log_every`` optimizer steps, at checkpoints and epoch ends).
+        """
         self.model.train()
+        s = self.state
         step_now = sync or self._pending + 1 == self.accum_iters
         with distributed.no_sync_unless(self.model, step_now):
             with autocast(self.precision, self.device):
                 loss, counts = loss_fn(self.model, batch)
-            self._check_finite(loss)
             (loss / self.accum_iters).backward()
+        loss = loss.detach()
+        self._window.append(_Trained((s.epoch + 1, s.batch_in_epoch + 1, s.micro_steps + 1, s.optimizer_steps),
+                                     loss, counts))
         self._pending += 1
-        self.state.micro_steps += 1
-        self.state.batch_in_epoch += 1
-        value = float(loss.detach())
+        s.micro_steps += 1
+        s.batch_in_epoch += 1
         if step_now:
-            self._optimizer_step(value)
-        return value, counts
+            self._optimizer_step()
+        return loss, counts
 
     def train_epoch(self, batches: Iterable, loss_fn: LossFn, total: Optional[int] = None) -> dict[str, float]:
         """The rest of the current epoch; returns its mean loss and summed counts (over ranks under DDP).
@@ -283,18 +311,44 @@ class Trainer:
         s = self.state
         remaining = None if total is None else total - s.batch_in_epoch
         for batch, last in with_last(progress(batches, remaining, f"{self.prefix} epoch {s.epoch + 1}")):
-            loss, counts = self.train_step(batch, loss_fn, sync=last)
-            s.loss_sum += loss
-            for key, value in counts.items():
-                s.sums[key] = s.sums.get(key, 0.0) + float(value)
+            self.train_step(batch, loss_fn, sync=last)
             self._maybe_checkpoint()
         if self._pending:  # only when no batch was left to carry the step
-            self._optimizer_step(s.loss_sum / max(s.batch_in_epoch, 1))
+            self._optimizer_step()
+        self.flush()
         result = self._epoch_totals()
         s.epoch += 1
         s.batch_in_epoch, s.loss_sum, s.sums = 0, 0.0, {}
         self._save_due = False
         return result
+
+    def flush(self) -> None:
+        """Read the trained micro-steps' losses and counts from the device in one transfer (the one host
+        sync of a logging window), add them to the epoch's sums in step order, and stop at the first
+        non-finite loss (on any rank), naming its step. Every rank calls it at the same points."""
+        window, self._window = self._window, []
+        if not window:
+            return
+        losses = torch.stack([t.loss.to(torch.float64) for t in window])  # (n,)
+        bad = (~torch.isfinite(losses)).to(torch.float64)  # (n,)
+        if distributed.world_size() > 1:  # every rank stops at the same step, none waits on a collective
+            bad = distributed.all_reduce_sum(bad)
+        on_device = [v for t in window for v in t.counts.values() if isinstance(v, torch.Tensor)]
+        parts = [losses, bad]
+        if on_device:
+            parts.append(torch.stack([v.to(losses.device, torch.float64).reshape(()) for v in on_device]))
+        values = torch.cat(parts).tolist()
+        n = len(window)
+        device_counts = iter(values[2 * n:])
+        s = self.state
+        for trained, loss, flag in zip(window, values[:n], values[n:2 * n]):
+            if flag:
+                self._raise_non_finite(trained.position, loss)
+            s.loss_sum += loss
+            for key, value in trained.counts.items():
+                value = next(device_counts) if isinstance(value, torch.Tensor) else float(value)
+                s.sums[key] = s.sums.get(key, 0.0) + value
+        self._last_loss = values[n - 1]
 
     def _epoch_totals(self) -> dict[str, float]:
         s = self.state
@@ -306,27 +360,18 @@ class Trainer:
         totals = distributed.all_reduce_sum(totals).tolist()
         return {"loss": totals[0] / max(totals[1], 1), **dict(zip(keys, totals[2:]))}
 
-    def _check_finite(self, loss: torch.Tensor) -> None:
-        bad = not bool(torch.isfinite(loss.detach()).all())
-        if distributed.world_size() > 1:  # every rank stops together, none waits on a collective
-            flag = torch.tensor([float(bad)], device=loss.device)
-            anywhere = bool(distributed.all_reduce_sum(flag).item() > 0)
-        else:
-            anywhere = bad
-        if not anywhere:
-            return
-        s = self.state
-        where = (f"epoch {s.epoch + 1}, batch {s.batch_in_epoch + 1} (micro-step {s.micro_steps + 1}, "
-                 f"optimizer step {s.optimizer_steps})")
-        what = f"loss is {float(loss.detach())}" if bad else "the loss is not finite on another rank"
+    def _raise_non_finite(self, position: tuple[int, int, int, int], loss: float) -> None:
+        epoch, batch, micro_step, optimizer_steps = position
+        where = f"epoch {epoch}, batch {batch} (micro-step {micro_step}, optimizer step {optimizer_steps})"
+        what = f"loss is {loss}" if not math.isfinite(loss) else "the loss is not finite on another rank"
         kept = (f"the last checkpoint in {self.checkpointing.directory} is intact" if self.checkpointing
                 else "no checkpoint is written by this loop")
         raise NonFiniteLossError(
-            f"{self.prefix}: {what} at {where}; stopped before the weights were corrupted ({kept}). "
-            "Lower the learning rate, set a max_grad_norm, or use fp32 precision."
+            f"{self.prefix}: {what} at {where}; stopped within its logging window, before any checkpoint took "
+            f"the corrupted weights ({kept}). Lower the learning rate, set a max_grad_norm, or use fp32 precision."
         )
 
-    def _optimizer_step(self, last_loss: float) -> None:
+    def _optimizer_step(self) -> None:
         if self.max_grad_norm:
             torch.nn.utils.clip_grad_norm_(self._trainable, self.max_grad_norm)
         self.optimizer.step()
@@ -335,11 +380,12 @@ class Trainer:
         self.optimizer.zero_grad(set_to_none=True)
         self._pending = 0
         self.state.optimizer_steps += 1
-        if self.tracker and self.state.optimizer_steps % self.log_every == 0:
-            lr = self.optimizer.param_groups[0]["lr"]
-            self.tracker.log_metrics(
-                {f"{self.prefix}_loss": last_loss, f"{self.prefix}_lr": lr}, step=self.state.optimizer_steps
-            )
+        if self.state.optimizer_steps % self.log_every == 0:  # the end of a logging window
+            self.flush()
+            if self.tracker and self._last_loss is not None:
+                lr = self.optimizer.param_groups[0]["lr"]
+                self.tracker.log_metrics({f"{self.prefix}_loss": self._last_loss, f"{self.prefix}_lr": lr},
+                                         step=self.state.optimizer_steps)
 
 
 def _kill_hook(micro_steps: int) -> None:

@@ -35,7 +35,9 @@ from twilbert.model import TWilBertForPretraining, count_parameters
 from twilbert.model.io import CheckpointError, LoadReport, load_into, load_pretrained_state, save_pretrained
 from twilbert.track import Tracker
 from twilbert.train.checkpoint import config_fingerprint, files_digest, package_paths, run_fingerprint
-from twilbert.train.loop import BestEpoch, Checkpointing, Trainer, autocast, resolve_device, seed_everything
+from twilbert.train.loop import (
+    BestEpoch, Checkpointing, Trainer, autocast, configure_matmul, resolve_device, seed_everything,
+)
 from twilbert.train.losses import linear_mlm_loss, rop_loss
 from twilbert.train.optim import build_optimizer, build_scheduler, param_groups
 
@@ -84,6 +86,12 @@ def load_initial_weights(model: TWilBertForPretraining, directory: Path) -> Load
     return report
 
 
+def masked_positions(labels: torch.Tensor) -> torch.Tensor:
+    """Flat indices (N,) of the positions with an MLM label in host ``labels`` (B, T): computed where the
+    masks are drawn, so that neither the count nor the selection waits for the device."""
+    return (labels != IGNORE_INDEX).flatten().nonzero().squeeze(1)
+
+
 class PretrainObjective:
     """MLM + ROP loss of one batch; masks drawn from a generator seeded by (seed, epoch, step).
 
@@ -104,30 +112,31 @@ class PretrainObjective:
         )
 
     def outputs(self, model: torch.nn.Module, batch: PairBatch, masked: torch.Tensor, labels: torch.Tensor,
-                normalizers: Optional[torch.Tensor] = None):
-        """(loss, summable counts) of ``batch`` under the given masks.
+                normalizers: Optional[torch.Tensor] = None, positions: Optional[torch.Tensor] = None):
+        """(loss, summable counts) of ``batch`` under the given masks (host tensors).
 
         ``normalizers`` (2,): the divisors of the summed MLM and ROP losses (DDP); default, this
-        batch's own counts (means).
+        batch's own counts (means). The counts are device tensors or host numbers, never read here:
+        the training loop reads them once per logging window, so a step never waits for the device.
         """
+        positions = masked_positions(labels) if positions is None else positions
+        n_masked = positions.numel()
         batch = batch.to(self.device)
-        out = model(masked.to(self.device), batch.segment_ids, batch.attention_mask, labels.to(self.device))
-        n_masked = out.mlm_targets.numel()
+        out = model(masked.to(self.device, non_blocking=True), batch.segment_ids, batch.attention_mask,
+                    labels.to(self.device, non_blocking=True), padded=batch.padded,
+                    mlm_positions=positions.to(self.device, non_blocking=True))
         mlm, correct = linear_mlm_loss(out.mlm_states, out.decoder_weight, out.decoder_bias, out.mlm_targets,
                                        None if normalizers is None else normalizers[0])
         loss = mlm
-        counts = {
-            "mlm_correct": correct.item(),
-            "mlm_count": n_masked,
-            "mlm_nll_sum": mlm.item() * (n_masked if normalizers is None else float(normalizers[0])),
-        }
+        divisor = n_masked if normalizers is None else normalizers[0].double()
+        counts = {"mlm_correct": correct, "mlm_count": n_masked, "mlm_nll_sum": mlm.detach().double() * divisor}
         if out.rop_logits is not None:
             if normalizers is None:
                 loss = loss + rop_loss(out.rop_logits, batch.labels)
             else:
                 total = F.cross_entropy(out.rop_logits.float(), batch.labels, reduction="sum")
                 loss = loss + total / normalizers[1].clamp_min(1.0)
-            counts["rop_correct"] = (out.rop_logits.argmax(-1) == batch.labels).sum().item()
+            counts["rop_correct"] = (out.rop_logits.detach().argmax(-1) == batch.labels).sum()
             counts["rop_count"] = batch.labels.numel()
         return loss, counts
 
@@ -135,11 +144,12 @@ class PretrainObjective:
         keys = (self.epoch, self.step) if self.rank is None else (self.epoch, self.step, self.rank)
         masked, labels = self.mask(batch, *keys)
         self.step += 1
+        positions = masked_positions(labels)
         normalizers = None
         if self.rank is not None:  # every masked token and every pair weighs the same on any rank
-            local = torch.tensor([(labels != IGNORE_INDEX).sum().item(), batch.labels.numel()], dtype=torch.float32)
+            local = torch.tensor([positions.numel(), batch.labels.numel()], dtype=torch.float32)
             normalizers = loss_normalizer(local, self.device)
-        return self.outputs(model, batch, masked, labels, normalizers)
+        return self.outputs(model, batch, masked, labels, normalizers, positions)
 
 
 class Pretraining(NamedTuple):
@@ -166,7 +176,10 @@ def build_pretraining(
     optimizer = build_optimizer(tcfg.optimizer, param_groups(model, tcfg.lr, tcfg.weight_decay, value_lr),
                                 tcfg.lr, tcfg.weight_decay)
     scheduler = build_scheduler(optimizer, tcfg.noam_annealing, cfg.model.hidden_size, tcfg.warmup_steps)
-    trainer = Trainer(wrap_ddp(model, ctx), optimizer, scheduler, accum_iters=tcfg.accum_iters,
+    trained = wrap_ddp(model, ctx)
+    if tcfg.compile:  # the compiled graph wraps DDP's module, so DDP's bucketed all-reduce stays in charge
+        trained = torch.compile(trained)
+    trainer = Trainer(trained, optimizer, scheduler, accum_iters=tcfg.accum_iters,
                       max_grad_norm=tcfg.max_grad_norm, precision=tcfg.precision, device=device, tracker=tracker,
                       log_every=tcfg.log_every, prefix="pretrain")
     objective = PretrainObjective(cfg.model.masked_lm, cfg.seed, vocab_size, device,
@@ -198,13 +211,20 @@ def summarize(sums: dict[str, float], prefix: str) -> dict[str, float]:
 def evaluate_heldout(model, objective: PretrainObjective, data: dict, batch_size: int) -> dict[str, float]:
     """Held-out MLM accuracy, perplexity and ROP accuracy (TWilBert's ``rop_evaluation``) under fixed masks."""
     model.eval()
-    sums: dict[str, float] = {}
+    sums: dict[str, object] = {}  # device tensors or host numbers, read once at the end
     for i, batch in enumerate(iterate_batches(data, batch_size, objective.seed, 0, shuffle=False)):
         masked, labels = objective.mask(batch, EVAL_STREAM, i)
         _, counts = objective.outputs(model, batch, masked, labels)
         for k, v in counts.items():
-            sums[k] = sums.get(k, 0.0) + v
-    return summarize(sums, "heldout")
+            sums[k] = sums.get(k, 0) + v
+    return summarize(read_counts(sums), "heldout")
+
+
+def read_counts(sums: dict[str, object]) -> dict[str, float]:
+    """Counts as floats, the device tensors among them read in one transfer."""
+    on_device = [k for k, v in sums.items() if isinstance(v, torch.Tensor)]
+    values = torch.stack([sums[k].double() for k in on_device]).tolist() if on_device else []
+    return {k: values[on_device.index(k)] if k in on_device else float(v) for k, v in sums.items()}
 
 
 def single_mask_variants(batch: PairBatch) -> tuple[PairBatch, torch.Tensor, torch.Tensor]:
@@ -220,7 +240,7 @@ def single_mask_variants(batch: PairBatch) -> tuple[PairBatch, torch.Tensor, tor
     labels[k, pos] = ids[k, pos]
     ids[k, pos] = MASK_ID
     variants = PairBatch(ids, batch.segment_ids[row], batch.attention_mask[row], batch.special_mask[row],
-                         batch.labels[row])
+                         batch.labels[row], padded=batch.padded)
     return variants, labels, row
 
 
@@ -249,9 +269,10 @@ def pseudo_log_likelihood(
         sums = torch.zeros(len(idx), dtype=torch.float64)
         for lo in range(0, owner.numel(), chunk):
             part = slice(lo, lo + chunk)
-            v = PairBatch(*(t[part] for t in vars(variants).values())).to(device)
+            v = PairBatch(*(t[part] for t in variants.tensors()), padded=variants.padded).to(device)
             with autocast(precision, device):
-                out = model(v.input_ids, v.segment_ids, v.attention_mask, labels[part].to(device))
+                out = model(v.input_ids, v.segment_ids, v.attention_mask, labels[part].to(device), padded=v.padded,
+                            mlm_positions=masked_positions(labels[part]).to(device))
             logp = F.log_softmax(out.mlm_logits.float(), dim=-1).gather(1, out.mlm_targets[:, None])[:, 0]  # (k,)
             sums.index_add_(0, owner[part], logp.double().cpu())
         counts = torch.bincount(owner, minlength=len(idx)).double()
@@ -320,6 +341,7 @@ def pretrain(cfg: Config, pairs_dir: Path, vocab_dir: Path, out_dir: Path, check
     ctx = ctx or DistContext(device=resolve_device(tcfg.device))
     device = ctx.device
     seed_everything(cfg.seed, device)
+    configure_matmul(device, tcfg.tf32)
     pairs_dir, vocab_dir, out_dir, checkpoint_dir = map(Path, (pairs_dir, vocab_dir, out_dir, checkpoint_dir))
     tokenizer = Tokenizer(vocab_dir)
     vocab_size = tokenizer.vocab_size
