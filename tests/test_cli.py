@@ -153,7 +153,7 @@ def test_embeddings_command_writes_rows_in_input_order(tmp_path, model_dir):
     np.testing.assert_allclose(np.load(tmp_path / "r.npy"), x[::-1], atol=1e-5)
 
 
-def test_export_hf_writes_a_directory_transformers_loads(tmp_path, model_dir, capsys):
+def test_export_hf_encoder_only_writes_a_directory_transformers_loads(tmp_path, model_dir, capsys):
     transformers = pytest.importorskip("transformers")
     import torch
 
@@ -161,7 +161,7 @@ def test_export_hf_writes_a_directory_transformers_loads(tmp_path, model_dir, ca
     from twilbert.embeddings import load_encoder
 
     out = tmp_path / "hf"
-    assert main(["export-hf", "--model", str(model_dir), "--out", str(out)]) == 0
+    assert main(["export-hf", "--model", str(model_dir), "--out", str(out), "--encoder-only"]) == 0
     assert {"config.json", "model.safetensors", "spiece.model", "tokenizer_config.json", "TOKENIZER.md"} <= {
         p.name for p in out.iterdir()}
     hf = transformers.AutoModel.from_pretrained(str(out)).eval()
