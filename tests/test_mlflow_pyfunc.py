@@ -41,19 +41,20 @@ def in_project(project, monkeypatch):
     return project
 
 
-def logged_model_uri(project, task: str) -> str:
+def logged_model_uri(project, task: str, monkeypatch) -> str:
     """Log the task's model through the Tracker into the project's SQLite store; its runs:/ URI."""
     tracker = Tracker(TrackingConfig(), stage="finetune")
     with tracker.start({"task": task}, run_name=f"finetune-{task}"):
         tracker.log_classifier(project / "models" / task)
     assert tracker.run_id is not None and not tracker._failed
-    mlflow.set_tracking_uri(local_store_uri(project))
+    # the environment, not mlflow.set_tracking_uri: that would outlive the test (and reach other tests' subprocesses)
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", local_store_uri(project))
     return f"runs:/{tracker.run_id}/model"
 
 
 def test_a_logged_classifier_loads_from_the_local_store_and_predicts_as_twilbert(in_project, monkeypatch):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    uri = logged_model_uri(in_project, "t")
+    uri = logged_model_uri(in_project, "t", monkeypatch)
     loaded = mlflow.pyfunc.load_model(uri)
     clf = load_classifier(in_project / "models" / "t")
     ours = clf.predict(TEXTS)
@@ -74,8 +75,8 @@ def test_a_logged_classifier_loads_from_the_local_store_and_predicts_as_twilbert
     assert not list(model_dir.rglob("*.pkl"))  # models from code: nothing pickled
 
 
-def test_a_two_text_model_takes_its_second_text_column(in_project):
-    uri = logged_model_uri(in_project, "pair")
+def test_a_two_text_model_takes_its_second_text_column(in_project, monkeypatch):
+    uri = logged_model_uri(in_project, "pair", monkeypatch)
     loaded = mlflow.pyfunc.load_model(uri)
     frame = pd.DataFrame({"text": ["hola", "adiós"], "CONTEXT": ["contexto uno", ""]})
     out = loaded.predict(frame)
