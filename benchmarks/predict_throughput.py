@@ -151,7 +151,7 @@ def run_hf(pipe, texts: list[str], batch_size: int, max_length: int) -> float:
 HEAVY = ("mlflow", "dvc", "sklearn", "scipy", "pandas", "transformers", "hydra")
 IMPORTED_PROBE = (
     "import sys; from twilbert.cli import main; main(['predict', '--model', sys.argv[1], 'hola']); "
-    "print(' '.join(m for m in sys.argv[2:] if m in sys.modules), file=sys.stderr)"
+    "print('heavy:', ' '.join(m for m in sys.argv[2:] if m in sys.modules), file=sys.stderr)"
 )
 
 
@@ -178,7 +178,7 @@ def startup_figures(model_dir: Path, repeats: int) -> dict:
     figures = {k: round(statistics.median(v), 3) for k, v in times.items()}
     done = subprocess.run([sys.executable, "-c", IMPORTED_PROBE, str(model_dir), *HEAVY], check=True,
                           capture_output=True, text=True)
-    heavy = done.stderr.strip().splitlines()[-1] if done.stderr.strip() else ""
+    heavy = [line for line in done.stderr.splitlines() if line.startswith("heavy:")][-1][len("heavy:"):].strip()
     print(f"start-up (medians of {repeats}): `twilbert predict` on 1 text {figures['startup_s']:.2f} s; "
           f"`python -c pass` {figures['python_s']:.2f} s; `python -c 'import torch'` {figures['torch_import_s']:.2f} s")
     print(f"heavy packages the predict process imported: {heavy or 'none'} (checked: {', '.join(HEAVY)})")

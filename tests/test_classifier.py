@@ -1,4 +1,4 @@
-"""The Python API: ``twilbert.load_classifier(dir).predict(texts)``, and the light import path it shares with predict."""
+"""The Python API: `load_classifier(dir).predict(texts)`, and the light import path it shares with predict."""
 
 from __future__ import annotations
 

@@ -148,7 +148,7 @@ class FinetunedModel:
 
     @property
     def problem_type(self) -> str:
-        """Hugging Face's name of the task kind: single_label_classification, multi_label_classification or regression."""
+        """Hugging Face's name of the task kind: single_label_classification, multi_label_classification, regression."""
         spec = self.task.task
         return PROBLEM_TYPES[2] if spec.regression else PROBLEM_TYPES[1] if spec.multi_label else PROBLEM_TYPES[0]
 
@@ -311,7 +311,7 @@ MAX_SHOWN = 5  # line numbers quoted in a warning
 
 
 def iter_lines(handle: Iterable[Union[bytes, str]], name: str = "input") -> Iterator[str]:
-    """Lines without their ``\n`` / ``\r\n`` ending, split on ``\n`` only; blank lines are kept.
+    """Lines without their ``\\n`` / ``\\r\\n`` ending, split on ``\\n`` only; blank lines are kept.
 
     Bytes are decoded as UTF-8 (a leading BOM dropped). A line that is not valid UTF-8 is still
     labelled, its undecodable bytes read as U+FFFD, and a warning names those lines; lines with NUL
@@ -326,12 +326,14 @@ def iter_lines(handle: Iterable[Union[bytes, str]], name: str = "input") -> Iter
                 raw = raw[3:]
             if b"\0" in raw:
                 n_binary += 1
-                binary += [number] if len(binary) < MAX_SHOWN else []
+                if len(binary) < MAX_SHOWN:
+                    binary.append(number)
             try:
                 line = raw.decode("utf-8")
             except UnicodeDecodeError:
                 n_bad += 1
-                bad += [number] if len(bad) < MAX_SHOWN else []
+                if len(bad) < MAX_SHOWN:
+                    bad.append(number)
                 line = raw.decode("utf-8", errors="replace")
         else:
             line = raw
