@@ -332,8 +332,8 @@ class Tracker:
         with tempfile.TemporaryDirectory(prefix="twilbert-pyfunc-") as tmp:
             saved = save_classifier_model(model_dir, Path(tmp) / artifact_path)
             self._client.log_artifacts(self.run_id, str(saved), artifact_path)
-        log.debug("MLflow: logged %s as runs:/%s/%s in %.1fs", model_dir, self.run_id, artifact_path,
-                  time.monotonic() - started)
+        log.info("MLflow: logged %s as the pyfunc model runs:/%s/%s (%.1fs)", model_dir, self.run_id, artifact_path,
+                 time.monotonic() - started)
 
     # ---- internals
 
