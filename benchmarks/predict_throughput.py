@@ -16,8 +16,15 @@ Same texts, same max length, same batch size, one process, the two sides alterna
     python benchmarks/predict_throughput.py                       # models/finetuned/tass_default
     python benchmarks/predict_throughput.py --synthetic small     # random weights, H=256, 4 layers
     python benchmarks/predict_throughput.py --model DIR --n 5000 --batch-size 64 --repeats 5 --threads 1
+    python benchmarks/predict_throughput.py --synthetic tiny --startup-only   # start-up figures only
 
-Prints the figures, then one JSON line: {"ours_tweets_s": .., "hf_tweets_s": .., "ratio": ..}.
+Start-up: the wall time of ``twilbert predict --model DIR hola`` (one text, a fresh process: imports,
+model loading, one prediction) beside its peers ``python -c pass`` and ``python -c "import torch"``
+measured in the same run (medians of ``--startup-repeats``, the three alternating), and which heavy
+packages (MLflow, DVC, scikit-learn, transformers...) that process imported: none is expected.
+
+Prints the figures, then one JSON line: {"ours_tweets_s": .., "hf_tweets_s": .., "ratio": .., "startup_s": ..,
+"python_s": .., "torch_import_s": ..}.
 """
 
 from __future__ import annotations
@@ -27,7 +34,9 @@ import io
 import json
 import logging
 import random
+import os
 import statistics
+import subprocess
 import sys
 import tempfile
 import time
@@ -139,6 +148,43 @@ def run_hf(pipe, texts: list[str], batch_size: int, max_length: int) -> float:
     return elapsed
 
 
+HEAVY = ("mlflow", "dvc", "sklearn", "scipy", "pandas", "transformers", "hydra")
+IMPORTED_PROBE = (
+    "import sys; from twilbert.cli import main; main(['predict', '--model', sys.argv[1], 'hola']); "
+    "print('heavy:', ' '.join(m for m in sys.argv[2:] if m in sys.modules), file=sys.stderr)"
+)
+
+
+def timed_process(argv: list[str]) -> float:
+    env = {**os.environ, "PYTHONDONTWRITEBYTECODE": "1"}
+    start = time.perf_counter()
+    subprocess.run(argv, check=True, capture_output=True, env=env)
+    return time.perf_counter() - start
+
+
+def startup_figures(model_dir: Path, repeats: int) -> dict:
+    """Medians (s) of `twilbert predict` on one text in a fresh process, and of its peers, alternating."""
+    peers = {
+        "python_s": [sys.executable, "-c", "pass"],
+        "torch_import_s": [sys.executable, "-c", "import torch"],
+        "startup_s": [sys.executable, "-m", "twilbert.cli", "predict", "--model", str(model_dir), "hola"],
+    }
+    for argv in peers.values():  # warm the file cache once
+        timed_process(argv)
+    times: dict[str, list[float]] = {k: [] for k in peers}
+    for r in range(repeats):
+        for name in (list(peers) if r % 2 == 0 else list(peers)[::-1]):
+            times[name].append(timed_process(peers[name]))
+    figures = {k: round(statistics.median(v), 3) for k, v in times.items()}
+    done = subprocess.run([sys.executable, "-c", IMPORTED_PROBE, str(model_dir), *HEAVY], check=True,
+                          capture_output=True, text=True)
+    heavy = [line for line in done.stderr.splitlines() if line.startswith("heavy:")][-1][len("heavy:"):].strip()
+    print(f"start-up (medians of {repeats}): `twilbert predict` on 1 text {figures['startup_s']:.2f} s; "
+          f"`python -c pass` {figures['python_s']:.2f} s; `python -c 'import torch'` {figures['torch_import_s']:.2f} s")
+    print(f"heavy packages the predict process imported: {heavy or 'none'} (checked: {', '.join(HEAVY)})")
+    return figures
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--model", type=Path, help=f"finetuned model directory (default {DEFAULT_MODEL})")
@@ -148,6 +194,8 @@ def main(argv=None) -> int:
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--threads", type=int, help="torch threads (default: torch's own choice)")
     parser.add_argument("--max-len", type=int, default=64, help="tokens per text of a synthetic model")
+    parser.add_argument("--startup-repeats", type=int, default=5, help="fresh processes timed per start-up figure")
+    parser.add_argument("--startup-only", action="store_true", help="measure the start-up figures only")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     if args.threads:
@@ -163,6 +211,10 @@ def main(argv=None) -> int:
             model_dir = args.model or DEFAULT_MODEL
             if not model_dir.is_dir():
                 parser.error(f"{model_dir}: no such model; run `dvc repro`, pass --model DIR or --synthetic SIZE")
+        startup = startup_figures(model_dir, args.startup_repeats)
+        if args.startup_only:
+            print(json.dumps(startup))
+            return 0
         fm = load_finetuned(model_dir, "cpu")
         if fm.backbone != "twilbert" or len(fm.members) != 1:
             parser.error(f"{model_dir}: benchmark a single twilbert model "
@@ -196,7 +248,7 @@ def main(argv=None) -> int:
     ours_s, hf_s = statistics.median(ours), statistics.median(theirs)
     print(f"median: ours {ours_s:.1f} tweets/s, HF pipeline {hf_s:.1f} tweets/s, ratio {ours_s / hf_s:.2f}x")
     ratio = round(ours_s / hf_s, 3)
-    print(json.dumps({"ours_tweets_s": round(ours_s, 1), "hf_tweets_s": round(hf_s, 1), "ratio": ratio}))
+    print(json.dumps({"ours_tweets_s": round(ours_s, 1), "hf_tweets_s": round(hf_s, 1), "ratio": ratio, **startup}))
     return 0
 
 

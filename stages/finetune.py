@@ -35,11 +35,12 @@ def main() -> None:
     with distributed_context(ft.device) as ctx:
         tracker = Tracker(cfg.tracking, stage="finetune", enabled=ctx.is_main)
         with tracker.start(params, run_name=f"finetune-{args.task}"):
-            metrics = finetune_task(cfg, task, args.pretrained, args.model_out or Path("models/finetuned") / args.task,
-                                    metrics_out, tracker, args.checkpoints, ctx)
+            model_out = args.model_out or Path("models/finetuned") / args.task
+            metrics = finetune_task(cfg, task, args.pretrained, model_out, metrics_out, tracker, args.checkpoints, ctx)
             if ctx.is_main:
                 for name in ("metrics.json", "baseline.json"):
                     tracker.log_artifact(metrics_out / name)
+                tracker.log_classifier(model_out)  # mlflow.pyfunc.load_model("runs:/<run>/model")
     if ctx.is_main:
         print(f"{args.task} ({metrics['model']}): test {metrics['official_metric']} = "
               f"{metrics['test']['official']:.4f}")

@@ -83,15 +83,46 @@ def test_wrong_model_directory_exits_2_with_one_line_naming_the_file(tmp_path, m
     assert "Traceback" not in err
 
 
-def test_empty_input_exits_2(tmp_path, model_dir, capsys):
+def test_empty_input_gives_an_empty_output_and_exit_0(tmp_path, model_dir, capsys):
     empty = tmp_path / "empty.txt"
     empty.write_text("")
-    assert main(["predict", "--model", str(model_dir), "--input", str(empty), "--output", str(tmp_path / "o")]) == 2
-    assert capsys.readouterr().err.strip() == f"error: {empty}: empty input; nothing to label " \
-        "(give TEXT arguments, a non-empty file or stdin)"
-    assert not (tmp_path / "o").exists()
+    out = tmp_path / "o.tsv"
+    assert main(["predict", "--model", str(model_dir), "--input", str(empty), "--output", str(out)]) == 0
+    assert out.read_bytes() == b""
+    assert main(["predict", "--model", str(model_dir), "--input", str(empty), "--column", "TEXT"]) == 0
+    assert capsys.readouterr().out == ""
     assert main(["predict", "--model", str(model_dir)]) == 2
     assert "no input" in capsys.readouterr().err
+
+
+def test_empty_stdin_in_a_real_process_exits_0_with_no_output(model_dir):
+    done = cli("predict", "--model", model_dir, "--input", "-", "--format", "jsonl", stdin=b"")
+    assert done.returncode == 0, done.stderr.decode()
+    assert done.stdout == b""
+
+
+def test_invalid_utf8_lines_are_labelled_and_reported_by_line_number(tmp_path, model_dir, caplog):
+    src = tmp_path / "latin1.txt"
+    src.write_bytes("hola\n".encode() + "camión\n".encode("latin-1") + b"bien\n" + "año\n".encode("latin-1"))
+    out = tmp_path / "o.jsonl"
+    assert main(["predict", "--model", str(model_dir), "--input", str(src), "--output", str(out),
+                 "--format", "jsonl"]) == 0
+    records = [json.loads(line) for line in out.read_text(encoding="utf-8").splitlines()]
+    assert [r["text"] for r in records] == ["hola", "cami\ufffdn", "bien", "a\ufffdo"]
+    warning = [r.getMessage() for r in caplog.records if "not valid UTF-8" in r.getMessage()]
+    assert warning == [f"{src}: 2 lines are not valid UTF-8 (lines 2, 4); their undecodable bytes were read as "
+                       "U+FFFD. Convert the input to UTF-8 (e.g. iconv -f latin1 -t utf-8)"]
+
+
+def test_a_binary_input_file_gets_a_warning(tmp_path, model_dir):
+    src = tmp_path / "model.bin"
+    src.write_bytes(bytes(range(256)) * 4)  # NUL bytes, a newline, undecodable bytes
+    done = cli("predict", "--model", model_dir, "--input", src, "--no-text")
+    assert done.returncode == 0
+    err = done.stderr.decode()
+    assert f"{src} looks like a binary file, not text: 4 lines hold NUL bytes (lines 1, 2, 3, 4)" in err
+    assert "lines are not valid UTF-8 (lines 2, 3, 4, 5)" in err
+    assert len(done.stdout.decode().splitlines()) == 1 + 5  # header + one line per input line
 
 
 def test_two_text_model_needs_its_second_text(tmp_path, vocab_dir, capsys):
@@ -122,7 +153,7 @@ def test_embeddings_command_writes_rows_in_input_order(tmp_path, model_dir):
     np.testing.assert_allclose(np.load(tmp_path / "r.npy"), x[::-1], atol=1e-5)
 
 
-def test_export_hf_writes_a_directory_transformers_loads(tmp_path, model_dir, capsys):
+def test_export_hf_encoder_only_writes_a_directory_transformers_loads(tmp_path, model_dir, capsys):
     transformers = pytest.importorskip("transformers")
     import torch
 
@@ -130,7 +161,7 @@ def test_export_hf_writes_a_directory_transformers_loads(tmp_path, model_dir, ca
     from twilbert.embeddings import load_encoder
 
     out = tmp_path / "hf"
-    assert main(["export-hf", "--model", str(model_dir), "--out", str(out)]) == 0
+    assert main(["export-hf", "--model", str(model_dir), "--out", str(out), "--encoder-only"]) == 0
     assert {"config.json", "model.safetensors", "spiece.model", "tokenizer_config.json", "TOKENIZER.md"} <= {
         p.name for p in out.iterdir()}
     hf = transformers.AutoModel.from_pretrained(str(out)).eval()

@@ -1,11 +1,11 @@
-"""Hugging Face export: HF models on exported weights compute what ours compute."""
+"""Hugging Face export: HF models on exported weights compute what ours compute, classifiers included."""
 
 import pytest
 import torch
 
 from twilbert.config import ModelConfig, PkmConfig, RopConfig
-from twilbert.model import TWilBertForPretraining, TWilBertModel
-from twilbert.model.hf import ExportError, save_hf, to_hf
+from twilbert.model import TWilBertForClassification, TWilBertForPretraining, TWilBertModel
+from twilbert.model.hf import ExportError, save_hf, to_hf, to_hf_classifier
 
 transformers = pytest.importorskip("transformers")
 
@@ -138,3 +138,142 @@ def test_hf_saved_directory_reloads_with_from_pretrained(tmp_path):
         expected = ours(ids, seg, mask, labels).mlm_logits
         got = reloaded(**hf_inputs(ids, seg, mask)).prediction_logits[labels != -100]
     assert (got - expected).abs().max().item() <= ATOL
+
+
+# --------------------------------------------------------------------------------------------
+# Finetuned classifiers -> *ForSequenceClassification
+# --------------------------------------------------------------------------------------------
+
+LABELS = {"single_label_classification": ["N", "NEU", "P"], "multi_label_classification": ["anger", "joy"],
+          "regression": ["value"]}
+
+
+def tiny_classifier(layout: dict, n_out: int, collapse_mode: str = "cls", n_hidden: int = 0,
+                    ln_scale: float = 1.0) -> TWilBertForClassification:
+    cfg = tiny_cfg(**layout)
+    torch.manual_seed(0)
+    model = randomized(TWilBertForClassification(cfg, VOCAB, MAX_POS, n_out, collapse_mode, n_hidden=n_hidden))
+    with torch.no_grad():  # large LayerNorm gains: the hidden states the scaled pooler must carry are large too
+        for name, p in model.named_parameters():
+            if name.endswith("full_layer_layer_norm.weight"):
+                p.mul_(ln_scale)
+    return model
+
+
+@pytest.mark.parametrize("problem_type", list(LABELS))
+@pytest.mark.parametrize("layout, family", [(ALBERT, "Albert"), (BERT, "Bert")], ids=["albert", "bert"])
+def test_hf_classifier_logits_match_ours_with_labels_and_problem_type(layout, family, problem_type):
+    labels = LABELS[problem_type]
+    ours = tiny_classifier(layout, len(labels), ln_scale=20.0)
+    hf = to_hf_classifier(ours, ours.cfg, VOCAB, MAX_POS, labels, problem_type)
+    assert type(hf).__name__ == f"{family}ForSequenceClassification" and not hf.training
+    assert hf.config.id2label == dict(enumerate(labels))
+    assert hf.config.label2id == {label: i for i, label in enumerate(labels)}
+    assert hf.config.problem_type == problem_type and hf.config.num_labels == len(labels)
+    ids, seg, mask, _ = padded_batch()
+    with torch.no_grad():
+        expected = ours(ids, seg, mask)
+        got = hf(**hf_inputs(ids, seg, mask)).logits
+    assert expected.abs().max() > 1.0  # logits far from zero: a dropped pooler or scale would show
+    assert (got - expected).abs().max().item() <= ATOL
+
+
+def test_hf_classifier_export_refuses_average_pooling_naming_the_key():
+    ours = tiny_classifier(ALBERT, 3, collapse_mode="avg")
+    with pytest.raises(ExportError, match=r"finetuning.collapse_mode is 'avg'.*--encoder-only"):
+        to_hf_classifier(ours, ours.cfg, VOCAB, MAX_POS, ["a", "b", "c"], "single_label_classification")
+
+
+def test_hf_classifier_export_refuses_hidden_head_layers_naming_the_key():
+    ours = tiny_classifier(BERT, 3, n_hidden=1)
+    with pytest.raises(ExportError, match=r"finetuning.n_hidden is 1"):
+        to_hf_classifier(ours, ours.cfg, VOCAB, MAX_POS, ["a", "b", "c"], "single_label_classification")
+
+
+# --------------------------------------------------------------------------------------------
+# export-hf of a finetuned model directory, read by transformers.pipeline
+# --------------------------------------------------------------------------------------------
+
+PIPELINE_TEXTS = ["hola que tal", "odio el tráfico de la ciudad", "qué bonito día", "@alguien jajaja"]
+
+
+@pytest.fixture(scope="module")
+def vocab(tmp_path_factory):
+    from test_predict import build_vocab
+
+    return build_vocab(tmp_path_factory.mktemp("vocab") / "vocab")
+
+
+def exported(tmp_path, vocab, kind: str, **model_overrides):
+    from test_predict import build_finetuned
+    from twilbert.cli import main
+
+    model_dir = build_finetuned(tmp_path / "model", vocab, kind=kind, collapse_mode="cls", **model_overrides)
+    out = tmp_path / "hf"
+    assert main(["export-hf", "--model", str(model_dir), "--out", str(out)]) == 0
+    return model_dir, out
+
+
+def hf_pipeline(out, monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")  # the exported directory is all it needs
+    return transformers.pipeline("text-classification", model=str(out), tokenizer=str(out), device="cpu")
+
+
+def preprocessed(out, texts):
+    """The documented first step: the model's tweet normalization, read from the export's meta.json."""
+    import json
+
+    from twilbert.data.preprocess import Preprocessor
+
+    prep = Preprocessor.from_dict(json.loads((out / "meta.json").read_text())["preprocess"])
+    return [prep(t) for t in texts]
+
+
+@pytest.mark.parametrize("layout", [{}, BERT], ids=["albert", "bert"])
+def test_pipeline_on_an_exported_single_label_model_gives_our_labels(tmp_path, vocab, monkeypatch, layout):
+    from twilbert import load_classifier
+
+    model_dir, out = exported(tmp_path, vocab, "single_label", **layout)
+    ours = load_classifier(model_dir).predict(PIPELINE_TEXTS)
+    pipe = hf_pipeline(out, monkeypatch)
+    theirs = pipe(preprocessed(out, PIPELINE_TEXTS))
+    assert [t["label"] for t in theirs] == [p.label for p in ours]
+    # every class's probability, not only the winner's: equal labels alone could be a coincidence
+    for scored, p in zip(pipe(preprocessed(out, PIPELINE_TEXTS), top_k=None), ours):
+        assert {s["label"]: s["score"] for s in scored} == pytest.approx(p.probs, abs=1e-5)
+
+
+def test_pipeline_on_an_exported_multi_label_model_gives_our_probabilities(tmp_path, vocab, monkeypatch):
+    from twilbert import load_classifier
+
+    model_dir, out = exported(tmp_path, vocab, "multi_label")
+    clf = load_classifier(model_dir)
+    ours = clf.predict(PIPELINE_TEXTS)
+    theirs = hf_pipeline(out, monkeypatch)(preprocessed(out, PIPELINE_TEXTS), top_k=None)
+    threshold = clf.model.task.task.threshold
+    for scored, p in zip(theirs, ours):
+        probs = {s["label"]: s["score"] for s in scored}
+        assert probs == pytest.approx(p.probs, abs=1e-5)
+        assert sorted(label for label, s in probs.items() if s >= threshold) == sorted(p.label)
+
+
+def test_pipeline_on_an_exported_regression_model_gives_our_values(tmp_path, vocab, monkeypatch):
+    from twilbert import load_classifier
+
+    model_dir, out = exported(tmp_path, vocab, "regression")
+    ours = load_classifier(model_dir).predict(PIPELINE_TEXTS)
+    theirs = hf_pipeline(out, monkeypatch)(preprocessed(out, PIPELINE_TEXTS))
+    assert [t["label"] for t in theirs] == ["value"] * len(PIPELINE_TEXTS)
+    assert [t["score"] for t in theirs] == pytest.approx([p.label for p in ours], abs=1e-5)
+
+
+def test_export_hf_of_an_average_pooling_model_is_refused_but_encoder_only_works(tmp_path, vocab, capsys):
+    from test_predict import build_finetuned
+    from twilbert.cli import main
+
+    model_dir = build_finetuned(tmp_path / "model", vocab, collapse_mode="avg")
+    assert main(["export-hf", "--model", str(model_dir), "--out", str(tmp_path / "hf")]) == 2
+    assert "finetuning.collapse_mode is 'avg'" in capsys.readouterr().err
+    assert not (tmp_path / "hf").exists()
+    assert main(["export-hf", "--model", str(model_dir), "--out", str(tmp_path / "hf"), "--encoder-only"]) == 0
+    assert transformers.AutoConfig.from_pretrained(str(tmp_path / "hf")).architectures == ["AlbertModel"]

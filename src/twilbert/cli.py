@@ -53,9 +53,12 @@ def cmd_compose(args: argparse.Namespace) -> int:
 
 
 def cmd_predict(args: argparse.Namespace) -> int:
+    # Only the prediction path is imported here (torch, numpy, sentencepiece): no MLflow, DVC or
+    # scikit-learn, so that the command starts quickly.
+    from twilbert.classifier import load_classifier
     from twilbert.io_utils import atomic_write
     from twilbert.predict import (
-        PredictError, chunked, iter_lines, load_finetuned, open_input, predict_stream, text_rows, tsv_rows, with_aux,
+        PredictError, chunked, iter_lines, open_input, predict_stream, text_rows, tsv_rows, with_aux,
     )
 
     if args.texts and args.input:
@@ -64,29 +67,33 @@ def cmd_predict(args: argparse.Namespace) -> int:
         raise PredictError("no input: give TEXT arguments, or --input FILE (- for stdin)")
     if args.column and not args.input:
         raise PredictError("--column reads a TSV file: use it with --input FILE (- for stdin)")
-    fm = load_finetuned(args.model, args.device, blend=not args.no_blend)
+    clf = load_classifier(args.model, args.device, blend=not args.no_blend, batch_size=args.batch_size,
+                          precision=args.precision)
     aux_column = None
-    if args.aux_input and not fm.aux_header:
+    if args.aux_input and not clf.aux_header:
         raise PredictError(f"{args.model}: the model takes one text per example; drop --aux-input")
-    if fm.aux_header and not args.aux_input:
+    if clf.aux_header and not args.aux_input:
         if not args.column:
             raise PredictError(
-                f"{args.model}: the model was trained with a second text ({fm.aux_header!r}); pass --aux-input FILE "
-                f"(one line per input line) or a TSV with a {fm.aux_header!r} column (--input FILE --column NAME)"
+                f"{args.model}: the model was trained with a second text ({clf.aux_header!r}); pass --aux-input FILE "
+                f"(one line per input line) or a TSV with a {clf.aux_header!r} column (--input FILE --column NAME)"
             )
-        aux_column = fm.aux_header
+        aux_column = clf.aux_header
     with ExitStack() as stack:
         if args.texts:
             name, rows = "arguments", text_rows(args.texts)
         else:
             name = "stdin" if args.input == "-" else args.input
-            lines = iter_lines(stack.enter_context(open_input(args.input)))
-            rows = tsv_rows(lines, name, args.column, args.id_column, aux_column) if args.column else text_rows(lines)
+            lines = iter_lines(stack.enter_context(open_input(args.input)), name)
+            rows = (tsv_rows(lines, name, args.column, args.id_column, aux_column, allow_empty=True) if args.column
+                    else text_rows(lines))
         if args.aux_input:
-            rows = with_aux(rows, iter_lines(stack.enter_context(open_input(args.aux_input))), name, args.aux_input)
+            aux_lines = iter_lines(stack.enter_context(open_input(args.aux_input)), args.aux_input)
+            rows = with_aux(rows, aux_lines, name, args.aux_input)
         out = stack.enter_context(atomic_write(args.output)) if args.output else utf8_stdout()
-        n = predict_stream(fm, chunked(rows, name, args.chunk_size), out, args.format, not args.no_text,
-                           not args.no_header, args.batch_size, args.precision)
+        # An empty input is an empty output (like any Unix filter), not an error.
+        n = predict_stream(clf.model, chunked(rows, name, args.chunk_size, allow_empty=True), out, args.format,
+                           not args.no_text, not args.no_header, clf.batch_size, clf.precision)
         out.flush()
     log.info("predict: %d lines -> %s", n, args.output or "stdout")
     return 0
@@ -113,6 +120,20 @@ Exported by `twilbert export-hf` from `{source}` as `{hf_class}`.
   trained with first (the `preprocess` section of `meta.json`):
   `Preprocessor.from_dict(json.load(open("meta.json"))["preprocess"])(text)` from `twilbert.data.preprocess`.
 - The model has {max_positions} positions: at most {max_single} tokens per single text, truncate to that.
+{classifier_note}"""
+
+CLASSIFIER_NOTE = """
+## The classifier
+
+- `config.json` has `id2label` (the task's classes in output order), `label2id` and `problem_type`
+  ({problem_type}); `transformers.pipeline("text-classification", model="<this dir>")` applies softmax
+  (single-label), sigmoid (multi-label: the labels at or over {threshold} are the prediction) or nothing
+  (regression) as `twilbert predict` does.
+- `twilbert predict` cuts each text to {max_len_test} tokens (`max_len_test`); pass texts of at most that
+  length, or truncate them, for identical scores.
+- The head is [CLS] -> linear. Hugging Face's pooler (dense + tanh) in front of it is exported as a
+  tiny scaled identity (and the classifier scaled back), so the logits are twilbert's to float32
+  rounding; finetuning this export further starts from that scaled pooler.
 """
 
 
@@ -135,36 +156,53 @@ def tokenizer_config(max_positions: int) -> dict:
     }
 
 
-def export_hf_dir(model_dir: Path, out_dir: Path) -> str:
+def export_hf_dir(model_dir: Path, out_dir: Path, encoder_only: bool = False) -> str:
     """Write a twilbert model directory as a Hugging Face one (plus tokenizer files); returns the HF class name.
 
-    A pretrained model becomes ``*ForPreTraining``/``*ForMaskedLM``; a finetuned one exports its encoder.
+    A pretrained model becomes ``*ForPreTraining``/``*ForMaskedLM``; a finetuned one
+    ``*ForSequenceClassification`` (or, with ``encoder_only``, its encoder alone).
     """
     from twilbert.data.tokenizer import META_FILE, MODEL_FILE
     from twilbert.model import (
         TWilBertForPretraining, TWilBertModel, load_into, load_pretrained_state, model_config_from_dict, save_hf,
     )
-    from twilbert.predict import PredictError, read_model_config
+    from twilbert.model.hf import to_hf_classifier
+    from twilbert.predict import PredictError, load_finetuned, read_model_config
 
     model_dir, out_dir = Path(model_dir), Path(out_dir)
-    config = read_model_config(model_dir)
+    config = read_model_config(model_dir, backbones=("twilbert",), command="export-hf")
     cfg, vocab_size, max_positions = model_config_from_dict(config, str(model_dir / "config.json"))
     if out_dir.exists() and (not out_dir.is_dir() or any(out_dir.iterdir())):
         raise PredictError(f"{out_dir}: exists and is not an empty directory; remove it or choose another --out")
-    _, state = load_pretrained_state(model_dir)
-    pretraining = any(k.startswith("predictions.") for k in state)
-    model = (TWilBertForPretraining if pretraining else TWilBertModel)(cfg, vocab_size, max_positions)
-    load_into(model, state, strict=True)
+    classifier_note = ""
+    if config.get("head") and config.get("task") and not encoder_only:
+        fm = load_finetuned(model_dir, "cpu", blend=False)  # the directory's own (selected fold's) model
+        if config.get("kfold", {}).get("members"):
+            log.warning("export-hf: %s is a k-fold model; the export is its selected fold's model, while "
+                        "`twilbert predict` averages the %d folds", model_dir, len(config["kfold"]["members"]))
+        hf = to_hf_classifier(fm.members[0].model, cfg, vocab_size, max_positions, fm.labels or ["value"],
+                              fm.problem_type)
+        classifier_note = CLASSIFIER_NOTE.format(problem_type=fm.problem_type, threshold=fm.task.task.threshold,
+                                                 max_len_test=fm.max_len)
+    else:
+        _, state = load_pretrained_state(model_dir)
+        pretraining = any(k.startswith("predictions.") for k in state)
+        model = (TWilBertForPretraining if pretraining else TWilBertModel)(cfg, vocab_size, max_positions)
+        load_into(model, state, strict=True)
+        hf = None
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.tmp-", dir=out_dir.parent))
     try:
-        hf = save_hf(tmp, model, cfg, vocab_size, max_positions)
+        if hf is None:
+            hf = save_hf(tmp, model, cfg, vocab_size, max_positions)
+        else:
+            hf.save_pretrained(str(tmp))
         shutil.copyfile(model_dir / MODEL_FILE, tmp / "spiece.model")  # the name Hugging Face's ALBERT looks for
         shutil.copyfile(model_dir / MODEL_FILE, tmp / MODEL_FILE)
         shutil.copyfile(model_dir / META_FILE, tmp / META_FILE)
         (tmp / "tokenizer_config.json").write_text(json.dumps(tokenizer_config(max_positions), indent=2) + "\n")
         note = TOKENIZER_NOTE.format(source=model_dir, hf_class=type(hf).__name__, max_positions=max_positions,
-                                     max_single=max_positions - 2)
+                                     max_single=max_positions - 2, classifier_note=classifier_note)
         (tmp / "TOKENIZER.md").write_text(note, encoding="utf-8")
         os.replace(tmp, out_dir)  # atomic; replaces only an empty directory
     except BaseException:
@@ -174,7 +212,7 @@ def export_hf_dir(model_dir: Path, out_dir: Path) -> str:
 
 
 def cmd_export_hf(args: argparse.Namespace) -> int:
-    hf_class = export_hf_dir(Path(args.model), Path(args.out))
+    hf_class = export_hf_dir(Path(args.model), Path(args.out), args.encoder_only)
     log.info("export-hf: %s -> %s (%s)", args.model, args.out, hf_class)
     return 0
 
@@ -201,7 +239,9 @@ def build_parser() -> argparse.ArgumentParser:
         description="Label tweets with a finetuned model directory. Every input line gets exactly one output line "
         "(in input order): a blank line, or one preprocessing empties, is labelled as the placeholder text "
         "(preprocess.empty_text, '[vacío]' by default); long texts are truncated to the model's max_len_test. "
-        "Input is UTF-8 (undecodable bytes become U+FFFD), split on \\n only. Output: id, text, the label "
+        "Input is UTF-8, split on \\n only; lines that are not valid UTF-8 (undecodable bytes become U+FFFD) "
+        "and NUL bytes (a binary file) are reported with their line numbers. An empty input gives an empty "
+        "output. Output: id, text, the label "
         "(multi-label: the labels over the threshold joined by '|'; regression: the value) and prob_<class> for "
         "every class, as TSV with a header line or as JSON lines. A k-fold model directory averages its folds' "
         "probabilities.",
@@ -242,8 +282,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_embeddings)
 
     p = sub.add_parser("export-hf", help="export a model directory to Hugging Face format (transformers needed)")
-    p.add_argument("--model", required=True, help="pretrained (or finetuned: encoder only) model directory")
+    p.add_argument("--model", required=True, help="pretrained or finetuned model directory")
     p.add_argument("--out", required=True, help="new (or empty) output directory")
+    p.add_argument("--encoder-only", action="store_true", help="finetuned model: export the encoder without "
+                   "its classification head (as *Model)")
     p.set_defaults(func=cmd_export_hf)
     return parser
 

@@ -100,14 +100,15 @@ def write_embeddings(model_dir: Union[str, Path], input_path: str, output: Union
     embedder = Embedder(encoder, tokenizer, model_max_len(config), mode, special)
 
     with open_input(input_path) as fh:
-        n = sum(1 for _ in iter_lines(fh)) - (1 if column else 0)
+        n = sum(1 for _ in fh) - (1 if column else 0)
     if n <= 0:
         raise PredictError(f"{input_path}: empty input; nothing to embed")
     shape = (n, embedder.hidden_size)
     written = 0
     with atomic_write(output, "wb") as out, open_input(input_path) as fh:
         np.lib.format.write_array_header_1_0(out, {"descr": "<f4", "fortran_order": False, "shape": shape})
-        rows = tsv_rows(iter_lines(fh), input_path, column) if column else text_rows(iter_lines(fh))
+        lines = iter_lines(fh, input_path)
+        rows = tsv_rows(lines, input_path, column) if column else text_rows(lines)
         for chunk in chunked(rows, input_path, chunk_size):
             vectors = embedder.embed(chunk.texts, batch_size)
             out.write(vectors.astype("<f4", copy=False).tobytes())

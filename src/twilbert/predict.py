@@ -25,14 +25,13 @@ from typing import IO, Any, Iterable, Iterator, NamedTuple, Optional, Sequence, 
 import numpy as np
 import torch
 
-from twilbert.baseline import FEATURES_FILE, WEIGHTS_FILE, load_baseline
 from twilbert.config import ConfigError, TaskConfig, from_dict
 from twilbert.data.preprocess import Preprocessor
 from twilbert.data.tokenizer import CLS_ID, META_FILE, MODEL_FILE, PAD_ID, SEP_ID, Tokenizer
 from twilbert.model.backbone import HF_DIR, TWilBertPacker, load_classifier
 from twilbert.model.io import CONFIG_NAME, WEIGHTS_NAME, CheckpointError, read_config_json
-from twilbert.train.finetune import decide, predict_scores
 from twilbert.train.loop import resolve_device
+from twilbert.train.scoring import decide, predict_scores
 
 log = logging.getLogger(__name__)
 
@@ -40,11 +39,14 @@ CHUNK_SIZE = 10_000  # lines read, scored and written at a time
 FORMATS = ("tsv", "jsonl")
 BACKBONES = ("twilbert", "hf", "baseline")
 # What each kind of model directory holds besides config.json ("hf/": the HF config and tokenizer).
+# The baseline's are twilbert.baseline's FEATURES_FILE and WEIGHTS_FILE, spelled out: importing that
+# module imports scikit-learn, which `predict` of a neural model never needs (start-up time).
 MODEL_FILES = {
     "twilbert": (WEIGHTS_NAME, MODEL_FILE, META_FILE),
     "hf": (WEIGHTS_NAME, HF_DIR + "/"),
-    "baseline": (FEATURES_FILE, WEIGHTS_FILE),
+    "baseline": ("features.json", "weights.npz"),
 }
+PROBLEM_TYPES = ("single_label_classification", "multi_label_classification", "regression")  # HF's names
 
 
 class PredictError(ValueError):
@@ -144,6 +146,22 @@ class FinetunedModel:
     def placeholder(self) -> str:
         return self.members[0].preprocess.cfg.empty_text
 
+    @property
+    def problem_type(self) -> str:
+        """Hugging Face's name of the task kind: single_label_classification, multi_label_classification, regression."""
+        spec = self.task.task
+        return PROBLEM_TYPES[2] if spec.regression else PROBLEM_TYPES[1] if spec.multi_label else PROBLEM_TYPES[0]
+
+    def decide(self, scores: np.ndarray) -> list:
+        """Per row of ``scores``: the label, the list of labels over the threshold (multi-label), or the value."""
+        if self.task.task.regression:
+            return scores.astype(np.float64).tolist()
+        decisions = decide(scores, self.task)
+        labels = np.array(self.labels, dtype=object)
+        if not self.task.task.multi_label:
+            return labels[decisions].tolist()
+        return [labels[row].tolist() for row in decisions.astype(bool)]
+
     def scores(self, texts: Sequence[str], aux: Optional[Sequence[str]] = None, batch_size: int = 64,
                precision: str = "fp32") -> np.ndarray:
         """Probabilities (N, C) (softmax, or sigmoid for multi-label) or regression values (N,), in input order."""
@@ -191,6 +209,8 @@ def load_member(directory: Path, device: torch.device) -> Member:
     config = read_model_config(directory)
     backbone = config.get("backbone", "twilbert")
     if backbone == "baseline":
+        from twilbert.baseline import load_baseline  # scikit-learn: only for baseline directories
+
         try:
             model, _ = load_baseline(directory)
         except (OSError, ValueError, KeyError) as err:
@@ -270,15 +290,15 @@ class Chunk(NamedTuple):
     aux: Optional[list[str]]  # second texts (segment B), when the model takes them
 
 
-def open_input(path: str) -> IO[str]:
-    """A file, or stdin for ``-``: UTF-8 (BOM dropped, undecodable bytes become U+FFFD), split on ``\\n`` only."""
+def open_input(path: str) -> IO[bytes]:
+    """A file, or stdin for ``-``, as bytes: :func:`iter_lines` decodes it line by line (and says where it cannot)."""
     if path == "-":
         try:  # closefd=False: closing the input must not close the process's stdin
-            return open(sys.stdin.fileno(), encoding="utf-8-sig", errors="replace", newline="\n", closefd=False)
+            return open(sys.stdin.fileno(), "rb", closefd=False)
         except (AttributeError, OSError, ValueError):  # a replaced sys.stdin (tests) has no file descriptor
-            return io.TextIOWrapper(sys.stdin.buffer, encoding="utf-8-sig", errors="replace", newline="\n")
+            return getattr(sys.stdin, "buffer", None) or io.BytesIO(sys.stdin.read().encode("utf-8"))
     try:
-        return open(path, encoding="utf-8-sig", errors="replace", newline="\n")
+        return open(path, "rb")
     except FileNotFoundError:
         raise PredictError(f"{path}: input file not found") from None
     except IsADirectoryError:
@@ -287,12 +307,49 @@ def open_input(path: str) -> IO[str]:
         raise PredictError(f"{path}: cannot read the input ({err.strerror})") from None
 
 
-def iter_lines(handle: Iterable[str]) -> Iterator[str]:
-    """Lines without their ``\\n`` / ``\\r\\n`` ending; blank lines are kept (each gets an output line)."""
-    for line in handle:
+MAX_SHOWN = 5  # line numbers quoted in a warning
+
+
+def iter_lines(handle: Iterable[Union[bytes, str]], name: str = "input") -> Iterator[str]:
+    """Lines without their ``\\n`` / ``\\r\\n`` ending, split on ``\\n`` only; blank lines are kept.
+
+    Bytes are decoded as UTF-8 (a leading BOM dropped). A line that is not valid UTF-8 is still
+    labelled, its undecodable bytes read as U+FFFD, and a warning names those lines; lines with NUL
+    bytes get a warning that the input looks binary.
+    """
+    bad: list[int] = []
+    binary: list[int] = []
+    n_bad = n_binary = 0
+    for number, raw in enumerate(handle, 1):
+        if isinstance(raw, bytes):
+            if number == 1 and raw.startswith(b"\xef\xbb\xbf"):
+                raw = raw[3:]
+            if b"\0" in raw:
+                n_binary += 1
+                if len(binary) < MAX_SHOWN:
+                    binary.append(number)
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError:
+                n_bad += 1
+                if len(bad) < MAX_SHOWN:
+                    bad.append(number)
+                line = raw.decode("utf-8", errors="replace")
+        else:
+            line = raw
         if line.endswith("\n"):
             line = line[:-1]
         yield line[:-1] if line.endswith("\r") else line
+    if n_binary:
+        log.warning("%s looks like a binary file, not text: %d lines hold NUL bytes (lines %s); every line was "
+                    "labelled as text anyway", name, n_binary, _shown(binary, n_binary))
+    if n_bad:
+        log.warning("%s: %d lines are not valid UTF-8 (lines %s); their undecodable bytes were read as U+FFFD. "
+                    "Convert the input to UTF-8 (e.g. iconv -f latin1 -t utf-8)", name, n_bad, _shown(bad, n_bad))
+
+
+def _shown(numbers: list[int], total: int) -> str:
+    return ", ".join(map(str, numbers)) + (", ..." if total > len(numbers) else "")
 
 
 def text_rows(lines: Iterable[str]) -> Iterator[tuple[int, str, None]]:
@@ -302,15 +359,19 @@ def text_rows(lines: Iterable[str]) -> Iterator[tuple[int, str, None]]:
 
 
 def tsv_rows(lines: Iterable[str], name: str, column: str, id_column: Optional[str] = None,
-             aux_column: Optional[str] = None) -> Iterator[tuple[Union[int, str], str, Optional[str]]]:
+             aux_column: Optional[str] = None,
+             allow_empty: bool = False) -> Iterator[tuple[Union[int, str], str, Optional[str]]]:
     """(id, text, aux) per data row of a tab-separated file with a header line.
 
     The id is the ``id_column`` value (default: ``ID`` when the header has it), else the line number.
     A row with too few fields still gets a prediction (missing fields read as empty) and is reported.
+    ``allow_empty``: a file without even a header line has no rows, rather than being an error.
     """
     lines = iter(lines)
     header = next(lines, None)
     if header is None:
+        if allow_empty:
+            return
         raise PredictError(f"{name}: empty input; expected a header line with a {column!r} column")
     cols = [c.strip() for c in header.split("\t")]
 
@@ -333,15 +394,14 @@ def tsv_rows(lines: Iterable[str], name: str, column: str, id_column: Optional[s
         fields = line.split("\t")
         if len(fields) != width:
             n_bad += 1
-            if len(bad) < 5:
+            if len(bad) < MAX_SHOWN:
                 bad.append(number)
             fields += [""] * (width - len(fields))
         row_id = fields[i_id] if i_id is not None else number
         yield row_id, fields[i_text], (None if i_aux is None else fields[i_aux])
     if n_bad:
-        shown = ", ".join(map(str, bad)) + (", ..." if n_bad > 5 else "")
         log.warning("%s: %d rows have a field count other than the header's %d (lines %s); missing fields "
-                    "were read as empty", name, n_bad, len(cols), shown)
+                    "were read as empty", name, n_bad, len(cols), _shown(bad, n_bad))
 
 
 def with_aux(rows: Iterable[tuple], aux_lines: Iterable[str], name: str, aux_name: str) -> Iterator[tuple]:
@@ -359,8 +419,8 @@ def with_aux(rows: Iterable[tuple], aux_lines: Iterable[str], name: str, aux_nam
                            "give one second text per input line")
 
 
-def chunked(rows: Iterable[tuple], name: str, size: int = CHUNK_SIZE) -> Iterator[Chunk]:
-    """Chunks of at most ``size`` rows; an input without a single row is an error."""
+def chunked(rows: Iterable[tuple], name: str, size: int = CHUNK_SIZE, allow_empty: bool = False) -> Iterator[Chunk]:
+    """Chunks of at most ``size`` rows; an input without a single row is an error unless ``allow_empty``."""
     if size < 1:
         raise ValueError(f"chunk size must be >= 1, got {size}")
     n = 0
@@ -372,7 +432,7 @@ def chunked(rows: Iterable[tuple], name: str, size: int = CHUNK_SIZE) -> Iterato
         n += len(block)
         ids, texts, aux = (list(col) for col in zip(*block))
         yield Chunk(ids, texts, None if aux[0] is None else aux)
-    if n == 0:
+    if n == 0 and not allow_empty:
         raise PredictError(f"{name}: empty input; nothing to label (give TEXT arguments, a non-empty file or stdin)")
 
 
@@ -389,10 +449,9 @@ class PredictionWriter:
     def __init__(self, fm: FinetunedModel, fmt: str = "tsv", with_text: bool = True):
         if fmt not in FORMATS:
             raise ValueError(f"output format must be one of {FORMATS}, got {fmt!r}")
-        self.task = fm.task
+        self.fm = fm
         self.fmt, self.with_text = fmt, with_text
         self.labels = fm.labels
-        self.label_array = np.array(self.labels, dtype=object)
         spec = fm.task.task
         self.kind = "regression" if spec.regression else "multi_label" if spec.multi_label else "single_label"
 
@@ -405,17 +464,8 @@ class PredictionWriter:
             cols += [f"prob_{label}".translate(_TSV_UNSAFE) for label in self.labels]
         return "\t".join(cols) + "\n"
 
-    def decided(self, scores: np.ndarray) -> list:
-        """Per row: the label, the list of labels over the threshold, or the value."""
-        if self.kind == "regression":
-            return scores.astype(np.float64).tolist()
-        decisions = decide(scores, self.task)
-        if self.kind == "single_label":
-            return self.label_array[decisions].tolist()
-        return [self.label_array[row].tolist() for row in decisions.astype(bool)]
-
     def lines(self, chunk: Chunk, scores: np.ndarray) -> Iterator[str]:
-        decided = self.decided(scores)
+        decided = self.fm.decide(scores)
         probs = None if self.kind == "regression" else np.round(scores.astype(np.float64), 6).tolist()
         texts = chunk.texts if self.with_text else itertools.repeat(None)
         if self.fmt == "jsonl":

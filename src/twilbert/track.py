@@ -314,6 +314,27 @@ class Tracker:
             return
         self._call("logging an artifact", self._client.log_artifact, self.run_id, str(path), artifact_path)
 
+    # ---- the finetuned model as an MLflow model (self-contained: see twilbert.mlflow_pyfunc)
+
+    def log_classifier(self, model_dir: Path, artifact_path: str = "model") -> None:
+        """Log a finetuned model directory as a pyfunc model at ``runs:/<run>/<artifact_path>``.
+
+        Like every tracking call it never stops the stage: a failure is reported and tracking goes off.
+        """
+        if self.run_id is None or self._failed:
+            return
+        self._call("logging the MLflow model", self._log_classifier, Path(model_dir), artifact_path)
+
+    def _log_classifier(self, model_dir: Path, artifact_path: str) -> None:
+        from twilbert.mlflow_pyfunc import save_classifier_model
+
+        started = time.monotonic()
+        with tempfile.TemporaryDirectory(prefix="twilbert-pyfunc-") as tmp:
+            saved = save_classifier_model(model_dir, Path(tmp) / artifact_path)
+            self._client.log_artifacts(self.run_id, str(saved), artifact_path)
+        log.info("MLflow: logged %s as the pyfunc model runs:/%s/%s (%.1fs)", model_dir, self.run_id, artifact_path,
+                 time.monotonic() - started)
+
     # ---- internals
 
     def _reachable_store(self, root: Path) -> Optional[str]:

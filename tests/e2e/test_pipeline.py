@@ -130,6 +130,22 @@ def test_table_metrics_and_mlflow_hold_the_same_numbers(project):
     assert f"{100 * task_metrics['test']['mf1']:.2f}" in table
 
 
+def test_the_finetune_run_logs_a_pyfunc_model_that_predicts_offline(project, monkeypatch):
+    import mlflow
+
+    repo, _, root = project
+    _, runs = mlflow_runs(root)
+    finetune = next(r for r in runs if r.data.tags.get("twilbert.stage") == "finetune")
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{root / 'mlflow.db'}")
+    model = mlflow.pyfunc.load_model(f"runs:/{finetune.info.run_id}/model")
+    out = model.predict(["qué día tan bonito", "odio los lunes"])
+    from twilbert import load_classifier
+
+    expected = load_classifier(repo / "models" / "finetuned" / "tass_default").predict(["qué día tan bonito",
+                                                                                        "odio los lunes"])
+    assert out["label"].tolist() == [p.label for p in expected]
+
+
 def test_second_repro_runs_no_stage(project):
     repo, env, _ = project
     out = run(["dvc", "repro"], repo, env)

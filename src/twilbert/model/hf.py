@@ -11,12 +11,18 @@ pooler (Linear H->H, tanh) + SOP/NSP classifier, i.e. ``rop.n_hidden == 1`` and
 MLM head only). HF's SOP/NSP label 0 is the original order, ours is 1, so the classifier rows
 are swapped on export.
 
+A finetuned ``TWilBertForClassification`` becomes ``AlbertForSequenceClassification`` /
+``BertForSequenceClassification`` (with ``id2label``, ``label2id``, ``problem_type``) when its head
+reads the [CLS] state straight into the output layer (``collapse_mode: cls``, ``n_hidden: 0``); see
+:func:`to_hf_classifier` for why that is exact and why the other heads are refused.
+
 transformers is imported here only: it is a test/benchmark dependency, not a runtime one.
 """
 
 from __future__ import annotations
 
 import logging
+import math
 from pathlib import Path
 from typing import Any, Union
 
@@ -25,7 +31,7 @@ from torch import nn
 
 from twilbert.config import ModelConfig
 from twilbert.model.encoder import N_SEGMENTS, TWilBertModel
-from twilbert.model.heads import CLS_ID, SEP_ID, TWilBertForPretraining
+from twilbert.model.heads import CLS_ID, SEP_ID, TWilBertForClassification, TWilBertForPretraining
 
 logger = logging.getLogger(__name__)
 
@@ -187,12 +193,107 @@ def to_hf(
     else:
         raise TypeError(f"to_hf exports TWilBertModel or TWilBertForPretraining, got {type(model).__name__}")
 
+    _load_exact(hf, state)
+    return hf.eval()
+
+
+# --------------------------------------------------------------------------------------------
+# Finetuned classifiers
+# --------------------------------------------------------------------------------------------
+
+PROBLEM_TYPES = ("single_label_classification", "multi_label_classification", "regression")
+# The pooler's input scale: |s * x| <= 2**-12, where tanh(y) = y * (1 - y**2 / 3) rounds to y in float32.
+POOLER_INPUT_BOUND = 2.0**-12
+
+
+def check_classifier_exportable(model: TWilBertForClassification) -> None:
+    """Refuse heads that Hugging Face's ``*ForSequenceClassification`` cannot compute exactly."""
+    head = model.classifier
+    if head.collapse_mode != "cls":
+        raise ExportError(
+            f"finetuning.collapse_mode is {head.collapse_mode!r}: Hugging Face's *ForSequenceClassification "
+            "classifies the [CLS] state only, so an average over the tokens has no exact export. Finetune with "
+            "finetuning.collapse_mode=cls and finetuning.n_hidden=0 for an exportable classifier, or export the "
+            "encoder alone (export-hf --encoder-only)"
+        )
+    if len(head.hidden) > 0:
+        raise ExportError(
+            f"finetuning.n_hidden is {len(head.hidden)}: Hugging Face's classifier is one tanh pooler and one "
+            "linear layer, so a head with gelu hidden layers has no exact export. Finetune with "
+            "finetuning.n_hidden=0 (and collapse_mode=cls), or export the encoder alone (export-hf --encoder-only)"
+        )
+
+
+def _pooler_scale(model: TWilBertForClassification) -> float:
+    """A power of two s with |s * h| <= POOLER_INPUT_BOUND for every possible final hidden state h.
+
+    The encoder ends in a LayerNorm: its normalized values lie within sqrt(H - 1), so every output
+    component is at most |gamma| * sqrt(H - 1) + |beta|. A power of two keeps s * x and W / s exact.
+    """
+    norms = [m for name, m in model.twilbert.named_modules() if name.endswith("full_layer_layer_norm")]
+    hidden = model.cfg.hidden_size
+    with torch.no_grad():
+        bound = max(float((n.weight.abs() * math.sqrt(max(hidden - 1, 1)) + n.bias.abs()).max()) for n in norms)
+    return 2.0 ** math.floor(math.log2(POOLER_INPUT_BOUND / max(bound, 1e-30)))
+
+
+def to_hf_classifier(
+    model: TWilBertForClassification, cfg: ModelConfig, vocab_size: int, max_positions: int, labels: list[str],
+    problem_type: str,
+) -> nn.Module:
+    """``AlbertForSequenceClassification``/``BertForSequenceClassification`` (eval mode) computing ``model``'s logits.
+
+    HF's head is ``classifier(dropout(tanh(pooler(h_cls))))``; ours (cls, no hidden layer) is
+    ``out(h_cls)``. With the pooler ``s * I`` (bias 0) and the classifier ``W_out / s``, HF computes
+    ``W_out tanh(s h) / s + b``, which equals ``W_out h + b`` to float32 rounding, because
+    :func:`_pooler_scale` keeps ``|s h|`` where tanh is the identity in float32. The price is a
+    pooler far from a trained one: further finetuning of the export starts from that scaling.
+    ``labels``: the class names in output order (``["value"]`` for regression).
+    """
+    import transformers
+
+    if problem_type not in PROBLEM_TYPES:
+        raise ValueError(f"problem_type must be one of {PROBLEM_TYPES}, got {problem_type!r}")
+    check_classifier_exportable(model)
+    n_out = model.classifier.out.out_features
+    if len(labels) != n_out:
+        raise ExportError(f"{len(labels)} labels for a head with {n_out} outputs")
+    config = hf_config(cfg, vocab_size, max_positions)
+    config.num_labels = n_out
+    config.id2label = dict(enumerate(labels))
+    config.label2id = {label: i for i, label in enumerate(labels)}
+    config.problem_type = problem_type
+    dropout = model.classifier.dropout.p
+    albert = _is_albert(cfg)
+    if albert:
+        config.classifier_dropout_prob = dropout
+    else:
+        config.classifier_dropout = dropout
+    family = "Albert" if albert else "Bert"
+    hf = getattr(transformers, f"{family}ForSequenceClassification")(config)
+
+    prefix = "albert." if albert else "bert."
+    pooler = "albert.pooler." if albert else "bert.pooler.dense."
+    scale = _pooler_scale(model)
+    out = model.classifier.out
+    state = {prefix + k: v for k, v in _encoder_state(model.twilbert, cfg, albert).items()}
+    state.update({
+        f"{pooler}weight": torch.eye(cfg.hidden_size) * scale,
+        f"{pooler}bias": torch.zeros(cfg.hidden_size),
+        "classifier.weight": out.weight / scale,
+        "classifier.bias": out.bias,
+    })
+    _load_exact(hf, state)
+    return hf.eval()
+
+
+def _load_exact(hf: nn.Module, state: dict[str, torch.Tensor]) -> None:
+    """Load ``state`` into ``hf``, every parameter accounted for."""
     expected = set(hf.state_dict())
     missing, unexpected = expected - set(state), set(state) - expected
     if missing or unexpected:
         raise ExportError(f"weight mapping incomplete: missing {sorted(missing)}, unexpected {sorted(unexpected)}")
     hf.load_state_dict({k: v.detach().clone() for k, v in state.items()}, strict=True)
-    return hf.eval()
 
 
 def save_hf(

@@ -34,7 +34,7 @@ from twilbert import distributed
 from twilbert.baseline import fit_baseline, save_baseline
 from twilbert.config import Config, ConfigError, FinetuningConfig, ModelConfig, TaskConfig, from_dict, to_dict
 from twilbert.data.formats import TaskExamples
-from twilbert.data.pairs import SHARD_KEYS, PairBatch, make_batch
+from twilbert.data.pairs import SHARD_KEYS, PairBatch
 from twilbert.distributed import DistContext, n_rank_batches, rank_batch_indices, wrap_ddp
 from twilbert.data.preprocess import Preprocessor
 from twilbert.data.tasks import TaskData, load_task
@@ -49,15 +49,15 @@ from twilbert.track import Tracker
 from twilbert.train.checkpoint import config_fingerprint, files_digest, package_paths, run_fingerprint
 from twilbert.train.kfold import FoldResult, KFoldOutcome, concat_examples, run_kfold
 from twilbert.train.loop import (
-    BestEpoch, Checkpointing, Trainer, autocast, configure_matmul, resolve_device, seed_everything,
+    BestEpoch, Checkpointing, Trainer, configure_matmul, resolve_device, seed_everything,
 )
 from twilbert.train.losses import build_loss, class_weights_tensor
 from twilbert.train.metrics import evaluate_predictions, official_metric_name
 from twilbert.train.optim import build_optimizer, build_scheduler, param_groups
+from twilbert.train.scoring import Split, decide, n_outputs, predict_scores  # noqa: F401 (re-exported)
 
 log = logging.getLogger(__name__)
 
-Split = dict[str, np.ndarray]  # prepared split: packed rows or texts, plus "labels"
 FOLDS_DIR = "folds"
 TRAIN_STATE_DIR = "train_state"  # training checkpoints of the single model; fold-<i> for k-fold
 # The code a finetuning run's identity covers (the stage's code deps in dvc.yaml).
@@ -68,10 +68,6 @@ FINGERPRINT_CODE = ("model", "train", "data/tasks.py", "data/formats.py", "data/
 # --------------------------------------------------------------------------------------------
 # Task shapes
 # --------------------------------------------------------------------------------------------
-
-
-def n_outputs(task: TaskConfig) -> int:
-    return 1 if task.task.regression else len(task.task.categories)
 
 
 def resolve_loss(name: str, task: TaskConfig) -> str:
@@ -97,14 +93,6 @@ def encode_examples(packer: Any, ex: TaskExamples, max_len: int, task: TaskConfi
     packed = packer.pack(ex.texts, ex.aux_texts, max_len)
     packed["labels"] = label_array(ex, task)
     return packed
-
-
-def decide(scores: np.ndarray, task: TaskConfig) -> np.ndarray:
-    if task.task.regression:
-        return scores
-    if task.task.multi_label:
-        return (scores >= task.task.threshold).astype(np.int64)
-    return scores.argmax(-1)
 
 
 def evaluate_scores(task: TaskConfig, labels: np.ndarray, scores: np.ndarray) -> dict[str, float]:
@@ -147,40 +135,6 @@ def shuffled_batches(data: Split, packer: Any, batch_size: int, seed: int, epoch
     n = len(data["labels"])
     for idx in rank_batch_indices(n, batch_size, seed, epoch, ctx.rank, ctx.world_size, start=start):
         yield packer.batch(*(data[k][idx] for k in SHARD_KEYS))
-
-
-def predict_scores(model, data: Split, task: TaskConfig, batch_size: int, device: torch.device,
-                   precision: str = "fp32", packer: Any = None) -> np.ndarray:
-    """Probabilities (softmax / sigmoid) or regression values, in input order.
-
-    Rows are batched by length so each batch pads only to its own longest row (and a batch of equal
-    lengths runs attention unmasked); the scores stay on the device until all batches are queued,
-    then come back in one transfer.
-    """
-    to_batch = packer.batch if packer is not None else make_batch
-    model.eval()
-    order = np.argsort(data["length"], kind="stable")
-    out = []
-    with torch.no_grad():
-        for begin in range(0, len(order), batch_size):
-            idx = order[begin : begin + batch_size]
-            batch = to_batch(data["input_ids"][idx], data["len_a"][idx], data["length"][idx], data["labels"][idx])
-            batch = batch.to(device)
-            with autocast(precision, device):
-                logits = model(batch.input_ids, batch.segment_ids, batch.attention_mask, batch.special_mask,
-                               padded=batch.padded)
-            logits = logits.float()
-            if task.task.regression:
-                scores = logits.squeeze(-1)
-            elif task.task.multi_label:
-                scores = torch.sigmoid(logits)
-            else:
-                scores = torch.softmax(logits, dim=-1)
-            out.append(scores)
-    scores = torch.cat(out).cpu().numpy() if out else np.zeros((0, n_outputs(task)), dtype=np.float32)
-    result = np.empty_like(scores)
-    result[order] = scores
-    return result
 
 
 def score_split(model, data: Split, task: TaskConfig, ft: FinetuningConfig, device, packer: Any = None) -> dict[str, float]:

@@ -1,0 +1,65 @@
+"""Scores and decisions of a classifier on packed rows: what training's dev monitor and `predict` share.
+
+Kept apart from ``train.finetune`` so that the prediction path imports torch and numpy only, not
+the training stack (scikit-learn, scipy, the k-fold and baseline learners).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+import torch
+
+from twilbert.config import TaskConfig
+from twilbert.data.pairs import make_batch
+from twilbert.train.loop import autocast
+
+Split = dict[str, np.ndarray]  # prepared split: packed rows or texts, plus "labels"
+
+
+def n_outputs(task: TaskConfig) -> int:
+    return 1 if task.task.regression else len(task.task.categories)
+
+
+def decide(scores: np.ndarray, task: TaskConfig) -> np.ndarray:
+    """Class indices (N,), 0/1 flags (N, C) over the threshold for multi-label, or the values (N,)."""
+    if task.task.regression:
+        return scores
+    if task.task.multi_label:
+        return (scores >= task.task.threshold).astype(np.int64)
+    return scores.argmax(-1)
+
+
+def predict_scores(model, data: Split, task: TaskConfig, batch_size: int, device: torch.device,
+                   precision: str = "fp32", packer: Any = None) -> np.ndarray:
+    """Probabilities (softmax / sigmoid) or regression values, in input order.
+
+    Rows are batched by length so each batch pads only to its own longest row (and a batch of equal
+    lengths runs attention unmasked); the scores stay on the device until all batches are queued,
+    then come back in one transfer.
+    """
+    to_batch = packer.batch if packer is not None else make_batch
+    model.eval()
+    order = np.argsort(data["length"], kind="stable")
+    out = []
+    with torch.no_grad():
+        for begin in range(0, len(order), batch_size):
+            idx = order[begin : begin + batch_size]
+            batch = to_batch(data["input_ids"][idx], data["len_a"][idx], data["length"][idx], data["labels"][idx])
+            batch = batch.to(device)
+            with autocast(precision, device):
+                logits = model(batch.input_ids, batch.segment_ids, batch.attention_mask, batch.special_mask,
+                               padded=batch.padded)
+            logits = logits.float()
+            if task.task.regression:
+                scores = logits.squeeze(-1)
+            elif task.task.multi_label:
+                scores = torch.sigmoid(logits)
+            else:
+                scores = torch.softmax(logits, dim=-1)
+            out.append(scores)
+    scores = torch.cat(out).cpu().numpy() if out else np.zeros((0, n_outputs(task)), dtype=np.float32)
+    result = np.empty_like(scores)
+    result[order] = scores
+    return result

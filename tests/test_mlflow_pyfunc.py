@@ -1,0 +1,95 @@
+"""Finetuned models logged as MLflow pyfunc models: loadable from a real local store, predicting as twilbert does."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from conftest import REPO
+from finetune_data import first, make_config, make_pretrained, write_task
+from twilbert import load_classifier
+from twilbert.config import TrackingConfig, compose
+from twilbert.track import Tracker, local_store_uri
+from twilbert.train.finetune import finetune_task
+
+mlflow = pytest.importorskip("mlflow")
+
+TEXTS = ["hola que tal", "", "😂🙏", "odio el tráfico de la ciudad", "qué bonito día"]
+
+
+@pytest.fixture(scope="module")
+def project(tmp_path_factory):
+    """A project root (dvc.yaml) with a finetuned tiny model, as the finetune stage writes it."""
+    root = tmp_path_factory.mktemp("project")
+    (root / "dvc.yaml").write_text("stages: {}\n")
+    pretrained = make_pretrained(root / "pretrained")
+    tasks = {"t": write_task(root / "data"), "pair": write_task(root / "pair_data", aux=True)}
+    cfg = make_config(compose(["model=tiny"], REPO / "conf"), tasks, epochs=1)
+    for name in tasks:
+        finetune_task(cfg, first(cfg, name), pretrained, root / "models" / name, root / "results" / name)
+    return root
+
+
+@pytest.fixture
+def in_project(project, monkeypatch):
+    monkeypatch.chdir(project)
+    for var in ("MLFLOW_TRACKING_URI", "RANK", "DVC_EXP_NAME"):
+        monkeypatch.delenv(var, raising=False)
+    return project
+
+
+def logged_model_uri(project, task: str, monkeypatch) -> str:
+    """Log the task's model through the Tracker into the project's SQLite store; its runs:/ URI."""
+    tracker = Tracker(TrackingConfig(), stage="finetune")
+    with tracker.start({"task": task}, run_name=f"finetune-{task}"):
+        tracker.log_classifier(project / "models" / task)
+    assert tracker.run_id is not None and not tracker._failed
+    # the environment, not mlflow.set_tracking_uri: that would outlive the test (and reach other tests' subprocesses)
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", local_store_uri(project))
+    return f"runs:/{tracker.run_id}/model"
+
+
+def test_a_logged_classifier_loads_from_the_local_store_and_predicts_as_twilbert(in_project, monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    uri = logged_model_uri(in_project, "t", monkeypatch)
+    loaded = mlflow.pyfunc.load_model(uri)
+    clf = load_classifier(in_project / "models" / "t")
+    ours = clf.predict(TEXTS)
+
+    from_list = loaded.predict(TEXTS)
+    from_frame = loaded.predict(pd.DataFrame({"text": TEXTS}))
+    for out in (from_list, from_frame):
+        assert list(out.columns) == ["label"] + [f"prob_{label}" for label in clf.labels]
+        assert out["label"].tolist() == [p.label for p in ours]
+        np.testing.assert_allclose(out[[f"prob_{c}" for c in clf.labels]].to_numpy(),
+                                   [[p.probs[c] for c in clf.labels] for p in ours], atol=1e-6)
+
+    signature = loaded.metadata.signature
+    assert [c.name for c in signature.outputs.inputs] == ["label"] + [f"prob_{c}" for c in clf.labels]
+    model_dir = Path(mlflow.artifacts.download_artifacts(uri))
+    requirements = (model_dir / "requirements.txt").read_text().split()  # pinned here, not inferred
+    assert {r.split("==")[0] for r in requirements} >= {"mlflow", "torch", "sentencepiece", "safetensors"}
+    assert not list(model_dir.rglob("*.pkl"))  # models from code: nothing pickled
+
+
+def test_a_two_text_model_takes_its_second_text_column(in_project, monkeypatch):
+    uri = logged_model_uri(in_project, "pair", monkeypatch)
+    loaded = mlflow.pyfunc.load_model(uri)
+    frame = pd.DataFrame({"text": ["hola", "adiós"], "CONTEXT": ["contexto uno", ""]})
+    out = loaded.predict(frame)
+    clf = load_classifier(in_project / "models" / "pair")
+    np.testing.assert_allclose(out[[f"prob_{c}" for c in clf.labels]].to_numpy(),
+                               clf.scores(frame["text"], frame["CONTEXT"]), atol=1e-6)
+    with pytest.raises(Exception, match="CONTEXT"):
+        loaded.predict(pd.DataFrame({"text": ["hola"]}))
+
+
+def test_logging_a_broken_model_directory_does_not_stop_the_stage(in_project, caplog):
+    tracker = Tracker(TrackingConfig(), stage="finetune")
+    with tracker.start({}, run_name="broken-model"):
+        tracker.log_classifier(in_project / "no-such-model")
+        tracker.log_metrics({"after": 1.0})  # tracking is off after a failure; nothing raises
+    assert "MLflow: logging the MLflow model failed" in caplog.text
