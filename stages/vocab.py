@@ -4,11 +4,11 @@ import argparse
 from pathlib import Path
 
 from twilbert.data.corpus import read_pretrain_corpus
-from twilbert.data.tokenizer import train_vocab
+from twilbert.data.tokenizer import Tokenizer, train_vocab
 from twilbert.stage import load_stage_config, parse_args, run
 
 
-def main() -> None:
+def main() -> str:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--corpus", type=Path, default=Path("data/pretrain/corpus.jsonl"))
     parser.add_argument("--out", type=Path, default=Path("data/vocab"))
@@ -16,7 +16,8 @@ def main() -> None:
     cfg, _ = load_stage_config(overrides)
     corpus = read_pretrain_corpus(args.corpus)
     texts = [t for a, b in corpus for t in (a, b) if t is not None]
-    train_vocab(texts, args.out, cfg.vocab, cfg.preprocess)
+    out = train_vocab(texts, args.out, cfg.vocab, cfg.preprocess)
+    return f"{Tokenizer(out).vocab_size} pieces from {len(texts)} texts -> {out}"
 
 
 if __name__ == "__main__":
