@@ -228,7 +228,7 @@ def test_dvc_plots_render_offline(project):
         html = page.read_text(encoding="utf-8")
         assert not re.search(r"<script[^>]*src=[\"']?https?://", html), page
         assert "vegaEmbed" in html and "pretraining loss per epoch" in html
-        assert "results/curves/finetune/tass_default.csv" in html and "steps.csv" in html
+        assert "per logged step" in html and "results_curves_finetune_tass_default_csv" in html  # a chart per task
     assert "plots/pretrain_epochs.png" in (repo / "results" / "results.md").read_text(encoding="utf-8")
 
 
