@@ -6,13 +6,14 @@ STAMP := $(VENV)/.twilbert-installed
 TORCH_SPEC ?= torch==2.13.0
 export PATH := $(CURDIR)/$(VENV)/bin:$(PATH)
 
-.PHONY: setup repro test test-fast params check-params acceptance clean
+.PHONY: setup repro exp compare test test-fast params check-params acceptance clean
 
 $(STAMP): pyproject.toml constraints.txt
 	@test -x $(PY) || python3 -m venv $(VENV)
 	@# An already-installed torch (e.g. your CUDA build) is kept: torch is installed only when missing.
-	@$(PY) -c "import torch" 2>/dev/null || $(PY) -m pip install --quiet "$(TORCH_SPEC)"
-	$(PY) -m pip install --quiet -c constraints.txt -e ".[test]"
+	@# pip's progress stays visible: the set-up takes minutes.
+	@$(PY) -c "import torch" 2>/dev/null || $(PY) -m pip install --progress-bar on "$(TORCH_SPEC)"
+	$(PY) -m pip install --progress-bar on -c constraints.txt -e ".[test]"
 	@touch $(STAMP)
 
 setup: $(STAMP)
@@ -29,6 +30,14 @@ repro: setup check-params
 	@echo
 	@cat results/results.md
 
+## A DVC experiment with the project's dvc, from any shell: make exp ARGS='-n enc4 -S model.n_encoders=4'
+exp: setup
+	dvc exp run $(ARGS)
+
+## The workspace and every experiment: the params that differ and the headline metrics
+compare: setup
+	$(PY) -m twilbert.compare
+
 # One pytest-xdist worker per core; whole files per worker, as the e2e tests share one project.
 PYTEST_WORKERS ?= auto
 test: setup
@@ -43,4 +52,5 @@ acceptance: setup check-params
 	$(PY) scripts/acceptance.py --samples "$(SAMPLES)"
 
 clean:
-	rm -rf data models results/tasks results/*.md results/*.csv results/*.json .dvc/cache mlflow.db mlartifacts
+	rm -rf data models results/tasks results/curves results/plots results/*.md results/*.csv results/*.json \
+		.dvc/cache mlflow.db mlartifacts dvc_plots

@@ -8,13 +8,14 @@ from twilbert.data.corpus import run_data_stage
 from twilbert.stage import load_stage_config, parse_args, run
 
 
-def main() -> None:
+def main() -> str:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--out", type=Path, default=Path("data"))
     args, overrides = parse_args(parser)
     cfg, _ = load_stage_config(overrides)
     summary = run_data_stage(cfg.data, cfg.seed, args.out)
-    print(json.dumps(summary))
+    print(json.dumps(summary))  # machine-readable, for scripts and the data_scale benchmark
+    return ", ".join(f"{k} {v}" for k, v in summary.items())
 
 
 if __name__ == "__main__":

@@ -1,33 +1,57 @@
 """DVC stage `evaluate`: the results tables from the metrics files of the tasks in params
-(every model that ran on a task: metrics.json, baseline.json, ...)."""
+(every model that ran on a task: metrics.json, baseline.json, ...), the finetuning curves as DVC
+plot files, PNGs of every training curve, and the experiment's headline metrics on its MLflow
+parent run."""
 
 import argparse
+import json
+import os
 from pathlib import Path
 
-from twilbert.results import collect, task_metrics_files, tracked_metrics, write_results
+from twilbert.plots import write_finetune_curves, write_pngs
+from twilbert.results import collect, headline_metrics, task_metrics_files, tracked_metrics, write_results
 from twilbert.stage import load_stage_config, parse_args, run
 from twilbert.track import Tracker
 
 
-def main() -> None:
+def main() -> str:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--tasks-dir", type=Path, default=Path("results/tasks"))
     parser.add_argument("--out", type=Path, default=Path("results"))
+    parser.add_argument("--pretrain-metrics", type=Path, help="results/pretrain.json: its held-out scores join the headline")
+    parser.add_argument("--pretrain-curves", type=Path, help="the pretrain stage's curves (epochs.csv, steps.csv)")
+    parser.add_argument("--curves-out", type=Path, help="finetuning curves as DVC plot files, one CSV per task")
+    parser.add_argument("--plots-out", type=Path, help="PNGs of the curves, linked from results.md")
     args, overrides = parse_args(parser)
-    cfg, _ = load_stage_config(overrides)
+    cfg, raw = load_stage_config(overrides)
     missing = [str(args.tasks_dir / name / "metrics.json") for name in cfg.tasks
                if not (args.tasks_dir / name / "metrics.json").is_file()]
     if missing:
         raise FileNotFoundError(f"evaluate: missing per-task metrics {missing}; run the finetune stages")
     files = [f for name in cfg.tasks for f in task_metrics_files(args.tasks_dir / name)]
     shown = {name: task.compare_as for name, task in cfg.tasks.items() if task.compare_as}
-    table = write_results(files, args.out, labels=shown)
+    epochs = {name: args.tasks_dir / name / "epochs.csv" for name in cfg.tasks}
+    curves = write_finetune_curves(epochs, args.curves_out) if args.curves_out else {}
+    pngs = write_pngs(args.plots_out, args.pretrain_curves, curves) if args.plots_out else []
+    table = write_results(files, args.out, labels=shown,
+                          plots=[Path(os.path.relpath(p, args.out)).as_posix() for p in pngs])
+    pretrain = None
+    if args.pretrain_metrics and args.pretrain_metrics.is_file():
+        pretrain = json.loads(args.pretrain_metrics.read_text(encoding="utf-8"))
+    rows = collect(files)
+    headline = headline_metrics(rows, pretrain)
     tracker = Tracker(cfg.tracking, stage="evaluate")
-    with tracker.start({"tasks": ",".join(sorted(cfg.tasks))}, run_name="evaluate"):
-        tracker.log_metrics(tracked_metrics(collect(files)))
+    with tracker.start({"tasks": ",".join(sorted(cfg.tasks))}, run_name="evaluate", experiment_params=raw):
+        tracker.log_metrics(tracked_metrics(rows))
+        tracker.log_experiment_metrics(headline)
         for name in ("results.md", "results.csv"):
             tracker.log_artifact(args.out / name)
+        for png in pngs:
+            tracker.log_artifact(png, "plots")
     print(table)
+    tests = ", ".join(f"{k.removesuffix('.test_official')} {v:.4f}" for k, v in headline.items()
+                      if k.endswith(".test_official") and k.count(".") == 1)
+    return f"test official: {tests}; {len(pngs)} plots -> {args.out}"
 
 
 if __name__ == "__main__":

@@ -8,15 +8,17 @@ Rerun after a crash, it resumes from the task's newest training checkpoint of th
 import argparse
 from dataclasses import asdict
 from pathlib import Path
+from typing import Optional
 
 from twilbert.config import ConfigError
+from twilbert.data.tasks import load_task
 from twilbert.distributed import distributed_context
 from twilbert.stage import load_stage_config, parse_args, run
 from twilbert.track import Tracker
 from twilbert.train.finetune import finetune_task
 
 
-def main() -> None:
+def main() -> Optional[str]:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--task", required=True, help="a key of `tasks` in params.yaml")
     parser.add_argument("--pretrained", type=Path, default=Path("models/pretrained"))
@@ -32,18 +34,21 @@ def main() -> None:
     ft = task.finetuning_config(cfg.finetuning)
     params = {"seed": cfg.seed, "finetuning": asdict(ft), "representation": raw["representation"],
               "task": raw["tasks"][args.task]}
+    splits = load_task(task, cfg.seed)  # bad task files fail here, before an MLflow run is opened
     with distributed_context(ft.device) as ctx:
         tracker = Tracker(cfg.tracking, stage="finetune", enabled=ctx.is_main)
-        with tracker.start(params, run_name=f"finetune-{args.task}"):
+        with tracker.start(params, run_name=f"finetune-{args.task}", experiment_params=raw):
             model_out = args.model_out or Path("models/finetuned") / args.task
-            metrics = finetune_task(cfg, task, args.pretrained, model_out, metrics_out, tracker, args.checkpoints, ctx)
+            metrics = finetune_task(cfg, task, args.pretrained, model_out, metrics_out, tracker, args.checkpoints, ctx,
+                                    splits=splits)
             if ctx.is_main:
                 for name in ("metrics.json", "baseline.json"):
                     tracker.log_artifact(metrics_out / name)
                 tracker.log_classifier(model_out)  # mlflow.pyfunc.load_model("runs:/<run>/model")
-    if ctx.is_main:
-        print(f"{args.task} ({metrics['model']}): test {metrics['official_metric']} = "
-              f"{metrics['test']['official']:.4f}")
+    if not ctx.is_main:
+        return None
+    return (f"{args.task} ({metrics['model']}): dev {metrics['official_metric']} {metrics['dev']['official']:.4f}, "
+            f"test {metrics['test']['official']:.4f}")
 
 
 if __name__ == "__main__":

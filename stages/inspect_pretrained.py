@@ -7,12 +7,13 @@ from pathlib import Path
 
 from twilbert.inspect import inspect_model
 from twilbert.io_utils import atomic_write
+from twilbert.progress import format_metrics
 from twilbert.stage import load_stage_config, parse_args, run
 from twilbert.track import Tracker
 from twilbert.train.loop import resolve_device
 
 
-def main() -> None:
+def main() -> str:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--model", type=Path, default=Path("models/pretrained"))
     parser.add_argument("--pairs", type=Path, default=Path("data/pairs/heldout"))
@@ -20,7 +21,7 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=Path("results/inspect.md"))
     parser.add_argument("--metrics", type=Path, default=Path("results/inspect.json"))
     args, overrides = parse_args(parser)
-    cfg, _ = load_stage_config(overrides)
+    cfg, raw = load_stage_config(overrides)
     tcfg = cfg.training
     report, metrics = inspect_model(args.model, args.pairs, args.samples, cfg.seed, tcfg.batch_size,
                                     tcfg.pll_examples, resolve_device(tcfg.device), tcfg.precision)
@@ -31,9 +32,11 @@ def main() -> None:
     with atomic_write(args.metrics) as fh:
         json.dump(metrics, fh, indent=2)
     tracker = Tracker(cfg.tracking, stage="inspect")
-    with tracker.start({"model": str(args.model), "pairs": str(args.pairs)}, run_name="inspect"):
+    with tracker.start({"model": str(args.model), "pairs": str(args.pairs)}, run_name="inspect", experiment_params=raw):
         tracker.log_metrics(metrics)
         tracker.log_artifact(args.out)
+        tracker.log_experiment_metrics({f"inspect.{k}": v for k, v in metrics.items()})
+    return f"{format_metrics(metrics)} -> {args.out}"
 
 
 if __name__ == "__main__":

@@ -13,7 +13,7 @@ from twilbert.data.tokenizer import Tokenizer
 from twilbert.stage import load_stage_config, parse_args, run
 
 
-def main() -> None:
+def main() -> str:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--corpus", type=Path, default=Path("data/pretrain/corpus.jsonl"))
     parser.add_argument("--vocab", type=Path, default=Path("data/vocab"))
@@ -21,12 +21,14 @@ def main() -> None:
     args, overrides = parse_args(parser)
     cfg, _ = load_stage_config(overrides)
     stat = args.corpus.stat()  # the corpus version a resumed build must match
-    build_pair_shards(
+    summary = build_pair_shards(
         iter_pretrain_corpus(args.corpus), Tokenizer(args.vocab), args.out,
         max_len=cfg.representation.max_len, heldout_fraction=cfg.pairs.heldout_fraction,
         shard_size=cfg.pairs.shard_size, seed=cfg.seed, workers=resolve_workers(cfg.pairs.workers),
         source_id=f"{args.corpus.resolve()}:{stat.st_size}:{stat.st_mtime_ns}",
     )
+    return f"{summary['pairs']} pairs ({summary.get('train_examples', 0)} train, " \
+           f"{summary.get('heldout_examples', 0)} held out) -> {args.out}"
 
 
 if __name__ == "__main__":

@@ -7,33 +7,42 @@ Rerun after a crash, it resumes from the newest training checkpoint of the same 
 import argparse
 import json
 from pathlib import Path
+from typing import Optional
 
 from twilbert.distributed import distributed_context
 from twilbert.io_utils import atomic_write
+from twilbert.progress import format_metrics
+from twilbert.results import PRETRAIN_HEADLINE, pretrain_headline
 from twilbert.stage import load_stage_config, parse_args, run
 from twilbert.track import Tracker
 from twilbert.train.pretrain import pretrain
 
 
-def main() -> None:
+def main() -> Optional[str]:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--pairs", type=Path, default=Path("data/pairs"))
     parser.add_argument("--vocab", type=Path, default=Path("data/vocab"))
     parser.add_argument("--out", type=Path, default=Path("models/pretrained"))
     parser.add_argument("--checkpoints", type=Path, default=Path("models/checkpoints/pretrain"))
     parser.add_argument("--metrics", type=Path, default=Path("results/pretrain.json"))
+    parser.add_argument("--curves", type=Path, help="DVC plot files per epoch and per logged step (epochs.csv, steps.csv)")
     args, overrides = parse_args(parser)
     cfg, raw = load_stage_config(overrides)
     params = {k: raw[k] for k in ("seed", "model", "training", "representation", "vocab") if k in raw}
     with distributed_context(cfg.training.device) as ctx:
         tracker = Tracker(cfg.tracking, stage="pretrain", enabled=ctx.is_main)
-        with tracker.start(params, run_name=f"pretrain-{cfg.model.name}"):
-            metrics = pretrain(cfg, args.pairs, args.vocab, args.out, args.checkpoints, tracker, ctx)
+        with tracker.start(params, run_name=f"pretrain-{cfg.model.name}", experiment_params=raw):
+            metrics = pretrain(cfg, args.pairs, args.vocab, args.out, args.checkpoints, tracker, ctx, args.curves)
             if ctx.is_main:
                 args.metrics.parent.mkdir(parents=True, exist_ok=True)
                 with atomic_write(args.metrics) as fh:
                     json.dump(metrics, fh, indent=2)
                 tracker.log_artifact(args.out / "config.json")
+                tracker.log_experiment_metrics(pretrain_headline(metrics))
+    if not ctx.is_main:
+        return None
+    return (f"best epoch {metrics['epoch']}/{cfg.training.epochs}: "
+            f"{format_metrics(metrics, PRETRAIN_HEADLINE)} -> {args.out}")
 
 
 if __name__ == "__main__":

@@ -4,18 +4,19 @@ import argparse
 from pathlib import Path
 
 from twilbert.data.corpus import iter_corpus_texts
-from twilbert.data.tokenizer import train_vocab
+from twilbert.data.tokenizer import Tokenizer, train_vocab
 from twilbert.stage import load_stage_config, parse_args, run
 
 
-def main() -> None:
+def main() -> str:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--corpus", type=Path, default=Path("data/pretrain/corpus.jsonl"))
     parser.add_argument("--out", type=Path, default=Path("data/vocab"))
     args, overrides = parse_args(parser)
     cfg, _ = load_stage_config(overrides)
     # The corpus is streamed: SentencePiece sees a seeded sample of at most vocab.max_sentences texts.
-    train_vocab(iter_corpus_texts(args.corpus), args.out, cfg.vocab, cfg.preprocess, seed=cfg.seed)
+    out = train_vocab(iter_corpus_texts(args.corpus), args.out, cfg.vocab, cfg.preprocess, seed=cfg.seed)
+    return f"{Tokenizer(out).vocab_size} pieces ({Tokenizer(out).meta.get('n_training_texts')} texts sampled) -> {out}"
 
 
 if __name__ == "__main__":

@@ -37,6 +37,24 @@ def test_compose_still_writes_and_checks_params(tmp_path, capsys):
     assert main(["compose", "--conf", str(REPO / "conf"), "--check", str(out)]) == 1
 
 
+def test_after_an_experiment_check_says_in_one_line_how_to_go_back_and_params_says_what_it_replaces(tmp_path, capsys):
+    out = tmp_path / "params.yaml"
+    raw = compose([], REPO / "conf")
+    experiment = {**raw, "model": {**raw["model"], "n_encoders": 4}}  # what `dvc exp run -S model.n_encoders=4` leaves
+    out.write_text(yaml.safe_dump(experiment, sort_keys=False))
+    capsys.readouterr()
+    assert main(["compose", "--conf", str(REPO / "conf"), "--check", str(out)]) == 1
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1
+    assert "model.n_encoders: 2 -> 4" in err
+    assert all(hint in err for hint in (f"git checkout {out}", "make params", "dvc exp apply"))
+    assert main(["compose", "--conf", str(REPO / "conf"), "--out", str(out)]) == 0
+    err = capsys.readouterr().err
+    assert "model.n_encoders: 4 -> 2" in err and "dvc exp apply" in err  # not silent
+    assert main(["compose", "--conf", str(REPO / "conf"), "--out", str(out)]) == 0
+    assert capsys.readouterr().err == ""  # nothing replaced, nothing said
+
+
 def test_predict_from_arguments(model_dir, capsys):
     assert main(["predict", "--model", str(model_dir), "hola que tal", "", "😂", LONG]) == 0
     header, rows = parse_tsv(capsys.readouterr().out)

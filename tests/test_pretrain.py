@@ -54,7 +54,8 @@ def run(corpus, tmp_path_factory):
     out = tmp_path_factory.mktemp("run")
     tracker = RecordingTracker()
     cfg = configure(raw)
-    metrics = pretrain(cfg, corpus / "pairs", corpus / "vocab", out / "model", out / "checkpoints", tracker)
+    metrics = pretrain(cfg, corpus / "pairs", corpus / "vocab", out / "model", out / "checkpoints", tracker,
+                       curves_dir=out / "curves")
     vocab = Tokenizer(corpus / "vocab").vocab_size
     return dict(raw=raw, cfg=cfg, metrics=metrics, epochs=tracker.epochs, out=out, vocab=vocab)
 
@@ -64,6 +65,25 @@ def test_pretraining_lowers_the_mlm_loss_across_epochs(run):
     assert len(losses) == 3
     assert losses[-1] < losses[0] - 0.1, losses
     assert run["epochs"][-1]["heldout_mlm_loss"] < run["epochs"][0]["heldout_mlm_loss"]
+
+
+def test_the_curves_per_epoch_and_per_logged_step_are_written_for_dvc_plots(run):
+    import csv
+
+    with open(run["out"] / "curves" / "epochs.csv", newline="") as fh:
+        epochs = list(csv.DictReader(fh))
+    assert [int(r["epoch"]) for r in epochs] == [1, 2, 3]
+    assert float(epochs[-1]["train_mlm_loss"]) == pytest.approx(run["epochs"][-1]["train_mlm_loss"])
+    for key in ("train_loss", "heldout_mlm_loss", "heldout_mlm_accuracy", "heldout_rop_accuracy", "train_rop_accuracy"):
+        assert key in epochs[0]
+    with open(run["out"] / "curves" / "steps.csv", newline="") as fh:
+        steps = list(csv.DictReader(fh))
+    log_every = run["cfg"].training.log_every
+    assert steps and all(int(r["step"]) % log_every == 0 for r in steps)
+    assert [int(r["step"]) for r in steps] == sorted(int(r["step"]) for r in steps)
+    assert all(0.0 <= float(r["running_mlm_accuracy"]) <= 1.0 and 0.0 <= float(r["running_rop_accuracy"]) <= 1.0
+               for r in steps if r["running_mlm_accuracy"])
+    assert all(math.isfinite(float(r["loss"])) for r in steps)
 
 
 def test_last_and_best_checkpoints_and_the_best_model_are_written(run):

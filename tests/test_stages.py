@@ -91,3 +91,19 @@ def test_more_bad_rows_than_max_bad_rows_fail_naming_lines_and_the_key(workdir, 
     assert f"{bad}:2: blank line" in proc.stderr and f"{bad}:4: blank line" in proc.stderr
     assert "data.max_bad_rows=1" in proc.stderr and "Traceback" not in proc.stderr
     assert not (workdir / "out" / "pretrain" / "corpus.jsonl").exists()
+
+
+def test_an_unknown_key_by_hand_gets_the_one_line_error_of_an_unknown_key_in_params_yaml(workdir, tmp_path):
+    by_hand = run_stage("data.py", "--out", "out", "data.sorce=evomsa", cwd=workdir, tmp_path=tmp_path)
+    plus = run_stage("data.py", "--out", "out", "+data.sorce=evomsa", cwd=workdir, tmp_path=tmp_path)
+    assert by_hand.returncode == 2 and "Traceback" not in by_hand.stderr
+    errors = [line for line in by_hand.stderr.splitlines() if "ERROR" in line]
+    assert len(errors) == 1 and "unknown config key(s): data.sorce" in errors[0]
+    assert errors[0].split("ERROR", 1)[1] == next(l for l in plus.stderr.splitlines() if "ERROR" in l).split("ERROR", 1)[1]
+
+
+def test_bad_task_files_fail_before_an_mlflow_run_is_opened(workdir, tmp_path):
+    proc = run_stage("finetune.py", "--task", "tass_default", "--model-out", "m", "--metrics-out", "r",
+                     "tasks.tass_default.dataset.data_dir=nowhere/hateval", cwd=workdir, tmp_path=tmp_path)
+    assert proc.returncode == 2 and "nowhere/hateval" in proc.stderr
+    assert not (tmp_path / "mlflow.db").exists()  # no store touched, so no FAILED run left behind

@@ -13,6 +13,9 @@ import pytest
 
 from twilbert.config import ConfigError, TrackingConfig, load_config
 from twilbert.track import (
+    EXPERIMENT_KIND,
+    EXPERIMENT_KIND_TAG,
+    MAX_KEY_CHARS,
     MAX_PARAM_CHARS,
     Tracker,
     TrackingUnavailableError,
@@ -53,7 +56,8 @@ def runs_named(root, name: str):
 
     client = mlflow.MlflowClient(tracking_uri=local_store_uri(root))
     exp = client.get_experiment_by_name("twilbert")
-    runs = client.search_runs([exp.experiment_id], filter_string=f"attributes.run_name = '{name}'")
+    # a stage's run is named after the stage's run name and its DVC experiment (here the workspace)
+    runs = client.search_runs([exp.experiment_id], filter_string=f"attributes.run_name = '{name}@workspace'")
     return client, runs
 
 
@@ -121,6 +125,56 @@ def test_an_error_in_training_propagates_and_marks_the_run_failed(in_project):
             raise ValueError("boom")
     _, runs = runs_named(in_project, "crashing")
     assert [r.info.status for r in runs] == ["FAILED"]
+
+
+def full_params(n_encoders: int) -> dict:
+    """A config with more params than MLflow takes in one call (100)."""
+    return {"model": {"n_encoders": n_encoders, **{f"k{i}": i for i in range(150)}}, "seed": 1}
+
+
+def parents(root):
+    import mlflow
+
+    client = mlflow.MlflowClient(tracking_uri=local_store_uri(root))
+    exp = client.get_experiment_by_name("twilbert")
+    return client, exp, client.search_runs([exp.experiment_id], filter_string="tags.`twilbert.parent` = 'true'")
+
+
+def test_an_experiment_is_one_parent_run_with_every_param_and_the_headline_metrics(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "dvc.yaml").write_text("stages: {}\n")
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    for name, n_encoders in (("workspace", 2), ("enc4", 4)):
+        monkeypatch.setenv("DVC_EXP_NAME", name)
+        for stage in ("pretrain", "evaluate"):
+            tracker = Tracker(TrackingConfig(), stage=stage)
+            with tracker.start({"stage_only": stage}, run_name=stage, experiment_params=full_params(n_encoders)):
+                if stage == "evaluate":
+                    tracker.log_experiment_metrics({"tass_default.test_official": n_encoders / 10})
+    client, exp, found = parents(tmp_path)
+    assert exp.tags[EXPERIMENT_KIND_TAG] == EXPERIMENT_KIND  # the UI opens on the runs table
+    by_name = {r.info.run_name: r for r in found}
+    assert set(by_name) == {"workspace", "enc4"}  # one parent per experiment, not one per stage
+    for name, n_encoders in (("workspace", 2), ("enc4", 4)):
+        data = by_name[name].data
+        assert data.params["model.n_encoders"] == str(n_encoders) and len(data.params) == 152
+        assert data.metrics["tass_default.test_official"] == pytest.approx(n_encoders / 10)
+        assert data.tags["dvc.exp_name"] == name
+    children = client.search_runs([exp.experiment_id], filter_string="tags.`twilbert.stage` = 'evaluate'")
+    assert sorted(r.info.run_name for r in children) == ["evaluate@enc4", "evaluate@workspace"]
+    assert {r.data.tags["mlflow.parentRunId"] for r in children} == {r.info.run_id for r in found}
+
+
+def test_changed_params_in_the_same_workspace_open_a_new_parent(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "dvc.yaml").write_text("stages: {}\n")
+    for var in ("MLFLOW_TRACKING_URI", "DVC_EXP_NAME"):
+        monkeypatch.delenv(var, raising=False)
+    for n_encoders in (2, 2, 3):
+        with Tracker(TrackingConfig(), stage="pretrain").start({}, experiment_params=full_params(n_encoders)):
+            pass
+    _, _, found = parents(tmp_path)
+    assert sorted(r.data.params["model.n_encoders"] for r in found) == ["2", "3"]
 
 
 def test_only_rank_zero_tracks(in_project, monkeypatch):
@@ -193,10 +247,24 @@ def test_repo_root_walks_up_to_the_dvc_project(tmp_path):
 
 
 def test_flatten_dots_nested_keys_and_caps_long_values():
-    flat = flatten({"model": {"pkm_params": {"in_layers": [1, 2]}}, "note": "x" * 1000, "n": 3})
+    flat = flatten({"model": {"pkm_params": {"in_layers": [1, 2]}}, "note": "x" * 7000, "n": 3})
     assert flat["model.pkm_params.in_layers"] == "[1, 2]"
     assert flat["n"] == "3"
     assert len(flat["note"]) == MAX_PARAM_CHARS and flat["note"].endswith("...")
+
+
+def test_flatten_keeps_keys_within_mlflows_rules():
+    flat = flatten({"labels": {"P+": 1, "NEU": 2}, "k" * 300: 1, "k" * 299 + "x": 2})
+    assert {"labels.P_", "labels.NEU"} <= set(flat)
+    long_keys = [k for k in flat if k.startswith("kkk")]
+    assert len(long_keys) == 2 and all(len(k) <= MAX_KEY_CHARS for k in long_keys)
+
+
+def test_our_limits_are_mlflows():
+    from mlflow.utils import validation
+
+    assert MAX_PARAM_CHARS == validation.MAX_PARAM_VAL_LENGTH
+    assert MAX_KEY_CHARS == validation.MAX_ENTITY_KEY_LENGTH
 
 
 def test_locked_errors_are_recognized_through_wrapping():

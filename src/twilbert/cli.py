@@ -32,6 +32,19 @@ def dump_params(raw: dict) -> str:
     return PARAMS_HEADER + yaml.safe_dump(raw, sort_keys=False, allow_unicode=True, width=120)
 
 
+def params_changes(old: object, new: object, shown: int = 4) -> str:
+    """'model.n_encoders: 4 -> 2, ...': the keys whose values differ, at most ``shown`` of them."""
+    def flat(tree: object, prefix: str = "") -> dict:
+        if isinstance(tree, dict):
+            return {k: v for key, sub in tree.items() for k, v in flat(sub, f"{prefix}{key}.").items()}
+        return {prefix.rstrip("."): tree}
+
+    a, b = flat(old or {}), flat(new or {})
+    keys = [k for k in dict.fromkeys([*a, *b]) if a.get(k, "(absent)") != b.get(k, "(absent)")]
+    text = ", ".join(f"{k}: {a.get(k, '(absent)')} -> {b.get(k, '(absent)')}" for k in keys[:shown])
+    return text + (f" and {len(keys) - shown} more" if len(keys) > shown else "")
+
+
 def cmd_compose(args: argparse.Namespace) -> int:
     raw = compose(args.overrides, args.conf)
     load_config(raw)  # validate before writing anything
@@ -39,11 +52,20 @@ def cmd_compose(args: argparse.Namespace) -> int:
         target = Path(args.check)
         current = yaml.safe_load(target.read_text(encoding="utf-8")) if target.is_file() else None
         if current != raw:
-            print(f"{target} differs from the composition of {args.conf}/; run `make params`", file=sys.stderr)
+            # After `dvc exp run` the workspace holds the experiment's params: say how to go back, in one line.
+            print(f"{target} is not the composition of {args.conf}/ ({params_changes(raw, current)}; "
+                  f"e.g. after `dvc exp run`). Back to the baseline: `git checkout {target}` or `make params`; "
+                  "an experiment comes back with `dvc exp apply NAME` (names: `make compare`); "
+                  f"to keep these values, copy them into {args.conf}/.", file=sys.stderr)
             return 1
         return 0
     text = dump_params(raw)
     if args.out:
+        old_file = Path(args.out)
+        old = yaml.safe_load(old_file.read_text(encoding="utf-8")) if old_file.is_file() else None
+        if old is not None and old != raw:  # never replace an experiment's params without a word
+            print(f"{args.out}: {params_changes(old, raw)} (from {args.conf}/). Values of a DVC experiment "
+                  "stay in it: `dvc exp apply NAME` brings them back (names: `make compare`).", file=sys.stderr)
         tmp = Path(args.out).with_suffix(".yaml.tmp")
         tmp.write_text(text, encoding="utf-8")
         tmp.replace(args.out)

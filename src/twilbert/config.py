@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import re
 import types
 import typing
 from dataclasses import dataclass, field
@@ -558,6 +559,34 @@ def compose(overrides: Optional[list[str]] = None, config_dir: Union[str, Path] 
     from hydra import initialize_config_dir
     from omegaconf import OmegaConf
 
-    with initialize_config_dir(config_dir=str(Path(config_dir).resolve()), version_base=None):
-        cfg = hydra_compose(config_name="config", overrides=list(overrides or []))
+    from hydra.errors import HydraException
+    from omegaconf.errors import OmegaConfBaseException
+
+    overrides = list(overrides or [])
+    try:
+        with initialize_config_dir(config_dir=str(Path(config_dir).resolve()), version_base=None):
+            cfg = hydra_compose(config_name="config", overrides=overrides)
+    except (HydraException, OmegaConfBaseException) as err:
+        unknown = re.match(r"Could not override '([^']+)'", str(err))
+        if unknown:  # the same message as an unknown key in params.yaml (under DVC)
+            key = unknown.group(1)
+            section = _dig_section(compose([], config_dir), key.rsplit(".", 1)[0]) if "." in key else None
+            known = f" (known: {', '.join(sorted(section))})" if isinstance(section, dict) else ""
+            raise ConfigError(f"unknown config key(s): {key}{known}") from None
+        raise ConfigError(f"config overrides {' '.join(overrides)}: {_one_line(str(err))}") from None
     return OmegaConf.to_container(cfg, resolve=True)
+
+
+def _dig_section(tree: Any, dotted: str) -> Any:
+    for part in dotted.split("."):
+        if not isinstance(tree, dict) or part not in tree:
+            return None
+        tree = tree[part]
+    return tree
+
+
+def _one_line(message: str) -> str:
+    """Hydra's multi-line message in one line, without its search-path dump and doc links."""
+    message = message.split("Config search path", 1)[0]
+    lines = [line.strip() for line in message.splitlines() if line.strip() and not line.strip().startswith("See http")]
+    return "; ".join(lines).replace(":;", ":")

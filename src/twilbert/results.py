@@ -222,11 +222,39 @@ def tracked_metrics(rows: list[dict]) -> dict[str, float]:
     return out
 
 
-def results_markdown(rows: list[dict], title: str, labels: Optional[Mapping[str, str]] = None) -> str:
+# The pretraining numbers on an experiment's MLflow parent run and in `make compare` (results/pretrain.json).
+PRETRAIN_HEADLINE = ("heldout_mlm_loss", "heldout_mlm_accuracy", "heldout_rop_accuracy")
+
+
+def pretrain_headline(pretrain: Mapping[str, Any]) -> dict[str, float]:
+    return {f"pretrain.{k}": float(pretrain[k]) for k in PRETRAIN_HEADLINE if k in pretrain}
+
+
+def headline_metrics(rows: list[dict], pretrain: Optional[Mapping[str, Any]] = None) -> dict[str, float]:
+    """What an experiment is judged by, as flat MLflow metric names: ``<task>.dev_official`` and
+    ``<task>.test_official`` of the task's primary model, ``<task>.<model>.test_official`` of the
+    others (the baseline), and the pretraining held-out loss, MLM and ROP accuracy."""
+    out: dict[str, float] = {}
+    for task, scores in summary_metrics(rows).items():
+        for key in ("dev_official", "test_official"):
+            out[f"{task}.{key}"] = scores[key]
+        for model, sub in scores.items():
+            if isinstance(sub, dict):
+                for key in ("dev_official", "test_official"):
+                    out[f"{task}.{model.replace(' ', '_')}.{key}"] = sub[key]
+    out.update(pretrain_headline(pretrain or {}))
+    return out
+
+
+def results_markdown(rows: list[dict], title: str, labels: Optional[Mapping[str, str]] = None,
+                     plots: Iterable[str] = ()) -> str:
     text = f"# {title}\n\n{LEGEND}\n## Per task\n\n{markdown_table(rows, labels)}\n"
     text += f"## Models compared (official metric, test)\n\n{comparison_table(rows, labels)}"
     if any(r.get("test_is_dev") for r in rows):
         text += "\n" + TEST_IS_DEV_NOTE
+    plots = list(plots)
+    if plots:
+        text += "\n## Curves\n\n" + "".join(f"- [{Path(p).stem}]({p})\n" for p in plots)
     return text
 
 
@@ -235,17 +263,19 @@ def write_results(
     out_dir: Path,
     labels: Optional[Mapping[str, str]] = None,
     title: str = "twilbert results",
+    plots: Iterable[str] = (),
 ) -> str:
     """Write results.md, results.csv and metrics.json under ``out_dir``; return the markdown.
 
-    ``labels`` renames tasks in the tables (task -> shown name); the CSV keeps both.
+    ``labels`` renames tasks in the tables (task -> shown name); the CSV keeps both. ``plots``:
+    images (paths relative to ``out_dir``) linked from results.md.
     """
     rows = collect(metrics_files)
     if not rows:
         raise ValueError("evaluate: no per-task metrics files found; did the finetune stages run?")
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    md = results_markdown(rows, title, labels)
+    md = results_markdown(rows, title, labels, plots)
     with atomic_write(out_dir / "results.md") as fh:
         fh.write(md)
     with atomic_write(out_dir / "results.csv") as fh:

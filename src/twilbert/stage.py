@@ -9,13 +9,16 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
+import time
 from pathlib import Path
 from typing import Callable, Optional
 
 import yaml
 
 from twilbert.config import Config, ConfigError, compose, load_config
+from twilbert.progress import format_duration
 
 log = logging.getLogger("twilbert")
 
@@ -51,9 +54,19 @@ def load_stage_config(overrides: list[str], params: str = PARAMS_FILE) -> tuple[
     return load_config(raw), raw
 
 
-def run(main: Callable[[], None]) -> None:
-    """Run a stage; expected failures print one clear line (no traceback) and exit with status 2."""
+def stage_name() -> str:
+    """DVC's name for the running stage (``finetune@tass_default``), else the script's."""
+    return os.environ.get("DVC_STAGE") or Path(sys.argv[0]).stem
+
+
+def run(main: Callable[[], Optional[str]]) -> None:
+    """Run a stage; expected failures print one clear line (no traceback) and exit with status 2.
+
+    ``main`` returns the stage's one-line summary (None on the ranks that do not write); it ends
+    the log as ``<stage>: done in <time>: <summary>``.
+    """
     setup_logging()
+    start = time.monotonic()
     from twilbert.data.corpus import DataStageError
     from twilbert.data.formats import DataFormatError
     from twilbert.data.sources import CorpusError
@@ -61,8 +74,10 @@ def run(main: Callable[[], None]) -> None:
     from twilbert.train.loop import NonFiniteLossError
 
     try:
-        main()
+        summary = main()
     except (ConfigError, DataFormatError, DataStageError, CorpusError, TaskFilesError, FileNotFoundError,
             NonFiniteLossError) as err:
         log.error("%s", err)
         sys.exit(2)
+    if summary:
+        log.info("%s: done in %s: %s", stage_name(), format_duration(time.monotonic() - start), summary)

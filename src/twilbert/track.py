@@ -3,10 +3,18 @@
 - The store is ``sqlite:///<repo root>/mlflow.db`` (absolute) unless ``MLFLOW_TRACKING_URI`` or
   ``tracking.uri`` says otherwise. Inside a queued DVC experiment the working directory is a copy
   under ``<repo>/.dvc/tmp/exps/``; the root is resolved past it, so runs land in the real store.
-- Runs of one DVC experiment share a parent run named after it (``DVC_EXP_NAME``, set by
-  ``dvc exp run``; ``workspace`` under plain ``dvc repro``), tagged with the baseline git commit,
-  so the MLflow UI shows two DVC experiments side by side.
-- Params are the flattened config in dotted keys with short values (MLflow caps value length).
+- Runs of one DVC experiment share a parent run named after it (``DVC_EXP_NAME``, which ``dvc exp
+  run`` sets for every stage it runs, ``-n NAME`` or DVC's random name; ``workspace`` under plain
+  ``dvc repro``), tagged with it and the baseline git commit. The parent is the unit of comparison:
+  it carries every resolved param (``experiment_params``) and the headline metrics of every stage
+  (``log_experiment_metrics``), so two parents selected in the UI's compare view show what changed
+  and what it did. A change of params in the same workspace at the same commit opens a new parent
+  (the params' digest is part of its identity): MLflow params cannot change once logged.
+- Child runs are named ``<stage run>@<experiment>`` (``finetune-tass_default@enc4``).
+- The MLflow experiment is tagged as a model-training experiment (``mlflow.experimentKind``), so the
+  UI opens on its runs table, not on GenAI traces.
+- Params are the flattened config in dotted keys, within MLflow's limits (value and key lengths,
+  100 params per call).
 - Tracking never kills training: before training the store is probed within ``tracking.timeout``
   seconds; if it cannot be reached the stage either stops at once (``tracking.on_unreachable:
   fail``) or logs to the local SQLite store (``fallback``). During training a failing MLflow call
@@ -20,10 +28,12 @@
 
 from __future__ import annotations
 
+import json
 import logging
 import math
 import os
 import random
+import re
 import socket
 import sqlite3
 import ssl
@@ -42,7 +52,12 @@ from twilbert.config import ConfigError, TrackingConfig
 
 log = logging.getLogger(__name__)
 
-MAX_PARAM_CHARS = 250
+MAX_PARAM_CHARS = 6000  # mlflow.utils.validation.MAX_PARAM_VAL_LENGTH (tests pin the two equal)
+MAX_KEY_CHARS = 250  # MAX_ENTITY_KEY_LENGTH
+PARAMS_PER_BATCH = 100  # MAX_PARAMS_TAGS_PER_BATCH
+METRICS_PER_BATCH = 1000  # MAX_METRICS_PER_BATCH
+EXPERIMENT_KIND_TAG = "mlflow.experimentKind"  # read by MLflow 3's UI to pick the experiment's first page
+EXPERIMENT_KIND = "custom_model_development"  # model training: the runs table, not GenAI traces
 EXP_TMP_MARKER = os.sep + os.path.join(".dvc", "tmp", "exps") + os.sep
 DEFAULT_PORTS = {"http": 80, "https": 443, "postgresql": 5432, "mysql": 3306, "mssql": 1433}
 LOCK_WAIT_S = 120.0  # longest wait for another process to finish creating the SQLite store
@@ -76,15 +91,29 @@ def tracking_uri(cfg: TrackingConfig, root: Optional[Path] = None) -> str:
 
 
 def flatten(tree: Any, prefix: str = "") -> dict[str, str]:
-    """Nested config -> {'model.n_encoders': '12', ...}, values cut to MLflow's limit."""
+    """Nested config -> {'model.n_encoders': '12', ...}, keys and values within MLflow's limits."""
     out: dict[str, str] = {}
     if isinstance(tree, Mapping):
         for key, value in tree.items():
             out.update(flatten(value, f"{prefix}.{key}" if prefix else str(key)))
     else:
         text = str(tree)
-        out[prefix] = text if len(text) <= MAX_PARAM_CHARS else text[: MAX_PARAM_CHARS - 3] + "..."
+        out[param_key(prefix)] = text if len(text) <= MAX_PARAM_CHARS else text[: MAX_PARAM_CHARS - 3] + "..."
     return out
+
+
+def param_key(key: str) -> str:
+    """A key MLflow accepts: characters outside its set become '_'; an over-long key keeps its
+    start and a digest of the whole (two long keys never collide)."""
+    key = re.sub(r"[^\w./\- :]", "_", key)
+    if len(key) <= MAX_KEY_CHARS:
+        return key
+    digest = sha256(key.encode()).hexdigest()[:12]
+    return f"{key[: MAX_KEY_CHARS - 13]}~{digest}"
+
+
+def params_digest(flat: Mapping[str, str]) -> str:
+    return sha256(json.dumps(sorted(flat.items())).encode()).hexdigest()[:16]
 
 
 def git_commit(root: Path) -> str:
@@ -259,15 +288,19 @@ class Tracker:
         # Under torchrun only rank 0 tracks; RANK is readable before the process group exists.
         self.enabled = enabled and int(os.environ.get("RANK", "0") or 0) == 0
         self.run_id: Optional[str] = None
+        self.parent_run_id: Optional[str] = None
         self.uri: Optional[str] = None
         self._client: Any = None
         self._failed = False
         self._backoff = random.Random()  # never the global RNG: logging must not move training's streams
 
     @contextmanager
-    def start(self, params: Mapping[str, Any], run_name: Optional[str] = None) -> Iterator["Tracker"]:
+    def start(self, params: Mapping[str, Any], run_name: Optional[str] = None,
+              experiment_params: Optional[Mapping[str, Any]] = None) -> Iterator["Tracker"]:
         """Probe the store, open this stage's run under its DVC experiment's parent, log ``params``.
 
+        ``experiment_params``: the whole resolved config (params.yaml), logged on the parent run;
+        a stage that passes none joins the newest parent of its experiment and commit.
         Raises TrackingUnavailableError (before any training) only with ``on_unreachable: fail``.
         """
         if not self.enabled:
@@ -277,7 +310,7 @@ class Tracker:
         self.uri = self._reachable_store(root)
         if self.uri is not None:
             try:
-                self._open_run(root, params, run_name)
+                self._open_run(root, params, run_name, experiment_params)
             except Exception as err:
                 if self.cfg.on_unreachable == "fail":
                     raise TrackingUnavailableError(
@@ -299,20 +332,30 @@ class Tracker:
             raise
         finally:
             self._call("ending the run", self._client.set_terminated, self.run_id, status)
+            # The parent spans its experiment: it ends when its last stage does, with that stage's status.
+            self._call("ending the experiment's run", self._client.set_terminated, self.parent_run_id, status)
 
     def log_metrics(self, metrics: Mapping[str, float], step: Optional[int] = None) -> None:
-        if self.run_id is None or self._failed:
-            return
-        from mlflow.entities import Metric
+        self._log_metrics(self.run_id, metrics, step)
 
-        now = int(time.time() * 1000)
-        batch = [Metric(k, float(v), now, int(step or 0)) for k, v in metrics.items()]
-        self._call("logging metrics", self._client.log_batch, self.run_id, metrics=batch)
+    def log_experiment_metrics(self, metrics: Mapping[str, float]) -> None:
+        """Headline metrics on the DVC experiment's parent run (``tass_default.test_official``...)."""
+        self._log_metrics(self.parent_run_id, metrics, None)
 
     def log_artifact(self, path: Path, artifact_path: Optional[str] = None) -> None:
         if self.run_id is None or self._failed:
             return
         self._call("logging an artifact", self._client.log_artifact, self.run_id, str(path), artifact_path)
+
+    def _log_metrics(self, run_id: Optional[str], metrics: Mapping[str, float], step: Optional[int]) -> None:
+        if run_id is None or self._failed:
+            return
+        from mlflow.entities import Metric
+
+        now = int(time.time() * 1000)
+        batch = [Metric(param_key(k), float(v), now, int(step or 0)) for k, v in metrics.items()]
+        for i in range(0, len(batch), METRICS_PER_BATCH):
+            self._call("logging metrics", self._client.log_batch, run_id, metrics=batch[i:i + METRICS_PER_BATCH])
 
     # ---- the finetuned model as an MLflow model (self-contained: see twilbert.mlflow_pyfunc)
 
@@ -358,49 +401,65 @@ class Tracker:
                     "goes on", redact(uri), problem)
         return None
 
-    def _open_run(self, root: Path, params: Mapping[str, Any], run_name: Optional[str]) -> None:
+    def _open_run(self, root: Path, params: Mapping[str, Any], run_name: Optional[str],
+                  experiment_params: Optional[Mapping[str, Any]]) -> None:
         import mlflow
-        from mlflow.entities import Param
 
         exp_name, commit = dvc_experiment_name(), git_commit(root)
+        everything = flatten(experiment_params) if experiment_params is not None else None
         with store_lock(self.uri):  # the client's first use creates the store's tables
             client = mlflow.MlflowClient(tracking_uri=self.uri)
             exp_id = self._retry(self._experiment_id, client, root)
-            parent = self._retry(self._parent_run, client, exp_id, exp_name, commit)
+            parent = self._retry(self._parent_run, client, exp_id, exp_name, commit, everything)
         tags = {
             "dvc.exp_name": exp_name,
             "git.commit": commit,
             "twilbert.stage": self.stage,
             "mlflow.parentRunId": parent,  # nests this run under its DVC experiment in the UI
         }
-        run = self._retry(client.create_run, exp_id, run_name=run_name or self.stage, tags=tags)
-        self._client, self.run_id = client, run.info.run_id
-        params_batch = [Param(k, v) for k, v in flatten(params).items()]
-        self._retry(client.log_batch, self.run_id, params=params_batch)
+        run = self._retry(client.create_run, exp_id, run_name=f"{run_name or self.stage}@{exp_name}", tags=tags)
+        self._client, self.run_id, self.parent_run_id = client, run.info.run_id, parent
+        self._log_params(client, self.run_id, flatten(params))
+
+    def _log_params(self, client, run_id: str, flat: Mapping[str, str]) -> None:
+        from mlflow.entities import Param
+
+        items = [Param(k, v) for k, v in flat.items()]
+        for i in range(0, len(items), PARAMS_PER_BATCH):
+            self._retry(client.log_batch, run_id, params=items[i:i + PARAMS_PER_BATCH])
 
     def _experiment_id(self, client, root: Path) -> str:
         experiment = client.get_experiment_by_name(self.cfg.experiment)
-        if experiment is not None:
-            return experiment.experiment_id
-        # Local stores get an explicit, absolute artifact root: the default is relative to the cwd,
-        # which for a queued DVC experiment is a temporary copy that is deleted afterwards.
-        # A server chooses its own.
-        local = urlsplit(self.uri).scheme in ("sqlite", "file", "")
-        location = (root / "mlartifacts").as_uri() if local else None
-        return client.create_experiment(self.cfg.experiment, artifact_location=location)
+        if experiment is None:
+            # Local stores get an explicit, absolute artifact root: the default is relative to the cwd,
+            # which for a queued DVC experiment is a temporary copy that is deleted afterwards.
+            # A server chooses its own.
+            local = urlsplit(self.uri).scheme in ("sqlite", "file", "")
+            location = (root / "mlartifacts").as_uri() if local else None
+            exp_id = client.create_experiment(self.cfg.experiment, artifact_location=location,
+                                              tags={EXPERIMENT_KIND_TAG: EXPERIMENT_KIND})
+            return exp_id
+        if EXPERIMENT_KIND_TAG not in experiment.tags:  # a store made before the tag existed
+            client.set_experiment_tag(experiment.experiment_id, EXPERIMENT_KIND_TAG, EXPERIMENT_KIND)
+        return experiment.experiment_id
 
-    @staticmethod
-    def _parent_run(client, exp_id: str, exp_name: str, commit: str) -> str:
-        """Get or create the parent run of this DVC experiment at this commit."""
-        query = f"tags.`dvc.exp_name` = '{exp_name}' and tags.`git.commit` = '{commit}' and tags.`twilbert.parent` = 'true'"
-        found = client.search_runs([exp_id], filter_string=query, max_results=1)
+    def _parent_run(self, client, exp_id: str, exp_name: str, commit: str,
+                    everything: Optional[Mapping[str, str]]) -> str:
+        """Get or create the parent run of this DVC experiment at this commit (and with these params)."""
+        query = (f"tags.`dvc.exp_name` = '{exp_name}' and tags.`git.commit` = '{commit}' "
+                 "and tags.`twilbert.parent` = 'true'")
+        digest = params_digest(everything) if everything is not None else None
+        if digest is not None:
+            query += f" and tags.`twilbert.params_digest` = '{digest}'"
+        found = client.search_runs([exp_id], filter_string=query, max_results=1, order_by=["attributes.start_time DESC"])
         if found:
             return found[0].info.run_id
-        run = client.create_run(
-            exp_id,
-            run_name=exp_name,
-            tags={"dvc.exp_name": exp_name, "git.commit": commit, "twilbert.parent": "true"},
-        )
+        tags = {"dvc.exp_name": exp_name, "git.commit": commit, "twilbert.parent": "true"}
+        if digest is not None:
+            tags["twilbert.params_digest"] = digest
+        run = client.create_run(exp_id, run_name=exp_name, tags=tags)
+        if everything is not None:
+            self._log_params(client, run.info.run_id, everything)
         client.set_terminated(run.info.run_id)
         return run.info.run_id
 

@@ -26,7 +26,7 @@ from conftest import make_tweets  # noqa: E402
 from test_corpus import fake_sdist  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[2]
-COPY = ("conf", "stages", "src", "corpus", "dvc.yaml", ".dvcignore", ".gitignore")
+COPY = ("conf", "stages", "src", "corpus", "plots", "dvc.yaml", ".dvcignore", ".gitignore")
 
 pytestmark = pytest.mark.slow
 
@@ -157,7 +157,9 @@ def test_forced_rerun_reproduces_metrics_and_weights_exactly(project):
     """Same config + same seed: `dvc repro -f` gives identical metrics and bit-identical weights."""
     repo, env, _ = project
     outputs = ("results/metrics.json", "results/pretrain.json", "results/tasks/tass_default/metrics.json",
-               "models/pretrained/model.safetensors", "models/finetuned/tass_default/model.safetensors")
+               "models/pretrained/model.safetensors", "models/finetuned/tass_default/model.safetensors",
+               "results/curves/pretrain/epochs.csv", "results/curves/pretrain/steps.csv",
+               "results/curves/finetune/tass_default.csv", "results/plots/pretrain_epochs.png")
     from safetensors.torch import load_file
 
     def read(name: str):
@@ -181,17 +183,69 @@ def test_experiment_with_changed_param_gets_its_own_metrics_and_runs(project):
     repo, env, root = project
     run(["git", "add", "-A"], repo, env)
     run(["git", "commit", "-qm", "baseline results"], repo, env)
-    run(["dvc", "exp", "run", "-S", "model.n_encoders=1", "-n", "one-layer"], repo, env)
+    run(["dvc", "exp", "run", "-n", "enc4", "-S", "model.n_encoders=4"], repo, env)
     shown = json.loads(run(["dvc", "exp", "show", "--json"], repo, env))
     exps = [e for rev in shown for e in (rev.get("experiments") or [])]
     names = [e.get("name") for e in exps]
-    assert "one-layer" in names
-    exp = next(e for e in exps if e.get("name") == "one-layer")
+    assert "enc4" in names
+    exp = next(e for e in exps if e.get("name") == "enc4")
     data = exp["revs"][0]["data"]
-    assert data["params"]["params.yaml"]["data"]["model"]["n_encoders"] == 1
+    assert data["params"]["params.yaml"]["data"]["model"]["n_encoders"] == 4
     assert "tass_default" in data["metrics"]["results/metrics.json"]["data"]
-    _, runs = mlflow_runs(root)
-    assert {"workspace", "one-layer"} <= {r.data.tags.get("dvc.exp_name") for r in runs}
+
+    # MLflow: one parent run per experiment, carrying every param and the headline metrics
+    client, runs = mlflow_runs(root)
+    parents = {r.data.tags["dvc.exp_name"]: r for r in runs if r.data.tags.get("twilbert.parent") == "true"}
+    assert {"workspace", "enc4"} <= set(parents)
+    assert parents["workspace"].data.params["model.n_encoders"] == "2"
+    assert parents["enc4"].data.params["model.n_encoders"] == "4"
+    for parent in (parents["workspace"], parents["enc4"]):
+        assert math.isfinite(parent.data.metrics["tass_default.test_official"])
+        for key in ("tass_default.dev_official", "tass_default.baseline.test_official", "pretrain.heldout_mlm_loss",
+                    "pretrain.heldout_mlm_accuracy", "pretrain.heldout_rop_accuracy"):
+            assert key in parent.data.metrics, key
+        assert len(parent.data.params) > 100  # all of params.yaml, past MLflow's 100 params per call
+    exp_score = data["metrics"]["results/metrics.json"]["data"]["tass_default"]["test_official"]
+    assert parents["enc4"].data.metrics["tass_default.test_official"] == pytest.approx(exp_score, abs=1e-12)
+    assert client.get_experiment_by_name("twilbert").tags["mlflow.experimentKind"] == "custom_model_development"
+    names = {r.info.run_name for r in runs}
+    assert {"finetune-tass_default@enc4", "finetune-tass_default@workspace"} <= names
+
+    # `make compare`: one row per experiment, with n_encoders and the test scores
+    table = run([sys.executable, "-m", "twilbert.compare"], repo, env)
+    rows = compare_rows(table)
+    assert rows["enc4"]["n_encoders"] == "4" and rows["main"]["n_encoders"] == "2"
+    assert rows["enc4"]["test"] == f"{exp_score:.4f}"
+    baseline = json.loads(run(["git", "show", "HEAD:results/metrics.json"], repo, env))
+    assert rows["main"]["test"] == f"{baseline['tass_default']['test_official']:.4f}"
+    assert max(map(len, table.splitlines())) <= 160
+
+
+def compare_rows(table: str) -> dict[str, dict[str, str]]:
+    """The `make compare` table as {experiment: {column: cell}}."""
+    rows: dict[str, dict[str, str]] = {}
+    head: list[str] = []
+    for line in table.splitlines():
+        if not line.startswith("|") or line.startswith("|-"):
+            continue
+        cells = [c.strip() for c in line.strip().strip("|").split("|")]
+        if cells[0] == "experiment":
+            head = cells
+        elif head and cells[0]:
+            rows.setdefault(cells[0], {}).update(zip(head, cells))
+    return rows
+
+
+def test_dvc_plots_render_offline(project):
+    repo, env, root = project
+    run(["dvc", "plots", "show", "-o", str(root / "shown")], repo, env)
+    run(["dvc", "plots", "diff", "HEAD", "-o", str(root / "diff")], repo, env)
+    for page in (root / "shown" / "index.html", root / "diff" / "index.html"):
+        html = page.read_text(encoding="utf-8")
+        assert not re.search(r"<script[^>]*src=[\"']?https?://", html), page
+        assert "vegaEmbed" in html and "pretraining loss per epoch" in html
+        assert "per logged step" in html and "results_curves_finetune_tass_default_csv" in html  # a chart per task
+    assert "plots/pretrain_epochs.png" in (repo / "results" / "results.md").read_text(encoding="utf-8")
 
 
 # --------------------------------------------------------------------------------------------

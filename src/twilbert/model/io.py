@@ -159,7 +159,7 @@ def save_pretrained(directory: PathLike, model: nn.Module, config: dict) -> Path
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-    logger.info("saved %d tensors (%d tied) to %s", len(tensors), len(aliases), directory)
+    logger.debug("saved %d tensors (%d tied) to %s", len(tensors), len(aliases), directory)
     return directory
 
 

@@ -337,7 +337,7 @@ def _write(directory: Path, final: Path, model: nn.Module, optimizer, scheduler,
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-    log.info("saved training checkpoint %s", final)
+    log.debug("saved training checkpoint %s", final)
 
 
 def _clean_leftovers(directory: Path) -> None:

@@ -44,6 +44,7 @@ from twilbert.model import TWilBertForClassification
 from twilbert.model.backbone import (
     HFClassifier, TWilBertPacker, hf_packer, load_hf_backbone, save_hf_classifier, set_trainable,
 )
+from twilbert.progress import EpochClock
 from twilbert.model.io import CONFIG_NAME, load_pretrained_state, save_pretrained
 from twilbert.track import Tracker
 from twilbert.train.checkpoint import config_fingerprint, files_digest, package_paths, run_fingerprint
@@ -255,6 +256,7 @@ class NeuralLearner(Learner):
             history.extend(restored["history"])
         metric_prefix = "" if fold is None else f"fold{fold}_"
         total = n_rank_batches(len(train["labels"]), ft.batch_size, ctx.world_size)
+        clock = EpochClock(ft.epochs, first_epoch=trainer.state.epoch)
         # A resumed run that had stopped early (patience) or finished stays stopped.
         while trainer.state.epoch < ft.epochs and not (best.weights is not None and best.since >= ft.patience):
             epoch, start = trainer.state.epoch, trainer.state.batch_in_epoch
@@ -266,8 +268,8 @@ class NeuralLearner(Learner):
             if self.tracker:
                 self.tracker.log_metrics({f"{metric_prefix}{k}": v for k, v in row.items()}, step=epoch + 1)
             if ctx.is_main:
-                log.info("%s epoch %d: loss %.4f dev %s %.4f", tag, epoch + 1, sums["loss"],
-                         official_metric_name(task.task), dev_metrics["official"])
+                shown = {"train_loss": sums["loss"], f"dev_{official_metric_name(task.task)}": dev_metrics["official"]}
+                log.info("%s", clock.line(tag, epoch + 1, shown))
             # NaN-safe: epoch 1 always counts
             if not best.update(dev_metrics["official"], epoch + 1, {}, model) and best.since >= ft.patience:
                 if ctx.is_main:
@@ -526,19 +528,20 @@ def finetune_fingerprint(cfg: Config, task: TaskConfig, ft: FinetuningConfig, pr
 
 def finetune_task(cfg: Config, task: TaskConfig, pretrained_dir: Path, model_out: Path, metrics_out: Path,
                   tracker: Optional[Tracker] = None, checkpoint_dir: Optional[Path] = None,
-                  ctx: Optional[DistContext] = None) -> dict:
+                  ctx: Optional[DistContext] = None, splits: Optional[TaskData] = None) -> dict:
     """Finetune the configured backbone on ``task`` (and the baseline row); write models and metrics.
 
     With ``checkpoint_dir`` the neural backbones checkpoint and resume there (``train_state/``, or
     ``fold-<i>/`` per fold). Under torchrun (``ctx``) every rank trains; rank 0 alone fits the
-    baseline row and writes.
+    baseline row and writes. ``splits``: the task's files already read (``load_task``), so that a
+    caller can validate them before it opens its MLflow run.
     """
     ft = task.finetuning_config(cfg.finetuning)
     ctx = ctx or DistContext(device=resolve_device(ft.device))
     seed_everything(cfg.seed, ctx.device)
     configure_matmul(ctx.device, ft.tf32)
     pretrained_dir, model_out, metrics_out = Path(pretrained_dir), Path(model_out), Path(metrics_out)
-    splits = load_task(task, cfg.seed)
+    splits = splits if splits is not None else load_task(task, cfg.seed)
     max_len = cfg.representation.max_len
     test_len = cfg.representation.max_len_test or max_len
     if ft.backbone == "twilbert":

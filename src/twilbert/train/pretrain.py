@@ -34,7 +34,9 @@ from twilbert.distributed import DistContext, iterate_rank_batches, loss_normali
 from twilbert.model import TWilBertForPretraining, count_parameters
 from twilbert.model.io import CheckpointError, LoadReport, load_into, load_pretrained_state, save_pretrained
 from twilbert.track import Tracker
+from twilbert.progress import EpochClock
 from twilbert.train.checkpoint import config_fingerprint, files_digest, package_paths, run_fingerprint
+from twilbert.train.curves import CurveRecorder
 from twilbert.train.loop import (
     BestEpoch, Checkpointing, Trainer, autocast, configure_matmul, resolve_device, seed_everything,
 )
@@ -45,6 +47,9 @@ log = logging.getLogger(__name__)
 
 EVAL_STREAM = 2**31 - 1  # the "epoch" key of held-out masks: fixed, and never a training epoch
 PLL_CHUNK = 256  # single-mask variants per forward pass of the pseudo-log-likelihood
+# The epoch's log line; every metric still goes to MLflow and the curves.
+EPOCH_LINE_KEYS = ("train_loss", "train_mlm_accuracy", "train_rop_accuracy", "heldout_mlm_loss",
+                   "heldout_mlm_accuracy", "heldout_rop_accuracy", "heldout_perplexity")
 TRAIN_STATE_DIR = "train_state"  # training checkpoints, under the stage's checkpoint directory
 # What a run's identity covers: the stage's params in dvc.yaml, and the package code it runs.
 FINGERPRINT_KEYS = ("seed", "model", "training", "representation.max_len")
@@ -329,13 +334,15 @@ def open_pretrain_data(pairs_dir: Path, max_len: int, vocab_size: int) -> tuple[
 
 
 def pretrain(cfg: Config, pairs_dir: Path, vocab_dir: Path, out_dir: Path, checkpoint_dir: Path,
-             tracker: Optional[Tracker] = None, ctx: Optional[DistContext] = None) -> dict[str, float]:
+             tracker: Optional[Tracker] = None, ctx: Optional[DistContext] = None,
+             curves_dir: Optional[Path] = None) -> dict[str, float]:
     """Pretrain on ``pairs_dir``; write the best epoch's model (safetensors + JSON + vocab) to ``out_dir``.
 
     Training checkpoints go to ``checkpoint_dir/train_state`` (every ``training.checkpoint_every``
     micro-steps and each epoch end) and a rerun resumes the newest valid one of the same run. Each
     epoch's model is also saved to ``checkpoint_dir/last``, the best so far (held-out MLM loss plus
-    ROP error) to ``checkpoint_dir/best``. Under torchrun (``ctx``) only rank 0 writes.
+    ROP error) to ``checkpoint_dir/best``. Under torchrun (``ctx``) only rank 0 writes. With
+    ``curves_dir``, the curves per logged step and per epoch go there (``train.curves``).
     """
     tcfg = cfg.training
     ctx = ctx or DistContext(device=resolve_device(tcfg.device))
@@ -346,7 +353,9 @@ def pretrain(cfg: Config, pairs_dir: Path, vocab_dir: Path, out_dir: Path, check
     tokenizer = Tokenizer(vocab_dir)
     vocab_size = tokenizer.vocab_size
     train_data, heldout_data = open_pretrain_data(pairs_dir, cfg.representation.max_len, vocab_size)
-    model, trainer, objective = build_pretraining(cfg, vocab_size, device, tracker, ctx)
+    curves = CurveRecorder(tracker, prefix="pretrain")
+    model, trainer, objective = build_pretraining(cfg, vocab_size, device, curves, ctx)
+    curves.running = lambda: summarize(trainer.state.sums, "running")  # MLM/ROP accuracy over the epoch so far
     n_params = count_parameters(model)
     if ctx.is_main:
         log.info("pretrain: %s preset, %d parameters, device %s, %d process(es)", cfg.model.name, n_params, device,
@@ -356,11 +365,14 @@ def pretrain(cfg: Config, pairs_dir: Path, vocab_dir: Path, out_dir: Path, check
     best = BestEpoch(lower_is_better=True)
     parts = pretrain_fingerprint(cfg, pairs_dir, vocab_dir)
     trainer.checkpointing = Checkpointing(checkpoint_dir / TRAIN_STATE_DIR, run_fingerprint(parts),
-                                          tcfg.checkpoint_every, parts=parts, state=best.to_state,
+                                          tcfg.checkpoint_every, parts=parts,
+                                          state=lambda: {**best.to_state(), "curves": curves.state()},
                                           tensors=best.tensors)
     restored = trainer.resume()
     if restored:
         best.restore(restored)
+        curves.restore(restored.get("curves"))
+    clock = EpochClock(tcfg.epochs, first_epoch=trainer.state.epoch)
     n_train = len(train_data)
     for epoch in range(trainer.state.epoch, tcfg.epochs):
         start = trainer.state.batch_in_epoch
@@ -378,7 +390,8 @@ def pretrain(cfg: Config, pairs_dir: Path, vocab_dir: Path, out_dir: Path, check
         score = metrics.get("heldout_mlm_loss", math.inf) + (1.0 - metrics.get("heldout_rop_accuracy", 1.0))
         improved = best.update(score, epoch + 1, metrics, model)
         if ctx.is_main:
-            log.info("pretrain epoch %d: %s", epoch + 1, {k: round(v, 4) for k, v in metrics.items()})
+            curves.add_epoch(epoch + 1, trainer.state.optimizer_steps, metrics)
+            log.info("%s", clock.line("pretrain", epoch + 1, metrics, EPOCH_LINE_KEYS))
             if tracker:
                 tracker.log_metrics(metrics, step=trainer.state.optimizer_steps)
             save_pretrained(checkpoint_dir / "last", model, {**config, "epoch": epoch + 1, "metrics": metrics})
@@ -389,6 +402,8 @@ def pretrain(cfg: Config, pairs_dir: Path, vocab_dir: Path, out_dir: Path, check
         raise ValueError(f"pretrain: no epoch trained (training.epochs={tcfg.epochs})")
     if ctx.is_main:
         publish_best(model, best, config, tokenizer, checkpoint_dir / "best", out_dir)
+        if curves_dir is not None:
+            curves.write(curves_dir)
     distributed.barrier()
     return {**best.metrics, "parameters": n_params}
 

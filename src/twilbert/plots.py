@@ -1,0 +1,105 @@
+"""The training curves, for people: DVC plot files of the finetuning curves (one CSV per task,
+beside the pretraining ones) and static PNGs of every curve, written by the evaluate stage.
+
+`dvc plots show` draws the CSVs (definitions in dvc.yaml, an offline page from
+plots/offline.html); the PNGs are for readers of results/results.md without DVC. Same curves, same
+bytes: the PNGs carry no timestamp or version metadata.
+"""
+
+from __future__ import annotations
+
+import csv
+import math
+from pathlib import Path
+from typing import Optional, Sequence
+
+from twilbert.io_utils import atomic_write
+from twilbert.train.curves import EPOCHS_FILE, STEPS_FILE, write_csv
+
+FINETUNE_COLUMNS = ("epoch", "train_loss", "dev_official")
+PRETRAIN_LOSSES = ("train_loss", "train_mlm_loss", "heldout_mlm_loss")
+PRETRAIN_ACCURACIES = ("train_mlm_accuracy", "heldout_mlm_accuracy", "train_rop_accuracy", "heldout_rop_accuracy")
+STEP_ACCURACIES = ("running_mlm_accuracy", "running_rop_accuracy")
+
+
+def read_rows(path: Path) -> list[dict[str, float]]:
+    """A curves CSV as rows of numbers (an empty cell is NaN)."""
+    with open(path, newline="", encoding="utf-8") as fh:
+        return [{k: float(v) if v not in ("", None) else math.nan for k, v in row.items()} for row in csv.DictReader(fh)]
+
+
+def finetune_curve(epochs_csv: Path) -> list[dict[str, float]]:
+    """Train loss and dev official metric per epoch of a task's ``epochs.csv``; of a k-fold run,
+    the first fold's (the folds' epochs would interleave on one x axis)."""
+    rows = read_rows(epochs_csv)
+    if rows and "fold" in rows[0]:
+        first = min(r["fold"] for r in rows)
+        rows = [r for r in rows if r["fold"] == first]
+    return [{"epoch": int(r["epoch"]), **{k: r[k] for k in FINETUNE_COLUMNS[1:] if k in r}} for r in rows]
+
+
+def write_finetune_curves(task_epochs: dict[str, Path], out_dir: Path) -> dict[str, list[dict]]:
+    """``<out_dir>/<task>.csv`` for each task that has an epochs.csv; the curves by task."""
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    for stale in out_dir.glob("*.csv"):  # a task no longer in params
+        if stale.stem not in task_epochs:
+            stale.unlink()
+    curves = {task: finetune_curve(path) for task, path in task_epochs.items() if Path(path).is_file()}
+    for task, rows in curves.items():
+        write_csv(out_dir / f"{task}.csv", rows)
+    return curves
+
+
+def _figure(panels: Sequence[tuple[str, str, list[dict], Sequence[str]]], title: str):
+    import matplotlib
+
+    matplotlib.use("Agg")
+    from matplotlib import pyplot as plt
+
+    fig, axes = plt.subplots(1, len(panels), figsize=(5.5 * len(panels), 3.6), squeeze=False)
+    for ax, (ylabel, xkey, rows, keys) in zip(axes[0], panels):
+        for key in keys:
+            points = [(r[xkey], r[key]) for r in rows if key in r and not math.isnan(r[key])]
+            if points:
+                xs, ys = zip(*points)
+                ax.plot(xs, ys, marker="o" if len(xs) < 30 else None, markersize=3, label=key)
+        ax.set_xlabel(xkey)
+        ax.set_ylabel(ylabel)
+        ax.grid(alpha=0.3)
+        if ax.get_legend_handles_labels()[0]:
+            ax.legend(fontsize=8)
+    fig.suptitle(title)
+    fig.tight_layout()
+    return fig, plt
+
+
+def save_png(path: Path, panels, title: str) -> Path:
+    fig, plt = _figure(panels, title)
+    with atomic_write(path, "wb", encoding=None, newline=None) as fh:
+        fig.savefig(fh, format="png", dpi=90, metadata={"Software": None})
+    plt.close(fig)
+    return path
+
+
+def write_pngs(out_dir: Path, pretrain_curves: Optional[Path], finetune: dict[str, list[dict]]) -> list[Path]:
+    """PNGs of the pretraining curves (per epoch, per logged step) and of each task's finetuning."""
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    written = []
+    if pretrain_curves is not None and (Path(pretrain_curves) / EPOCHS_FILE).is_file():
+        epochs = read_rows(Path(pretrain_curves) / EPOCHS_FILE)
+        written.append(save_png(out_dir / "pretrain_epochs.png", [
+            ("loss", "epoch", epochs, PRETRAIN_LOSSES), ("accuracy", "epoch", epochs, PRETRAIN_ACCURACIES)],
+            "pretraining per epoch"))
+        steps_file = Path(pretrain_curves) / STEPS_FILE
+        steps = read_rows(steps_file) if steps_file.is_file() else []
+        if steps:
+            written.append(save_png(out_dir / "pretrain_steps.png", [
+                ("loss", "step", steps, ("loss",)), ("accuracy (epoch so far)", "step", steps, STEP_ACCURACIES)],
+                "pretraining per logged step"))
+    for task, rows in finetune.items():
+        written.append(save_png(out_dir / f"finetune_{task}.png", [
+            ("train loss", "epoch", rows, ("train_loss",)), ("dev official metric", "epoch", rows, ("dev_official",))],
+            f"finetuning {task}"))
+    return written
