@@ -45,6 +45,7 @@ from twilbert.model.backbone import (
     HFClassifier, TWilBertPacker, hf_packer, load_hf_backbone, save_hf_classifier, set_trainable,
 )
 from twilbert.model.io import CONFIG_NAME, load_pretrained_state, save_pretrained
+from twilbert.model.manifest import verify_model_dir, write_manifest
 from twilbert.track import Tracker
 from twilbert.train.checkpoint import config_fingerprint, files_digest, package_paths, run_fingerprint
 from twilbert.train.kfold import FoldResult, KFoldOutcome, concat_examples, run_kfold
@@ -126,9 +127,10 @@ def build_classifier(encoder_config: dict, ft: FinetuningConfig, task: TaskConfi
     )
 
 
-def load_encoder_weights(model: TWilBertForClassification, pretrained_dir: Path) -> dict:
+def load_encoder_weights(model: TWilBertForClassification, pretrained_dir: Path,
+                         verify: Optional[bool] = None) -> dict:
     """Copy the pretrained encoder (``twilbert.*``) into the classifier; heads stay freshly initialised."""
-    config, state = load_pretrained_state(pretrained_dir)
+    config, state = load_pretrained_state(pretrained_dir, verify)
     encoder_state = {k: v for k, v in state.items() if k.startswith("twilbert.")}
     missing, unexpected = model.load_state_dict(encoder_state, strict=False)
     missing = [k for k in missing if k.startswith("twilbert.")]
@@ -207,6 +209,7 @@ class Fitted:
 
     def save(self, directory: Path, extra: dict) -> None:
         self.learner.save(self.model, directory, extra)
+        write_manifest(directory)  # after every file of every learner (vocabulary, hf/ included)
 
 
 @dataclass
@@ -365,12 +368,13 @@ def check_loss(ft: FinetuningConfig, task: TaskConfig) -> None:
 def twilbert_learner(cfg: Config, task: TaskConfig, ft: FinetuningConfig, pretrained_dir: Path,
                      tracker: Optional[Tracker], ctx: Optional[DistContext] = None) -> NeuralLearner:
     check_loss(ft, task)
+    verify_model_dir(pretrained_dir)  # once, before any work; each fold's model then loads unverified
     tokenizer = Tokenizer(pretrained_dir)
     encoder_config = json.loads((pretrained_dir / CONFIG_NAME).read_text(encoding="utf-8"))
 
     def new_model() -> nn.Module:
         model = build_classifier(encoder_config, ft, task)
-        load_encoder_weights(model, pretrained_dir)
+        load_encoder_weights(model, pretrained_dir, verify=False)
         return model
 
     def save_model(model: nn.Module, directory: Path, extra: dict) -> None:
@@ -522,6 +526,7 @@ def _publish_fold(model_out: Path, fold: int, kfold_info: dict) -> None:
     config["kfold"] = kfold_info
     config_path.unlink()  # a hard link: rewrite a fresh file rather than the fold's
     config_path.write_text(json.dumps(config, indent=2) + "\n", encoding="utf-8")
+    write_manifest(model_out)  # the selected fold's manifest came along as a link: replace it
 
 
 @contextmanager
@@ -602,6 +607,7 @@ def finetune_task(cfg: Config, task: TaskConfig, pretrained_dir: Path, model_out
         if ft.baseline_row and ft.backbone != "baseline":
             row = baseline_learner(cfg, task, ft, learner.preprocess)
             baseline = evaluate_learner(row, splits, max_len, test_len, staged / BASELINE_DIR).metrics
+        write_manifest(staged)  # last: covers the k-fold publish, folds/ and baseline/
 
     if tracker:
         tracker.log_metrics({f"test_{k}": v for k, v in run.metrics["test"].items()})
