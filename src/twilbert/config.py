@@ -250,6 +250,9 @@ class FinetuningConfig:
     baseline_c: float = 1.0  # inverse regularization of the baseline's linear model (Ridge: 1/alpha)
     baseline_row: bool = True  # also fit the TF-IDF baseline and write baseline.json beside metrics.json
     checkpoint_every: int = 0  # micro-steps between training checkpoints (0: only at epoch ends)
+    # A task without a test file: carve_dev selects on a dev split carved from train and reports the
+    # dev file as test; dev_as_test selects on the dev file and reports it as test too (marked †).
+    no_test_protocol: Literal["carve_dev", "dev_as_test"] = "carve_dev"
 
     def validate(self, where: str = "finetuning") -> None:
         _positive(self, where, "batch_size", "pred_batch_size", "epochs", "patience", "accum_iters",

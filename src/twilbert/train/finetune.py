@@ -450,7 +450,7 @@ def evaluate_learner(learner: Learner, splits: TaskData, max_len: int, test_len:
     base = {
         "task": task.name, "model": learner.kind, "model_name": learner.name,
         "official_metric": official_metric_name(task.task),
-        "dev_from_train": splits.dev_from_train, "test_is_dev": splits.test_is_dev,
+        "protocol": splits.protocol, "dev_from_train": splits.dev_from_train, "test_is_dev": splits.test_is_dev,
     }
     if not ft.kfold:
         train, dev = learner.prepare(splits.train, max_len), learner.prepare(splits.dev, test_len)
@@ -582,7 +582,7 @@ def finetune_task(cfg: Config, task: TaskConfig, pretrained_dir: Path, model_out
     ctx = ctx or DistContext(device=resolve_device(ft.device))
     seed_everything(cfg.seed, ctx.device)
     pretrained_dir, model_out, metrics_out = Path(pretrained_dir), Path(model_out), Path(metrics_out)
-    splits = load_task(task, cfg.seed)
+    splits = load_task(task, cfg.seed, ft.no_test_protocol)
     max_len = cfg.representation.max_len
     test_len = cfg.representation.max_len_test or max_len
     if ft.backbone == "twilbert":
