@@ -50,6 +50,7 @@ from twilbert.config import ModelConfig, TaskConfig, TaskSpec, VocabConfig
 from twilbert.data.tokenizer import Tokenizer, train_vocab
 from twilbert.model import TWilBertForClassification, model_config_dict, save_pretrained
 from twilbert.model.hf import hf_config, to_hf
+from twilbert.model.manifest import write_manifest
 from twilbert.predict import Chunk, FinetunedModel, load_finetuned, predict_stream
 
 log = logging.getLogger("benchmark")
@@ -96,6 +97,7 @@ def synthetic_model(directory: Path, size: str, max_len: int) -> Path:
     save_pretrained(out, model, model_config_dict(cfg, tokenizer.vocab_size, max_positions, head=head, task=task,
                                                   max_len_test=max_len))
     tokenizer.copy_to(out)
+    write_manifest(out)  # sealed as the finetune stage seals its output
     return out
 
 

@@ -34,7 +34,7 @@ def main() -> Optional[str]:
     ft = task.finetuning_config(cfg.finetuning)
     params = {"seed": cfg.seed, "finetuning": asdict(ft), "representation": raw["representation"],
               "task": raw["tasks"][args.task]}
-    splits = load_task(task, cfg.seed)  # bad task files fail here, before an MLflow run is opened
+    splits = load_task(task, cfg.seed, ft.no_test_protocol)  # bad task files fail here, before an MLflow run is opened
     with distributed_context(ft.device) as ctx:
         tracker = Tracker(cfg.tracking, stage="finetune", enabled=ctx.is_main)
         with tracker.start(params, run_name=f"finetune-{args.task}", experiment_params=raw):

@@ -11,6 +11,7 @@ import torch
 from twilbert.config import ModelConfig, VocabConfig, load_config
 from twilbert.data.tokenizer import Tokenizer, train_vocab
 from twilbert.model import TWilBertForPretraining, model_config_dict, save_pretrained
+from twilbert.model.manifest import write_manifest
 
 from conftest import WORDS, make_tweets
 
@@ -39,6 +40,7 @@ def make_pretrained(directory: Path, **model_overrides) -> Path:
     model = TWilBertForPretraining(cfg, tokenizer.vocab_size, 2 * MAX_LEN + 3)
     save_pretrained(directory, model, model_config_dict(cfg, tokenizer.vocab_size, 2 * MAX_LEN + 3, max_len=MAX_LEN))
     tokenizer.copy_to(directory)
+    write_manifest(directory)  # as the pretrain stage seals models/pretrained
     return directory
 
 

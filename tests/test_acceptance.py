@@ -114,8 +114,9 @@ def test_generated_samples_finetune_end_to_end_into_one_table(tmp_path, pretrain
     md = (tmp_path / "out" / "results.md").read_text(encoding="utf-8")
     for name in GENERATED:
         metrics = json.loads((tmp_path / "out/tasks" / name / "metrics.json").read_text())
-        label = SAMPLE_TASKS[name] + (" †" if name == "tass20_es" else "")
-        row = next(line for line in md.splitlines() if line.startswith(f"| {label} | twilbert |"))
+        protocol = "carved dev" if name == "tass20_es" else "test file"  # no test file: honest by default
+        row = next(line for line in md.splitlines()
+                   if line.startswith(f"| {SAMPLE_TASKS[name]} | twilbert | {protocol} |"))
         assert f"| {metrics['official_metric']} | {100 * metrics['dev']['official']:.2f} " \
                f"| {100 * metrics['test']['official']:.2f} |" in row
     assert (tmp_path / "models" / "multistance18" / "config.json").is_file()
@@ -131,7 +132,7 @@ def test_a_failing_task_is_reported_and_the_others_still_tabled(tmp_path, pretra
     (tmp_path / "samples/tasks/multistance18/dev.csv").write_text("ID\tTEXT\tCLASS\n", encoding="utf-8")
     report = run_acceptance(cfg, pretrained, tmp_path / "out", tmp_path / "models")
     assert list(report.failures) == ["multistance18"] and "NEXT" in report.failures["multistance18"]
-    assert "| tass20/subtask1 † |" in report.table and "multistance18" not in report.table
+    assert "| tass20/subtask1 |" in report.table and "multistance18" not in report.table
 
 
 @pytest.mark.slow

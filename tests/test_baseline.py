@@ -82,7 +82,8 @@ def test_saved_baseline_reloads_without_pickle_and_predicts_the_same(tmp_path):
     prep = Preprocessor()
     baseline = fit_baseline(TEXTS[:40], TEXTS[20:60], LABELS[:40], SPEC, "logreg", preprocess=prep)
     save_baseline(tmp_path / "b", baseline, "logreg", 1.0, {"task": {"name": "t"}})
-    assert sorted(p.name for p in (tmp_path / "b").iterdir()) == ["config.json", "features.json", "weights.npz"]
+    assert sorted(p.name for p in (tmp_path / "b").iterdir()) == ["checksums.json", "config.json", "features.json",
+                                                                 "weights.npz"]
     with np.load(tmp_path / "b" / "weights.npz", allow_pickle=False) as z:
         assert all(z[k].dtype != object for k in z.files)
     loaded, config = load_baseline(tmp_path / "b")

@@ -128,10 +128,10 @@ def test_task_without_dev_file_gets_a_stratified_dev_split_from_train(tmp_path, 
     assert Counter(splits.dev.labels) == {0: 2, 1: 2, 2: 2, 3: 2}  # 12 of each class in train
 
 
-def test_task_without_test_file_reports_dev_as_test(tmp_path, raw, pretrained):
-    cfg = make_config(raw, {"t": write_task(tmp_path / "data", test=False)}, epochs=1)
+def test_task_without_test_file_reports_dev_as_test_when_asked(tmp_path, raw, pretrained):
+    cfg = make_config(raw, {"t": write_task(tmp_path / "data", test=False)}, epochs=1, no_test_protocol="dev_as_test")
     metrics, _, _ = run(tmp_path, cfg, pretrained)
-    assert metrics["test_is_dev"]
+    assert metrics["test_is_dev"] and metrics["protocol"] == "dev_as_test"
     assert metrics["test"] == metrics["dev"] and metrics["n_test"] == metrics["n_dev"]
 
 

@@ -190,13 +190,17 @@ def test_missing_config_names_the_file(tmp_path):
 def test_invalid_json_names_the_file(tmp_path):
     directory = save(tmp_path, pretraining())
     (directory / "config.json").write_text("{not json")
-    with pytest.raises(CheckpointError, match=r"config\.json: not valid JSON"):
+    with pytest.raises(CheckpointError, match=r"config\.json: sha256 differs"):  # checksums.json catches it
         load_pretrained_state(directory)
+    with pytest.raises(CheckpointError, match=r"config\.json: not valid JSON"):  # and so does the reader
+        load_pretrained_state(directory, verify=False)
 
 
 def test_truncated_weights_name_the_file(tmp_path):
     directory = save(tmp_path, pretraining())
     weights = directory / "model.safetensors"
     weights.write_bytes(weights.read_bytes()[:200])
-    with pytest.raises(CheckpointError, match=r"model\.safetensors: corrupt"):
+    with pytest.raises(CheckpointError, match=r"model\.safetensors: sha256 differs"):
         load_pretrained_state(directory)
+    with pytest.raises(CheckpointError, match=r"model\.safetensors: corrupt"):
+        load_pretrained_state(directory, verify=False)

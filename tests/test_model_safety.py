@@ -17,6 +17,7 @@ from twilbert.config import ModelConfig
 from twilbert.embeddings import load_encoder
 from twilbert.model import CheckpointError, TWilBertForPretraining, load_into, load_pretrained_state
 from twilbert.model.io import model_config_dict, save_pretrained
+from twilbert.model.manifest import write_manifest
 from twilbert.train.checkpoint import (
     CHECKSUMS_FILE,
     TrainingCheckpointError,
@@ -143,6 +144,7 @@ def test_a_config_that_does_not_fit_its_weights_fails_naming_the_mismatch(tmp_pa
     edit_config(directory, **change)
     for name in ("spm.model", "meta.json"):  # present, as in a real model directory; never reached
         (directory / name).write_text("{}")
+    write_manifest(directory)  # sealed as it is: the loader itself must catch the misfit
     with pytest.raises(CheckpointError, match=named):
         load_encoder(directory)
 

@@ -46,9 +46,9 @@ def _md_rows(md):
 def test_twilbert_table_holds_the_numbers_of_every_metrics_file(tasks_dir, tmp_path):
     md = write_results(_files(tasks_dir, "coset17", "tass20_es"), tmp_path / "out")
     rows = _md_rows(md)
-    assert ("| coset17 | twilbert | 50.00 | 25.00 | 33.33 | - | 75.00 | 50.00 | 25.00 | 40.00 | - | 75.00 "
+    assert ("| coset17 | twilbert | test file | 50.00 | 25.00 | 33.33 | - | 75.00 | 50.00 | 25.00 | 40.00 | - | 75.00 "
             "| mf1 | 33.33 | 40.00 | - |") in rows
-    assert ("| coset17 | baseline | 50.00 | 25.00 | 33.33 | - | 75.00 | 12.50 | 25.00 | 25.00 | - | 75.00 "
+    assert ("| coset17 | baseline | test file | 50.00 | 25.00 | 33.33 | - | 75.00 | 12.50 | 25.00 | 25.00 | - | 75.00 "
             "| mf1 | 33.33 | 25.00 | - |") in rows
 
 
@@ -57,17 +57,33 @@ def test_comparison_table_has_one_row_per_task_and_model_with_the_delta_to_the_b
     comparison = md.split("## Models compared")[1]
     rows = _md_rows(comparison)
     assert rows[1:] == [
-        "| coset17 | mf1 | twilbert | 33.33 | **40.00** | +15.00 |",
-        "| coset17 | mf1 | baseline | 33.33 | 25.00 | - |",
-        "| tass20_es † | mf1 | twilbert | 33.33 | 40.00 | - |",
+        "| coset17 | mf1 | twilbert | test file | 33.33 | **40.00** | +15.00 |",
+        "| coset17 | mf1 | baseline | test file | 33.33 | 25.00 | - |",
+        "| tass20_es † | mf1 | twilbert | dev as test | 33.33 | 40.00 | - |",
     ]
 
 
 def test_test_is_dev_tasks_are_marked_with_a_note(tasks_dir, tmp_path):
     md = write_results(_files(tasks_dir, "tass20_es"), tmp_path / "out")
-    assert "| tass20_es † | twilbert |" in md and "dev split is reported as test" in md
+    assert "| tass20_es † | twilbert | dev as test |" in md and "dev split is reported as test" in md
     md = write_results(_files(tasks_dir, "coset17"), tmp_path / "out2")
     assert "†" not in md
+
+
+def test_each_row_names_its_protocol_in_both_tables_and_the_csv(tmp_path):
+    root = tmp_path / "tasks"
+    root.mkdir()
+    carved = {**_metrics("tass20_es"), "protocol": "carve_dev"}
+    files = [_write(root, "tass20_es", "metrics.json", carved),
+             _write(root, "coset17", "metrics.json", {**_metrics("coset17"), "protocol": "test_file"})]
+    md = write_results(files, tmp_path / "out")
+    rows = _md_rows(md)
+    assert sum(r.startswith("| tass20_es | twilbert | carved dev |") for r in rows) == 1
+    assert "| tass20_es | mf1 | twilbert | carved dev |" in md.split("## Models compared")[1]
+    assert "| coset17 | twilbert | test file |" in md and "†" not in md.split("## Per task")[1]
+    assert "*carved dev*" in md  # the legend explains each protocol
+    table = list(csv.DictReader(io.StringIO((tmp_path / "out" / "results.csv").read_text())))
+    assert [r["protocol"] for r in table] == ["carve_dev", "test_file"]
 
 
 def test_multi_label_task_shows_micro_f1_beside_the_official_jaccard(tasks_dir, tmp_path):
@@ -168,7 +184,7 @@ def test_a_task_compared_as_another_joins_its_rows_in_the_comparison(tasks_dir, 
                        labels={"coset17_beto": "coset17"})
     rows = _md_rows(md.split("## Models compared")[1])
     assert rows[1:] == [
-        "| coset17 | mf1 | twilbert | 33.33 | 40.00 | +15.00 |",
-        "| coset17 | mf1 | baseline | 33.33 | 25.00 | - |",
-        "| coset17 | mf1 | hf | 33.33 | **50.00** | +25.00 |",
+        "| coset17 | mf1 | twilbert | test file | 33.33 | 40.00 | +15.00 |",
+        "| coset17 | mf1 | baseline | test file | 33.33 | 25.00 | - |",
+        "| coset17 | mf1 | hf | test file | 33.33 | **50.00** | +25.00 |",
     ]

@@ -220,6 +220,60 @@ def test_finetune_killed_mid_epoch_resumes_bit_for_bit_with_its_best_epoch_and_p
     assert reference["epochs_run"] < FINETUNE["epochs"] and reference["epochs_run"] >= 3, reference
 
 
+@pytest.mark.slow
+def test_finetune_killed_while_writing_a_checkpoint_replays_from_the_previous_one_bit_for_bit(tmp_path):
+    """The kill lands between two durable checkpoints (here: while the newer one was being written,
+    so it is truncated): the work after the older one is lost and replayed exactly, mid-epoch."""
+    pretrained, task = make_finetune_inputs(tmp_path)
+    work = tmp_path / "work"
+    # checkpoint_every does not change the trajectory, so the reference needs no checkpoints at all.
+    write_params(work, ["model=tiny", f"representation.max_len={MAX_LEN}"], tasks={"t": task},
+                 finetuning={**FINETUNE, "checkpoint_every": 1})
+    ok(run_stage("finetune.py", finetune_args(tmp_path, tmp_path / "reference")[:-2], work))
+
+    out = tmp_path / "interrupted"
+    states = out / "checkpoints" / "train_state"
+    # Micro-step 10: epoch 2, batch 4 of 6; the checkpoints of micro-steps 9 and 10 are kept.
+    killed(run_stage("finetune.py", finetune_args(tmp_path, out), work, kill_at=10))
+    assert steps(states) == ["step-00000009", "step-00000010"]
+    assert trainer_state(states / "step-00000009")["accum_position"] == 1  # inside an accumulation window
+    weights = states / "step-00000010" / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[: weights.stat().st_size // 3])  # the write the kill cut short
+    resumed = ok(run_stage("finetune.py", finetune_args(tmp_path, out), work))
+    assert "step-00000010" in resumed.stderr and "checksum mismatch" in resumed.stderr
+    assert "resuming at epoch 2, batch 3" in resumed.stderr
+
+    assert_same_weights(tmp_path / "reference" / "model" / "model.safetensors", out / "model" / "model.safetensors")
+    for name in ("metrics.json", "epochs.csv"):
+        assert (tmp_path / "reference" / "results" / name).read_text() == (out / "results" / name).read_text(), name
+
+
+@pytest.mark.slow
+def test_kfold_finetune_killed_inside_a_fold_resumes_that_fold_and_the_next_bit_for_bit(tmp_path):
+    pretrained, task = make_finetune_inputs(tmp_path)
+    work = tmp_path / "work"
+    write_params(work, ["model=tiny", f"representation.max_len={MAX_LEN}"], tasks={"t": task},
+                 finetuning={**FINETUNE, "kfold": 2, "epochs": 3, "checkpoint_every": 1})
+    ok(run_stage("finetune.py", finetune_args(tmp_path, tmp_path / "reference"), work))
+
+    out = tmp_path / "interrupted"
+    # 24 rows per fold, batch 8: 3 micro-steps an epoch; micro-step 4 is inside fold 0's second epoch.
+    killed(run_stage("finetune.py", finetune_args(tmp_path, out), work, kill_at=4))
+    assert steps(out / "checkpoints" / "fold-0") and not (out / "checkpoints" / "fold-1").exists()
+    ok(run_stage("finetune.py", finetune_args(tmp_path, out), work))
+
+    for fold in ("folds/0/", "folds/1/", ""):
+        assert_same_weights(tmp_path / "reference" / "model" / f"{fold}model.safetensors",
+                            out / "model" / f"{fold}model.safetensors")
+    for name in ("metrics.json", "epochs.csv"):
+        assert (tmp_path / "reference" / "results" / name).read_text() == (out / "results" / name).read_text(), name
+    from twilbert.model.manifest import verify_model_dir
+
+    verify_model_dir(out / "model")  # sealed after the resume, every fold included
+    sums = [json.loads((d / "model" / "checksums.json").read_text()) for d in (tmp_path / "reference", out)]
+    assert sums[0].keys() == sums[1].keys()
+
+
 # --------------------------------------------------------------------------------------------
 # What the loop adds to a checkpoint: tensor groups, and which part of a run changed
 # --------------------------------------------------------------------------------------------

@@ -76,7 +76,7 @@ def test_task_loads_its_sample_files_as_they_are(name):
     task = task_config(name, SAMPLES / SAMPLE_TASKS[name])
     data = load_task(task, seed=0)
     assert len(data.train) and len(data.dev) and len(data.test)
-    assert data.test_is_dev == (name == "tass20_es")
+    assert data.protocol == ("carve_dev" if name == "tass20_es" else "test_file") and not data.test_is_dev
     assert (data.train.aux_texts is not None) == (name == "multistance18")
     if task.task.multi_label:
         assert all(len(y) == len(task.task.categories) for y in data.train.labels)

@@ -27,6 +27,7 @@ from sklearn.svm import LinearSVC
 from twilbert.config import TaskSpec
 from twilbert.data.preprocess import PreprocessConfig, Preprocessor
 from twilbert.model.io import CONFIG_NAME
+from twilbert.model.manifest import verify_model_dir, write_manifest
 
 log = logging.getLogger(__name__)
 
@@ -193,6 +194,7 @@ def save_baseline(directory: PathLike, baseline: TfidfBaseline, model: str, c: f
     np.savez(directory / WEIGHTS_FILE, word_idf=baseline.word.idf_, char_idf=baseline.char.idf_,
              coef=baseline.coef.astype(np.float32), intercept=baseline.intercept.astype(np.float64))
     (directory / CONFIG_NAME).write_text(json.dumps(config, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+    write_manifest(directory)
     return directory
 
 
@@ -202,6 +204,7 @@ def load_baseline(directory: PathLike) -> tuple[TfidfBaseline, dict]:
     config_path = directory / CONFIG_NAME
     if not config_path.is_file():
         raise FileNotFoundError(f"{config_path}: missing; is {directory} a baseline model directory?")
+    verify_model_dir(directory)
     config = json.loads(config_path.read_text(encoding="utf-8"))
     if config.get("backbone") != "baseline":
         raise ValueError(f"{config_path}: backbone is {config.get('backbone')!r}, not 'baseline'")

@@ -189,6 +189,7 @@ def export_hf_dir(model_dir: Path, out_dir: Path, encoder_only: bool = False) ->
         TWilBertForPretraining, TWilBertModel, load_into, load_pretrained_state, model_config_from_dict, save_hf,
     )
     from twilbert.model.hf import to_hf_classifier
+    from twilbert.model.manifest import write_manifest
     from twilbert.predict import PredictError, load_finetuned, read_model_config
 
     model_dir, out_dir = Path(model_dir), Path(out_dir)
@@ -226,6 +227,7 @@ def export_hf_dir(model_dir: Path, out_dir: Path, encoder_only: bool = False) ->
         note = TOKENIZER_NOTE.format(source=model_dir, hf_class=type(hf).__name__, max_positions=max_positions,
                                      max_single=max_positions - 2, classifier_note=classifier_note)
         (tmp / "TOKENIZER.md").write_text(note, encoding="utf-8")
+        write_manifest(tmp)
         os.replace(tmp, out_dir)  # atomic; replaces only an empty directory
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -287,6 +289,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--precision", choices=("fp32", "bf16"), default="fp32")
     p.add_argument("--no-blend", action="store_true", help="k-fold model: use the selected fold's model only, "
                    "not the average of every fold's")
+    add_no_verify(p)
     p.set_defaults(func=cmd_predict)
 
     p = sub.add_parser("embeddings", help="sentence embeddings of a text file to .npy (TWilBert's get_embeddings)")
@@ -301,6 +304,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-size", type=positive_int, default=64)
     p.add_argument("--chunk-size", type=positive_int, default=10_000)
     p.add_argument("--device", default="auto")
+    add_no_verify(p)
     p.set_defaults(func=cmd_embeddings)
 
     p = sub.add_parser("export-hf", help="export a model directory to Hugging Face format (transformers needed)")
@@ -308,8 +312,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, help="new (or empty) output directory")
     p.add_argument("--encoder-only", action="store_true", help="finetuned model: export the encoder without "
                    "its classification head (as *Model)")
+    add_no_verify(p)
     p.set_defaults(func=cmd_export_hf)
     return parser
+
+
+def add_no_verify(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--no-verify", action="store_true",
+                   help="load the model even if its files differ from its checksums.json (files edited on purpose)")
 
 
 def positive_int(text: str) -> int:
@@ -323,7 +333,12 @@ def main(argv: Optional[list[str]] = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     args = build_parser().parse_args(argv)
     try:
-        return args.func(args)
+        with ExitStack() as stack:
+            if getattr(args, "no_verify", False):
+                from twilbert.model.manifest import verification
+
+                stack.enter_context(verification(False))
+            return args.func(args)
     except ConfigError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2

@@ -296,6 +296,9 @@ class FinetuningConfig:
     baseline_row: bool = True  # also fit the TF-IDF baseline and write baseline.json beside metrics.json
     checkpoint_every: int = 0  # micro-steps between training checkpoints (0: only at epoch ends)
     tf32: bool = False  # CUDA only: fp32 matmuls on TF32 tensor cores (Ampere or newer)
+    # A task without a test file: carve_dev selects on a dev split carved from train and reports the
+    # dev file as test; dev_as_test selects on the dev file and reports it as test too (marked †).
+    no_test_protocol: Literal["carve_dev", "dev_as_test"] = "carve_dev"
 
     def validate(self, where: str = "finetuning") -> None:
         _positive(self, where, "batch_size", "pred_batch_size", "epochs", "patience", "accum_iters",

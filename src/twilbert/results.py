@@ -2,7 +2,7 @@
 
 A task folder (``results/tasks/<task>/``) holds one metrics file per model that ran on the task:
 ``metrics.json`` (the finetune stage's backbone) and, e.g., ``baseline.json``, all in one layout:
-``{"task", "model", "official_metric", "best_epoch", "test_is_dev", "dev": {...}, "test": {...}}``
+``{"task", "model", "official_metric", "best_epoch", "protocol", "test_is_dev", "dev": {...}, "test": {...}}``
 (optionally ``"kfold": {...}``). Two tables come out of them: TWilBert's (dev and test MP, MR,
 MF1, F1, Acc plus the official metric) and a comparison of the models on each task's official
 metric. Every number is copied from the files, never recomputed.
@@ -29,7 +29,8 @@ EXTRAS = ("stance_f1", "jaccard", "micro_f1", "pearson")
 PRIMARY_FILE = "metrics.json"
 BASELINE_MODEL = "baseline"
 REQUIRED_KEYS = ("task", "official_metric", "dev", "test")
-SCALARS = ("official_metric", "test_is_dev", "dev_from_train", "best_epoch", "epochs_run", "n_train", "n_dev", "n_test")
+SCALARS = ("official_metric", "protocol", "test_is_dev", "dev_from_train", "best_epoch", "epochs_run", "n_train",
+           "n_dev", "n_test")
 
 LEGEND = """\
 Scores in %. MP/MR/MF1: macro precision/recall/F1; F1: F1 of the task's class of interest
@@ -38,6 +39,17 @@ Official metrics: mf1 macro F1; f1 F1 of the class of interest; acc accuracy; st
 of FAVOR and AGAINST; jaccard sample-averaged Jaccard index; micro_f1 micro-averaged F1.
 """
 TEST_IS_DEV_NOTE = "† the task ships no test file: its dev split is reported as test.\n"
+# How each row's test and dev splits were obtained (finetuning.no_test_protocol for tasks without a test file).
+PROTOCOLS = {
+    "test_file": "test file",  # the task's own test file; dev from its dev file or carved from train
+    "carve_dev": "carved dev",  # no test file: the dev file is the test, dev carved from train
+    "dev_as_test": "dev as test",  # no test file: the dev file selects the epoch and is reported as test
+}
+PROTOCOL_NOTE = (
+    "Protocol: *test file*: the task's test file; *carved dev*: the task has no test file, so its dev file "
+    "is the test and the epoch is chosen on a stratified dev split carved from train; *dev as test* (†): the "
+    "dev file chose the epoch and is reported as test (optimistic; `finetuning.no_test_protocol: dev_as_test`).\n"
+)
 
 
 # --------------------------------------------------------------------------------------------
@@ -99,6 +111,15 @@ def _pct(value: Any) -> str:
     return "nan" if math.isnan(value) else f"{100 * value:.2f}"
 
 
+def protocol_of(row: dict) -> str:
+    """The row's protocol; metrics files from before the protocols existed say it with test_is_dev."""
+    return row.get("protocol") or ("dev_as_test" if row.get("test_is_dev") else "test_file")
+
+
+def _protocol(row: dict) -> str:
+    return PROTOCOLS.get(protocol_of(row), protocol_of(row))
+
+
 def _label(row: dict, labels: Mapping[str, str]) -> str:
     name = labels.get(row["task"], row["task"])
     return f"{name} †" if row.get("test_is_dev") else name
@@ -123,11 +144,11 @@ def markdown_table(rows: list[dict], labels: Optional[Mapping[str, str]] = None)
     """TWilBert's layout, one row per (task, model): dev and test MP, MR, MF1, F1, Acc, then the
     official metric on dev and test; a metric a task does not report is '-'."""
     labels = labels or {}
-    head = ["Task", "Model"] + [f"dev {HEADERS[c]}" for c in COLUMNS] + [f"test {HEADERS[c]}" for c in COLUMNS]
-    head += ["Official", "dev official", "test official", "Other (test)"]
-    lines = _md_head(head, "ll" + "r" * 2 * len(COLUMNS) + "lrrl")
+    head = ["Task", "Model", "Protocol"] + [f"dev {HEADERS[c]}" for c in COLUMNS]
+    head += [f"test {HEADERS[c]}" for c in COLUMNS] + ["Official", "dev official", "test official", "Other (test)"]
+    lines = _md_head(head, "lll" + "r" * 2 * len(COLUMNS) + "lrrl")
     for row in rows:
-        cells = [_label(row, labels), row["model"]]
+        cells = [_label(row, labels), row["model"], _protocol(row)]
         cells += [_pct(row["dev"].get(c)) for c in COLUMNS] + [_pct(row["test"].get(c)) for c in COLUMNS]
         cells += [row["official_metric"], _pct(row["dev"]["official"]), _pct(row["test"]["official"]), _extras(row)]
         lines.append(_md_row(cells))
@@ -138,7 +159,7 @@ def comparison_table(rows: list[dict], labels: Optional[Mapping[str, str]] = Non
     """Every model that ran on each task, on the task's official metric: the best test score of a
     task in bold, and the difference to the baseline where the task has one."""
     labels = labels or {}
-    lines = _md_head(["Task", "Official", "Model", "dev", "test", "Δ test vs baseline"], "lllrrr")
+    lines = _md_head(["Task", "Official", "Model", "Protocol", "dev", "test", "Δ test vs baseline"], "llllrrr")
     for task_rows in _by_task(rows, labels).values():
         scores = [r["test"]["official"] for r in task_rows]
         best = max(scores) if len(task_rows) > 1 else None
@@ -150,7 +171,7 @@ def comparison_table(rows: list[dict], labels: Optional[Mapping[str, str]] = Non
             delta = "-"
             if baseline is not None and row is not baseline:
                 delta = f"{100 * (score - baseline['test']['official']):+.2f}"
-            lines.append(_md_row([_label(row, labels), row["official_metric"], row["model"],
+            lines.append(_md_row([_label(row, labels), row["official_metric"], row["model"], _protocol(row),
                                   _pct(row["dev"]["official"]), test, delta]))
     return "\n".join(lines) + "\n"
 
@@ -179,7 +200,7 @@ def csv_table(rows: list[dict], labels: Optional[Mapping[str, str]] = None) -> s
     flat = []
     for row in rows:
         out = {"task": row["task"], "label": labels.get(row["task"], row["task"]), "model": row["model"],
-               "file": row["file"], **{k: row.get(k) for k in SCALARS}}
+               "file": row["file"], **{k: row.get(k) for k in SCALARS}, "protocol": protocol_of(row)}
         for split in ("dev", "test"):
             out.update(_flatten(row[split], split))
         if "kfold" in row:
@@ -248,7 +269,8 @@ def headline_metrics(rows: list[dict], pretrain: Optional[Mapping[str, Any]] = N
 
 def results_markdown(rows: list[dict], title: str, labels: Optional[Mapping[str, str]] = None,
                      plots: Iterable[str] = ()) -> str:
-    text = f"# {title}\n\n{LEGEND}\n## Per task\n\n{markdown_table(rows, labels)}\n"
+    note = PROTOCOL_NOTE if any(protocol_of(r) != "test_file" for r in rows) else ""
+    text = f"# {title}\n\n{LEGEND}{note}\n## Per task\n\n{markdown_table(rows, labels)}\n"
     text += f"## Models compared (official metric, test)\n\n{comparison_table(rows, labels)}"
     if any(r.get("test_is_dev") for r in rows):
         text += "\n" + TEST_IS_DEV_NOTE

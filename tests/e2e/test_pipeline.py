@@ -101,7 +101,11 @@ def test_repro_writes_a_results_table_with_the_default_task(project):
 def test_pretrained_model_is_safetensors_plus_json_with_its_vocab(project):
     repo, _, _ = project
     files = {p.name for p in (repo / "models" / "pretrained").iterdir()}
-    assert {"model.safetensors", "config.json", "spm.model", "meta.json"} <= files
+    assert {"model.safetensors", "config.json", "spm.model", "meta.json", "checksums.json"} <= files
+    from twilbert.model.manifest import verify_model_dir
+
+    for directory in (repo / "models" / "pretrained", repo / "models" / "finetuned" / "tass_default"):
+        verify_model_dir(directory, verify=True)  # sealed by the stages, vocabulary included
     assert not any(name.endswith((".bin", ".pt", ".pkl")) for name in files)
 
 

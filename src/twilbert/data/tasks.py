@@ -1,12 +1,21 @@
 """Task definitions -> train/dev/test examples, with the fallbacks benchmark folders need.
 
 - No dev file: a seeded, stratified share of train becomes dev (``dataset.dev_fraction``).
-- No test file: dev is reported as test, and the results mark it (``test_is_dev``).
+- No test file, the ``finetuning.no_test_protocol``:
+  - ``carve_dev`` (default, honest): a seeded, stratified share of train becomes dev (model selection,
+    early stopping) and the given dev file is the test, unseen until the end. With no dev file
+    either, test and dev are both carved from train.
+  - ``dev_as_test`` (TWilBert's, optimistic): the dev file picks the epoch and is then reported as
+    test; the results mark it (``test_is_dev``, †).
+
+Stratification: by class; multi-label by label set (rare sets pooled, then by each example's rarest
+label); regression by quantile bins of the target; a random split, logged, when none is possible.
 """
 
 from __future__ import annotations
 
 import logging
+from collections import Counter
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Optional
@@ -31,6 +40,11 @@ class TaskData:
     test: TaskExamples
     dev_from_train: bool
     test_is_dev: bool
+    protocol: str = "test_file"  # test_file | carve_dev | dev_as_test (how test and dev were obtained)
+    test_from_train: bool = False
+
+
+NO_TEST_PROTOCOLS = ("carve_dev", "dev_as_test")
 
 
 def _subset(ex: TaskExamples, idx: np.ndarray) -> TaskExamples:
@@ -39,15 +53,70 @@ def _subset(ex: TaskExamples, idx: np.ndarray) -> TaskExamples:
                    labels=pick(ex.labels), line_numbers=pick(ex.line_numbers))
 
 
-def _stratify_key(task: TaskConfig, labels: list) -> Optional[list]:
-    if task.task.regression:
+def _pool_rare(keys: list, n_held: int) -> Optional[list]:
+    """``keys`` with those seen once pooled into one stratum; None if no stratified split of
+    ``n_held`` (and the rest) can have every stratum on both sides."""
+    counts = Counter(keys)
+    keys = [k if counts[k] >= 2 else "<rare>" for k in keys]
+    counts = Counter(keys)
+    n_strata = len(counts)
+    if min(counts.values()) < 2 or n_strata > n_held or n_strata > len(keys) - n_held:
         return None
-    keys = ["|".join(map(str, y)) if isinstance(y, (list, tuple)) else y for y in labels]
-    counts = {k: keys.count(k) for k in set(keys)}
-    return keys if min(counts.values()) >= 2 else None
+    return keys
 
 
-def load_task(task: TaskConfig, seed: int) -> TaskData:
+def _multi_label_keys(labels: list) -> list:
+    """Each example's rarest present label (or 'none'): strata for when label sets are too many."""
+    flags = np.asarray(labels)
+    freq = flags.sum(axis=0)
+    keys = []
+    for row in flags:
+        present = np.flatnonzero(row)
+        keys.append(str(present[np.argmin(freq[present])]) if len(present) else "none")
+    return keys
+
+
+def _regression_keys(values: list, n_held: int) -> list:
+    """Quantile bins of the target: as many as the held-out share can hold, at most 10."""
+    y = np.asarray(values, dtype=np.float64)
+    n_bins = max(1, min(10, n_held, len(y) - n_held))
+    edges = np.quantile(y, np.linspace(0, 1, n_bins + 1)[1:-1])
+    return [str(b) for b in np.searchsorted(edges, y, side="right")]
+
+
+def _stratify_key(task: TaskConfig, labels: list, n_held: int) -> Optional[list]:
+    """Strata for a held-out share of ``n_held`` examples, falling back as the module doc says."""
+    if task.task.regression:
+        candidates = [_regression_keys(labels, n_held)]
+    elif task.task.multi_label:
+        candidates = [["|".join(map(str, y)) for y in labels], _multi_label_keys(labels)]
+    else:
+        candidates = [list(labels)]
+    for keys in candidates:
+        pooled = _pool_rare(keys, n_held)
+        if pooled is not None:
+            return pooled
+    log.warning("task %s: too few examples per label to stratify; the held-out split is random", task.name)
+    return None
+
+
+def carve(task: TaskConfig, ex: TaskExamples, fraction: float, seed: int) -> tuple[TaskExamples, TaskExamples]:
+    """(rest, held out): a seeded, stratified ``fraction`` of ``ex``, both in file order."""
+    n = len(ex.texts)
+    n_held = int(np.ceil(fraction * n))  # what train_test_split holds out
+    if n_held < 1 or n_held >= n:
+        raise TaskFilesError(f"tasks.{task.name}: {n} training examples cannot spare dataset.dev_fraction="
+                             f"{fraction} of them for a held-out split; add examples or a dev file")
+    idx = np.arange(n)
+    rest, held = train_test_split(idx, test_size=n_held, random_state=seed,
+                                  stratify=_stratify_key(task, ex.labels, n_held))
+    return _subset(ex, np.sort(rest)), _subset(ex, np.sort(held))
+
+
+def load_task(task: TaskConfig, seed: int, no_test_protocol: str = "carve_dev") -> TaskData:
+    """The task's splits; ``no_test_protocol`` applies when it ships no test file (module doc)."""
+    if no_test_protocol not in NO_TEST_PROTOCOLS:
+        raise ValueError(f"no_test_protocol must be one of {NO_TEST_PROTOCOLS}, got {no_test_protocol!r}")
     ds, spec = task.dataset, task.task
     train_path = ds.path(ds.train_file)
     if train_path is None or not train_path.is_file():
@@ -64,16 +133,24 @@ def load_task(task: TaskConfig, seed: int) -> TaskData:
     for key, path in (("dev_file", dev_path), ("test_file", test_path)):
         if path is not None and not path.is_file():
             raise TaskFilesError(f"tasks.{task.name}: dataset.{key} {path} not found (set it to null if the task has none)")
+    if test_path is not None:
+        test, protocol, test_from_train = read(test_path), "test_file", False
+    elif no_test_protocol == "dev_as_test":
+        test, protocol, test_from_train = None, "dev_as_test", False
+    elif dev_path is not None:
+        test, protocol, test_from_train = read(dev_path), "carve_dev", False
+        dev_path = None  # the dev file is the test now: carve dev from train below
+        log.info("task %s: no test file; the dev file is the test, dev is carved from train "
+                 "(finetuning.no_test_protocol: carve_dev)", task.name)
+    else:
+        train, test = carve(task, train, ds.dev_fraction, seed)
+        protocol, test_from_train = "carve_dev", True
+        log.info("task %s: no dev or test file; %d train examples held out as test", task.name, len(test.texts))
     dev_from_train = dev_path is None
     if dev_from_train:
-        idx = np.arange(len(train.texts))
-        tr_idx, dev_idx = train_test_split(
-            idx, test_size=ds.dev_fraction, random_state=seed, stratify=_stratify_key(task, train.labels)
-        )
-        train, dev = _subset(train, np.sort(tr_idx)), _subset(train, np.sort(dev_idx))
-        log.info("task %s: no dev file; %d train examples held out as dev", task.name, len(dev.texts))
+        train, dev = carve(task, train, ds.dev_fraction, seed)
+        log.info("task %s: %d train examples held out as dev", task.name, len(dev.texts))
     else:
         dev = read(dev_path)
-    test_is_dev = test_path is None
-    test = dev if test_is_dev else read(test_path)
-    return TaskData(train, dev, test, dev_from_train, test_is_dev)
+    test_is_dev = test is None
+    return TaskData(train, dev, dev if test_is_dev else test, dev_from_train, test_is_dev, protocol, test_from_train)

@@ -27,6 +27,7 @@ from twilbert.data.preprocess import PreprocessConfig, Preprocessor
 from twilbert.data.tokenizer import Tokenizer, pack_pairs
 from twilbert.model.heads import ClassificationHead, TWilBertForClassification
 from twilbert.model.io import load_into, load_pretrained_state, save_pretrained
+from twilbert.model.manifest import write_manifest
 
 log = logging.getLogger(__name__)
 
@@ -220,6 +221,7 @@ def save_hf_classifier(directory: PathLike, model: HFClassifier, packer: HFPacke
     save_pretrained(directory, model, config)
     model.backbone.config.save_pretrained(directory / HF_DIR)
     packer.tokenizer.save_pretrained(directory / HF_DIR)
+    write_manifest(directory)  # hf/ included
     return directory
 
 

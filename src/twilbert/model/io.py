@@ -13,7 +13,7 @@ import shutil
 import tempfile
 import uuid
 from pathlib import Path
-from typing import Any, NamedTuple, Union
+from typing import Any, NamedTuple, Optional, Union
 
 import torch
 from safetensors import SafetensorError, safe_open
@@ -35,6 +35,13 @@ PathLike = Union[str, os.PathLike]
 
 class CheckpointError(RuntimeError):
     """A model directory is unreadable or does not fit the model; the message names the file or parameter."""
+
+
+def _manifest():
+    # Imported on use: twilbert.model.manifest imports CheckpointError from this module.
+    from twilbert.model import manifest
+
+    return manifest
 
 
 class LoadReport(NamedTuple):
@@ -106,7 +113,7 @@ def _fsync(path: Path) -> None:
 def _carry_extras(old: Path, new: Path) -> None:
     """Files other callers put in an existing model directory survive a re-save."""
     for entry in old.iterdir():
-        if entry.name in (WEIGHTS_NAME, CONFIG_NAME):
+        if entry.name in (WEIGHTS_NAME, CONFIG_NAME, _manifest().MANIFEST_NAME):
             continue
         target = new / entry.name
         if entry.is_dir():
@@ -123,10 +130,11 @@ def _link_or_copy(src: PathLike, dst: PathLike) -> None:
 
 
 def save_pretrained(directory: PathLike, model: nn.Module, config: dict) -> Path:
-    """Write ``model.safetensors`` and ``config.json`` to ``directory`` atomically.
+    """Write ``model.safetensors``, ``config.json`` and ``checksums.json`` to ``directory`` atomically.
 
     Everything is written into a temporary sibling directory which then replaces ``directory``,
-    so a crash leaves either the previous complete directory or the new one, never a mix.
+    so a crash leaves either the previous complete directory or the new one, never a mix. A caller
+    that adds files afterwards (e.g. the vocabulary) reseals it with ``manifest.write_manifest``.
     """
     directory = Path(directory)
     missing = [k for k in REQUIRED_KEYS if k not in config]
@@ -146,6 +154,8 @@ def save_pretrained(directory: PathLike, model: nn.Module, config: dict) -> Path
             _fsync(tmp / name)
         if directory.exists():
             _carry_extras(directory, tmp)
+        _manifest().write_manifest(tmp)
+        if directory.exists():
             old = directory.parent / f".{directory.name}.old-{uuid.uuid4().hex[:8]}"
             os.replace(directory, old)
             try:
@@ -179,8 +189,12 @@ def read_config_json(path: Path) -> dict:
     return config
 
 
-def load_pretrained_state(directory: PathLike) -> tuple[dict, dict[str, torch.Tensor]]:
-    """Read (config dict, state_dict) from a model directory: safetensors and JSON only, never pickle."""
+def load_pretrained_state(directory: PathLike, verify: Optional[bool] = None) -> tuple[dict, dict[str, torch.Tensor]]:
+    """Read (config dict, state_dict) from a model directory: safetensors and JSON only, never pickle.
+
+    The directory's ``checksums.json`` is verified first (``manifest.verify_model_dir``; ``verify``
+    None follows ``--no-verify`` / ``TWILBERT_NO_VERIFY``).
+    """
     directory = Path(directory)
     if not directory.is_dir():
         raise FileNotFoundError(f"{directory}: model directory not found")
@@ -190,6 +204,7 @@ def load_pretrained_state(directory: PathLike) -> tuple[dict, dict[str, torch.Te
         if not path.is_file():
             hint = " (pickle checkpoints such as pytorch_model.bin are never loaded)" if path == weights_path else ""
             raise FileNotFoundError(f"{path}: missing; a model directory holds {CONFIG_NAME} and {WEIGHTS_NAME}{hint}")
+    _manifest().verify_model_dir(directory, verify)
 
     config = read_config_json(config_path)
 

@@ -46,6 +46,7 @@ from twilbert.model.backbone import (
 )
 from twilbert.progress import EpochClock
 from twilbert.model.io import CONFIG_NAME, load_pretrained_state, save_pretrained
+from twilbert.model.manifest import verify_model_dir, write_manifest
 from twilbert.track import Tracker
 from twilbert.train.checkpoint import config_fingerprint, files_digest, package_paths, run_fingerprint
 from twilbert.train.kfold import FoldResult, KFoldOutcome, concat_examples, run_kfold
@@ -117,9 +118,10 @@ def build_classifier(encoder_config: dict, ft: FinetuningConfig, task: TaskConfi
     )
 
 
-def load_encoder_weights(model: TWilBertForClassification, pretrained_dir: Path) -> dict:
+def load_encoder_weights(model: TWilBertForClassification, pretrained_dir: Path,
+                         verify: Optional[bool] = None) -> dict:
     """Copy the pretrained encoder (``twilbert.*``) into the classifier; heads stay freshly initialised."""
-    config, state = load_pretrained_state(pretrained_dir)
+    config, state = load_pretrained_state(pretrained_dir, verify)
     encoder_state = {k: v for k, v in state.items() if k.startswith("twilbert.")}
     missing, unexpected = model.load_state_dict(encoder_state, strict=False)
     missing = [k for k in missing if k.startswith("twilbert.")]
@@ -167,6 +169,7 @@ class Fitted:
 
     def save(self, directory: Path, extra: dict) -> None:
         self.learner.save(self.model, directory, extra)
+        write_manifest(directory)  # after every file of every learner (vocabulary, hf/ included)
 
 
 @dataclass
@@ -327,12 +330,13 @@ def check_loss(ft: FinetuningConfig, task: TaskConfig) -> None:
 def twilbert_learner(cfg: Config, task: TaskConfig, ft: FinetuningConfig, pretrained_dir: Path,
                      tracker: Optional[Tracker], ctx: Optional[DistContext] = None) -> NeuralLearner:
     check_loss(ft, task)
+    verify_model_dir(pretrained_dir)  # once, before any work; each fold's model then loads unverified
     tokenizer = Tokenizer(pretrained_dir)
     encoder_config = json.loads((pretrained_dir / CONFIG_NAME).read_text(encoding="utf-8"))
 
     def new_model() -> nn.Module:
         model = build_classifier(encoder_config, ft, task)
-        load_encoder_weights(model, pretrained_dir)
+        load_encoder_weights(model, pretrained_dir, verify=False)
         return model
 
     def save_model(model: nn.Module, directory: Path, extra: dict) -> None:
@@ -408,7 +412,7 @@ def evaluate_learner(learner: Learner, splits: TaskData, max_len: int, test_len:
     base = {
         "task": task.name, "model": learner.kind, "model_name": learner.name,
         "official_metric": official_metric_name(task.task),
-        "dev_from_train": splits.dev_from_train, "test_is_dev": splits.test_is_dev,
+        "protocol": splits.protocol, "dev_from_train": splits.dev_from_train, "test_is_dev": splits.test_is_dev,
     }
     if not ft.kfold:
         train, dev = learner.prepare(splits.train, max_len), learner.prepare(splits.dev, test_len)
@@ -484,6 +488,7 @@ def _publish_fold(model_out: Path, fold: int, kfold_info: dict) -> None:
     config["kfold"] = kfold_info
     config_path.unlink()  # a hard link: rewrite a fresh file rather than the fold's
     config_path.write_text(json.dumps(config, indent=2) + "\n", encoding="utf-8")
+    write_manifest(model_out)  # the selected fold's manifest came along as a link: replace it
 
 
 @contextmanager
@@ -541,7 +546,7 @@ def finetune_task(cfg: Config, task: TaskConfig, pretrained_dir: Path, model_out
     seed_everything(cfg.seed, ctx.device)
     configure_matmul(ctx.device, ft.tf32)
     pretrained_dir, model_out, metrics_out = Path(pretrained_dir), Path(model_out), Path(metrics_out)
-    splits = splits if splits is not None else load_task(task, cfg.seed)
+    splits = splits if splits is not None else load_task(task, cfg.seed, ft.no_test_protocol)
     max_len = cfg.representation.max_len
     test_len = cfg.representation.max_len_test or max_len
     if ft.backbone == "twilbert":
@@ -566,6 +571,7 @@ def finetune_task(cfg: Config, task: TaskConfig, pretrained_dir: Path, model_out
         if ft.baseline_row and ft.backbone != "baseline":
             row = baseline_learner(cfg, task, ft, learner.preprocess)
             baseline = evaluate_learner(row, splits, max_len, test_len, staged / BASELINE_DIR).metrics
+        write_manifest(staged)  # last: covers the k-fold publish, folds/ and baseline/
 
     if tracker:
         tracker.log_metrics({f"test_{k}": v for k, v in run.metrics["test"].items()})

@@ -33,6 +33,7 @@ from twilbert.data.tokenizer import MASK_ID, N_SPECIAL, Tokenizer
 from twilbert.distributed import DistContext, iterate_rank_batches, loss_normalizer, n_rank_batches, wrap_ddp
 from twilbert.model import TWilBertForPretraining, count_parameters
 from twilbert.model.io import CheckpointError, LoadReport, load_into, load_pretrained_state, save_pretrained
+from twilbert.model.manifest import write_manifest
 from twilbert.track import Tracker
 from twilbert.progress import EpochClock
 from twilbert.train.checkpoint import config_fingerprint, files_digest, package_paths, run_fingerprint
@@ -418,6 +419,7 @@ def publish_best(model: TWilBertForPretraining, best: BestEpoch, config: dict, t
         shutil.rmtree(staged)
     shutil.copytree(best_dir, staged)
     tokenizer.copy_to(staged)
+    write_manifest(staged)  # the vocabulary files are part of the model: seal them too
     if out_dir.exists():
         shutil.rmtree(out_dir)
     staged.rename(out_dir)

@@ -1,0 +1,133 @@
+"""Checksummed model directories: ``checksums.json`` lists the sha256 of every file in the directory.
+
+Every writer of a model directory (``save_pretrained``, the pretrain and finetune stages, the
+baseline, ``export-hf``) seals it last with :func:`write_manifest`; every loader calls
+:func:`verify_model_dir` first, so a flipped byte in ``model.safetensors`` is refused with one line
+naming the file instead of silently giving other probabilities.
+
+The manifest is a DVC output like the files it lists, so it is deterministic: relative POSIX paths,
+sorted keys, no timestamps. Subdirectories (``folds/<i>/``, ``baseline/``, ``hf/``) are listed too;
+their own ``checksums.json`` are ordinary files of the parent's list.
+
+Users who edit a model's files on purpose pass ``--no-verify`` to the CLI commands, or set
+``TWILBERT_NO_VERIFY=1`` for the stages (a run-time switch, not a parameter: it changes no output).
+A directory without a manifest (written before checksums existed, or assembled by hand) loads
+with a warning.
+"""
+
+from __future__ import annotations
+
+import contextvars
+import hashlib
+import json
+import logging
+import os
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Iterator, Optional, Union
+
+from twilbert.io_utils import atomic_write
+from twilbert.model.io import CheckpointError
+
+log = logging.getLogger(__name__)
+
+MANIFEST_NAME = "checksums.json"
+NO_VERIFY_ENV = "TWILBERT_NO_VERIFY"
+PathLike = Union[str, "os.PathLike[str]"]
+
+_verify: contextvars.ContextVar[Optional[bool]] = contextvars.ContextVar("twilbert_verify", default=None)
+
+
+class ManifestError(CheckpointError):
+    """A model directory's files do not match its ``checksums.json``; the message names the file."""
+
+
+def sha256_file(path: Path) -> str:
+    with open(path, "rb") as fh:
+        return hashlib.file_digest(fh, "sha256").hexdigest()
+
+
+def _files(directory: Path) -> list[str]:
+    """Every file under ``directory`` (relative POSIX paths, sorted), but its own manifest."""
+    names = []
+    for path in directory.rglob("*"):
+        if path.is_file():
+            rel = path.relative_to(directory).as_posix()
+            if rel != MANIFEST_NAME:
+                names.append(rel)
+    return sorted(names)
+
+
+def manifest_text(directory: PathLike) -> str:
+    """The manifest content for ``directory`` as it is now: same files, same bytes."""
+    directory = Path(directory)
+    sums = {name: sha256_file(directory / name) for name in _files(directory)}
+    return json.dumps(sums, indent=2, sort_keys=True) + "\n"
+
+
+def write_manifest(directory: PathLike) -> Path:
+    """(Re)write ``directory/checksums.json`` atomically; call it after the last file is written."""
+    directory = Path(directory)
+    text = manifest_text(directory)
+    path = directory / MANIFEST_NAME
+    # Atomic replace, never an in-place write: the old manifest may be a hard link to a fold's.
+    with atomic_write(path) as fh:
+        fh.write(text)
+    return path
+
+
+@contextmanager
+def verification(enabled: bool) -> Iterator[None]:
+    """Turn load-time verification on or off within the block (the CLI's ``--no-verify``)."""
+    token = _verify.set(enabled)
+    try:
+        yield
+    finally:
+        _verify.reset(token)
+
+
+def verification_enabled(verify: Optional[bool] = None) -> bool:
+    """An explicit ``verify`` wins, then :func:`verification`, then ``TWILBERT_NO_VERIFY``; default on."""
+    if verify is not None:
+        return verify
+    if _verify.get() is not None:
+        return bool(_verify.get())
+    return os.environ.get(NO_VERIFY_ENV, "").strip().lower() not in ("1", "true", "yes", "on")
+
+
+def verify_model_dir(directory: PathLike, verify: Optional[bool] = None) -> None:
+    """Raise ManifestError unless every file ``checksums.json`` lists is present with its sha256.
+
+    No manifest: a warning (an older directory). Files the manifest does not list: a warning (they
+    are not verified). ``verify=False`` (or ``--no-verify`` / ``TWILBERT_NO_VERIFY=1``) skips the check.
+    """
+    directory = Path(directory)
+    if not verification_enabled(verify):
+        log.info("%s: checksums not verified (verification turned off)", directory)
+        return
+    path = directory / MANIFEST_NAME
+    if not path.is_file():
+        log.warning("%s: no %s, so its files cannot be verified (written by an older twilbert or by hand); "
+                    "re-save it to add one", directory, MANIFEST_NAME)
+        return
+    try:
+        sums = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise ManifestError(f"{path}: unreadable manifest ({err}); restore it, or pass --no-verify") from None
+    if not isinstance(sums, dict) or not all(isinstance(k, str) and isinstance(v, str) for k, v in sums.items()):
+        raise ManifestError(f"{path}: not a manifest (expected a JSON object of sha256 strings); "
+                            "restore it, or pass --no-verify")
+    fix = ("restore the model directory from its source (e.g. `dvc checkout`), or pass --no-verify "
+           f"({NO_VERIFY_ENV}=1 for stages) if you changed it on purpose")
+    for name in sorted(sums):
+        file = directory / name
+        if Path(name).is_absolute() or ".." in Path(name).parts:
+            raise ManifestError(f"{path}: entry {name!r} points outside the model directory")
+        if not file.is_file():
+            raise ManifestError(f"{file}: missing, but listed in {path}; {fix}")
+        if sha256_file(file) != sums[name]:
+            raise ManifestError(f"{file}: sha256 differs from {path} (corrupt or changed); {fix}")
+    unlisted = [name for name in _files(directory) if name not in sums]
+    if unlisted:
+        log.warning("%s: %d file(s) not in %s, not verified: %s", directory, len(unlisted), MANIFEST_NAME,
+                    ", ".join(unlisted[:5]))
