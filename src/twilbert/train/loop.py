@@ -1,6 +1,11 @@
 """One training loop for pretraining and finetuning: accumulation, bf16 autocast, clipping, logging,
 training checkpoints with exact resume, and DDP gradient sync.
 
+A step never waits for the device: the loss and counts of each micro-step stay where they were
+computed and are read in one transfer per logging window (``log_every`` optimizer steps), before each
+checkpoint and at the epoch's end (``Trainer.flush``), where the non-finite-loss guard runs too. On a
+GPU the host thus queues the next steps while the device computes.
+
 What differs between the two is the batch source and the loss function handed in. The loop owns
 where training stands (``LoopState``); a checkpoint of it, plus the weights, optimizer, scheduler
 and RNG states (``train.checkpoint``), is everything needed to continue as if never stopped.
