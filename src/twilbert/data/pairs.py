@@ -21,6 +21,7 @@ import numpy as np
 import torch
 
 from twilbert.data.tokenizer import CLS_ID, PAD_ID, SEP_ID, Tokenizer, pack_pairs
+from twilbert.io_utils import save_npz
 
 log = logging.getLogger(__name__)
 
@@ -64,7 +65,7 @@ def write_shards(out_dir: Path, examples: dict[str, np.ndarray], shard_size: int
     n_shards = max(1, math.ceil(n / shard_size))
     for s in range(n_shards):
         part = {k: v[s * shard_size : (s + 1) * shard_size] for k, v in examples.items()}
-        np.savez(out_dir / f"shard-{s:05d}.npz", **part)
+        save_npz(out_dir / f"shard-{s:05d}.npz", **part)
     return n_shards
 
 

@@ -17,10 +17,10 @@ from typing import Any, NamedTuple, Union
 
 import torch
 from safetensors import SafetensorError, safe_open
-from safetensors.torch import save_file
 from torch import nn
 
 from twilbert.config import ConfigError, ModelConfig, from_dict, to_dict
+from twilbert.model.safetensors_writer import save_file
 
 logger = logging.getLogger(__name__)
 
@@ -70,7 +70,7 @@ def model_config_from_dict(config: dict, where: str = CONFIG_NAME) -> tuple[Mode
 # --------------------------------------------------------------------------------------------
 
 
-def _untie(state_dict: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+def untie(state_dict: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
     """Keep one copy of each tensor; tied names (e.g. the MLM decoder) become aliases.
 
     safetensors refuses tensors that share storage, and storing a tied matrix twice would both
@@ -135,7 +135,7 @@ def save_pretrained(directory: PathLike, model: nn.Module, config: dict) -> Path
     if directory.exists() and not directory.is_dir():
         raise CheckpointError(f"{directory}: exists and is not a directory")
     config_text = json.dumps(config, indent=2)  # fails on unserialisable values before touching disk
-    tensors, aliases = _untie(model.state_dict())
+    tensors, aliases = untie(model.state_dict())
 
     directory.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{directory.name}.tmp-", dir=directory.parent))

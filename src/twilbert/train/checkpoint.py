@@ -37,12 +37,12 @@ from typing import Any, Iterable, Mapping, Optional, Union
 import numpy as np
 import torch
 from safetensors import SafetensorError, safe_open
-from safetensors.torch import save_file, save_model
 from torch import nn
 
 from twilbert import distributed
 from twilbert.io_utils import _fsync_dir as _fsync  # best-effort fsync of a file or directory
-from twilbert.model.io import CheckpointError, load_into
+from twilbert.model.io import CheckpointError, load_into, untie
+from twilbert.model.safetensors_writer import save_file
 
 log = logging.getLogger(__name__)
 
@@ -311,7 +311,9 @@ def _write(directory: Path, final: Path, model: nn.Module, optimizer, scheduler,
     tmp = final.with_name(final.name + ".tmp")
     tmp.mkdir()
     try:
-        save_model(distributed.unwrap(model), str(tmp / MODEL_FILE), metadata={"format": "pt"})
+        # Tied tensors are stored once; each alias is a metadata key naming the tensor kept.
+        weights, aliases = untie(distributed.unwrap(model).state_dict())
+        save_file(weights, tmp / MODEL_FILE, metadata={"format": "pt", **aliases})
         torch.save(optimizer.state_dict(), tmp / OPTIMIZER_FILE)
         if scheduler is not None:
             torch.save(scheduler.state_dict(), tmp / SCHEDULER_FILE)
@@ -509,7 +511,7 @@ def load_training_checkpoint(
         gradients, _ = _read_tensors(path / GRADIENTS_FILE)
     groups = {name: _read_tensors(path / f"{name}.safetensors")[0] for name in trainer["tensor_groups"]}
 
-    # Tied tensors were stored once; save_model recorded each dropped alias -> kept name.
+    # Tied tensors were stored once; the metadata maps each dropped alias -> the kept name.
     for alias, kept in metadata.items():
         if alias not in tensors and kept in tensors:
             tensors[alias] = tensors[kept]
