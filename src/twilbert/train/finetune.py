@@ -44,7 +44,9 @@ from twilbert.model import TWilBertForClassification
 from twilbert.model.backbone import (
     HFClassifier, TWilBertPacker, hf_packer, load_hf_backbone, save_hf_classifier, set_trainable,
 )
-from twilbert.model.io import CONFIG_NAME, load_pretrained_state, save_pretrained
+from twilbert.model.io import (
+    CONFIG_NAME, load_pretrained_state, model_config_from_dict, read_config_json, save_pretrained,
+)
 from twilbert.track import Tracker
 from twilbert.train.checkpoint import config_fingerprint, files_digest, package_paths, run_fingerprint
 from twilbert.train.kfold import FoldResult, KFoldOutcome, concat_examples, run_kfold
@@ -362,11 +364,27 @@ def check_loss(ft: FinetuningConfig, task: TaskConfig) -> None:
         raise ConfigError(f"tasks.{task.name}.finetuning.loss ({ft.loss!r}): {err}") from None
 
 
+def check_max_len(cfg: Config, task: TaskConfig, max_positions: int, pretrained_dir: Path) -> None:
+    """The packed rows (``[CLS] a [SEP] (b [SEP])``) must fit the pretrained model's positions
+    (``max_len_test`` is at most ``max_len``, checked on load)."""
+    segments = 2 if task.dataset.aux_header else 1
+    max_len = cfg.representation.max_len
+    width = segments * (max_len + 1) + 1
+    if width > max_positions:
+        raise ConfigError(
+            f"representation.max_len={max_len} gives rows of {width} tokens for task {task.name!r}, more than the "
+            f"{max_positions} positions of {pretrained_dir}; lower representation.max_len or pretrain with a "
+            "larger one"
+        )
+
+
 def twilbert_learner(cfg: Config, task: TaskConfig, ft: FinetuningConfig, pretrained_dir: Path,
                      tracker: Optional[Tracker], ctx: Optional[DistContext] = None) -> NeuralLearner:
     check_loss(ft, task)
     tokenizer = Tokenizer(pretrained_dir)
-    encoder_config = json.loads((pretrained_dir / CONFIG_NAME).read_text(encoding="utf-8"))
+    encoder_config = read_config_json(pretrained_dir / CONFIG_NAME)
+    _, _, max_positions = model_config_from_dict(encoder_config, str(pretrained_dir / CONFIG_NAME))
+    check_max_len(cfg, task, max_positions, pretrained_dir)
 
     def new_model() -> nn.Module:
         model = build_classifier(encoder_config, ft, task)
