@@ -618,8 +618,14 @@ def compose(overrides: Optional[list[str]] = None, config_dir: Union[str, Path] 
     """Compose ``conf/`` with Hydra overrides into the plain dict DVC writes to params.yaml."""
     from hydra import compose as hydra_compose
     from hydra import initialize_config_dir
+    from hydra.errors import HydraException
     from omegaconf import OmegaConf
+    from omegaconf.errors import OmegaConfBaseException
 
-    with initialize_config_dir(config_dir=str(Path(config_dir).resolve()), version_base=None):
-        cfg = hydra_compose(config_name="config", overrides=list(overrides or []))
-    return OmegaConf.to_container(cfg, resolve=True)
+    try:
+        with initialize_config_dir(config_dir=str(Path(config_dir).resolve()), version_base=None):
+            cfg = hydra_compose(config_name="config", overrides=list(overrides or []))
+        return OmegaConf.to_container(cfg, resolve=True)
+    except (HydraException, OmegaConfBaseException) as err:  # a bad override or conf/ file: the user's to fix
+        text = "; ".join(line.strip() for line in str(err).splitlines() if line.strip()) or type(err).__name__
+        raise ConfigError(f"{config_dir}/ with overrides {list(overrides or [])}: {text}") from None

@@ -9,6 +9,8 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import IO, Iterator, Optional, Union
 
+from twilbert.errors import naming
+
 PathLike = Union[str, "os.PathLike[str]"]
 
 
@@ -24,23 +26,24 @@ def atomic_write(
     if mode not in ("w", "wb"):
         raise ValueError(f"atomic_write mode must be 'w' or 'wb', got {mode!r}")
     path = Path(path)
-    tmp, fd = _create_temp(path)
-    try:
-        if mode == "wb":
-            handle = os.fdopen(fd, "wb")
-        else:
-            handle = os.fdopen(fd, "w", encoding=encoding, newline=newline)
-        with handle:
-            yield handle
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(tmp, path)
-    except BaseException:
+    with naming(path):  # a full disk met by write() names no file: name the one being written
+        tmp, fd = _create_temp(path)
         try:
-            os.unlink(tmp)
-        except FileNotFoundError:
-            pass
-        raise
+            if mode == "wb":
+                handle = os.fdopen(fd, "wb")
+            else:
+                handle = os.fdopen(fd, "w", encoding=encoding, newline=newline)
+            with handle:
+                yield handle
+                handle.flush()
+                os.fsync(handle.fileno())
+            os.replace(tmp, path)
+        except BaseException:
+            try:
+                os.unlink(tmp)
+            except FileNotFoundError:
+                pass
+            raise
     _fsync_dir(path.parent)
 
 

@@ -22,6 +22,11 @@ from twilbert.io_utils import atomic_write
 
 log = logging.getLogger(__name__)
 
+
+class MetricsFileError(ValueError):
+    """A per-task metrics file is unreadable or incomplete, or there is none; the message names it."""
+
+
 COLUMNS = ("mp", "mr", "mf1", "f1", "acc")
 HEADERS = {"mp": "MP", "mr": "MR", "mf1": "MF1", "f1": "F1", "acc": "Acc"}
 # Shown beside the official metric when a task reports them (SemEval's micro F1, stance F1...).
@@ -58,7 +63,7 @@ def read_metrics(path: Path) -> Optional[dict]:
     try:
         data = json.loads(path.read_text(encoding="utf-8"))
     except (OSError, json.JSONDecodeError) as err:
-        raise ValueError(f"{path}: not a readable metrics file ({err})") from None
+        raise MetricsFileError(f"{path}: not a readable metrics file ({err})") from None
     if isinstance(data, dict) and "skipped" in data:  # e.g. baseline.json when no baseline row ran
         log.info("%s: skipped (%s)", path, data["skipped"])
         return None
@@ -67,10 +72,10 @@ def read_metrics(path: Path) -> Optional[dict]:
         return None
     missing = [k for k in REQUIRED_KEYS if k not in data]
     if missing:
-        raise ValueError(f"{path}: metrics file lacks {missing} (expected keys: {', '.join(REQUIRED_KEYS)})")
+        raise MetricsFileError(f"{path}: metrics file lacks {missing} (expected keys: {', '.join(REQUIRED_KEYS)})")
     for split in ("dev", "test"):
         if "official" not in data[split]:
-            raise ValueError(f"{path}: {split!r} has no 'official' score")
+            raise MetricsFileError(f"{path}: {split!r} has no 'official' score")
     return {**data, "model": data.get("model") or path.stem, "file": path.name}
 
 
@@ -242,7 +247,7 @@ def write_results(
     """
     rows = collect(metrics_files)
     if not rows:
-        raise ValueError("evaluate: no per-task metrics files found; did the finetune stages run?")
+        raise MetricsFileError("evaluate: no per-task metrics files found; did the finetune stages run?")
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     md = results_markdown(rows, title, labels)

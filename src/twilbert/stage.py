@@ -52,16 +52,18 @@ def load_stage_config(overrides: list[str], params: str = PARAMS_FILE) -> tuple[
 
 
 def run(main: Callable[[], None]) -> None:
-    """Run a stage; expected failures print one clear line (no traceback) and exit with status 2."""
+    """Run a stage; expected failures print one ``error:`` line (no traceback) and exit with status 2.
+
+    Unexpected errors (bugs) keep their traceback.
+    """
     setup_logging()
-    from twilbert.data.corpus import DataStageError
-    from twilbert.data.formats import DataFormatError
-    from twilbert.data.tasks import TaskFilesError
-    from twilbert.train.loop import NonFiniteLossError
+    from twilbert.errors import EXIT_USER_ERROR, user_message
 
     try:
         main()
-    except (ConfigError, DataFormatError, DataStageError, TaskFilesError, FileNotFoundError,
-            NonFiniteLossError) as err:
-        log.error("%s", err)
-        sys.exit(2)
+    except Exception as err:
+        message = user_message(err)
+        if message is None:
+            raise
+        print(f"error: {message}", file=sys.stderr)
+        sys.exit(EXIT_USER_ERROR)

@@ -20,6 +20,7 @@ from safetensors import SafetensorError, safe_open
 from torch import nn
 
 from twilbert.config import ConfigError, ModelConfig, from_dict, to_dict
+from twilbert.errors import naming
 from twilbert.model.safetensors_writer import save_file
 
 logger = logging.getLogger(__name__)
@@ -137,6 +138,13 @@ def save_pretrained(directory: PathLike, model: nn.Module, config: dict) -> Path
     config_text = json.dumps(config, indent=2)  # fails on unserialisable values before touching disk
     tensors, aliases = untie(model.state_dict())
 
+    with naming(directory):  # a full disk met by write() names no file: name the directory
+        _save_staged(directory, tensors, aliases, config_text)
+    logger.info("saved %d tensors (%d tied) to %s", len(tensors), len(aliases), directory)
+    return directory
+
+
+def _save_staged(directory: Path, tensors: dict[str, torch.Tensor], aliases: dict[str, str], config_text: str) -> None:
     directory.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{directory.name}.tmp-", dir=directory.parent))
     try:
@@ -159,8 +167,6 @@ def save_pretrained(directory: PathLike, model: nn.Module, config: dict) -> Path
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-    logger.info("saved %d tensors (%d tied) to %s", len(tensors), len(aliases), directory)
-    return directory
 
 
 # --------------------------------------------------------------------------------------------

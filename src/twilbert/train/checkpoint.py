@@ -40,6 +40,7 @@ from safetensors import SafetensorError, safe_open
 from torch import nn
 
 from twilbert import distributed
+from twilbert.errors import naming
 from twilbert.io_utils import _fsync_dir as _fsync  # best-effort fsync of a file or directory
 from twilbert.model.io import CheckpointError, load_into, untie
 from twilbert.model.safetensors_writer import save_file
@@ -293,7 +294,8 @@ def save_training_checkpoint(
     final = directory / checkpoint_name(state["micro_steps"])
     distributed.barrier()
     if distributed.rank() == 0:
-        _write(directory, final, model, optimizer, scheduler, gradients, tensors, trainer_text)
+        with naming(final):  # a full disk met by write() names no file: name the checkpoint
+            _write(directory, final, model, optimizer, scheduler, gradients, tensors, trainer_text)
         _prune(directory, keep, int(state["micro_steps"]))
     distributed.barrier()
     return final

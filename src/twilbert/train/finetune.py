@@ -39,13 +39,14 @@ from twilbert.distributed import DistContext, n_rank_batches, rank_batch_indices
 from twilbert.data.preprocess import Preprocessor
 from twilbert.data.tasks import TaskData, load_task
 from twilbert.data.tokenizer import META_FILE, Tokenizer
+from twilbert.errors import naming
 from twilbert.io_utils import atomic_write
 from twilbert.model import TWilBertForClassification
 from twilbert.model.backbone import (
     HFClassifier, TWilBertPacker, hf_packer, load_hf_backbone, save_hf_classifier, set_trainable,
 )
 from twilbert.model.io import (
-    CONFIG_NAME, load_pretrained_state, model_config_from_dict, read_config_json, save_pretrained,
+    CONFIG_NAME, CheckpointError, load_pretrained_state, model_config_from_dict, read_config_json, save_pretrained,
 )
 from twilbert.track import Tracker
 from twilbert.train.checkpoint import config_fingerprint, files_digest, package_paths, run_fingerprint
@@ -135,7 +136,7 @@ def load_encoder_weights(model: TWilBertForClassification, pretrained_dir: Path)
     missing, unexpected = model.load_state_dict(encoder_state, strict=False)
     missing = [k for k in missing if k.startswith("twilbert.")]
     if missing:
-        raise ValueError(f"{pretrained_dir}: pretrained weights lack encoder parameters {missing[:5]}")
+        raise CheckpointError(f"{pretrained_dir}: pretrained weights lack encoder parameters {missing[:5]}")
     return config
 
 
@@ -549,12 +550,13 @@ def staged_directory(final: Path) -> Iterator[Path]:
     final.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.tmp-", dir=final.parent))
     try:
-        staged = tmp / final.name
-        staged.mkdir()
-        yield staged
-        if final.exists():
-            os.replace(final, tmp / "previous")
-        os.replace(staged, final)
+        with naming(final):  # a full disk met by write() names no file: name the output directory
+            staged = tmp / final.name
+            staged.mkdir()
+            yield staged
+            if final.exists():
+                os.replace(final, tmp / "previous")
+            os.replace(staged, final)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
 

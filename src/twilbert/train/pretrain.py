@@ -25,7 +25,7 @@ import torch
 import torch.nn.functional as F
 
 from twilbert import distributed
-from twilbert.config import Config, MaskedLMConfig, to_dict
+from twilbert.config import Config, ConfigError, MaskedLMConfig, to_dict
 from twilbert.data.masking import IGNORE_INDEX, mask_tokens
 from twilbert.data.pairs import SHARD_KEYS, PairBatch, iterate_batches, load_shards, make_batch
 from twilbert.data.tokenizer import MASK_ID, N_SPECIAL, Tokenizer
@@ -305,7 +305,7 @@ def pretrain(cfg: Config, pairs_dir: Path, vocab_dir: Path, out_dir: Path, check
     tokenizer = Tokenizer(vocab_dir)
     meta = json.loads((pairs_dir / "meta.json").read_text())
     if meta["max_len"] != cfg.representation.max_len:
-        raise ValueError(
+        raise ConfigError(
             f"{pairs_dir}/meta.json: pairs were packed with max_len={meta['max_len']} but "
             f"representation.max_len={cfg.representation.max_len}; rerun the pairs stage"
         )
