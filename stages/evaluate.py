@@ -4,7 +4,7 @@
 import argparse
 from pathlib import Path
 
-from twilbert.results import collect, task_metrics_files, tracked_metrics, write_results
+from twilbert.results import collect, render_results, task_metrics_files, tracked_metrics, write_rendered
 from twilbert.stage import load_stage_config, parse_args, run
 from twilbert.track import Tracker
 
@@ -21,13 +21,15 @@ def main() -> None:
         raise FileNotFoundError(f"evaluate: missing per-task metrics {missing}; run the finetune stages")
     files = [f for name in cfg.tasks for f in task_metrics_files(args.tasks_dir / name)]
     shown = {name: task.compare_as for name, task in cfg.tasks.items() if task.compare_as}
-    table = write_results(files, args.out, labels=shown)
+    rendered = render_results(files, labels=shown)  # reads and checks every metrics file, writes nothing
     tracker = Tracker(cfg.tracking, stage="evaluate")
+    # The store is probed before any output is written: under tracking.on_unreachable=fail nothing is.
     with tracker.start({"tasks": ",".join(sorted(cfg.tasks))}, run_name="evaluate"):
+        write_rendered(rendered, args.out)
         tracker.log_metrics(tracked_metrics(collect(files)))
         for name in ("results.md", "results.csv"):
             tracker.log_artifact(args.out / name)
-    print(table)
+    print(rendered["results.md"])
 
 
 if __name__ == "__main__":

@@ -235,26 +235,42 @@ def results_markdown(rows: list[dict], title: str, labels: Optional[Mapping[str,
     return text
 
 
-def write_results(
+RESULT_FILES = ("results.md", "results.csv", "metrics.json")
+
+
+def render_results(
     metrics_files: Iterable[Path],
-    out_dir: Path,
     labels: Optional[Mapping[str, str]] = None,
     title: str = "twilbert results",
-) -> str:
-    """Write results.md, results.csv and metrics.json under ``out_dir``; return the markdown.
+) -> dict[str, str]:
+    """The text of results.md, results.csv and metrics.json; every metrics file is read and checked,
+    nothing is written (so a stage can check its other preconditions before writing).
 
     ``labels`` renames tasks in the tables (task -> shown name); the CSV keeps both.
     """
     rows = collect(metrics_files)
     if not rows:
         raise MetricsFileError("evaluate: no per-task metrics files found; did the finetune stages run?")
+    return {"results.md": results_markdown(rows, title, labels), "results.csv": csv_table(rows, labels),
+            "metrics.json": json.dumps(summary_metrics(rows), indent=2)}
+
+
+def write_rendered(rendered: Mapping[str, str], out_dir: Path) -> None:
+    """Write what :func:`render_results` returned under ``out_dir``, each file atomically."""
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    md = results_markdown(rows, title, labels)
-    with atomic_write(out_dir / "results.md") as fh:
-        fh.write(md)
-    with atomic_write(out_dir / "results.csv") as fh:
-        fh.write(csv_table(rows, labels))
-    with atomic_write(out_dir / "metrics.json") as fh:
-        json.dump(summary_metrics(rows), fh, indent=2)
-    return md
+    for name in RESULT_FILES:
+        with atomic_write(out_dir / name) as fh:
+            fh.write(rendered[name])
+
+
+def write_results(
+    metrics_files: Iterable[Path],
+    out_dir: Path,
+    labels: Optional[Mapping[str, str]] = None,
+    title: str = "twilbert results",
+) -> str:
+    """Write results.md, results.csv and metrics.json under ``out_dir``; return the markdown."""
+    rendered = render_results(metrics_files, labels, title)
+    write_rendered(rendered, out_dir)
+    return rendered["results.md"]

@@ -205,7 +205,8 @@ def load_pretrained_state(directory: PathLike) -> tuple[dict, dict[str, torch.Te
             state = {name: f.get_tensor(name) for name in f.keys()}
         aliases = json.loads(metadata.get(_TIED_KEY, "{}"))
     except (SafetensorError, OSError, ValueError) as err:
-        raise CheckpointError(f"{weights_path}: corrupt or not a safetensors file ({err})") from None
+        raise CheckpointError(f"{weights_path}: corrupt or not a safetensors file ({err}); rerun the stage that "
+                              "wrote it (pickle files are never loaded)") from None
     for alias, stored in aliases.items():
         if stored not in state:
             raise CheckpointError(f"{weights_path}: tied tensor {alias!r} points at missing {stored!r}")
