@@ -13,6 +13,7 @@ from twilbert.config import ConfigError
 from twilbert.distributed import distributed_context
 from twilbert.stage import load_stage_config, parse_args, run
 from twilbert.track import Tracker
+from twilbert.train.checkpoint import checkpoint_lock
 from twilbert.train.finetune import finetune_task
 
 
@@ -32,7 +33,9 @@ def main() -> None:
     ft = task.finetuning_config(cfg.finetuning)
     params = {"seed": cfg.seed, "finetuning": asdict(ft), "representation": raw["representation"],
               "task": raw["tasks"][args.task]}
-    with distributed_context(ft.device) as ctx:
+    # One writer per checkpoint directory: a second run beside a live one is refused, naming its PID.
+    with distributed_context(ft.device) as ctx, \
+            checkpoint_lock(args.checkpoints, enabled=ctx.is_main and args.checkpoints is not None):
         tracker = Tracker(cfg.tracking, stage="finetune", enabled=ctx.is_main)
         with tracker.start(params, run_name=f"finetune-{args.task}"):
             metrics = finetune_task(cfg, task, args.pretrained, args.model_out or Path("models/finetuned") / args.task,

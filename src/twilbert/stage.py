@@ -58,6 +58,9 @@ def run(main: Callable[[], None]) -> None:
     """
     setup_logging()
     from twilbert.errors import EXIT_USER_ERROR, user_message
+    from twilbert.lifeline import die_with_launcher
+
+    die_with_launcher()  # under DVC: no orphan keeps writing after `dvc repro` is killed
 
     try:
         main()
