@@ -137,6 +137,7 @@ INVALID_VALUES = [
     ("data.evomsa_sha256", "abc"),
     ("data.orig_text_header", ""),
     ("tracking.experiment", ""),
+    ("runtime.threads", -2),
     # a task's own finetuning overrides and its dataset/labels
     ("tasks.tass_default.finetuning.optimizer", "foo"),
     ("tasks.tass_default.finetuning.loss", "foo"),

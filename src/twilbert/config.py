@@ -409,6 +409,16 @@ class TrackingConfig:
 
 
 @dataclass
+class RuntimeConfig:
+    """How the stages use this machine (not a DVC param): speed, and the last bits of float results."""
+
+    threads: Optional[int] = None  # torch intra-op threads; null or 0: the cores shared among concurrent DVC jobs
+
+    def validate(self, where: str = "runtime") -> None:
+        _non_negative(self, where, "threads")
+
+
+@dataclass
 class Config:
     seed: int = 1234
     data: DataConfig = field(default_factory=DataConfig)
@@ -420,6 +430,7 @@ class Config:
     finetuning: FinetuningConfig = field(default_factory=FinetuningConfig)
     tasks: dict[str, TaskConfig] = field(default_factory=dict)
     tracking: TrackingConfig = field(default_factory=TrackingConfig)
+    runtime: RuntimeConfig = field(default_factory=RuntimeConfig)
     # Tweet normalization; a PreprocessConfig after validate() (defined beside the code it drives).
     preprocess: Any = None
 
@@ -437,6 +448,7 @@ class Config:
         self.model.validate()
         self.training.validate()
         self.finetuning.validate()
+        self.runtime.validate()
         for name, task in self.tasks.items():
             task.name = task.name or name
             task.validate(f"tasks.{name}", self.finetuning)

@@ -16,6 +16,7 @@ from typing import Callable, Optional
 import yaml
 
 from twilbert.config import Config, ConfigError, compose, load_config
+from twilbert.runtime import apply_threads
 
 log = logging.getLogger("twilbert")
 
@@ -48,7 +49,9 @@ def load_stage_config(overrides: list[str], params: str = PARAMS_FILE) -> tuple[
         if not path.is_file():
             raise ConfigError(f"{path}: not found; run `make params` (or pass Hydra overrides) first")
         raw = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
-    return load_config(raw), raw
+    cfg = load_config(raw)
+    apply_threads(cfg.runtime.threads)
+    return cfg, raw
 
 
 def run(main: Callable[[], None]) -> None:
