@@ -75,14 +75,15 @@ def concurrent_jobs() -> int:
     return max(1, sum(1 for n in nodes if n is not None and n.startswith(prefix)))
 
 
-def auto_threads(cores: int, jobs: int, local_ranks: int = 1) -> int:
-    """The cores divided among the jobs (and, under torchrun, among a job's ranks); at least 1."""
-    return max(1, cores // max(1, jobs * local_ranks))
+def auto_threads(base: int, jobs: int, local_ranks: int = 1) -> int:
+    """``base`` threads divided among the jobs (and, under torchrun, among a job's ranks); at least 1."""
+    return max(1, base // max(1, jobs * local_ranks))
 
 
 def apply_threads(threads: Optional[int]) -> Optional[int]:
-    """Set torch's intra-op threads: ``threads`` when > 0; else (null or 0, auto) the cores shared
-    among concurrent jobs, unless OMP_NUM_THREADS says otherwise. Returns the count set, if any.
+    """Set torch's intra-op threads: ``threads`` when > 0; else (null or 0, auto) torch's own default
+    (one per physical core) divided among the concurrent jobs, left alone outside a queue and when
+    OMP_NUM_THREADS is set. Returns the count set, if any.
 
     Only in processes that use torch (already imported): the data and vocab stages do not.
     """
@@ -91,14 +92,16 @@ def apply_threads(threads: Optional[int]) -> Optional[int]:
     import torch
 
     if threads:
-        n = threads
-        how = "runtime.threads"
+        n, how = threads, "runtime.threads"
     elif os.environ.get("OMP_NUM_THREADS"):
         return None  # the user's (or the test runner's) explicit choice stands
     else:
         jobs, ranks = concurrent_jobs(), int(os.environ.get("LOCAL_WORLD_SIZE", "1") or 1)
-        n = auto_threads(cpu_cores(), jobs, ranks)
-        how = f"auto: {cpu_cores()} cores / ({jobs} DVC job(s) x {ranks} rank(s))"
+        if jobs * ranks == 1:
+            return None  # the only job: torch's default
+        base = min(torch.get_num_threads(), cpu_cores())
+        n = auto_threads(base, jobs, ranks)
+        how = f"auto: {base} threads / ({jobs} DVC job(s) x {ranks} rank(s))"
     torch.set_num_threads(n)
     log.info("torch intra-op threads: %d (%s)", n, how)
     return n
