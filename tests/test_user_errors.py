@@ -163,3 +163,49 @@ def test_the_cli_reports_a_missing_input_in_one_line(tmp_path, capsys):
     err = capsys.readouterr().err.strip().splitlines()
     assert code == 2 and len(err) == 1 and err[0].startswith("error: ") and "absent.txt" in err[0]
     assert not (tmp_path / "x.npy").exists()
+
+
+TRACKED_RUN = """\
+import sys
+from twilbert.config import TrackingConfig
+from twilbert.stage import setup_logging
+from twilbert.track import Tracker
+
+setup_logging()
+tracker = Tracker(TrackingConfig(uri=sys.argv[1]), stage="pretrain")
+with tracker.start({"model": {"n_encoders": 2}}):
+    tracker.log_metrics({"loss": 1.0})
+print("trained")
+"""
+
+
+@pytest.mark.skipif(not hasattr(os, "geteuid"), reason="POSIX permissions")
+@pytest.mark.parametrize("read_only", ["file", "directory"])
+def test_a_read_only_store_gives_one_warning_line_not_mlflows_traceback(read_only):
+    import shutil
+    import tempfile
+
+    as_user: list[str] = []
+    if os.geteuid() == 0:  # root ignores permissions: run the tracked process as nobody
+        if not shutil.which("setpriv"):
+            pytest.skip("running as root without setpriv")
+        as_user = ["setpriv", "--reuid", "65534", "--regid", "65534", "--clear-groups"]
+    root = Path(tempfile.mkdtemp(prefix="twilbert-ro-"))
+    try:
+        root.chmod(0o755)
+        store = f"sqlite:///{root / 'mlflow.db'}"
+        env = {**os.environ, "PYTHONPATH": str(REPO / "src"), "HOME": str(root), "TMPDIR": str(root / "tmp")}
+        (root / "tmp").mkdir(mode=0o777)
+        (root / "tmp").chmod(0o777)
+        subprocess.run([sys.executable, "-c", TRACKED_RUN, store], env=env, check=True, capture_output=True,
+                       timeout=300)  # the store exists, with its tables
+        (root / "mlflow.db").chmod(0o444 if read_only == "file" else 0o666)
+        root.chmod(0o755 if read_only == "file" else 0o555)  # no journal can be created beside it
+        proc = subprocess.run([*as_user, sys.executable, "-c", TRACKED_RUN, store], env=env, capture_output=True,
+                              text=True, timeout=300, cwd=root / "tmp")
+        assert proc.returncode == 0 and proc.stdout.strip() == "trained", proc.stderr[-3000:]
+        lines = proc.stderr.strip().splitlines()
+        assert len(lines) == 1 and "WARNING twilbert.track" in lines[0], proc.stderr[-3000:]
+    finally:
+        root.chmod(0o755)
+        shutil.rmtree(root, ignore_errors=True)
