@@ -9,7 +9,7 @@ import os
 from pathlib import Path
 
 from twilbert.plots import write_finetune_curves, write_pngs
-from twilbert.results import collect, headline_metrics, task_metrics_files, tracked_metrics, write_results
+from twilbert.results import collect, headline_metrics, render_results, task_metrics_files, tracked_metrics, write_rendered
 from twilbert.stage import load_stage_config, parse_args, run
 from twilbert.track import Tracker
 
@@ -30,25 +30,28 @@ def main() -> str:
         raise FileNotFoundError(f"evaluate: missing per-task metrics {missing}; run the finetune stages")
     files = [f for name in cfg.tasks for f in task_metrics_files(args.tasks_dir / name)]
     shown = {name: task.compare_as for name, task in cfg.tasks.items() if task.compare_as}
-    epochs = {name: args.tasks_dir / name / "epochs.csv" for name in cfg.tasks}
-    curves = write_finetune_curves(epochs, args.curves_out) if args.curves_out else {}
-    pngs = write_pngs(args.plots_out, args.pretrain_curves, curves) if args.plots_out else []
-    table = write_results(files, args.out, labels=shown,
-                          plots=[Path(os.path.relpath(p, args.out)).as_posix() for p in pngs])
+    render_results(files, labels=shown)  # reads and checks every metrics file, writes nothing
     pretrain = None
     if args.pretrain_metrics and args.pretrain_metrics.is_file():
         pretrain = json.loads(args.pretrain_metrics.read_text(encoding="utf-8"))
     rows = collect(files)
     headline = headline_metrics(rows, pretrain)
     tracker = Tracker(cfg.tracking, stage="evaluate")
+    # The store is probed before any output is written: under tracking.on_unreachable=fail nothing is.
     with tracker.start({"tasks": ",".join(sorted(cfg.tasks))}, run_name="evaluate", experiment_params=raw):
+        epochs = {name: args.tasks_dir / name / "epochs.csv" for name in cfg.tasks}
+        curves = write_finetune_curves(epochs, args.curves_out) if args.curves_out else {}
+        pngs = write_pngs(args.plots_out, args.pretrain_curves, curves) if args.plots_out else []
+        rendered = render_results(files, labels=shown,
+                                  plots=[Path(os.path.relpath(p, args.out)).as_posix() for p in pngs])
+        write_rendered(rendered, args.out)
         tracker.log_metrics(tracked_metrics(rows))
         tracker.log_experiment_metrics(headline)
         for name in ("results.md", "results.csv"):
             tracker.log_artifact(args.out / name)
         for png in pngs:
             tracker.log_artifact(png, "plots")
-    print(table)
+    print(rendered["results.md"])
     tests = ", ".join(f"{k.removesuffix('.test_official')} {v:.4f}" for k, v in headline.items()
                       if k.endswith(".test_official") and k.count(".") == 1)
     return f"test official: {tests}; {len(pngs)} plots -> {args.out}"

@@ -15,6 +15,7 @@ from twilbert.data.tasks import load_task
 from twilbert.distributed import distributed_context
 from twilbert.stage import load_stage_config, parse_args, run
 from twilbert.track import Tracker
+from twilbert.train.checkpoint import checkpoint_lock
 from twilbert.train.finetune import finetune_task
 
 
@@ -35,7 +36,9 @@ def main() -> Optional[str]:
     params = {"seed": cfg.seed, "finetuning": asdict(ft), "representation": raw["representation"],
               "task": raw["tasks"][args.task]}
     splits = load_task(task, cfg.seed, ft.no_test_protocol)  # bad task files fail here, before an MLflow run is opened
-    with distributed_context(ft.device) as ctx:
+    # One writer per checkpoint directory: a second run beside a live one is refused, naming its PID.
+    with distributed_context(ft.device) as ctx, \
+            checkpoint_lock(args.checkpoints, enabled=ctx.is_main and args.checkpoints is not None):
         tracker = Tracker(cfg.tracking, stage="finetune", enabled=ctx.is_main)
         with tracker.start(params, run_name=f"finetune-{args.task}", experiment_params=raw):
             model_out = args.model_out or Path("models/finetuned") / args.task

@@ -25,14 +25,15 @@ def main() -> str:
     tcfg = cfg.training
     report, metrics = inspect_model(args.model, args.pairs, args.samples, cfg.seed, tcfg.batch_size,
                                     tcfg.pll_examples, resolve_device(tcfg.device), tcfg.precision)
-    for path in (args.out, args.metrics):
-        path.parent.mkdir(parents=True, exist_ok=True)
-    with atomic_write(args.out) as fh:
-        fh.write(report)
-    with atomic_write(args.metrics) as fh:
-        json.dump(metrics, fh, indent=2)
     tracker = Tracker(cfg.tracking, stage="inspect")
+    # The store is probed before any output is written: under tracking.on_unreachable=fail nothing is.
     with tracker.start({"model": str(args.model), "pairs": str(args.pairs)}, run_name="inspect", experiment_params=raw):
+        for path in (args.out, args.metrics):
+            path.parent.mkdir(parents=True, exist_ok=True)
+        with atomic_write(args.out) as fh:
+            fh.write(report)
+        with atomic_write(args.metrics) as fh:
+            json.dump(metrics, fh, indent=2)
         tracker.log_metrics(metrics)
         tracker.log_artifact(args.out)
         tracker.log_experiment_metrics({f"inspect.{k}": v for k, v in metrics.items()})

@@ -15,6 +15,7 @@ from twilbert.progress import format_metrics
 from twilbert.results import PRETRAIN_HEADLINE, pretrain_headline
 from twilbert.stage import load_stage_config, parse_args, run
 from twilbert.track import Tracker
+from twilbert.train.checkpoint import checkpoint_lock
 from twilbert.train.pretrain import pretrain
 
 
@@ -29,7 +30,8 @@ def main() -> Optional[str]:
     args, overrides = parse_args(parser)
     cfg, raw = load_stage_config(overrides)
     params = {k: raw[k] for k in ("seed", "model", "training", "representation", "vocab") if k in raw}
-    with distributed_context(cfg.training.device) as ctx:
+    # One writer per checkpoint directory: a second run beside a live one is refused, naming its PID.
+    with distributed_context(cfg.training.device) as ctx, checkpoint_lock(args.checkpoints, enabled=ctx.is_main):
         tracker = Tracker(cfg.tracking, stage="pretrain", enabled=ctx.is_main)
         with tracker.start(params, run_name=f"pretrain-{cfg.model.name}", experiment_params=raw):
             metrics = pretrain(cfg, args.pairs, args.vocab, args.out, args.checkpoints, tracker, ctx, args.curves)

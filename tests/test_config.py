@@ -1,3 +1,4 @@
+import re
 from pathlib import Path
 
 import pytest
@@ -84,3 +85,87 @@ def test_compare_as_must_name_a_task(tiny_raw):
     tiny_raw["tasks"]["tass_default"]["compare_as"] = "coset17"
     with pytest.raises(ConfigError, match=r"tasks\.tass_default\.compare_as 'coset17' is not a task"):
         load_config(tiny_raw)
+
+
+def set_dotted(raw: dict, key: str, value) -> None:
+    *parents, last = key.split(".")
+    node = raw
+    for part in parents:
+        node = node.setdefault(part, {})  # a task's `finetuning:` overrides may be absent
+    node[last] = value
+
+
+# Each value is refused on load, before any work, with a message naming its key.
+INVALID_VALUES = [
+    # the 17 an independent probe found accepted (issue 11)
+    ("representation.max_len", 100000),
+    ("representation.max_len_test", 0),
+    ("training.optimizer", "foo"),
+    ("finetuning.optimizer", "foo"),
+    ("finetuning.loss", "foo"),
+    ("training.device", "tpu"),
+    ("training.weight_decay", -1),
+    ("training.max_grad_norm", -1),
+    ("model.intermediate_size", -5),
+    ("model.rop.hidden_size", -3),
+    ("model.rop.n_hidden", -1),
+    ("model.layer_norm_eps", -1),
+    ("model.initializer_range", -1),
+    ("model.attention_size", -8),
+    ("vocab.vocab_size", 100000000),
+    ("pairs.heldout_fraction", 1.5),
+    ("pairs.shard_size", 0),
+    # and what a reading of config.py found unchecked
+    ("seed", -1),
+    ("seed", 2**32),
+    ("model.name", " "),
+    ("model.pkm_params.value_lr", 0),
+    ("model.pkm_params.value_size", 0),
+    ("representation.max_len_test", -4),
+    ("vocab.character_coverage", 0),
+    ("vocab.character_coverage", 1.5),
+    ("pairs.heldout_fraction", -0.1),
+    ("training.lr", float("nan")),
+    ("training.max_grad_norm", 0),
+    ("training.device", "cuda:x"),
+    ("training.path_initial_weights", ""),
+    ("finetuning.device", "gpu"),
+    ("finetuning.weight_decay", -0.1),
+    ("finetuning.max_grad_norm", 0),
+    ("data.delimiter", ",,"),
+    ("data.delimiter", "\n"),
+    ("data.evomsa_sha256", "abc"),
+    ("data.orig_text_header", ""),
+    ("tracking.experiment", ""),
+    ("runtime.threads", -2),
+    # a task's own finetuning overrides and its dataset/labels
+    ("tasks.tass_default.finetuning.optimizer", "foo"),
+    ("tasks.tass_default.finetuning.loss", "foo"),
+    ("tasks.tass_default.finetuning.loss", "mse"),  # a regression loss on a classification task
+    ("tasks.tass_default.finetuning.weight_decay", -1),
+    ("tasks.tass_default.finetuning.device", "tpu"),
+    ("tasks.tass_default.dataset.dev_fraction", 0),
+    ("tasks.tass_default.dataset.delimiter", ""),
+    ("tasks.tass_default.dataset.text_header", ""),
+    ("tasks.tass_default.task.class_weights", {"NOT_A_LABEL": 1.0}),
+    ("tasks.tass_default.task.class_weights", {"P": -1.0}),
+    ("tasks.tass_default.task.multi_label", True),  # the task is already regression below
+]
+
+
+@pytest.mark.reliability
+@pytest.mark.parametrize("key,value", INVALID_VALUES, ids=[f"{k}={v!r}" for k, v in INVALID_VALUES])
+def test_an_invalid_value_is_rejected_with_a_message_naming_its_key(tiny_raw, key, value):
+    if key == "tasks.tass_default.task.multi_label":
+        tiny_raw["tasks"]["tass_default"]["task"]["regression"] = True
+    set_dotted(tiny_raw, key, value)
+    with pytest.raises(ConfigError, match=re.escape(key)):
+        load_config(tiny_raw)
+
+
+@pytest.mark.reliability
+def test_any_torch_optimizer_and_every_twilbert_loss_are_accepted(tiny_raw):
+    tiny_raw["training"]["optimizer"] = "SGD"
+    tiny_raw["finetuning"].update(optimizer="lamb_accumulated", loss="macro_f1")
+    cfg = load_config(tiny_raw)
+    assert (cfg.training.optimizer, cfg.finetuning.loss) == ("SGD", "macro_f1")

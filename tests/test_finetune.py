@@ -164,10 +164,19 @@ def test_bad_task_override_is_rejected_with_its_dotted_name(tmp_path, raw, overr
         make_config(raw, {"t": task})
 
 
-def test_loss_unfit_for_the_task_is_rejected_before_training(tmp_path, raw, pretrained):
-    cfg = make_config(raw, {"t": write_task(tmp_path / "data")}, loss="mse")
+def test_loss_unfit_for_the_task_is_rejected_on_load(tmp_path, raw):
     with pytest.raises(ConfigError, match=r"tasks\.t\.finetuning\.loss \('mse'\)"):
+        make_config(raw, {"t": write_task(tmp_path / "data")}, loss="mse")
+
+
+@pytest.mark.reliability
+def test_max_len_beyond_the_pretrained_positions_is_rejected_before_training(tmp_path, raw, pretrained):
+    # a task with a second text: rows are 2 * max_len + 3 wide, one more token per text needs 2 more positions
+    cfg = make_config(raw, {"t": write_task(tmp_path / "data", aux=True)})
+    cfg.representation.max_len = MAX_LEN + 1
+    with pytest.raises(ConfigError, match=rf"representation\.max_len={MAX_LEN + 1} gives rows of {2 * MAX_LEN + 5} "):
         run(tmp_path, cfg, pretrained)
+    assert not (tmp_path / "model").exists() and not (tmp_path / "results").exists()
 
 
 @pytest.mark.parametrize("optimizer,noam,accum", [("lamb", True, 2), ("SGD", False, 3)])

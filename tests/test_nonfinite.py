@@ -33,7 +33,7 @@ def test_a_blown_up_pretraining_stops_in_one_line_and_keeps_its_last_checkpoint(
 
     assert proc.returncode == 2, proc.stderr[-3000:]
     assert "Traceback" not in proc.stderr
-    errors = [line for line in proc.stderr.splitlines() if " ERROR " in line]
+    errors = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
     assert len(errors) == 1, proc.stderr[-3000:]
     assert "pretrain: loss is nan at epoch 1, batch 2 (micro-step 2, optimizer step 1)" in errors[0]
     assert "is intact" in errors[0] and "Lower the learning rate" in errors[0]

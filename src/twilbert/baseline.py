@@ -26,6 +26,7 @@ from sklearn.svm import LinearSVC
 
 from twilbert.config import TaskSpec
 from twilbert.data.preprocess import PreprocessConfig, Preprocessor
+from twilbert.io_utils import save_npz
 from twilbert.model.io import CONFIG_NAME
 from twilbert.model.manifest import verify_model_dir, write_manifest
 
@@ -191,7 +192,7 @@ def save_baseline(directory: PathLike, baseline: TfidfBaseline, model: str, c: f
         json.dumps({"word": _vocabulary(baseline.word), "char": _vocabulary(baseline.char)}, ensure_ascii=False),
         encoding="utf-8",
     )
-    np.savez(directory / WEIGHTS_FILE, word_idf=baseline.word.idf_, char_idf=baseline.char.idf_,
+    save_npz(directory / WEIGHTS_FILE, word_idf=baseline.word.idf_, char_idf=baseline.char.idf_,
              coef=baseline.coef.astype(np.float32), intercept=baseline.intercept.astype(np.float64))
     (directory / CONFIG_NAME).write_text(json.dumps(config, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
     write_manifest(directory)

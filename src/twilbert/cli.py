@@ -18,7 +18,7 @@ from typing import Optional
 
 import yaml
 
-from twilbert.config import ConfigError, compose, load_config
+from twilbert.config import compose, load_config
 
 log = logging.getLogger("twilbert")
 
@@ -339,26 +339,17 @@ def main(argv: Optional[list[str]] = None) -> int:
 
                 stack.enter_context(verification(False))
             return args.func(args)
-    except ConfigError as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
     except BrokenPipeError:  # `twilbert predict ... | head`: the reader left; stop quietly
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return 1
-    except (ValueError, RuntimeError) as err:
-        if not _user_error(err):
-            raise
-        print("error: " + "; ".join(line.strip() for line in str(err).splitlines() if line.strip()), file=sys.stderr)
-        return 2
+    except Exception as err:
+        from twilbert.errors import EXIT_USER_ERROR, user_message
 
-
-def _user_error(err: BaseException) -> bool:
-    """Errors whose message is the whole story (bad model directory or input): no traceback for these."""
-    from twilbert.model.hf import ExportError
-    from twilbert.model.io import CheckpointError
-    from twilbert.predict import PredictError
-
-    return isinstance(err, (PredictError, CheckpointError, ExportError))
+        message = user_message(err)  # expected failures: bad model directory or input, full disk...
+        if message is None:
+            raise  # a bug: keep the traceback
+        print(f"error: {message}", file=sys.stderr)
+        return EXIT_USER_ERROR
 
 
 if __name__ == "__main__":

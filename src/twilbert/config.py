@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import math
 import re
 import types
 import typing
@@ -20,6 +21,13 @@ import yaml
 
 class ConfigError(ValueError):
     """A config value is unknown, mistyped or inconsistent; the message names the key."""
+
+
+# Limits a value is checked against on load, before any work.
+MAX_LEN_LIMIT = 512  # tokens per text: a 280-character tweet, with room for emoji names and subword splits
+MAX_VOCAB_SIZE = 1_000_000  # SentencePiece pieces (XLM-R has 250k); an embedding table beyond is a mistake
+OPTIMIZERS = ("adam", "adam_accumulated", "lamb", "lamb_accumulated")  # besides any torch.optim class name
+DEVICE_PATTERN = re.compile(r"auto|cpu|mps|cuda(:\d+)?")
 
 
 # --------------------------------------------------------------------------------------------
@@ -44,7 +52,7 @@ class PkmConfig:
     value_lr: float = 1e-3  # XLM: the sparse value table learns best at its own, higher rate
 
     def validate(self, where: str) -> None:
-        _positive(self, where, "k_dim", "memory_size", "n_heads", "knn")
+        _positive(self, where, "k_dim", "memory_size", "n_heads", "knn", "value_size", "value_lr")
         if self.k_dim % 2:
             raise ConfigError(f"{where}.k_dim must be even (it is split in two halves), got {self.k_dim}")
         if self.knn > self.memory_size:
@@ -81,6 +89,10 @@ class RopConfig:
     n_hidden: int = 1
     hidden_size: int = 512
 
+    def validate(self, where: str) -> None:
+        _non_negative(self, where, "n_hidden")
+        _positive(self, where, "hidden_size")
+
 
 @dataclass
 class ModelConfig:
@@ -114,7 +126,9 @@ class ModelConfig:
         return self.intermediate_size or 4 * self.hidden_size
 
     def validate(self, where: str = "model") -> None:
-        _positive(self, where, "embedding_size", "hidden_size", "n_encoders", "n_heads")
+        _nonempty(self, where, "name")
+        _positive(self, where, "embedding_size", "hidden_size", "n_encoders", "n_heads", "attention_size",
+                  "intermediate_size", "initializer_range", "layer_norm_eps")
         if self.attention_size is None and self.hidden_size % self.n_heads:
             raise ConfigError(
                 f"{where}.n_heads ({self.n_heads}) must divide {where}.hidden_size ({self.hidden_size}) "
@@ -126,14 +140,15 @@ class ModelConfig:
                 f"({self.hidden_size}) when {where}.factorize_embeddings is false"
             )
         _probability(self, where, "input_dropout", "output_dropout")
+        self.pkm_params.validate(f"{where}.pkm_params")  # checked even when off: a preset may switch it on
         if self.pkm:
-            self.pkm_params.validate(f"{where}.pkm_params")
             bad = [i for i in self.pkm_params.in_layers if not 0 <= i < self.n_encoders]
             if bad:
                 raise ConfigError(
                     f"{where}.pkm_params.in_layers {bad} out of range for n_encoders={self.n_encoders}"
                 )
         self.masked_lm.validate(f"{where}.masked_lm")
+        self.rop.validate(f"{where}.rop")
 
 
 @dataclass
@@ -142,7 +157,12 @@ class RepresentationConfig:
     max_len_test: Optional[int] = None
 
     def validate(self, where: str = "representation") -> None:
-        _positive(self, where, "max_len")
+        _positive(self, where, "max_len", "max_len_test")
+        if self.max_len > MAX_LEN_LIMIT:
+            raise ConfigError(
+                f"{where}.max_len must be <= {MAX_LEN_LIMIT} tokens per text (a tweet is at most 280 characters; "
+                f"the model gets 2*max_len+3 positions), got {self.max_len}"
+            )
         if self.max_len_test is not None and self.max_len_test > self.max_len:
             raise ConfigError(
                 f"{where}.max_len_test ({self.max_len_test}) must be <= {where}.max_len ({self.max_len})"
@@ -190,8 +210,10 @@ class DataConfig:
                 f"{where}.corpus_dir {self.corpus_dir!r} would hold the pipeline's own outputs or the whole "
                 "repository; use a folder of its own such as 'corpus', or an absolute path"
             )
-        if not self.delimiter or self.delimiter in "\r\n":
-            raise ConfigError(f"{where}.delimiter must be a non-empty string without line breaks, got {self.delimiter!r}")
+        _delimiter(self, where, "delimiter")
+        _nonempty(self, where, "orig_text_header", "reply_text_header", "evomsa_version")
+        if not re.fullmatch(r"[0-9a-f]{64}", self.evomsa_sha256):
+            raise ConfigError(f"{where}.evomsa_sha256 must be 64 lowercase hex digits, got {self.evomsa_sha256!r}")
         if self.max_bad_rows < 0:
             raise ConfigError(f"{where}.max_bad_rows must be >= 0, got {self.max_bad_rows}")
         if len(self.split) != 3 or abs(sum(self.split) - 1.0) > 1e-6 or min(self.split) <= 0:
@@ -210,8 +232,10 @@ class VocabConfig:
     max_sentences: int = 500_000
 
     def validate(self, where: str = "vocab") -> None:
-        if self.vocab_size < 16:
-            raise ConfigError(f"{where}.vocab_size must be >= 16, got {self.vocab_size}")
+        if not 16 <= self.vocab_size <= MAX_VOCAB_SIZE:
+            raise ConfigError(f"{where}.vocab_size must be in [16, {MAX_VOCAB_SIZE}], got {self.vocab_size}")
+        if not 0.0 < self.character_coverage <= 1.0:
+            raise ConfigError(f"{where}.character_coverage must be in (0, 1], got {self.character_coverage}")
         if self.max_sentences < 1:
             raise ConfigError(f"{where}.max_sentences must be >= 1, got {self.max_sentences}")
 
@@ -252,14 +276,13 @@ class TrainingConfig:
     compile: bool = False  # torch.compile the model (not faster on the CPUs measured: README "On a GPU")
 
     def validate(self, where: str = "training") -> None:
-        _positive(self, where, "batch_size", "epochs", "accum_iters", "warmup_steps", "log_every")
-        if self.checkpoint_every < 0:
-            raise ConfigError(
-                f"{where}.checkpoint_every must be >= 0 (0: epoch ends only), got {self.checkpoint_every}")
-        if self.lr <= 0:
-            raise ConfigError(f"{where}.lr must be > 0, got {self.lr}")
-        if self.pll_examples < 0:
-            raise ConfigError(f"{where}.pll_examples must be >= 0 (0 turns it off), got {self.pll_examples}")
+        _positive(self, where, "batch_size", "epochs", "accum_iters", "warmup_steps", "log_every", "lr",
+                  "max_grad_norm")
+        _non_negative(self, where, "weight_decay", "pll_examples", "checkpoint_every")
+        _optimizer(self, where)
+        _device(self, where)
+        if self.path_initial_weights is not None:
+            _nonempty(self, where, "path_initial_weights")
 
 
 @dataclass
@@ -302,15 +325,12 @@ class FinetuningConfig:
 
     def validate(self, where: str = "finetuning") -> None:
         _positive(self, where, "batch_size", "pred_batch_size", "epochs", "patience", "accum_iters",
-                  "warmup_steps", "hidden_size", "baseline_c")
-        if self.checkpoint_every < 0:
-            raise ConfigError(
-                f"{where}.checkpoint_every must be >= 0 (0: epoch ends only), got {self.checkpoint_every}")
+                  "warmup_steps", "hidden_size", "baseline_c", "lr", "max_grad_norm")
+        _non_negative(self, where, "weight_decay", "n_hidden", "checkpoint_every")
         _probability(self, where, "dropout")
-        if self.lr <= 0:
-            raise ConfigError(f"{where}.lr must be > 0, got {self.lr}")
-        if self.n_hidden < 0:
-            raise ConfigError(f"{where}.n_hidden must be >= 0, got {self.n_hidden}")
+        _optimizer(self, where)
+        _device(self, where)
+        _loss_name(self, where)
         if self.backbone == "hf" and not self.hf_path:
             raise ConfigError(f"{where}.hf_path must name a local Hugging Face checkpoint when {where}.backbone is 'hf'")
         if self.kfold < 0 or self.kfold == 1:
@@ -342,6 +362,13 @@ class TaskDataset:
 
     def path(self, name: Optional[str]) -> Optional[Path]:
         return None if name is None else Path(self.data_dir) / name
+
+    def validate(self, where: str) -> None:
+        _nonempty(self, where, "data_dir", "train_file", "dev_file", "test_file", "id_header", "text_header",
+                  "class_header", "aux_header")
+        _delimiter(self, where, "delimiter")
+        if not 0.0 < self.dev_fraction < 1.0:
+            raise ConfigError(f"{where}.dev_fraction must be in (0, 1), got {self.dev_fraction}")
 
 
 @dataclass
@@ -387,11 +414,22 @@ class TaskConfig:
             raise ConfigError(
                 f"{where}.task.class_metric {spec.class_metric!r} is not one of the categories {list(spec.categories)}"
             )
+        if spec.regression and spec.multi_label:
+            raise ConfigError(f"{where}.task.regression and {where}.task.multi_label cannot both be true")
         if isinstance(spec.class_weights, str) and spec.class_weights != "auto":
             raise ConfigError(f"{where}.task.class_weights must be 'auto' or a mapping, got {spec.class_weights!r}")
+        if isinstance(spec.class_weights, dict):
+            unknown = sorted(set(spec.class_weights) - set(spec.categories))
+            if unknown:
+                raise ConfigError(f"{where}.task.class_weights names {unknown}, not categories {list(spec.categories)}")
+            bad = {k: v for k, v in spec.class_weights.items() if not (math.isfinite(v) and v > 0)}
+            if bad:
+                raise ConfigError(f"{where}.task.class_weights must be finite and > 0, got {bad}")
         if not 0.0 < spec.threshold < 1.0:
             raise ConfigError(f"{where}.task.threshold must be in (0, 1), got {spec.threshold}")
-        self.finetuning_config(base or FinetuningConfig(), f"{where}.finetuning")
+        self.dataset.validate(f"{where}.dataset")
+        ft = self.finetuning_config(base or FinetuningConfig(), f"{where}.finetuning")
+        _loss_fits_task(ft, spec, f"{where}.finetuning.loss")
 
 
 @dataclass
@@ -408,6 +446,18 @@ class TrackingConfig:
             raise ConfigError(f"tracking.timeout must be > 0 seconds, got {self.timeout}")
         if self.retries < 0:
             raise ConfigError(f"tracking.retries must be >= 0, got {self.retries}")
+        if not self.experiment.strip():
+            raise ConfigError("tracking.experiment must name an MLflow experiment, got an empty string")
+
+
+@dataclass
+class RuntimeConfig:
+    """How the stages use this machine (not a DVC param): speed, and the last bits of float results."""
+
+    threads: Optional[int] = None  # torch intra-op threads; null or 0: the cores shared among concurrent DVC jobs
+
+    def validate(self, where: str = "runtime") -> None:
+        _non_negative(self, where, "threads")
 
 
 @dataclass
@@ -422,6 +472,7 @@ class Config:
     finetuning: FinetuningConfig = field(default_factory=FinetuningConfig)
     tasks: dict[str, TaskConfig] = field(default_factory=dict)
     tracking: TrackingConfig = field(default_factory=TrackingConfig)
+    runtime: RuntimeConfig = field(default_factory=RuntimeConfig)
     # Tweet normalization; a PreprocessConfig after validate() (defined beside the code it drives).
     preprocess: Any = None
 
@@ -430,6 +481,8 @@ class Config:
 
         if not isinstance(self.preprocess, PreprocessConfig):
             self.preprocess = PreprocessConfig.from_dict(self.preprocess, "preprocess")
+        if not 0 <= self.seed < 2**32:  # numpy's seed range
+            raise ConfigError(f"seed must be in [0, 2**32), got {self.seed}")
         self.data.validate()
         self.vocab.validate()
         self.representation.validate()
@@ -437,6 +490,7 @@ class Config:
         self.model.validate()
         self.training.validate()
         self.finetuning.validate()
+        self.runtime.validate()
         for name, task in self.tasks.items():
             task.name = task.name or name
             task.validate(f"tasks.{name}", self.finetuning)
@@ -523,10 +577,68 @@ def _join(where: str, key: str) -> str:
 
 
 def _positive(obj: Any, where: str, *names: str) -> None:
+    """Each named value is > 0 (a None of an optional key is left alone)."""
     for name in names:
         value = getattr(obj, name)
-        if value <= 0:
+        if value is not None and not value > 0:  # `not >` also refuses NaN
             raise ConfigError(f"{where}.{name} must be > 0, got {value}")
+
+
+def _non_negative(obj: Any, where: str, *names: str) -> None:
+    for name in names:
+        value = getattr(obj, name)
+        if value is not None and not value >= 0:
+            raise ConfigError(f"{where}.{name} must be >= 0, got {value}")
+
+
+def _nonempty(obj: Any, where: str, *names: str) -> None:
+    for name in names:
+        value = getattr(obj, name)
+        if value is not None and not value.strip():
+            raise ConfigError(f"{where}.{name} must not be empty")
+
+
+def _delimiter(obj: Any, where: str, name: str) -> None:
+    value = getattr(obj, name)
+    if len(value) != 1 or value in "\r\n\"":
+        raise ConfigError(f"{where}.{name} must be one character other than a quote or line break, got {value!r}")
+
+
+def _device(obj: Any, where: str) -> None:
+    if not DEVICE_PATTERN.fullmatch(obj.device):
+        raise ConfigError(f"{where}.device must be auto, cpu, mps, cuda or cuda:N, got {obj.device!r}")
+
+
+def _optimizer(obj: Any, where: str) -> None:
+    if obj.optimizer.lower() in OPTIMIZERS:
+        return
+    from twilbert.train.optim import torch_optimizer_names  # torch is imported only for other names
+
+    known = torch_optimizer_names()
+    if obj.optimizer.lower() not in known:
+        raise ConfigError(f"{where}.optimizer {obj.optimizer!r} is not an optimizer; choose one of: "
+                          f"{', '.join(dict.fromkeys([*OPTIMIZERS, *known]))}")
+
+
+def _loss_name(obj: Any, where: str) -> None:
+    if obj.loss == "auto":
+        return
+    from twilbert.train.losses import LOSS_NAMES  # torch is imported only when a loss is named
+
+    if obj.loss.lower() not in LOSS_NAMES:
+        raise ConfigError(f"{where}.loss {obj.loss!r} is not a loss; choose auto or one of: {', '.join(LOSS_NAMES)}")
+
+
+def _loss_fits_task(ft: "FinetuningConfig", spec: "TaskSpec", where: str) -> None:
+    """A named loss must suit the task's kind (regression, multi-label, binary...)."""
+    if ft.loss == "auto":
+        return
+    from twilbert.train.losses import build_loss
+
+    try:
+        build_loss(ft.loss, spec)
+    except ValueError as err:
+        raise ConfigError(f"{where} ({ft.loss!r}): {err}") from None
 
 
 def _probability(obj: Any, where: str, *names: str) -> None:
@@ -560,7 +672,9 @@ def compose(overrides: Optional[list[str]] = None, config_dir: Union[str, Path] 
     """Compose ``conf/`` with Hydra overrides into the plain dict DVC writes to params.yaml."""
     from hydra import compose as hydra_compose
     from hydra import initialize_config_dir
+    from hydra.errors import HydraException
     from omegaconf import OmegaConf
+    from omegaconf.errors import OmegaConfBaseException
 
     from hydra.errors import HydraException
     from omegaconf.errors import OmegaConfBaseException

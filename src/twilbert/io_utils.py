@@ -10,6 +10,8 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import IO, Iterator, Optional, Union
 
+from twilbert.errors import naming
+
 PathLike = Union[str, "os.PathLike[str]"]
 
 
@@ -25,23 +27,24 @@ def atomic_write(
     if mode not in ("w", "wb"):
         raise ValueError(f"atomic_write mode must be 'w' or 'wb', got {mode!r}")
     path = Path(path)
-    tmp, fd = _create_temp(path)
-    try:
-        if mode == "wb":
-            handle = os.fdopen(fd, "wb")
-        else:
-            handle = os.fdopen(fd, "w", encoding=encoding, newline=newline)
-        with handle:
-            yield handle
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(tmp, path)
-    except BaseException:
+    with naming(path):  # a full disk met by write() names no file: name the one being written
+        tmp, fd = _create_temp(path)
         try:
-            os.unlink(tmp)
-        except FileNotFoundError:
-            pass
-        raise
+            if mode == "wb":
+                handle = os.fdopen(fd, "wb")
+            else:
+                handle = os.fdopen(fd, "w", encoding=encoding, newline=newline)
+            with handle:
+                yield handle
+                handle.flush()
+                os.fsync(handle.fileno())
+            os.replace(tmp, path)
+        except BaseException:
+            try:
+                os.unlink(tmp)
+            except FileNotFoundError:
+                pass
+            raise
     _fsync_dir(path.parent)
 
 
@@ -100,3 +103,25 @@ def _fsync_dir(directory: Path) -> None:
         pass
     finally:
         os.close(fd)
+
+
+# A fixed timestamp for zip entries: np.savez stamps each entry with the current time, so the
+# same arrays written a second later give different bytes (and a new md5 in dvc.lock).
+ZIP_EPOCH = (1980, 1, 1, 0, 0, 0)
+
+
+def save_npz(path: PathLike, **arrays: "np.ndarray") -> None:
+    """``np.savez`` with reproducible bytes: entries in the given order, fixed timestamps, no pickles.
+
+    Read back with ``np.load`` as usual.
+    """
+    import zipfile
+
+    import numpy as np
+
+    with zipfile.ZipFile(path, "w", compression=zipfile.ZIP_STORED, allowZip64=True) as zf:
+        for name, array in arrays.items():
+            info = zipfile.ZipInfo(f"{name}.npy", date_time=ZIP_EPOCH)
+            info.external_attr = 0o644 << 16
+            with zf.open(info, "w", force_zip64=True) as fh:
+                np.lib.format.write_array(fh, np.asanyarray(array), allow_pickle=False)

@@ -22,6 +22,11 @@ from twilbert.io_utils import atomic_write
 
 log = logging.getLogger(__name__)
 
+
+class MetricsFileError(ValueError):
+    """A per-task metrics file is unreadable or incomplete, or there is none; the message names it."""
+
+
 COLUMNS = ("mp", "mr", "mf1", "f1", "acc")
 HEADERS = {"mp": "MP", "mr": "MR", "mf1": "MF1", "f1": "F1", "acc": "Acc"}
 # Shown beside the official metric when a task reports them (SemEval's micro F1, stance F1...).
@@ -70,7 +75,7 @@ def read_metrics(path: Path) -> Optional[dict]:
     try:
         data = json.loads(path.read_text(encoding="utf-8"))
     except (OSError, json.JSONDecodeError) as err:
-        raise ValueError(f"{path}: not a readable metrics file ({err})") from None
+        raise MetricsFileError(f"{path}: not a readable metrics file ({err})") from None
     if isinstance(data, dict) and "skipped" in data:  # e.g. baseline.json when no baseline row ran
         log.info("%s: skipped (%s)", path, data["skipped"])
         return None
@@ -79,10 +84,10 @@ def read_metrics(path: Path) -> Optional[dict]:
         return None
     missing = [k for k in REQUIRED_KEYS if k not in data]
     if missing:
-        raise ValueError(f"{path}: metrics file lacks {missing} (expected keys: {', '.join(REQUIRED_KEYS)})")
+        raise MetricsFileError(f"{path}: metrics file lacks {missing} (expected keys: {', '.join(REQUIRED_KEYS)})")
     for split in ("dev", "test"):
         if "official" not in data[split]:
-            raise ValueError(f"{path}: {split!r} has no 'official' score")
+            raise MetricsFileError(f"{path}: {split!r} has no 'official' score")
     return {**data, "model": data.get("model") or path.stem, "file": path.name}
 
 
@@ -280,6 +285,37 @@ def results_markdown(rows: list[dict], title: str, labels: Optional[Mapping[str,
     return text
 
 
+RESULT_FILES = ("results.md", "results.csv", "metrics.json")
+
+
+def render_results(
+    metrics_files: Iterable[Path],
+    labels: Optional[Mapping[str, str]] = None,
+    title: str = "twilbert results",
+    plots: Iterable[str] = (),
+) -> dict[str, str]:
+    """The text of results.md, results.csv and metrics.json; every metrics file is read and checked,
+    nothing is written (so a stage can check its other preconditions before writing).
+
+    ``labels`` renames tasks in the tables (task -> shown name); the CSV keeps both. ``plots``:
+    images (paths relative to the output folder) linked from results.md.
+    """
+    rows = collect(metrics_files)
+    if not rows:
+        raise MetricsFileError("evaluate: no per-task metrics files found; did the finetune stages run?")
+    return {"results.md": results_markdown(rows, title, labels, plots), "results.csv": csv_table(rows, labels),
+            "metrics.json": json.dumps(summary_metrics(rows), indent=2)}
+
+
+def write_rendered(rendered: Mapping[str, str], out_dir: Path) -> None:
+    """Write what :func:`render_results` returned under ``out_dir``, each file atomically."""
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    for name in RESULT_FILES:
+        with atomic_write(out_dir / name) as fh:
+            fh.write(rendered[name])
+
+
 def write_results(
     metrics_files: Iterable[Path],
     out_dir: Path,
@@ -292,16 +328,6 @@ def write_results(
     ``labels`` renames tasks in the tables (task -> shown name); the CSV keeps both. ``plots``:
     images (paths relative to ``out_dir``) linked from results.md.
     """
-    rows = collect(metrics_files)
-    if not rows:
-        raise ValueError("evaluate: no per-task metrics files found; did the finetune stages run?")
-    out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    md = results_markdown(rows, title, labels, plots)
-    with atomic_write(out_dir / "results.md") as fh:
-        fh.write(md)
-    with atomic_write(out_dir / "results.csv") as fh:
-        fh.write(csv_table(rows, labels))
-    with atomic_write(out_dir / "metrics.json") as fh:
-        json.dump(summary_metrics(rows), fh, indent=2)
-    return md
+    rendered = render_results(metrics_files, labels, title, plots)
+    write_rendered(rendered, out_dir)
+    return rendered["results.md"]

@@ -19,6 +19,7 @@ import yaml
 
 from twilbert.config import Config, ConfigError, compose, load_config
 from twilbert.progress import format_duration
+from twilbert.runtime import apply_threads
 
 log = logging.getLogger("twilbert")
 
@@ -51,7 +52,9 @@ def load_stage_config(overrides: list[str], params: str = PARAMS_FILE) -> tuple[
         if not path.is_file():
             raise ConfigError(f"{path}: not found; run `make params` (or pass Hydra overrides) first")
         raw = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
-    return load_config(raw), raw
+    cfg = load_config(raw)
+    apply_threads(cfg.runtime.threads)
+    return cfg, raw
 
 
 def stage_name() -> str:
@@ -60,24 +63,25 @@ def stage_name() -> str:
 
 
 def run(main: Callable[[], Optional[str]]) -> None:
-    """Run a stage; expected failures print one clear line (no traceback) and exit with status 2.
+    """Run a stage; expected failures print one ``error:`` line (no traceback) and exit with status 2.
 
-    ``main`` returns the stage's one-line summary (None on the ranks that do not write); it ends
-    the log as ``<stage>: done in <time>: <summary>``.
+    Unexpected errors (bugs) keep their traceback. ``main`` returns the stage's one-line summary
+    (None on the ranks that do not write); it ends the log as ``<stage>: done in <time>: <summary>``.
     """
     setup_logging()
     start = time.monotonic()
-    from twilbert.data.corpus import DataStageError
-    from twilbert.data.formats import DataFormatError
-    from twilbert.data.sources import CorpusError
-    from twilbert.data.tasks import TaskFilesError
-    from twilbert.train.loop import NonFiniteLossError
+    from twilbert.errors import EXIT_USER_ERROR, user_message
+    from twilbert.lifeline import die_with_launcher
+
+    die_with_launcher()  # under DVC: no orphan keeps writing after `dvc repro` is killed
 
     try:
         summary = main()
-    except (ConfigError, DataFormatError, DataStageError, CorpusError, TaskFilesError, FileNotFoundError,
-            NonFiniteLossError) as err:
-        log.error("%s", err)
-        sys.exit(2)
+    except Exception as err:
+        message = user_message(err)
+        if message is None:
+            raise
+        print(f"error: {message}", file=sys.stderr)
+        sys.exit(EXIT_USER_ERROR)
     if summary:
         log.info("%s: done in %s: %s", stage_name(), format_duration(time.monotonic() - start), summary)

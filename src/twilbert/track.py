@@ -198,6 +198,13 @@ def _probe_sqlite(uri: str, timeout: float) -> Optional[str]:
         conn = sqlite3.connect(str(path), timeout=timeout)
         try:
             conn.execute("PRAGMA schema_version").fetchone()
+            version = conn.execute("PRAGMA user_version").fetchone()[0]
+            try:  # a write that changes nothing: a read-only store fails here, before training, not mid-run
+                conn.execute(f"PRAGMA user_version = {int(version)}")
+            except sqlite3.OperationalError as err:
+                if "readonly" in str(err):
+                    raise
+                # 'database is locked': another stage is writing; that store is reachable
         finally:
             conn.close()
     except (OSError, sqlite3.Error) as err:
@@ -223,6 +230,23 @@ def is_locked_error(err: BaseException) -> bool:
             return True
         current = current.__cause__ or current.__context__
     return False
+
+
+def root_cause(err: BaseException) -> BaseException:
+    """The innermost exception of a chain (``raise ... from`` or raised while handling)."""
+    seen: set[int] = set()
+    while id(err) not in seen and (err.__cause__ or err.__context__) is not None:
+        seen.add(id(err))
+        err = err.__cause__ or err.__context__
+    return err
+
+
+def quiet_store_logs() -> None:
+    """Keep MLflow's and SQLAlchemy's own logging of a failing store (a traceback of ~100 lines at
+    ERROR) out of the stage's output: the tracker reports a failure once, in one line."""
+    for name, level in (("mlflow", logging.WARNING), ("mlflow.store", logging.CRITICAL),
+                        ("alembic", logging.WARNING), ("sqlalchemy", logging.CRITICAL)):
+        logging.getLogger(name).setLevel(level)
 
 
 @contextmanager
@@ -405,6 +429,7 @@ class Tracker:
                   experiment_params: Optional[Mapping[str, Any]]) -> None:
         import mlflow
 
+        quiet_store_logs()
         exp_name, commit = dvc_experiment_name(), git_commit(root)
         everything = flatten(experiment_params) if experiment_params is not None else None
         with store_lock(self.uri):  # the client's first use creates the store's tables
@@ -486,6 +511,7 @@ class Tracker:
 
     def _give_up(self, what: str, err: Exception) -> None:
         self._failed = True
+        err = root_cause(err)  # MLflow wraps SQLAlchemy wraps sqlite3: the innermost says what is wrong
         first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
         log.warning("MLflow: %s failed (%s: %s); tracking is off for the rest of this run, training goes on "
                     "(metrics and models are still written to the stage's outputs)", what, type(err).__name__, first)

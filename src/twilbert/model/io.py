@@ -17,10 +17,11 @@ from typing import Any, NamedTuple, Optional, Union
 
 import torch
 from safetensors import SafetensorError, safe_open
-from safetensors.torch import save_file
 from torch import nn
 
 from twilbert.config import ConfigError, ModelConfig, from_dict, to_dict
+from twilbert.errors import naming
+from twilbert.model.safetensors_writer import save_file
 
 logger = logging.getLogger(__name__)
 
@@ -77,7 +78,7 @@ def model_config_from_dict(config: dict, where: str = CONFIG_NAME) -> tuple[Mode
 # --------------------------------------------------------------------------------------------
 
 
-def _untie(state_dict: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+def untie(state_dict: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
     """Keep one copy of each tensor; tied names (e.g. the MLM decoder) become aliases.
 
     safetensors refuses tensors that share storage, and storing a tied matrix twice would both
@@ -143,8 +144,15 @@ def save_pretrained(directory: PathLike, model: nn.Module, config: dict) -> Path
     if directory.exists() and not directory.is_dir():
         raise CheckpointError(f"{directory}: exists and is not a directory")
     config_text = json.dumps(config, indent=2)  # fails on unserialisable values before touching disk
-    tensors, aliases = _untie(model.state_dict())
+    tensors, aliases = untie(model.state_dict())
 
+    with naming(directory):  # a full disk met by write() names no file: name the directory
+        _save_staged(directory, tensors, aliases, config_text)
+    logger.debug("saved %d tensors (%d tied) to %s", len(tensors), len(aliases), directory)
+    return directory
+
+
+def _save_staged(directory: Path, tensors: dict[str, torch.Tensor], aliases: dict[str, str], config_text: str) -> None:
     directory.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{directory.name}.tmp-", dir=directory.parent))
     try:
@@ -169,8 +177,6 @@ def save_pretrained(directory: PathLike, model: nn.Module, config: dict) -> Path
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-    logger.debug("saved %d tensors (%d tied) to %s", len(tensors), len(aliases), directory)
-    return directory
 
 
 # --------------------------------------------------------------------------------------------
@@ -214,7 +220,8 @@ def load_pretrained_state(directory: PathLike, verify: Optional[bool] = None) ->
             state = {name: f.get_tensor(name) for name in f.keys()}
         aliases = json.loads(metadata.get(_TIED_KEY, "{}"))
     except (SafetensorError, OSError, ValueError) as err:
-        raise CheckpointError(f"{weights_path}: corrupt or not a safetensors file ({err})") from None
+        raise CheckpointError(f"{weights_path}: corrupt or not a safetensors file ({err}); rerun the stage that "
+                              "wrote it (pickle files are never loaded)") from None
     for alias, stored in aliases.items():
         if stored not in state:
             raise CheckpointError(f"{weights_path}: tied tensor {alias!r} points at missing {stored!r}")

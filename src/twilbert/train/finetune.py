@@ -39,13 +39,16 @@ from twilbert.distributed import DistContext, n_rank_batches, rank_batch_indices
 from twilbert.data.preprocess import Preprocessor
 from twilbert.data.tasks import TaskData, load_task
 from twilbert.data.tokenizer import META_FILE, Tokenizer
+from twilbert.errors import naming
 from twilbert.io_utils import atomic_write
 from twilbert.model import TWilBertForClassification
 from twilbert.model.backbone import (
     HFClassifier, TWilBertPacker, hf_packer, load_hf_backbone, save_hf_classifier, set_trainable,
 )
 from twilbert.progress import EpochClock
-from twilbert.model.io import CONFIG_NAME, load_pretrained_state, save_pretrained
+from twilbert.model.io import (
+    CONFIG_NAME, CheckpointError, load_pretrained_state, model_config_from_dict, read_config_json, save_pretrained,
+)
 from twilbert.model.manifest import verify_model_dir, write_manifest
 from twilbert.track import Tracker
 from twilbert.train.checkpoint import config_fingerprint, files_digest, package_paths, run_fingerprint
@@ -126,7 +129,7 @@ def load_encoder_weights(model: TWilBertForClassification, pretrained_dir: Path,
     missing, unexpected = model.load_state_dict(encoder_state, strict=False)
     missing = [k for k in missing if k.startswith("twilbert.")]
     if missing:
-        raise ValueError(f"{pretrained_dir}: pretrained weights lack encoder parameters {missing[:5]}")
+        raise CheckpointError(f"{pretrained_dir}: pretrained weights lack encoder parameters {missing[:5]}")
     return config
 
 
@@ -327,12 +330,28 @@ def check_loss(ft: FinetuningConfig, task: TaskConfig) -> None:
         raise ConfigError(f"tasks.{task.name}.finetuning.loss ({ft.loss!r}): {err}") from None
 
 
+def check_max_len(cfg: Config, task: TaskConfig, max_positions: int, pretrained_dir: Path) -> None:
+    """The packed rows (``[CLS] a [SEP] (b [SEP])``) must fit the pretrained model's positions
+    (``max_len_test`` is at most ``max_len``, checked on load)."""
+    segments = 2 if task.dataset.aux_header else 1
+    max_len = cfg.representation.max_len
+    width = segments * (max_len + 1) + 1
+    if width > max_positions:
+        raise ConfigError(
+            f"representation.max_len={max_len} gives rows of {width} tokens for task {task.name!r}, more than the "
+            f"{max_positions} positions of {pretrained_dir}; lower representation.max_len or pretrain with a "
+            "larger one"
+        )
+
+
 def twilbert_learner(cfg: Config, task: TaskConfig, ft: FinetuningConfig, pretrained_dir: Path,
                      tracker: Optional[Tracker], ctx: Optional[DistContext] = None) -> NeuralLearner:
     check_loss(ft, task)
     verify_model_dir(pretrained_dir)  # once, before any work; each fold's model then loads unverified
     tokenizer = Tokenizer(pretrained_dir)
-    encoder_config = json.loads((pretrained_dir / CONFIG_NAME).read_text(encoding="utf-8"))
+    encoder_config = read_config_json(pretrained_dir / CONFIG_NAME)
+    _, _, max_positions = model_config_from_dict(encoder_config, str(pretrained_dir / CONFIG_NAME))
+    check_max_len(cfg, task, max_positions, pretrained_dir)
 
     def new_model() -> nn.Module:
         model = build_classifier(encoder_config, ft, task)
@@ -498,12 +517,13 @@ def staged_directory(final: Path) -> Iterator[Path]:
     final.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.tmp-", dir=final.parent))
     try:
-        staged = tmp / final.name
-        staged.mkdir()
-        yield staged
-        if final.exists():
-            os.replace(final, tmp / "previous")
-        os.replace(staged, final)
+        with naming(final):  # a full disk met by write() names no file: name the output directory
+            staged = tmp / final.name
+            staged.mkdir()
+            yield staged
+            if final.exists():
+                os.replace(final, tmp / "previous")
+            os.replace(staged, final)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
 

@@ -16,6 +16,8 @@ import torch
 from torch import nn
 from torch.optim.lr_scheduler import LambdaLR
 
+from twilbert.config import OPTIMIZERS
+
 ParamGroups = Union[Iterable[torch.Tensor], Iterable[dict[str, Any]]]
 
 
@@ -149,6 +151,11 @@ def _torch_optimizers() -> dict[str, type[torch.optim.Optimizer]]:
     }
 
 
+def torch_optimizer_names() -> list[str]:
+    """The ``torch.optim`` optimizers, lowercased, as ``build_optimizer`` accepts them."""
+    return sorted(_torch_optimizers())
+
+
 def _materialize(group: Any) -> Any:
     """A dict group with its params as a list (generators would be consumed by inspection)."""
     if not isinstance(group, dict):
@@ -176,7 +183,7 @@ def build_optimizer(name: str, groups: ParamGroups, lr: float, weight_decay: flo
         return Lamb(groups, lr=lr, weight_decay=weight_decay)
     classes = _torch_optimizers()
     if key not in classes:
-        choices = ["adam", "adam_accumulated", "lamb", "lamb_accumulated", *sorted(classes)]
+        choices = list(dict.fromkeys([*OPTIMIZERS, *sorted(classes)]))
         raise ValueError(f"unknown optimizer {name!r}; choose one of: {', '.join(choices)}")
     cls = classes[key]
     accepted = inspect.signature(cls).parameters

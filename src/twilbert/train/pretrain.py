@@ -24,7 +24,7 @@ import torch
 import torch.nn.functional as F
 
 from twilbert import distributed
-from twilbert.config import Config, MaskedLMConfig, to_dict
+from twilbert.config import Config, ConfigError, MaskedLMConfig, to_dict
 from twilbert.data.masking import IGNORE_INDEX, mask_tokens
 from twilbert.data.pairs import Examples, PairBatch, as_examples, batch_of, iterate_batches, load_shards
 from twilbert.data.prefetch import prefetch

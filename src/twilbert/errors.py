@@ -1,0 +1,85 @@
+"""What a user sees when a stage or command fails for an expected reason: one ``error:`` line, exit 2.
+
+Expected failures are the project's own errors (bad config, data, model directory, task files,
+tracking store...) and the operating system's refusals (full disk, permission denied, missing
+file, read-only file system). Anything else is a bug and keeps its traceback.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+import sys
+from contextlib import contextmanager
+from typing import Iterator, Optional, Union
+
+EXIT_USER_ERROR = 2
+
+# errno -> what to do about it
+OS_ADVICE = {
+    errno.ENOSPC: "no space left on the device: free disk space and rerun (finished outputs are intact)",
+    errno.EDQUOT: "disk quota exceeded: free space and rerun (finished outputs are intact)",
+    errno.EFBIG: "file too large for this file system: write the outputs elsewhere",
+    errno.EACCES: "permission denied: give this user access to it, or use another path",
+    errno.EPERM: "operation not permitted: give this user access to it, or use another path",
+    errno.EROFS: "read-only file system: write the outputs to a writable location",
+    errno.ENOENT: "no such file or directory: check the path, or run the stage that writes it first",
+    errno.ENOTDIR: "a part of the path is not a directory: check the path",
+    errno.EISDIR: "is a directory where a file was expected: check the path",
+    errno.ENAMETOOLONG: "file name too long: use a shorter path",
+    errno.EMFILE: "too many open files: raise the limit (ulimit -n) and rerun",
+}
+
+
+# The project's expected failures, each beside the code that raises it (some beside torch).
+EXPECTED = (
+    ("twilbert.config", "ConfigError"), ("twilbert.data.formats", "DataFormatError"),
+    ("twilbert.data.corpus", "DataStageError"), ("twilbert.data.tasks", "TaskFilesError"),
+    ("twilbert.model.io", "CheckpointError"), ("twilbert.train.loop", "NonFiniteLossError"),
+    ("twilbert.predict", "PredictError"), ("twilbert.model.hf", "ExportError"),
+    ("twilbert.results", "MetricsFileError"), ("twilbert.data.sources", "CorpusError"),
+    ("twilbert.compare", "CompareError"),
+)
+
+
+def _expected_types() -> tuple[type[BaseException], ...]:
+    """Imported when a failure is reported; one that cannot be imported cannot have been raised."""
+    import importlib
+
+    found = []
+    for module, name in EXPECTED:
+        try:
+            found.append(getattr(importlib.import_module(module), name))
+        except (ImportError, AttributeError):
+            continue
+    return tuple(found)
+
+
+def one_line(text: str) -> str:
+    """A multi-line message (e.g. several ``file:line`` problems) joined into one line."""
+    return "; ".join(line.strip() for line in str(text).splitlines() if line.strip())
+
+
+def user_message(err: BaseException) -> Optional[str]:
+    """The one-line message for an expected failure; None for a bug (the traceback is wanted then)."""
+    if isinstance(err, OSError) and err.errno in OS_ADVICE:
+        paths = [p for p in (err.filename, err.filename2) if p is not None]
+        where = " -> ".join(os.fsdecode(p) for p in paths)
+        if not where:  # a write through an open file handle: name what was running instead
+            where = "while running " + " ".join(sys.argv)
+        return f"{where}: {OS_ADVICE[err.errno]}"
+    if isinstance(err, FileNotFoundError) or isinstance(err, _expected_types()):
+        return one_line(str(err))
+    return None
+
+
+@contextmanager
+def naming(path: Union[str, "os.PathLike[str]"]) -> Iterator[None]:
+    """Give an OSError raised inside the block ``path`` as its file name when it has none
+    (a full disk met by ``write()`` on an open handle names no file)."""
+    try:
+        yield
+    except OSError as err:
+        if err.filename is None and err.errno is not None:
+            err.filename = os.fspath(path)
+        raise

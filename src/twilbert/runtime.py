@@ -1,0 +1,107 @@
+"""``runtime.threads``: torch's intra-op threads, by default the cores shared among concurrent DVC jobs.
+
+Every torch process takes all cores by default. Under ``dvc queue start -j N`` (N experiments at
+once) that is N times too many threads on the same cores, and each step is slower than with fewer
+threads. DVC passes no job count to a stage, so the count is read from the machine (Linux ``/proc``): the
+``dvc exp queue-worker`` processes of this repository's queue alive now (``-j N`` starts N of
+them, each running one experiment at a time). A stage that does not run under a queue worker
+counts as the only job.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import sys
+from pathlib import Path
+from typing import Optional
+
+log = logging.getLogger(__name__)
+
+QUEUE_WORKER_ARGS = (b"exp", b"queue-worker")
+
+
+def cpu_cores() -> int:
+    """Cores this process may run on (its CPU affinity, which container limits narrow)."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not Linux
+        return os.cpu_count() or 1
+
+
+def _cmdline(pid: int) -> list[bytes]:
+    try:
+        return Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
+    except OSError:
+        return []
+
+
+def _queue_node(pid: int) -> Optional[str]:
+    """The node name of a ``dvc exp queue-worker <node>`` process (``dvc-exp-<repo hash>-<n>@localhost``)."""
+    args = _cmdline(pid)
+    for i in range(len(args) - 2):
+        if args[i:i + 2] == list(QUEUE_WORKER_ARGS):
+            return args[i + 2].decode(errors="replace")
+    return None
+
+
+def _parent(pid: int) -> int:
+    try:
+        text = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return 0
+    return int(text[text.rindex(")") + 2:].split()[1])
+
+
+def own_queue_node() -> Optional[str]:
+    """The node name of the queue worker this process runs under, if any."""
+    pid = os.getppid()
+    while pid > 1:
+        node = _queue_node(pid)
+        if node is not None:
+            return node
+        pid = _parent(pid)
+    return None
+
+
+def concurrent_jobs() -> int:
+    """DVC jobs running now: the live workers of this process's queue (``-j N`` starts N; they
+    share a node-name prefix, the hash of the repository), or 1 outside a queue."""
+    node = own_queue_node() if sys.platform.startswith("linux") else None
+    if node is None:
+        return 1
+    prefix = node.rsplit("-", 1)[0] + "-"
+    nodes = (_queue_node(int(e.name)) for e in Path("/proc").iterdir() if e.name.isdigit())
+    return max(1, sum(1 for n in nodes if n is not None and n.startswith(prefix)))
+
+
+def auto_threads(base: int, jobs: int, local_ranks: int = 1) -> int:
+    """``base`` threads divided among the jobs (and, under torchrun, among a job's ranks); at least 1."""
+    return max(1, base // max(1, jobs * local_ranks))
+
+
+def apply_threads(threads: Optional[int]) -> Optional[int]:
+    """Set torch's intra-op threads: ``threads`` when > 0; else (null or 0, auto) torch's own default
+    (one per physical core) divided among the concurrent jobs, left alone outside a queue and when
+    OMP_NUM_THREADS is set. Returns the count set, if any.
+
+    Only in processes that use torch (already imported): the data and vocab stages do not.
+    """
+    if "torch" not in sys.modules:
+        return None
+    import torch
+
+    if threads:
+        n, how = threads, "runtime.threads"
+    elif os.environ.get("OMP_NUM_THREADS"):
+        return None  # the user's (or the test runner's) explicit choice stands
+    else:
+        jobs, ranks = concurrent_jobs(), int(os.environ.get("LOCAL_WORLD_SIZE", "1") or 1)
+        if jobs * ranks == 1:
+            return None  # the only job: torch's default
+        base = min(torch.get_num_threads(), cpu_cores())
+        n = auto_threads(base, jobs, ranks)
+        how = f"auto: {base} threads / ({jobs} DVC job(s) x {ranks} rank(s))"
+    torch.set_num_threads(n)
+    log.info("torch intra-op threads: %d (%s)", n, how)
+    return n
