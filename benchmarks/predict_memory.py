@@ -41,10 +41,10 @@ def peak_kb():
     with open("/proc/self/status") as fh:
         return int(next(l for l in fh if l.startswith("VmHWM:")).split()[1])
 
-def watched(rows, name, size=predict.CHUNK_SIZE):
+def watched(rows, name, size=predict.CHUNK_SIZE, **options):
     done = 0
     marks[0] = peak_kb()  # the model loaded, no line read yet
-    for chunk in real(rows, name, size):
+    for chunk in real(rows, name, size, **options):
         yield chunk
         done += len(chunk.texts)
         if done % every == 0:

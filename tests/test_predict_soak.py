@@ -28,9 +28,9 @@ def peak_kb():
     with open("/proc/self/status") as fh:
         return int(next(line for line in fh if line.startswith("VmHWM:")).split()[1])
 
-def watched(rows, name, size=predict.CHUNK_SIZE):
+def watched(rows, name, size=predict.CHUNK_SIZE, **options):
     done = 0
-    for chunk in real(rows, name, size):
+    for chunk in real(rows, name, size, **options):
         yield chunk
         done += len(chunk.texts)
         marks[done] = peak_kb()

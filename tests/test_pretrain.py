@@ -224,10 +224,10 @@ def test_throughput_benchmark_quick_mode_ends_with_the_json_line():
     # --bf16 on: at these sizes even emulated bf16 (a CPU without bf16 instructions) takes seconds
     _, figures = run_quick_benchmark("on")
     assert isinstance(figures.pop("native_bf16"), bool)
-    assert set(figures) == {"hf_fp32_tok_s", "ours_fp32_tok_s", "hf_bf16_tok_s", "ours_bf16_tok_s",
-                            "ours_pkm_fp32_tok_s", "ours_pkm_bf16_tok_s", "ratio_fp32", "ratio_bf16",
-                            "mfu_fp32", "mfu_bf16"}
-    assert all(v > 0 for v in figures.values())
+    speeds = {"hf_fp32_tok_s", "ours_fp32_tok_s", "hf_bf16_tok_s", "ours_bf16_tok_s", "ours_pkm_fp32_tok_s",
+              "ours_pkm_bf16_tok_s", "ratio_fp32", "ratio_bf16", "mfu_fp32", "mfu_bf16"}
+    assert speeds <= set(figures)  # beside them: the host, its load, the matmul peaks and kernels used
+    assert all(figures[k] > 0 for k in speeds)
 
 
 def test_throughput_benchmark_without_bf16_reports_nulls_and_says_why():

@@ -97,9 +97,9 @@ def test_an_unknown_key_by_hand_gets_the_one_line_error_of_an_unknown_key_in_par
     by_hand = run_stage("data.py", "--out", "out", "data.sorce=evomsa", cwd=workdir, tmp_path=tmp_path)
     plus = run_stage("data.py", "--out", "out", "+data.sorce=evomsa", cwd=workdir, tmp_path=tmp_path)
     assert by_hand.returncode == 2 and "Traceback" not in by_hand.stderr
-    errors = [line for line in by_hand.stderr.splitlines() if "ERROR" in line]
+    errors = [line for line in by_hand.stderr.splitlines() if line.startswith("error:")]
     assert len(errors) == 1 and "unknown config key(s): data.sorce" in errors[0]
-    assert errors[0].split("ERROR", 1)[1] == next(l for l in plus.stderr.splitlines() if "ERROR" in l).split("ERROR", 1)[1]
+    assert errors == [line for line in plus.stderr.splitlines() if line.startswith("error:")]
 
 
 def test_bad_task_files_fail_before_an_mlflow_run_is_opened(workdir, tmp_path):

@@ -69,6 +69,9 @@ def write_task(directory: Path) -> Path:
 def test_a_pickle_as_the_pretrained_weights_of_finetune_is_one_line(workdir):
     pretrained = make_pretrained(workdir / "pretrained")
     torch.save({"twilbert.x": torch.zeros(2)}, pretrained / "model.safetensors")  # a pickle in disguise
+    from twilbert.model.manifest import write_manifest
+
+    write_manifest(pretrained)  # a directory handed over whole: its checksums match, its weights are a pickle
     task = write_task(workdir / "task")
     proc = run_stage("finetune.py", "--task", "tass_default", "--pretrained", "pretrained", "--model-out", "m",
                      "--metrics-out", "r", "--checkpoints", "ck", f"tasks.tass_default.dataset.data_dir={task}",
