@@ -676,9 +676,6 @@ def compose(overrides: Optional[list[str]] = None, config_dir: Union[str, Path] 
     from omegaconf import OmegaConf
     from omegaconf.errors import OmegaConfBaseException
 
-    from hydra.errors import HydraException
-    from omegaconf.errors import OmegaConfBaseException
-
     overrides = list(overrides or [])
     try:
         with initialize_config_dir(config_dir=str(Path(config_dir).resolve()), version_base=None):

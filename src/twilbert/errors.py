@@ -38,7 +38,8 @@ EXPECTED = (
     ("twilbert.model.io", "CheckpointError"), ("twilbert.train.loop", "NonFiniteLossError"),
     ("twilbert.predict", "PredictError"), ("twilbert.model.hf", "ExportError"),
     ("twilbert.results", "MetricsFileError"), ("twilbert.data.sources", "CorpusError"),
-    ("twilbert.compare", "CompareError"),
+    ("twilbert.compare", "CompareError"), ("twilbert.data.shards", "PairsDataError"),
+    ("twilbert.data.tokenizer", "VocabError"),
 )
 
 

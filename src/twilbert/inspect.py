@@ -17,6 +17,7 @@ import torch
 
 from twilbert.data.masking import IGNORE_INDEX
 from twilbert.data.pairs import iterate_batches, load_shards
+from twilbert.data.shards import PairsDataError
 from twilbert.data.tokenizer import Tokenizer
 from twilbert.model import TWilBertForPretraining
 from twilbert.model.io import load_into, load_pretrained_state, model_config_from_dict
@@ -138,7 +139,7 @@ def inspect_model(model_dir: Path, pairs_dir: Path, n_samples: int, seed: int, b
     tokenizer = Tokenizer(model_dir)  # the vocabulary embedded in the model directory
     data = load_shards(Path(pairs_dir))  # memory-mapped; only the rows scored are read
     if not len(data):
-        raise ValueError(f"{pairs_dir}: the held-out split holds no pairs; raise pairs.heldout_fraction")
+        raise PairsDataError(f"{pairs_dir}: the held-out split holds no pairs; raise pairs.heldout_fraction")
     objective = PretrainObjective(model.cfg.masked_lm, seed, config["vocab_size"], device)
     metrics = heldout_metrics(model, objective, data, batch_size, pll_examples, device, precision)
     metrics["examples"] = len(data)

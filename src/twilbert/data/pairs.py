@@ -33,7 +33,7 @@ import numpy as np
 import torch
 
 from twilbert.data.shards import (
-    FORMAT, MANIFEST, PACKED_KEYS, SPLITS, PairShards, concat_ranges, read_manifest, token_dtype, write_json,
+    FORMAT, PairsDataError, MANIFEST, PACKED_KEYS, SPLITS, PairShards, concat_ranges, read_manifest, token_dtype, write_json,
     write_shard,
 )
 from twilbert.data.tokenizer import CLS_ID, PAD_ID, SEP_ID, Tokenizer
@@ -305,7 +305,7 @@ def _publish(staging: Path, out_dir: Path, shards: list[dict], identity: dict, v
         splits[split] = {"pairs": pairs, "examples": 2 * pairs, "tokens": sum(e["tokens"] for e in entries),
                          "shards": entries}
     if splits["train"]["pairs"] == 0:
-        raise ValueError("pairs: no training pairs (every text is shorter than two tokens, the corpus is empty, "
+        raise PairsDataError("pairs: no training pairs (every text is shorter than two tokens, the corpus is empty, "
                          "or every pair fell in the held-out split: lower pairs.heldout_fraction)")
     if identity["heldout_fraction"] > 0 and splits["heldout"]["pairs"] == 0:
         log.warning("pairs: no pair fell in the held-out split (corpus too small for pairs.heldout_fraction=%s); "

@@ -32,6 +32,10 @@ from twilbert.data.tokenizer import CLS_ID, PAD_ID, SEP_ID
 from twilbert.io_utils import atomic_write
 
 FORMAT = "twilbert-pairs/2"
+
+
+class PairsDataError(ValueError):
+    """The pairs on disk, or the corpus they come from, cannot be used; the message says what to do."""
 MANIFEST = "manifest.json"
 SPLITS = ("train", "heldout")
 INDEX_DTYPE = np.uint32  # start, len_a, len_b: a shard holds fewer than 2**32 tokens (checked on write)
@@ -57,7 +61,7 @@ def _npy_bytes(array: np.ndarray) -> bytes:
 def write_shard(directory: Path, k: int, tokens: np.ndarray, index: np.ndarray) -> dict:
     """Write shard ``k`` of one split (each file atomically); its manifest entry with the checksums."""
     if len(tokens) > np.iinfo(INDEX_DTYPE).max:
-        raise ValueError(f"{directory}/{shard_name(k)}: {len(tokens)} tokens exceed a shard's uint32 index; "
+        raise PairsDataError(f"{directory}/{shard_name(k)}: {len(tokens)} tokens exceed a shard's uint32 index; "
                          "lower pairs.shard_size")
     directory.mkdir(parents=True, exist_ok=True)
     entry = {"name": shard_name(k), "rows": int(len(index)), "tokens": int(len(tokens)), "sha256": {}}
@@ -85,7 +89,7 @@ def read_manifest(directory: Path) -> dict:
         raise FileNotFoundError(f"{path}: missing; {hint}")
     manifest = json.loads(path.read_text(encoding="utf-8"))
     if manifest.get("format") != FORMAT:
-        raise ValueError(f"{path}: format {manifest.get('format')!r}, expected {FORMAT!r}; rerun the pairs stage")
+        raise PairsDataError(f"{path}: format {manifest.get('format')!r}, expected {FORMAT!r}; rerun the pairs stage")
     return manifest
 
 
@@ -129,7 +133,7 @@ class PairShards:
                 path = self.directory / f"{entry['name']}.{part}.npy"
                 count = entry["tokens"] if part == "tokens" else entry["rows"]
                 if not path.is_file() or path.stat().st_size < count * width:
-                    raise ValueError(f"{path}: missing or shorter than the {count} entries {MANIFEST} lists; "
+                    raise PairsDataError(f"{path}: missing or shorter than the {count} entries {MANIFEST} lists; "
                                      "rerun the pairs stage")
         rows = np.array([s["rows"] for s in self.shards], dtype=np.int64)
         self._first = np.concatenate([[0], np.cumsum(rows)])  # (n_shards + 1,) first pair of each shard

@@ -33,6 +33,11 @@ N_SPECIAL = len(SPECIAL_TOKENS)
 # Cut points inside a typed control-token string: after its '[' ("[" | "MASK]").
 SPECIAL_TEXT = re.compile(r"(?<=\[)(?=(?:PAD|UNK|MASK|CLS|SEP)\])")
 
+
+class VocabError(ValueError):
+    """A vocabulary cannot be trained or used; the message says what to do."""
+
+
 MODEL_FILE = "spm.model"
 META_FILE = "meta.json"
 
@@ -55,7 +60,7 @@ def train_vocab(
     prep = Preprocessor(preprocess or PreprocessConfig())
     sample, n_texts = sample_texts(texts, cfg.max_sentences, seed)
     if n_texts == 0:
-        raise ValueError("vocab: the pretraining corpus is empty; nothing to train a vocabulary on")
+        raise VocabError("vocab: the pretraining corpus is empty; nothing to train a vocabulary on")
     n_sample = len(sample)
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=out_dir.parent, prefix=f".{out_dir.name}.") as tmp:
@@ -139,7 +144,7 @@ class Tokenizer:
         self.sp = spm.SentencePieceProcessor(model_file=str(model))
         self.preprocess = Preprocessor(PreprocessConfig.from_dict(self.meta.get("preprocess", {})))
         if self.sp.piece_to_id("[CLS]") != CLS_ID or self.sp.pad_id() != PAD_ID:
-            raise ValueError(f"{model}: special tokens are not at the ids twilbert expects {SPECIAL_TOKENS}")
+            raise VocabError(f"{model}: special tokens are not at the ids twilbert expects {SPECIAL_TOKENS}")
 
     @property
     def vocab_size(self) -> int:

@@ -28,7 +28,7 @@ from twilbert.config import Config, ConfigError, MaskedLMConfig, to_dict
 from twilbert.data.masking import IGNORE_INDEX, mask_tokens
 from twilbert.data.pairs import Examples, PairBatch, as_examples, batch_of, iterate_batches, load_shards
 from twilbert.data.prefetch import prefetch
-from twilbert.data.shards import MANIFEST, read_manifest
+from twilbert.data.shards import MANIFEST, PairsDataError, read_manifest
 from twilbert.data.tokenizer import MASK_ID, N_SPECIAL, Tokenizer
 from twilbert.distributed import DistContext, iterate_rank_batches, loss_normalizer, n_rank_batches, wrap_ddp
 from twilbert.model import TWilBertForPretraining, count_parameters
@@ -326,10 +326,10 @@ def open_pretrain_data(pairs_dir: Path, max_len: int, vocab_size: int) -> tuple[
     manifest = read_manifest(pairs_dir)
     where = pairs_dir / MANIFEST
     if manifest["max_len"] != max_len:
-        raise ValueError(f"{where}: pairs were built with max_len={manifest['max_len']} but "
+        raise PairsDataError(f"{where}: pairs were built with max_len={manifest['max_len']} but "
                          f"representation.max_len={max_len}; rerun the pairs stage")
     if manifest["vocab_size"] != vocab_size:
-        raise ValueError(f"{where}: pairs were tokenized with a vocabulary of {manifest['vocab_size']} pieces, "
+        raise PairsDataError(f"{where}: pairs were tokenized with a vocabulary of {manifest['vocab_size']} pieces, "
                          f"the vocabulary has {vocab_size}; rerun the pairs stage")
     return load_shards(pairs_dir / "train"), load_shards(pairs_dir / "heldout")
 
