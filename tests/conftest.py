@@ -77,3 +77,12 @@ def join_gloo_group(rank: int, world_size: int, port: int):
                       MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     torch.set_num_threads(1)
     return init_distributed("cpu")
+
+
+@pytest.fixture
+def in_project(project, monkeypatch):
+    """The test file's ``project`` as the working directory, with no tracking or DVC variables leaking in."""
+    monkeypatch.chdir(project)
+    for var in ("MLFLOW_TRACKING_URI", "RANK", "DVC_EXP_NAME"):
+        monkeypatch.delenv(var, raising=False)
+    return project

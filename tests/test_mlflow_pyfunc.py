@@ -33,14 +33,6 @@ def project(tmp_path_factory):
     return root
 
 
-@pytest.fixture
-def in_project(project, monkeypatch):
-    monkeypatch.chdir(project)
-    for var in ("MLFLOW_TRACKING_URI", "RANK", "DVC_EXP_NAME"):
-        monkeypatch.delenv(var, raising=False)
-    return project
-
-
 def logged_model_uri(project, task: str, monkeypatch) -> str:
     """Log the task's model through the Tracker into the project's SQLite store; its runs:/ URI."""
     tracker = Tracker(TrackingConfig(), stage="finetune")

@@ -37,14 +37,6 @@ def project(tmp_path_factory):
     return root
 
 
-@pytest.fixture
-def in_project(project, monkeypatch):
-    monkeypatch.chdir(project)
-    for var in ("MLFLOW_TRACKING_URI", "RANK", "DVC_EXP_NAME"):
-        monkeypatch.delenv(var, raising=False)
-    return project
-
-
 def closed_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
