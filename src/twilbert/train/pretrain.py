@@ -32,6 +32,7 @@ from twilbert.data.shards import MANIFEST, PairsDataError, read_manifest
 from twilbert.data.tokenizer import MASK_ID, N_SPECIAL, Tokenizer
 from twilbert.distributed import DistContext, iterate_rank_batches, loss_normalizer, n_rank_batches, wrap_ddp
 from twilbert.model import TWilBertForPretraining, count_parameters
+from twilbert.io_utils import replace_dir
 from twilbert.model.io import CheckpointError, LoadReport, load_into, load_pretrained_state, save_pretrained
 from twilbert.model.manifest import write_manifest
 from twilbert.track import Tracker
@@ -420,6 +421,7 @@ def publish_best(model: TWilBertForPretraining, best: BestEpoch, config: dict, t
     shutil.copytree(best_dir, staged)
     tokenizer.copy_to(staged)
     write_manifest(staged)  # the vocabulary files are part of the model: seal them too
-    if out_dir.exists():
-        shutil.rmtree(out_dir)
-    staged.rename(out_dir)
+    aside = out_dir.with_name(f".{out_dir.name}.previous")
+    shutil.rmtree(aside, ignore_errors=True)  # left by a crash between the two renames
+    replace_dir(staged, out_dir, aside)  # never a moment without a complete models/pretrained
+    shutil.rmtree(aside, ignore_errors=True)
