@@ -24,8 +24,8 @@ from sklearn.linear_model import LogisticRegression, Ridge
 from sklearn.multiclass import OneVsRestClassifier
 from sklearn.svm import LinearSVC
 
-from twilbert.config import TaskSpec
-from twilbert.data.preprocess import PreprocessConfig, Preprocessor
+from twilbert.config import PreprocessConfig, TaskSpec
+from twilbert.data.preprocess import Preprocessor
 from twilbert.io_utils import save_npz
 from twilbert.model.io import CONFIG_NAME
 from twilbert.model.manifest import verify_model_dir, write_manifest

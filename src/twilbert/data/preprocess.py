@@ -9,15 +9,12 @@ become `` :emoji_1fae8: ``). The pipeline is idempotent: normalizing a normalize
 
 from __future__ import annotations
 
-import dataclasses
 import functools
 import re
 import unicodedata
-from dataclasses import dataclass
-from typing import Any, Literal, Optional
+from typing import Any, Optional
 
-from twilbert.config import ConfigError
-from twilbert.config import from_dict as build_config
+from twilbert.config import PreprocessConfig
 
 # --------------------------------------------------------------------------------------------
 # Sanitizing: anything a str can hold becomes text that encodes as UTF-8
@@ -186,43 +183,8 @@ def remove_emoji(text: str) -> str:
 
 
 # --------------------------------------------------------------------------------------------
-# Config and pipeline
+# Pipeline
 # --------------------------------------------------------------------------------------------
-
-
-@dataclass
-class PreprocessConfig:
-    """How tweets are normalized; stored with each model so predictions see the same text."""
-
-    users: Optional[str] = "@usuario"  # placeholder for @mentions; None keeps them
-    urls: Optional[str] = "url"  # placeholder for links; None keeps them
-    hashtags: Literal["keep", "strip", "split"] = "keep"
-    laughter: bool = True
-    laughter_token: str = "jaja"
-    elongation: bool = True
-    max_repeat: int = 3  # elongations are cut to this many repeats
-    emoji: Literal["keep", "text", "remove"] = "keep"
-    lowercase: bool = False  # applied after the entities are replaced, so it lowercases placeholders too
-    empty_text: str = "[vacío]"  # returned when normalization leaves nothing
-
-    def validate(self, where: str = "preprocess") -> "PreprocessConfig":
-        if self.max_repeat < 1:
-            raise ConfigError(f"{where}.max_repeat must be >= 1, got {self.max_repeat}")
-        if not collapse_whitespace(self.empty_text):
-            raise ConfigError(f"{where}.empty_text must hold visible text, got {self.empty_text!r}")
-        for key in ("users", "urls", "laughter_token", "empty_text"):
-            value = getattr(self, key)
-            if value is not None and fix_surrogates(value) != value:
-                raise ConfigError(f"{where}.{key} contains a lone surrogate: {value!r}")
-        return self
-
-    def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
-
-    @classmethod
-    def from_dict(cls, data: Optional[dict[str, Any]], where: str = "preprocess") -> "PreprocessConfig":
-        """Strict load (unknown or mistyped keys raise ConfigError), then validate."""
-        return build_config(cls, data, where).validate(where)
 
 
 class Preprocessor:

@@ -1,0 +1,160 @@
+"""Typed configuration: one dataclass per section of params.yaml, validated once on load.
+
+Key names follow TWilBert's JSON configs. Every error names the dotted key that is wrong.
+Sections live by concern (``model``, ``data``, ``training``); ``strict`` holds the loader.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal, Optional, Union
+
+import yaml
+
+from twilbert.config.data import (
+    MAX_LEN_LIMIT,
+    MAX_VOCAB_SIZE,
+    DataConfig,
+    PairsConfig,
+    PreprocessConfig,
+    RepresentationConfig,
+    VocabConfig,
+)
+from twilbert.config.model import MaskedLMConfig, MaskProbs, ModelConfig, PkmConfig, RopConfig
+from twilbert.config.strict import ConfigError, check_non_negative, from_dict, to_dict
+from twilbert.config.training import (
+    DEVICE_PATTERN,
+    OPTIMIZERS,
+    FinetuningConfig,
+    TaskConfig,
+    TaskDataset,
+    TaskSpec,
+    TrainingConfig,
+)
+
+__all__ = [
+    "MAX_LEN_LIMIT", "MAX_VOCAB_SIZE", "OPTIMIZERS", "DEVICE_PATTERN", "ConfigError", "from_dict", "to_dict",
+    "load_config", "compose", "Config", "PkmConfig", "MaskProbs", "MaskedLMConfig", "RopConfig", "ModelConfig",
+    "RepresentationConfig", "DataConfig", "VocabConfig", "PairsConfig", "PreprocessConfig", "TrainingConfig",
+    "FinetuningConfig", "TaskDataset", "TaskSpec", "TaskConfig", "TrackingConfig", "RuntimeConfig",
+]
+
+
+@dataclass
+class TrackingConfig:
+    uri: Optional[str] = None  # None: sqlite mlflow.db in the repo root (absolute URI)
+    experiment: str = "twilbert"
+    on_unreachable: Literal["fallback", "fail"] = "fallback"  # fallback: the local sqlite store, with a warning
+    timeout: float = 5.0  # seconds: the reachability probe and each HTTP request to the store
+    retries: int = 3  # per store call: HTTP retries, and retries on SQLite's 'database is locked'
+
+    def __post_init__(self) -> None:
+        # Checked on construction: the section is complete and self-contained.
+        if self.timeout <= 0:
+            raise ConfigError(f"tracking.timeout must be > 0 seconds, got {self.timeout}")
+        if self.retries < 0:
+            raise ConfigError(f"tracking.retries must be >= 0, got {self.retries}")
+        if not self.experiment.strip():
+            raise ConfigError("tracking.experiment must name an MLflow experiment, got an empty string")
+
+
+@dataclass
+class RuntimeConfig:
+    """How the stages use this machine (not a DVC param): speed, and the last bits of float results."""
+
+    threads: Optional[int] = None  # torch intra-op threads; null or 0: the cores shared among concurrent DVC jobs
+
+    def validate(self, where: str = "runtime") -> None:
+        check_non_negative(self, where, "threads")
+
+
+@dataclass
+class Config:
+    seed: int = 1234
+    data: DataConfig = field(default_factory=DataConfig)
+    vocab: VocabConfig = field(default_factory=VocabConfig)
+    representation: RepresentationConfig = field(default_factory=RepresentationConfig)
+    pairs: PairsConfig = field(default_factory=PairsConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    training: TrainingConfig = field(default_factory=TrainingConfig)
+    finetuning: FinetuningConfig = field(default_factory=FinetuningConfig)
+    tasks: dict[str, TaskConfig] = field(default_factory=dict)
+    tracking: TrackingConfig = field(default_factory=TrackingConfig)
+    runtime: RuntimeConfig = field(default_factory=RuntimeConfig)
+    preprocess: PreprocessConfig = field(default_factory=PreprocessConfig)
+
+    def validate(self) -> "Config":
+        self.preprocess.validate("preprocess")
+        if not 0 <= self.seed < 2**32:  # numpy's seed range
+            raise ConfigError(f"seed must be in [0, 2**32), got {self.seed}")
+        self.data.validate()
+        self.vocab.validate()
+        self.representation.validate()
+        self.pairs.validate()
+        self.model.validate()
+        self.training.validate()
+        self.finetuning.validate()
+        self.runtime.validate()
+        for name, task in self.tasks.items():
+            task.name = task.name or name
+            task.validate(f"tasks.{name}", self.finetuning)
+            if task.compare_as is not None and task.compare_as not in self.tasks:
+                raise ConfigError(
+                    f"tasks.{name}.compare_as {task.compare_as!r} is not a task in params (have: {sorted(self.tasks)})"
+                )
+        return self
+
+
+def load_config(params: Union[str, Path, dict]) -> Config:
+    """Load and validate the whole config from a params.yaml path or an already-parsed dict."""
+    if isinstance(params, (str, Path)):
+        path = Path(params)
+        try:
+            data = yaml.safe_load(path.read_text(encoding="utf-8"))
+        except FileNotFoundError:
+            raise ConfigError(f"{path}: params file not found") from None
+        except yaml.YAMLError as err:
+            raise ConfigError(f"{path}: invalid YAML: {err}") from None
+    else:
+        data = params
+    return from_dict(Config, data).validate()
+
+
+def compose(overrides: Optional[list[str]] = None, config_dir: Union[str, Path] = "conf") -> dict:
+    """Compose ``conf/`` with Hydra overrides into the plain dict DVC writes to params.yaml."""
+    from hydra import compose as hydra_compose
+    from hydra import initialize_config_dir
+    from hydra.errors import HydraException
+    from omegaconf import OmegaConf
+    from omegaconf.errors import OmegaConfBaseException
+
+    overrides = list(overrides or [])
+    try:
+        with initialize_config_dir(config_dir=str(Path(config_dir).resolve()), version_base=None):
+            cfg = hydra_compose(config_name="config", overrides=overrides)
+    except (HydraException, OmegaConfBaseException) as err:
+        unknown = re.match(r"Could not override '([^']+)'", str(err))
+        if unknown:  # the same message as an unknown key in params.yaml (under DVC)
+            key = unknown.group(1)
+            section = _dig_section(compose([], config_dir), key.rsplit(".", 1)[0]) if "." in key else None
+            known = f" (known: {', '.join(sorted(section))})" if isinstance(section, dict) else ""
+            raise ConfigError(f"unknown config key(s): {key}{known}") from None
+        raise ConfigError(f"config overrides {' '.join(overrides)}: {_one_line(str(err))}") from None
+    return OmegaConf.to_container(cfg, resolve=True)
+
+
+def _dig_section(tree: Any, dotted: str) -> Any:
+    for part in dotted.split("."):
+        if not isinstance(tree, dict) or part not in tree:
+            return None
+        tree = tree[part]
+    return tree
+
+
+def _one_line(message: str) -> str:
+    """Hydra's multi-line message in one line, without its search-path dump and doc links."""
+    message = message.split("Config search path", 1)[0]
+    lines = [line.strip() for line in message.splitlines() if line.strip() and not line.strip().startswith("See http")]
+    return "; ".join(lines).replace(":;", ":")
