@@ -12,17 +12,9 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from twilbert.config import TaskDataset
-from twilbert.data.formats import (
-    MAX_REPORTED,
-    DataFormatError,
-    iter_pairs,
-    iter_texts,
-    read_pairs,
-    read_table,
-    read_task_split,
-    read_texts,
-    write_table,
-)
+from twilbert.data.corpus_files import iter_pairs, iter_texts, read_pairs, read_texts
+from twilbert.data.formats import MAX_REPORTED, DataFormatError, read_table, write_table
+from twilbert.data.tasks import read_task_split
 from twilbert.io_utils import atomic_write
 
 SENTIMENT = {"N": 0, "NEU": 1, "P": 2}

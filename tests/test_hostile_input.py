@@ -15,7 +15,9 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from twilbert.config import TaskDataset, VocabConfig
-from twilbert.data.formats import DataFormatError, read_pairs, read_task_split, read_texts
+from twilbert.data.corpus_files import read_pairs, read_texts
+from twilbert.data.formats import DataFormatError
+from twilbert.data.tasks import read_task_split
 from twilbert.data.tokenizer import CLS_ID, MASK_ID, PAD_ID, SEP_ID, Tokenizer, pack_pairs, train_vocab
 
 from conftest import make_tweets

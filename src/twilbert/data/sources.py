@@ -15,7 +15,8 @@ from pathlib import Path
 from typing import Iterator, Optional
 
 from twilbert.config import DataConfig
-from twilbert.data.formats import DataFormatError, iter_pairs, iter_texts
+from twilbert.data.corpus_files import iter_pairs, iter_texts
+from twilbert.data.formats import DataFormatError
 
 log = logging.getLogger(__name__)
 

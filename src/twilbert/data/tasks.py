@@ -15,22 +15,129 @@ label); regression by quantile bins of the target; a random split, logged, when 
 from __future__ import annotations
 
 import logging
+import math
 from collections import Counter
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Optional
+from typing import Any, Mapping, Optional
 
 import numpy as np
 from sklearn.model_selection import train_test_split
 
 from twilbert.config import TaskConfig
-from twilbert.data.formats import TaskExamples, read_task_split
+from twilbert.data.formats import PathLike, Problems, parse_table
 
 log = logging.getLogger(__name__)
 
 
 class TaskFilesError(FileNotFoundError):
     """A task listed in params has no usable files."""
+
+
+@dataclass
+class TaskExamples:
+    """One split of a finetuning task. ``labels`` are class indices (list[int]), 0/1 indicator
+    vectors (list[list[int]], multi-label) or floats (regression)."""
+
+    path: str
+    ids: list[str]
+    texts: list[str]
+    labels: list[Any]
+    aux_texts: Optional[list[str]] = None
+    line_numbers: list[int] = field(default_factory=list)
+
+    def __len__(self) -> int:
+        return len(self.texts)
+
+
+def read_task_split(
+    path: PathLike,
+    ds: Any,
+    categories: Optional[Mapping[str, int]],
+    multi_label: bool = False,
+    regression: bool = False,
+) -> TaskExamples:
+    """Read one split of a task described by a ``TaskDataset`` (headers, delimiter).
+
+    Classification: each CLASS field (surrounding whitespace ignored) must be a key of ``categories``.
+    Multi-label: CLASS is ``'|'``-separated 0/1 flags, flag i meaning the category with index i; the
+    width must equal ``len(categories)``, or, with no categories, the width of the first row.
+    Regression: CLASS is a finite float. Texts are kept exactly as written.
+    """
+    if multi_label and regression:
+        raise ValueError("a task cannot be both multi_label and regression")
+    if not (multi_label or regression) and not categories:
+        raise ValueError(f"{path}: a classification task needs categories (label -> index)")
+    required = [ds.id_header, ds.text_header, ds.class_header] + ([ds.aux_header] if ds.aux_header else [])
+    problems = Problems(path)
+    hint = "; set the task's dataset id_header/text_header/class_header/aux_header to the file's names"
+    table = parse_table(path, required, ds.delimiter, True, None, (), None, hint, problems)
+    if not problems.total and not len(table):
+        problems.add(None, "no examples (the file has only a header)")
+
+    raw = table.columns.get(ds.class_header, [])
+    if regression:
+        labels, bad = _parse_floats(raw)
+    elif multi_label:
+        labels, bad = _parse_flags(raw, len(categories) if categories else None, categories)
+    else:
+        labels, bad = _parse_classes(raw, categories)
+    for i, problem in bad:
+        problems.add(table.line_numbers[i], problem)
+    problems.raise_if_any()
+    aux = table.columns[ds.aux_header] if ds.aux_header else None
+    return TaskExamples(
+        path=str(path),
+        ids=table.columns[ds.id_header],
+        texts=table.columns[ds.text_header],
+        labels=labels,
+        aux_texts=aux,
+        line_numbers=table.line_numbers,
+    )
+
+
+def _parse_classes(raw: list[str], categories: Mapping[str, int]) -> tuple[list[int], list[tuple[int, str]]]:
+    labels, bad = [], []
+    for i, value in enumerate(raw):
+        index = categories.get(value.strip())
+        if index is None:
+            known = ", ".join(repr(k) for k in list(categories)[:30])
+            bad.append((i, f"unknown label {value.strip()!r} (known: {known})"))
+            index = -1
+        labels.append(index)
+    return labels, bad
+
+
+def _parse_flags(
+    raw: list[str], width: Optional[int], categories: Optional[Mapping[str, int]]
+) -> tuple[list[list[int]], list[tuple[int, str]]]:
+    labels, bad = [], []
+    for i, value in enumerate(raw):
+        parts = value.strip().split("|")
+        if any(p not in ("0", "1") for p in parts):
+            bad.append((i, f"multi-label value {value.strip()!r} must be '|'-separated 0/1 flags, e.g. '0|1|0'"))
+            labels.append([])
+            continue
+        if width is None:
+            width = len(parts)
+        if len(parts) != width:
+            names = f" (one per category: {', '.join(categories)})" if categories else " (as in the first row)"
+            bad.append((i, f"multi-label value {value.strip()!r} has {len(parts)} flags, expected {width}{names}"))
+        labels.append([int(p) for p in parts])
+    return labels, bad
+
+
+def _parse_floats(raw: list[str]) -> tuple[list[float], list[tuple[int, str]]]:
+    labels, bad = [], []
+    for i, value in enumerate(raw):
+        try:
+            number = float(value)
+        except ValueError:
+            number = math.nan
+        if not math.isfinite(number):
+            bad.append((i, f"regression label {value.strip()!r} is not a finite number"))
+        labels.append(number)
+    return labels, bad
 
 
 @dataclass

@@ -33,11 +33,10 @@ from torch import nn
 from twilbert import distributed
 from twilbert.baseline import fit_baseline, save_baseline
 from twilbert.config import Config, ConfigError, FinetuningConfig, ModelConfig, TaskConfig, from_dict, to_dict
-from twilbert.data.formats import TaskExamples
 from twilbert.data.pairs import SHARD_KEYS, PairBatch
 from twilbert.distributed import DistContext, n_rank_batches, rank_batch_indices, wrap_ddp
 from twilbert.data.preprocess import Preprocessor
-from twilbert.data.tasks import TaskData, load_task
+from twilbert.data.tasks import TaskData, TaskExamples, load_task
 from twilbert.data.tokenizer import META_FILE, Tokenizer
 from twilbert.errors import naming
 from twilbert.io_utils import atomic_write

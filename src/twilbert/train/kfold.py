@@ -15,7 +15,7 @@ import numpy as np
 from sklearn.model_selection import KFold, StratifiedKFold
 
 from twilbert.config import TaskSpec
-from twilbert.data.formats import TaskExamples
+from twilbert.data.tasks import TaskExamples
 
 log = logging.getLogger(__name__)
 
