@@ -1,47 +1,20 @@
-"""MLflow tracking: where the store is, how runs are grouped, what is logged, and what happens when it fails.
-
-- The store is ``sqlite:///<repo root>/mlflow.db`` (absolute) unless ``MLFLOW_TRACKING_URI`` or
-  ``tracking.uri`` says otherwise. Inside a queued DVC experiment the working directory is a copy
-  under ``<repo>/.dvc/tmp/exps/``; the root is resolved past it, so runs land in the real store.
-- Runs of one DVC experiment share a parent run named after it (``DVC_EXP_NAME``, which ``dvc exp
-  run`` sets for every stage it runs, ``-n NAME`` or DVC's random name; ``workspace`` under plain
-  ``dvc repro``), tagged with it and the baseline git commit. The parent is the unit of comparison:
-  it carries every resolved param (``experiment_params``) and the headline metrics of every stage
-  (``log_experiment_metrics``), so two parents selected in the UI's compare view show what changed
-  and what it did. A change of params in the same workspace at the same commit opens a new parent
-  (the params' digest is part of its identity): MLflow params cannot change once logged.
-- Child runs are named ``<stage run>@<experiment>`` (``finetune-tass_default@enc4``).
-- The MLflow experiment is tagged as a model-training experiment (``mlflow.experimentKind``), so the
-  UI opens on its runs table, not on GenAI traces.
-- Params are the flattened config in dotted keys, within MLflow's limits (value and key lengths,
-  100 params per call).
-- Tracking never kills training: before training the store is probed within ``tracking.timeout``
-  seconds; if it cannot be reached the stage either stops at once (``tracking.on_unreachable:
-  fail``) or logs to the local SQLite store (``fallback``). During training a failing MLflow call
-  is reported once and tracking is switched off for the rest of the run; the stage's metrics files
-  and model are written regardless. HTTP calls are bounded (MLflow's defaults retry for minutes).
-- Parallel runs (``dvc queue start -j N``) share one SQLite store: its creation and the
-  experiment/parent-run lookup are serialized by a file lock, and a call that meets
-  'database is locked' is retried with backoff.
-- Under torchrun only rank 0 tracks.
+"""MLflow tracking for the stages. The store is ``<repo root>/mlflow.db`` (past a queued DVC experiment's
+copy) unless ``MLFLOW_TRACKING_URI`` or ``tracking.uri`` says otherwise. Each stage's run
+(``<stage>@<experiment>``) is a child of its DVC experiment's parent run, which carries every param and
+the headline metrics; new params at the same commit open a new parent (MLflow params are immutable).
+Tracking never kills training: see ``tracking_store``. Under torchrun only rank 0 tracks.
 """
 
 from __future__ import annotations
 
 import json
 import logging
-import math
 import os
 import random
 import re
-import socket
-import sqlite3
-import ssl
 import subprocess
 import tempfile
 import time
-import urllib.error
-import urllib.request
 from contextlib import contextmanager
 from hashlib import sha256
 from pathlib import Path
@@ -49,6 +22,15 @@ from typing import Any, Callable, Iterator, Mapping, Optional
 from urllib.parse import urlsplit
 
 from twilbert.config import ConfigError, TrackingConfig
+from twilbert.tracking_store import (
+    bounded_http,
+    is_locked_error,
+    probe_store,
+    quiet_store_logs,
+    redact,
+    root_cause,
+    store_lock,
+)
 
 log = logging.getLogger(__name__)
 
@@ -59,8 +41,6 @@ METRICS_PER_BATCH = 1000  # MAX_METRICS_PER_BATCH
 EXPERIMENT_KIND_TAG = "mlflow.experimentKind"  # read by MLflow 3's UI to pick the experiment's first page
 EXPERIMENT_KIND = "custom_model_development"  # model training: the runs table, not GenAI traces
 EXP_TMP_MARKER = os.sep + os.path.join(".dvc", "tmp", "exps") + os.sep
-DEFAULT_PORTS = {"http": 80, "https": 443, "postgresql": 5432, "mysql": 3306, "mssql": 1433}
-LOCK_WAIT_S = 120.0  # longest wait for another process to finish creating the SQLite store
 
 
 class TrackingUnavailableError(ConfigError):
@@ -130,173 +110,6 @@ def git_commit(root: Path) -> str:
 
 def dvc_experiment_name() -> str:
     return os.environ.get("DVC_EXP_NAME") or "workspace"
-
-
-# --------------------------------------------------------------------------------------------
-# Reachability, bounded calls, retries
-# --------------------------------------------------------------------------------------------
-
-
-def redact(uri: str) -> str:
-    """The URI without credentials, for messages."""
-    parts = urlsplit(uri)
-    if parts.password is None and parts.username is None:
-        return uri
-    host = parts.hostname or ""
-    netloc = f"***@{host}" + (f":{parts.port}" if parts.port else "")
-    return parts._replace(netloc=netloc).geturl()
-
-
-def probe_store(uri: str, timeout: float) -> Optional[str]:
-    """None when the store answers within ``timeout`` seconds, else what went wrong."""
-    parts = urlsplit(uri)
-    scheme = parts.scheme.split("+", 1)[0].lower()
-    if scheme == "sqlite":
-        return _probe_sqlite(uri, timeout)
-    if scheme in ("", "file"):
-        return _probe_directory(Path(parts.path if scheme else uri))
-    try:
-        port = parts.port or DEFAULT_PORTS.get(scheme)
-    except ValueError as err:
-        return f"invalid port: {err}"
-    if not parts.hostname or port is None:
-        return None  # e.g. databricks: left to MLflow
-    try:
-        socket.create_connection((parts.hostname, port), timeout=timeout).close()
-    except OSError as err:
-        return f"cannot connect to {parts.hostname}:{port} within {timeout:g}s ({err})"
-    if scheme in ("http", "https"):
-        return _probe_http(uri, timeout)
-    return None
-
-
-def _probe_http(uri: str, timeout: float) -> Optional[str]:
-    try:
-        urllib.request.urlopen(uri.rstrip("/") + "/health", timeout=timeout).close()
-    except urllib.error.HTTPError:
-        return None  # a server answered (401, 404 behind a proxy...): reachable
-    except urllib.error.URLError as err:
-        if isinstance(err.reason, ssl.SSLError):
-            return None  # it speaks TLS; certificate policy is MLflow's business
-        return f"no HTTP answer within {timeout:g}s ({err.reason})"
-    except (OSError, ValueError) as err:
-        return f"no HTTP answer within {timeout:g}s ({err})"
-    return None
-
-
-def _sqlite_path(uri: str) -> Optional[Path]:
-    path = uri[len("sqlite:///"):].split("?", 1)[0] if uri.startswith("sqlite:///") else ""
-    return Path(path) if path and path != ":memory:" else None
-
-
-def _probe_sqlite(uri: str, timeout: float) -> Optional[str]:
-    path = _sqlite_path(uri)
-    if path is None:
-        return None
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        conn = sqlite3.connect(str(path), timeout=timeout)
-        try:
-            conn.execute("PRAGMA schema_version").fetchone()
-            version = conn.execute("PRAGMA user_version").fetchone()[0]
-            try:  # a write that changes nothing: a read-only store fails here, before training, not mid-run
-                conn.execute(f"PRAGMA user_version = {int(version)}")
-            except sqlite3.OperationalError as err:
-                if "readonly" in str(err):
-                    raise
-                # 'database is locked': another stage is writing; that store is reachable
-        finally:
-            conn.close()
-    except (OSError, sqlite3.Error) as err:
-        return f"cannot open {path} ({err})"
-    return None
-
-
-def _probe_directory(path: Path) -> Optional[str]:
-    try:
-        path.mkdir(parents=True, exist_ok=True)
-    except OSError as err:
-        return f"cannot create {path} ({err})"
-    return None if os.access(path, os.W_OK) else f"{path} is not writable"
-
-
-def is_locked_error(err: BaseException) -> bool:
-    """SQLite's 'database is locked' anywhere in the exception chain (MLflow wraps it twice)."""
-    seen: set[int] = set()
-    current: Optional[BaseException] = err
-    while current is not None and id(current) not in seen:
-        seen.add(id(current))
-        if "database is locked" in str(current) or "database table is locked" in str(current):
-            return True
-        current = current.__cause__ or current.__context__
-    return False
-
-
-def root_cause(err: BaseException) -> BaseException:
-    """The innermost exception of a chain (``raise ... from`` or raised while handling)."""
-    seen: set[int] = set()
-    while id(err) not in seen and (err.__cause__ or err.__context__) is not None:
-        seen.add(id(err))
-        err = err.__cause__ or err.__context__
-    return err
-
-
-def quiet_store_logs() -> None:
-    """Keep MLflow's and SQLAlchemy's own logging of a failing store (a traceback of ~100 lines at
-    ERROR) out of the stage's output: the tracker reports a failure once, in one line."""
-    for name, level in (("mlflow", logging.WARNING), ("mlflow.store", logging.CRITICAL),
-                        ("alembic", logging.WARNING), ("sqlalchemy", logging.CRITICAL)):
-        logging.getLogger(name).setLevel(level)
-
-
-@contextmanager
-def bounded_http(cfg: TrackingConfig) -> Iterator[None]:
-    """MLflow's HTTP retries and timeout cut to the config's, unless the user set them in the environment."""
-    limits = {
-        "MLFLOW_HTTP_REQUEST_MAX_RETRIES": str(cfg.retries),
-        "MLFLOW_HTTP_REQUEST_TIMEOUT": str(max(1, math.ceil(cfg.timeout))),
-        "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR": "1",
-    }
-    added = [k for k in limits if k not in os.environ]
-    os.environ.update({k: limits[k] for k in added})
-    try:
-        yield
-    finally:
-        for key in added:
-            os.environ.pop(key, None)
-
-
-@contextmanager
-def store_lock(uri: str) -> Iterator[None]:
-    """Serialize the creation of one SQLite store across processes (MLflow's schema migration races)."""
-    path = _sqlite_path(uri)
-    try:
-        import fcntl
-    except ImportError:  # not POSIX: no lock, the retries remain
-        fcntl = None  # type: ignore[assignment]
-    if path is None or fcntl is None:
-        yield
-        return
-    key = sha256(str(path.resolve()).encode()).hexdigest()[:16]
-    lock_path = Path(tempfile.gettempdir()) / f"twilbert-mlflow-{key}.lock"
-    with open(lock_path, "a") as fh:
-        deadline = time.monotonic() + LOCK_WAIT_S
-        locked = False
-        while not locked:
-            try:
-                fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
-                locked = True
-            except OSError:
-                if time.monotonic() > deadline:
-                    log.warning("MLflow: %s still locked after %.0fs; going on without the lock",
-                                lock_path, LOCK_WAIT_S)
-                    break
-                time.sleep(0.05)
-        try:
-            yield
-        finally:
-            if locked:
-                fcntl.flock(fh, fcntl.LOCK_UN)
 
 
 # --------------------------------------------------------------------------------------------
