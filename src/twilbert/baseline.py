@@ -1,13 +1,8 @@
 """The baseline row: TF-IDF word (1-2) and character (2-5, within word boundaries) n-grams under a
-linear model (scikit-learn), on the same preprocessed text as the neural models.
-
-``svm`` is LinearSVC and ``logreg`` LogisticRegression; multi-label tasks fit one of them per
-label (one-vs-rest) and regression tasks a Ridge. Scores come out as the neural models' do:
-softmax over the classes' margins (single-label; for logreg these are its probabilities), a
-sigmoid per label (multi-label), raw values (regression), so thresholds, blending and metrics
-are shared. A saved baseline is JSON (the n-gram vocabularies) and ``.npz`` arrays (idf, weights)
-read with ``allow_pickle=False``: no pickle anywhere.
-"""
+linear model, on the neural models' preprocessed text: LinearSVC (``svm``) or LogisticRegression
+(``logreg``), one per label for multi-label tasks, Ridge for regression. Scores come out as the neural
+models' do (softmax of the margins, a sigmoid per label, raw values), so thresholds, blending and
+metrics are shared. Saved as JSON and ``.npz`` arrays read with ``allow_pickle=False``: no pickle."""
 
 from __future__ import annotations
 

@@ -1,11 +1,7 @@
-"""`make compare`: the workspace, its commit and every DVC experiment in one table: name, the
-params that differ among them, and the headline metrics (pretraining held-out loss, MLM and ROP
-accuracy; each task's dev and test official metric and its baseline's test).
-
-It reads ``dvc exp show --json`` (DVC's own view of the experiments, from the DVC that runs with
-this Python) and fits the table to a 160-column terminal: when the params and metrics do not fit
-side by side they come as two tables with the same rows.
-"""
+"""`make compare`: the workspace, its commit and every DVC experiment in one table: the params that
+differ among them and the headline metrics (pretraining held-out loss, MLM and ROP accuracy; each
+task's dev and test official metric and its baseline's test). Reads ``dvc exp show --json`` and fits
+a 160-column terminal: params and metrics that do not fit side by side come as two tables, same rows."""
 
 from __future__ import annotations
 

@@ -1,13 +1,8 @@
-"""torchrun / DDP helpers: the process group torchrun describes, gradient sync, each rank's share of the data.
-
-Launch the same stage scripts under ``torchrun`` (see docs/reliability.md); nothing here spawns
-processes. Without torchrun's variables every helper is a no-op on a single rank-0 process, so the
-training code calls them unconditionally.
-
-Data: every rank computes the same epoch order (a pure function of (seed, epoch)); global batch s
-is ``order[s*b*W : (s+1)*b*W]`` and rank r takes the r-th of its W equal slices, so a W-rank run
-with per-rank batch b sees, step for step, the examples of one process with batch W*b.
-"""
+"""torchrun / DDP helpers: the process group torchrun describes, gradient sync, each rank's share of the
+data. Nothing here spawns processes, and without torchrun's variables every helper is a no-op on one
+rank-0 process, so training calls them unconditionally. Every rank computes the same epoch order;
+global batch s is ``order[s*b*W : (s+1)*b*W]`` and rank r takes its r-th slice, so W ranks of batch b
+see, step for step, the examples of one process with batch W*b."""
 
 from __future__ import annotations
 
@@ -199,13 +194,10 @@ def rank_batch_indices(
     n_examples: int, batch_size: int, seed: int, epoch: int, rank: int, n_ranks: int,
     shuffle: bool = True, start: int = 0,
 ) -> Iterator[np.ndarray]:
-    """Example indices of this rank's batches, from global batch ``start`` on (resume).
-
-    Global batch s holds ``batch_size * n_ranks`` examples of the epoch order, split in ``n_ranks``
-    contiguous, disjoint slices. A short last global batch is split as evenly as possible; if it
-    has fewer examples than ranks it is padded from the start of the order (as torch's
-    DistributedSampler does) so that every rank still takes a step.
-    """
+    """Example indices of this rank's batches, from global batch ``start`` on (resume). Global batch s
+    holds ``batch_size * n_ranks`` examples of the epoch order in ``n_ranks`` contiguous, disjoint
+    slices; a short last one is split as evenly as possible, padded from the start of the order (as
+    torch's DistributedSampler does) when it has fewer examples than ranks, so every rank still steps."""
     if not 0 <= rank < n_ranks:
         raise ValueError(f"rank {rank} outside 0..{n_ranks - 1}")
     order = epoch_order(n_examples, seed, epoch, shuffle)

@@ -1,17 +1,9 @@
-"""A stage dies with the `dvc` process that started it: no orphan writers.
+"""A stage dies with the `dvc` process that started it: no orphan writers beside the next run's.
 
-Killed with SIGKILL, `dvc repro` cannot stop its stage; the stage, re-parented, would go on
-writing into its checkpoint directory beside the next run's. So a stage started by DVC (which sets
-``DVC_STAGE`` for every command) watches the process that launched it:
-
-- ``prctl(PR_SET_PDEATHSIG, SIGTERM)`` (Linux) ends the stage the moment its parent dies;
-- a watchdog thread covers the parents in between (DVC runs the command through ``$SHELL -c``,
-  which need not exec it; ``torchrun`` sits between DVC and each rank): it finds the nearest
-  ancestor outside the stage's process tree (the first without ``DVC_STAGE``: DVC itself) and ends
-  the stage within a second of that process's death.
-
-A stage run by hand (no ``DVC_STAGE``) is left alone, so ``nohup`` keeps working.
-"""
+A stage started by DVC (which sets ``DVC_STAGE``) ends on SIGTERM when its parent dies
+(``prctl(PR_SET_PDEATHSIG)``, Linux), and a watchdog thread ends it within a second of the death of
+its nearest ancestor outside the stage's process tree (DVC itself, past ``$SHELL -c`` or ``torchrun``).
+A stage run by hand (no ``DVC_STAGE``) is left alone, so ``nohup`` keeps working."""
 
 from __future__ import annotations
 

@@ -1,13 +1,8 @@
-"""A finetuned model as an MLflow pyfunc model, so ``mlflow.pyfunc.load_model`` and ``mlflow models serve`` run it.
-
-The model is saved "from code" (MLflow 3): this file is the model's code and the finetuned model
-directory its one artifact, so loading it executes this file and reads safetensors and JSON; no
-pickle is written or read. Predictions run ``twilbert.load_classifier``'s path, the one
-``twilbert predict`` runs: input a list of texts or a DataFrame with a ``text`` column (and the
-model's second-text column, when it was trained with one); output one row per text: ``label``
-(multi-label: the labels over the threshold joined by ``|``) and ``prob_<class>`` per class, or
-``value`` for regression. The twilbert package must be installed where the model is loaded.
-"""
+"""A finetuned model as an MLflow pyfunc model ("from code", MLflow 3): this file is the model's code and
+the model directory its one artifact, so loading reads safetensors and JSON, never a pickle. Predictions
+run ``twilbert predict``'s path: input texts (a list, or a DataFrame with ``text`` and the model's
+second-text column); output per text ``label`` (multi-label: ``|``-joined) and ``prob_<class>``, or
+``value`` for regression. The twilbert package must be installed where the model is loaded."""
 
 from __future__ import annotations
 

@@ -1,10 +1,7 @@
-"""The training curves, for people: DVC plot files of the finetuning curves (one CSV per task,
-beside the pretraining ones) and static PNGs of every curve, written by the evaluate stage.
-
-`dvc plots show` draws the CSVs (definitions in dvc.yaml, an offline page from
-plots/offline.html); the PNGs are for readers of results/results.md without DVC. Same curves, same
-bytes: the PNGs carry no timestamp or version metadata.
-"""
+"""The training curves, for people: DVC plot files of the finetuning curves (one CSV per task, beside
+the pretraining ones) for `dvc plots show`, and static PNGs of every curve for readers of
+results/results.md without DVC, written by the evaluate stage. The PNGs carry no timestamp or
+version metadata: same curves, same bytes."""
 
 from __future__ import annotations
 

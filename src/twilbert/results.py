@@ -1,12 +1,8 @@
-"""Results tables regenerated from the per-task metrics files.
-
-A task folder (``results/tasks/<task>/``) holds one metrics file per model that ran on the task:
-``metrics.json`` (the finetune stage's backbone) and, e.g., ``baseline.json``, all in one layout:
-``{"task", "model", "official_metric", "best_epoch", "protocol", "test_is_dev", "dev": {...}, "test": {...}}``
-(optionally ``"kfold": {...}``). Two tables come out of them: TWilBert's (dev and test MP, MR,
-MF1, F1, Acc plus the official metric) and a comparison of the models on each task's official
-metric. Every number is copied from the files, never recomputed.
-"""
+"""Results tables regenerated from the per-task metrics files, one per model that ran on a task
+(``results/tasks/<task>/metrics.json``, ``baseline.json``...), all in one layout (``task``, ``model``,
+``official_metric``, ``best_epoch``, ``protocol``, ``test_is_dev``, ``dev``, ``test``, optionally ``kfold``).
+Two tables: TWilBert's (dev and test MP, MR, MF1, F1, Acc and the official metric) and the models
+compared on each task's official metric. Every number is copied from the files, never recomputed."""
 
 from __future__ import annotations
 

@@ -1,12 +1,8 @@
 """``runtime.threads``: torch's intra-op threads, by default the cores shared among concurrent DVC jobs.
 
-Every torch process takes all cores by default. Under ``dvc queue start -j N`` (N experiments at
-once) that is N times too many threads on the same cores, and each step is slower than with fewer
-threads. DVC passes no job count to a stage, so the count is read from the machine (Linux ``/proc``): the
-``dvc exp queue-worker`` processes of this repository's queue alive now (``-j N`` starts N of
-them, each running one experiment at a time). A stage that does not run under a queue worker
-counts as the only job.
-"""
+Under ``dvc queue start -j N`` each torch process taking all cores would put N times too many threads
+on them. DVC passes no job count to a stage, so it is read from Linux ``/proc``: the live
+``dvc exp queue-worker`` processes of this repository's queue; outside a queue worker a stage is the only job."""
 
 from __future__ import annotations
 

@@ -1,13 +1,8 @@
-"""The `data` stage: the embedded default corpus (EvoMSA's TASS tweets) or the user's corpus
-(TWilBert pair TSVs or plain tweets, see :mod:`twilbert.data.sources`), streamed.
-
-Outputs
-- ``<out>/default/{train,dev,test}.tsv``: the default task (``ID TEXT CLASS``), seeded stratified split.
-- ``<out>/pretrain/corpus.jsonl``: the pretraining texts, one ``{"a": text, "b": reply|null}`` per line.
-  For the default only the *train* split's texts are used, so the vocabulary and pretraining never
-  see dev/test tweets. Exact duplicates are dropped when ``data.dedup`` (see :mod:`twilbert.data.dedup`).
-- ``<out>/pretrain/summary.json``: what the stage read, removed and skipped.
-"""
+"""The `data` stage: the embedded default corpus (EvoMSA's TASS tweets) or the user's corpus (see
+:mod:`twilbert.data.sources`), streamed into ``<out>/default/{train,dev,test}.tsv`` (the default task,
+a seeded stratified split), ``<out>/pretrain/corpus.jsonl`` (one ``{"a": text, "b": reply|null}`` a line;
+for the default only the train split's texts, so pretraining never sees dev/test tweets; exact
+duplicates dropped when ``data.dedup``) and ``<out>/pretrain/summary.json`` (what was read, removed, skipped)."""
 
 from __future__ import annotations
 

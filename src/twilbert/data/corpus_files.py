@@ -86,13 +86,10 @@ def iter_pairs(
     skip_bad: Optional[SkipBad] = None,
 ) -> Iterator[tuple[int, str, str]]:
     """Stream a TWilBert pair corpus as ``(line, orig_text, reply_text)``: the rows :func:`read_pairs`
-    returns, in memory that does not grow with the file.
-
-    A malformed row is offered to ``skip_bad``; when it declines (or there is none) nothing more is
-    yielded, the rest of the file is still checked, and the :class:`DataFormatError` ``read_pairs``
-    would raise is raised at its end. A file that cannot be read as a pair corpus at all (missing,
-    broken header, empty) raises at once; its header is the only line checked then.
-    """
+    returns, in memory that does not grow with the file. A malformed row is offered to ``skip_bad``;
+    when it declines (or there is none) nothing more is yielded, the rest of the file is still checked,
+    and ``read_pairs``'s :class:`DataFormatError` is raised at its end. A file that cannot be read as a
+    pair corpus at all (missing, broken header, empty) raises at once, its header the only line checked."""
     if not delimiter or delimiter in "\r\n":
         raise ValueError(f"delimiter must be a non-empty string without line breaks, got {delimiter!r}")
     text_cols = [orig_text_header, reply_text_header]

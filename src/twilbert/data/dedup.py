@@ -1,12 +1,8 @@
-"""Exact-duplicate removal for tweet dumps: a normalized key per row, kept as an 8-byte digest.
-
-Retweets and copy-pastes are a large share of real dumps. Two rows are duplicates when their texts
-match after casefolding, collapsing whitespace, replacing @users and URLs by placeholders and
-dropping a leading ``RT @user:``. Only the 8-byte BLAKE2b digest of that key is remembered, in an
-open-addressing table of uint64 slots (linear probing, filled to at most 70%): 11.4 to 22.9 bytes
-per unique row, about 1.1 GB for 70M unique tweets (1.6 GB while the table doubles). Two different rows share a digest with
-probability about n²/2⁶⁵ (3·10⁻⁴ for 10⁸ rows): at worst one row would be dropped by mistake.
-"""
+"""Exact-duplicate removal for tweet dumps (retweets, copy-pastes): rows match when their texts do after
+casefolding, collapsing whitespace, placeholders for @users and URLs, and dropping a leading ``RT @user:``.
+Only an 8-byte BLAKE2b digest of that key is kept, in an open-addressing table of uint64 slots (linear
+probing, at most 70% full): 11.4-22.9 bytes per unique row, ~1.1 GB for 70M tweets (1.6 GB while it
+doubles). Two rows share a digest with probability ~n²/2⁶⁵ (3·10⁻⁴ for 10⁸ rows): one row dropped by mistake."""
 
 from __future__ import annotations
 

@@ -1,18 +1,9 @@
 """Dynamic masked-LM corruption (BERT word masking, SpanBERT-style span masking) as batched tensor ops.
 
-Per sequence, ``round(budget * n_maskable)`` tokens are chosen (at least one when any token is
-maskable; ``round`` is round-half-to-even). Chosen tokens become [MASK] / a random non-special id /
-themselves with ``probs.mask`` / ``probs.random`` / ``probs.keep``: per token for word masking, per
-span for span masking (as SpanBERT does). Labels hold the original id where chosen, -100 elsewhere.
-
-Span masking: the row is cut into segments of ``length + 1`` tokens, where ``length`` follows a
-geometric law (p=0.2, SpanBERT) truncated to 1..max_span and renormalized; the last token of each
-segment is a gap that is never chosen, so masked runs never merge and stay <= max_span. The row
-starts at a random point of that segmentation, and segments are clipped at special tokens (a span
-never crosses [SEP]). Spans are taken in random order until the budget is met exactly, the last one
-cut to a sub-run at a random offset. The gaps cap what can be masked at about 1 / (1 + 1/E[length])
-of the maskable tokens (>= 1/2): a larger budget masks as much as the segmentation allows.
-"""
+Per sequence ``round(budget * n_maskable)`` tokens are chosen (at least one when any is maskable;
+round-half-to-even). Each becomes [MASK], a random non-special id or itself with ``probs.mask`` /
+``probs.random`` / ``probs.keep``, per token for word masking, per span for span masking (as SpanBERT
+does). Labels hold the original id where chosen, -100 elsewhere."""
 
 from __future__ import annotations
 
@@ -85,8 +76,12 @@ def span_length_probs(max_span: int, p: float = SPAN_GEOMETRIC_P) -> torch.Tenso
 def _choose_spans(
     maskable: torch.Tensor, n_target: torch.Tensor, max_span: int, generator: torch.Generator
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Choose contiguous spans covering n_target tokens per row; also return each token's span id
-    (T for tokens in no span), used to share one mask/random/keep decision per span."""
+    """Contiguous spans covering n_target tokens per row, and each token's span id (T: in no span),
+    which shares one mask/random/keep decision per span. From a random start the row is cut into
+    segments of ``length + 1`` tokens (lengths from :func:`span_length_probs`), clipped at special
+    tokens; each segment ends in a never-chosen gap, so spans never merge or cross [SEP]. Spans are
+    taken in random order until the budget is met exactly (the last cut at a random offset); the gaps
+    cap the masked share at about 1 / (1 + 1/E[length]) (>= 1/2)."""
     B, T = maskable.shape
     device = maskable.device
     positions = torch.arange(T, device=device).expand(B, T)  # (B, T)

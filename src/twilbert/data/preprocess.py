@@ -1,11 +1,8 @@
 """Tweet normalization: small composable regex functions, applied identically at train and predict time.
 
-In the spirit of pysentimiento, minus its two pitfalls: a text is never emptied (an all-removed
-text becomes ``PreprocessConfig.empty_text``, default ``[vacío]``) and emoji names come from Python's
-``unicodedata`` (`` :face_with_tears_of_joy: ``), not from the ``emoji`` package, so they do not
-change with a third-party library's version (code points newer than Python's Unicode tables
-become `` :emoji_1fae8: ``). The pipeline is idempotent: normalizing a normalized text changes nothing.
-"""
+Unlike pysentimiento, a text is never emptied (it becomes ``PreprocessConfig.empty_text``) and emoji
+names come from Python's ``unicodedata`` (`` :face_with_tears_of_joy: ``, `` :emoji_1fae8: `` past its
+tables), not from a third-party package's version. Normalizing a normalized text changes nothing."""
 
 from __future__ import annotations
 

@@ -1,10 +1,7 @@
-"""The user's pretraining corpus: which files (paths, globs, lists), read as one stream of rows.
-
-Rows are ``(text, reply or None)``: TWilBert's pair TSVs give both, plain-text dumps (one tweet per
-line) give ``None`` replies, which the ``pairs`` stage splits SOP-style. Malformed rows fail the stage
-with ``file:line: problem``, unless ``data.max_bad_rows`` allows skipping them: each skipped row is
-logged and counted, never dropped silently.
-"""
+"""The user's pretraining corpus: which files (paths, globs, lists), read as one stream of rows
+``(text, reply or None)``: pair TSVs give both, plain-text dumps ``None`` (the ``pairs`` stage splits them
+SOP-style). A malformed row fails the stage with ``file:line: problem`` unless ``data.max_bad_rows``
+allows skipping it: each skipped row is logged and counted, never dropped silently."""
 
 from __future__ import annotations
 

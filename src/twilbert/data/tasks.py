@@ -1,16 +1,9 @@
-"""Task definitions -> train/dev/test examples, with the fallbacks benchmark folders need.
+"""Task files -> train/dev/test examples, with the fallbacks benchmark folders need.
 
-- No dev file: a seeded, stratified share of train becomes dev (``dataset.dev_fraction``).
-- No test file, the ``finetuning.no_test_protocol``:
-  - ``carve_dev`` (default, honest): a seeded, stratified share of train becomes dev (model selection,
-    early stopping) and the given dev file is the test, unseen until the end. With no dev file
-    either, test and dev are both carved from train.
-  - ``dev_as_test`` (TWilBert's, optimistic): the dev file picks the epoch and is then reported as
-    test; the results mark it (``test_is_dev``, †).
-
-Stratification: by class; multi-label by label set (rare sets pooled, then by each example's rarest
-label); regression by quantile bins of the target; a random split, logged, when none is possible.
-"""
+No dev file: a seeded, stratified share of train becomes dev (``dataset.dev_fraction``). No test file:
+``finetuning.no_test_protocol`` ``carve_dev`` (default) selects on dev carved from train and reports the
+dev file as test; ``dev_as_test`` (TWilBert's) selects on the dev file and reports it as test (marked †).
+Strata: class; label set (multi-label, rare sets pooled); quantile bins (regression); else random, logged."""
 
 from __future__ import annotations
 
