@@ -13,7 +13,7 @@ from twilbert.data.tokenizer import Tokenizer, train_vocab
 from twilbert.model import TWilBertForPretraining, model_config_dict, save_pretrained
 from twilbert.model.manifest import write_manifest
 
-from conftest import WORDS, make_tweets
+from helpers import WORDS, make_tweets
 
 MAX_LEN = 12
 EMOTIONS = ("alegria", "enfado", "miedo")
@@ -170,3 +170,8 @@ def make_hf_roberta(directory: Path) -> Path:
     RobertaModel(config).save_pretrained(directory)
     tokenizer.save_pretrained(directory)
     return directory
+
+
+def make_finetune_inputs(root: Path) -> tuple[Path, dict]:
+    """A tiny pretrained encoder and a generated 4-class task (its ``tasks.<name>`` entry)."""
+    return make_pretrained(root / "pretrained"), write_task(root / "task")

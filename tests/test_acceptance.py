@@ -7,7 +7,6 @@ runs two of the real samples (../shared/data/twilbert-samples) when they are at 
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import os
 import random
@@ -21,8 +20,7 @@ from urllib.parse import urlparse
 import pytest
 import yaml
 
-from conftest import WORDS, make_tweets
-from test_corpus import fake_sdist
+from helpers import WORDS, fake_sdist, load_acceptance_script, make_tweets
 from twilbert.cli import dump_params
 from twilbert.config import compose, load_config
 from twilbert.data.tokenizer import Tokenizer, train_vocab
@@ -30,18 +28,7 @@ from twilbert.model.io import save_pretrained
 from twilbert.train.pretrain import build_pretraining_model, model_config_dict
 
 REPO = Path(__file__).resolve().parents[1]
-
-
-def load_script():
-    """scripts/acceptance.py as a module: the harness lives beside its script, outside the package."""
-    spec = importlib.util.spec_from_file_location("acceptance_script", REPO / "scripts" / "acceptance.py")
-    script = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = script  # its dataclasses resolve their annotations through sys.modules
-    spec.loader.exec_module(script)
-    return script
-
-
-acceptance = load_script()
+acceptance = load_acceptance_script()
 SAMPLE_TASKS, AcceptanceError = acceptance.SAMPLE_TASKS, acceptance.AcceptanceError
 acceptance_config, run_acceptance = acceptance.acceptance_config, acceptance.run_acceptance
 REAL_SAMPLES = Path(os.environ.get("TWILBERT_SAMPLES", REPO.parent / "shared" / "data" / "twilbert-samples"))

@@ -18,7 +18,7 @@ from twilbert.train.finetune import encode_examples, evaluate_scores, finetune_t
 
 pytest.importorskip("transformers")
 
-from conftest import REPO  # noqa: E402
+from helpers import REPO  # noqa: E402
 from finetune_data import MAX_LEN, first, make_config, make_hf_bert, make_hf_roberta, write_task  # noqa: E402
 
 MAKERS = {"bert": make_hf_bert, "roberta": make_hf_roberta}

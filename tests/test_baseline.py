@@ -14,7 +14,7 @@ from twilbert.config import TaskSpec, compose
 from twilbert.data.preprocess import Preprocessor
 from twilbert.train.finetune import finetune_task
 
-from conftest import REPO, make_tweets
+from helpers import REPO, make_tweets
 from finetune_data import first, make_config, make_pretrained, multi_label_rows, write_task
 
 TWEETS = make_tweets(60, seed=4)

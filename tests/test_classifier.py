@@ -8,8 +8,7 @@ import sys
 import numpy as np
 import pytest
 
-from test_predict import CATEGORIES, EMOTIONS, LONG, build_finetuned, parse_tsv
-from test_predict import vocab_dir  # noqa: F401 (a shared fixture)
+from helpers import CATEGORIES, EMOTIONS, LONG, build_finetuned, parse_tsv
 from twilbert import Prediction, load_classifier
 from twilbert.cli import main
 

@@ -9,9 +9,7 @@ import numpy as np
 import pytest
 import yaml
 
-from conftest import REPO
-from test_predict import vocab_dir  # noqa: F401 (a shared fixture)
-from test_predict import LONG, build_finetuned, build_pretrained, copy_model, parse_tsv
+from helpers import LONG, REPO, build_finetuned, build_pretrained, copy_model, parse_tsv
 from twilbert.cli import main
 from twilbert.config import compose
 

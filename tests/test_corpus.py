@@ -1,9 +1,6 @@
 import collections
 import gzip
-import hashlib
-import io
 import json
-import tarfile
 
 import pytest
 
@@ -18,17 +15,7 @@ from twilbert.data.corpus import (
 )
 from twilbert.data.formats import DataFormatError, read_table
 
-from conftest import make_tweets
-
-
-def fake_sdist(path, tweets, version="2.0.14"):
-    """An sdist-shaped tarball holding only EvoMSA's tweets.json."""
-    payload = "\n".join(json.dumps({"text": t, "klass": k, "q_voc_ratio": 0.5}) for t, k in tweets).encode()
-    with tarfile.open(path, "w:gz") as tar:
-        info = tarfile.TarInfo(f"evomsa-{version}/EvoMSA/tests/tweets.json")
-        info.size = len(payload)
-        tar.addfile(info, io.BytesIO(payload))
-    return hashlib.sha256(path.read_bytes()).hexdigest()
+from helpers import fake_sdist, make_tweets
 
 
 @pytest.fixture

@@ -6,7 +6,7 @@ import sys
 
 import pytest
 
-from conftest import REPO
+from helpers import REPO
 
 KEYS = {"pairs", "data_rss_mb", "vocab_rss_mb", "pairs_rss_mb", "pretrain_startup_rss_mb", "data_s", "vocab_s",
         "pairs_s", "pairs_per_s", "bytes_per_token", "projected_70m_hours", "projected_70m_peak_gb"}

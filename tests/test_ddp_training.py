@@ -21,10 +21,10 @@ from twilbert.distributed import (
 from twilbert.train.loop import Checkpointing
 from twilbert.train.pretrain import build_pretraining
 
-from conftest import REPO, free_port, join_gloo_group
-from test_resume import (
-    MAX_LEN, assert_same_weights, finetune_args, make_finetune_inputs, make_pretrain_inputs, ok, pretrain_args,
-    run_stage, steps, write_params,
+from finetune_data import make_finetune_inputs
+from helpers import (
+    MAX_LEN, REPO, assert_same_weights, finetune_args, free_port, join_gloo_group, make_pretrain_inputs, ok,
+    pretrain_args, run_stage, steps, write_params,
 )
 
 pytestmark = pytest.mark.reliability

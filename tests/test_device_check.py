@@ -7,7 +7,7 @@ import json
 import os
 import subprocess
 
-from conftest import REPO
+from helpers import REPO
 
 
 def test_device_check_smoke_mode_runs_on_the_cpu_and_writes_its_summary(tmp_path):

@@ -25,7 +25,7 @@ from twilbert.distributed import (
 from twilbert.model import TWilBertForPretraining
 from twilbert.train.losses import mlm_loss
 
-from conftest import free_port, join_gloo_group
+from helpers import free_port, join_gloo_group
 
 pytestmark = pytest.mark.reliability
 
@@ -219,7 +219,7 @@ def test_two_gloo_ranks_read_disjoint_shares_of_the_shards_that_cover_every_exam
     from twilbert.data.pairs import build_pair_shards, load_shards
     from twilbert.data.tokenizer import Tokenizer, train_vocab
 
-    from conftest import make_tweets
+    from helpers import make_tweets
 
     train_vocab([t for t, _ in make_tweets(200)], tmp_path / "vocab", VocabConfig(vocab_size=100))
     corpus = [(t, None) if i % 2 else (t, "gracias " + t) for i, (t, _) in enumerate(make_tweets(47, seed=5))]

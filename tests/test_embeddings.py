@@ -4,8 +4,7 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import make_tweets
-from test_predict import build_finetuned, build_pretrained, vocab_dir  # noqa: F401 (fixture)
+from helpers import build_finetuned, build_pretrained, make_tweets
 from twilbert.embeddings import Embedder, load_encoder, write_embeddings
 from twilbert.predict import PredictError
 

@@ -18,7 +18,7 @@ from twilbert.model.backbone import load_classifier
 from twilbert.model.io import load_pretrained_state
 from twilbert.train.finetune import encode_examples, finetune_task, predict_scores
 
-from conftest import REPO
+from helpers import REPO
 from finetune_data import MAX_LEN, first, make_config, make_pretrained, write_task
 
 

@@ -28,7 +28,7 @@ from twilbert.model.kernels import FUSED, attention_backend
 from twilbert.train.loop import Trainer
 from twilbert.train.pretrain import PretrainObjective, build_pretraining, build_pretraining_model
 
-from conftest import REPO, free_port
+from helpers import REPO, free_port
 
 pytestmark = [pytest.mark.gpu,
               pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device (scripts/device_check.sh)")]
@@ -124,7 +124,7 @@ def test_training_steps_on_cuda_sync_once_per_logging_window():
 
 
 def test_pretraining_killed_on_cuda_resumes_to_the_uninterrupted_result(tmp_path):
-    from test_resume import PRETRAIN, killed, make_pretrain_inputs, ok, pretrain_args, run_stage, write_params
+    from helpers import PRETRAIN, killed, make_pretrain_inputs, ok, pretrain_args, run_stage, write_params
 
     inputs = make_pretrain_inputs(tmp_path / "inputs")
     work = tmp_path / "work"

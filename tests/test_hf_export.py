@@ -199,13 +199,13 @@ PIPELINE_TEXTS = ["hola que tal", "odio el tráfico de la ciudad", "qué bonito 
 
 @pytest.fixture(scope="module")
 def vocab(tmp_path_factory):
-    from test_predict import build_vocab
+    from helpers import build_vocab
 
     return build_vocab(tmp_path_factory.mktemp("vocab") / "vocab")
 
 
 def exported(tmp_path, vocab, kind: str, **model_overrides):
-    from test_predict import build_finetuned
+    from helpers import build_finetuned
     from twilbert.cli import main
 
     model_dir = build_finetuned(tmp_path / "model", vocab, kind=kind, collapse_mode="cls", **model_overrides)
@@ -268,7 +268,7 @@ def test_pipeline_on_an_exported_regression_model_gives_our_values(tmp_path, voc
 
 
 def test_export_hf_of_an_average_pooling_model_is_refused_but_encoder_only_works(tmp_path, vocab, capsys):
-    from test_predict import build_finetuned
+    from helpers import build_finetuned
     from twilbert.cli import main
 
     model_dir = build_finetuned(tmp_path / "model", vocab, collapse_mode="avg")

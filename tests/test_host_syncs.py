@@ -24,7 +24,7 @@ from twilbert.train.finetune import twilbert_learner
 from twilbert.train.pretrain import build_pretraining
 from twilbert.data.tasks import load_task
 
-from conftest import REPO
+from helpers import REPO
 from finetune_data import first, make_config, make_pretrained, write_task
 
 SRC = str(Path(twilbert.__file__).parent)

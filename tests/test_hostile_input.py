@@ -20,7 +20,7 @@ from twilbert.data.formats import DataFormatError
 from twilbert.data.tasks import read_task_split
 from twilbert.data.tokenizer import CLS_ID, MASK_ID, PAD_ID, SEP_ID, Tokenizer, pack_pairs, train_vocab
 
-from conftest import make_tweets
+from helpers import make_tweets
 
 pytestmark = pytest.mark.reliability
 

@@ -15,7 +15,7 @@ from twilbert.data.tokenizer import Tokenizer, train_vocab
 from twilbert.inspect import inspect_model, inspect_samples, load_pretraining_model, render_markdown
 from twilbert.train.pretrain import PretrainObjective, pretrain
 
-from conftest import REPO, make_tweets
+from helpers import REPO, make_tweets
 
 OVERRIDES = ["model=tiny", "representation.max_len=12", "training.batch_size=16", "training.epochs=1",
              "training.pll_examples=4"]

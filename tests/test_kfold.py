@@ -17,7 +17,7 @@ from twilbert.train.finetune import (
 )
 from twilbert.train.kfold import FoldResult, blend, fold_splits, run_kfold
 
-from conftest import REPO
+from helpers import REPO
 from finetune_data import MAX_LEN, first, make_config, make_pretrained, write_task
 
 SINGLE = TaskSpec(categories={"a": 0, "b": 1, "c": 2})

@@ -9,9 +9,8 @@ import sys
 import numpy as np
 import pytest
 
-from conftest import REPO
 from finetune_data import first, make_config, make_pretrained, write_task
-from test_predict import build_finetuned, build_vocab
+from helpers import REPO, build_finetuned, build_vocab
 from twilbert.baseline import load_baseline
 from twilbert.cli import main
 from twilbert.config import ModelConfig, compose, from_dict

@@ -8,7 +8,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from conftest import REPO
+from helpers import REPO
 from finetune_data import first, make_config, make_pretrained, write_task
 from twilbert import load_classifier
 from twilbert.config import TrackingConfig, compose

@@ -16,7 +16,8 @@ from twilbert.train.finetune import finetune_task
 from twilbert.train.loop import NonFiniteLossError
 from twilbert.train.pretrain import build_pretraining
 
-from test_resume import MAX_LEN, make_finetune_inputs, make_pretrain_inputs, pretrain_args, run_stage, write_params
+from finetune_data import make_finetune_inputs
+from helpers import MAX_LEN, make_pretrain_inputs, pretrain_args, run_stage, write_params
 
 pytestmark = pytest.mark.reliability
 

@@ -16,7 +16,7 @@ import pytest
 
 from twilbert.train.checkpoint import LOCK_FILE, CheckpointLockError, checkpoint_lock
 
-from conftest import REPO
+from helpers import REPO
 
 pytestmark = pytest.mark.reliability
 

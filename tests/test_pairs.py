@@ -18,7 +18,7 @@ from twilbert.data.pairs import (
 from twilbert.data.shards import token_dtype, verify_shards
 from twilbert.data.tokenizer import CLS_ID, PAD_ID, SEP_ID, Tokenizer, pack_pairs, train_vocab
 
-from conftest import REPO, make_tweets
+from helpers import REPO, make_tweets
 
 
 @pytest.fixture(scope="module")

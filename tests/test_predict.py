@@ -1,24 +1,21 @@
 """Predicting with a finetuned model directory: one line out per line in, input order, every task shape.
 
-The builders here (``build_vocab``, ``build_finetuned``, ``build_pretrained``) make tiny model directories shaped like
-the stages' outputs; the CLI, embeddings and soak tests reuse them.
+The builders of tiny model directories (``build_finetuned``, ``build_pretrained``) are in helpers.py.
 """
 
 import io
 import json
-from dataclasses import asdict
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 
-from conftest import REPO, make_tweets
 from finetune_data import first, make_config, make_hf_bert, make_pretrained, write_task
-from twilbert.config import ModelConfig, RopConfig, TaskConfig, TaskDataset, TaskSpec, VocabConfig, compose, from_dict
+from helpers import CATEGORIES, EMOTIONS, LONG, REPO, build_finetuned, copy_model, make_tweets, parse_tsv
+from twilbert.config import TaskConfig, VocabConfig, compose, from_dict
 from twilbert.data.tokenizer import Tokenizer, pack_pairs, train_vocab
 from twilbert.embeddings import load_encoder
-from twilbert.model import TWilBertForClassification, TWilBertForPretraining, model_config_dict, save_pretrained
 from twilbert.model.backbone import load_classifier
 from twilbert.predict import (
     Chunk,
@@ -33,80 +30,6 @@ from twilbert.predict import (
 )
 from twilbert.train.finetune import finetune_task, predict_scores
 
-CATEGORIES = {"N": 0, "NEU": 1, "NONE": 2, "P": 3}
-EMOTIONS = {"anger": 0, "joy": 1, "fear": 2}
-LONG = "odio el tráfico de la ciudad " * 200  # ~5,800 characters, far over max_len tokens
-
-
-def tiny_model_cfg(**overrides) -> ModelConfig:
-    fields = dict(embedding_size=8, hidden_size=16, n_encoders=2, n_heads=2, intermediate_size=32,
-                  pkm=False, rop=RopConfig(hidden_size=16))
-    fields.update(overrides)
-    cfg = ModelConfig(**fields)
-    cfg.validate()
-    return cfg
-
-
-def build_vocab(directory: Path, n_texts: int = 300, vocab_size: int = 120) -> Path:
-    return train_vocab([t for t, _ in make_tweets(n_texts)], directory, VocabConfig(vocab_size=vocab_size))
-
-
-def build_finetuned(directory: Path, vocab_dir: Path, kind: str = "single_label", aux_header=None,
-                    max_len: int = 16, collapse_mode: str = "avg", seed: int = 0, **model_overrides) -> Path:
-    """A finetune-stage-shaped model directory with random weights: single_label, multi_label or regression."""
-    spec = {
-        "single_label": TaskSpec(categories=dict(CATEGORIES)),
-        "multi_label": TaskSpec(categories=dict(EMOTIONS), multi_label=True, threshold=0.5),
-        "regression": TaskSpec(regression=True, eval_metric="pearson"),
-    }[kind]
-    task = TaskConfig(name=f"t_{kind}", dataset=TaskDataset(aux_header=aux_header), task=spec)
-    n_out = 1 if spec.regression else len(spec.categories)
-    tokenizer = Tokenizer(vocab_dir)
-    cfg = tiny_model_cfg(**model_overrides)
-    max_positions = 2 * max_len + 3
-    torch.manual_seed(seed)
-    model = TWilBertForClassification(cfg, tokenizer.vocab_size, max_positions, n_out, collapse_mode)
-    with torch.no_grad():  # weights far from the tiny init, so that texts get clearly different scores
-        for p in model.parameters():
-            p.add_(torch.randn(p.shape) * 0.3)
-    head = {"collapse_mode": collapse_mode, "use_special_tokens": True, "dropout": 0.1, "n_hidden": 0,
-            "hidden_size": 32}
-    config = model_config_dict(cfg, tokenizer.vocab_size, max_positions, head=head, task=asdict(task),
-                               max_len_test=max_len)
-    save_pretrained(directory, model, config)
-    tokenizer.copy_to(directory)
-    return directory
-
-
-def copy_model(source: Path, target: Path, without: str = "") -> Path:
-    """A copy of a model directory, less the file named ``without``."""
-    target.mkdir()
-    for f in source.iterdir():
-        if f.name != without:
-            (target / f.name).write_bytes(f.read_bytes())
-    return target
-
-
-def build_pretrained(directory: Path, vocab_dir: Path, max_len: int = 16, seed: int = 1) -> Path:
-    """A pretrain-stage-shaped directory: encoder + MLM + ROP heads, config with max_len."""
-    cfg = tiny_model_cfg()
-    tokenizer = Tokenizer(vocab_dir)
-    torch.manual_seed(seed)
-    max_positions = 2 * max_len + 3
-    model = TWilBertForPretraining(cfg, tokenizer.vocab_size, max_positions)
-    with torch.no_grad():
-        for p in model.parameters():
-            p.add_(torch.randn(p.shape) * 0.3)
-    save_pretrained(directory, model, model_config_dict(cfg, tokenizer.vocab_size, max_positions, max_len=max_len))
-    tokenizer.copy_to(directory)
-    return directory
-
-
-@pytest.fixture(scope="module")
-def vocab_dir(tmp_path_factory):
-    return build_vocab(tmp_path_factory.mktemp("vocab") / "vocab")
-
-
 @pytest.fixture(scope="module")
 def single_dir(tmp_path_factory, vocab_dir):
     return build_finetuned(tmp_path_factory.mktemp("single") / "model", vocab_dir)
@@ -117,14 +40,6 @@ def run(fm, texts, fmt="tsv", chunk_size=10_000, batch_size=4, aux=None, **kwarg
     rows = text_rows(texts) if aux is None else with_aux(text_rows(texts), aux, "texts", "aux")
     predict_stream(fm, chunked(rows, "texts", chunk_size), out, fmt, batch_size=batch_size, **kwargs)
     return out.getvalue()
-
-
-def parse_tsv(text: str) -> tuple[list[str], list[list[str]]]:
-    lines = text.split("\n")
-    assert lines[-1] == ""
-    header, *rows = [line.split("\t") for line in lines[:-1]]
-    assert all(len(r) == len(header) for r in rows)
-    return header, rows
 
 
 # --------------------------------------------------------------------------------------------

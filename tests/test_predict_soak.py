@@ -9,8 +9,7 @@ import time
 
 import pytest
 
-from conftest import make_tweets
-from test_predict import LONG, build_finetuned, build_vocab
+from helpers import LONG, build_finetuned, build_vocab, make_tweets
 
 pytestmark = [pytest.mark.reliability, pytest.mark.slow]
 

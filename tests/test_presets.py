@@ -9,7 +9,7 @@ from twilbert.data.tokenizer import N_SPECIAL, pack_pairs
 from twilbert.model import TWilBertForPretraining, count_parameters
 from twilbert.train.pretrain import build_pretraining
 
-from conftest import REPO
+from helpers import REPO
 
 V, MAX_LEN = 30000, 64  # the README table's vocabulary; positions 2*64+3 = 131
 PRESETS = ("base", "large", "xlarge", "xxlarge")

@@ -17,7 +17,7 @@ from twilbert.data.tokenizer import MASK_ID, N_SPECIAL, Tokenizer, pack_pairs, t
 from twilbert.model.io import load_pretrained_state
 from twilbert.train.pretrain import build_pretraining, pretrain, pseudo_log_likelihood
 
-from conftest import REPO, make_tweets
+from helpers import REPO, make_tweets
 
 
 class RecordingTracker:

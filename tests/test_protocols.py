@@ -7,7 +7,7 @@ from collections import Counter
 import numpy as np
 import pytest
 
-from conftest import REPO
+from helpers import REPO
 from finetune_data import first, make_config, make_pretrained, write_rows, write_task
 from twilbert.config import ConfigError, compose
 from twilbert.data.tasks import load_task

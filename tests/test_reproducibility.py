@@ -12,9 +12,8 @@ from twilbert.config import compose, load_config
 from twilbert.train.finetune import finetune_task
 from twilbert.train.pretrain import pretrain
 
-from conftest import REPO
 from finetune_data import write_task
-from test_resume import PRETRAIN, assert_same_weights, make_pretrain_inputs
+from helpers import PRETRAIN, REPO, assert_same_weights, make_pretrain_inputs
 
 pytestmark = pytest.mark.reliability
 

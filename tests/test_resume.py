@@ -3,119 +3,50 @@ command, ends with the weights and metrics of a run that was never interrupted (
 
 The kill comes from the loop's test hook ``TWILBERT_TEST_KILL_AT_MICRO_STEP=k``: the process sends
 itself SIGKILL right after saving the checkpoint of micro-step k, as an OOM kill or a lost node
-would stop it (no handler, no cleanup). The helpers here are shared by the other reliability tests.
+would stop it (no handler, no cleanup). The stage-running helpers are in helpers.py.
 """
 
 from __future__ import annotations
 
 import json
-import os
-import signal
-import subprocess
-import sys
 from pathlib import Path
 from typing import Optional
 
 import pytest
 import torch
-from safetensors.torch import load_file
 
-from twilbert.cli import dump_params
-from twilbert.config import VocabConfig, compose
-from twilbert.data.pairs import build_pair_shards
-from twilbert.data.tokenizer import Tokenizer, train_vocab
-from twilbert.train.loop import KILL_HOOK_ENV
+from twilbert.config import compose
 
-from conftest import REPO, make_tweets
-from finetune_data import make_pretrained, write_task
+from finetune_data import make_finetune_inputs
+from helpers import (
+    MAX_LEN,
+    PRETRAIN,
+    REPO,
+    assert_same_weights,
+    finetune_args,
+    killed,
+    make_pretrain_inputs,
+    ok,
+    pretrain_args,
+    run_stage,
+    steps,
+    write_params,
+)
 
 pytestmark = pytest.mark.reliability
 
-MAX_LEN = 12
-# 108 training pairs, batch 8: 14 micro-steps an epoch; windows of 2; a checkpoint every 3 micro-steps.
-PRETRAIN = ["model=tiny", f"representation.max_len={MAX_LEN}", "training.batch_size=8", "training.epochs=2",
-            "training.accum_iters=2", "training.checkpoint_every=3", "training.pll_examples=2",
-            "training.device=cpu"]
 # 48 training rows, batch 8: 6 micro-steps an epoch; early stopping with patience 2 over up to 5 epochs.
 FINETUNE = {"epochs": 5, "patience": 2, "batch_size": 8, "accum_iters": 2, "checkpoint_every": 3, "lr": 1e-2,
             "dropout": 0.1, "device": "cpu", "baseline_row": False}
-
-
-# --------------------------------------------------------------------------------------------
-# Shared helpers: tiny inputs, a params.yaml, the real stage scripts in a subprocess
-# --------------------------------------------------------------------------------------------
-
-
-def make_pretrain_inputs(root: Path) -> Path:
-    """A vocabulary and ROP pair shards of 60 generated tweets under ``root``."""
-    train_vocab([t for t, _ in make_tweets(200)], root / "vocab", VocabConfig(vocab_size=120))
-    build_pair_shards([(t, None) for t, _ in make_tweets(60, seed=1)], Tokenizer(root / "vocab"), root / "pairs",
-                      max_len=MAX_LEN, heldout_fraction=0.1, shard_size=1000, seed=0)
-    return root
-
-
-def make_finetune_inputs(root: Path) -> tuple[Path, dict]:
-    """A tiny pretrained encoder and a generated 4-class task (its ``tasks.<name>`` entry)."""
-    return make_pretrained(root / "pretrained"), write_task(root / "task")
-
-
-def write_params(workdir: Path, overrides: list[str], tasks: Optional[dict] = None,
-                 finetuning: Optional[dict] = None) -> dict:
-    """``workdir/params.yaml``: conf/ composed with ``overrides``, as `make params` writes it."""
-    raw = compose(overrides, REPO / "conf")
-    if tasks is not None:
-        raw["tasks"] = tasks
-    if finetuning:
-        raw["finetuning"].update(finetuning)
-    workdir.mkdir(parents=True, exist_ok=True)
-    (workdir / "params.yaml").write_text(dump_params(raw), encoding="utf-8")
-    return raw
-
-
-def run_stage(script: str, args: list, workdir: Path, kill_at: Optional[int] = None,
-              launcher: Optional[list[str]] = None) -> subprocess.CompletedProcess:
-    """``python stages/<script> args`` in ``workdir`` (which holds params.yaml), MLflow in a temp store."""
-    env = {**os.environ, "MLFLOW_TRACKING_URI": f"sqlite:///{workdir.parent / 'mlflow.db'}", "CI": "1"}
-    env.pop(KILL_HOOK_ENV, None)
-    if kill_at is not None:
-        env[KILL_HOOK_ENV] = str(kill_at)
-    cmd = [*(launcher or [sys.executable]), str(REPO / "stages" / script), *map(str, args)]
-    return subprocess.run(cmd, cwd=workdir, env=env, capture_output=True, text=True, timeout=300)
-
-
-def ok(proc: subprocess.CompletedProcess) -> subprocess.CompletedProcess:
-    assert proc.returncode == 0, proc.stderr[-4000:]
-    return proc
-
-
-def killed(proc: subprocess.CompletedProcess) -> subprocess.CompletedProcess:
-    assert proc.returncode == -signal.SIGKILL, (proc.returncode, proc.stderr[-4000:])
-    return proc
-
-
-def assert_same_weights(a: Path, b: Path) -> None:
-    left, right = load_file(str(a)), load_file(str(b))
-    assert left.keys() == right.keys()
-    for name, tensor in left.items():
-        assert torch.equal(tensor, right[name]), f"{name} differs"
 
 
 def trainer_state(checkpoint: Path) -> dict:
     return json.loads((checkpoint / "trainer.json").read_text())["state"]
 
 
-def steps(directory: Path) -> list[str]:
-    return sorted(p.name for p in directory.iterdir() if p.name.startswith("step-"))
-
-
 @pytest.fixture(scope="module")
 def pretrain_inputs(tmp_path_factory):
     return make_pretrain_inputs(tmp_path_factory.mktemp("pretrain-inputs"))
-
-
-def pretrain_args(inputs: Path, out: Path) -> list:
-    return ["--pairs", inputs / "pairs", "--vocab", inputs / "vocab", "--out", out / "model",
-            "--checkpoints", out / "checkpoints", "--metrics", out / "metrics.json"]
 
 
 # --------------------------------------------------------------------------------------------
@@ -189,11 +120,6 @@ def test_pretrain_rerun_with_a_changed_config_starts_fresh_and_says_so(pretrain_
 # --------------------------------------------------------------------------------------------
 # Finetuning
 # --------------------------------------------------------------------------------------------
-
-
-def finetune_args(inputs: Path, out: Path) -> list:
-    return ["--task", "t", "--pretrained", inputs / "pretrained", "--model-out", out / "model",
-            "--metrics-out", out / "results", "--checkpoints", out / "checkpoints"]
 
 
 @pytest.mark.slow

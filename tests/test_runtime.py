@@ -12,7 +12,7 @@ import torch
 from twilbert.runtime import apply_threads, auto_threads, concurrent_jobs
 from twilbert.stage import load_stage_config
 
-from conftest import REPO
+from helpers import REPO
 
 
 @pytest.fixture

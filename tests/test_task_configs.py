@@ -1,17 +1,18 @@
 """Every task definition in conf/task/ composes into a valid config and, where TWilBert's sample
 files are at hand (../shared/data/twilbert-samples), reads them as they are."""
 
+import os
 from pathlib import Path
 
 import pytest
 
-from twilbert.acceptance import SAMPLE_TASKS
+from helpers import REPO, load_acceptance_script
 from twilbert.config import compose, load_config
 from twilbert.data.tasks import load_task
 from twilbert.train.metrics import official_metric_name
 
-REPO = Path(__file__).resolve().parents[1]
-SAMPLES = REPO.parent / "shared" / "data" / "twilbert-samples" / "tasks"
+SAMPLE_TASKS = load_acceptance_script().SAMPLE_TASKS
+SAMPLES = Path(os.environ.get("TWILBERT_SAMPLES", REPO.parent / "shared" / "data" / "twilbert-samples")) / "tasks"
 TASK_NAMES = sorted(p.stem for p in (REPO / "conf" / "task").glob("*.yaml"))
 EMOTIONS = ["anger", "anticipation", "disgust", "fear", "joy", "love", "optimism", "pessimism", "sadness",
             "surprise", "trust"]
@@ -70,31 +71,49 @@ def test_every_sample_folder_has_a_task_definition():
     assert folders == set(SAMPLE_TASKS.values())
 
 
+def assert_read_as_labelled(task, data) -> None:
+    """Every split holds examples, and every label is one of the task's categories."""
+    assert len(data.train) and len(data.dev) and len(data.test)
+    for split in (data.train, data.dev, data.test):
+        if task.task.multi_label:
+            assert all(len(y) == len(task.task.categories) for y in split.labels)
+        else:
+            assert set(split.labels) <= set(task.task.categories.values())
+
+
 @needs_samples
 @pytest.mark.parametrize("name", sorted(SAMPLE_TASKS))
 def test_task_loads_its_sample_files_as_they_are(name):
     task = task_config(name, SAMPLES / SAMPLE_TASKS[name])
     data = load_task(task, seed=0)
-    assert len(data.train) and len(data.dev) and len(data.test)
     assert data.protocol == ("carve_dev" if name == "tass20_es" else "test_file") and not data.test_is_dev
     assert (data.train.aux_texts is not None) == (name == "multistance18")
-    if task.task.multi_label:
-        assert all(len(y) == len(task.task.categories) for y in data.train.labels)
-    else:
-        assert set(data.train.labels) <= set(task.task.categories.values())
+    assert_read_as_labelled(task, data)
+
+
+def assert_reads_like_the_spanish_task(variant: str, spanish: str, folder: Path) -> None:
+    """A variant without samples of its own reads the Spanish samples exactly as the Spanish task does."""
+    task, reference = task_config(variant, folder), task_config(spanish, folder)
+    data, expected = load_task(task, seed=0), load_task(reference, seed=0)
+    assert task.task.categories == reference.task.categories
+    assert data.protocol == expected.protocol == "test_file" and not data.test_is_dev
+    assert_read_as_labelled(task, data)
+    for split in ("train", "dev", "test"):
+        ours, theirs = getattr(data, split), getattr(expected, split)
+        assert (ours.ids, ours.texts, ours.labels) == (theirs.ids, theirs.texts, theirs.labels)
 
 
 @needs_samples
 @pytest.mark.parametrize("variant", ["mx", "cu"])
 def test_irosva_variants_read_the_spanish_sample_layout(variant):
     # No MX/CU samples ship with TWilBert; their definitions follow the ES layout.
-    load_task(task_config(f"irosva19_{variant}", SAMPLES / "irosva19" / "subtask_a"), seed=0)
+    assert_reads_like_the_spanish_task(f"irosva19_{variant}", "irosva19_es", SAMPLES / "irosva19" / "subtask_a")
 
 
 @needs_samples
 @pytest.mark.parametrize("country", ["mx", "pe", "cr", "uy"])
 def test_tass19_variants_read_the_spanish_sample_layout(country):
-    load_task(task_config(f"tass19_{country}", SAMPLES / "tass19" / "es"), seed=0)
+    assert_reads_like_the_spanish_task(f"tass19_{country}", "tass19_es", SAMPLES / "tass19" / "es")
 
 
 def test_a_train_test_task_gets_a_stratified_dev_split(tmp_path):

@@ -10,7 +10,7 @@ from twilbert.data.tokenizer import (
 )
 from twilbert.io_utils import replace_dir
 
-from conftest import make_tweets
+from helpers import make_tweets
 
 
 @pytest.fixture(scope="module")

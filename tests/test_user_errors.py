@@ -20,7 +20,7 @@ from twilbert.errors import user_message
 from twilbert.io_utils import atomic_write
 from twilbert.stage import run
 
-from conftest import REPO, make_tweets
+from helpers import REPO, make_tweets
 from finetune_data import MAX_LEN, make_pretrained
 
 pytestmark = pytest.mark.reliability

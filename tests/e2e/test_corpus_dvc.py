@@ -19,7 +19,7 @@ from twilbert.cli import dump_params
 from twilbert.config import compose
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from conftest import make_tweets  # noqa: E402
+from helpers import make_tweets  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[2]
 COPY = ("conf", "stages", "src", "corpus", "dvc.yaml", ".dvcignore", ".gitignore")

@@ -21,8 +21,7 @@ from twilbert.config import compose
 from twilbert.train.loop import KILL_HOOK_ENV
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from conftest import make_tweets  # noqa: E402
-from test_corpus import fake_sdist  # noqa: E402
+from helpers import fake_sdist, make_tweets  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[2]
 COPY = ("conf", "stages", "src", "corpus", "plots", "dvc.yaml", ".dvcignore", ".gitignore")
