@@ -1,4 +1,6 @@
 import re
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -169,3 +171,29 @@ def test_any_torch_optimizer_and_every_twilbert_loss_are_accepted(tiny_raw):
     tiny_raw["finetuning"].update(optimizer="lamb_accumulated", loss="macro_f1")
     cfg = load_config(tiny_raw)
     assert (cfg.training.optimizer, cfg.finetuning.loss) == ("SGD", "macro_f1")
+
+
+@pytest.mark.reliability
+@pytest.mark.parametrize(
+    "key,value,message",
+    [
+        ("max_repeat", 0, r"preprocess\.max_repeat must be >= 1"),
+        ("emoji", "emojis", r"preprocess\.emoji must be one of"),
+        ("lowercased", True, r"unknown config key\(s\): preprocess\.lowercased"),
+    ],
+)
+def test_the_preprocess_section_is_typed_and_checked_like_the_others(tiny_raw, key, value, message):
+    from twilbert.config import PreprocessConfig
+
+    assert isinstance(load_config(tiny_raw).preprocess, PreprocessConfig)
+    tiny_raw["preprocess"][key] = value
+    with pytest.raises(ConfigError, match=message):
+        load_config(tiny_raw)
+
+
+def test_loading_the_config_imports_none_of_the_code_it_configures():
+    # No import circle (the preprocess section was once defined beside the normalization code it drives).
+    code = ("import sys; from twilbert.config import load_config; load_config('params.yaml'); "
+            "print(sorted(m for m in sys.modules if m.startswith('twilbert.') and not m.startswith('twilbert.config')))")
+    out = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "[]"
