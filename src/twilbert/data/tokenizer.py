@@ -22,7 +22,7 @@ import sentencepiece as spm
 
 from twilbert.config import VocabConfig
 from twilbert.data.preprocess import PreprocessConfig, Preprocessor
-from twilbert.io_utils import replace_dir
+from twilbert.io_utils import publish_dir
 
 log = logging.getLogger(__name__)
 
@@ -92,8 +92,7 @@ def train_vocab(
                 num_threads=1,
                 minloglevel=2,
             )
-        new_dir = Path(tmp) / "vocab"
-        new_dir.mkdir()
+    with publish_dir(out_dir) as new_dir:
         (new_dir / MODEL_FILE).write_bytes(model.getvalue())
         sp = spm.SentencePieceProcessor(model_proto=model.getvalue())
         meta = {
@@ -107,7 +106,6 @@ def train_vocab(
             "preprocess": prep.to_dict(),
         }
         (new_dir / META_FILE).write_text(json.dumps(meta, indent=2, ensure_ascii=False), encoding="utf-8")
-        replace_dir(new_dir, out_dir, aside=Path(tmp) / "previous")
     log.info("vocab: %d pieces from a sample of %d of %d texts -> %s", meta["vocab_size"], n_sample, n_texts, out_dir)
     return out_dir
 
