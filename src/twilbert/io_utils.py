@@ -153,15 +153,20 @@ def _create_temp(path: Path) -> tuple[Path, int]:
 
 
 def fsync_path(path: PathLike) -> None:
-    """fsync a file or directory, best effort: not every platform can open a directory."""
+    """fsync a file (a failure raises: its bytes may not be on disk) or a directory (best effort:
+    not every platform can open or fsync one)."""
+    is_dir = os.path.isdir(path)
     try:
         fd = os.open(path, os.O_RDONLY)
     except OSError:
-        return
+        if is_dir:
+            return
+        raise
     try:
         os.fsync(fd)
     except OSError:
-        pass
+        if not is_dir:
+            raise
     finally:
         os.close(fd)
 
