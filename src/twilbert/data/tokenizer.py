@@ -12,7 +12,6 @@ import logging
 import random
 import re
 import shutil
-import tempfile
 from dataclasses import asdict
 from pathlib import Path
 from typing import Iterable, Optional, Sequence
@@ -62,10 +61,10 @@ def train_vocab(
     if n_texts == 0:
         raise VocabError("vocab: the pretraining corpus is empty; nothing to train a vocabulary on")
     n_sample = len(sample)
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    with tempfile.TemporaryDirectory(dir=out_dir.parent, prefix=f".{out_dir.name}.") as tmp:
-        # The sample waits on disk, preprocessed, while SentencePiece holds its own copy.
-        sample_file = Path(tmp) / "sample.txt"
+    with publish_dir(out_dir) as new_dir:
+        # The sample waits on disk, preprocessed, while SentencePiece holds its own copy; it is
+        # removed before the directory is published (a killed run's copy goes with its work folder).
+        sample_file = new_dir / "sample.txt"
         with sample_file.open("w", encoding="utf-8", newline="\n") as fh:
             fh.writelines(prep(text).replace("\n", " ") + "\n" for text in sample)
         del sample
@@ -92,7 +91,7 @@ def train_vocab(
                 num_threads=1,
                 minloglevel=2,
             )
-    with publish_dir(out_dir) as new_dir:
+        sample_file.unlink()
         (new_dir / MODEL_FILE).write_bytes(model.getvalue())
         sp = spm.SentencePieceProcessor(model_proto=model.getvalue())
         meta = {
