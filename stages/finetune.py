@@ -15,7 +15,7 @@ from twilbert.data.tasks import load_task
 from twilbert.distributed import distributed_context
 from twilbert.stage import load_stage_config, parse_args, run
 from twilbert.track import Tracker
-from twilbert.train.checkpoint import checkpoint_lock
+from twilbert.train.writer_lock import checkpoint_lock
 from twilbert.train.finetune import finetune_task
 
 

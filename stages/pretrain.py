@@ -15,7 +15,7 @@ from twilbert.progress import format_metrics
 from twilbert.results import PRETRAIN_HEADLINE, pretrain_headline
 from twilbert.stage import load_stage_config, parse_args, run
 from twilbert.track import Tracker
-from twilbert.train.checkpoint import checkpoint_lock
+from twilbert.train.writer_lock import checkpoint_lock
 from twilbert.train.pretrain import pretrain
 
 

@@ -238,8 +238,9 @@ def test_a_failure_mid_save_keeps_the_previous_checkpoint_and_no_temp_directory(
 def test_leftovers_of_a_killed_save_are_cleaned_by_the_next_save(tmp_path):
     model, opt, sched = build()
     save(tmp_path, model, opt, sched, 1)
-    (tmp_path / "step-00000002.tmp").mkdir()  # SIGKILL mid-write: no chance to clean up
-    (tmp_path / "step-00000002.tmp" / "model.safetensors").write_bytes(b"half")
+    half = tmp_path / ".step-00000002.publish-x1y2z3" / "step-00000002"  # SIGKILL mid-write: no clean-up
+    half.mkdir(parents=True)
+    (half / "model.safetensors").write_bytes(b"half")
     assert latest_valid_checkpoint(tmp_path) == tmp_path / "step-00000001"
     save(tmp_path, model, opt, sched, 3)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["step-00000001", "step-00000003"]
@@ -248,7 +249,9 @@ def test_leftovers_of_a_killed_save_are_cleaned_by_the_next_save(tmp_path):
 def test_a_kill_between_the_two_renames_of_a_resave_keeps_the_old_checkpoint(tmp_path):
     model, opt, sched = build()
     save(tmp_path, model, opt, sched, 1)
-    (tmp_path / "step-00000001").rename(tmp_path / "step-00000001.old")
+    work = tmp_path / ".step-00000001.publish-x1y2z3"  # killed mid-swap where renameat2 is missing
+    work.mkdir()
+    (tmp_path / "step-00000001").rename(work / "previous")
     save(tmp_path, model, opt, sched, 2)
     assert [p.name for p in list_checkpoints(tmp_path)] == ["step-00000001", "step-00000002"]
 

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from twilbert.train.checkpoint import LOCK_FILE, CheckpointLockError, checkpoint_lock
+from twilbert.train.writer_lock import LOCK_FILE, CheckpointLockError, checkpoint_lock
 
 from helpers import REPO
 

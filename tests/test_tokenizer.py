@@ -1,5 +1,4 @@
 import collections
-import os
 
 import numpy as np
 import pytest
@@ -8,7 +7,6 @@ from twilbert.config import VocabConfig
 from twilbert.data.tokenizer import (
     CLS_ID, MASK_ID, PAD_ID, SEP_ID, SPECIAL_TOKENS, Tokenizer, pack_pairs, sample_texts, train_vocab,
 )
-from twilbert.io_utils import replace_dir
 
 from helpers import make_tweets
 
@@ -109,14 +107,3 @@ def test_retraining_replaces_the_vocab_directory_whole(tmp_path):
     assert sorted(p.name for p in out.iterdir()) == ["meta.json", "spm.model"]
     assert Tokenizer(out).meta["requested_vocab_size"] == 70
     assert sorted(p.name for p in tmp_path.iterdir()) == ["vocab"]  # no temp or old directory left
-
-
-def test_replace_dir_swaps_a_directory_in_without_a_moment_of_absence(tmp_path):
-    (tmp_path / "old").mkdir()
-    (tmp_path / "old" / "f").write_text("old")
-    (tmp_path / "new").mkdir()
-    (tmp_path / "new" / "f").write_text("new")
-    os.rename(tmp_path / "old", tmp_path / "target")
-    replace_dir(tmp_path / "new", tmp_path / "target", aside=tmp_path / "aside")
-    assert (tmp_path / "target" / "f").read_text() == "new" and (tmp_path / "aside" / "f").read_text() == "old"
-    assert not (tmp_path / "new").exists()

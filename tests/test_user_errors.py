@@ -48,7 +48,7 @@ def error_lines(proc: subprocess.CompletedProcess) -> list[str]:
 
 def leftovers(root: Path) -> list[str]:
     """Temp files or directories a failed write left behind."""
-    return [str(p) for p in root.rglob("*") if ".tmp" in p.name]
+    return [str(p) for p in root.rglob("*") if ".tmp" in p.name or ".publish-" in p.name]
 
 
 @pytest.fixture

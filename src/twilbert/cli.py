@@ -11,7 +11,6 @@ import logging
 import os
 import shutil
 import sys
-import tempfile
 from contextlib import ExitStack
 from pathlib import Path
 from typing import Optional
@@ -66,9 +65,10 @@ def cmd_compose(args: argparse.Namespace) -> int:
         if old is not None and old != raw:  # never replace an experiment's params without a word
             print(f"{args.out}: {params_changes(old, raw)} (from {args.conf}/). Values of a DVC experiment "
                   "stay in it: `dvc exp apply NAME` brings them back (names: `make compare`).", file=sys.stderr)
-        tmp = Path(args.out).with_suffix(".yaml.tmp")
-        tmp.write_text(text, encoding="utf-8")
-        tmp.replace(args.out)
+        from twilbert.io_utils import atomic_write
+
+        with atomic_write(args.out) as fh:
+            fh.write(text)
     else:
         sys.stdout.write(text)
     return 0
@@ -189,7 +189,7 @@ def export_hf_dir(model_dir: Path, out_dir: Path, encoder_only: bool = False) ->
         TWilBertForPretraining, TWilBertModel, load_into, load_pretrained_state, model_config_from_dict, save_hf,
     )
     from twilbert.model.hf import to_hf_classifier
-    from twilbert.model.manifest import write_manifest
+    from twilbert.io_utils import publish_dir
     from twilbert.predict import PredictError, load_finetuned, read_model_config
 
     model_dir, out_dir = Path(model_dir), Path(out_dir)
@@ -213,9 +213,7 @@ def export_hf_dir(model_dir: Path, out_dir: Path, encoder_only: bool = False) ->
         model = (TWilBertForPretraining if pretraining else TWilBertModel)(cfg, vocab_size, max_positions)
         load_into(model, state, strict=True)
         hf = None
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.tmp-", dir=out_dir.parent))
-    try:
+    with publish_dir(out_dir, checksums=True) as tmp:  # replaces only an empty directory (checked above)
         if hf is None:
             hf = save_hf(tmp, model, cfg, vocab_size, max_positions)
         else:
@@ -227,11 +225,6 @@ def export_hf_dir(model_dir: Path, out_dir: Path, encoder_only: bool = False) ->
         note = TOKENIZER_NOTE.format(source=model_dir, hf_class=type(hf).__name__, max_positions=max_positions,
                                      max_single=max_positions - 2, classifier_note=classifier_note)
         (tmp / "TOKENIZER.md").write_text(note, encoding="utf-8")
-        write_manifest(tmp)
-        os.replace(tmp, out_dir)  # atomic; replaces only an empty directory
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return type(hf).__name__
 
 

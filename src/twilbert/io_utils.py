@@ -1,11 +1,18 @@
-"""Filesystem helpers shared by every stage: writes that never leave a half-written file behind."""
+"""Filesystem helpers shared by every stage: writes that never leave a half-written file or directory
+behind (:func:`atomic_write` for a file, :func:`publish_dir` for a directory), and their checksums."""
 
 from __future__ import annotations
 
 import ctypes
+import fnmatch
+import glob
+import hashlib
+import json
 import os
 import secrets
+import shutil
 import stat
+import tempfile
 from contextlib import contextmanager
 from pathlib import Path
 from typing import IO, Iterator, Optional, Union
@@ -45,26 +52,80 @@ def atomic_write(
             except FileNotFoundError:
                 pass
             raise
-    _fsync_dir(path.parent)
+    fsync_path(path.parent)
 
 
-def replace_dir(new: PathLike, target: PathLike, aside: PathLike) -> None:
-    """Publish directory ``new`` at ``target``; a previous ``target`` ends at ``aside`` for the caller
-    to delete (all three on one filesystem).
+CHECKSUMS_NAME = "checksums.json"
+_PUBLISH_TAG = ".publish-"  # work folders are ``.<name>.publish-<random>`` beside the target
+_PREVIOUS = "previous"  # inside a work folder: the old target, only during the no-exchange swap
 
-    On Linux the two directories swap in one atomic step (``renameat2(RENAME_EXCHANGE)``), so
-    ``target`` always holds a complete directory, old or new. Where that call is missing the old one
-    is renamed aside first: ``target`` is then absent, never half-written, between two renames.
+
+@contextmanager
+def publish_dir(target: PathLike, checksums: bool = False) -> Iterator[Path]:
+    """Yield an empty staging directory named like ``target``; on success it replaces ``target``.
+
+    The staging directory sits in ``.<name>.publish-<random>/`` beside ``target``. When the block
+    succeeds, ``checksums.json`` is written (if asked), every file and directory is fsynced, and the
+    two directories swap in one atomic step (``renameat2(RENAME_EXCHANGE)``): a crash at any point
+    leaves the old complete ``target`` or the new one. On failure ``target`` is untouched. Work
+    folders left by a killed publish are removed (or their old ``target`` restored) by the next one.
     """
-    new, target, aside = Path(new), Path(target), Path(aside)
+    target = Path(target)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    clean_leftovers(target.parent, glob.escape(target.name))
+    work = Path(tempfile.mkdtemp(prefix=f".{target.name}{_PUBLISH_TAG}", dir=target.parent))
+    try:
+        with naming(target):  # a full disk met by write() names no file: name the output
+            staged = work / target.name
+            staged.mkdir()
+            yield staged
+            if checksums:
+                write_checksums(staged)
+            fsync_tree(staged)
+            _swap(staged, target, work / _PREVIOUS)
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+
+
+def publish_built(built: PathLike, target: PathLike, checksums: bool = False) -> None:
+    """:func:`publish_dir` for a directory already complete at ``built`` (same filesystem)."""
+    with publish_dir(target, checksums=checksums) as staged:
+        os.replace(built, staged)  # onto the empty staging directory
+
+
+def _swap(staged: Path, target: Path, aside: Path) -> None:
     if not os.path.lexists(target):
-        os.rename(new, target)
-    elif _exchange(new, target):
-        os.rename(new, aside)  # `new` now names the old directory
-    else:
+        os.rename(staged, target)
+    elif not _exchange(staged, target):
+        # No atomic exchange (not glibc >= 2.28, or the filesystem refuses it): ``target`` is absent
+        # between these two renames; a crash there is repaired by the next publish's clean_leftovers.
         os.rename(target, aside)
-        os.rename(new, target)
-    _fsync_dir(target.parent)
+        try:
+            os.rename(staged, target)
+        except BaseException:
+            os.rename(aside, target)
+            raise
+    fsync_path(target.parent)
+
+
+def clean_leftovers(parent: PathLike, pattern: str = "*") -> None:
+    """Remove the work folders a killed publish left in ``parent`` for targets matching ``pattern``.
+
+    A target found missing beside its work folder's ``previous`` (a kill between the two renames of
+    the no-exchange swap) gets that previous, complete, directory back.
+    """
+    parent = Path(parent)
+    if not parent.is_dir():
+        return
+    for work in sorted(parent.glob(f".{pattern}{_PUBLISH_TAG}*")):
+        name = work.name[1:work.name.rindex(_PUBLISH_TAG)]
+        if not work.is_dir() or not fnmatch.fnmatchcase(name, pattern):
+            continue
+        target = parent / name
+        if not os.path.lexists(target) and (work / _PREVIOUS).is_dir():
+            os.rename(work / _PREVIOUS, target)
+            fsync_path(parent)
+        shutil.rmtree(work, ignore_errors=True)
 
 
 def _exchange(a: Path, b: Path) -> bool:
@@ -91,18 +152,69 @@ def _create_temp(path: Path) -> tuple[Path, int]:
         return tmp, fd
 
 
-def _fsync_dir(directory: Path) -> None:
-    # Makes the rename itself durable on POSIX; not every platform can open a directory.
+def fsync_path(path: PathLike) -> None:
+    """fsync a file (a failure raises: its bytes may not be on disk) or a directory (best effort:
+    not every platform can open or fsync one)."""
+    is_dir = os.path.isdir(path)
     try:
-        fd = os.open(directory, os.O_RDONLY)
+        fd = os.open(path, os.O_RDONLY)
     except OSError:
-        return
+        if is_dir:
+            return
+        raise
     try:
         os.fsync(fd)
     except OSError:
-        pass
+        if not is_dir:
+            raise
     finally:
         os.close(fd)
+
+
+def fsync_tree(root: PathLike) -> None:
+    """fsync every file and directory under ``root`` (deepest first), ``root`` included."""
+    root = Path(root)
+    for path in sorted(root.rglob("*"), key=lambda p: len(p.parts), reverse=True):
+        if not path.is_symlink():
+            fsync_path(path)
+    fsync_path(root)
+
+
+def sha256_file(path: PathLike) -> str:
+    with open(path, "rb") as fh:
+        return hashlib.file_digest(fh, "sha256").hexdigest()
+
+
+def link_or_copy(src: PathLike, dst: PathLike) -> None:
+    """Hard-link ``src`` at ``dst`` (no bytes copied), or copy it where links are refused."""
+    try:
+        os.link(src, dst)
+    except OSError:
+        shutil.copy2(src, dst)
+
+
+def checksums_text(directory: PathLike) -> str:
+    """``checksums.json`` for ``directory`` as it is now: the sha256 of every file below it (relative
+    POSIX paths, sorted; its own checksums.json left out, those of subdirectories listed)."""
+    directory = Path(directory)
+    sums = {name: sha256_file(directory / name) for name in checksummed_files(directory)}
+    return json.dumps(sums, indent=2, sort_keys=True) + "\n"
+
+
+def checksummed_files(directory: PathLike) -> list[str]:
+    directory = Path(directory)
+    names = [p.relative_to(directory).as_posix() for p in directory.rglob("*") if p.is_file()]
+    return sorted(name for name in names if name != CHECKSUMS_NAME)
+
+
+def write_checksums(directory: PathLike) -> Path:
+    """(Re)write ``directory/checksums.json``; call it after the last file is written."""
+    path = Path(directory) / CHECKSUMS_NAME
+    text = checksums_text(directory)
+    # Atomic replace, never an in-place write: the old file may be a hard link to another directory's.
+    with atomic_write(path) as fh:
+        fh.write(text)
+    return path
 
 
 # A fixed timestamp for zip entries: np.savez stamps each entry with the current time, so the

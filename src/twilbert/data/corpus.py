@@ -6,7 +6,6 @@ duplicates dropped when ``data.dedup``) and ``<out>/pretrain/summary.json`` (wha
 
 from __future__ import annotations
 
-import hashlib
 import itertools
 import json
 import logging
@@ -25,7 +24,7 @@ from twilbert.config import DataConfig
 from twilbert.data.dedup import DigestSet, row_digests
 from twilbert.data.formats import write_table
 from twilbert.data.sources import BadRowBudget, iter_corpus_rows, resolve_corpus_files, untracked_files
-from twilbert.io_utils import atomic_write
+from twilbert.io_utils import atomic_write, sha256_file
 
 log = logging.getLogger(__name__)
 
@@ -49,20 +48,12 @@ def cache_dir() -> Path:
     return Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "twilbert"
 
 
-def sha256_of(path: Path) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as fh:
-        for block in iter(lambda: fh.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
 def fetch_evomsa_sdist(cfg: DataConfig, cache: Optional[Path] = None) -> Path:
     """The EvoMSA sdist from the package registry (cached), checked against its sha256."""
     cache = Path(cache or cache_dir())
     cache.mkdir(parents=True, exist_ok=True)
     target = cache / f"evomsa-{cfg.evomsa_version}.tar.gz"
-    if target.is_file() and sha256_of(target) == cfg.evomsa_sha256:
+    if target.is_file() and sha256_file(target) == cfg.evomsa_sha256:
         return target
     with tempfile.TemporaryDirectory(dir=cache) as tmp:
         # --no-build-isolation: otherwise pip builds EvoMSA's build dependencies just to read metadata.
@@ -81,7 +72,7 @@ def fetch_evomsa_sdist(cfg: DataConfig, cache: Optional[Path] = None) -> Path:
                 "pairs TSV> (or data.source=text_file and data.text_file=<one tweet per line>), and point "
                 "tasks.<name>.dataset.data_dir at your task files (see README)."
             )
-        digest = sha256_of(found[0])
+        digest = sha256_file(found[0])
         if digest != cfg.evomsa_sha256:
             raise DataStageError(
                 f"{found[0].name}: sha256 {digest} does not match data.evomsa_sha256 {cfg.evomsa_sha256}"

@@ -37,7 +37,7 @@ from twilbert.data.shards import (
     write_shard,
 )
 from twilbert.data.tokenizer import CLS_ID, PAD_ID, SEP_ID, Tokenizer
-from twilbert.io_utils import replace_dir
+from twilbert.io_utils import publish_built
 
 log = logging.getLogger(__name__)
 
@@ -319,10 +319,7 @@ def _publish(staging: Path, out_dir: Path, shards: list[dict], identity: dict, v
         write_json(staging / split / MANIFEST, {**common, "split": split, **splits[split]})
     write_json(staging / MANIFEST, manifest)
     (staging / JOURNAL).unlink()
-    aside = out_dir.with_name(f".{out_dir.name}.previous")
-    shutil.rmtree(aside, ignore_errors=True)  # left by a crash between the two renames
-    replace_dir(staging, out_dir, aside)  # never a moment without a complete data/pairs
-    shutil.rmtree(aside, ignore_errors=True)
+    publish_built(staging, out_dir)  # never a moment without a complete data/pairs
     summary = {"pairs": manifest["pairs"], "skipped_short": totals["skipped_short"], "max_len": common["max_len"],
                "seed": common["seed"], "vocab_size": vocab_size, "dtype": dtype.name,
                "corpus_rows": totals["rows"], "corpus_tokens": totals["corpus_tokens"]}

@@ -12,7 +12,6 @@ import logging
 import random
 import re
 import shutil
-import tempfile
 from dataclasses import asdict
 from pathlib import Path
 from typing import Iterable, Optional, Sequence
@@ -22,7 +21,7 @@ import sentencepiece as spm
 
 from twilbert.config import VocabConfig
 from twilbert.data.preprocess import PreprocessConfig, Preprocessor
-from twilbert.io_utils import replace_dir
+from twilbert.io_utils import publish_dir
 
 log = logging.getLogger(__name__)
 
@@ -62,10 +61,10 @@ def train_vocab(
     if n_texts == 0:
         raise VocabError("vocab: the pretraining corpus is empty; nothing to train a vocabulary on")
     n_sample = len(sample)
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    with tempfile.TemporaryDirectory(dir=out_dir.parent, prefix=f".{out_dir.name}.") as tmp:
-        # The sample waits on disk, preprocessed, while SentencePiece holds its own copy.
-        sample_file = Path(tmp) / "sample.txt"
+    with publish_dir(out_dir) as new_dir:
+        # The sample waits on disk, preprocessed, while SentencePiece holds its own copy; it is
+        # removed before the directory is published (a killed run's copy goes with its work folder).
+        sample_file = new_dir / "sample.txt"
         with sample_file.open("w", encoding="utf-8", newline="\n") as fh:
             fh.writelines(prep(text).replace("\n", " ") + "\n" for text in sample)
         del sample
@@ -92,8 +91,7 @@ def train_vocab(
                 num_threads=1,
                 minloglevel=2,
             )
-        new_dir = Path(tmp) / "vocab"
-        new_dir.mkdir()
+        sample_file.unlink()
         (new_dir / MODEL_FILE).write_bytes(model.getvalue())
         sp = spm.SentencePieceProcessor(model_proto=model.getvalue())
         meta = {
@@ -107,7 +105,6 @@ def train_vocab(
             "preprocess": prep.to_dict(),
         }
         (new_dir / META_FILE).write_text(json.dumps(meta, indent=2, ensure_ascii=False), encoding="utf-8")
-        replace_dir(new_dir, out_dir, aside=Path(tmp) / "previous")
     log.info("vocab: %d pieces from a sample of %d of %d texts -> %s", meta["vocab_size"], n_sample, n_texts, out_dir)
     return out_dir
 

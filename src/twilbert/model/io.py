@@ -10,8 +10,6 @@ import json
 import logging
 import os
 import shutil
-import tempfile
-import uuid
 from pathlib import Path
 from typing import Any, NamedTuple, Optional, Union
 
@@ -20,7 +18,7 @@ from safetensors import SafetensorError, safe_open
 from torch import nn
 
 from twilbert.config import ConfigError, ModelConfig, from_dict, to_dict
-from twilbert.errors import naming
+from twilbert.io_utils import CHECKSUMS_NAME, link_or_copy, publish_dir
 from twilbert.model.safetensors_writer import save_file
 
 logger = logging.getLogger(__name__)
@@ -103,38 +101,23 @@ def untie(state_dict: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor],
     return tensors, aliases
 
 
-def _fsync(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
 def _carry_extras(old: Path, new: Path) -> None:
     """Files other callers put in an existing model directory survive a re-save."""
     for entry in old.iterdir():
-        if entry.name in (WEIGHTS_NAME, CONFIG_NAME, _manifest().MANIFEST_NAME):
+        if entry.name in (WEIGHTS_NAME, CONFIG_NAME, CHECKSUMS_NAME):
             continue
         target = new / entry.name
         if entry.is_dir():
-            shutil.copytree(entry, target, copy_function=_link_or_copy)
+            shutil.copytree(entry, target, copy_function=link_or_copy)
         else:
-            _link_or_copy(entry, target)
-
-
-def _link_or_copy(src: PathLike, dst: PathLike) -> None:
-    try:
-        os.link(src, dst)
-    except OSError:
-        shutil.copy2(src, dst)
+            link_or_copy(entry, target)
 
 
 def save_pretrained(directory: PathLike, model: nn.Module, config: dict) -> Path:
     """Write ``model.safetensors``, ``config.json`` and ``checksums.json`` to ``directory`` atomically.
 
-    Everything is written into a temporary sibling directory which then replaces ``directory``,
-    so a crash leaves either the previous complete directory or the new one, never a mix. A caller
+    Published with ``io_utils.publish_dir``: a crash leaves the previous complete directory or the
+    new one, never a mix. Files other callers added to an existing directory are kept. A caller
     that adds files afterwards (e.g. the vocabulary) reseals it with ``manifest.write_manifest``.
     """
     directory = Path(directory)
@@ -146,37 +129,13 @@ def save_pretrained(directory: PathLike, model: nn.Module, config: dict) -> Path
     config_text = json.dumps(config, indent=2)  # fails on unserialisable values before touching disk
     tensors, aliases = untie(model.state_dict())
 
-    with naming(directory):  # a full disk met by write() names no file: name the directory
-        _save_staged(directory, tensors, aliases, config_text)
+    with publish_dir(directory, checksums=True) as staged:  # names the directory when the disk is full
+        save_file(tensors, str(staged / WEIGHTS_NAME), metadata={"format": "pt", _TIED_KEY: json.dumps(aliases)})
+        (staged / CONFIG_NAME).write_text(config_text + "\n", encoding="utf-8")
+        if directory.exists():
+            _carry_extras(directory, staged)
     logger.debug("saved %d tensors (%d tied) to %s", len(tensors), len(aliases), directory)
     return directory
-
-
-def _save_staged(directory: Path, tensors: dict[str, torch.Tensor], aliases: dict[str, str], config_text: str) -> None:
-    directory.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{directory.name}.tmp-", dir=directory.parent))
-    try:
-        save_file(tensors, str(tmp / WEIGHTS_NAME), metadata={"format": "pt", _TIED_KEY: json.dumps(aliases)})
-        (tmp / CONFIG_NAME).write_text(config_text + "\n", encoding="utf-8")
-        for name in (WEIGHTS_NAME, CONFIG_NAME):
-            _fsync(tmp / name)
-        if directory.exists():
-            _carry_extras(directory, tmp)
-        _manifest().write_manifest(tmp)
-        if directory.exists():
-            old = directory.parent / f".{directory.name}.old-{uuid.uuid4().hex[:8]}"
-            os.replace(directory, old)
-            try:
-                os.replace(tmp, directory)
-            except BaseException:
-                os.replace(old, directory)
-                raise
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(tmp, directory)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
 
 
 # --------------------------------------------------------------------------------------------

@@ -1,7 +1,8 @@
 """Checksummed model directories: ``checksums.json`` lists the sha256 of every file in the directory.
 
 Every writer of a model directory (``save_pretrained``, the pretrain and finetune stages, the
-baseline, ``export-hf``) seals it last with :func:`write_manifest`; every loader calls
+baseline, ``export-hf``) seals it last (``io_utils.publish_dir(checksums=True)`` or
+:func:`write_manifest`); every loader calls
 :func:`verify_model_dir` first, so a flipped byte in ``model.safetensors`` is refused with one line
 naming the file instead of silently giving other probabilities.
 
@@ -18,7 +19,6 @@ with a warning.
 from __future__ import annotations
 
 import contextvars
-import hashlib
 import json
 import logging
 import os
@@ -26,12 +26,12 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Iterator, Optional, Union
 
-from twilbert.io_utils import atomic_write
+from twilbert.io_utils import CHECKSUMS_NAME, checksummed_files, checksums_text, sha256_file, write_checksums
 from twilbert.model.io import CheckpointError
 
 log = logging.getLogger(__name__)
 
-MANIFEST_NAME = "checksums.json"
+MANIFEST_NAME = CHECKSUMS_NAME
 NO_VERIFY_ENV = "TWILBERT_NO_VERIFY"
 PathLike = Union[str, "os.PathLike[str]"]
 
@@ -42,38 +42,14 @@ class ManifestError(CheckpointError):
     """A model directory's files do not match its ``checksums.json``; the message names the file."""
 
 
-def sha256_file(path: Path) -> str:
-    with open(path, "rb") as fh:
-        return hashlib.file_digest(fh, "sha256").hexdigest()
-
-
-def _files(directory: Path) -> list[str]:
-    """Every file under ``directory`` (relative POSIX paths, sorted), but its own manifest."""
-    names = []
-    for path in directory.rglob("*"):
-        if path.is_file():
-            rel = path.relative_to(directory).as_posix()
-            if rel != MANIFEST_NAME:
-                names.append(rel)
-    return sorted(names)
-
-
 def manifest_text(directory: PathLike) -> str:
     """The manifest content for ``directory`` as it is now: same files, same bytes."""
-    directory = Path(directory)
-    sums = {name: sha256_file(directory / name) for name in _files(directory)}
-    return json.dumps(sums, indent=2, sort_keys=True) + "\n"
+    return checksums_text(directory)
 
 
 def write_manifest(directory: PathLike) -> Path:
     """(Re)write ``directory/checksums.json`` atomically; call it after the last file is written."""
-    directory = Path(directory)
-    text = manifest_text(directory)
-    path = directory / MANIFEST_NAME
-    # Atomic replace, never an in-place write: the old manifest may be a hard link to a fold's.
-    with atomic_write(path) as fh:
-        fh.write(text)
-    return path
+    return write_checksums(directory)
 
 
 @contextmanager
@@ -127,7 +103,7 @@ def verify_model_dir(directory: PathLike, verify: Optional[bool] = None) -> None
             raise ManifestError(f"{file}: missing, but listed in {path}; {fix}")
         if sha256_file(file) != sums[name]:
             raise ManifestError(f"{file}: sha256 differs from {path} (corrupt or changed); {fix}")
-    unlisted = [name for name in _files(directory) if name not in sums]
+    unlisted = [name for name in checksummed_files(directory) if name not in sums]
     if unlisted:
         log.warning("%s: %d file(s) not in %s, not verified: %s", directory, len(unlisted), MANIFEST_NAME,
                     ", ".join(unlisted[:5]))

@@ -18,10 +18,6 @@ import copy
 import csv
 import json
 import logging
-import os
-import shutil
-import tempfile
-from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Iterator, Optional, Union
@@ -38,8 +34,7 @@ from twilbert.distributed import DistContext, n_rank_batches, rank_batch_indices
 from twilbert.data.preprocess import Preprocessor
 from twilbert.data.tasks import TaskData, TaskExamples, load_task
 from twilbert.data.tokenizer import META_FILE, Tokenizer
-from twilbert.errors import naming
-from twilbert.io_utils import atomic_write
+from twilbert.io_utils import atomic_write, link_or_copy, publish_dir
 from twilbert.model import TWilBertForClassification
 from twilbert.model.backbone import (
     HFClassifier, TWilBertPacker, hf_packer, load_hf_backbone, save_hf_classifier, set_trainable,
@@ -497,34 +492,13 @@ def _publish_fold(model_out: Path, fold: int, kfold_info: dict) -> None:
             target.mkdir(parents=True, exist_ok=True)
         else:
             target.parent.mkdir(parents=True, exist_ok=True)
-            try:
-                os.link(entry, target)
-            except OSError:
-                shutil.copy2(entry, target)
+            link_or_copy(entry, target)
     config_path = model_out / CONFIG_NAME
     config = json.loads(config_path.read_text(encoding="utf-8"))
     config["kfold"] = kfold_info
     config_path.unlink()  # a hard link: rewrite a fresh file rather than the fold's
     config_path.write_text(json.dumps(config, indent=2) + "\n", encoding="utf-8")
     write_manifest(model_out)  # the selected fold's manifest came along as a link: replace it
-
-
-@contextmanager
-def staged_directory(final: Path) -> Iterator[Path]:
-    """A fresh directory that replaces ``final`` only when the block succeeds."""
-    final = Path(final)
-    final.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.tmp-", dir=final.parent))
-    try:
-        with naming(final):  # a full disk met by write() names no file: name the output directory
-            staged = tmp / final.name
-            staged.mkdir()
-            yield staged
-            if final.exists():
-                os.replace(final, tmp / "previous")
-            os.replace(staged, final)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
 
 
 # --------------------------------------------------------------------------------------------
@@ -584,13 +558,12 @@ def finetune_task(cfg: Config, task: TaskConfig, pretrained_dir: Path, model_out
         distributed.barrier()
         return metrics
 
-    with staged_directory(model_out) as staged:
+    with publish_dir(model_out, checksums=True) as staged:  # checksums cover the k-fold publish, folds/, baseline/
         run = evaluate_learner(learner, splits, max_len, test_len, staged)
         baseline: Union[dict, None] = None
         if ft.baseline_row and ft.backbone != "baseline":
             row = baseline_learner(cfg, task, ft, learner.preprocess)
             baseline = evaluate_learner(row, splits, max_len, test_len, staged / BASELINE_DIR).metrics
-        write_manifest(staged)  # last: covers the k-fold publish, folds/ and baseline/
 
     if tracker:
         tracker.log_metrics({f"test_{k}": v for k, v in run.metrics["test"].items()})

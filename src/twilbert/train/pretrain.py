@@ -32,9 +32,8 @@ from twilbert.data.shards import MANIFEST, PairsDataError, read_manifest
 from twilbert.data.tokenizer import MASK_ID, N_SPECIAL, Tokenizer
 from twilbert.distributed import DistContext, iterate_rank_batches, loss_normalizer, n_rank_batches, wrap_ddp
 from twilbert.model import TWilBertForPretraining, count_parameters
-from twilbert.io_utils import replace_dir
+from twilbert.io_utils import publish_dir
 from twilbert.model.io import CheckpointError, LoadReport, load_into, load_pretrained_state, save_pretrained
-from twilbert.model.manifest import write_manifest
 from twilbert.track import Tracker
 from twilbert.progress import EpochClock
 from twilbert.train.checkpoint import config_fingerprint, files_digest, package_paths, run_fingerprint
@@ -415,13 +414,6 @@ def publish_best(model: TWilBertForPretraining, best: BestEpoch, config: dict, t
     """The stage's output: the best epoch's weights (as the checkpoint recorded them) with the vocabulary."""
     model.load_state_dict(best.weights)
     save_pretrained(best_dir, model, {**config, "epoch": best.epoch, "metrics": best.metrics})
-    staged = out_dir.with_name(f".{out_dir.name}.tmp")
-    if staged.exists():
-        shutil.rmtree(staged)
-    shutil.copytree(best_dir, staged)
-    tokenizer.copy_to(staged)
-    write_manifest(staged)  # the vocabulary files are part of the model: seal them too
-    aside = out_dir.with_name(f".{out_dir.name}.previous")
-    shutil.rmtree(aside, ignore_errors=True)  # left by a crash between the two renames
-    replace_dir(staged, out_dir, aside)  # never a moment without a complete models/pretrained
-    shutil.rmtree(aside, ignore_errors=True)
+    with publish_dir(out_dir, checksums=True) as staged:  # the checksums cover the vocabulary too
+        shutil.copytree(best_dir, staged, dirs_exist_ok=True)
+        tokenizer.copy_to(staged)
