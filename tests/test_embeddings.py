@@ -7,7 +7,7 @@ import torch
 from conftest import make_tweets
 from test_predict import build_finetuned, build_pretrained, vocab_dir  # noqa: F401 (fixture)
 from twilbert.embeddings import Embedder, load_encoder, write_embeddings
-from twilbert.predict import PredictError
+from twilbert.inputs import PredictError
 
 TEXTS = [t for t, _ in make_tweets(23, seed=7)] + ["", "😂", "odio el tráfico " * 300]
 

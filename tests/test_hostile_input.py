@@ -16,7 +16,8 @@ from hypothesis import strategies as st
 
 from twilbert.config import TaskDataset, VocabConfig
 from twilbert.data.formats import DataFormatError, read_pairs, read_task_split, read_texts
-from twilbert.data.tokenizer import CLS_ID, MASK_ID, PAD_ID, SEP_ID, Tokenizer, pack_pairs, train_vocab
+from twilbert.data.batch import CLS_ID, MASK_ID, PAD_ID, SEP_ID, pack_pairs
+from twilbert.data.tokenizer import Tokenizer, train_vocab
 
 from conftest import make_tweets
 

@@ -16,21 +16,12 @@ import torch
 from conftest import REPO, make_tweets
 from finetune_data import first, make_config, make_hf_bert, make_pretrained, write_task
 from twilbert.config import ModelConfig, RopConfig, TaskConfig, TaskDataset, TaskSpec, VocabConfig, compose, from_dict
-from twilbert.data.tokenizer import Tokenizer, pack_pairs, train_vocab
+from twilbert.data.tokenizer import Tokenizer, train_vocab
 from twilbert.embeddings import load_encoder
+from twilbert.finetuned import load_classifier
 from twilbert.model import TWilBertForClassification, TWilBertForPretraining, model_config_dict, save_pretrained
-from twilbert.model.backbone import load_classifier
-from twilbert.predict import (
-    Chunk,
-    PredictError,
-    chunked,
-    load_finetuned,
-    pack_texts,
-    predict_stream,
-    text_rows,
-    tsv_rows,
-    with_aux,
-)
+from twilbert.inputs import Chunk, PredictError, chunked, text_rows, tsv_rows, with_aux
+from twilbert.predict import load_finetuned, predict_stream
 from twilbert.train.finetune import finetune_task, predict_scores
 
 CATEGORIES = {"N": 0, "NEU": 1, "NONE": 2, "P": 3}
@@ -125,23 +116,6 @@ def parse_tsv(text: str) -> tuple[list[str], list[list[str]]]:
     header, *rows = [line.split("\t") for line in lines[:-1]]
     assert all(len(r) == len(header) for r in rows)
     return header, rows
-
-
-# --------------------------------------------------------------------------------------------
-# Packing
-# --------------------------------------------------------------------------------------------
-
-
-@pytest.mark.parametrize("with_b", [False, True])
-def test_pack_texts_equals_pack_pairs(with_b):
-    rng = np.random.default_rng(0)
-    a = [list(rng.integers(5, 100, size=n)) for n in (0, 1, 3, 7, 12, 40)]
-    b = [list(rng.integers(5, 100, size=n)) for n in (9, 0, 30, 2, 6, 1)] if with_b else None
-    ours, reference = pack_texts(a, b, 8), pack_pairs(a, b, 8)
-    assert set(ours) == set(reference)
-    for key in reference:
-        np.testing.assert_array_equal(ours[key], reference[key], err_msg=key)
-        assert ours[key].dtype == reference[key].dtype
 
 
 # --------------------------------------------------------------------------------------------

@@ -5,9 +5,8 @@ import numpy as np
 import pytest
 
 from twilbert.config import VocabConfig
-from twilbert.data.tokenizer import (
-    CLS_ID, MASK_ID, PAD_ID, SEP_ID, SPECIAL_TOKENS, Tokenizer, pack_pairs, sample_texts, train_vocab,
-)
+from twilbert.data.batch import CLS_ID, MASK_ID, PAD_ID, SEP_ID, SPECIAL_TOKENS, pack_pairs
+from twilbert.data.tokenizer import Tokenizer, sample_texts, train_vocab
 from twilbert.io_utils import replace_dir
 
 from conftest import make_tweets
