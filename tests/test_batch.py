@@ -26,6 +26,19 @@ def reference_pack(a, b, max_len, template):
     return {"input_ids": ids, "len_a": len_a, "length": length}
 
 
+def test_pack_pairs_builds_cls_a_sep_b_sep_and_truncates_each_text():
+    packed = pack_pairs([[10, 11, 12, 13]], [[20, 21]], max_len=3)
+    assert packed["input_ids"].shape == (1, 2 * 3 + 3)
+    assert packed["input_ids"][0].tolist() == [CLS_ID, 10, 11, 12, SEP_ID, 20, 21, SEP_ID, PAD_ID]
+    assert packed["len_a"].tolist() == [3] and packed["length"].tolist() == [8]
+
+
+def test_pack_single_texts_has_no_second_segment():
+    packed = pack_pairs([[7], [7, 8]], None, max_len=4)
+    assert packed["input_ids"].shape == (2, 6)
+    assert np.array_equal(packed["length"], [3, 4])
+
+
 @pytest.mark.parametrize("template", [TWILBERT, ROBERTA_LIKE], ids=["twilbert", "roberta_like"])
 @pytest.mark.parametrize("with_b", [False, True])
 def test_vectorised_packing_equals_the_row_by_row_reference(template, with_b):

@@ -18,7 +18,7 @@ once the new one is complete. On resume the newest checkpoint whose checksums ve
 truncated or corrupted one is reported by name and the previous one is taken instead.
 
 The MLM masks and the batch order are pure functions of (seed, epoch, step) (``pretrain.step_seed``,
-``pairs.epoch_order``), so the data stream needs only its position, not a generator state.
+``batch.epoch_order``), so the data stream needs only its position, not a generator state.
 """
 
 from __future__ import annotations
