@@ -28,20 +28,20 @@ from predict_throughput import SYNTHETIC, make_texts, synthetic_model  # noqa: E
 
 LONG = "odio el tráfico de la ciudad " * 200  # ~5,800 characters
 
-# The child: the real CLI, with `predict.chunked` wrapped so that the peak RSS is read each time the
+# The child: the real CLI, with `inputs.chunked` wrapped so that the peak RSS is read each time the
 # previous chunk has been scored and written (the generator is resumed only then).
 CHILD = r"""
 import json, sys
-import twilbert.predict as predict
+import twilbert.inputs as inputs
 from twilbert.cli import main
 
-every, marks, real = int(sys.argv[1]), {}, predict.chunked
+every, marks, real = int(sys.argv[1]), {}, inputs.chunked
 
 def peak_kb():
     with open("/proc/self/status") as fh:
         return int(next(l for l in fh if l.startswith("VmHWM:")).split()[1])
 
-def watched(rows, name, size=predict.CHUNK_SIZE, **options):
+def watched(rows, name, size=inputs.CHUNK_SIZE, **options):
     done = 0
     marks[0] = peak_kb()  # the model loaded, no line read yet
     for chunk in real(rows, name, size, **options):
@@ -50,7 +50,7 @@ def watched(rows, name, size=predict.CHUNK_SIZE, **options):
         if done % every == 0:
             marks[done] = peak_kb()
 
-predict.chunked = watched
+inputs.chunked = watched
 rc = main(sys.argv[2:])
 print("MARKS " + json.dumps(marks), file=sys.stderr)
 sys.exit(rc)

@@ -51,7 +51,8 @@ from twilbert.data.tokenizer import Tokenizer, train_vocab
 from twilbert.model import TWilBertForClassification, model_config_dict, save_pretrained
 from twilbert.model.hf import hf_config, to_hf
 from twilbert.model.manifest import write_manifest
-from twilbert.predict import Chunk, FinetunedModel, load_finetuned, predict_stream
+from twilbert.inputs import Chunk
+from twilbert.predict import FinetunedModel, load_finetuned, predict_stream
 
 log = logging.getLogger("benchmark")
 

@@ -61,8 +61,7 @@ import numpy as np
 import torch
 
 from twilbert.config import Config, compose, load_config
-from twilbert.data.pairs import PairBatch, make_batch
-from twilbert.data.tokenizer import N_SPECIAL, pack_pairs
+from twilbert.data.batch import N_SPECIAL, PairBatch, make_batch, pack_pairs
 from twilbert.train.loop import configure_matmul, native_bf16
 from twilbert.train.pretrain import PretrainObjective, build_pretraining
 

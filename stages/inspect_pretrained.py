@@ -5,12 +5,12 @@ import argparse
 import json
 from pathlib import Path
 
-from twilbert.inspect import inspect_model
+from twilbert.device import resolve_device
+from twilbert.inspection import inspect_model
 from twilbert.io_utils import atomic_write
 from twilbert.progress import format_metrics
 from twilbert.stage import load_stage_config, parse_args, run
 from twilbert.track import Tracker
-from twilbert.train.loop import resolve_device
 
 
 def main() -> str:

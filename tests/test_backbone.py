@@ -12,7 +12,9 @@ import torch
 from twilbert.config import ConfigError, compose
 from twilbert.data.preprocess import Preprocessor
 from twilbert.data.tasks import load_task
-from twilbert.model.backbone import HFClassifier, hf_packer, load_classifier, load_hf_backbone, set_trainable
+from twilbert.finetuned import hf_packer, load_classifier
+from twilbert.model.backbone import HFClassifier, load_hf_backbone
+from twilbert.model.trainable import set_trainable
 from twilbert.model.io import load_pretrained_state
 from twilbert.train.finetune import encode_examples, evaluate_scores, finetune_task, predict_scores
 

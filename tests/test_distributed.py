@@ -10,7 +10,7 @@ import torch
 import torch.multiprocessing as mp
 
 from twilbert.config import ModelConfig, RopConfig
-from twilbert.data.pairs import iterate_batches
+from twilbert.data.batch import iterate_batches
 from twilbert.distributed import (
     DistContext,
     destroy_distributed,

@@ -6,7 +6,7 @@ import torch
 
 from helpers import build_finetuned, build_pretrained, make_tweets
 from twilbert.embeddings import Embedder, load_encoder, write_embeddings
-from twilbert.predict import PredictError
+from twilbert.inputs import PredictError
 
 TEXTS = [t for t, _ in make_tweets(23, seed=7)] + ["", "😂", "odio el tráfico " * 300]
 

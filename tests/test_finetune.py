@@ -14,7 +14,7 @@ import yaml
 import twilbert.train.finetune as finetune
 from twilbert.config import ConfigError, compose, load_config
 from twilbert.data.tasks import load_task
-from twilbert.model.backbone import load_classifier
+from twilbert.finetuned import load_classifier
 from twilbert.model.io import load_pretrained_state
 from twilbert.train.finetune import encode_examples, finetune_task, predict_scores
 

@@ -18,8 +18,7 @@ import torch
 
 import twilbert
 from twilbert.config import compose, load_config
-from twilbert.data.pairs import make_batch
-from twilbert.data.tokenizer import N_SPECIAL, pack_pairs
+from twilbert.data.batch import N_SPECIAL, make_batch, pack_pairs
 from twilbert.train.finetune import twilbert_learner
 from twilbert.train.pretrain import build_pretraining
 from twilbert.data.tasks import load_task

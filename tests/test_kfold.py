@@ -11,7 +11,7 @@ import torch
 
 from twilbert.config import TaskSpec, compose
 from twilbert.data.tasks import load_task
-from twilbert.model.backbone import load_classifier
+from twilbert.finetuned import load_classifier
 from twilbert.train.finetune import (
     encode_examples, evaluate_learner, evaluate_scores, finetune_task, predict_scores, twilbert_learner,
 )

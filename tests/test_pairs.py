@@ -11,12 +11,12 @@ import torch
 
 from twilbert.cli import dump_params
 from twilbert.config import VocabConfig, compose
+from twilbert.data.batch import CLS_ID, PAD_ID, SEP_ID, iterate_batches, make_batch, pack_pairs
 from twilbert.data.pairs import (
-    KILL_HOOK_ENV, PairParams, build_pair_shards, heldout_rows, iterate_batches, load_shards, make_batch, sop_cuts,
-    tokenize_chunk,
+    KILL_HOOK_ENV, PairParams, build_pair_shards, heldout_rows, load_shards, sop_cuts, tokenize_chunk,
 )
 from twilbert.data.shards import token_dtype, verify_shards
-from twilbert.data.tokenizer import CLS_ID, PAD_ID, SEP_ID, Tokenizer, pack_pairs, train_vocab
+from twilbert.data.tokenizer import Tokenizer, train_vocab
 
 from helpers import REPO, make_tweets
 

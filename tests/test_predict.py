@@ -14,20 +14,11 @@ import torch
 from finetune_data import first, make_config, make_hf_bert, make_pretrained, write_task
 from helpers import CATEGORIES, EMOTIONS, LONG, REPO, build_finetuned, copy_model, make_tweets, parse_tsv
 from twilbert.config import TaskConfig, VocabConfig, compose, from_dict
-from twilbert.data.tokenizer import Tokenizer, pack_pairs, train_vocab
+from twilbert.data.tokenizer import Tokenizer, train_vocab
 from twilbert.embeddings import load_encoder
-from twilbert.model.backbone import load_classifier
-from twilbert.predict import (
-    Chunk,
-    PredictError,
-    chunked,
-    load_finetuned,
-    pack_texts,
-    predict_stream,
-    text_rows,
-    tsv_rows,
-    with_aux,
-)
+from twilbert.finetuned import load_classifier
+from twilbert.inputs import Chunk, PredictError, chunked, text_rows, tsv_rows, with_aux
+from twilbert.predict import load_finetuned, predict_stream
 from twilbert.train.finetune import finetune_task, predict_scores
 
 @pytest.fixture(scope="module")
@@ -40,23 +31,6 @@ def run(fm, texts, fmt="tsv", chunk_size=10_000, batch_size=4, aux=None, **kwarg
     rows = text_rows(texts) if aux is None else with_aux(text_rows(texts), aux, "texts", "aux")
     predict_stream(fm, chunked(rows, "texts", chunk_size), out, fmt, batch_size=batch_size, **kwargs)
     return out.getvalue()
-
-
-# --------------------------------------------------------------------------------------------
-# Packing
-# --------------------------------------------------------------------------------------------
-
-
-@pytest.mark.parametrize("with_b", [False, True])
-def test_pack_texts_equals_pack_pairs(with_b):
-    rng = np.random.default_rng(0)
-    a = [list(rng.integers(5, 100, size=n)) for n in (0, 1, 3, 7, 12, 40)]
-    b = [list(rng.integers(5, 100, size=n)) for n in (9, 0, 30, 2, 6, 1)] if with_b else None
-    ours, reference = pack_texts(a, b, 8), pack_pairs(a, b, 8)
-    assert set(ours) == set(reference)
-    for key in reference:
-        np.testing.assert_array_equal(ours[key], reference[key], err_msg=key)
-        assert ours[key].dtype == reference[key].dtype
 
 
 # --------------------------------------------------------------------------------------------

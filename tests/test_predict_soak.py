@@ -14,27 +14,27 @@ from helpers import LONG, build_finetuned, build_vocab, make_tweets
 pytestmark = [pytest.mark.reliability, pytest.mark.slow]
 
 # The child runs the real CLI and reports its peak resident set (VmHWM, /proc) each time a chunk of
-# 10,000 lines has been scored and written: `predict.chunked` is wrapped, and its generator is
+# 10,000 lines has been scored and written: `inputs.chunked` is wrapped, and its generator is
 # resumed only then. (benchmarks/predict_memory.py prints the same figures for any model.)
 CHILD = """
 import json, sys
-import twilbert.predict as predict
+import twilbert.inputs as inputs
 from twilbert.cli import main
 
-marks, real = {}, predict.chunked
+marks, real = {}, inputs.chunked
 
 def peak_kb():
     with open("/proc/self/status") as fh:
         return int(next(line for line in fh if line.startswith("VmHWM:")).split()[1])
 
-def watched(rows, name, size=predict.CHUNK_SIZE, **options):
+def watched(rows, name, size=inputs.CHUNK_SIZE, **options):
     done = 0
     for chunk in real(rows, name, size, **options):
         yield chunk
         done += len(chunk.texts)
         marks[done] = peak_kb()
 
-predict.chunked = watched
+inputs.chunked = watched
 rc = main(sys.argv[1:])
 print("MARKS " + json.dumps(marks), file=sys.stderr)
 sys.exit(rc)

@@ -4,8 +4,7 @@ import pytest
 import torch
 
 from twilbert.config import ModelConfig, compose, load_config
-from twilbert.data.pairs import make_batch
-from twilbert.data.tokenizer import N_SPECIAL, pack_pairs
+from twilbert.data.batch import N_SPECIAL, make_batch, pack_pairs
 from twilbert.model import TWilBertForPretraining, count_parameters
 from twilbert.train.pretrain import build_pretraining
 

@@ -12,8 +12,9 @@ import torch
 import torch.nn.functional as F
 
 from twilbert.config import VocabConfig, compose, load_config
-from twilbert.data.pairs import batch_of, build_pair_shards, load_shards, make_batch
-from twilbert.data.tokenizer import MASK_ID, N_SPECIAL, Tokenizer, pack_pairs, train_vocab
+from twilbert.data.batch import MASK_ID, N_SPECIAL, batch_of, make_batch, pack_pairs
+from twilbert.data.pairs import build_pair_shards, load_shards
+from twilbert.data.tokenizer import Tokenizer, train_vocab
 from twilbert.model.io import load_pretrained_state
 from twilbert.train.pretrain import build_pretraining, pretrain, pseudo_log_likelihood
 

@@ -1,12 +1,10 @@
 import collections
 
-import numpy as np
 import pytest
 
 from twilbert.config import VocabConfig
-from twilbert.data.tokenizer import (
-    CLS_ID, MASK_ID, PAD_ID, SEP_ID, SPECIAL_TOKENS, Tokenizer, pack_pairs, sample_texts, train_vocab,
-)
+from twilbert.data.batch import CLS_ID, MASK_ID, SEP_ID, SPECIAL_TOKENS
+from twilbert.data.tokenizer import Tokenizer, sample_texts, train_vocab
 
 from helpers import make_tweets
 
@@ -51,19 +49,6 @@ def test_empty_corpus_is_an_error(tmp_path):
 def test_missing_vocab_directory_names_the_file(tmp_path):
     with pytest.raises(FileNotFoundError, match="spm.model"):
         Tokenizer(tmp_path)
-
-
-def test_pack_pairs_builds_cls_a_sep_b_sep_and_truncates_each_text():
-    packed = pack_pairs([[10, 11, 12, 13]], [[20, 21]], max_len=3)
-    assert packed["input_ids"].shape == (1, 2 * 3 + 3)
-    assert packed["input_ids"][0].tolist() == [CLS_ID, 10, 11, 12, SEP_ID, 20, 21, SEP_ID, PAD_ID]
-    assert packed["len_a"].tolist() == [3] and packed["length"].tolist() == [8]
-
-
-def test_pack_single_texts_has_no_second_segment():
-    packed = pack_pairs([[7], [7, 8]], None, max_len=4)
-    assert packed["input_ids"].shape == (2, 6)
-    assert np.array_equal(packed["length"], [3, 4])
 
 
 def test_vocab_files_are_byte_identical_when_trained_in_different_directories(tmp_path):

@@ -78,10 +78,9 @@ def cmd_predict(args: argparse.Namespace) -> int:
     # Only the prediction path is imported here (torch, numpy, sentencepiece): no MLflow, DVC or
     # scikit-learn, so that the command starts quickly.
     from twilbert.classifier import load_classifier
+    from twilbert.inputs import PredictError, chunked, iter_lines, open_input, text_rows, tsv_rows, with_aux
     from twilbert.io_utils import atomic_write
-    from twilbert.predict import (
-        PredictError, chunked, iter_lines, open_input, predict_stream, text_rows, tsv_rows, with_aux,
-    )
+    from twilbert.predict import predict_stream
 
     if args.texts and args.input:
         raise PredictError("give TEXT arguments or --input, not both")

@@ -20,7 +20,8 @@ import torch.distributed as dist
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
-from twilbert.data.pairs import Examples, PairBatch, as_examples, batch_of, epoch_order
+from twilbert.data.batch import Examples, PairBatch, as_examples, batch_of, epoch_order
+from twilbert.device import pick_device
 
 log = logging.getLogger(__name__)
 
@@ -68,7 +69,7 @@ def init_distributed(device: str = "auto", timeout_s: float = 1800.0) -> DistCon
     env = os.environ
     n = int(env.get("WORLD_SIZE", "1") or 1)
     if n <= 1:
-        return DistContext(device=_pick_device(device, 0))
+        return DistContext(device=pick_device(device, 0))
     missing = [v for v in TORCHRUN_VARS if v not in env]
     if missing:
         raise RuntimeError(
@@ -76,7 +77,7 @@ def init_distributed(device: str = "auto", timeout_s: float = 1800.0) -> DistCon
             "`torchrun --nproc_per_node N stages/<stage>.py ...`, which sets them"
         )
     global_rank, local_rank = int(env["RANK"]), int(env["LOCAL_RANK"])
-    target = _pick_device(device, local_rank)
+    target = pick_device(device, local_rank)
     if target.type == "cuda":
         torch.cuda.set_device(target)  # NCCL collectives and barriers use the current device
     if not is_initialized():
@@ -84,15 +85,6 @@ def init_distributed(device: str = "auto", timeout_s: float = 1800.0) -> DistCon
         dist.init_process_group(backend=backend, timeout=timedelta(seconds=timeout_s))
         log.info("rank %d/%d joined the %s process group on %s", global_rank, n, backend, target)
     return DistContext(global_rank, n, local_rank, target)
-
-
-def _pick_device(name: str, local_rank: int) -> torch.device:
-    if name == "auto":
-        name = "cuda" if torch.cuda.is_available() else "cpu"
-    target = torch.device(name)
-    if target.type == "cuda" and target.index is None:
-        target = torch.device("cuda", local_rank)
-    return target
 
 
 def destroy_distributed() -> None:
@@ -213,7 +205,7 @@ def iterate_rank_batches(
     data: Union[Examples, dict], batch_size: int, seed: int, epoch: int, ctx: DistContext,
     shuffle: bool = True, start: int = 0,
 ) -> Iterator[PairBatch]:
-    """The distributed counterpart of ``pairs.iterate_batches``: this rank's batches of the shared order.
+    """The distributed counterpart of ``batch.iterate_batches``: this rank's batches of the shared order.
 
     On memory-mapped shards a rank reads only the examples of its own slices.
     """

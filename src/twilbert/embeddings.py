@@ -15,25 +15,14 @@ from typing import Optional, Sequence, Union
 import numpy as np
 import torch
 
-from twilbert.data.pairs import make_batch
+from twilbert.data.batch import make_batch, pack_pairs
 from twilbert.data.tokenizer import Tokenizer
+from twilbert.device import resolve_device
+from twilbert.inputs import CHUNK_SIZE, PredictError, chunked, iter_lines, open_input, text_rows, tsv_rows
 from twilbert.io_utils import atomic_write
 from twilbert.model import ClassificationHead, TWilBertModel
 from twilbert.model.io import CONFIG_NAME, CheckpointError, load_into, load_pretrained_state, model_config_from_dict
-from twilbert.predict import (
-    CHUNK_SIZE,
-    PredictError,
-    check_vocab_fits,
-    chunked,
-    iter_lines,
-    model_max_len,
-    open_input,
-    pack_texts,
-    read_model_config,
-    text_rows,
-    tsv_rows,
-)
-from twilbert.train.loop import resolve_device
+from twilbert.predict import check_vocab_fits, model_max_len, read_model_config
 
 log = logging.getLogger(__name__)
 
@@ -69,7 +58,7 @@ class Embedder:
         self.device = next(encoder.parameters()).device
 
     def embed(self, texts: Sequence[str], batch_size: int = 64) -> np.ndarray:
-        data = pack_texts(self.tokenizer.encode(texts), None, self.max_len)
+        data = pack_pairs(self.tokenizer.encode(texts), None, self.max_len)
         order = np.argsort(data["length"], kind="stable")
         out = np.empty((len(texts), self.hidden_size), dtype=np.float32)
         with torch.inference_mode():

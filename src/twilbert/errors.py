@@ -36,7 +36,7 @@ EXPECTED = (
     ("twilbert.config", "ConfigError"), ("twilbert.data.formats", "DataFormatError"),
     ("twilbert.data.corpus", "DataStageError"), ("twilbert.data.tasks", "TaskFilesError"),
     ("twilbert.model.io", "CheckpointError"), ("twilbert.train.loop", "NonFiniteLossError"),
-    ("twilbert.predict", "PredictError"), ("twilbert.model.hf", "ExportError"),
+    ("twilbert.inputs", "PredictError"), ("twilbert.model.hf", "ExportError"),
     ("twilbert.results", "MetricsFileError"), ("twilbert.data.sources", "CorpusError"),
     ("twilbert.compare", "CompareError"), ("twilbert.data.shards", "PairsDataError"),
     ("twilbert.data.tokenizer", "VocabError"),

@@ -1,6 +1,6 @@
 """Label new tweets with a finetuned model directory, streaming: read, tokenize, batch by length, write.
 
-Input is read in chunks of ``CHUNK_SIZE`` lines, so memory stays flat however long it is. Within a
+Input is read in chunks of ``inputs.CHUNK_SIZE`` lines, so memory stays flat however long it is. Within a
 chunk the texts are tokenized together, sorted by length and batched (each batch pads only to its
 own longest row), and the scores are put back in input order. Every input line gets exactly one
 output line: a blank line, or one that preprocessing empties (only emoji, only a URL), is labelled
@@ -13,29 +13,29 @@ or the TF-IDF baseline (``config.json["backbone"]``); a k-fold directory blends 
 
 from __future__ import annotations
 
-import io
 import itertools
 import json
 import logging
-import sys
 from dataclasses import dataclass
 from pathlib import Path
-from typing import IO, Any, Iterable, Iterator, NamedTuple, Optional, Sequence, Union
+from typing import IO, Any, Iterable, Iterator, Optional, Sequence, Union
 
 import numpy as np
 import torch
 
 from twilbert.config import ConfigError, TaskConfig, from_dict
+from twilbert.data.packers import TWilBertPacker
 from twilbert.data.preprocess import Preprocessor
-from twilbert.data.tokenizer import CLS_ID, META_FILE, MODEL_FILE, PAD_ID, SEP_ID, Tokenizer
-from twilbert.model.backbone import HF_DIR, TWilBertPacker, load_classifier
+from twilbert.data.tokenizer import META_FILE, MODEL_FILE, Tokenizer
+from twilbert.device import resolve_device
+from twilbert.finetuned import load_classifier
+from twilbert.inputs import Chunk, PredictError
+from twilbert.model.backbone import HF_DIR
 from twilbert.model.io import CONFIG_NAME, WEIGHTS_NAME, CheckpointError, read_config_json
-from twilbert.train.loop import resolve_device
 from twilbert.train.scoring import decide, predict_scores
 
 log = logging.getLogger(__name__)
 
-CHUNK_SIZE = 10_000  # lines read, scored and written at a time
 FORMATS = ("tsv", "jsonl")
 BACKBONES = ("twilbert", "hf", "baseline")
 # What each kind of model directory holds besides config.json ("hf/": the HF config and tokenizer).
@@ -47,10 +47,6 @@ MODEL_FILES = {
     "baseline": ("features.json", "weights.npz"),
 }
 PROBLEM_TYPES = ("single_label_classification", "multi_label_classification", "regression")  # HF's names
-
-
-class PredictError(ValueError):
-    """A model directory or an input cannot be used; the one-line message names the file and the fix."""
 
 
 # --------------------------------------------------------------------------------------------
@@ -104,9 +100,6 @@ class Member:
         return (self.packer or self.model).preprocess
 
     def encode(self, texts: Sequence[str], aux: Optional[Sequence[str]], max_len: int) -> dict[str, np.ndarray]:
-        if isinstance(self.packer, TWilBertPacker):  # the same rows, packed without a loop over texts
-            tokenizer = self.packer.tokenizer
-            return pack_texts(tokenizer.encode(texts), tokenizer.encode(aux) if aux is not None else None, max_len)
         return self.packer.pack(texts, aux, max_len)
 
     def scores(self, texts: Sequence[str], aux: Optional[Sequence[str]], task: TaskConfig, max_len: int,
@@ -238,202 +231,6 @@ def check_vocab_fits(directory: Path, tokenizer: Tokenizer, vocab_size: int) -> 
             f"{directory / MODEL_FILE}: {tokenizer.vocab_size} pieces but the model has {vocab_size} embeddings; "
             "this spm.model does not belong to the model"
         )
-
-
-# --------------------------------------------------------------------------------------------
-# Packing token ids into rows
-# --------------------------------------------------------------------------------------------
-
-
-def _place(ids: np.ndarray, seqs: Sequence[Sequence[int]], max_len: int, start: Union[int, np.ndarray]) -> np.ndarray:
-    """Write ``seqs[i][:max_len]`` into row i of ``ids`` from column ``start`` (or ``start[i]``).
-
-    Returns the kept lengths.
-    """
-    lengths = np.fromiter(map(len, seqs), dtype=np.int64, count=len(seqs))
-    flat = np.fromiter(itertools.chain.from_iterable(seqs), dtype=np.int32, count=int(lengths.sum()))
-    row = np.repeat(np.arange(len(seqs)), lengths)  # (total,) the text each token belongs to
-    col = np.arange(len(flat)) - np.repeat(np.cumsum(lengths) - lengths, lengths)  # (total,) position in its text
-    keep = col < max_len
-    offset = start if np.isscalar(start) else start[row[keep]]
-    ids[row[keep], col[keep] + offset] = flat[keep]
-    return np.minimum(lengths, max_len).astype(np.int32)
-
-
-def pack_texts(
-    a: Sequence[Sequence[int]], b: Optional[Sequence[Sequence[int]]], max_len: int
-) -> dict[str, np.ndarray]:
-    """``tokenizer.pack_pairs`` without a Python loop over rows: the same arrays, built by numpy scatters."""
-    n = len(a)
-    width = 2 * max_len + 3 if b is not None else max_len + 2
-    ids = np.full((n, width), PAD_ID, dtype=np.int32)  # (N, T)
-    rows = np.arange(n)
-    ids[:, 0] = CLS_ID
-    len_a = _place(ids, a, max_len, 1)
-    length = len_a + 2
-    ids[rows, length - 1] = SEP_ID
-    if b is not None:
-        len_b = _place(ids, b, max_len, length)
-        length = length + len_b + 1
-        ids[rows, length - 1] = SEP_ID
-    return {"input_ids": ids, "len_a": len_a, "length": length.astype(np.int32)}
-
-
-# --------------------------------------------------------------------------------------------
-# Input: lines and TSV rows, in chunks
-# --------------------------------------------------------------------------------------------
-
-
-class Chunk(NamedTuple):
-    ids: list  # 1-based line (or argument) numbers, or the values of the TSV's ID column
-    texts: list[str]
-    aux: Optional[list[str]]  # second texts (segment B), when the model takes them
-
-
-def open_input(path: str) -> IO[bytes]:
-    """A file, or stdin for ``-``, as bytes: :func:`iter_lines` decodes it line by line (and says where it cannot)."""
-    if path == "-":
-        try:  # closefd=False: closing the input must not close the process's stdin
-            return open(sys.stdin.fileno(), "rb", closefd=False)
-        except (AttributeError, OSError, ValueError):  # a replaced sys.stdin (tests) has no file descriptor
-            return getattr(sys.stdin, "buffer", None) or io.BytesIO(sys.stdin.read().encode("utf-8"))
-    try:
-        return open(path, "rb")
-    except FileNotFoundError:
-        raise PredictError(f"{path}: input file not found") from None
-    except IsADirectoryError:
-        raise PredictError(f"{path}: is a directory, expected a text file") from None
-    except OSError as err:
-        raise PredictError(f"{path}: cannot read the input ({err.strerror})") from None
-
-
-MAX_SHOWN = 5  # line numbers quoted in a warning
-
-
-def iter_lines(handle: Iterable[Union[bytes, str]], name: str = "input") -> Iterator[str]:
-    """Lines without their ``\\n`` / ``\\r\\n`` ending, split on ``\\n`` only; blank lines are kept.
-
-    Bytes are decoded as UTF-8 (a leading BOM dropped). A line that is not valid UTF-8 is still
-    labelled, its undecodable bytes read as U+FFFD, and a warning names those lines; lines with NUL
-    bytes get a warning that the input looks binary.
-    """
-    bad: list[int] = []
-    binary: list[int] = []
-    n_bad = n_binary = 0
-    for number, raw in enumerate(handle, 1):
-        if isinstance(raw, bytes):
-            if number == 1 and raw.startswith(b"\xef\xbb\xbf"):
-                raw = raw[3:]
-            if b"\0" in raw:
-                n_binary += 1
-                if len(binary) < MAX_SHOWN:
-                    binary.append(number)
-            try:
-                line = raw.decode("utf-8")
-            except UnicodeDecodeError:
-                n_bad += 1
-                if len(bad) < MAX_SHOWN:
-                    bad.append(number)
-                line = raw.decode("utf-8", errors="replace")
-        else:
-            line = raw
-        if line.endswith("\n"):
-            line = line[:-1]
-        yield line[:-1] if line.endswith("\r") else line
-    if n_binary:
-        log.warning("%s looks like a binary file, not text: %d lines hold NUL bytes (lines %s); every line was "
-                    "labelled as text anyway", name, n_binary, _shown(binary, n_binary))
-    if n_bad:
-        log.warning("%s: %d lines are not valid UTF-8 (lines %s); their undecodable bytes were read as U+FFFD. "
-                    "Convert the input to UTF-8 (e.g. iconv -f latin1 -t utf-8)", name, n_bad, _shown(bad, n_bad))
-
-
-def _shown(numbers: list[int], total: int) -> str:
-    return ", ".join(map(str, numbers)) + (", ..." if total > len(numbers) else "")
-
-
-def text_rows(lines: Iterable[str]) -> Iterator[tuple[int, str, None]]:
-    """One text per line, numbered from 1."""
-    for number, line in enumerate(lines, 1):
-        yield number, line, None
-
-
-def tsv_rows(lines: Iterable[str], name: str, column: str, id_column: Optional[str] = None,
-             aux_column: Optional[str] = None,
-             allow_empty: bool = False) -> Iterator[tuple[Union[int, str], str, Optional[str]]]:
-    """(id, text, aux) per data row of a tab-separated file with a header line.
-
-    The id is the ``id_column`` value (default: ``ID`` when the header has it), else the line number.
-    A row with too few fields still gets a prediction (missing fields read as empty) and is reported.
-    ``allow_empty``: a file without even a header line has no rows, rather than being an error.
-    """
-    lines = iter(lines)
-    header = next(lines, None)
-    if header is None:
-        if allow_empty:
-            return
-        raise PredictError(f"{name}: empty input; expected a header line with a {column!r} column")
-    cols = [c.strip() for c in header.split("\t")]
-
-    def index(col: Optional[str], what: str) -> Optional[int]:
-        if col is None:
-            return None
-        if col not in cols:
-            shown = ", ".join(repr(c) for c in cols[:12])
-            raise PredictError(f"{name}:1: no {col!r} column in the header ({shown}); {what}")
-        return cols.index(col)
-
-    i_text = index(column, "set --column to the text column")
-    i_id = index(id_column, "set --id-column to one of them") if id_column else (
-        cols.index("ID") if "ID" in cols else None)
-    i_aux = index(aux_column, "the model was trained with this second text; add it or pass --aux-input")
-    width = len(cols)
-    bad: list[int] = []
-    n_bad = 0
-    for number, line in enumerate(lines, 2):
-        fields = line.split("\t")
-        if len(fields) != width:
-            n_bad += 1
-            if len(bad) < MAX_SHOWN:
-                bad.append(number)
-            fields += [""] * (width - len(fields))
-        row_id = fields[i_id] if i_id is not None else number
-        yield row_id, fields[i_text], (None if i_aux is None else fields[i_aux])
-    if n_bad:
-        log.warning("%s: %d rows have a field count other than the header's %d (lines %s); missing fields "
-                    "were read as empty", name, n_bad, len(cols), _shown(bad, n_bad))
-
-
-def with_aux(rows: Iterable[tuple], aux_lines: Iterable[str], name: str, aux_name: str) -> Iterator[tuple]:
-    """Pair each row with the line of the same number in the aux file; the counts must agree."""
-    aux_lines = iter(aux_lines)
-    n = 0
-    for n, (row_id, text, _) in enumerate(rows, 1):
-        aux = next(aux_lines, None)
-        if aux is None:
-            raise PredictError(f"{aux_name}: {n - 1} lines, fewer than the input {name}; "
-                               "give one second text per input line")
-        yield row_id, text, aux
-    if next(aux_lines, None) is not None:
-        raise PredictError(f"{aux_name}: more lines than the {n} of the input {name}; "
-                           "give one second text per input line")
-
-
-def chunked(rows: Iterable[tuple], name: str, size: int = CHUNK_SIZE, allow_empty: bool = False) -> Iterator[Chunk]:
-    """Chunks of at most ``size`` rows; an input without a single row is an error unless ``allow_empty``."""
-    if size < 1:
-        raise ValueError(f"chunk size must be >= 1, got {size}")
-    n = 0
-    rows = iter(rows)
-    while True:
-        block = list(itertools.islice(rows, size))
-        if not block:
-            break
-        n += len(block)
-        ids, texts, aux = (list(col) for col in zip(*block))
-        yield Chunk(ids, texts, None if aux[0] is None else aux)
-    if n == 0 and not allow_empty:
-        raise PredictError(f"{name}: empty input; nothing to label (give TEXT arguments, a non-empty file or stdin)")
 
 
 # --------------------------------------------------------------------------------------------

@@ -1,1 +1,1 @@
-"""Data: file formats, tweet preprocessing, tokenization, pair sampling, masking and task datasets."""
+"""Data: file formats, tweet preprocessing, tokenization, pair sampling, batching, masking and task datasets."""

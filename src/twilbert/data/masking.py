@@ -10,8 +10,8 @@ from __future__ import annotations
 import torch
 
 from twilbert.config import MaskedLMConfig
+from twilbert.data.batch import IGNORE_INDEX
 
-IGNORE_INDEX = -100  # label of tokens that are not predicted (torch's cross-entropy default)
 SPAN_GEOMETRIC_P = 0.2  # SpanBERT's span length distribution
 
 

@@ -19,7 +19,6 @@ import hashlib
 import itertools
 import json
 import logging
-import math
 import multiprocessing
 import os
 import shutil
@@ -27,21 +26,22 @@ import signal
 from collections import deque
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterable, Iterator, Optional, Union
+from typing import Iterable, Iterator, Optional
 
 import numpy as np
-import torch
 
+from twilbert.data.batch import (  # noqa: F401 (re-exported while other branches still import them from here)
+    Examples, PackedRows, PairBatch, as_examples, batch_of, epoch_order, iterate_batches, make_batch, n_batches,
+)
 from twilbert.data.shards import (
-    FORMAT, PairsDataError, MANIFEST, PACKED_KEYS, SPLITS, PairShards, concat_ranges, read_manifest, token_dtype, write_json,
+    FORMAT, PairsDataError, MANIFEST, SPLITS, PairShards, concat_ranges, read_manifest, token_dtype, write_json,
     write_shard,
 )
-from twilbert.data.tokenizer import CLS_ID, PAD_ID, SEP_ID, Tokenizer
+from twilbert.data.tokenizer import Tokenizer
 from twilbert.io_utils import publish_built
 
 log = logging.getLogger(__name__)
 
-SHARD_KEYS = PACKED_KEYS  # labels: ROP, 1 = original order
 CHUNK_ROWS = 2048  # corpus rows per tokenizer task
 JOURNAL = "journal.json"  # the completed shards of an unfinished build, in its staging directory
 # Test hook: SIGKILL the pairs build right after shard k is journaled (tests/test_pairs.py). Never set it otherwise.
@@ -331,109 +331,10 @@ def _publish(staging: Path, out_dir: Path, shards: list[dict], identity: dict, v
 
 
 # --------------------------------------------------------------------------------------------
-# Reading examples back as batches
+# Reading the shards back (batching: data/batch.py)
 # --------------------------------------------------------------------------------------------
-
-
-@dataclass
-class PairBatch:
-    input_ids: torch.Tensor  # (B, T) long
-    segment_ids: torch.Tensor  # (B, T) long
-    attention_mask: torch.Tensor  # (B, T) bool, True on real tokens
-    special_mask: torch.Tensor  # (B, T) bool, True on [CLS]/[SEP]/[PAD]: never masked
-    labels: torch.Tensor  # (B,) ROP label (1 = original order), or a finetuning task's targets
-    # Whether any row is padded, known on the host from the lengths (``make_batch``): the model then
-    # skips the attention mask without asking the device (a sync). None: not known, the model checks.
-    padded: Optional[bool] = None
-
-    def tensors(self) -> tuple[torch.Tensor, ...]:
-        return self.input_ids, self.segment_ids, self.attention_mask, self.special_mask, self.labels
-
-    def pin_memory(self) -> "PairBatch":
-        """A copy in page-locked memory, so that ``to(cuda)`` is an asynchronous copy."""
-        return PairBatch(*(t.pin_memory() for t in self.tensors()), padded=self.padded)
-
-    def to(self, device: torch.device) -> "PairBatch":
-        """On ``device``; on CUDA copied from pinned memory without blocking the host."""
-        device = torch.device(device)
-        source = self.pin_memory() if device.type == "cuda" and not self.input_ids.is_pinned() else self
-        return PairBatch(*(t.to(device, non_blocking=True) for t in source.tensors()), padded=self.padded)
-
-
-class PackedRows:
-    """In-memory packed rows (``pack_pairs`` output plus ``labels``) with the interface of ``PairShards``."""
-
-    def __init__(self, data: dict[str, np.ndarray]):
-        self.data = data
-
-    def __len__(self) -> int:
-        return len(self.data["labels"])
-
-    def take(self, idx: np.ndarray) -> dict[str, np.ndarray]:
-        return {k: self.data[k][idx] for k in SHARD_KEYS}
-
-    def originals(self, n: int) -> np.ndarray:
-        rows = np.flatnonzero(self.data["labels"] == 1)  # ROP label 1: the pair in its original order
-        return (rows if len(rows) else np.arange(len(self)))[:n]
-
-
-Examples = Union[PairShards, PackedRows]
-
-
-def as_examples(data: Union[PairShards, PackedRows, dict]) -> Examples:
-    """Shards as they are; a dict of packed arrays wrapped in ``PackedRows``."""
-    return PackedRows(data) if isinstance(data, dict) else data
 
 
 def load_shards(directory: Path) -> PairShards:
     """The examples of one split directory (``data/pairs/train``), memory-mapped: nothing is read yet."""
     return PairShards(Path(directory), read_manifest(Path(directory)))
-
-
-def make_batch(input_ids: np.ndarray, len_a: np.ndarray, length: np.ndarray, labels: np.ndarray) -> PairBatch:
-    """Tensors for one batch of packed rows, trimmed to its longest row (dynamic padding)."""
-    width = int(length.max())
-    ids = torch.from_numpy(np.ascontiguousarray(input_ids[:, :width])).long()
-    pos = torch.arange(width).unsqueeze(0)  # (1, T)
-    len_a_t = torch.from_numpy(np.asarray(len_a)).long().unsqueeze(1)
-    length_t = torch.from_numpy(np.asarray(length)).long().unsqueeze(1)
-    attention = pos < length_t
-    segment = ((pos > len_a_t + 1) & attention).long()
-    special = (ids == CLS_ID) | (ids == SEP_ID) | (ids == PAD_ID) | ~attention
-    target = torch.from_numpy(np.ascontiguousarray(labels))
-    if not target.is_floating_point():
-        target = target.long()
-    return PairBatch(ids, segment, attention, special, target, padded=bool(length.min() < width))
-
-
-def batch_of(data: Union[Examples, dict], idx: np.ndarray) -> PairBatch:
-    """The batch of examples ``idx`` (shards or packed rows)."""
-    rows = as_examples(data).take(idx)
-    return make_batch(*(rows[k] for k in SHARD_KEYS))
-
-
-def epoch_order(n: int, seed: int, epoch: int, shuffle: bool = True) -> np.ndarray:
-    """The example order of one epoch: a pure function of (seed, epoch), shared by every rank under DDP.
-
-    A full permutation, as uint32 (4 bytes per example) while the examples fit, else int64; the
-    same order as ``default_rng([seed, epoch]).permutation(n)``.
-    """
-    dtype = np.uint32 if n <= np.iinfo(np.uint32).max else np.int64
-    order = np.arange(n, dtype=dtype)
-    if shuffle:
-        np.random.default_rng([seed, epoch]).shuffle(order)
-    return order
-
-
-def iterate_batches(
-    data: Union[Examples, dict], batch_size: int, seed: int, epoch: int, shuffle: bool = True, start: int = 0
-) -> Iterator[PairBatch]:
-    """Batches in an order that is a pure function of (seed, epoch): resumable from batch ``start``."""
-    examples = as_examples(data)
-    order = epoch_order(len(examples), seed, epoch, shuffle)
-    for begin in range(start * batch_size, len(examples), batch_size):
-        yield batch_of(examples, np.sort(order[begin : begin + batch_size]))
-
-
-def n_batches(data: Union[Examples, dict], batch_size: int) -> int:
-    return math.ceil(len(as_examples(data)) / batch_size)

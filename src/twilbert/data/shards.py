@@ -28,7 +28,7 @@ from typing import Optional
 
 import numpy as np
 
-from twilbert.data.tokenizer import CLS_ID, PAD_ID, SEP_ID
+from twilbert.data.batch import CLS_ID, PAD_ID, SEP_ID
 from twilbert.io_utils import atomic_write
 
 FORMAT = "twilbert-pairs/2"
@@ -39,7 +39,6 @@ class PairsDataError(ValueError):
 MANIFEST = "manifest.json"
 SPLITS = ("train", "heldout")
 INDEX_DTYPE = np.uint32  # start, len_a, len_b: a shard holds fewer than 2**32 tokens (checked on write)
-PACKED_KEYS = ("input_ids", "len_a", "length", "labels")  # what make_batch takes, in its order
 MAX_OPEN_SHARDS = 128  # memory maps kept open at once (two file descriptors each)
 
 

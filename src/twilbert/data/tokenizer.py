@@ -1,4 +1,4 @@
-"""SentencePiece vocabulary with TWilBert's special tokens, and the pair encoding ``[CLS] a [SEP] b [SEP]``.
+"""SentencePiece vocabulary with TWilBert's special tokens (their ids: ``data/batch.py``).
 
 The vocab directory carries its own metadata (``meta.json``: size, special-token ids, the
 preprocessing applied before tokenization), so later stages never re-derive them.
@@ -16,18 +16,14 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import Iterable, Optional, Sequence
 
-import numpy as np
 import sentencepiece as spm
 
 from twilbert.config import VocabConfig
+from twilbert.data.batch import CLS_ID, PAD_ID, SPECIAL_TOKENS, UNK_ID
 from twilbert.data.preprocess import PreprocessConfig, Preprocessor
 from twilbert.io_utils import publish_dir
 
 log = logging.getLogger(__name__)
-
-SPECIAL_TOKENS = ("[PAD]", "[UNK]", "[MASK]", "[CLS]", "[SEP]")
-PAD_ID, UNK_ID, MASK_ID, CLS_ID, SEP_ID = range(len(SPECIAL_TOKENS))
-N_SPECIAL = len(SPECIAL_TOKENS)
 
 # Cut points inside a typed control-token string: after its '[' ("[" | "MASK]").
 SPECIAL_TEXT = re.compile(r"(?<=\[)(?=(?:PAD|UNK|MASK|CLS|SEP)\])")
@@ -173,27 +169,3 @@ class Tokenizer:
         directory = Path(directory)
         shutil.copyfile(self.vocab_dir / MODEL_FILE, directory / MODEL_FILE)
         (directory / META_FILE).write_text(json.dumps(self.meta, indent=2, ensure_ascii=False), encoding="utf-8")
-
-
-def pack_pairs(
-    a: Sequence[Sequence[int]], b: Optional[Sequence[Sequence[int]]], max_len: int
-) -> dict[str, np.ndarray]:
-    """Pack texts into ``[CLS] a [SEP] b [SEP]`` rows, each text cut to ``max_len`` tokens.
-
-    Returns ``input_ids`` (N, T) with T = 2*max_len+3 (max_len+2 without b), ``len_a`` (N,) the
-    length of a after truncation, and ``length`` (N,) the number of real tokens in the row.
-    """
-    n = len(a)
-    width = 2 * max_len + 3 if b is not None else max_len + 2
-    ids = np.full((n, width), PAD_ID, dtype=np.int32)
-    len_a = np.zeros(n, dtype=np.int32)
-    length = np.zeros(n, dtype=np.int32)
-    for i in range(n):
-        ta = list(a[i][:max_len])
-        row = [CLS_ID, *ta, SEP_ID]
-        if b is not None:
-            row += [*b[i][:max_len], SEP_ID]
-        ids[i, : len(row)] = row
-        len_a[i] = len(ta)
-        length[i] = len(row)
-    return {"input_ids": ids, "len_a": len_a, "length": length}

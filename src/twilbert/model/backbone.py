@@ -1,10 +1,8 @@
-"""Encoders a classifier can sit on: TWilBert's own, or a local Hugging Face checkpoint.
+"""A local Hugging Face checkpoint as the encoder under TWilBert's classification head.
 
-Both turn texts into the same packed arrays (``input_ids``, ``len_a``, ``length``: one
-``[CLS] a [SEP] b [SEP]`` row per example, in the tokenizer's own template) and both classifiers
-take the same batch (``input_ids``, ``segment_ids``, ``attention_mask``, ``special_mask``), so one
-finetuning loop, one set of heads, losses and metrics serves them. A finetuned model directory says
-which it holds in ``config.json["backbone"]``; :func:`load_classifier` reads either.
+The classifier takes the same batch as TWilBert's (``input_ids``, ``segment_ids``,
+``attention_mask``, ``special_mask``), so one finetuning loop, one set of heads, losses and metrics
+serves both. A finetuned model directory says which it holds in ``config.json["backbone"]``.
 
 transformers is imported lazily: only the ``hf`` backbone needs it.
 """
@@ -13,122 +11,20 @@ from __future__ import annotations
 
 import json
 import logging
-from dataclasses import replace
 from pathlib import Path
-from typing import Any, Optional, Sequence, Union
+from typing import Any, Optional, Union
 
-import numpy as np
 import torch
 from torch import nn
 
-from twilbert.config import ModelConfig, from_dict
-from twilbert.data.pairs import PairBatch, make_batch
-from twilbert.data.preprocess import PreprocessConfig, Preprocessor
-from twilbert.data.tokenizer import Tokenizer, pack_pairs
-from twilbert.model.heads import ClassificationHead, TWilBertForClassification
-from twilbert.model.io import load_into, load_pretrained_state, save_pretrained
+from twilbert.model.heads import ClassificationHead
+from twilbert.model.io import save_pretrained
 from twilbert.model.manifest import write_manifest
 
 log = logging.getLogger(__name__)
 
 HF_DIR = "hf"  # sub-directory of a finetuned HF classifier: the HF config and tokenizer files
 PathLike = Union[str, Path]
-
-
-# --------------------------------------------------------------------------------------------
-# Packers: texts -> packed rows
-# --------------------------------------------------------------------------------------------
-
-
-class TWilBertPacker:
-    """SentencePiece (with the vocabulary's preprocessing) and TWilBert's fixed special ids."""
-
-    def __init__(self, tokenizer: Tokenizer):
-        self.tokenizer = tokenizer
-        self.preprocess = tokenizer.preprocess
-
-    def pack(self, texts: Sequence[str], aux_texts: Optional[Sequence[str]], max_len: int) -> dict[str, np.ndarray]:
-        a = self.tokenizer.encode(texts)
-        b = self.tokenizer.encode(aux_texts) if aux_texts is not None else None
-        return pack_pairs(a, b, max_len)
-
-    def batch(self, input_ids, len_a, length, labels) -> PairBatch:
-        return make_batch(input_ids, len_a, length, labels)
-
-
-class HFPacker:
-    """A Hugging Face tokenizer's template (BERT ``[CLS] a [SEP] b [SEP]``, RoBERTa
-    ``<s> a </s></s> b </s>``...), found by encoding a probe, and its special-token ids."""
-
-    def __init__(self, tokenizer: Any, preprocess: Preprocessor, max_positions: Optional[int] = None):
-        self.tokenizer, self.preprocess, self.max_positions = tokenizer, preprocess, max_positions
-        self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
-        self.single = self._template(pair=False)  # (prefix, suffix)
-        self.pair = self._template(pair=True)  # (prefix, middle, suffix)
-        # the ids the template adds (not [UNK]/[MASK]): what use_special_tokens false leaves out of avg
-        added = {i for part in (*self.single, *self.pair) for i in part} | {self.pad_id}
-        self.special_ids = torch.tensor(sorted(added), dtype=torch.long)
-
-    def _ids(self, texts: Sequence[str]) -> list[list[int]]:
-        return self.tokenizer(list(texts), add_special_tokens=False)["input_ids"]
-
-    def _template(self, pair: bool) -> tuple[list[int], ...]:
-        a, b = self._ids(["hola"])[0], self._ids(["adiós"])[0]
-        full = self.tokenizer("hola", "adiós")["input_ids"] if pair else self.tokenizer("hola")["input_ids"]
-        i = _find(full, a, 0)
-        j = _find(full, b, i + len(a)) if pair else i + len(a)
-        if i < 0 or j < 0:
-            raise ValueError(f"cannot find how {type(self.tokenizer).__name__} places special tokens around a text")
-        if not pair:
-            return full[:i], full[i + len(a) :]
-        return full[:i], full[i + len(a) : j], full[j + len(b) :]
-
-    def pack(self, texts: Sequence[str], aux_texts: Optional[Sequence[str]], max_len: int) -> dict[str, np.ndarray]:
-        """Like :func:`pack_pairs`: each text cut to ``max_len`` tokens, then the template around them."""
-        a = self._ids([self.preprocess(t) for t in texts])
-        b = self._ids([self.preprocess(t) for t in aux_texts]) if aux_texts is not None else None
-        fixed = sum(map(len, self.pair if b is not None else self.single))
-        width = fixed + max_len * (2 if b is not None else 1)
-        if self.max_positions is not None and width > self.max_positions:
-            raise ValueError(
-                f"representation.max_len {max_len} gives rows of {width} tokens, more than the {self.max_positions} "
-                "positions of the Hugging Face model; lower representation.max_len"
-            )
-        n = len(a)
-        ids = np.full((n, width), self.pad_id, dtype=np.int64)
-        len_a, length = np.zeros(n, dtype=np.int32), np.zeros(n, dtype=np.int32)
-        for i in range(n):
-            ta = a[i][:max_len]
-            if b is None:
-                prefix, suffix = self.single
-                row = [*prefix, *ta, *suffix]
-            else:
-                prefix, middle, suffix = self.pair
-                row = [*prefix, *ta, *middle, *b[i][:max_len], *suffix]
-            ids[i, : len(row)] = row
-            len_a[i], length[i] = len(ta), len(row)
-        return {"input_ids": ids, "len_a": len_a, "length": length}
-
-    def batch(self, input_ids, len_a, length, labels) -> PairBatch:
-        """:func:`make_batch`, with segments and special tokens placed by this tokenizer's template."""
-        batch = make_batch(input_ids, len_a, length, labels)
-        pos = torch.arange(batch.input_ids.shape[1]).unsqueeze(0)  # (1, T)
-        b_start = torch.from_numpy(len_a).long().unsqueeze(1) + len(self.pair[0]) + len(self.pair[1])  # (B, 1)
-        segment = ((pos >= b_start) & batch.attention_mask).long()
-        special = torch.isin(batch.input_ids, self.special_ids) | ~batch.attention_mask
-        return replace(batch, segment_ids=segment, special_mask=special)
-
-
-def _find(seq: list[int], sub: list[int], start: int) -> int:
-    for i in range(start, len(seq) - len(sub) + 1):
-        if seq[i : i + len(sub)] == sub:
-            return i
-    return -1
-
-
-# --------------------------------------------------------------------------------------------
-# The Hugging Face classifier
-# --------------------------------------------------------------------------------------------
 
 
 class HFClassifier(nn.Module):
@@ -201,12 +97,11 @@ def load_hf_backbone(path: PathLike) -> tuple[nn.Module, Any]:
     return model, tokenizer
 
 
-def hf_packer(backbone: nn.Module, tokenizer: Any, preprocess: Preprocessor) -> HFPacker:
-    return HFPacker(tokenizer, preprocess, hf_max_positions(backbone))
+def save_hf_classifier(directory: PathLike, model: HFClassifier, packer: Any, extra: dict) -> Path:
+    """safetensors + ``config.json`` (HF config under ``"model"``), HF config and tokenizer in ``hf/``.
 
-
-def save_hf_classifier(directory: PathLike, model: HFClassifier, packer: HFPacker, extra: dict) -> Path:
-    """safetensors + ``config.json`` (HF config under ``"model"``), HF config and tokenizer in ``hf/``."""
+    ``packer``: the ``data.packers.HFPacker`` the model was trained with (tokenizer, preprocessing, positions).
+    """
     directory = Path(directory)
     hf_config = json.loads(model.backbone.config.to_json_string())
     config = {
@@ -223,95 +118,3 @@ def save_hf_classifier(directory: PathLike, model: HFClassifier, packer: HFPacke
     packer.tokenizer.save_pretrained(directory / HF_DIR)
     write_manifest(directory)  # hf/ included
     return directory
-
-
-# --------------------------------------------------------------------------------------------
-# Reloading any finetuned classifier
-# --------------------------------------------------------------------------------------------
-
-
-def n_outputs_of(task: dict) -> int:
-    spec = task["task"]
-    return 1 if spec["regression"] else len(spec["categories"])
-
-
-def _head_kwargs(config: dict) -> dict:
-    head = config["head"]
-    return dict(
-        collapse_mode=head["collapse_mode"], use_special_tokens=head["use_special_tokens"],
-        dropout=head["dropout"], n_hidden=head["n_hidden"],
-    )
-
-
-def load_classifier(directory: PathLike) -> tuple[nn.Module, Union[TWilBertPacker, HFPacker], dict]:
-    """(classifier in eval mode, its packer, config.json) of a twilbert or hf finetuned model directory."""
-    directory = Path(directory)
-    config, state = load_pretrained_state(directory)
-    backbone = config.get("backbone", "twilbert")
-    n_out = n_outputs_of(config["task"])
-    if backbone == "twilbert":
-        model_cfg = from_dict(ModelConfig, config["model"], "model")
-        model = TWilBertForClassification(
-            model_cfg, config["vocab_size"], config["max_positions"], n_out,
-            head_hidden_size=config["head"]["hidden_size"], **_head_kwargs(config),
-        )
-        packer: Union[TWilBertPacker, HFPacker] = TWilBertPacker(Tokenizer(directory))
-    elif backbone == "hf":
-        from transformers import AutoConfig, AutoModel, AutoTokenizer
-
-        hf_dir = directory / config.get("hf_dir", HF_DIR)
-        encoder = AutoModel.from_config(AutoConfig.from_pretrained(hf_dir, local_files_only=True))
-        model = HFClassifier(encoder, n_out, head_hidden_size=config["head"]["hidden_size"], **_head_kwargs(config))
-        tokenizer = AutoTokenizer.from_pretrained(hf_dir, local_files_only=True)
-        preprocess = Preprocessor(PreprocessConfig.from_dict(config.get("preprocess")))
-        packer = HFPacker(tokenizer, preprocess, config.get("max_positions"))
-    else:
-        raise ValueError(f"{directory}: backbone {backbone!r} is not a neural classifier (load it with twilbert.baseline)")
-    load_into(model, state, strict=True)
-    return model.eval(), packer, config
-
-
-# --------------------------------------------------------------------------------------------
-# Which parameters train
-# --------------------------------------------------------------------------------------------
-
-
-def encoder_of(model: nn.Module) -> nn.Module:
-    """The pretrained part of a classifier (what ``finetune_all: false`` freezes)."""
-    return model.backbone if isinstance(model, HFClassifier) else model.twilbert
-
-
-def modules_at_depth(model: nn.Module) -> list[list[nn.Module]]:
-    """For each layer depth, bottom first, the modules applied there.
-
-    Under TWilBert's cross-sharing every depth holds the same layer object (plus its own PKM
-    memory, if any), so training the top k depths trains the shared layer for k >= 1.
-    """
-    if isinstance(model, HFClassifier):
-        layers = getattr(getattr(model.backbone, "encoder", None), "layer", None)
-        if not isinstance(layers, nn.ModuleList):
-            raise ValueError(
-                f"finetuning.trainable_layers: cannot find the layer stack of {type(model.backbone).__name__} "
-                "(expected encoder.layer); use finetune_all instead"
-            )
-        return [[layer] for layer in layers]
-    stack = model.twilbert.encoder
-    return [
-        [stack.layer_at(i), *([stack.memories[str(i)]] if str(i) in stack.memories else [])]
-        for i in range(stack.n_encoders)
-    ]
-
-
-def set_trainable(model: nn.Module, finetune_all: bool, trainable_layers: Optional[int]) -> None:
-    """Freeze the encoder (``finetune_all`` false), or all but its top ``trainable_layers`` depths."""
-    encoder = encoder_of(model)
-    if not finetune_all:
-        encoder.requires_grad_(False)
-        return
-    if trainable_layers is None:
-        return
-    depths = modules_at_depth(model)
-    encoder.requires_grad_(False)
-    for modules in depths[len(depths) - min(trainable_layers, len(depths)) :]:
-        for module in modules:
-            module.requires_grad_(True)

@@ -10,10 +10,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from twilbert.config import ModelConfig, RopConfig
+from twilbert.data.batch import CLS_ID, IGNORE_INDEX, SEP_ID  # constants only: model/ reads no data
 from twilbert.model.encoder import ACTIVATIONS, TWilBertModel, init_weights
 
-IGNORE_INDEX = -100  # mlm_labels value of positions that are not predicted
-CLS_ID, SEP_ID = 3, 4  # fixed special-token ids of the vocab
 
 
 class TWilBertMLMHead(nn.Module):

@@ -30,12 +30,11 @@ import torch
 from torch import nn
 
 from twilbert.config import ModelConfig
+from twilbert.data.batch import CLS_ID, PAD_ID, SEP_ID
 from twilbert.model.encoder import N_SEGMENTS, TWilBertModel
-from twilbert.model.heads import CLS_ID, SEP_ID, TWilBertForClassification, TWilBertForPretraining
+from twilbert.model.heads import TWilBertForClassification, TWilBertForPretraining
 
 logger = logging.getLogger(__name__)
-
-PAD_ID = 0
 
 
 class ExportError(ValueError):

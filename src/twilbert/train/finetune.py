@@ -29,16 +29,18 @@ from torch import nn
 from twilbert import distributed
 from twilbert.baseline import fit_baseline, save_baseline
 from twilbert.config import Config, ConfigError, FinetuningConfig, ModelConfig, TaskConfig, from_dict, to_dict
-from twilbert.data.pairs import SHARD_KEYS, PairBatch
+from twilbert.data.batch import PACKED_KEYS, PairBatch
+from twilbert.device import resolve_device
 from twilbert.distributed import DistContext, n_rank_batches, rank_batch_indices, wrap_ddp
 from twilbert.data.preprocess import Preprocessor
 from twilbert.data.tasks import TaskData, TaskExamples, load_task
 from twilbert.data.tokenizer import META_FILE, Tokenizer
 from twilbert.io_utils import atomic_write, link_or_copy, publish_dir
 from twilbert.model import TWilBertForClassification
-from twilbert.model.backbone import (
-    HFClassifier, TWilBertPacker, hf_packer, load_hf_backbone, save_hf_classifier, set_trainable,
-)
+from twilbert.data.packers import TWilBertPacker
+from twilbert.finetuned import hf_packer
+from twilbert.model.backbone import HFClassifier, load_hf_backbone, save_hf_classifier
+from twilbert.model.trainable import set_trainable
 from twilbert.progress import EpochClock
 from twilbert.model.io import (
     CONFIG_NAME, CheckpointError, load_pretrained_state, model_config_from_dict, read_config_json, save_pretrained,
@@ -48,7 +50,7 @@ from twilbert.track import Tracker
 from twilbert.train.checkpoint import config_fingerprint, files_digest, package_paths, run_fingerprint
 from twilbert.train.kfold import FoldResult, KFoldOutcome, concat_examples, run_kfold
 from twilbert.train.loop import (
-    BestEpoch, Checkpointing, Trainer, configure_matmul, resolve_device, seed_everything,
+    BestEpoch, Checkpointing, Trainer, configure_matmul, seed_everything,
 )
 from twilbert.train.losses import build_loss, class_weights_tensor
 from twilbert.train.metrics import evaluate_predictions, official_metric_name
@@ -134,7 +136,7 @@ def shuffled_batches(data: Split, packer: Any, batch_size: int, seed: int, epoch
     ctx = ctx or DistContext()
     n = len(data["labels"])
     for idx in rank_batch_indices(n, batch_size, seed, epoch, ctx.rank, ctx.world_size, start=start):
-        yield packer.batch(*(data[k][idx] for k in SHARD_KEYS))
+        yield packer.batch(*(data[k][idx] for k in PACKED_KEYS))
 
 
 def score_split(model, data: Split, task: TaskConfig, ft: FinetuningConfig, device, packer: Any = None) -> dict[str, float]:

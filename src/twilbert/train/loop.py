@@ -30,6 +30,7 @@ import torch
 from tqdm import tqdm
 
 from twilbert import distributed
+from twilbert.device import resolve_device  # noqa: F401 (re-exported until every caller imports twilbert.device)
 from twilbert.track import Tracker
 from twilbert.train.checkpoint import TENSORS_KEY, resume_training, save_training_checkpoint
 
@@ -56,12 +57,6 @@ class _Trained:
     position: tuple[int, int, int, int]  # epoch, batch (1-based), micro-step (1-based), optimizer steps before it
     loss: torch.Tensor  # () detached
     counts: dict[str, object]
-
-
-def resolve_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(name)
 
 
 def seed_everything(seed: int, device: torch.device) -> None:

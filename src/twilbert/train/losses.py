@@ -18,10 +18,10 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from twilbert.config import TaskSpec
+from twilbert.data.batch import IGNORE_INDEX
 
 log = logging.getLogger(__name__)
 
-IGNORE_INDEX = -100
 LossFn = Callable[[Tensor, Tensor], Tensor]
 
 

@@ -25,11 +25,15 @@ import torch.nn.functional as F
 
 from twilbert import distributed
 from twilbert.config import Config, ConfigError, MaskedLMConfig, to_dict
-from twilbert.data.masking import IGNORE_INDEX, mask_tokens
-from twilbert.data.pairs import Examples, PairBatch, as_examples, batch_of, iterate_batches, load_shards
+from twilbert.data.batch import (
+    IGNORE_INDEX, MASK_ID, N_SPECIAL, Examples, PairBatch, as_examples, batch_of, iterate_batches,
+)
+from twilbert.data.masking import mask_tokens
+from twilbert.data.pairs import load_shards
 from twilbert.data.prefetch import prefetch
 from twilbert.data.shards import MANIFEST, PairsDataError, read_manifest
-from twilbert.data.tokenizer import MASK_ID, N_SPECIAL, Tokenizer
+from twilbert.data.tokenizer import Tokenizer
+from twilbert.device import resolve_device
 from twilbert.distributed import DistContext, iterate_rank_batches, loss_normalizer, n_rank_batches, wrap_ddp
 from twilbert.model import TWilBertForPretraining, count_parameters
 from twilbert.io_utils import publish_dir
@@ -39,7 +43,7 @@ from twilbert.progress import EpochClock
 from twilbert.train.checkpoint import config_fingerprint, files_digest, package_paths, run_fingerprint
 from twilbert.train.curves import CurveRecorder
 from twilbert.train.loop import (
-    BestEpoch, Checkpointing, Trainer, autocast, configure_matmul, resolve_device, seed_everything,
+    BestEpoch, Checkpointing, Trainer, autocast, configure_matmul, seed_everything,
 )
 from twilbert.train.losses import linear_mlm_loss, rop_loss
 from twilbert.train.optim import build_optimizer, build_scheduler, param_groups

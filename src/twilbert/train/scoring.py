@@ -12,7 +12,7 @@ import numpy as np
 import torch
 
 from twilbert.config import TaskConfig
-from twilbert.data.pairs import make_batch
+from twilbert.data.batch import make_batch
 from twilbert.train.loop import autocast
 
 Split = dict[str, np.ndarray]  # prepared split: packed rows or texts, plus "labels"

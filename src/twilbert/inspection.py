@@ -15,8 +15,8 @@ from typing import Optional
 
 import torch
 
-from twilbert.data.masking import IGNORE_INDEX
-from twilbert.data.pairs import iterate_batches, load_shards
+from twilbert.data.batch import IGNORE_INDEX, iterate_batches
+from twilbert.data.pairs import load_shards
 from twilbert.data.shards import PairsDataError
 from twilbert.data.tokenizer import Tokenizer
 from twilbert.model import TWilBertForPretraining
