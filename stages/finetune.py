@@ -13,7 +13,7 @@ from typing import Optional
 from twilbert.config import ConfigError
 from twilbert.data.tasks import load_task
 from twilbert.distributed import distributed_context
-from twilbert.stage import load_stage_config, parse_args, run
+from twilbert.stage import fault_callbacks, load_stage_config, parse_args, run
 from twilbert.track import Tracker
 from twilbert.train.checkpoint import checkpoint_lock
 from twilbert.train.finetune import finetune_task

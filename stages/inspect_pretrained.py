@@ -10,7 +10,7 @@ from twilbert.io_utils import atomic_write
 from twilbert.progress import format_metrics
 from twilbert.stage import load_stage_config, parse_args, run
 from twilbert.track import Tracker
-from twilbert.train.loop import resolve_device
+from twilbert.device import resolve_device
 
 
 def main() -> str:

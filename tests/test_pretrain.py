@@ -15,7 +15,8 @@ from twilbert.config import VocabConfig, compose, load_config
 from twilbert.data.pairs import batch_of, build_pair_shards, load_shards, make_batch
 from twilbert.data.tokenizer import MASK_ID, N_SPECIAL, Tokenizer, pack_pairs, train_vocab
 from twilbert.model.io import load_pretrained_state
-from twilbert.train.pretrain import build_pretraining, pretrain, pseudo_log_likelihood
+from twilbert.train.heldout import pseudo_log_likelihood
+from twilbert.train.pretrain import build_pretraining, pretrain
 
 from conftest import REPO, make_tweets
 

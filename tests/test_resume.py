@@ -24,7 +24,7 @@ from twilbert.cli import dump_params
 from twilbert.config import VocabConfig, compose
 from twilbert.data.pairs import build_pair_shards
 from twilbert.data.tokenizer import Tokenizer, train_vocab
-from twilbert.train.loop import KILL_HOOK_ENV
+from twilbert.stage import KILL_HOOK_ENV
 
 from conftest import REPO, make_tweets
 from finetune_data import make_pretrained, write_task

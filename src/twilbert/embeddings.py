@@ -33,7 +33,7 @@ from twilbert.predict import (
     text_rows,
     tsv_rows,
 )
-from twilbert.train.loop import resolve_device
+from twilbert.device import resolve_device
 
 log = logging.getLogger(__name__)
 

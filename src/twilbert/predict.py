@@ -30,8 +30,8 @@ from twilbert.data.preprocess import Preprocessor
 from twilbert.data.tokenizer import CLS_ID, META_FILE, MODEL_FILE, PAD_ID, SEP_ID, Tokenizer
 from twilbert.model.backbone import HF_DIR, TWilBertPacker, load_classifier
 from twilbert.model.io import CONFIG_NAME, WEIGHTS_NAME, CheckpointError, read_config_json
-from twilbert.train.loop import resolve_device
-from twilbert.train.scoring import decide, predict_scores
+from twilbert.device import resolve_device
+from twilbert.scoring import decide, predict_scores
 
 log = logging.getLogger(__name__)
 
