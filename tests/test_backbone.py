@@ -14,7 +14,9 @@ from twilbert.data.preprocess import Preprocessor
 from twilbert.data.tasks import load_task
 from twilbert.model.backbone import HFClassifier, hf_packer, load_classifier, load_hf_backbone, set_trainable
 from twilbert.model.io import load_pretrained_state
-from twilbert.train.finetune import encode_examples, evaluate_scores, finetune_task, predict_scores
+from twilbert.scoring import evaluate_scores, predict_scores
+from twilbert.train.finetune import encode_examples
+from twilbert.train.finetune_stage import finetune_task
 
 pytest.importorskip("transformers")
 

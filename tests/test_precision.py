@@ -9,7 +9,7 @@ import twilbert.device as devices
 
 def test_bf16_on_a_device_without_bf16_instructions_warns_once(monkeypatch, caplog):
     devices._warn_emulated_bf16.cache_clear()
-    monkeypatch.setattr(loop, "native_bf16", lambda device: False)
+    monkeypatch.setattr(devices, "native_bf16", lambda device: False)
     with caplog.at_level(logging.WARNING, logger=devices.log.name):
         for _ in range(3):
             with devices.autocast("bf16", torch.device("cpu")):
@@ -21,11 +21,11 @@ def test_bf16_on_a_device_without_bf16_instructions_warns_once(monkeypatch, capl
 
 def test_bf16_on_a_device_with_bf16_instructions_and_fp32_stay_silent(monkeypatch, caplog):
     devices._warn_emulated_bf16.cache_clear()
-    monkeypatch.setattr(loop, "native_bf16", lambda device: True)
+    monkeypatch.setattr(devices, "native_bf16", lambda device: True)
     with caplog.at_level(logging.WARNING, logger=devices.log.name):
         with devices.autocast("bf16", torch.device("cpu")):
             pass
-    monkeypatch.setattr(loop, "native_bf16", lambda device: False)
+    monkeypatch.setattr(devices, "native_bf16", lambda device: False)
     with caplog.at_level(logging.WARNING, logger=devices.log.name):
         with devices.autocast("fp32", torch.device("cpu")):
             out = torch.ones(2, 2) @ torch.ones(2, 2)

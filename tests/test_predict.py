@@ -31,7 +31,8 @@ from twilbert.predict import (
     tsv_rows,
     with_aux,
 )
-from twilbert.train.finetune import finetune_task, predict_scores
+from twilbert.scoring import predict_scores
+from twilbert.train.finetune_stage import finetune_task
 
 CATEGORIES = {"N": 0, "NEU": 1, "NONE": 2, "P": 3}
 EMOTIONS = {"anger": 0, "joy": 1, "fear": 2}

@@ -20,7 +20,7 @@ from typing import Iterable, Optional, Sequence, Union
 
 from twilbert.config import Config, compose, load_config
 from twilbert.results import task_metrics_files, write_results
-from twilbert.train.finetune import finetune_task
+from twilbert.train.finetune_stage import finetune_task
 
 log = logging.getLogger(__name__)
 
