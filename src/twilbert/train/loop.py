@@ -29,7 +29,8 @@ import torch
 from tqdm import tqdm
 
 from twilbert import distributed
-from twilbert.device import autocast, configure_matmul, native_bf16, resolve_device  # noqa: F401 (re-exported)
+# configure_matmul, native_bf16: re-exported for benchmarks/pretrain_throughput.py (A/B against older code)
+from twilbert.device import autocast, configure_matmul, native_bf16  # noqa: F401
 from twilbert.progress import EpochClock
 from twilbert.track import Tracker
 from twilbert.train.checkpoint import TENSORS_KEY, resume_training, save_training_checkpoint
@@ -46,6 +47,7 @@ BatchSource = Callable[[int, int], Iterable]
 Evaluate = Callable[[int, dict[str, float]], tuple[float, dict]]
 # (epoch from 1, its metrics, whether it is the best so far), after the best epoch is updated.
 OnEpoch = Callable[[int, dict, bool], None]
+
 
 class NonFiniteLossError(RuntimeError):
     """The loss became NaN or infinite; training stopped before any checkpoint took the corrupted weights."""
@@ -155,8 +157,8 @@ class Checkpointing:
     every: int = 0  # micro-steps between checkpoints; 0: only when the caller saves (epoch ends)
     keep: int = 2
     parts: Optional[dict[str, str]] = None  # what the fingerprint hashes; a change is reported by name
-    state: Callable[[], dict] = dict  # the caller's JSON state (best epoch, history...)
-    tensors: Callable[[], dict] = dict  # the caller's tensor groups ({"best": weights})
+    state: Callable[[], dict] = dict  # the caller's JSON state (history, curves...); fit adds the best epoch
+    tensors: Callable[[], dict] = dict  # the caller's tensor groups; fit adds {"best": weights}
 
 
 class Callback:
@@ -231,8 +233,8 @@ class Trainer:
         state = {"epoch": s.epoch, "batch_in_epoch": s.batch_in_epoch, "optimizer_steps": s.optimizer_steps,
                  "micro_steps": s.micro_steps, "accum_position": self._pending, "loss_sum": s.loss_sum,
                  "sums": dict(s.sums), "fingerprint_parts": ck.parts,
-                 **(self.best.to_state() if self.best else {}), **ck.state()}
-        tensors = {**(self.best.tensors() if self.best else {}), **ck.tensors()}
+                 **(self.best.to_state() if self.best is not None else {}), **ck.state()}
+        tensors = {**(self.best.tensors() if self.best is not None else {}), **ck.tensors()}
         path = save_training_checkpoint(ck.directory, self.model, self.optimizer, self.scheduler, state,
                                         ck.fingerprint, keep=ck.keep, tensors=tensors)
         self._save_due = False
