@@ -8,7 +8,7 @@ from __future__ import annotations
 import copy
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, ClassVar, Optional
+from typing import Any, ClassVar, Optional, Union
 
 from torch import nn
 
@@ -148,4 +148,4 @@ class HFBackbone:
         save_hf_classifier(directory, model, self.packer, extra)
 
 
-Backbone = Any  # TWilBertBackbone | HFBackbone
+Backbone = Union[TWilBertBackbone, HFBackbone]

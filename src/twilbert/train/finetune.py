@@ -142,7 +142,7 @@ class Learner:
 class NeuralLearner(Learner):
     """An encoder plus ``ClassificationHead``, trained with early stopping on dev."""
 
-    backbone: Backbone = None  # builds, packs for and saves the classifiers (train.backbones)
+    backbone: Backbone  # builds, packs for and saves the classifiers (train.backbones)
     tracker: Optional[Tracker] = None
     device: torch.device = field(default_factory=lambda: torch.device("cpu"))
     ctx: DistContext = field(default_factory=DistContext)
