@@ -25,7 +25,7 @@ from typing import Iterable, Optional, Sequence, Union
 from twilbert.config import Config, ConfigError, compose, load_config
 from twilbert.results import task_metrics_files, write_results
 from twilbert.stage import parse_args, setup_logging
-from twilbert.train.finetune import finetune_task
+from twilbert.train.finetune_stage import finetune_task
 
 log = logging.getLogger("twilbert")
 REPO = Path(__file__).resolve().parents[1]

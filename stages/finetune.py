@@ -13,10 +13,10 @@ from typing import Optional
 from twilbert.config import ConfigError
 from twilbert.data.tasks import load_task
 from twilbert.distributed import distributed_context
-from twilbert.stage import load_stage_config, parse_args, run
+from twilbert.stage import fault_callbacks, load_stage_config, parse_args, run
 from twilbert.track import Tracker
 from twilbert.train.writer_lock import checkpoint_lock
-from twilbert.train.finetune import finetune_task
+from twilbert.train.finetune_stage import finetune_task
 
 
 def main() -> Optional[str]:
@@ -43,7 +43,7 @@ def main() -> Optional[str]:
         with tracker.start(params, run_name=f"finetune-{args.task}", experiment_params=raw):
             model_out = args.model_out or Path("models/finetuned") / args.task
             metrics = finetune_task(cfg, task, args.pretrained, model_out, metrics_out, tracker, args.checkpoints, ctx,
-                                    splits=splits)
+                                    splits=splits, callbacks=fault_callbacks())
             if ctx.is_main:
                 for name in ("metrics.json", "baseline.json"):
                     tracker.log_artifact(metrics_out / name)

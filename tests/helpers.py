@@ -27,7 +27,7 @@ from twilbert.config import ModelConfig, RopConfig, TaskConfig, TaskDataset, Tas
 from twilbert.data.pairs import build_pair_shards
 from twilbert.data.tokenizer import Tokenizer, train_vocab
 from twilbert.model import TWilBertForClassification, TWilBertForPretraining, model_config_dict, save_pretrained
-from twilbert.train.loop import KILL_HOOK_ENV
+from twilbert.stage import KILL_HOOK_ENV
 
 REPO = Path(__file__).resolve().parents[1]
 

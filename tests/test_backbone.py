@@ -16,7 +16,9 @@ from twilbert.finetuned import hf_packer, load_classifier
 from twilbert.model.backbone import HFClassifier, load_hf_backbone
 from twilbert.model.trainable import set_trainable
 from twilbert.model.io import load_pretrained_state
-from twilbert.train.finetune import encode_examples, evaluate_scores, finetune_task, predict_scores
+from twilbert.scoring import evaluate_scores, predict_scores
+from twilbert.train.finetune import encode_examples
+from twilbert.train.finetune_stage import finetune_task
 
 pytest.importorskip("transformers")
 

@@ -12,7 +12,7 @@ from sklearn.svm import LinearSVC
 from twilbert.baseline import fit_baseline, load_baseline, save_baseline
 from twilbert.config import TaskSpec, compose
 from twilbert.data.preprocess import Preprocessor
-from twilbert.train.finetune import finetune_task
+from twilbert.train.finetune_stage import finetune_task
 
 from helpers import REPO, make_tweets
 from finetune_data import first, make_config, make_pretrained, multi_label_rows, write_task

@@ -16,7 +16,10 @@ from twilbert.config import ConfigError, compose, load_config
 from twilbert.data.tasks import load_task
 from twilbert.finetuned import load_classifier
 from twilbert.model.io import load_pretrained_state
-from twilbert.train.finetune import encode_examples, finetune_task, predict_scores
+from twilbert.scoring import decide, evaluate_scores, predict_scores
+from twilbert.train.backbones import build_classifier
+from twilbert.train.finetune import encode_examples
+from twilbert.train.finetune_stage import finetune_task
 
 from helpers import REPO
 from finetune_data import MAX_LEN, first, make_config, make_pretrained, write_task
@@ -55,7 +58,7 @@ def test_frozen_encoder_keeps_its_pretrained_weights_while_the_head_learns(tmp_p
     for name, tensor in encoder_state(after).items():
         assert torch.equal(tensor, before[name]), name
     torch.manual_seed(cfg.seed)
-    fresh = finetune.build_classifier(json.loads((pretrained / "config.json").read_text()), cfg.finetuning, first(cfg))
+    fresh = build_classifier(json.loads((pretrained / "config.json").read_text()), cfg.finetuning, first(cfg))
     assert not torch.equal(after["classifier.out.weight"], fresh.classifier.out.weight.detach())
 
 
@@ -95,7 +98,7 @@ def test_early_stopping_stops_after_patience_epochs_and_restores_the_best_epoch(
     task = first(cfg)
     test = encode_examples(packer, load_task(task, cfg.seed).test, MAX_LEN, task)
     scores = predict_scores(model, test, task, 64, torch.device("cpu"), packer=packer)
-    assert metrics["test"] == finetune.evaluate_scores(task, test["labels"], scores)
+    assert metrics["test"] == evaluate_scores(task, test["labels"], scores)
     assert json.loads((results / "metrics.json").read_text())["best_epoch"] == 2 == config["best_epoch"]
 
 
@@ -200,7 +203,7 @@ def test_finetuned_model_reloads_and_predicts_as_evaluated(tmp_path, raw, pretra
     task = first(cfg)
     test = encode_examples(packer, load_task(task, cfg.seed).test, MAX_LEN, task)
     scores = predict_scores(model, test, task, 64, torch.device("cpu"), packer=packer)
-    assert metrics["test"] == finetune.evaluate_scores(task, test["labels"], scores)
+    assert metrics["test"] == evaluate_scores(task, test["labels"], scores)
 
 
 def test_epochs_csv_holds_the_columns_the_dvc_plot_reads(tmp_path, raw, pretrained):
@@ -243,4 +246,4 @@ def test_multi_label_decision_uses_the_task_threshold(raw, tmp_path):
     task["task"]["threshold"] = 0.25
     cfg = make_config(raw, {"emo": task})
     scores = np.array([[0.3, 0.6, 0.2]])
-    assert finetune.decide(scores, first(cfg)).tolist() == [[1, 1, 0]]
+    assert decide(scores, first(cfg)).tolist() == [[1, 1, 0]]

@@ -184,7 +184,7 @@ def test_one_nccl_rank_trains_the_same_step_as_the_plain_model(monkeypatch):
 def test_predict_on_cuda_gives_the_cpu_labels(tmp_path):
     from finetune_data import make_config, make_pretrained, write_task
     from twilbert.predict import load_finetuned
-    from twilbert.train.finetune import finetune_task
+    from twilbert.train.finetune_stage import finetune_task
 
     pretrained = make_pretrained(tmp_path / "pretrained")
     cfg = make_config(compose(["model=tiny"], REPO / "conf"), {"t": write_task(tmp_path / "task")}, epochs=2)

@@ -13,7 +13,8 @@ from twilbert.config import VocabConfig, compose, load_config
 from twilbert.data.pairs import build_pair_shards, load_shards
 from twilbert.data.tokenizer import Tokenizer, train_vocab
 from twilbert.inspection import inspect_model, inspect_samples, load_pretraining_model, render_markdown
-from twilbert.train.pretrain import PretrainObjective, pretrain
+from twilbert.train.objective import PretrainObjective
+from twilbert.train.pretrain import pretrain
 
 from helpers import REPO, make_tweets
 

@@ -12,10 +12,10 @@ import torch
 from twilbert.config import TaskSpec, compose
 from twilbert.data.tasks import load_task
 from twilbert.finetuned import load_classifier
-from twilbert.train.finetune import (
-    encode_examples, evaluate_learner, evaluate_scores, finetune_task, predict_scores, twilbert_learner,
-)
-from twilbert.train.kfold import FoldResult, blend, fold_splits, run_kfold
+from twilbert.scoring import evaluate_scores, predict_scores
+from twilbert.train.finetune import encode_examples, twilbert_learner
+from twilbert.train.finetune_stage import finetune_task
+from twilbert.train.kfold import FoldResult, blend, evaluate_learner, fold_splits, run_kfold
 
 from helpers import REPO
 from finetune_data import MAX_LEN, first, make_config, make_pretrained, write_task

@@ -20,7 +20,7 @@ from twilbert.model.manifest import (
     MANIFEST_NAME, ManifestError, manifest_text, verify_model_dir, write_manifest,
 )
 from twilbert.predict import load_finetuned
-from twilbert.train.finetune import finetune_task
+from twilbert.train.finetune_stage import finetune_task
 
 pytestmark = pytest.mark.reliability
 

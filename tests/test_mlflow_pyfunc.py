@@ -13,7 +13,7 @@ from finetune_data import first, make_config, make_pretrained, write_task
 from twilbert import load_classifier
 from twilbert.config import TrackingConfig, compose
 from twilbert.track import Tracker, local_store_uri
-from twilbert.train.finetune import finetune_task
+from twilbert.train.finetune_stage import finetune_task
 
 mlflow = pytest.importorskip("mlflow")
 

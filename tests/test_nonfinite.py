@@ -12,7 +12,7 @@ import twilbert.train.finetune as finetune
 from twilbert.config import load_config
 from twilbert.data.tokenizer import Tokenizer
 from twilbert.train.checkpoint import latest_valid_checkpoint, load_training_checkpoint
-from twilbert.train.finetune import finetune_task
+from twilbert.train.finetune_stage import finetune_task
 from twilbert.train.loop import NonFiniteLossError
 from twilbert.train.pretrain import build_pretraining
 

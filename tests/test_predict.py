@@ -19,7 +19,8 @@ from twilbert.embeddings import load_encoder
 from twilbert.finetuned import load_classifier
 from twilbert.inputs import Chunk, PredictError, chunked, text_rows, tsv_rows, with_aux
 from twilbert.predict import load_finetuned, predict_stream
-from twilbert.train.finetune import finetune_task, predict_scores
+from twilbert.scoring import predict_scores
+from twilbert.train.finetune_stage import finetune_task
 
 @pytest.fixture(scope="module")
 def single_dir(tmp_path_factory, vocab_dir):

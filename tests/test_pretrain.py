@@ -16,7 +16,8 @@ from twilbert.data.batch import MASK_ID, N_SPECIAL, batch_of, make_batch, pack_p
 from twilbert.data.pairs import build_pair_shards, load_shards
 from twilbert.data.tokenizer import Tokenizer, train_vocab
 from twilbert.model.io import load_pretrained_state
-from twilbert.train.pretrain import build_pretraining, pretrain, pseudo_log_likelihood
+from twilbert.train.heldout import pseudo_log_likelihood
+from twilbert.train.pretrain import build_pretraining, pretrain
 
 from helpers import REPO, make_tweets
 

@@ -11,7 +11,7 @@ from helpers import REPO
 from finetune_data import first, make_config, make_pretrained, write_rows, write_task
 from twilbert.config import ConfigError, compose
 from twilbert.data.tasks import load_task
-from twilbert.train.finetune import finetune_task
+from twilbert.train.finetune_stage import finetune_task
 
 
 @pytest.fixture(scope="module")

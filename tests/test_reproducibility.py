@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from twilbert.config import compose, load_config
-from twilbert.train.finetune import finetune_task
+from twilbert.train.finetune_stage import finetune_task
 from twilbert.train.pretrain import pretrain
 
 from finetune_data import write_task

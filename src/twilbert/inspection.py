@@ -21,7 +21,8 @@ from twilbert.data.shards import PairsDataError
 from twilbert.data.tokenizer import Tokenizer
 from twilbert.model import TWilBertForPretraining
 from twilbert.model.io import load_into, load_pretrained_state, model_config_from_dict
-from twilbert.train.pretrain import EVAL_STREAM, PretrainObjective, heldout_metrics
+from twilbert.train.heldout import EVAL_STREAM, heldout_metrics
+from twilbert.train.objective import PretrainObjective
 
 log = logging.getLogger(__name__)
 

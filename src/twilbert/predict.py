@@ -32,7 +32,7 @@ from twilbert.finetuned import load_classifier
 from twilbert.inputs import Chunk, PredictError
 from twilbert.model.backbone import HF_DIR
 from twilbert.model.io import CONFIG_NAME, WEIGHTS_NAME, CheckpointError, read_config_json
-from twilbert.train.scoring import decide, predict_scores
+from twilbert.scoring import decide, predict_scores
 
 log = logging.getLogger(__name__)
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import logging
 import os
+import signal
 import sys
 import time
 from pathlib import Path
@@ -25,6 +26,9 @@ log = logging.getLogger("twilbert")
 
 PARAMS_FILE = "params.yaml"
 CONF_DIR = "conf"
+# Test hook: SIGKILL the stage right after the checkpoint of this micro-step is saved, the way a
+# crash or an OOM kill would stop it (tests/test_resume.py, tests/e2e). Never set it otherwise.
+KILL_HOOK_ENV = "TWILBERT_TEST_KILL_AT_MICRO_STEP"
 
 
 def setup_logging() -> None:
@@ -55,6 +59,25 @@ def load_stage_config(overrides: list[str], params: str = PARAMS_FILE) -> tuple[
     cfg = load_config(raw)
     apply_threads(cfg.runtime.threads)
     return cfg, raw
+
+
+class KillAtMicroStep:
+    """A training-loop callback (``train.loop.Callback``) that SIGKILLs this process, no cleanup."""
+
+    def __init__(self, micro_step: int):
+        self.micro_step = micro_step
+
+    def on_checkpoint(self, trainer, path) -> None:
+        if trainer.state.micro_steps == self.micro_step:
+            log.warning("%s=%s: killing this process (test hook)", KILL_HOOK_ENV, self.micro_step)
+            logging.shutdown()
+            os.kill(os.getpid(), signal.SIGKILL)
+
+
+def fault_callbacks() -> list:
+    """The training-loop callbacks the test hooks in the environment ask for (none in production)."""
+    wanted = os.environ.get(KILL_HOOK_ENV)
+    return [KillAtMicroStep(int(wanted))] if wanted else []
 
 
 def stage_name() -> str:

@@ -18,7 +18,7 @@ import yaml
 
 from twilbert.cli import dump_params
 from twilbert.config import compose
-from twilbert.train.loop import KILL_HOOK_ENV
+from twilbert.stage import KILL_HOOK_ENV
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from helpers import fake_sdist, make_tweets  # noqa: E402

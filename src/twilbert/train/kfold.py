@@ -1,5 +1,6 @@
-"""k-fold training and blending: one model per fold, early-stopped on its held-out fold, and the
-folds' probabilities on every evaluation split averaged (the RoBERTuito notebooks' blending).
+"""One learner on one task, fitted once or once per fold (``evaluate_learner``); k-fold training and
+blending: one model per fold, early-stopped on its held-out fold, and the folds' probabilities on
+every evaluation split averaged (the RoBERTuito notebooks' blending).
 
 Folds are seeded. Single-label tasks are stratified by class; multi-label and regression tasks
 (and classes too rare to appear in every fold) fall back to a plain shuffled KFold.
@@ -7,17 +8,29 @@ Folds are seeded. Single-label tasks are stratified by class; multi-label and re
 
 from __future__ import annotations
 
+import json
 import logging
-from dataclasses import dataclass, field, replace
-from typing import Callable, Optional, Sequence
+from dataclasses import asdict, dataclass, field, replace
+from pathlib import Path
+from typing import TYPE_CHECKING, Callable, Optional, Sequence
 
 import numpy as np
 from sklearn.model_selection import KFold, StratifiedKFold
 
 from twilbert.config import TaskSpec
-from twilbert.data.tasks import TaskExamples
+from twilbert.data.tasks import TaskData, TaskExamples
+from twilbert.io_utils import link_or_copy
+from twilbert.model.io import CONFIG_NAME
+from twilbert.model.manifest import write_manifest
+from twilbert.scoring import Split, evaluate_scores
+from twilbert.train.metrics import official_metric_name
+
+if TYPE_CHECKING:
+    from twilbert.train.finetune import Learner
 
 log = logging.getLogger(__name__)
+
+FOLDS_DIR = "folds"
 
 
 @dataclass
@@ -96,3 +109,103 @@ def concat_examples(first: TaskExamples, second: TaskExamples) -> TaskExamples:
         first, path=f"{first.path}+{second.path}", ids=first.ids + second.ids, texts=first.texts + second.texts,
         labels=first.labels + second.labels, aux_texts=aux, line_numbers=first.line_numbers + second.line_numbers,
     )
+
+
+def subset(split: Split, idx: np.ndarray) -> Split:
+    return {k: v[idx] for k, v in split.items()}
+
+
+@dataclass
+class LearnerRun:
+    metrics: dict
+    history: list[dict]
+    kfold: Optional[KFoldOutcome] = None
+
+
+def evaluate_learner(learner: Learner, splits: TaskData, max_len: int, test_len: int,
+                     model_out: Optional[Path]) -> LearnerRun:
+    """Fit (once, or once per fold), evaluate dev and test, save the model(s) under ``model_out``
+    (None: save nothing, as on the ranks other than 0 under torchrun)."""
+    task, ft = learner.task, learner.ft
+    extra = {"task": asdict(task), "max_len_test": test_len, "finetuning": asdict(ft)}
+    kfold_on = ft.kfold_on
+    if ft.kfold and kfold_on == "train+dev" and splits.test_is_dev:
+        log.warning("%s: no test file, so dev is the test; k-fold on train only to keep it unseen", task.name)
+        kfold_on = "train"
+    base = {
+        "task": task.name, "model": learner.kind, "model_name": learner.name,
+        "official_metric": official_metric_name(task.task),
+        "protocol": splits.protocol, "dev_from_train": splits.dev_from_train, "test_is_dev": splits.test_is_dev,
+    }
+    if not ft.kfold:
+        train, dev = learner.prepare(splits.train, max_len), learner.prepare(splits.dev, test_len)
+        test = dev if splits.test_is_dev else learner.prepare(splits.test, test_len)
+        fitted = learner.fit(train, dev)
+        dev_metrics = evaluate_scores(task, dev["labels"], fitted.predict(dev))
+        test_metrics = dev_metrics if splits.test_is_dev else evaluate_scores(task, test["labels"], fitted.predict(test))
+        if model_out is not None:
+            fitted.save(model_out, {**extra, "best_epoch": fitted.best_epoch})
+        metrics = {**base, "best_epoch": fitted.best_epoch, "epochs_run": epochs_run(learner, fitted.history),
+                   "n_train": len(train["labels"]), "n_dev": len(dev["labels"]), "n_test": len(test["labels"]),
+                   "dev": dev_metrics, "test": test_metrics}
+        return LearnerRun(metrics, fitted.history)
+
+    pool_ex = concat_examples(splits.train, splits.dev) if kfold_on == "train+dev" else splits.train
+    pool = learner.prepare(pool_ex, max_len)
+    evals = {"test": learner.prepare(splits.test, test_len)} if not splits.test_is_dev else {}
+    if kfold_on == "train":
+        evals["dev"] = learner.prepare(splits.dev, test_len)
+    history: list[dict] = []
+
+    def train_fold(fold: int, train_idx: np.ndarray, held_idx: np.ndarray) -> FoldResult:
+        held = subset(pool, held_idx)
+        fitted = learner.fit(subset(pool, train_idx), held, fold)
+        history.extend(fitted.history)
+        held_scores = fitted.predict(held)
+        if model_out is not None:
+            fitted.save(model_out / FOLDS_DIR / str(fold), {**extra, "best_epoch": fitted.best_epoch, "fold": fold})
+        return FoldResult(evaluate_scores(task, held["labels"], held_scores)["official"], held_scores,
+                          {name: fitted.predict(split) for name, split in evals.items()}, fitted.best_epoch)
+
+    outcome = run_kfold(pool["labels"], task.task, ft.kfold, learner.seed, train_fold)
+    if kfold_on == "train":
+        dev_metrics = evaluate_scores(task, evals["dev"]["labels"], outcome.blended["dev"])
+    else:  # dev is inside the pool: each example scored by the fold model that never saw it
+        dev_metrics = evaluate_scores(task, pool["labels"], outcome.out_of_fold)
+    test_metrics = (dev_metrics if splits.test_is_dev
+                    else evaluate_scores(task, evals["test"]["labels"], outcome.blended["test"]))
+    members = [f"{FOLDS_DIR}/{i}" for i in range(ft.kfold)]
+    selected = int(np.argmax(outcome.fold_scores))
+    if model_out is not None:
+        _publish_fold(model_out, selected,
+                      {**outcome.summary(), "on": kfold_on, "members": members, "selected_fold": selected})
+    n_test = len(splits.test) if not splits.test_is_dev else len(splits.dev)
+    metrics = {**base, "best_epoch": None, "epochs_run": epochs_run(learner, history),
+               "n_train": len(pool["labels"]), "n_dev": len(splits.dev), "n_test": n_test,
+               "dev": dev_metrics, "test": test_metrics,
+               "kfold": {**outcome.summary(), "on": kfold_on, "dev_is_out_of_fold": kfold_on == "train+dev"}}
+    return LearnerRun(metrics, history, outcome)
+
+
+def epochs_run(learner: Learner, history: list[dict]) -> Optional[int]:
+    """Epochs trained (summed over folds); None for the baseline, which has none."""
+    return None if learner.kind == "baseline" else len(history)
+
+
+def _publish_fold(model_out: Path, fold: int, kfold_info: dict) -> None:
+    """The selected fold's model becomes the directory's own (loaders see a normal model);
+    ``config.json["kfold"]`` lists every fold model for blended prediction."""
+    source = model_out / FOLDS_DIR / str(fold)
+    for entry in source.rglob("*"):
+        target = model_out / entry.relative_to(source)
+        if entry.is_dir():
+            target.mkdir(parents=True, exist_ok=True)
+        else:
+            target.parent.mkdir(parents=True, exist_ok=True)
+            link_or_copy(entry, target)
+    config_path = model_out / CONFIG_NAME
+    config = json.loads(config_path.read_text(encoding="utf-8"))
+    config["kfold"] = kfold_info
+    config_path.unlink()  # a hard link: rewrite a fresh file rather than the fold's
+    config_path.write_text(json.dumps(config, indent=2) + "\n", encoding="utf-8")
+    write_manifest(model_out)  # the selected fold's manifest came along as a link: replace it

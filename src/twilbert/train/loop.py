@@ -6,31 +6,32 @@ computed and are read in one transfer per logging window (``log_every`` optimize
 checkpoint and at the epoch's end (``Trainer.flush``), where the non-finite-loss guard runs too. On a
 GPU the host thus queues the next steps while the device computes.
 
-What differs between the two is the batch source and the loss function handed in. The loop owns
-where training stands (``LoopState``); a checkpoint of it, plus the weights, optimizer, scheduler
-and RNG states (``train.checkpoint``), is everything needed to continue as if never stopped.
+What differs between the two is the batch source, the loss function and the evaluation handed to
+``Trainer.fit``, which owns the epochs: resume, evaluation, the best epoch, patience, the epoch's log
+line and its checkpoint. The loop owns where training stands (``LoopState``); a checkpoint of it,
+plus the weights, optimizer, scheduler and RNG states (``train.checkpoint``), is everything needed
+to continue as if never stopped.
 """
 
 from __future__ import annotations
 
-import functools
 import logging
 import math
 import os
 import random
-import signal
 import sys
-from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Iterable, Iterator, Optional
+from typing import Callable, Iterable, Iterator, Mapping, Optional, Sequence
 
 import numpy as np
 import torch
 from tqdm import tqdm
 
 from twilbert import distributed
-from twilbert.device import resolve_device  # noqa: F401 (re-exported until every caller imports twilbert.device)
+# configure_matmul, native_bf16: re-exported for benchmarks/pretrain_throughput.py (A/B against older code)
+from twilbert.device import autocast, configure_matmul, native_bf16  # noqa: F401
+from twilbert.progress import EpochClock
 from twilbert.track import Tracker
 from twilbert.train.checkpoint import TENSORS_KEY, resume_training, save_training_checkpoint
 
@@ -40,10 +41,12 @@ log = logging.getLogger(__name__)
 # (e.g. {"mlm_correct": tensor(12), "mlm_count": 40}) that the loop aggregates over the epoch. A count
 # may be a device tensor: the loop reads those once per logging window, never per step.
 LossFn = Callable[[torch.nn.Module, object], tuple[torch.Tensor, dict[str, object]]]
-
-# Test hook: SIGKILL this process right after the checkpoint of this micro-step is saved, the way a
-# crash or an OOM kill would stop it (tests/test_resume.py, tests/e2e). Never set it otherwise.
-KILL_HOOK_ENV = "TWILBERT_TEST_KILL_AT_MICRO_STEP"
+# (epoch, first batch) -> that epoch's batches from that batch on (0, or where a checkpoint stopped).
+BatchSource = Callable[[int, int], Iterable]
+# (epoch, the epoch's training sums) -> (score, metrics): the score picks the best epoch.
+Evaluate = Callable[[int, dict[str, float]], tuple[float, dict]]
+# (epoch from 1, its metrics, whether it is the best so far), after the best epoch is updated.
+OnEpoch = Callable[[int, dict, bool], None]
 
 
 class NonFiniteLossError(RuntimeError):
@@ -72,43 +75,6 @@ def seed_everything(seed: int, device: torch.device) -> None:
         torch.use_deterministic_algorithms(True, warn_only=True)
         # Filling every torch.empty with NaN is a debugging aid, not needed for determinism; it costs time.
         torch.utils.deterministic.fill_uninitialized_memory = False
-
-
-def configure_matmul(device: torch.device, tf32: bool) -> None:
-    """On CUDA, let fp32 matmuls (and convolutions) run on TF32 tensor cores when ``tf32`` (Ampere or newer;
-    ~10 mantissa bits in the products, fp32 accumulation). Process-wide; nothing changes on other devices."""
-    if device.type == "cuda":
-        torch.backends.cuda.matmul.allow_tf32 = tf32
-        torch.backends.cudnn.allow_tf32 = tf32
-
-
-@functools.lru_cache(maxsize=None)  # asked at every micro-step under bf16; the hardware does not change
-def native_bf16(device: torch.device) -> bool:
-    """Whether ``device`` runs bf16 matmuls in hardware (CPU: AVX512-BF16 or AMX; GPU: Ampere or newer)."""
-    if device.type == "cuda":
-        return torch.cuda.is_bf16_supported()
-    if device.type == "cpu":
-        try:
-            return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
-        except (AttributeError, RuntimeError):  # a build without oneDNN: nothing to tell
-            return True
-    return True
-
-
-@functools.lru_cache(maxsize=None)
-def _warn_emulated_bf16(device_type: str) -> None:
-    log.warning("precision=bf16, but this %s has no bf16 matrix instructions: PyTorch emulates them and a bf16 "
-                "matmul runs ~100x slower than fp32 here (measured on an AVX2-only CPU). Use precision=fp32 "
-                "on this machine.", device_type.upper())
-
-
-def autocast(precision: str, device: torch.device):
-    """bf16 autocast on CPU or GPU when asked for; fp32 otherwise."""
-    if precision == "bf16":
-        if not native_bf16(device):
-            _warn_emulated_bf16(device.type)
-        return torch.autocast(device_type=device.type, dtype=torch.bfloat16)
-    return nullcontext()
 
 
 def progress(iterable: Iterable, total: Optional[int], desc: str):
@@ -191,8 +157,15 @@ class Checkpointing:
     every: int = 0  # micro-steps between checkpoints; 0: only when the caller saves (epoch ends)
     keep: int = 2
     parts: Optional[dict[str, str]] = None  # what the fingerprint hashes; a change is reported by name
-    state: Callable[[], dict] = dict  # the caller's JSON state (best epoch, history...)
-    tensors: Callable[[], dict] = dict  # the caller's tensor groups ({"best": weights})
+    state: Callable[[], dict] = dict  # the caller's JSON state (history, curves...); fit adds the best epoch
+    tensors: Callable[[], dict] = dict  # the caller's tensor groups; fit adds {"best": weights}
+
+
+class Callback:
+    """A hook into the loop that a caller passes in (tests' fault injection: ``twilbert.stage``)."""
+
+    def on_checkpoint(self, trainer: "Trainer", path: Optional[Path]) -> None:
+        """Called on every rank right after a training checkpoint is saved."""
 
 
 class Trainer:
@@ -216,13 +189,15 @@ class Trainer:
         log_every: int = 10,
         prefix: str = "train",
         checkpointing: Optional[Checkpointing] = None,
+        callbacks: Sequence[Callback] = (),
     ):
         self.model, self.optimizer, self.scheduler = model, optimizer, scheduler
         self.accum_iters, self.max_grad_norm = accum_iters, max_grad_norm
         self.precision, self.device = precision, device
         self.tracker, self.log_every, self.prefix = tracker, log_every, prefix
-        self.checkpointing = checkpointing
+        self.checkpointing, self.callbacks = checkpointing, list(callbacks)
         self.state = LoopState()
+        self.best: Optional[BestEpoch] = None  # fit's; checkpoints carry it
         self._pending = 0  # micro-batches whose gradients await the next optimizer step
         self._save_due = False  # a periodic checkpoint waits for the end of an accumulation window (DDP)
         self._trainable = [p for p in model.parameters() if p.requires_grad]
@@ -257,11 +232,14 @@ class Trainer:
         s = self.state
         state = {"epoch": s.epoch, "batch_in_epoch": s.batch_in_epoch, "optimizer_steps": s.optimizer_steps,
                  "micro_steps": s.micro_steps, "accum_position": self._pending, "loss_sum": s.loss_sum,
-                 "sums": dict(s.sums), "fingerprint_parts": ck.parts, **ck.state()}
+                 "sums": dict(s.sums), "fingerprint_parts": ck.parts,
+                 **(self.best.to_state() if self.best is not None else {}), **ck.state()}
+        tensors = {**(self.best.tensors() if self.best is not None else {}), **ck.tensors()}
         path = save_training_checkpoint(ck.directory, self.model, self.optimizer, self.scheduler, state,
-                                        ck.fingerprint, keep=ck.keep, tensors=ck.tensors())
+                                        ck.fingerprint, keep=ck.keep, tensors=tensors)
         self._save_due = False
-        _kill_hook(s.micro_steps)
+        for callback in self.callbacks:
+            callback.on_checkpoint(self, path)
         return path
 
     def _maybe_checkpoint(self) -> None:
@@ -275,6 +253,44 @@ class Trainer:
             self.save_checkpoint()
 
     # ---- training
+
+    def fit(self, epochs: int, batches: BatchSource, loss_fn: LossFn, evaluate: Evaluate, best: BestEpoch, *,
+            patience: Optional[int] = None, total: Optional[int] = None, tag: Optional[str] = None,
+            shown: Callable[[dict], Mapping[str, float]] = dict, on_epoch: Optional[OnEpoch] = None,
+            on_resume: Optional[Callable[[dict], None]] = None) -> BestEpoch:
+        """Train up to ``epochs`` epochs, each evaluated and checkpointed at its end; returns ``best``.
+
+        A checkpoint of this run is resumed first (``best`` and, through ``on_resume``, the caller's
+        own keys restored). With ``patience``, training stops after that many epochs without a better
+        score, and a resumed run that had stopped (or finished) stays stopped. ``total``: batches an
+        epoch (progress only); ``shown(metrics)``: what the epoch's log line shows.
+        """
+        self.best = best
+        restored = self.resume()
+        if restored:
+            best.restore(restored)
+            if on_resume is not None:
+                on_resume(restored)
+        tag = tag or self.prefix
+        main = distributed.rank() == 0
+        clock = EpochClock(epochs, first_epoch=self.state.epoch)
+        while self.state.epoch < epochs and not self._out_of_patience(patience):
+            epoch = self.state.epoch
+            sums = self.train_epoch(batches(epoch, self.state.batch_in_epoch), loss_fn, total=total)
+            score, metrics = evaluate(epoch, sums)  # every rank evaluates: the same numbers, the same decision
+            improved = best.update(score, epoch + 1, metrics, self.model)  # NaN-safe: epoch 1 always counts
+            if main:
+                log.info("%s", clock.line(tag, epoch + 1, shown(metrics)))
+            if on_epoch is not None:
+                on_epoch(epoch + 1, metrics, improved)
+            if main and not improved and self._out_of_patience(patience):
+                log.info("%s: early stop after epoch %d (best epoch %d)", tag, epoch + 1, best.epoch)
+            self.save_checkpoint()
+        return best
+
+    def _out_of_patience(self, patience: Optional[int]) -> bool:
+        best = self.best
+        return patience is not None and best is not None and best.weights is not None and best.since >= patience
 
     def train_step(self, batch: object, loss_fn: LossFn, sync: bool = False) -> tuple[torch.Tensor, dict[str, object]]:
         """One micro-batch: forward under autocast, backward, and the optimizer step once
@@ -386,11 +402,3 @@ class Trainer:
                 lr = self.optimizer.param_groups[0]["lr"]
                 self.tracker.log_metrics({f"{self.prefix}_loss": self._last_loss, f"{self.prefix}_lr": lr},
                                          step=self.state.optimizer_steps)
-
-
-def _kill_hook(micro_steps: int) -> None:
-    wanted = os.environ.get(KILL_HOOK_ENV)
-    if wanted and int(wanted) == micro_steps:
-        log.warning("%s=%s: killing this process (test hook)", KILL_HOOK_ENV, wanted)
-        logging.shutdown()
-        os.kill(os.getpid(), signal.SIGKILL)

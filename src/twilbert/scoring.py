@@ -1,7 +1,7 @@
 """Scores and decisions of a classifier on packed rows: what training's dev monitor and `predict` share.
 
-Kept apart from ``train.finetune`` so that the prediction path imports torch and numpy only, not
-the training stack (scikit-learn, scipy, the k-fold and baseline learners).
+Outside ``train`` so that the prediction path imports torch and numpy only, not the training stack
+(scikit-learn and scipy come in only when ``evaluate_scores`` is called).
 """
 
 from __future__ import annotations
@@ -13,7 +13,7 @@ import torch
 
 from twilbert.config import TaskConfig
 from twilbert.data.batch import make_batch
-from twilbert.train.loop import autocast
+from twilbert.device import autocast
 
 Split = dict[str, np.ndarray]  # prepared split: packed rows or texts, plus "labels"
 
@@ -29,6 +29,13 @@ def decide(scores: np.ndarray, task: TaskConfig) -> np.ndarray:
     if task.task.multi_label:
         return (scores >= task.task.threshold).astype(np.int64)
     return scores.argmax(-1)
+
+
+def evaluate_scores(task: TaskConfig, labels: np.ndarray, scores: np.ndarray) -> dict[str, float]:
+    """The task's metrics (its official one under ``official``) of ``scores`` against ``labels``."""
+    from twilbert.train.metrics import evaluate_predictions  # scikit-learn and scipy: only when evaluating
+
+    return evaluate_predictions(task.task, labels, decide(scores, task), scores)
 
 
 def predict_scores(model, data: Split, task: TaskConfig, batch_size: int, device: torch.device,

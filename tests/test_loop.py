@@ -1,0 +1,127 @@
+"""``Trainer.fit``: the one epoch loop of pretraining and finetuning. The best epoch and its weights,
+patience, resume from a training checkpoint (a stopped run stays stopped), and the callbacks that
+tests pass in instead of hooks inside the loop."""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import pytest
+import torch
+
+from twilbert.train.loop import BestEpoch, Callback, Checkpointing, Trainer
+
+N, BATCH = 24, 4  # 6 micro-steps an epoch
+X = torch.randn(N, 3, generator=torch.Generator().manual_seed(0))
+Y = X @ torch.tensor([1.0, -2.0, 0.5]) + 0.1
+
+
+def batches(epoch: int, start: int):
+    """A pure function of (epoch, first batch), as the stages' batch sources are."""
+    order = torch.randperm(N, generator=torch.Generator().manual_seed(epoch))
+    for b in range(start, N // BATCH):
+        idx = order[b * BATCH : (b + 1) * BATCH]
+        yield X[idx], Y[idx]
+
+
+def loss_fn(model, batch):
+    x, y = batch
+    return torch.nn.functional.mse_loss(model(x).squeeze(-1), y), {"rows": len(y)}
+
+
+def make_trainer(checkpoints=None, every: int = 0, callbacks=(), lr: float = 0.05) -> Trainer:
+    torch.manual_seed(1)
+    model = torch.nn.Linear(3, 1)
+    optimizer = torch.optim.SGD(model.parameters(), lr=lr)
+    ck = Checkpointing(checkpoints, "run", every) if checkpoints is not None else None
+    return Trainer(model, optimizer, None, accum_iters=2, checkpointing=ck, callbacks=callbacks)
+
+
+class Scripted:
+    """evaluate() returning scripted scores; records each epoch's weights and on_epoch calls."""
+
+    def __init__(self, trainer: Trainer, scores: Optional[list[float]] = None):
+        self.trainer, self.scores = trainer, scores
+        self.weights: dict[int, torch.Tensor] = {}
+        self.epochs: list[tuple[int, bool]] = []
+
+    def evaluate(self, epoch: int, sums: dict) -> tuple[float, dict]:
+        assert sums["rows"] == N
+        with torch.no_grad():
+            dev = float(torch.nn.functional.mse_loss(self.trainer.model(X).squeeze(-1), Y))
+        self.weights[epoch + 1] = self.trainer.model.weight.detach().clone()
+        score = self.scores[epoch] if self.scores is not None else -dev
+        return score, {"epoch": epoch + 1, "dev_mse": dev}
+
+    def on_epoch(self, epoch: int, metrics: dict, improved: bool) -> None:
+        self.epochs.append((epoch, improved))
+
+
+def fit(trainer: Trainer, run: Scripted, epochs: int = 6, patience: Optional[int] = None) -> BestEpoch:
+    return trainer.fit(epochs, batches, loss_fn, run.evaluate, BestEpoch(lower_is_better=False), patience=patience,
+                       on_epoch=run.on_epoch)
+
+
+def test_fit_stops_after_patience_epochs_without_a_better_score_and_keeps_the_best_epochs_weights():
+    trainer = make_trainer()
+    run = Scripted(trainer, scores=[1.0, 3.0, 2.0, 2.5, 9.0, 9.0])
+    best = fit(trainer, run, patience=2)
+    assert run.epochs == [(1, True), (2, True), (3, False), (4, False)]  # epochs 5 and 6 never run
+    assert trainer.state.epoch == 4
+    assert (best.epoch, best.score, best.since) == (2, 3.0, 2)
+    assert best.metrics["epoch"] == 2
+    assert torch.equal(best.weights["weight"], run.weights[2])
+
+
+def test_fit_without_patience_runs_every_epoch_and_a_nan_first_score_still_counts():
+    trainer = make_trainer()
+    run = Scripted(trainer, scores=[float("nan"), float("nan"), float("nan")])
+    best = fit(trainer, run, epochs=3)
+    assert [e for e, _ in run.epochs] == [1, 2, 3]
+    assert best.epoch == 1 and best.weights is not None
+
+
+class StopAt(Callback):
+    """Stands in for the stage's SIGKILL: the run ends right after the checkpoint of ``micro_step``."""
+
+    def __init__(self, micro_step: int):
+        self.micro_step, self.seen = micro_step, []
+
+    def on_checkpoint(self, trainer: Trainer, path) -> None:
+        self.seen.append((trainer.state.micro_steps, path.name))
+        if trainer.state.micro_steps == self.micro_step:
+            raise KeyboardInterrupt
+
+
+def test_callbacks_see_every_checkpoint_and_a_run_stopped_inside_an_epoch_resumes_to_the_same_end(tmp_path):
+    reference = make_trainer()
+    ref_run = Scripted(reference)
+    ref_best = fit(reference, ref_run, epochs=4, patience=1)
+
+    stop = StopAt(micro_step=9)  # epoch 2, batch 3: inside an accumulation window
+    interrupted = make_trainer(tmp_path, every=3, callbacks=[stop])
+    with pytest.raises(KeyboardInterrupt):
+        fit(interrupted, Scripted(interrupted), epochs=4, patience=1)
+    assert stop.seen == [(3, "step-00000003"), (6, "step-00000006"), (6, "step-00000006"), (9, "step-00000009")]
+
+    resumed = make_trainer(tmp_path, every=3)
+    run = Scripted(resumed)
+    best = fit(resumed, run, epochs=4, patience=1)
+    assert run.epochs == ref_run.epochs[1:]  # epoch 1 came from the checkpoint, with its best
+    assert (best.epoch, best.score, best.metrics) == (ref_best.epoch, ref_best.score, ref_best.metrics)
+    assert torch.equal(best.weights["weight"], ref_best.weights["weight"])
+    assert torch.equal(resumed.model.weight, reference.model.weight)
+
+
+def test_a_resumed_run_that_had_stopped_early_stays_stopped(tmp_path):
+    first = make_trainer(tmp_path)
+    first_run = Scripted(first, scores=[2.0, 1.0, 1.0, 5.0])
+    done = fit(first, first_run, epochs=4, patience=2)
+    assert [e for e, _ in first_run.epochs] == [1, 2, 3]
+
+    again = make_trainer(tmp_path)
+    run = Scripted(again, scores=[2.0, 1.0, 1.0, 5.0])
+    best = fit(again, run, epochs=4, patience=2)
+    assert run.epochs == [] and again.state.epoch == 3
+    assert (best.epoch, best.since) == (done.epoch, 2) == (1, 2)
+    assert torch.equal(best.weights["weight"], first_run.weights[1])
