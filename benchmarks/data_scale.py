@@ -22,7 +22,10 @@ should; extrapolating from 1k pairs made it grow with the corpus. The `vocab` st
 growing once its reservoir sample holds ``vocab.max_sentences`` texts (read from the vocabulary's
 ``meta.json``, with the corpus's texts per pair): its slope is carried only up to that size, and a
 larger run already past it (holding the full sample) is its projection. Time: data + vocab + pairs,
-each by its slope, uncapped (vocab reads the whole corpus to draw its sample). Peak: the largest stage.
+each by its slope, uncapped (vocab reads the whole corpus to draw its sample). The pretrain probe's
+peak: its anonymous memory by its slope, plus its file-backed pages (the mapped shards, page cache the
+kernel may drop) as in the larger run, plus the epoch permutation's 4 bytes per example, too small
+to resolve between two runs. Peak: the largest stage.
 ``pairs_rss_growth_pct`` is the `pairs` stage's peak growth from the second largest run to the
 largest (the issue's target: at most 15% from 250k to 1M). ``bytes_per_token`` is the bytes on disk of
 the pairs output over the corpus's tokens (each text counted once, before truncation to max_len).
@@ -316,7 +319,12 @@ def figures(base: dict, runs: list[dict]) -> dict:
     hours = sum(proj(lambda r, s=s: r[s]["s"]) for s in ("data", "vocab", "pairs")) / 3600
     peaks = [proj(lambda r, s=s: r[s]["rss_mb"]) for s in ("data", "pairs")]
     peaks.append(proj(lambda r: r["vocab"]["rss_mb"], run.get("vocab_cap_pairs")))
-    peaks.append(proj(lambda r: r["probe"]["hwm_mb"]))
+    # The probe: its own (anonymous) memory by its slope, plus the mapped shards' pages as the larger
+    # run had them (page cache, bounded by what a few steps touch: VmHWM's slope over-projected them
+    # ~14x), plus the epoch permutation's 4 bytes per example, which two runs this small cannot resolve.
+    examples_per_pair = run["probe"]["examples"] / n
+    peaks.append(proj(lambda r: r["probe"]["anon_mb"]) + run["probe"]["file_mb"]
+                 + 4 * examples_per_pair * max(0, TARGET_PAIRS - n) / 2**20)
     return {
         "pairs": n,
         "data_rss_mb": round(run["data"]["rss_mb"], 1),
