@@ -9,7 +9,8 @@ import pytest
 from helpers import REPO
 
 KEYS = {"pairs", "data_rss_mb", "vocab_rss_mb", "pairs_rss_mb", "pretrain_startup_rss_mb", "data_s", "vocab_s",
-        "pairs_s", "pairs_per_s", "bytes_per_token", "projected_70m_hours", "projected_70m_peak_gb"}
+        "pairs_s", "pairs_per_s", "bytes_per_token", "projected_70m_hours", "projected_70m_peak_gb",
+        "pairs_rss_growth_pct", "growth_from_pairs"}
 
 
 @pytest.mark.slow
@@ -22,9 +23,36 @@ def test_data_scale_quick_mode_runs_every_stage_and_ends_with_the_json_line(tmp_
     figures = json.loads(lines[-1])
     assert set(figures) == KEYS
     assert figures["pairs"] == 3000
-    for key in KEYS - {"pretrain_startup_rss_mb"}:
+    assert figures["growth_from_pairs"] == 1000  # quick: the 1k baseline is the smaller run
+    for key in KEYS - {"pretrain_startup_rss_mb", "pairs_rss_growth_pct"}:
         assert figures[key] > 0, key
     assert 0 < figures["bytes_per_token"] < 3  # uint16, each pair once, unpadded
     for stage in ("data", "vocab", "pairs", "pretrain"):
         assert any(line.startswith("[3000 pairs] " + stage) for line in lines), stage
+    assert any(line.startswith("peak growth from 1000 to 3000 pairs: data") for line in lines)
     assert not (tmp_path / "work").exists()  # removed without --keep
+
+
+def _benchmark():
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("data_scale", REPO / "benchmarks" / "data_scale.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_projection_carries_the_slope_between_the_two_runs_from_the_larger_one():
+    project = _benchmark().project
+    # a fixed start-up cost adds nothing: only the growth between the runs is carried to 70M pairs
+    assert project(400, 500, 250_000, 1_000_000, 70_000_000) == 500 + 100 / 750_000 * 69_000_000
+    assert project(400, 400, 250_000, 1_000_000, 70_000_000) == 400  # flat stays flat
+    assert project(410, 400, 250_000, 1_000_000, 70_000_000) == 400  # noise never projects a shrink
+
+
+def test_projection_stops_growing_at_the_cap_of_the_vocabulary_sample():
+    project = _benchmark().project
+    # both runs below the cap: the slope runs up to the cap only
+    assert project(100, 200, 10_000, 110_000, 70_000_000, cap=250_000) == 200 + 1e-3 * 140_000
+    # the larger run holds the full sample already: it is the projection
+    assert project(2000, 2200, 100_000, 1_000_000, 70_000_000, cap=250_000) == 2200

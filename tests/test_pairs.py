@@ -138,6 +138,30 @@ def test_shards_are_byte_identical_for_one_and_two_workers_and_any_chunking(toke
     assert not list(tmp_path.glob(".*partial"))  # the staging directories were published
 
 
+def test_the_forked_workers_never_collect_the_objects_they_share_with_the_parent(tokenizer, tmp_path, monkeypatch):
+    # A full collection writes every object it visits, which unshares the pages forked workers hold
+    # in common with the parent: frozen, the imports' objects are never visited, so the tree's memory
+    # stays flat however many chunks go through (the benchmark measures it; this pins the cause).
+    import gc
+
+    from twilbert.data import pairs
+
+    seen = tmp_path / "frozen.txt"
+
+    def tokenize_and_record(*args):
+        with seen.open("a") as fh:
+            fh.write(f"{os.getpid()} {gc.get_freeze_count()}\n")
+        return tokenize_chunk(*args)
+
+    monkeypatch.setattr(pairs, "tokenize_chunk", tokenize_and_record)  # inherited by the forked workers
+    build_pair_shards(mixed_corpus(60), tokenizer, tmp_path / "p", max_len=8, heldout_fraction=0.1, shard_size=30,
+                      seed=0, workers=2, chunk_rows=10)
+    records = [line.split() for line in seen.read_text().splitlines()]
+    assert len(records) == 7 and {pid for pid, _ in records} != {str(os.getpid())}
+    assert all(int(frozen) > 1000 for _, frozen in records)
+    assert gc.get_freeze_count() == 0  # unfrozen once the pool is gone: the caller's collector is as it was
+
+
 def test_the_output_of_a_failed_build_is_never_half_written(tokenizer, tmp_path):
     def corpus():
         yield from mixed_corpus(40)

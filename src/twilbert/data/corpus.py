@@ -18,8 +18,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterable, Iterator, Optional
 
-from sklearn.model_selection import train_test_split
-
 from twilbert.config import DataConfig
 from twilbert.data.dedup import DigestSet, row_digests
 from twilbert.data.formats import write_table
@@ -110,6 +108,10 @@ def stratified_split(
     tweets: list[LabelledTweet], fractions: list[float], seed: int
 ) -> tuple[list[LabelledTweet], list[LabelledTweet], list[LabelledTweet]]:
     """Seeded train/dev/test split that keeps each label's share."""
+    # imported here: sklearn costs ~140 MiB and seconds, and the pairs stage reads its corpus through
+    # this module (every forked tokenizer worker would share those pages)
+    from sklearn.model_selection import train_test_split
+
     train_frac, dev_frac, test_frac = fractions
     labels = [t.label for t in tweets]
     train, rest = train_test_split(tweets, train_size=train_frac, stratify=labels, random_state=seed)
