@@ -14,7 +14,8 @@ import yaml
 import twilbert.train.finetune as finetune
 from twilbert.config import ConfigError, compose, load_config
 from twilbert.data.tasks import load_task
-from twilbert.model.backbone import load_classifier
+from twilbert.model.backbone import load_classifier, twilbert_classifier
+from twilbert.model.card import HeadConfig, n_outputs, read_card
 from twilbert.model.io import load_pretrained_state
 from twilbert.train.finetune import encode_examples, finetune_task, predict_scores
 
@@ -55,7 +56,7 @@ def test_frozen_encoder_keeps_its_pretrained_weights_while_the_head_learns(tmp_p
     for name, tensor in encoder_state(after).items():
         assert torch.equal(tensor, before[name]), name
     torch.manual_seed(cfg.seed)
-    fresh = finetune.build_classifier(json.loads((pretrained / "config.json").read_text()), cfg.finetuning, first(cfg))
+    fresh = twilbert_classifier(read_card(pretrained), HeadConfig.of(cfg.finetuning), n_outputs(first(cfg)))
     assert not torch.equal(after["classifier.out.weight"], fresh.classifier.out.weight.detach())
 
 

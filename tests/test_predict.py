@@ -6,7 +6,6 @@ the stages' outputs; the CLI, embeddings and soak tests reuse them.
 
 import io
 import json
-from dataclasses import asdict
 from pathlib import Path
 
 import numpy as np
@@ -18,7 +17,7 @@ from finetune_data import first, make_config, make_hf_bert, make_pretrained, wri
 from twilbert.config import ModelConfig, RopConfig, TaskConfig, TaskDataset, TaskSpec, VocabConfig, compose, from_dict
 from twilbert.data.tokenizer import Tokenizer, pack_pairs, train_vocab
 from twilbert.embeddings import load_encoder
-from twilbert.model import TWilBertForClassification, TWilBertForPretraining, model_config_dict, save_pretrained
+from twilbert.model import HeadConfig, ModelCard, TWilBertForClassification, TWilBertForPretraining, save_pretrained
 from twilbert.model.backbone import load_classifier
 from twilbert.predict import (
     Chunk,
@@ -69,10 +68,8 @@ def build_finetuned(directory: Path, vocab_dir: Path, kind: str = "single_label"
     with torch.no_grad():  # weights far from the tiny init, so that texts get clearly different scores
         for p in model.parameters():
             p.add_(torch.randn(p.shape) * 0.3)
-    head = {"collapse_mode": collapse_mode, "use_special_tokens": True, "dropout": 0.1, "n_hidden": 0,
-            "hidden_size": 32}
-    config = model_config_dict(cfg, tokenizer.vocab_size, max_positions, head=head, task=asdict(task),
-                               max_len_test=max_len)
+    head = HeadConfig(collapse_mode=collapse_mode, use_special_tokens=True, dropout=0.1, n_hidden=0, hidden_size=32)
+    config = ModelCard(cfg, tokenizer.vocab_size, max_positions, head=head, task=task, max_len_test=max_len)
     save_pretrained(directory, model, config)
     tokenizer.copy_to(directory)
     return directory
@@ -97,7 +94,7 @@ def build_pretrained(directory: Path, vocab_dir: Path, max_len: int = 16, seed: 
     with torch.no_grad():
         for p in model.parameters():
             p.add_(torch.randn(p.shape) * 0.3)
-    save_pretrained(directory, model, model_config_dict(cfg, tokenizer.vocab_size, max_positions, max_len=max_len))
+    save_pretrained(directory, model, ModelCard.pretrained(cfg, tokenizer.vocab_size, max_len))
     tokenizer.copy_to(directory)
     return directory
 
@@ -390,7 +387,8 @@ def test_hugging_face_backbone_output_predicts_as_the_stage_does(tmp_path):
 def test_embeddings_refuse_a_hugging_face_directory_clearly(tmp_path):
     directory = tmp_path / "hf_model"
     (directory / "hf").mkdir(parents=True)
-    (directory / "config.json").write_text(json.dumps({"backbone": "hf"}))
+    (directory / "config.json").write_text(json.dumps({"model": {}, "vocab_size": 8, "max_positions": 8,
+                                                       "backbone": "hf"}))
     (directory / "model.safetensors").write_bytes(b"")
     with pytest.raises(PredictError, match="backbone 'hf' is not supported by embeddings yet"):
         load_encoder(directory)

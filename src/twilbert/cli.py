@@ -186,23 +186,23 @@ def export_hf_dir(model_dir: Path, out_dir: Path, encoder_only: bool = False) ->
     """
     from twilbert.data.tokenizer import META_FILE, MODEL_FILE
     from twilbert.model import (
-        TWilBertForPretraining, TWilBertModel, load_into, load_pretrained_state, model_config_from_dict, save_hf,
+        TWilBertForPretraining, TWilBertModel, load_into, load_pretrained_state, save_hf,
     )
     from twilbert.model.hf import to_hf_classifier
     from twilbert.model.manifest import write_manifest
     from twilbert.predict import PredictError, load_finetuned, read_model_config
 
     model_dir, out_dir = Path(model_dir), Path(out_dir)
-    config = read_model_config(model_dir, backbones=("twilbert",), command="export-hf")
-    cfg, vocab_size, max_positions = model_config_from_dict(config, str(model_dir / "config.json"))
+    card = read_model_config(model_dir, backbones=("twilbert",), command="export-hf")
+    cfg, vocab_size, max_positions = card.model_config, card.vocab_size, card.max_positions
     if out_dir.exists() and (not out_dir.is_dir() or any(out_dir.iterdir())):
         raise PredictError(f"{out_dir}: exists and is not an empty directory; remove it or choose another --out")
     classifier_note = ""
-    if config.get("head") and config.get("task") and not encoder_only:
+    if card.is_finetuned and not encoder_only:
         fm = load_finetuned(model_dir, "cpu", blend=False)  # the directory's own (selected fold's) model
-        if config.get("kfold", {}).get("members"):
+        if card.kfold_members:
             log.warning("export-hf: %s is a k-fold model; the export is its selected fold's model, while "
-                        "`twilbert predict` averages the %d folds", model_dir, len(config["kfold"]["members"]))
+                        "`twilbert predict` averages the %d folds", model_dir, len(card.kfold_members))
         hf = to_hf_classifier(fm.members[0].model, cfg, vocab_size, max_positions, fm.labels or ["value"],
                               fm.problem_type)
         classifier_note = CLASSIFIER_NOTE.format(problem_type=fm.problem_type, threshold=fm.task.task.threshold,

@@ -4,7 +4,7 @@ Both turn texts into the same packed arrays (``input_ids``, ``len_a``, ``length`
 ``[CLS] a [SEP] b [SEP]`` row per example, in the tokenizer's own template) and both classifiers
 take the same batch (``input_ids``, ``segment_ids``, ``attention_mask``, ``special_mask``), so one
 finetuning loop, one set of heads, losses and metrics serves them. A finetuned model directory says
-which it holds in ``config.json["backbone"]``; :func:`load_classifier` reads either.
+which it holds in its model card's ``backbone``; :func:`load_classifier` reads either.
 
 transformers is imported lazily: only the ``hf`` backbone needs it.
 """
@@ -21,11 +21,11 @@ import numpy as np
 import torch
 from torch import nn
 
-from twilbert.config import ModelConfig, from_dict
 from twilbert.data.pairs import PairBatch, make_batch
 from twilbert.data.preprocess import PreprocessConfig, Preprocessor
 from twilbert.data.tokenizer import Tokenizer, pack_pairs
 from twilbert.model.heads import ClassificationHead, TWilBertForClassification
+from twilbert.model.card import HeadConfig, ModelCard
 from twilbert.model.io import load_into, load_pretrained_state, save_pretrained
 from twilbert.model.manifest import write_manifest
 
@@ -206,19 +206,20 @@ def hf_packer(backbone: nn.Module, tokenizer: Any, preprocess: Preprocessor) -> 
 
 
 def save_hf_classifier(directory: PathLike, model: HFClassifier, packer: HFPacker, extra: dict) -> Path:
-    """safetensors + ``config.json`` (HF config under ``"model"``), HF config and tokenizer in ``hf/``."""
+    """safetensors + ``config.json`` (HF config under ``"model"``), HF config and tokenizer in ``hf/``.
+
+    ``extra``: the finetuned card's keys (head, task, max_len_test, finetuning, best_epoch...)."""
     directory = Path(directory)
-    hf_config = json.loads(model.backbone.config.to_json_string())
-    config = {
-        "model": hf_config,
-        "vocab_size": int(model.backbone.config.vocab_size),
-        "max_positions": packer.max_positions,
-        "backbone": "hf",
-        "hf_dir": HF_DIR,
-        "preprocess": packer.preprocess.to_dict(),
+    card = ModelCard(
+        model=json.loads(model.backbone.config.to_json_string()),
+        vocab_size=int(model.backbone.config.vocab_size),
+        max_positions=packer.max_positions,
+        backbone="hf",
+        hf_dir=HF_DIR,
+        preprocess=packer.preprocess.cfg,
         **extra,
-    }
-    save_pretrained(directory, model, config)
+    )
+    save_pretrained(directory, model, card)
     model.backbone.config.save_pretrained(directory / HF_DIR)
     packer.tokenizer.save_pretrained(directory / HF_DIR)
     write_manifest(directory)  # hf/ included
@@ -230,45 +231,39 @@ def save_hf_classifier(directory: PathLike, model: HFClassifier, packer: HFPacke
 # --------------------------------------------------------------------------------------------
 
 
-def n_outputs_of(task: dict) -> int:
-    spec = task["task"]
-    return 1 if spec["regression"] else len(spec["categories"])
-
-
-def _head_kwargs(config: dict) -> dict:
-    head = config["head"]
-    return dict(
-        collapse_mode=head["collapse_mode"], use_special_tokens=head["use_special_tokens"],
-        dropout=head["dropout"], n_hidden=head["n_hidden"],
+def twilbert_classifier(card: ModelCard, head: HeadConfig, n_outputs: int) -> TWilBertForClassification:
+    """A TWilBert encoder of the card's shape under a fresh ``head`` with ``n_outputs`` outputs."""
+    return TWilBertForClassification(
+        card.model_config, card.vocab_size, card.max_positions, n_outputs,
+        head.collapse_mode, head.use_special_tokens, head.dropout, head.n_hidden, head.hidden_size,
     )
 
 
-def load_classifier(directory: PathLike) -> tuple[nn.Module, Union[TWilBertPacker, HFPacker], dict]:
-    """(classifier in eval mode, its packer, config.json) of a twilbert or hf finetuned model directory."""
+def hf_classifier(encoder: nn.Module, head: HeadConfig, n_outputs: int) -> HFClassifier:
+    return HFClassifier(encoder, n_outputs, head.collapse_mode, head.use_special_tokens, head.dropout, head.n_hidden,
+                        head.hidden_size)
+
+
+def load_classifier(directory: PathLike) -> tuple[nn.Module, Union[TWilBertPacker, HFPacker], ModelCard]:
+    """(classifier in eval mode, its packer, model card) of a twilbert or hf finetuned model directory."""
     directory = Path(directory)
-    config, state = load_pretrained_state(directory)
-    backbone = config.get("backbone", "twilbert")
-    n_out = n_outputs_of(config["task"])
-    if backbone == "twilbert":
-        model_cfg = from_dict(ModelConfig, config["model"], "model")
-        model = TWilBertForClassification(
-            model_cfg, config["vocab_size"], config["max_positions"], n_out,
-            head_hidden_size=config["head"]["hidden_size"], **_head_kwargs(config),
-        )
+    card, state = load_pretrained_state(directory)
+    head, n_out = card.require("head"), card.n_outputs
+    if card.kind == "twilbert":
+        model: nn.Module = twilbert_classifier(card, head, n_out)
         packer: Union[TWilBertPacker, HFPacker] = TWilBertPacker(Tokenizer(directory))
-    elif backbone == "hf":
+    elif card.kind == "hf":
         from transformers import AutoConfig, AutoModel, AutoTokenizer
 
-        hf_dir = directory / config.get("hf_dir", HF_DIR)
+        hf_dir = directory / (card.hf_dir or HF_DIR)
         encoder = AutoModel.from_config(AutoConfig.from_pretrained(hf_dir, local_files_only=True))
-        model = HFClassifier(encoder, n_out, head_hidden_size=config["head"]["hidden_size"], **_head_kwargs(config))
+        model = hf_classifier(encoder, head, n_out)
         tokenizer = AutoTokenizer.from_pretrained(hf_dir, local_files_only=True)
-        preprocess = Preprocessor(PreprocessConfig.from_dict(config.get("preprocess")))
-        packer = HFPacker(tokenizer, preprocess, config.get("max_positions"))
+        packer = HFPacker(tokenizer, Preprocessor(card.preprocess or PreprocessConfig()), card.max_positions)
     else:
-        raise ValueError(f"{directory}: backbone {backbone!r} is not a neural classifier (load it with twilbert.baseline)")
+        raise ValueError(f"{directory}: backbone {card.kind!r} is not a neural classifier (load it with twilbert.baseline)")
     load_into(model, state, strict=True)
-    return model.eval(), packer, config
+    return model.eval(), packer, card
 
 
 # --------------------------------------------------------------------------------------------

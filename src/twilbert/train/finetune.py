@@ -22,7 +22,7 @@ import os
 import shutil
 import tempfile
 from contextlib import contextmanager
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterator, Optional, Union
 
@@ -32,7 +32,7 @@ from torch import nn
 
 from twilbert import distributed
 from twilbert.baseline import fit_baseline, save_baseline
-from twilbert.config import Config, ConfigError, FinetuningConfig, ModelConfig, TaskConfig, from_dict, to_dict
+from twilbert.config import Config, ConfigError, FinetuningConfig, TaskConfig, to_dict
 from twilbert.data.formats import TaskExamples
 from twilbert.data.pairs import SHARD_KEYS, PairBatch
 from twilbert.distributed import DistContext, n_rank_batches, rank_batch_indices, wrap_ddp
@@ -43,12 +43,12 @@ from twilbert.errors import naming
 from twilbert.io_utils import atomic_write
 from twilbert.model import TWilBertForClassification
 from twilbert.model.backbone import (
-    HFClassifier, TWilBertPacker, hf_packer, load_hf_backbone, save_hf_classifier, set_trainable,
+    TWilBertPacker, hf_classifier, hf_packer, load_hf_backbone, save_hf_classifier, set_trainable,
+    twilbert_classifier,
 )
+from twilbert.model.card import CONFIG_NAME, HeadConfig, ModelCard, read_card, row_width
 from twilbert.progress import EpochClock
-from twilbert.model.io import (
-    CONFIG_NAME, CheckpointError, load_pretrained_state, model_config_from_dict, read_config_json, save_pretrained,
-)
+from twilbert.model.io import CheckpointError, load_pretrained_state, save_pretrained
 from twilbert.model.manifest import verify_model_dir, write_manifest
 from twilbert.track import Tracker
 from twilbert.train.checkpoint import config_fingerprint, files_digest, package_paths, run_fingerprint
@@ -113,24 +113,16 @@ def subset(split: Split, idx: np.ndarray) -> Split:
 # --------------------------------------------------------------------------------------------
 
 
-def build_classifier(encoder_config: dict, ft: FinetuningConfig, task: TaskConfig) -> TWilBertForClassification:
-    model_cfg = from_dict(ModelConfig, encoder_config["model"], "model")
-    return TWilBertForClassification(
-        model_cfg, encoder_config["vocab_size"], encoder_config["max_positions"], n_outputs(task),
-        ft.collapse_mode, ft.use_special_tokens, ft.dropout, ft.n_hidden, ft.hidden_size,
-    )
-
-
 def load_encoder_weights(model: TWilBertForClassification, pretrained_dir: Path,
-                         verify: Optional[bool] = None) -> dict:
+                         verify: Optional[bool] = None) -> ModelCard:
     """Copy the pretrained encoder (``twilbert.*``) into the classifier; heads stay freshly initialised."""
-    config, state = load_pretrained_state(pretrained_dir, verify)
+    card, state = load_pretrained_state(pretrained_dir, verify)
     encoder_state = {k: v for k, v in state.items() if k.startswith("twilbert.")}
     missing, unexpected = model.load_state_dict(encoder_state, strict=False)
     missing = [k for k in missing if k.startswith("twilbert.")]
     if missing:
         raise CheckpointError(f"{pretrained_dir}: pretrained weights lack encoder parameters {missing[:5]}")
-    return config
+    return card
 
 
 def shuffled_batches(data: Split, packer: Any, batch_size: int, seed: int, epoch: int,
@@ -147,10 +139,6 @@ def score_split(model, data: Split, task: TaskConfig, ft: FinetuningConfig, devi
     """Metrics of ``model`` on one split (the per-epoch dev monitor)."""
     scores = predict_scores(model, data, task, ft.pred_batch_size, device, ft.precision, packer)
     return evaluate_scores(task, data["labels"], scores)
-
-
-def head_config(ft: FinetuningConfig) -> dict:
-    return {k: getattr(ft, k) for k in ("collapse_mode", "use_special_tokens", "dropout", "n_hidden", "hidden_size")}
 
 
 # --------------------------------------------------------------------------------------------
@@ -223,7 +211,7 @@ class NeuralLearner(Learner):
         return predict_scores(model, split, self.task, ft.pred_batch_size, self.device, ft.precision, self.packer)
 
     def save(self, model: nn.Module, directory: Path, extra: dict) -> None:
-        self.save_model(model, directory, {"head": head_config(self.ft), **extra})
+        self.save_model(model, directory, {"head": HeadConfig.of(self.ft), **extra})
 
     def fit(self, train: Split, dev: Split, fold: Optional[int] = None) -> Fitted:
         ft, task, device, ctx = self.ft, self.task, self.device, self.ctx
@@ -330,17 +318,16 @@ def check_loss(ft: FinetuningConfig, task: TaskConfig) -> None:
         raise ConfigError(f"tasks.{task.name}.finetuning.loss ({ft.loss!r}): {err}") from None
 
 
-def check_max_len(cfg: Config, task: TaskConfig, max_positions: int, pretrained_dir: Path) -> None:
+def check_max_len(cfg: Config, task: TaskConfig, card: ModelCard, pretrained_dir: Path) -> None:
     """The packed rows (``[CLS] a [SEP] (b [SEP])``) must fit the pretrained model's positions
     (``max_len_test`` is at most ``max_len``, checked on load)."""
     segments = 2 if task.dataset.aux_header else 1
     max_len = cfg.representation.max_len
-    width = segments * (max_len + 1) + 1
-    if width > max_positions:
+    if not card.fits(max_len, segments):
         raise ConfigError(
-            f"representation.max_len={max_len} gives rows of {width} tokens for task {task.name!r}, more than the "
-            f"{max_positions} positions of {pretrained_dir}; lower representation.max_len or pretrain with a "
-            "larger one"
+            f"representation.max_len={max_len} gives rows of {row_width(max_len, segments)} tokens for task "
+            f"{task.name!r}, more than the {card.max_positions} positions of {pretrained_dir}; lower "
+            "representation.max_len or pretrain with a larger one"
         )
 
 
@@ -349,22 +336,22 @@ def twilbert_learner(cfg: Config, task: TaskConfig, ft: FinetuningConfig, pretra
     check_loss(ft, task)
     verify_model_dir(pretrained_dir)  # once, before any work; each fold's model then loads unverified
     tokenizer = Tokenizer(pretrained_dir)
-    encoder_config = read_config_json(pretrained_dir / CONFIG_NAME)
-    _, _, max_positions = model_config_from_dict(encoder_config, str(pretrained_dir / CONFIG_NAME))
-    check_max_len(cfg, task, max_positions, pretrained_dir)
+    encoder_card = read_card(pretrained_dir / CONFIG_NAME)
+    check_max_len(cfg, task, encoder_card, pretrained_dir)
 
     def new_model() -> nn.Module:
-        model = build_classifier(encoder_config, ft, task)
+        model = twilbert_classifier(encoder_card, HeadConfig.of(ft), n_outputs(task))
         load_encoder_weights(model, pretrained_dir, verify=False)
         return model
 
     def save_model(model: nn.Module, directory: Path, extra: dict) -> None:
-        save_pretrained(directory, model, {**encoder_config, "backbone": "twilbert", **extra})
+        save_pretrained(directory, model, encoder_card.replace(backbone="twilbert", **extra))
         tokenizer.copy_to(directory)
 
+    model_cfg = encoder_card.model_config
     return NeuralLearner(
-        "twilbert", encoder_config["model"].get("name", "twilbert"), task, ft, cfg.seed, tokenizer.preprocess,
-        packer=TWilBertPacker(tokenizer), new_model=new_model, hidden_size=encoder_config["model"]["hidden_size"],
+        "twilbert", model_cfg.name, task, ft, cfg.seed, tokenizer.preprocess,
+        packer=TWilBertPacker(tokenizer), new_model=new_model, hidden_size=model_cfg.hidden_size,
         save_model=save_model, tracker=tracker, **_placement(ft, ctx),
     )
 
@@ -376,8 +363,7 @@ def hf_learner(cfg: Config, task: TaskConfig, ft: FinetuningConfig, tracker: Opt
     packer = hf_packer(encoder, tokenizer, Preprocessor(cfg.preprocess))
 
     def new_model() -> nn.Module:
-        return HFClassifier(copy.deepcopy(encoder), n_outputs(task), ft.collapse_mode, ft.use_special_tokens,
-                            ft.dropout, ft.n_hidden, ft.hidden_size)
+        return hf_classifier(copy.deepcopy(encoder), HeadConfig.of(ft), n_outputs(task))
 
     def save_model(model: nn.Module, directory: Path, extra: dict) -> None:
         save_hf_classifier(directory, model, packer, extra)
@@ -423,7 +409,7 @@ def evaluate_learner(learner: Learner, splits: TaskData, max_len: int, test_len:
     """Fit (once, or once per fold), evaluate dev and test, save the model(s) under ``model_out``
     (None: save nothing, as on the ranks other than 0 under torchrun)."""
     task, ft = learner.task, learner.ft
-    extra = {"task": asdict(task), "max_len_test": test_len, "finetuning": asdict(ft)}
+    extra = {"task": task, "max_len_test": test_len, "finetuning": ft}  # the finetuned model card's keys
     kfold_on = ft.kfold_on
     if ft.kfold and kfold_on == "train+dev" and splits.test_is_dev:
         log.warning("%s: no test file, so dev is the test; k-fold on train only to keep it unseen", task.name)
@@ -503,10 +489,9 @@ def _publish_fold(model_out: Path, fold: int, kfold_info: dict) -> None:
             except OSError:
                 shutil.copy2(entry, target)
     config_path = model_out / CONFIG_NAME
-    config = json.loads(config_path.read_text(encoding="utf-8"))
-    config["kfold"] = kfold_info
-    config_path.unlink()  # a hard link: rewrite a fresh file rather than the fold's
-    config_path.write_text(json.dumps(config, indent=2) + "\n", encoding="utf-8")
+    card = read_card(config_path)
+    card.kfold = kfold_info
+    card.write(config_path)  # a hard link: writes a fresh file rather than the fold's
     write_manifest(model_out)  # the selected fold's manifest came along as a link: replace it
 
 
@@ -568,7 +553,7 @@ def finetune_task(cfg: Config, task: TaskConfig, pretrained_dir: Path, model_out
     pretrained_dir, model_out, metrics_out = Path(pretrained_dir), Path(model_out), Path(metrics_out)
     splits = splits if splits is not None else load_task(task, cfg.seed, ft.no_test_protocol)
     max_len = cfg.representation.max_len
-    test_len = cfg.representation.max_len_test or max_len
+    test_len = cfg.representation.test_len
     if ft.backbone == "twilbert":
         learner: Learner = twilbert_learner(cfg, task, ft, pretrained_dir, tracker, ctx)
     elif ft.backbone == "hf":

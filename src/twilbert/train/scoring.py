@@ -13,13 +13,10 @@ import torch
 
 from twilbert.config import TaskConfig
 from twilbert.data.pairs import make_batch
+from twilbert.model.card import n_outputs
 from twilbert.train.loop import autocast
 
 Split = dict[str, np.ndarray]  # prepared split: packed rows or texts, plus "labels"
-
-
-def n_outputs(task: TaskConfig) -> int:
-    return 1 if task.task.regression else len(task.task.categories)
 
 
 def decide(scores: np.ndarray, task: TaskConfig) -> np.ndarray:
