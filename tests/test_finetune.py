@@ -97,7 +97,7 @@ def test_early_stopping_stops_after_patience_epochs_and_restores_the_best_epoch(
     test = encode_examples(packer, load_task(task, cfg.seed).test, MAX_LEN, task)
     scores = predict_scores(model, test, task, 64, torch.device("cpu"), packer=packer)
     assert metrics["test"] == finetune.evaluate_scores(task, test["labels"], scores)
-    assert json.loads((results / "metrics.json").read_text())["best_epoch"] == 2 == config["best_epoch"]
+    assert json.loads((results / "metrics.json").read_text())["best_epoch"] == 2 == config.best_epoch
 
 
 def test_multi_label_task_trains_with_bce_and_reports_jaccard(tmp_path, raw, pretrained, monkeypatch):
@@ -195,8 +195,8 @@ def test_finetuned_model_reloads_and_predicts_as_evaluated(tmp_path, raw, pretra
     cfg = make_config(raw, {"t": write_task(tmp_path / "data")}, epochs=1)
     metrics, model_dir, _ = run(tmp_path, cfg, pretrained)
     model, packer, config = load_classifier(model_dir)
-    assert config["backbone"] == "twilbert"
-    assert {"model", "vocab_size", "max_positions", "head", "task", "max_len_test"} <= set(config)
+    assert config.backbone == "twilbert"
+    assert {"model", "vocab_size", "max_positions", "head", "task", "max_len_test"} <= set(config.to_dict())
     assert {"spm.model", "meta.json", "model.safetensors", "config.json"} <= {p.name for p in model_dir.iterdir()}
     task = first(cfg)
     test = encode_examples(packer, load_task(task, cfg.seed).test, MAX_LEN, task)

@@ -14,7 +14,7 @@ import torch
 
 from conftest import REPO, make_tweets
 from finetune_data import first, make_config, make_hf_bert, make_pretrained, write_task
-from twilbert.config import ModelConfig, RopConfig, TaskConfig, TaskDataset, TaskSpec, VocabConfig, compose, from_dict
+from twilbert.config import ModelConfig, RopConfig, TaskConfig, TaskDataset, TaskSpec, VocabConfig, compose
 from twilbert.data.tokenizer import Tokenizer, pack_pairs, train_vocab
 from twilbert.embeddings import load_encoder
 from twilbert.model import HeadConfig, ModelCard, TWilBertForClassification, TWilBertForPretraining, save_pretrained
@@ -350,11 +350,10 @@ def stage_output(tmp_path, **finetuning) -> Path:
 
 def stage_scores(directory: Path, texts) -> np.ndarray:
     """Scores the way the finetune stage computes them: its own loader, packer and predict_scores."""
-    model, packer, config = load_classifier(directory)
-    task = from_dict(TaskConfig, config["task"], "task")
-    data = packer.pack(texts, None, config["max_len_test"])
+    model, packer, card = load_classifier(directory)
+    data = packer.pack(texts, None, card.max_len_test)
     data["labels"] = np.zeros(len(texts), dtype=np.int64)
-    return predict_scores(model, data, task, 4, torch.device("cpu"), packer=packer)
+    return predict_scores(model, data, card.task, 4, torch.device("cpu"), packer=packer)
 
 
 def test_kfold_output_blends_its_folds_and_its_baseline_row_predicts(tmp_path):
