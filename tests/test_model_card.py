@@ -31,12 +31,12 @@ def old_pretrained() -> dict:
 
 
 def old_twilbert_fold() -> dict:
-    return {**old_pretrained(), "backbone": "twilbert", "head": HEAD, "task": asdict(TASK), "max_len_test": 12,
+    return {**old_pretrained(), "backbone": "twilbert", "head": dict(HEAD), "task": asdict(TASK), "max_len_test": 12,
             "finetuning": asdict(FinetuningConfig()), "best_epoch": 2, "fold": 1}
 
 
 def old_kfold_top() -> dict:
-    return {**old_twilbert_fold(), "kfold": KFOLD}
+    return {**old_twilbert_fold(), "kfold": json.loads(json.dumps(KFOLD))}
 
 
 def old_baseline() -> dict:
