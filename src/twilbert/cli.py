@@ -188,6 +188,7 @@ def export_hf_dir(model_dir: Path, out_dir: Path, encoder_only: bool = False) ->
     from twilbert.model import (
         TWilBertForPretraining, TWilBertModel, load_into, load_pretrained_state, save_hf,
     )
+    from twilbert.model.card import max_text_len
     from twilbert.model.hf import to_hf_classifier
     from twilbert.model.manifest import write_manifest
     from twilbert.predict import PredictError, load_finetuned, read_model_config
@@ -225,7 +226,7 @@ def export_hf_dir(model_dir: Path, out_dir: Path, encoder_only: bool = False) ->
         shutil.copyfile(model_dir / META_FILE, tmp / META_FILE)
         (tmp / "tokenizer_config.json").write_text(json.dumps(tokenizer_config(max_positions), indent=2) + "\n")
         note = TOKENIZER_NOTE.format(source=model_dir, hf_class=type(hf).__name__, max_positions=max_positions,
-                                     max_single=max_positions - 2, classifier_note=classifier_note)
+                                     max_single=max_text_len(max_positions, 1), classifier_note=classifier_note)
         (tmp / "TOKENIZER.md").write_text(note, encoding="utf-8")
         write_manifest(tmp)
         os.replace(tmp, out_dir)  # atomic; replaces only an empty directory
