@@ -12,7 +12,7 @@ from twilbert.config import FinetuningConfig, ModelConfig, TaskConfig, TaskDatas
 from twilbert.data.preprocess import PreprocessConfig
 from twilbert.model import TWilBertForPretraining, save_pretrained
 from twilbert.model.card import (
-    CardError, CheckpointError, HeadConfig, ModelCard, max_text_len, n_outputs, pretraining_positions, read_card,
+    CardError, CheckpointError, HeadConfig, KFoldSummary, ModelCard, max_text_len, n_outputs, pretraining_positions, read_card,
     row_width,
 )
 
@@ -71,6 +71,7 @@ def test_round_trip_keeps_every_key_typed(tmp_path):
     assert isinstance(card.head, HeadConfig) and card.head.collapse_mode == "cls"
     assert isinstance(card.task, TaskConfig) and card.task == TASK
     assert isinstance(card.finetuning, FinetuningConfig) and card.kfold_members == ["folds/0", "folds/1"]
+    assert isinstance(card.kfold, KFoldSummary) and card.kfold.best_epochs == [1, 2]
     card.write(tmp_path / "config.json")
     assert read_card(tmp_path) == card
 
@@ -90,6 +91,8 @@ def test_a_foreign_model_section_is_kept_as_read(tmp_path):
     (lambda c: c.update(max_len_test="16"), r"max_len_test must be an integer"),
     (lambda c: c.pop("vocab_size"), r"missing key\(s\) \['vocab_size'\]"),
     (lambda c: c["model"].update(n_heads=3), r"model\.n_heads \(3\) must divide"),  # validated, not only typed
+    (lambda c: c.update(kfold={"k": 2}), r"missing .* 'fold_scores'"),
+    (lambda c: c.update(max_positions=None), r"max_positions must be an integer for a twilbert model"),
 ])
 def test_an_unknown_mistyped_or_missing_key_is_refused_naming_the_file_and_the_key(tmp_path, edit, named):
     config = old_twilbert_fold()

@@ -66,6 +66,19 @@ class HeadConfig:
 
 
 @dataclass
+class KFoldSummary:
+    """A k-fold output's record: the folds' scores, and the fold models ``predict`` blends."""
+
+    k: int
+    fold_scores: list[float]
+    mean_fold_score: float
+    best_epochs: list[Optional[int]]  # None for the baseline, which has no epochs
+    on: Literal["train", "train+dev"]
+    members: list[str]  # fold model directories, relative to the output
+    selected_fold: int  # the fold whose model is the directory's own
+
+
+@dataclass
 class ModelCard:
     """config.json. ``model`` is a ``ModelConfig`` for the twilbert backbone; for ``hf`` it is the
     Hugging Face config, for ``baseline`` the TF-IDF description (plain JSON, kept as read)."""
@@ -85,7 +98,7 @@ class ModelCard:
     finetuning: Optional[FinetuningConfig] = None
     best_epoch: Optional[int] = None
     fold: Optional[int] = None
-    kfold: Optional[dict[str, Any]] = None  # the k-fold summary; "members" lists the fold directories
+    kfold: Optional[KFoldSummary] = None
 
     source = CONFIG_NAME  # the file it was read from, for errors (an attribute, not a key)
 
@@ -93,6 +106,8 @@ class ModelCard:
         if self.kind == "twilbert" and isinstance(self.model, dict):
             self.model = from_dict(ModelConfig, self.model, "model")
             self.model.validate("model")
+        if self.kind == "twilbert" and self.max_positions is None:
+            raise ConfigError("max_positions must be an integer for a twilbert model, got None")
 
     @classmethod
     def pretrained(cls, model: ModelConfig, vocab_size: int, max_len: int) -> "ModelCard":
@@ -119,7 +134,7 @@ class ModelCard:
 
     @property
     def kfold_members(self) -> list[str]:
-        return list((self.kfold or {}).get("members") or [])
+        return list(self.kfold.members) if self.kfold else []
 
     def text_len(self, n_segments: Optional[int] = None) -> int:
         """Tokens per text at prediction: the test length, cut so that the packed row fits the
@@ -190,6 +205,8 @@ class ModelCard:
             if card.preprocess is not None:
                 card.preprocess.validate("preprocess")
         except ConfigError as err:
+            raise CardError(f"{where}: {err}") from None
+        except TypeError as err:  # a section without one of its required keys
             raise CardError(f"{where}: {err}") from None
         card.source = where
         return card

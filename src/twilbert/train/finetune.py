@@ -46,7 +46,7 @@ from twilbert.model.backbone import (
     TWilBertPacker, hf_classifier, hf_packer, load_hf_backbone, save_hf_classifier, set_trainable,
     twilbert_classifier,
 )
-from twilbert.model.card import CONFIG_NAME, HeadConfig, ModelCard, read_card, row_width
+from twilbert.model.card import CONFIG_NAME, HeadConfig, KFoldSummary, ModelCard, read_card, row_width
 from twilbert.progress import EpochClock
 from twilbert.model.io import CheckpointError, load_pretrained_state, save_pretrained
 from twilbert.model.manifest import verify_model_dir, write_manifest
@@ -490,7 +490,7 @@ def _publish_fold(model_out: Path, fold: int, kfold_info: dict) -> None:
                 shutil.copy2(entry, target)
     config_path = model_out / CONFIG_NAME
     card = read_card(config_path)
-    card.kfold = kfold_info
+    card.kfold = KFoldSummary(**kfold_info)
     card.write(config_path)  # a hard link: writes a fresh file rather than the fold's
     write_manifest(model_out)  # the selected fold's manifest came along as a link: replace it
 
