@@ -261,7 +261,8 @@ def load_classifier(directory: PathLike) -> tuple[nn.Module, Union[TWilBertPacke
         tokenizer = AutoTokenizer.from_pretrained(hf_dir, local_files_only=True)
         packer = HFPacker(tokenizer, Preprocessor(card.preprocess or PreprocessConfig()), card.max_positions)
     else:
-        raise ValueError(f"{directory}: backbone {card.kind!r} is not a neural classifier (load it with twilbert.baseline)")
+        raise ValueError(f"{directory}: backbone {card.kind!r} is not a neural classifier "
+                         "(load it with twilbert.baseline)")
     load_into(model, state, strict=True)
     return model.eval(), packer, card
 

@@ -169,11 +169,11 @@ class ModelCard:
     def to_dict(self) -> dict[str, Any]:
         """The JSON object, in field order. Unset optional keys are left out, except those a finetune
         stage output has always spelled out as null (``max_positions``; ``head``/``best_epoch``)."""
-        finetune_output = self.finetuning is not None
+        spelled_out = {"max_positions"} | ({"head", "best_epoch"} if self.finetuning is not None else set())
         out = {}
         for f in dataclasses.fields(self):
             value = getattr(self, f.name)
-            if value is None and not (f.name == "max_positions" or (finetune_output and f.name in ("head", "best_epoch"))):
+            if value is None and f.name not in spelled_out:
                 continue
             out[f.name] = to_dict(value)
         return out

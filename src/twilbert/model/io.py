@@ -155,7 +155,9 @@ def _save_staged(directory: Path, tensors: dict[str, torch.Tensor], aliases: dic
 # --------------------------------------------------------------------------------------------
 
 
-def load_pretrained_state(directory: PathLike, verify: Optional[bool] = None) -> tuple[ModelCard, dict[str, torch.Tensor]]:
+def load_pretrained_state(
+    directory: PathLike, verify: Optional[bool] = None
+) -> tuple[ModelCard, dict[str, torch.Tensor]]:
     """Read (model card, state_dict) from a model directory: safetensors and JSON only, never pickle.
 
     The directory's ``checksums.json`` is verified first (``manifest.verify_model_dir``; ``verify``
