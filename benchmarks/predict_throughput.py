@@ -40,7 +40,6 @@ import subprocess
 import sys
 import tempfile
 import time
-from dataclasses import asdict
 from pathlib import Path
 
 import torch
@@ -48,7 +47,8 @@ import torch
 from twilbert.cli import tokenizer_config
 from twilbert.config import ModelConfig, TaskConfig, TaskSpec, VocabConfig
 from twilbert.data.tokenizer import Tokenizer, train_vocab
-from twilbert.model import TWilBertForClassification, model_config_dict, save_pretrained
+from twilbert.model import HeadConfig, ModelCard, TWilBertForClassification, save_pretrained
+from twilbert.model.card import pretraining_positions
 from twilbert.model.hf import hf_config, to_hf
 from twilbert.model.manifest import write_manifest
 from twilbert.inputs import Chunk
@@ -90,13 +90,12 @@ def synthetic_model(directory: Path, size: str, max_len: int) -> Path:
     cfg.validate()
     labels = {"N": 0, "NEU": 1, "NONE": 2, "P": 3}
     torch.manual_seed(0)
-    max_positions = 2 * max_len + 3
+    max_positions = pretraining_positions(max_len)
     model = TWilBertForClassification(cfg, tokenizer.vocab_size, max_positions, len(labels))
-    head = {"collapse_mode": "avg", "use_special_tokens": True, "dropout": 0.1, "n_hidden": 0, "hidden_size": 256}
-    task = asdict(TaskConfig(name="synthetic", task=TaskSpec(categories=labels)))
+    task = TaskConfig(name="synthetic", task=TaskSpec(categories=labels))
     out = directory / "model"
-    save_pretrained(out, model, model_config_dict(cfg, tokenizer.vocab_size, max_positions, head=head, task=task,
-                                                  max_len_test=max_len))
+    card = ModelCard(cfg, tokenizer.vocab_size, max_positions, head=HeadConfig(), task=task, max_len_test=max_len)
+    save_pretrained(out, model, card)
     tokenizer.copy_to(out)
     write_manifest(out)  # sealed as the finetune stage seals its output
     return out

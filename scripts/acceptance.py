@@ -12,7 +12,6 @@ cannot start (no samples), 1 when a task failed.
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import shutil
 import subprocess
@@ -23,6 +22,7 @@ from pathlib import Path
 from typing import Iterable, Optional, Sequence, Union
 
 from twilbert.config import Config, ConfigError, compose, load_config
+from twilbert.model.card import read_card, row_width
 from twilbert.results import task_metrics_files, write_results
 from twilbert.stage import parse_args, setup_logging
 from twilbert.train.finetune_stage import finetune_task
@@ -119,12 +119,12 @@ def ensure_pretrained(pretrained: Path, repro: bool = True) -> None:
 
 
 def _check_lengths(cfg: Config, pretrained: Path) -> None:
-    max_positions = json.loads((Path(pretrained) / "config.json").read_text())["max_positions"]
-    needed = 2 * cfg.representation.max_len + 3  # [CLS] a [SEP] b [SEP] for multiple-input tasks
-    if needed > max_positions:
+    card = read_card(pretrained)
+    if not card.fits(cfg.representation.max_len, 2):  # [CLS] a [SEP] b [SEP] for multiple-input tasks
+        needed = row_width(cfg.representation.max_len, 2)
         raise AcceptanceError(
             f"representation.max_len={cfg.representation.max_len} needs {needed} positions but {pretrained} "
-            f"has {max_positions}; use the max_len it was pretrained with"
+            f"has {card.max_positions}; use the max_len it was pretrained with"
         )
 
 

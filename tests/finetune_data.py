@@ -10,7 +10,7 @@ import torch
 
 from twilbert.config import ModelConfig, VocabConfig, load_config
 from twilbert.data.tokenizer import Tokenizer, train_vocab
-from twilbert.model import TWilBertForPretraining, model_config_dict, save_pretrained
+from twilbert.model import ModelCard, TWilBertForPretraining, save_pretrained
 from twilbert.model.manifest import write_manifest
 
 from helpers import WORDS, make_tweets
@@ -38,7 +38,7 @@ def make_pretrained(directory: Path, **model_overrides) -> Path:
     cfg = tiny_model_config(**model_overrides)
     torch.manual_seed(0)
     model = TWilBertForPretraining(cfg, tokenizer.vocab_size, 2 * MAX_LEN + 3)
-    save_pretrained(directory, model, model_config_dict(cfg, tokenizer.vocab_size, 2 * MAX_LEN + 3, max_len=MAX_LEN))
+    save_pretrained(directory, model, ModelCard.pretrained(cfg, tokenizer.vocab_size, MAX_LEN))
     tokenizer.copy_to(directory)
     write_manifest(directory)  # as the pretrain stage seals models/pretrained
     return directory

@@ -14,7 +14,6 @@ import socket
 import subprocess
 import sys
 import tarfile
-from dataclasses import asdict
 from pathlib import Path
 from types import ModuleType
 from typing import Optional
@@ -26,7 +25,7 @@ from twilbert.cli import dump_params
 from twilbert.config import ModelConfig, RopConfig, TaskConfig, TaskDataset, TaskSpec, VocabConfig, compose
 from twilbert.data.pairs import build_pair_shards
 from twilbert.data.tokenizer import Tokenizer, train_vocab
-from twilbert.model import TWilBertForClassification, TWilBertForPretraining, model_config_dict, save_pretrained
+from twilbert.model import HeadConfig, ModelCard, TWilBertForClassification, TWilBertForPretraining, save_pretrained
 from twilbert.stage import KILL_HOOK_ENV
 
 REPO = Path(__file__).resolve().parents[1]
@@ -107,10 +106,8 @@ def build_finetuned(directory: Path, vocab_dir: Path, kind: str = "single_label"
     with torch.no_grad():  # weights far from the tiny init, so that texts get clearly different scores
         for p in model.parameters():
             p.add_(torch.randn(p.shape) * 0.3)
-    head = {"collapse_mode": collapse_mode, "use_special_tokens": True, "dropout": 0.1, "n_hidden": 0,
-            "hidden_size": 32}
-    config = model_config_dict(cfg, tokenizer.vocab_size, max_positions, head=head, task=asdict(task),
-                               max_len_test=max_len)
+    head = HeadConfig(collapse_mode=collapse_mode, use_special_tokens=True, dropout=0.1, n_hidden=0, hidden_size=32)
+    config = ModelCard(cfg, tokenizer.vocab_size, max_positions, head=head, task=task, max_len_test=max_len)
     save_pretrained(directory, model, config)
     tokenizer.copy_to(directory)
     return directory
@@ -135,7 +132,7 @@ def build_pretrained(directory: Path, vocab_dir: Path, max_len: int = 16, seed: 
     with torch.no_grad():
         for p in model.parameters():
             p.add_(torch.randn(p.shape) * 0.3)
-    save_pretrained(directory, model, model_config_dict(cfg, tokenizer.vocab_size, max_positions, max_len=max_len))
+    save_pretrained(directory, model, ModelCard.pretrained(cfg, tokenizer.vocab_size, max_len))
     tokenizer.copy_to(directory)
     return directory
 

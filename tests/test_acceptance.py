@@ -25,7 +25,8 @@ from twilbert.cli import dump_params
 from twilbert.config import compose, load_config
 from twilbert.data.tokenizer import Tokenizer, train_vocab
 from twilbert.model.io import save_pretrained
-from twilbert.train.pretrain import build_pretraining_model, model_config_dict
+from twilbert.model.card import ModelCard
+from twilbert.train.pretrain import build_pretraining_model
 
 REPO = Path(__file__).resolve().parents[1]
 acceptance = load_acceptance_script()
@@ -45,7 +46,8 @@ def pretrained(tmp_path_factory):
     train_vocab([t for t, _ in make_tweets(200)], root / "vocab", cfg.vocab, cfg.preprocess)
     tokenizer = Tokenizer(root / "vocab")
     model = build_pretraining_model(cfg, tokenizer.vocab_size)
-    save_pretrained(root / "model", model, model_config_dict(cfg, tokenizer.vocab_size))
+    card = ModelCard.pretrained(cfg.model, tokenizer.vocab_size, cfg.representation.max_len)
+    save_pretrained(root / "model", model, card)
     tokenizer.copy_to(root / "model")
     return root / "model"
 

@@ -8,6 +8,7 @@ import json
 import numpy as np
 import pytest
 import torch
+from safetensors.torch import load_file
 
 from twilbert.config import ConfigError, compose
 from twilbert.data.preprocess import Preprocessor
@@ -102,7 +103,7 @@ def test_hf_backbone_finetunes_saves_safely_and_reloads(tmp_path, raw, checkpoin
     scores = predict_scores(model, test, task, 64, torch.device("cpu"), packer=packer)
     assert metrics["test"] == evaluate_scores(task, test["labels"], scores)
 
-    _, before = load_pretrained_state(checkpoint)
+    before = load_file(checkpoint / "model.safetensors")  # an HF directory: no model card
     _, after = load_pretrained_state(tmp_path / "model")
     changed = [k for k, v in before.items() if f"backbone.{k}" in after and not torch.equal(after[f"backbone.{k}"], v)]
     assert changed  # finetune_all: the encoder itself was trained
@@ -112,7 +113,7 @@ def test_hf_backbone_can_be_frozen(tmp_path, raw, checkpoint):
     cfg = make_config(raw, {"t": write_task(tmp_path / "data")}, backbone="hf", hf_path=str(checkpoint),
                       finetune_all=False, epochs=1)
     finetune_task(cfg, first(cfg), tmp_path / "none", tmp_path / "model", tmp_path / "results")
-    _, before = load_pretrained_state(checkpoint)
+    before = load_file(checkpoint / "model.safetensors")  # an HF directory: no model card
     _, after = load_pretrained_state(tmp_path / "model")
     assert all(torch.equal(after[f"backbone.{k}"], v) for k, v in before.items() if f"backbone.{k}" in after)
 

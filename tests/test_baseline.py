@@ -10,7 +10,7 @@ from sklearn.linear_model import LogisticRegression
 from sklearn.svm import LinearSVC
 
 from twilbert.baseline import fit_baseline, load_baseline, save_baseline
-from twilbert.config import TaskSpec, compose
+from twilbert.config import TaskConfig, TaskSpec, compose
 from twilbert.data.preprocess import Preprocessor
 from twilbert.train.finetune_stage import finetune_task
 
@@ -81,13 +81,13 @@ def test_regression_baseline_is_a_ridge_on_the_same_features():
 def test_saved_baseline_reloads_without_pickle_and_predicts_the_same(tmp_path):
     prep = Preprocessor()
     baseline = fit_baseline(TEXTS[:40], TEXTS[20:60], LABELS[:40], SPEC, "logreg", preprocess=prep)
-    save_baseline(tmp_path / "b", baseline, "logreg", 1.0, {"task": {"name": "t"}})
+    save_baseline(tmp_path / "b", baseline, "logreg", 1.0, {"task": TaskConfig(name="t")})
     assert sorted(p.name for p in (tmp_path / "b").iterdir()) == ["checksums.json", "config.json", "features.json",
                                                                  "weights.npz"]
     with np.load(tmp_path / "b" / "weights.npz", allow_pickle=False) as z:
         assert all(z[k].dtype != object for k in z.files)
     loaded, config = load_baseline(tmp_path / "b")
-    assert config["backbone"] == "baseline" and config["model"]["baseline_model"] == "logreg"
+    assert config.backbone == "baseline" and config.model["baseline_model"] == "logreg"
     np.testing.assert_allclose(loaded.predict_scores(TEXTS[40:], TEXTS[:20]),
                                baseline.predict_scores(TEXTS[40:], TEXTS[:20]), rtol=1e-5, atol=1e-7)
 
@@ -114,7 +114,7 @@ def test_baseline_backbone_needs_no_pretrained_model(tmp_path, raw):
     assert (metrics["model"], metrics["model_name"]) == ("baseline", "tfidf-logreg")
     note = json.loads((tmp_path / "results" / "baseline.json").read_text())
     assert "official_metric" not in note and "metrics.json" in note["skipped"]
-    assert load_baseline(tmp_path / "model")[1]["task"]["name"] == "t"
+    assert load_baseline(tmp_path / "model")[1].task.name == "t"
 
 
 def test_baseline_row_off_leaves_a_note_without_scores(tmp_path, raw):

@@ -28,7 +28,7 @@ SAVE_SCRIPT = r"""
 import random, sys
 import numpy as np, torch
 from twilbert.config import ModelConfig
-from twilbert.model import TWilBertForPretraining, model_config_dict, save_pretrained
+from twilbert.model import ModelCard, TWilBertForPretraining, save_pretrained
 from twilbert.train.checkpoint import save_training_checkpoint
 from twilbert.train.optim import build_optimizer, build_scheduler, param_groups
 
@@ -36,7 +36,7 @@ random.seed(0), np.random.seed(0), torch.manual_seed(0)  # trainer.json holds ev
 cfg = ModelConfig(embedding_size=8, hidden_size=16, n_encoders=2, n_heads=2, intermediate_size=32)
 model = TWilBertForPretraining(cfg, 40, 16)  # the MLM decoder is tied to the word embeddings
 out = sys.argv[1]
-save_pretrained(out + "/model", model, model_config_dict(cfg, 40, 16))
+save_pretrained(out + "/model", model, ModelCard(cfg, 40, 16))
 opt = build_optimizer("adam", param_groups(model, 1e-3, 0.01), 1e-3, 0.01)
 sched = build_scheduler(opt, True, 16, 4)
 state = {"epoch": 0, "batch_in_epoch": 3, "optimizer_steps": 3, "micro_steps": 3, "accum_position": 0}

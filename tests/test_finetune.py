@@ -15,9 +15,10 @@ import twilbert.train.finetune as finetune
 from twilbert.config import ConfigError, compose, load_config
 from twilbert.data.tasks import load_task
 from twilbert.finetuned import load_classifier
+from twilbert.model.backbone import twilbert_classifier
+from twilbert.model.card import HeadConfig, n_outputs, read_card
 from twilbert.model.io import load_pretrained_state
 from twilbert.scoring import decide, evaluate_scores, predict_scores
-from twilbert.train.backbones import build_classifier
 from twilbert.train.finetune import encode_examples
 from twilbert.train.finetune_stage import finetune_task
 
@@ -58,7 +59,7 @@ def test_frozen_encoder_keeps_its_pretrained_weights_while_the_head_learns(tmp_p
     for name, tensor in encoder_state(after).items():
         assert torch.equal(tensor, before[name]), name
     torch.manual_seed(cfg.seed)
-    fresh = build_classifier(json.loads((pretrained / "config.json").read_text()), cfg.finetuning, first(cfg))
+    fresh = twilbert_classifier(read_card(pretrained), HeadConfig.of(cfg.finetuning), n_outputs(first(cfg)))
     assert not torch.equal(after["classifier.out.weight"], fresh.classifier.out.weight.detach())
 
 
@@ -99,7 +100,7 @@ def test_early_stopping_stops_after_patience_epochs_and_restores_the_best_epoch(
     test = encode_examples(packer, load_task(task, cfg.seed).test, MAX_LEN, task)
     scores = predict_scores(model, test, task, 64, torch.device("cpu"), packer=packer)
     assert metrics["test"] == evaluate_scores(task, test["labels"], scores)
-    assert json.loads((results / "metrics.json").read_text())["best_epoch"] == 2 == config["best_epoch"]
+    assert json.loads((results / "metrics.json").read_text())["best_epoch"] == 2 == config.best_epoch
 
 
 def test_multi_label_task_trains_with_bce_and_reports_jaccard(tmp_path, raw, pretrained, monkeypatch):
@@ -197,8 +198,8 @@ def test_finetuned_model_reloads_and_predicts_as_evaluated(tmp_path, raw, pretra
     cfg = make_config(raw, {"t": write_task(tmp_path / "data")}, epochs=1)
     metrics, model_dir, _ = run(tmp_path, cfg, pretrained)
     model, packer, config = load_classifier(model_dir)
-    assert config["backbone"] == "twilbert"
-    assert {"model", "vocab_size", "max_positions", "head", "task", "max_len_test"} <= set(config)
+    assert config.backbone == "twilbert"
+    assert {"model", "vocab_size", "max_positions", "head", "task", "max_len_test"} <= set(config.to_dict())
     assert {"spm.model", "meta.json", "model.safetensors", "config.json"} <= {p.name for p in model_dir.iterdir()}
     task = first(cfg)
     test = encode_examples(packer, load_task(task, cfg.seed).test, MAX_LEN, task)

@@ -45,10 +45,10 @@ def test_inspect_metrics_equal_the_pretrain_stage_heldout_metrics(pretrained):
 
 def test_samples_show_every_masked_position_with_truth_and_ranked_predictions(pretrained):
     cfg = pretrained["cfg"]
-    model, config = load_pretraining_model(pretrained["model"])
+    model, card = load_pretraining_model(pretrained["model"])
     tokenizer = Tokenizer(pretrained["model"])
     data = load_shards(pretrained["heldout"])
-    objective = PretrainObjective(model.cfg.masked_lm, cfg.seed, config["vocab_size"], torch.device("cpu"))
+    objective = PretrainObjective(model.cfg.masked_lm, cfg.seed, card.vocab_size, torch.device("cpu"))
     samples = inspect_samples(model, objective, data, tokenizer, 3, cfg.training.batch_size, top_k=4)
     assert len(samples) == 3
     rows = data.take(np.arange(3))  # the first evaluation batch, in order

@@ -13,7 +13,7 @@ from finetune_data import first, make_config, make_pretrained, write_task
 from helpers import REPO, build_finetuned, build_vocab
 from twilbert.baseline import load_baseline
 from twilbert.cli import main
-from twilbert.config import ModelConfig, compose, from_dict
+from twilbert.config import compose
 from twilbert.model import TWilBertForClassification
 from twilbert.model.io import CheckpointError, load_pretrained_state, save_pretrained
 from twilbert.model.manifest import (
@@ -71,13 +71,12 @@ def test_manifest_bytes_depend_on_content_only(tmp_path, model):
 
 def test_save_pretrained_seals_the_directory_it_writes_extras_included(tmp_path, sealed_model):
     directory = tmp_path / "model"
-    config, state = load_pretrained_state(sealed_model)
-    model = TWilBertForClassification(from_dict(ModelConfig, config["model"], "model"), config["vocab_size"],
-                                      config["max_positions"], 4)
-    save_pretrained(directory, model, config)
+    card, state = load_pretrained_state(sealed_model)
+    model = TWilBertForClassification(card.model_config, card.vocab_size, card.max_positions, 4)
+    save_pretrained(directory, model, card)
     assert set(json.loads((directory / MANIFEST_NAME).read_text())) == {"config.json", "model.safetensors"}
     (directory / "notes.txt").write_text("kept on re-save")
-    save_pretrained(directory, model, config)  # a re-save carries the extra file and lists it
+    save_pretrained(directory, model, card)  # a re-save carries the extra file and lists it
     assert set(json.loads((directory / MANIFEST_NAME).read_text())) == {"config.json", "model.safetensors",
                                                                          "notes.txt"}
     load_pretrained_state(directory)

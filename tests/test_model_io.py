@@ -15,8 +15,7 @@ from twilbert.model import (
     TWilBertModel,
     load_into,
     load_pretrained_state,
-    model_config_dict,
-    model_config_from_dict,
+    ModelCard,
     save_pretrained,
 )
 
@@ -45,7 +44,7 @@ def pretraining(seed=0, vocab=VOCAB, **overrides):
 
 
 def save(tmp_path, m, name="model", **extra):
-    return save_pretrained(tmp_path / name, m, model_config_dict(m.cfg, VOCAB, MAX_POS, **extra))
+    return save_pretrained(tmp_path / name, m, ModelCard(m.cfg, VOCAB, MAX_POS, **extra))
 
 
 def test_round_trip_is_bit_exact_and_keeps_the_tie(tmp_path):
@@ -55,9 +54,8 @@ def test_round_trip_is_bit_exact_and_keeps_the_tie(tmp_path):
     m(ids, torch.zeros_like(ids), torch.ones_like(ids, dtype=torch.bool), torch.full_like(ids, -100))  # BN stats
     directory = save(tmp_path, m)
 
-    config, state = load_pretrained_state(directory)
-    cfg, vocab, max_pos = model_config_from_dict(config)
-    assert cfg == m.cfg and (vocab, max_pos) == (VOCAB, MAX_POS)
+    card, state = load_pretrained_state(directory)
+    assert card.model == m.cfg and (card.vocab_size, card.max_positions) == (VOCAB, MAX_POS)
     fresh = pretraining(seed=1)
     load_into(fresh, state)
     for name, tensor in m.state_dict().items():
@@ -73,18 +71,19 @@ def test_tied_matrix_is_stored_once(tmp_path):
     assert "predictions.decoder.weight" not in keys
 
 
-def test_config_json_keeps_model_section_and_caller_keys(tmp_path):
+def test_config_json_holds_the_model_section_and_the_card_keys(tmp_path):
     m = pretraining()
-    directory = save(tmp_path, m, step=12, tokenizer="vocab.model")
+    directory = save(tmp_path, m, epoch=12, metrics={"heldout_mlm_loss": 1.5})
     config = json.loads((directory / "config.json").read_text())
     assert config["model"]["n_encoders"] == 2 and config["model"]["pkm_params"]["in_layers"] == [1]
-    assert (config["vocab_size"], config["max_positions"], config["step"]) == (VOCAB, MAX_POS, 12)
-    assert load_pretrained_state(directory)[0]["tokenizer"] == "vocab.model"
+    assert (config["vocab_size"], config["max_positions"], config["epoch"]) == (VOCAB, MAX_POS, 12)
+    assert load_pretrained_state(directory)[0].metrics == {"heldout_mlm_loss": 1.5}
 
 
 def test_save_requires_model_sizes_in_config(tmp_path):
     with pytest.raises(ValueError, match="vocab_size"):
         save_pretrained(tmp_path / "m", pretraining(), {"model": {}, "max_positions": 3})
+    assert not (tmp_path / "m").exists()
 
 
 def _failing_save_file(tensors, filename, metadata=None):
@@ -168,7 +167,7 @@ def test_pickle_checkpoint_is_never_loaded(tmp_path, monkeypatch):
     tripwire = tmp_path / "pickle-was-loaded"
     directory = tmp_path / "m"
     directory.mkdir()
-    (directory / "config.json").write_text(json.dumps(model_config_dict(tiny_cfg(), VOCAB, MAX_POS)))
+    (directory / "config.json").write_text(ModelCard(tiny_cfg(), VOCAB, MAX_POS).to_json())
     (directory / "pytorch_model.bin").write_bytes(pickle.dumps(_Tripwire(tripwire)))
     monkeypatch.setattr(torch, "load", lambda *a, **k: pytest.fail("torch.load called"))
     with pytest.raises(FileNotFoundError, match="model.safetensors.*never loaded"):

@@ -16,7 +16,8 @@ import torch
 from twilbert.config import ModelConfig
 from twilbert.embeddings import load_encoder
 from twilbert.model import CheckpointError, TWilBertForPretraining, load_into, load_pretrained_state
-from twilbert.model.io import model_config_dict, save_pretrained
+from twilbert.model.card import ModelCard
+from twilbert.model.io import save_pretrained
 from twilbert.model.manifest import write_manifest
 from twilbert.train.checkpoint import (
     CHECKSUMS_FILE,
@@ -72,7 +73,7 @@ def tripwire(tmp_path):
 @pytest.mark.parametrize("fmt", ["torch.save", "raw"])
 def test_pickles_beside_a_model_directory_are_never_unpickled(tmp_path, tripwire, fmt):
     model = tiny()
-    directory = save_pretrained(tmp_path / "m", model, model_config_dict(model.cfg, VOCAB, MAX_POS))
+    directory = save_pretrained(tmp_path / "m", model, ModelCard(model.cfg, VOCAB, MAX_POS))
     for name in ("pytorch_model.bin", "model.pt", "optimizer.pt", "training_args.bin"):
         plant(directory / name, tripwire, fmt)
     _, state = load_pretrained_state(directory)
@@ -82,7 +83,7 @@ def test_pickles_beside_a_model_directory_are_never_unpickled(tmp_path, tripwire
 @pytest.mark.parametrize("disguised", ["model.safetensors", "config.json"])
 def test_a_pickle_disguised_as_a_model_file_is_refused_with_the_file_named(tmp_path, tripwire, disguised):
     model = tiny()
-    directory = save_pretrained(tmp_path / "m", model, model_config_dict(model.cfg, VOCAB, MAX_POS))
+    directory = save_pretrained(tmp_path / "m", model, ModelCard(model.cfg, VOCAB, MAX_POS))
     plant(directory / disguised, tripwire, "torch.save")
     with pytest.raises(CheckpointError, match=disguised.replace(".", r"\.")):
         load_pretrained_state(directory)
@@ -140,7 +141,7 @@ def edit_config(directory, **changes) -> None:
 ])
 def test_a_config_that_does_not_fit_its_weights_fails_naming_the_mismatch(tmp_path, change, named):
     model = tiny()
-    directory = save_pretrained(tmp_path / "m", model, model_config_dict(model.cfg, VOCAB, MAX_POS))
+    directory = save_pretrained(tmp_path / "m", model, ModelCard(model.cfg, VOCAB, MAX_POS))
     edit_config(directory, **change)
     for name in ("spm.model", "meta.json"):  # present, as in a real model directory; never reached
         (directory / name).write_text("{}")

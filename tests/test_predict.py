@@ -13,7 +13,7 @@ import torch
 
 from finetune_data import first, make_config, make_hf_bert, make_pretrained, write_task
 from helpers import CATEGORIES, EMOTIONS, LONG, REPO, build_finetuned, copy_model, make_tweets, parse_tsv
-from twilbert.config import TaskConfig, VocabConfig, compose, from_dict
+from twilbert.config import TaskConfig, VocabConfig, compose
 from twilbert.data.tokenizer import Tokenizer, train_vocab
 from twilbert.embeddings import load_encoder
 from twilbert.finetuned import load_classifier
@@ -243,11 +243,10 @@ def stage_output(tmp_path, **finetuning) -> Path:
 
 def stage_scores(directory: Path, texts) -> np.ndarray:
     """Scores the way the finetune stage computes them: its own loader, packer and predict_scores."""
-    model, packer, config = load_classifier(directory)
-    task = from_dict(TaskConfig, config["task"], "task")
-    data = packer.pack(texts, None, config["max_len_test"])
+    model, packer, card = load_classifier(directory)
+    data = packer.pack(texts, None, card.max_len_test)
     data["labels"] = np.zeros(len(texts), dtype=np.int64)
-    return predict_scores(model, data, task, 4, torch.device("cpu"), packer=packer)
+    return predict_scores(model, data, card.task, 4, torch.device("cpu"), packer=packer)
 
 
 def test_kfold_output_blends_its_folds_and_its_baseline_row_predicts(tmp_path):
@@ -280,7 +279,8 @@ def test_hugging_face_backbone_output_predicts_as_the_stage_does(tmp_path):
 def test_embeddings_refuse_a_hugging_face_directory_clearly(tmp_path):
     directory = tmp_path / "hf_model"
     (directory / "hf").mkdir(parents=True)
-    (directory / "config.json").write_text(json.dumps({"backbone": "hf"}))
+    (directory / "config.json").write_text(json.dumps({"model": {}, "vocab_size": 8, "max_positions": 8,
+                                                       "backbone": "hf"}))
     (directory / "model.safetensors").write_bytes(b"")
     with pytest.raises(PredictError, match="backbone 'hf' is not supported by embeddings yet"):
         load_encoder(directory)

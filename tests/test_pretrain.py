@@ -91,9 +91,9 @@ def test_the_curves_per_epoch_and_per_logged_step_are_written_for_dvc_plots(run)
 def test_last_and_best_checkpoints_and_the_best_model_are_written(run):
     out = run["out"]
     best_epoch = run["metrics"]["epoch"]
-    config, _ = load_pretrained_state(out / "checkpoints" / "best")
-    assert config["epoch"] == best_epoch
-    assert load_pretrained_state(out / "checkpoints" / "last")[0]["epoch"] == 3
+    card, _ = load_pretrained_state(out / "checkpoints" / "best")
+    assert card.epoch == best_epoch
+    assert load_pretrained_state(out / "checkpoints" / "last")[0].epoch == 3
     assert {"model.safetensors", "config.json", "spm.model", "meta.json"} <= {p.name for p in (out / "model").iterdir()}
 
 
@@ -112,8 +112,8 @@ def test_mlm_only_pretraining_when_rop_is_disabled(run, corpus, tmp_path):
     metrics = pretrain(cfg, corpus / "pairs", corpus / "vocab", tmp_path / "model", tmp_path / "ck")
     assert not [k for k in metrics if "rop" in k]
     assert math.isfinite(metrics["heldout_mlm_accuracy"]) and math.isfinite(metrics["heldout_pll"])
-    config, state = load_pretrained_state(tmp_path / "model")
-    assert config["model"]["rop"]["enabled"] is False
+    card, state = load_pretrained_state(tmp_path / "model")
+    assert card.model.rop.enabled is False
     assert not [k for k in state if k.startswith("rop_classifier")]
 
 

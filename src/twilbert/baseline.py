@@ -22,7 +22,7 @@ from sklearn.svm import LinearSVC
 from twilbert.config import PreprocessConfig, TaskSpec
 from twilbert.data.preprocess import Preprocessor
 from twilbert.io_utils import save_npz
-from twilbert.model.io import CONFIG_NAME
+from twilbert.model.card import CONFIG_NAME, ModelCard, read_card
 from twilbert.model.manifest import verify_model_dir, write_manifest
 
 log = logging.getLogger(__name__)
@@ -171,43 +171,38 @@ def baseline_description(model: str, c: float, link: str) -> dict:
 
 
 def save_baseline(directory: PathLike, baseline: TfidfBaseline, model: str, c: float, extra: dict) -> Path:
-    """``config.json`` (``"backbone": "baseline"``), ``features.json`` and ``weights.npz``."""
+    """``config.json`` (``"backbone": "baseline"``), ``features.json`` and ``weights.npz``.
+
+    ``extra``: the finetuned card's keys (task, max_len_test, finetuning, best_epoch...)."""
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
-    config = {
-        "model": baseline_description(model, c, baseline.link),
-        "vocab_size": baseline.n_features,
-        "max_positions": None,
-        "backbone": "baseline",
-        "head": None,
-        "preprocess": baseline.preprocess.to_dict(),
-        **extra,
-    }
+    card = ModelCard(model=baseline_description(model, c, baseline.link), vocab_size=baseline.n_features,
+                     max_positions=None, backbone="baseline", preprocess=baseline.preprocess.cfg, **extra)
     (directory / FEATURES_FILE).write_text(
         json.dumps({"word": _vocabulary(baseline.word), "char": _vocabulary(baseline.char)}, ensure_ascii=False),
         encoding="utf-8",
     )
     save_npz(directory / WEIGHTS_FILE, word_idf=baseline.word.idf_, char_idf=baseline.char.idf_,
              coef=baseline.coef.astype(np.float32), intercept=baseline.intercept.astype(np.float64))
-    (directory / CONFIG_NAME).write_text(json.dumps(config, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+    card.write(directory / CONFIG_NAME)
     write_manifest(directory)
     return directory
 
 
-def load_baseline(directory: PathLike) -> tuple[TfidfBaseline, dict]:
-    """(baseline, config.json) from :func:`save_baseline` output."""
+def load_baseline(directory: PathLike) -> tuple[TfidfBaseline, ModelCard]:
+    """(baseline, model card) from :func:`save_baseline` output."""
     directory = Path(directory)
     config_path = directory / CONFIG_NAME
     if not config_path.is_file():
         raise FileNotFoundError(f"{config_path}: missing; is {directory} a baseline model directory?")
     verify_model_dir(directory)
-    config = json.loads(config_path.read_text(encoding="utf-8"))
-    if config.get("backbone") != "baseline":
-        raise ValueError(f"{config_path}: backbone is {config.get('backbone')!r}, not 'baseline'")
+    card = read_card(config_path)
+    if card.backbone != "baseline":
+        raise ValueError(f"{config_path}: backbone is {card.backbone!r}, not 'baseline'")
     vocab = json.loads((directory / FEATURES_FILE).read_text(encoding="utf-8"))
     word, char = _vectorizers(vocab["word"], vocab["char"])
     with np.load(directory / WEIGHTS_FILE, allow_pickle=False) as z:
         word.idf_, char.idf_ = z["word_idf"], z["char_idf"]
         coef, intercept = z["coef"], z["intercept"]
-    preprocess = Preprocessor(PreprocessConfig.from_dict(config.get("preprocess")))
-    return TfidfBaseline(word, char, coef, intercept, config["model"]["link"], preprocess), config
+    preprocess = Preprocessor(card.preprocess or PreprocessConfig())
+    return TfidfBaseline(word, char, coef, intercept, card.model["link"], preprocess), card

@@ -185,23 +185,24 @@ def export_hf_dir(model_dir: Path, out_dir: Path, encoder_only: bool = False) ->
     """
     from twilbert.data.tokenizer import META_FILE, MODEL_FILE
     from twilbert.model import (
-        TWilBertForPretraining, TWilBertModel, load_into, load_pretrained_state, model_config_from_dict, save_hf,
+        TWilBertForPretraining, TWilBertModel, load_into, load_pretrained_state, save_hf,
     )
+    from twilbert.model.card import max_text_len
     from twilbert.model.hf import to_hf_classifier
     from twilbert.io_utils import publish_dir
     from twilbert.predict import PredictError, load_finetuned, read_model_config
 
     model_dir, out_dir = Path(model_dir), Path(out_dir)
-    config = read_model_config(model_dir, backbones=("twilbert",), command="export-hf")
-    cfg, vocab_size, max_positions = model_config_from_dict(config, str(model_dir / "config.json"))
+    card = read_model_config(model_dir, backbones=("twilbert",), command="export-hf")
+    cfg, vocab_size, max_positions = card.model_config, card.vocab_size, card.max_positions
     if out_dir.exists() and (not out_dir.is_dir() or any(out_dir.iterdir())):
         raise PredictError(f"{out_dir}: exists and is not an empty directory; remove it or choose another --out")
     classifier_note = ""
-    if config.get("head") and config.get("task") and not encoder_only:
+    if card.is_finetuned and not encoder_only:
         fm = load_finetuned(model_dir, "cpu", blend=False)  # the directory's own (selected fold's) model
-        if config.get("kfold", {}).get("members"):
+        if card.kfold_members:
             log.warning("export-hf: %s is a k-fold model; the export is its selected fold's model, while "
-                        "`twilbert predict` averages the %d folds", model_dir, len(config["kfold"]["members"]))
+                        "`twilbert predict` averages the %d folds", model_dir, len(card.kfold_members))
         hf = to_hf_classifier(fm.members[0].model, cfg, vocab_size, max_positions, fm.labels or ["value"],
                               fm.problem_type)
         classifier_note = CLASSIFIER_NOTE.format(problem_type=fm.problem_type, threshold=fm.task.task.threshold,
@@ -222,7 +223,7 @@ def export_hf_dir(model_dir: Path, out_dir: Path, encoder_only: bool = False) ->
         shutil.copyfile(model_dir / META_FILE, tmp / META_FILE)
         (tmp / "tokenizer_config.json").write_text(json.dumps(tokenizer_config(max_positions), indent=2) + "\n")
         note = TOKENIZER_NOTE.format(source=model_dir, hf_class=type(hf).__name__, max_positions=max_positions,
-                                     max_single=max_positions - 2, classifier_note=classifier_note)
+                                     max_single=max_text_len(max_positions, 1), classifier_note=classifier_note)
         (tmp / "TOKENIZER.md").write_text(note, encoding="utf-8")
     return type(hf).__name__
 

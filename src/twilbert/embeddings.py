@@ -21,29 +21,26 @@ from twilbert.device import resolve_device
 from twilbert.inputs import CHUNK_SIZE, PredictError, chunked, iter_lines, open_input, text_rows, tsv_rows
 from twilbert.io_utils import atomic_write
 from twilbert.model import ClassificationHead, TWilBertModel
-from twilbert.model.io import CONFIG_NAME, CheckpointError, load_into, load_pretrained_state, model_config_from_dict
-from twilbert.predict import check_vocab_fits, model_max_len, read_model_config
+from twilbert.model.card import HeadConfig, ModelCard
+from twilbert.model.io import load_into, load_pretrained_state
+from twilbert.predict import check_vocab_fits, read_model_config
 
 log = logging.getLogger(__name__)
 
 
-def load_encoder(directory: Union[str, Path], device: str = "cpu") -> tuple[TWilBertModel, Tokenizer, dict]:
-    """(encoder in eval mode, tokenizer, config.json) of a pretrained or finetuned model directory."""
+def load_encoder(directory: Union[str, Path], device: str = "cpu") -> tuple[TWilBertModel, Tokenizer, ModelCard]:
+    """(encoder in eval mode, tokenizer, model card) of a pretrained or finetuned model directory."""
     directory = Path(directory)
-    config = read_model_config(directory, backbones=("twilbert",), command="embeddings")
-    try:
-        cfg, vocab_size, max_positions = model_config_from_dict(config, str(directory / CONFIG_NAME))
-    except CheckpointError as err:
-        raise PredictError(str(err)) from None
-    encoder = TWilBertModel(cfg, vocab_size, max_positions)
+    card = read_model_config(directory, backbones=("twilbert",), command="embeddings")
+    encoder = TWilBertModel(card.model_config, card.vocab_size, card.max_positions)
     _, state = load_pretrained_state(directory)
     load_into(encoder, state, strict=True)  # a full model's heads are dropped, the encoder must be complete
     try:
         tokenizer = Tokenizer(directory)
     except (OSError, RuntimeError, ValueError) as err:
         raise PredictError(f"{directory}: unreadable vocabulary ({err})") from None
-    check_vocab_fits(directory, tokenizer, vocab_size)
-    return encoder.to(resolve_device(device)).eval(), tokenizer, config
+    check_vocab_fits(directory, tokenizer, card.vocab_size)
+    return encoder.to(resolve_device(device)).eval(), tokenizer, card
 
 
 class Embedder:
@@ -82,11 +79,11 @@ def write_embeddings(model_dir: Union[str, Path], input_path: str, output: Union
     """
     if input_path == "-":
         raise PredictError("embeddings reads a file, not stdin: it counts the lines first to size the .npy")
-    encoder, tokenizer, config = load_encoder(model_dir, device)
-    head = config.get("head", {})
-    mode = collapse_mode or head.get("collapse_mode", "avg")
-    special = head.get("use_special_tokens", True) if use_special_tokens is None else use_special_tokens
-    embedder = Embedder(encoder, tokenizer, model_max_len(config), mode, special)
+    encoder, tokenizer, card = load_encoder(model_dir, device)
+    head = card.head or HeadConfig()  # a pretrained model has no head: avg over all tokens
+    mode = collapse_mode or head.collapse_mode
+    special = head.use_special_tokens if use_special_tokens is None else use_special_tokens
+    embedder = Embedder(encoder, tokenizer, card.text_len(n_segments=1), mode, special)
 
     with open_input(input_path) as fh:
         n = sum(1 for _ in fh) - (1 if column else 0)

@@ -20,7 +20,8 @@ from twilbert.data.pairs import load_shards
 from twilbert.data.shards import PairsDataError
 from twilbert.data.tokenizer import Tokenizer
 from twilbert.model import TWilBertForPretraining
-from twilbert.model.io import load_into, load_pretrained_state, model_config_from_dict
+from twilbert.model.card import ModelCard
+from twilbert.model.io import load_into, load_pretrained_state
 from twilbert.train.heldout import EVAL_STREAM, heldout_metrics
 from twilbert.train.objective import PretrainObjective
 
@@ -47,13 +48,12 @@ class SampleReport:
     rop_probability: Optional[float]  # probability of the predicted order
 
 
-def load_pretraining_model(directory: Path) -> tuple[TWilBertForPretraining, dict]:
-    """The MLM + ROP model saved by the pretrain stage, in eval mode, with its config.json."""
-    config, state = load_pretrained_state(directory)
-    cfg, vocab_size, max_positions = model_config_from_dict(config, str(Path(directory) / "config.json"))
-    model = TWilBertForPretraining(cfg, vocab_size, max_positions)
+def load_pretraining_model(directory: Path) -> tuple[TWilBertForPretraining, ModelCard]:
+    """The MLM + ROP model saved by the pretrain stage, in eval mode, with its model card."""
+    card, state = load_pretrained_state(directory)
+    model = TWilBertForPretraining(card.model_config, card.vocab_size, card.max_positions)
     load_into(model, state, strict=True)
-    return model.eval(), config
+    return model.eval(), card
 
 
 @torch.no_grad()
@@ -135,13 +135,13 @@ def render_markdown(samples: list[SampleReport], metrics: dict[str, float], titl
 def inspect_model(model_dir: Path, pairs_dir: Path, n_samples: int, seed: int, batch_size: int, pll_examples: int,
                   device: torch.device, precision: str = "fp32") -> tuple[str, dict[str, float]]:
     """(Markdown report, held-out metrics) of the model in ``model_dir`` on the pair shards in ``pairs_dir``."""
-    model, config = load_pretraining_model(Path(model_dir))
+    model, card = load_pretraining_model(Path(model_dir))
     model.to(device)
     tokenizer = Tokenizer(model_dir)  # the vocabulary embedded in the model directory
     data = load_shards(Path(pairs_dir))  # memory-mapped; only the rows scored are read
     if not len(data):
         raise PairsDataError(f"{pairs_dir}: the held-out split holds no pairs; raise pairs.heldout_fraction")
-    objective = PretrainObjective(model.cfg.masked_lm, seed, config["vocab_size"], device)
+    objective = PretrainObjective(model.cfg.masked_lm, seed, card.vocab_size, device)
     metrics = heldout_metrics(model, objective, data, batch_size, pll_examples, device, precision)
     metrics["examples"] = len(data)
     samples = inspect_samples(model, objective, data, tokenizer, n_samples, batch_size)

@@ -8,7 +8,7 @@ as the model's placeholder text (``preprocess.empty_text``, ``[vacío]`` by defa
 longer than the model's ``max_len_test`` tokens is truncated to it.
 
 Any finetune stage output works: a TWilBert or Hugging Face encoder under the classification head,
-or the TF-IDF baseline (``config.json["backbone"]``); a k-fold directory blends its folds' models.
+or the TF-IDF baseline (the model card's ``backbone``); a k-fold directory blends its folds' models.
 """
 
 from __future__ import annotations
@@ -23,7 +23,7 @@ from typing import IO, Any, Iterable, Iterator, Optional, Sequence, Union
 import numpy as np
 import torch
 
-from twilbert.config import ConfigError, TaskConfig, from_dict
+from twilbert.config import ConfigError, TaskConfig
 from twilbert.data.packers import TWilBertPacker
 from twilbert.data.preprocess import Preprocessor
 from twilbert.data.tokenizer import META_FILE, MODEL_FILE, Tokenizer
@@ -31,7 +31,8 @@ from twilbert.device import resolve_device
 from twilbert.finetuned import load_classifier
 from twilbert.inputs import Chunk, PredictError
 from twilbert.model.backbone import HF_DIR
-from twilbert.model.io import CONFIG_NAME, WEIGHTS_NAME, CheckpointError, read_config_json
+from twilbert.model.card import CONFIG_NAME, CheckpointError, ModelCard, read_card
+from twilbert.model.io import WEIGHTS_NAME
 from twilbert.scoring import decide, predict_scores
 
 log = logging.getLogger(__name__)
@@ -55,8 +56,8 @@ PROBLEM_TYPES = ("single_label_classification", "multi_label_classification", "r
 
 
 def read_model_config(directory: Union[str, Path], backbones: Sequence[str] = BACKBONES,
-                      command: str = "predict") -> dict:
-    """config.json of a model directory, after checking that every file its backbone needs is there."""
+                      command: str = "predict") -> ModelCard:
+    """The model card (config.json) of a model directory, after checking that every file its backbone needs is there."""
     directory = Path(directory)
     if not directory.is_dir():
         raise PredictError(f"{directory}: model directory not found")
@@ -65,10 +66,10 @@ def read_model_config(directory: Union[str, Path], backbones: Sequence[str] = BA
         raise PredictError(f"{directory}: missing {CONFIG_NAME}; a twilbert model directory holds {CONFIG_NAME}, "
                            f"{', '.join(MODEL_FILES['twilbert'])} (written by the pretrain and finetune stages)")
     try:
-        config = read_config_json(path)
+        card = read_card(path)
     except CheckpointError as err:
         raise PredictError(str(err)) from None
-    backbone = config.get("backbone", "twilbert")
+    backbone = card.kind
     if backbone not in backbones:
         raise PredictError(f"{path}: backbone {backbone!r} is not supported by {command} yet "
                            f"(supported: {', '.join(backbones)})")
@@ -77,14 +78,7 @@ def read_model_config(directory: Union[str, Path], backbones: Sequence[str] = BA
     if missing:
         raise PredictError(f"{directory}: missing {', '.join(missing)}; a {backbone} model directory holds "
                            f"{CONFIG_NAME}, {', '.join(files)}")
-    return config
-
-
-def model_max_len(config: dict, n_segments: int = 1) -> int:
-    """Tokens per text: the model's test length, cut so ``[CLS] a [SEP] (b [SEP])`` fits its positions."""
-    max_len = int(config.get("max_len_test") or config.get("max_len") or config["max_positions"])
-    fits = (int(config["max_positions"]) - 1 - n_segments) // n_segments
-    return max(1, min(max_len, fits))
+    return card
 
 
 @dataclass
@@ -170,37 +164,28 @@ def load_finetuned(directory: Union[str, Path], device: str = "cpu", blend: bool
     ``blend``: a k-fold directory predicts with every fold's model, averaged; else with its selected fold's.
     """
     directory = Path(directory)
-    config = read_model_config(directory)
+    card = read_model_config(directory)
     path = directory / CONFIG_NAME
-    backbone = config.get("backbone", "twilbert")
+    backbone = card.kind
     needed = ("task",) if backbone == "baseline" else ("task", "head")
-    absent = [key for key in needed if not config.get(key)]
+    absent = [key for key in needed if getattr(card, key) is None]
     if absent:
         raise PredictError(
             f"{path}: no {' or '.join(map(repr, absent))} key, so {directory} is not a finetuned model; "
             "predict needs a finetune stage output (`twilbert embeddings` works with pretrained models too)"
         )
-    try:
-        task = from_dict(TaskConfig, config["task"], "task")
-    except ConfigError as err:
-        raise PredictError(f"{path}: {err}") from None
     target = resolve_device(device)
     member_dirs = [directory]
-    if blend and config.get("kfold", {}).get("members"):
-        member_dirs = [directory / member for member in config["kfold"]["members"]]
+    if blend and card.kfold_members:
+        member_dirs = [directory / member for member in card.kfold_members]
     members = [load_member(d, target) for d in member_dirs]
-    n_segments = 2 if task.dataset.aux_header else 1
-    if backbone == "twilbert":
-        max_len = model_max_len(config, n_segments)
-    else:  # the stage already fitted max_len_test to the HF template; the baseline does not truncate
-        max_len = int(config.get("max_len_test") or config.get("max_len") or 0)
-    return FinetunedModel(members, task, max_len, target, backbone)
+    return FinetunedModel(members, card.task, card.text_len(), target, backbone)
 
 
 def load_member(directory: Path, device: torch.device) -> Member:
     """One model directory's classifier (twilbert, hf) or baseline, checked against its own files."""
-    config = read_model_config(directory)
-    backbone = config.get("backbone", "twilbert")
+    card = read_model_config(directory)
+    backbone = card.kind
     if backbone == "baseline":
         from twilbert.baseline import load_baseline  # scikit-learn: only for baseline directories
 
@@ -220,7 +205,7 @@ def load_member(directory: Path, device: torch.device) -> Member:
     except (OSError, RuntimeError) as err:  # e.g. sentencepiece on a corrupt spm.model
         raise PredictError(f"{directory}: unreadable model files ({err})") from None
     if isinstance(packer, TWilBertPacker):
-        check_vocab_fits(directory, packer.tokenizer, int(config["vocab_size"]))
+        check_vocab_fits(directory, packer.tokenizer, card.vocab_size)
     return Member(directory, model.to(device).eval(), packer)
 
 

@@ -14,12 +14,9 @@ import torch
 from twilbert.config import TaskConfig
 from twilbert.data.batch import make_batch
 from twilbert.device import autocast
+from twilbert.model.card import n_outputs
 
 Split = dict[str, np.ndarray]  # prepared split: packed rows or texts, plus "labels"
-
-
-def n_outputs(task: TaskConfig) -> int:
-    return 1 if task.task.regression else len(task.task.categories)
 
 
 def decide(scores: np.ndarray, task: TaskConfig) -> np.ndarray:

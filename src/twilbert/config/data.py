@@ -28,6 +28,11 @@ class RepresentationConfig:
     max_len: int = 64  # tokens per text; the input is [CLS] a [SEP] b [SEP] (2*max_len+3)
     max_len_test: Optional[int] = None
 
+    @property
+    def test_len(self) -> int:
+        """Tokens per text at evaluation and prediction (``max_len_test``, else ``max_len``)."""
+        return self.max_len_test or self.max_len
+
     def validate(self, where: str = "representation") -> None:
         check_positive(self, where, "max_len", "max_len_test")
         if self.max_len > MAX_LEN_LIMIT:

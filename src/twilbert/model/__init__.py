@@ -17,14 +17,13 @@ from twilbert.model.heads import (
     TWilBertROPHead,
     count_parameters,
 )
+from twilbert.model.card import HeadConfig, ModelCard, read_card
 from twilbert.model.hf import ExportError, save_hf, to_hf
 from twilbert.model.io import (
     CheckpointError,
     LoadReport,
     load_into,
     load_pretrained_state,
-    model_config_dict,
-    model_config_from_dict,
     save_pretrained,
 )
 from twilbert.model.pkm import ProductKeyMemory
@@ -33,7 +32,9 @@ __all__ = [
     "CheckpointError",
     "ClassificationHead",
     "ExportError",
+    "HeadConfig",
     "LoadReport",
+    "ModelCard",
     "PretrainOutput",
     "ProductKeyMemory",
     "TWilBertAttention",
@@ -49,8 +50,7 @@ __all__ = [
     "init_weights",
     "load_into",
     "load_pretrained_state",
-    "model_config_dict",
-    "model_config_from_dict",
+    "read_card",
     "save_hf",
     "save_pretrained",
     "to_hf",

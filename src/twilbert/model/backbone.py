@@ -2,7 +2,7 @@
 
 The classifier takes the same batch as TWilBert's (``input_ids``, ``segment_ids``,
 ``attention_mask``, ``special_mask``), so one finetuning loop, one set of heads, losses and metrics
-serves both. A finetuned model directory says which it holds in ``config.json["backbone"]``.
+serves both. A finetuned model directory says which it holds in its model card's ``backbone``.
 
 transformers is imported lazily: only the ``hf`` backbone needs it.
 """
@@ -17,7 +17,8 @@ from typing import Any, Optional, Union
 import torch
 from torch import nn
 
-from twilbert.model.heads import ClassificationHead
+from twilbert.model.card import HeadConfig, ModelCard
+from twilbert.model.heads import ClassificationHead, TWilBertForClassification
 from twilbert.model.io import save_pretrained
 from twilbert.model.manifest import write_manifest
 
@@ -100,21 +101,34 @@ def load_hf_backbone(path: PathLike) -> tuple[nn.Module, Any]:
 def save_hf_classifier(directory: PathLike, model: HFClassifier, packer: Any, extra: dict) -> Path:
     """safetensors + ``config.json`` (HF config under ``"model"``), HF config and tokenizer in ``hf/``.
 
-    ``packer``: the ``data.packers.HFPacker`` the model was trained with (tokenizer, preprocessing, positions).
+    ``packer``: the ``data.packers.HFPacker`` the model was trained with (tokenizer, preprocessing, positions);
+    ``extra``: the finetuned card's keys (head, task, max_len_test, finetuning, best_epoch...).
     """
     directory = Path(directory)
-    hf_config = json.loads(model.backbone.config.to_json_string())
-    config = {
-        "model": hf_config,
-        "vocab_size": int(model.backbone.config.vocab_size),
-        "max_positions": packer.max_positions,
-        "backbone": "hf",
-        "hf_dir": HF_DIR,
-        "preprocess": packer.preprocess.to_dict(),
+    card = ModelCard(
+        model=json.loads(model.backbone.config.to_json_string()),
+        vocab_size=int(model.backbone.config.vocab_size),
+        max_positions=packer.max_positions,
+        backbone="hf",
+        hf_dir=HF_DIR,
+        preprocess=packer.preprocess.cfg,
         **extra,
-    }
-    save_pretrained(directory, model, config)
+    )
+    save_pretrained(directory, model, card)
     model.backbone.config.save_pretrained(directory / HF_DIR)
     packer.tokenizer.save_pretrained(directory / HF_DIR)
     write_manifest(directory)  # hf/ included
     return directory
+
+
+def twilbert_classifier(card: ModelCard, head: HeadConfig, n_outputs: int) -> TWilBertForClassification:
+    """A TWilBert encoder of the card's shape under a fresh ``head`` with ``n_outputs`` outputs."""
+    return TWilBertForClassification(
+        card.model_config, card.vocab_size, card.max_positions, n_outputs,
+        head.collapse_mode, head.use_special_tokens, head.dropout, head.n_hidden, head.hidden_size,
+    )
+
+
+def hf_classifier(encoder: nn.Module, head: HeadConfig, n_outputs: int) -> HFClassifier:
+    return HFClassifier(encoder, n_outputs, head.collapse_mode, head.use_special_tokens, head.dropout, head.n_hidden,
+                        head.hidden_size)

@@ -1,7 +1,7 @@
 """Model directories: ``model.safetensors`` + ``config.json``, written atomically, read without pickle.
 
-config.json holds the model config under ``"model"`` (``asdict(ModelConfig)``) with ``"vocab_size"``
-and ``"max_positions"``; callers may add keys of their own, which are kept as given.
+config.json is the model card (:mod:`twilbert.model.card`): the model config under ``"model"`` with
+``"vocab_size"``, ``"max_positions"`` and, for a finetuned model, its classifier's keys.
 """
 
 from __future__ import annotations
@@ -11,29 +11,23 @@ import logging
 import os
 import shutil
 from pathlib import Path
-from typing import Any, NamedTuple, Optional, Union
+from typing import NamedTuple, Optional, Union
 
 import torch
 from safetensors import SafetensorError, safe_open
 from torch import nn
 
-from twilbert.config import ConfigError, ModelConfig, from_dict, to_dict
 from twilbert.io_utils import CHECKSUMS_NAME, link_or_copy, publish_dir
+from twilbert.model.card import CONFIG_NAME, CheckpointError, ModelCard, read_card  # noqa: F401 (re-exported)
 from twilbert.model.safetensors_writer import save_file
 
 logger = logging.getLogger(__name__)
 
 WEIGHTS_NAME = "model.safetensors"
-CONFIG_NAME = "config.json"
-REQUIRED_KEYS = ("model", "vocab_size", "max_positions")
 _TIED_KEY = "twilbert_tied"  # safetensors metadata: JSON {alias name: stored name}
 PREFIX = "twilbert."  # the encoder's attribute in the full models
 
 PathLike = Union[str, os.PathLike]
-
-
-class CheckpointError(RuntimeError):
-    """A model directory is unreadable or does not fit the model; the message names the file or parameter."""
 
 
 def _manifest():
@@ -46,29 +40,6 @@ def _manifest():
 class LoadReport(NamedTuple):
     missing: list[str]  # model parameters the checkpoint did not provide
     unexpected: list[str]  # checkpoint tensors the model has no place for
-
-
-# --------------------------------------------------------------------------------------------
-# config.json
-# --------------------------------------------------------------------------------------------
-
-
-def model_config_dict(cfg: ModelConfig, vocab_size: int, max_positions: int, **extra: Any) -> dict:
-    """The config.json content for a model: its config, sizes, and any caller keys."""
-    return {"model": to_dict(cfg), "vocab_size": vocab_size, "max_positions": max_positions, **extra}
-
-
-def model_config_from_dict(config: dict, where: str = CONFIG_NAME) -> tuple[ModelConfig, int, int]:
-    """(ModelConfig, vocab_size, max_positions) from a config.json dict, validated."""
-    missing = [k for k in REQUIRED_KEYS if k not in config]
-    if missing:
-        raise CheckpointError(f"{where}: missing key(s) {missing}")
-    try:
-        cfg = from_dict(ModelConfig, config["model"], "model")
-        cfg.validate()
-    except ConfigError as err:
-        raise CheckpointError(f"{where}: {err}") from None
-    return cfg, int(config["vocab_size"]), int(config["max_positions"])
 
 
 # --------------------------------------------------------------------------------------------
@@ -113,25 +84,25 @@ def _carry_extras(old: Path, new: Path) -> None:
             link_or_copy(entry, target)
 
 
-def save_pretrained(directory: PathLike, model: nn.Module, config: dict) -> Path:
-    """Write ``model.safetensors``, ``config.json`` and ``checksums.json`` to ``directory`` atomically.
+def save_pretrained(directory: PathLike, model: nn.Module, card: Union[ModelCard, dict]) -> Path:
+    """Write ``model.safetensors``, ``config.json`` (the model card; a dict is loaded as one, strictly)
+    and ``checksums.json`` to ``directory`` atomically.
 
     Published with ``io_utils.publish_dir``: a crash leaves the previous complete directory or the
     new one, never a mix. Files other callers added to an existing directory are kept. A caller
     that adds files afterwards (e.g. the vocabulary) reseals it with ``manifest.write_manifest``.
     """
     directory = Path(directory)
-    missing = [k for k in REQUIRED_KEYS if k not in config]
-    if missing:
-        raise ValueError(f"config for {directory / CONFIG_NAME} lacks {missing}; build it with model_config_dict()")
+    if not isinstance(card, ModelCard):
+        card = ModelCard.from_dict(card, f"model card for {directory / CONFIG_NAME}")
     if directory.exists() and not directory.is_dir():
         raise CheckpointError(f"{directory}: exists and is not a directory")
-    config_text = json.dumps(config, indent=2)  # fails on unserialisable values before touching disk
+    config_text = card.to_json()  # fails on unserialisable values before touching disk
     tensors, aliases = untie(model.state_dict())
 
     with publish_dir(directory, checksums=True) as staged:  # names the directory when the disk is full
         save_file(tensors, str(staged / WEIGHTS_NAME), metadata={"format": "pt", _TIED_KEY: json.dumps(aliases)})
-        (staged / CONFIG_NAME).write_text(config_text + "\n", encoding="utf-8")
+        (staged / CONFIG_NAME).write_text(config_text, encoding="utf-8")
         if directory.exists():
             _carry_extras(directory, staged)
     logger.debug("saved %d tensors (%d tied) to %s", len(tensors), len(aliases), directory)
@@ -143,19 +114,10 @@ def save_pretrained(directory: PathLike, model: nn.Module, config: dict) -> Path
 # --------------------------------------------------------------------------------------------
 
 
-def read_config_json(path: Path) -> dict:
-    """A model directory's ``config.json`` as a dict; CheckpointError naming the file otherwise."""
-    try:
-        config = json.loads(Path(path).read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as err:
-        raise CheckpointError(f"{path}: not valid JSON ({err})") from None
-    if not isinstance(config, dict):
-        raise CheckpointError(f"{path}: expected a JSON object, got {type(config).__name__}")
-    return config
-
-
-def load_pretrained_state(directory: PathLike, verify: Optional[bool] = None) -> tuple[dict, dict[str, torch.Tensor]]:
-    """Read (config dict, state_dict) from a model directory: safetensors and JSON only, never pickle.
+def load_pretrained_state(
+    directory: PathLike, verify: Optional[bool] = None
+) -> tuple[ModelCard, dict[str, torch.Tensor]]:
+    """Read (model card, state_dict) from a model directory: safetensors and JSON only, never pickle.
 
     The directory's ``checksums.json`` is verified first (``manifest.verify_model_dir``; ``verify``
     None follows ``--no-verify`` / ``TWILBERT_NO_VERIFY``).
@@ -171,7 +133,7 @@ def load_pretrained_state(directory: PathLike, verify: Optional[bool] = None) ->
             raise FileNotFoundError(f"{path}: missing; a model directory holds {CONFIG_NAME} and {WEIGHTS_NAME}{hint}")
     _manifest().verify_model_dir(directory, verify)
 
-    config = read_config_json(config_path)
+    card = read_card(config_path)
 
     try:
         with safe_open(str(weights_path), framework="pt", device="cpu") as f:
@@ -185,7 +147,7 @@ def load_pretrained_state(directory: PathLike, verify: Optional[bool] = None) ->
         if stored not in state:
             raise CheckpointError(f"{weights_path}: tied tensor {alias!r} points at missing {stored!r}")
         state[alias] = state[stored]
-    return config, state
+    return card, state
 
 
 def _align_prefix(model_keys: set[str], state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:

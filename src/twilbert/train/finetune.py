@@ -32,10 +32,11 @@ from twilbert.distributed import DistContext, n_rank_batches, rank_batch_indices
 from twilbert.data.packers import TWilBertPacker
 from twilbert.data.tasks import TaskExamples
 from twilbert.model.trainable import set_trainable
+from twilbert.model.card import HeadConfig
 from twilbert.model.manifest import write_manifest
 from twilbert.scoring import Split, evaluate_scores, predict_scores
 from twilbert.track import Tracker
-from twilbert.train.backbones import Backbone, HFBackbone, TWilBertBackbone, head_config
+from twilbert.train.backbones import Backbone, HFBackbone, TWilBertBackbone
 from twilbert.train.checkpoint import run_fingerprint
 from twilbert.train.loop import BestEpoch, Callback, Checkpointing, Trainer
 from twilbert.train.losses import build_loss, class_weights_tensor
@@ -163,7 +164,7 @@ class NeuralLearner(Learner):
         return predict_scores(model, split, self.task, ft.pred_batch_size, self.device, ft.precision, self.packer)
 
     def save(self, model: nn.Module, directory: Path, extra: dict) -> None:
-        self.backbone.save(model, directory, {"head": head_config(self.ft), **extra})
+        self.backbone.save(model, directory, {"head": HeadConfig.of(self.ft), **extra})
 
     def fit(self, train: Split, dev: Split, fold: Optional[int] = None) -> Fitted:
         ft, task, device, ctx = self.ft, self.task, self.device, self.ctx

@@ -64,7 +64,7 @@ def finetune_task(cfg: Config, task: TaskConfig, pretrained_dir: Path, model_out
     pretrained_dir, model_out, metrics_out = Path(pretrained_dir), Path(model_out), Path(metrics_out)
     splits = splits if splits is not None else load_task(task, cfg.seed, ft.no_test_protocol)
     max_len = cfg.representation.max_len
-    test_len = cfg.representation.max_len_test or max_len
+    test_len = cfg.representation.test_len
     if ft.backbone == "twilbert":
         learner: Learner = twilbert_learner(cfg, task, ft, pretrained_dir, tracker, ctx)
     elif ft.backbone == "hf":

@@ -8,9 +8,8 @@ Folds are seeded. Single-label tasks are stratified by class; multi-label and re
 
 from __future__ import annotations
 
-import json
 import logging
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Callable, Optional, Sequence
 
@@ -20,7 +19,7 @@ from sklearn.model_selection import KFold, StratifiedKFold
 from twilbert.config import TaskSpec
 from twilbert.data.tasks import TaskData, TaskExamples
 from twilbert.io_utils import link_or_copy
-from twilbert.model.io import CONFIG_NAME
+from twilbert.model.card import CONFIG_NAME, KFoldSummary, read_card
 from twilbert.model.manifest import write_manifest
 from twilbert.scoring import Split, evaluate_scores
 from twilbert.train.metrics import official_metric_name
@@ -127,7 +126,7 @@ def evaluate_learner(learner: Learner, splits: TaskData, max_len: int, test_len:
     """Fit (once, or once per fold), evaluate dev and test, save the model(s) under ``model_out``
     (None: save nothing, as on the ranks other than 0 under torchrun)."""
     task, ft = learner.task, learner.ft
-    extra = {"task": asdict(task), "max_len_test": test_len, "finetuning": asdict(ft)}
+    extra = {"task": task, "max_len_test": test_len, "finetuning": ft}  # the finetuned model card's keys
     kfold_on = ft.kfold_on
     if ft.kfold and kfold_on == "train+dev" and splits.test_is_dev:
         log.warning("%s: no test file, so dev is the test; k-fold on train only to keep it unseen", task.name)
@@ -204,8 +203,7 @@ def _publish_fold(model_out: Path, fold: int, kfold_info: dict) -> None:
             target.parent.mkdir(parents=True, exist_ok=True)
             link_or_copy(entry, target)
     config_path = model_out / CONFIG_NAME
-    config = json.loads(config_path.read_text(encoding="utf-8"))
-    config["kfold"] = kfold_info
-    config_path.unlink()  # a hard link: rewrite a fresh file rather than the fold's
-    config_path.write_text(json.dumps(config, indent=2) + "\n", encoding="utf-8")
+    card = read_card(config_path)
+    card.kfold = KFoldSummary(**kfold_info)
+    card.write(config_path)  # a hard link: writes a fresh file rather than the fold's
     write_manifest(model_out)  # the selected fold's manifest came along as a link: replace it

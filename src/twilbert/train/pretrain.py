@@ -16,7 +16,6 @@ from __future__ import annotations
 import logging
 import math
 import shutil
-from dataclasses import asdict
 from pathlib import Path
 from typing import NamedTuple, Optional, Sequence
 
@@ -33,6 +32,7 @@ from twilbert.device import configure_matmul, resolve_device
 from twilbert.distributed import DistContext, iterate_rank_batches, n_rank_batches, wrap_ddp
 from twilbert.model import TWilBertForPretraining, count_parameters
 from twilbert.io_utils import publish_dir
+from twilbert.model.card import ModelCard, pretraining_positions
 from twilbert.model.io import CheckpointError, LoadReport, load_into, load_pretrained_state, save_pretrained
 from twilbert.track import Tracker
 from twilbert.train.checkpoint import config_fingerprint, files_digest, package_paths, run_fingerprint
@@ -55,13 +55,6 @@ FINGERPRINT_CODE = ("model", "train", "data/masking.py", "data/pairs.py", "data/
 PREFETCH_BATCHES = 4  # batches read ahead of the step on a background thread
 
 
-def model_config_dict(cfg: Config, vocab_size: int) -> dict:
-    return {
-        "model": asdict(cfg.model),
-        "vocab_size": vocab_size,
-        "max_positions": 2 * cfg.representation.max_len + 3,
-        "max_len": cfg.representation.max_len,
-    }
 
 
 # --------------------------------------------------------------------------------------------
@@ -71,7 +64,7 @@ def model_config_dict(cfg: Config, vocab_size: int) -> dict:
 
 def build_pretraining_model(cfg: Config, vocab_size: int) -> TWilBertForPretraining:
     torch.manual_seed(cfg.seed)
-    return TWilBertForPretraining(cfg.model, vocab_size, 2 * cfg.representation.max_len + 3)
+    return TWilBertForPretraining(cfg.model, vocab_size, pretraining_positions(cfg.representation.max_len))
 
 
 def load_initial_weights(model: TWilBertForPretraining, directory: Path) -> LoadReport:
@@ -183,7 +176,7 @@ def pretrain(cfg: Config, pairs_dir: Path, vocab_dir: Path, out_dir: Path, check
         log.info("pretrain: %s preset, %d parameters, device %s, %d process(es)", cfg.model.name, n_params, device,
                  ctx.world_size)
 
-    config = model_config_dict(cfg, vocab_size)
+    card = ModelCard.pretrained(cfg.model, vocab_size, cfg.representation.max_len)
     parts = pretrain_fingerprint(cfg, pairs_dir, vocab_dir)
     trainer.checkpointing = Checkpointing(checkpoint_dir / TRAIN_STATE_DIR, run_fingerprint(parts),
                                           tcfg.checkpoint_every, parts=parts,
@@ -210,9 +203,9 @@ def pretrain(cfg: Config, pairs_dir: Path, vocab_dir: Path, out_dir: Path, check
             curves.add_epoch(epoch, trainer.state.optimizer_steps, metrics)
             if tracker:
                 tracker.log_metrics(metrics, step=trainer.state.optimizer_steps)
-            save_pretrained(checkpoint_dir / "last", model, {**config, "epoch": epoch, "metrics": metrics})
+            save_pretrained(checkpoint_dir / "last", model, card.replace(epoch=epoch, metrics=metrics))
             if improved:
-                save_pretrained(checkpoint_dir / "best", model, {**config, "epoch": epoch, "metrics": metrics})
+                save_pretrained(checkpoint_dir / "best", model, card.replace(epoch=epoch, metrics=metrics))
 
     best = trainer.fit(tcfg.epochs, batches, objective, evaluate, BestEpoch(lower_is_better=True),
                        total=n_rank_batches(n_train, tcfg.batch_size, ctx.world_size),
@@ -221,18 +214,18 @@ def pretrain(cfg: Config, pairs_dir: Path, vocab_dir: Path, out_dir: Path, check
     if best.weights is None:
         raise ValueError(f"pretrain: no epoch trained (training.epochs={tcfg.epochs})")
     if ctx.is_main:
-        publish_best(model, best, config, tokenizer, checkpoint_dir / "best", out_dir)
+        publish_best(model, best, card, tokenizer, checkpoint_dir / "best", out_dir)
         if curves_dir is not None:
             curves.write(curves_dir)
     distributed.barrier()
     return {**best.metrics, "parameters": n_params}
 
 
-def publish_best(model: TWilBertForPretraining, best: BestEpoch, config: dict, tokenizer: Tokenizer,
+def publish_best(model: TWilBertForPretraining, best: BestEpoch, card: ModelCard, tokenizer: Tokenizer,
                  best_dir: Path, out_dir: Path) -> None:
     """The stage's output: the best epoch's weights (as the checkpoint recorded them) with the vocabulary."""
     model.load_state_dict(best.weights)
-    save_pretrained(best_dir, model, {**config, "epoch": best.epoch, "metrics": best.metrics})
+    save_pretrained(best_dir, model, card.replace(epoch=best.epoch, metrics=best.metrics))
     with publish_dir(out_dir, checksums=True) as staged:  # the checksums cover the vocabulary too
         shutil.copytree(best_dir, staged, dirs_exist_ok=True)
         tokenizer.copy_to(staged)
