@@ -26,7 +26,8 @@ from twilbert.train.loop import Callback, seed_everything
 
 # The code a finetuning run's identity covers (the stage's code deps in dvc.yaml).
 FINGERPRINT_CODE = ("model", "train", "data/tasks.py", "data/formats.py", "data/tokenizer.py",
-                    "data/preprocess.py", "data/pairs.py", "distributed.py", "device.py", "scoring.py")
+                    "data/preprocess.py", "data/pairs.py", "data/batch.py", "data/packers.py", "finetuned.py",
+                    "distributed.py", "device.py", "scoring.py")
 
 BASELINE_FILE = "baseline.json"
 METRICS_FILE = "metrics.json"

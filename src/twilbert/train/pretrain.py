@@ -50,8 +50,8 @@ EPOCH_LINE_KEYS = ("train_loss", "train_mlm_accuracy", "train_rop_accuracy", "he
 TRAIN_STATE_DIR = "train_state"  # training checkpoints, under the stage's checkpoint directory
 # What a run's identity covers: the stage's params in dvc.yaml, and the package code it runs.
 FINGERPRINT_KEYS = ("seed", "model", "training", "representation.max_len")
-FINGERPRINT_CODE = ("model", "train", "data/masking.py", "data/pairs.py", "data/shards.py", "distributed.py",
-                    "device.py")
+FINGERPRINT_CODE = ("model", "train", "data/masking.py", "data/pairs.py", "data/batch.py", "data/shards.py",
+                    "distributed.py", "device.py")
 PREFETCH_BATCHES = 4  # batches read ahead of the step on a background thread
 
 
