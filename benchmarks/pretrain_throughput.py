@@ -62,7 +62,7 @@ import torch
 
 from twilbert.config import Config, compose, load_config
 from twilbert.data.batch import N_SPECIAL, PairBatch, make_batch, pack_pairs
-from twilbert.train.loop import configure_matmul, native_bf16
+from twilbert.device import configure_matmul, native_bf16
 from twilbert.train.pretrain import PretrainObjective, build_pretraining
 
 REPO = Path(__file__).resolve().parents[1]

@@ -15,13 +15,13 @@ from twilbert.config import ModelConfig
 from twilbert.model import TWilBertForPretraining
 from twilbert.train.checkpoint import (
     TrainingCheckpointError,
-    config_fingerprint,
     latest_valid_checkpoint,
     list_checkpoints,
     load_training_checkpoint,
     resume_training,
     save_training_checkpoint,
 )
+from twilbert.train.fingerprint import config_fingerprint
 from twilbert.train.losses import mlm_loss, rop_loss
 from twilbert.train.optim import build_optimizer, build_scheduler, param_groups
 

@@ -13,7 +13,7 @@ import torch
 
 from finetune_data import first, make_config, make_hf_bert, make_pretrained, write_task
 from helpers import CATEGORIES, EMOTIONS, LONG, REPO, build_finetuned, copy_model, make_tweets, parse_tsv
-from twilbert.config import TaskConfig, VocabConfig, compose
+from twilbert.config import VocabConfig, compose
 from twilbert.data.tokenizer import Tokenizer, train_vocab
 from twilbert.embeddings import load_encoder
 from twilbert.finetuned import load_classifier

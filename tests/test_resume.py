@@ -206,7 +206,8 @@ def test_kfold_finetune_killed_inside_a_fold_resumes_that_fold_and_the_next_bit_
 
 
 def _linear_checkpoint(directory: Path, parts: dict, best: Optional[dict] = None) -> Path:
-    from twilbert.train.checkpoint import run_fingerprint, save_training_checkpoint
+    from twilbert.train.checkpoint import save_training_checkpoint
+    from twilbert.train.fingerprint import run_fingerprint
 
     torch.manual_seed(0)
     model = torch.nn.Linear(3, 2)
@@ -237,7 +238,8 @@ def test_the_best_weights_travel_in_the_checkpoint_under_its_checksums(tmp_path,
 
 
 def test_starting_fresh_names_the_part_of_the_run_that_changed(tmp_path, caplog):
-    from twilbert.train.checkpoint import resume_training, run_fingerprint
+    from twilbert.train.checkpoint import resume_training
+    from twilbert.train.fingerprint import run_fingerprint
 
     saved = {"config": "a", "inputs": "b", "code": "c"}
     _linear_checkpoint(tmp_path, saved)
@@ -252,7 +254,7 @@ def test_starting_fresh_names_the_part_of_the_run_that_changed(tmp_path, caplog)
 def test_an_input_digest_follows_content_not_location(tmp_path):
     import shutil
 
-    from twilbert.train.checkpoint import files_digest
+    from twilbert.train.fingerprint import files_digest
 
     pairs = tmp_path / "a" / "pairs"
     pairs.mkdir(parents=True)

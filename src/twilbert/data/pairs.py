@@ -31,9 +31,6 @@ from typing import Iterable, Iterator, Optional
 
 import numpy as np
 
-from twilbert.data.batch import (  # noqa: F401 (re-exported while other branches still import them from here)
-    Examples, PackedRows, PairBatch, as_examples, batch_of, epoch_order, iterate_batches, make_batch, n_batches,
-)
 from twilbert.data.shards import (
     FORMAT, PairsDataError, MANIFEST, SPLITS, PairShards, concat_ranges, read_manifest, token_dtype, write_json,
     write_shard,

@@ -25,9 +25,6 @@ from twilbert import distributed
 from twilbert.io_utils import CHECKSUMS_NAME, clean_leftovers, publish_dir, sha256_file
 from twilbert.model.io import CheckpointError, load_into, untie
 from twilbert.model.safetensors_writer import save_file
-from twilbert.train.fingerprint import (  # re-exported: the training stages import them from here
-    NON_TRAJECTORY_KEYS, config_fingerprint, files_digest, package_paths, run_fingerprint,
-)
 from twilbert.train.rng_state import capture_rng_state, restore_rng_state
 
 log = logging.getLogger(__name__)

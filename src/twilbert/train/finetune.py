@@ -37,7 +37,7 @@ from twilbert.model.manifest import write_manifest
 from twilbert.scoring import Split, evaluate_scores, predict_scores
 from twilbert.track import Tracker
 from twilbert.train.backbones import Backbone, HFBackbone, TWilBertBackbone
-from twilbert.train.checkpoint import run_fingerprint
+from twilbert.train.fingerprint import run_fingerprint
 from twilbert.train.loop import BestEpoch, Callback, Checkpointing, Trainer
 from twilbert.train.losses import build_loss, class_weights_tensor
 from twilbert.train.metrics import official_metric_name

@@ -17,7 +17,7 @@ from twilbert.device import configure_matmul, resolve_device
 from twilbert.distributed import DistContext
 from twilbert.io_utils import atomic_write, publish_dir
 from twilbert.track import Tracker
-from twilbert.train.checkpoint import config_fingerprint, files_digest, package_paths
+from twilbert.train.fingerprint import config_fingerprint, files_digest, package_paths
 from twilbert.train.finetune import (
     Learner, NeuralLearner, baseline_learner, hf_learner, task_preprocessor, twilbert_learner,
 )

@@ -29,8 +29,7 @@ import torch
 from tqdm import tqdm
 
 from twilbert import distributed
-# configure_matmul, native_bf16: re-exported for benchmarks/pretrain_throughput.py (A/B against older code)
-from twilbert.device import autocast, configure_matmul, native_bf16  # noqa: F401
+from twilbert.device import autocast
 from twilbert.progress import EpochClock
 from twilbert.track import Tracker
 from twilbert.train.checkpoint import TENSORS_KEY, resume_training, save_training_checkpoint

@@ -35,7 +35,7 @@ from twilbert.io_utils import publish_dir
 from twilbert.model.card import ModelCard, pretraining_positions
 from twilbert.model.io import CheckpointError, LoadReport, load_into, load_pretrained_state, save_pretrained
 from twilbert.track import Tracker
-from twilbert.train.checkpoint import config_fingerprint, files_digest, package_paths, run_fingerprint
+from twilbert.train.fingerprint import config_fingerprint, files_digest, package_paths, run_fingerprint
 from twilbert.train.curves import CurveRecorder
 from twilbert.train.heldout import heldout_metrics, summarize
 from twilbert.train.loop import BestEpoch, Callback, Checkpointing, Trainer, seed_everything
