@@ -42,6 +42,14 @@ class PairCorpus:
         return len(self.orig_texts)
 
 
+NO_HEADER_HINT = "; if the file has no header line, set the pairs header option to false"
+
+
+def _headerless_columns(orig_text_header: str, reply_text_header: str) -> list[str]:
+    """A headerless pair file's 4 columns: ORIG_ID ORIG_TEXT REPLY_ID REPLY_TEXT."""
+    return [PAIR_COLUMNS[0], orig_text_header, PAIR_COLUMNS[2], reply_text_header]
+
+
 def read_pairs(
     path: PathLike,
     header: bool = True,
@@ -54,8 +62,8 @@ def read_pairs(
     Both texts of every pair must be non-empty; IDs may be empty.
     """
     text_cols = [orig_text_header, reply_text_header]
-    names = [PAIR_COLUMNS[0], orig_text_header, PAIR_COLUMNS[2], reply_text_header] if not header else None
-    hint = "; if the file has no header line, set the pairs header option to false" if header else ""
+    names = None if header else _headerless_columns(orig_text_header, reply_text_header)
+    hint = NO_HEADER_HINT if header else ""
     problems = Problems(path)
     table = parse_table(path, text_cols, delimiter, header, names, (), None, hint, problems)
     if not problems.total and not len(table):
@@ -102,12 +110,11 @@ def iter_pairs(
             problems.add(1, f"empty file; expected a header line with the columns {', '.join(text_cols)}")
         elif first[1] is not None:
             cols = [c.strip() for c in first[1].split(delimiter)]
-            hint = "; if the file has no header line, set the pairs header option to false"
-            check_header(cols, text_cols, delimiter, hint, problems)
+            check_header(cols, text_cols, delimiter, NO_HEADER_HINT, problems)
         problems.raise_if_any()  # row checks are meaningless against a broken header
         rows: Iterable[tuple[int, Optional[str]]] = lines
     else:
-        cols = [PAIR_COLUMNS[0], orig_text_header, PAIR_COLUMNS[2], reply_text_header]
+        cols = _headerless_columns(orig_text_header, reply_text_header)
         if first is not None and is_header_line(first[1], cols, delimiter):
             problems.add(1, HEADER_IN_HEADERLESS)
         rows = lines if first is None else itertools.chain([first], lines)
