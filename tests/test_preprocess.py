@@ -9,6 +9,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from twilbert.config import ConfigError
+from twilbert.data import preprocess
 from twilbert.data.preprocess import (
     PreprocessConfig,
     Preprocessor,
@@ -194,3 +195,47 @@ def test_huge_inputs_are_linear_time(unit):
     p(small)  # first-call costs (regex compilation) out of the measure
     assert cpu_seconds(p, large) < 40 * cpu_seconds(p, small)
     assert p(unit * (400_000 // len(unit)))  # a tweet-sized limit is not assumed
+
+
+# The elongation and laughter rules skip texts whose lowercase form cannot hold a match. That shortcut
+# must never change an output: each is checked against its full case-insensitive regex on the
+# characters where case folding is irregular, and on every cased code point.
+
+def reference_elongations(text: str, max_repeat: int = 3) -> str:
+    return preprocess._elongation(max_repeat).sub(lambda m: m.group(1) * max_repeat, text)
+
+
+def reference_laughter(text: str, token: str = "jaja") -> str:
+    return preprocess._LAUGH_CANDIDATE.sub(
+        lambda m: token if preprocess._is_laughter(m.group(0).lower()) else m.group(0), text)
+
+
+CASED = [c for c in map(chr, range(0x110000)) if not "\ud800" <= c <= "\udfff" and (c.lower() != c or c.upper() != c)]
+IRREGULAR = "İiIıΣσςſsSKkK\u212aJjHhaAáÁ"
+
+
+@pytest.mark.parametrize("max_repeat", [1, 3])
+def test_elongation_shortcut_agrees_with_the_full_regex_on_every_cased_character(max_repeat):
+    for c in CASED:
+        forms = {c, c.lower()[0], c.upper()[0], c.title()[0]}
+        for x in forms:
+            for y in forms:
+                for run in (x + y * 4, x * 2 + y * 2, (x + y) * 2, "Α" + x * 3 + y, x * 3 + y + "b"):
+                    assert shorten_elongations(run, max_repeat) == reference_elongations(run, max_repeat), run
+
+
+def test_laughter_shortcut_agrees_with_the_full_regex_on_every_character_of_its_class():
+    members = [c for c in CASED if preprocess._LAUGH_CANDIDATE.fullmatch(c * 4)]
+    assert {"J", "H", "Á", "İ"} <= set(members)
+    for c in members:
+        for word in ("jajaja", "hahaha", "jiji", "hehe", "jsjsjs", "ahah"):
+            for k in range(len(word)):
+                text = f"Σ {word[:k]}{c}{word[k + 1:]} Σ"
+                assert normalize_laughter(text) == reference_laughter(text), text
+
+
+@settings(max_examples=400, deadline=None)
+@given(text=st.text(alphabet=IRREGULAR + " .1", max_size=24), max_repeat=st.integers(1, 4))
+def test_shortcuts_agree_with_the_full_regexes_on_irregular_case(text, max_repeat):
+    assert shorten_elongations(text, max_repeat) == reference_elongations(text, max_repeat)
+    assert normalize_laughter(text) == reference_laughter(text)
