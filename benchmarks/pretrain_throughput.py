@@ -61,7 +61,8 @@ import numpy as np
 import torch
 
 from twilbert.config import Config, compose, load_config
-from twilbert.data.batch import N_SPECIAL, PairBatch, make_batch, pack_pairs
+from twilbert.data.batch import PairBatch, make_batch, pack_pairs
+from twilbert.data.special import N_SPECIAL
 from twilbert.device import configure_matmul, native_bf16
 from twilbert.train.pretrain import PretrainObjective, build_pretraining
 

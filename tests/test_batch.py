@@ -3,7 +3,8 @@
 import numpy as np
 import pytest
 
-from twilbert.data.batch import CLS_ID, PAD_ID, SEP_ID, TWILBERT, Template, make_batch, pack_pairs
+from twilbert.data.batch import TWILBERT, Template, make_batch, pack_pairs
+from twilbert.data.special import CLS_ID, PAD_ID, SEP_ID
 
 # A RoBERTa-like template: two-token prefix, ``</s></s>`` between the texts, padding id 1.
 ROBERTA_LIKE = Template(single=((0, 7), (2,)), pair=((0, 7), (2, 2), (2,)), pad_id=1)

@@ -13,7 +13,8 @@ import torch.multiprocessing as mp
 
 from twilbert.config import compose, load_config
 from twilbert.data.masking import mask_tokens
-from twilbert.data.batch import MASK_ID, N_SPECIAL, make_batch, pack_pairs
+from twilbert.data.batch import make_batch, pack_pairs
+from twilbert.data.special import MASK_ID, N_SPECIAL
 from twilbert.distributed import (
     DistContext, destroy_distributed, iterate_rank_batches, rank_batch_indices,
 )

@@ -22,7 +22,8 @@ import pytest
 import torch
 
 from twilbert.config import compose, load_config
-from twilbert.data.batch import N_SPECIAL, make_batch, pack_pairs
+from twilbert.data.batch import make_batch, pack_pairs
+from twilbert.data.special import N_SPECIAL
 from twilbert.model.kernels import FUSED, attention_backend
 from twilbert.train.loop import Trainer
 from twilbert.train.pretrain import PretrainObjective, build_pretraining, build_pretraining_model

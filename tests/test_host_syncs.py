@@ -18,7 +18,8 @@ import torch
 
 import twilbert
 from twilbert.config import compose, load_config
-from twilbert.data.batch import N_SPECIAL, make_batch, pack_pairs
+from twilbert.data.batch import make_batch, pack_pairs
+from twilbert.data.special import N_SPECIAL
 from twilbert.train.finetune import twilbert_learner
 from twilbert.train.pretrain import build_pretraining
 from twilbert.data.tasks import load_task

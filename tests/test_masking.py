@@ -6,8 +6,8 @@ import pytest
 import torch
 
 from twilbert.config import MaskedLMConfig, MaskProbs
-from twilbert.data.batch import IGNORE_INDEX
 from twilbert.data.masking import mask_tokens, span_length_probs
+from twilbert.data.special import IGNORE_INDEX
 
 VOCAB, MASK_ID, N_SPECIAL = 1000, 4, 5  # ids 0..4 are special ([PAD] [UNK] [CLS] [SEP] [MASK])
 PAD, CLS, SEP = 0, 2, 3

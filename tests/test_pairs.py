@@ -11,11 +11,12 @@ import torch
 
 from twilbert.cli import dump_params
 from twilbert.config import VocabConfig, compose
-from twilbert.data.batch import CLS_ID, PAD_ID, SEP_ID, iterate_batches, make_batch, pack_pairs
+from twilbert.data.batch import iterate_batches, make_batch, pack_pairs
 from twilbert.data.pairs import (
     KILL_HOOK_ENV, PairParams, build_pair_shards, heldout_rows, load_shards, sop_cuts, tokenize_chunk,
 )
 from twilbert.data.shards import token_dtype, verify_shards
+from twilbert.data.special import CLS_ID, PAD_ID, SEP_ID
 from twilbert.data.tokenizer import Tokenizer, train_vocab
 
 from helpers import REPO, make_tweets
@@ -160,6 +161,19 @@ def test_the_forked_workers_never_collect_the_objects_they_share_with_the_parent
     assert len(records) == 7 and {pid for pid, _ in records} != {str(os.getpid())}
     assert all(int(frozen) > 1000 for _, frozen in records)
     assert gc.get_freeze_count() == 0  # unfrozen once the pool is gone: the caller's collector is as it was
+
+
+def test_the_data_stages_never_import_torch():
+    # torch's import is ~3 s of each stage process, and its objects are what every forked tokenizer
+    # worker would share with the parent: the corpus, vocabulary and pairs paths need none of it.
+    probe = ("import sys, runpy; sys.argv = ['stage', '--help']\n"
+             "for stage in ('data', 'vocab', 'pairs'):\n"
+             "    try: runpy.run_path(f'stages/{stage}.py', run_name='__main__')\n"
+             "    except SystemExit: pass\n"
+             "print(sorted(m for m in ('torch', 'sklearn', 'pandas', 'mlflow') if m in sys.modules), file=sys.stderr)")
+    done = subprocess.run([sys.executable, "-c", probe], cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert done.stderr.strip().splitlines()[-1] == "[]"
 
 
 def test_the_output_of_a_failed_build_is_never_half_written(tokenizer, tmp_path):

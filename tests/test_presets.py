@@ -4,7 +4,8 @@ import pytest
 import torch
 
 from twilbert.config import ModelConfig, compose, load_config
-from twilbert.data.batch import N_SPECIAL, make_batch, pack_pairs
+from twilbert.data.batch import make_batch, pack_pairs
+from twilbert.data.special import N_SPECIAL
 from twilbert.model import TWilBertForPretraining, count_parameters
 from twilbert.train.pretrain import build_pretraining
 

@@ -12,8 +12,9 @@ import torch
 import torch.nn.functional as F
 
 from twilbert.config import VocabConfig, compose, load_config
-from twilbert.data.batch import MASK_ID, N_SPECIAL, batch_of, make_batch, pack_pairs
+from twilbert.data.batch import batch_of, make_batch, pack_pairs
 from twilbert.data.pairs import build_pair_shards, load_shards
+from twilbert.data.special import MASK_ID, N_SPECIAL
 from twilbert.data.tokenizer import Tokenizer, train_vocab
 from twilbert.model.io import load_pretrained_state
 from twilbert.train.heldout import pseudo_log_likelihood

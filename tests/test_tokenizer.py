@@ -3,7 +3,7 @@ import collections
 import pytest
 
 from twilbert.config import VocabConfig
-from twilbert.data.batch import CLS_ID, MASK_ID, SEP_ID, SPECIAL_TOKENS
+from twilbert.data.special import CLS_ID, MASK_ID, SEP_ID, SPECIAL_TOKENS
 from twilbert.data.tokenizer import Tokenizer, sample_texts, train_vocab
 
 from helpers import make_tweets

@@ -15,9 +15,10 @@ from typing import Optional
 
 import torch
 
-from twilbert.data.batch import IGNORE_INDEX, iterate_batches
+from twilbert.data.batch import iterate_batches
 from twilbert.data.pairs import load_shards
 from twilbert.data.shards import PairsDataError
+from twilbert.data.special import IGNORE_INDEX
 from twilbert.data.tokenizer import Tokenizer
 from twilbert.model import TWilBertForPretraining
 from twilbert.model.card import ModelCard

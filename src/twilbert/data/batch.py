@@ -1,4 +1,4 @@
-"""Rows and batches: the special ids, the one packer of ``[CLS] a [SEP] b [SEP]`` rows, and batching.
+"""Rows and batches: the one packer of ``[CLS] a [SEP] b [SEP]`` rows (special ids: ``data/special.py``), and batching.
 
 Every path that turns token ids into model inputs goes through here: the pairs stage's examples,
 finetuning and prediction (TWilBert's SentencePiece or a Hugging Face tokenizer, whose template is
@@ -18,13 +18,11 @@ from typing import TYPE_CHECKING, Iterator, Optional, Sequence, Union
 import numpy as np
 import torch
 
+from twilbert.data.special import CLS_ID, PAD_ID, SEP_ID
+
 if TYPE_CHECKING:
     from twilbert.data.shards import PairShards
 
-SPECIAL_TOKENS = ("[PAD]", "[UNK]", "[MASK]", "[CLS]", "[SEP]")  # fixed ids of every TWilBert vocabulary
-PAD_ID, UNK_ID, MASK_ID, CLS_ID, SEP_ID = range(len(SPECIAL_TOKENS))
-N_SPECIAL = len(SPECIAL_TOKENS)
-IGNORE_INDEX = -100  # label of tokens that are not predicted (torch's cross-entropy default)
 PACKED_KEYS = ("input_ids", "len_a", "length", "labels")  # what make_batch takes, in its order
 
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 import torch
 
 from twilbert.config import MaskedLMConfig
-from twilbert.data.batch import IGNORE_INDEX
+from twilbert.data.special import IGNORE_INDEX
 
 SPAN_GEOMETRIC_P = 0.2  # SpanBERT's span length distribution
 

@@ -255,7 +255,7 @@ def build_pair_shards(
             os.kill(os.getpid(), signal.SIGKILL)
 
     staging.mkdir(parents=True, exist_ok=True)
-    # The ~250k objects the imports left (torch, sklearn) stay shared with the forked workers only
+    # The objects the imports left (~250k when torch was among them) stay shared with the forked workers only
     # while no process writes their pages. A full collection writes the header of every object it
     # visits, and the chunks' survivors trigger one after a few hundred chunks, in each process: the
     # tree's memory then jumped by those pages, once per process (measured: +40% from 250k to 1M

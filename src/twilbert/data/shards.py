@@ -28,7 +28,7 @@ from typing import Optional
 
 import numpy as np
 
-from twilbert.data.batch import CLS_ID, PAD_ID, SEP_ID
+from twilbert.data.special import CLS_ID, PAD_ID, SEP_ID
 from twilbert.io_utils import atomic_write
 
 FORMAT = "twilbert-pairs/2"

@@ -19,8 +19,8 @@ from typing import Iterable, Optional, Sequence
 import sentencepiece as spm
 
 from twilbert.config import VocabConfig
-from twilbert.data.batch import CLS_ID, PAD_ID, SPECIAL_TOKENS, UNK_ID
 from twilbert.data.preprocess import PreprocessConfig, Preprocessor
+from twilbert.data.special import CLS_ID, PAD_ID, SPECIAL_TOKENS, UNK_ID
 from twilbert.io_utils import publish_dir
 
 log = logging.getLogger(__name__)

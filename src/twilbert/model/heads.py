@@ -10,7 +10,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from twilbert.config import ModelConfig, RopConfig
-from twilbert.data.batch import CLS_ID, IGNORE_INDEX, SEP_ID  # constants only: model/ reads no data
+from twilbert.data.special import CLS_ID, IGNORE_INDEX, SEP_ID  # constants only: model/ reads no data
 from twilbert.model.encoder import ACTIVATIONS, TWilBertModel, init_weights
 
 

@@ -30,7 +30,7 @@ import torch
 from torch import nn
 
 from twilbert.config import ModelConfig
-from twilbert.data.batch import CLS_ID, PAD_ID, SEP_ID
+from twilbert.data.special import CLS_ID, PAD_ID, SEP_ID
 from twilbert.model.encoder import N_SEGMENTS, TWilBertModel
 from twilbert.model.heads import TWilBertForClassification, TWilBertForPretraining
 

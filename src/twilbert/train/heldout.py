@@ -12,7 +12,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from twilbert.data.batch import IGNORE_INDEX, MASK_ID, PairBatch, as_examples, batch_of, iterate_batches
+from twilbert.data.batch import PairBatch, as_examples, batch_of, iterate_batches
+from twilbert.data.special import IGNORE_INDEX, MASK_ID
 from twilbert.device import autocast
 from twilbert.train.objective import PretrainObjective, masked_positions
 

@@ -18,7 +18,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from twilbert.config import TaskSpec
-from twilbert.data.batch import IGNORE_INDEX
+from twilbert.data.special import IGNORE_INDEX
 
 log = logging.getLogger(__name__)
 

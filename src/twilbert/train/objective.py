@@ -13,8 +13,9 @@ import torch
 import torch.nn.functional as F
 
 from twilbert.config import MaskedLMConfig
-from twilbert.data.batch import IGNORE_INDEX, MASK_ID, N_SPECIAL, PairBatch
+from twilbert.data.batch import PairBatch
 from twilbert.data.masking import mask_tokens
+from twilbert.data.special import IGNORE_INDEX, MASK_ID, N_SPECIAL
 from twilbert.distributed import loss_normalizer
 from twilbert.train.losses import linear_mlm_loss, rop_loss
 
