@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import time
 
 import pytest
@@ -239,3 +240,10 @@ def test_laughter_shortcut_agrees_with_the_full_regex_on_every_character_of_its_
 def test_shortcuts_agree_with_the_full_regexes_on_irregular_case(text, max_repeat):
     assert shorten_elongations(text, max_repeat) == reference_elongations(text, max_repeat)
     assert normalize_laughter(text) == reference_laughter(text)
+
+
+@settings(max_examples=300, deadline=None)
+@given(text=st.text(alphabet="@@a_.Ü\u0301İ ſ#", max_size=20))
+def test_mentions_are_found_as_by_a_look_behind_before_the_at_sign(text):
+    before = re.compile(r"(?<![\w@\u0300-\u036f])@[A-Za-z0-9_]+(?:@[A-Za-z0-9_]+)*", re.IGNORECASE)
+    assert replace_users(text) == before.sub("@usuario", text)
