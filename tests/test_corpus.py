@@ -209,3 +209,28 @@ def test_vocab_trains_on_a_streamed_plain_text_corpus(tmp_path):
     tok = Tokenizer(tmp_path / "vocab")
     assert tok.meta["n_corpus_texts"] == summary["pretrain_texts"] and tok.meta["n_training_texts"] == 100
     assert all(tok.encode(["hola que tal"]))
+
+
+@pytest.mark.parametrize("line, problem", [
+    ('{"a": "hola", "b": null} {"a": "x"}', "Extra data"),
+    ('{"a": "hola"}', "'b'"),
+    ('["hola", null]', "list indices"),
+    ('{"a": 3, "b": null}', '"a" must be a string'),
+    ('{"a": "hola", "b": ["x"]}', '"b" a string or null'),
+    ('{"a": "hola", "b": "adi', "Invalid control character"),  # the newline inside the string
+])
+def test_a_damaged_corpus_file_fails_naming_file_line_and_problem(tmp_path, line, problem):
+    corpus = tmp_path / "corpus.jsonl"
+    corpus.write_text('{"a": "bien", "b": null}\n' + line + "\n", encoding="utf-8")
+    with pytest.raises(DataStageError, match=rf"corpus\.jsonl:2: not a pretraining corpus row \(.*{problem}"):
+        read_pretrain_corpus(corpus)
+
+
+def test_corpus_rows_are_read_as_written_with_or_without_a_final_newline(tmp_path):
+    corpus = tmp_path / "corpus.jsonl"
+    rows = [("hola \"tú\" \\ ñ 😂", None), ("a", "b"), (" espacios ", "\u2028")]
+    corpus.write_text("\n".join(json.dumps({"a": a, "b": b}, ensure_ascii=False) for a, b in rows), encoding="utf-8")
+    assert read_pretrain_corpus(corpus) == rows
+    corpus.write_text("".join(json.dumps({"a": a, "b": b}) + "\n" for a, b in rows) + "  \n", encoding="utf-8")
+    with pytest.raises(DataStageError, match="corpus.jsonl:4"):
+        read_pretrain_corpus(corpus)
