@@ -1,3 +1,4 @@
+import hashlib
 import json
 import os
 import subprocess
@@ -15,7 +16,7 @@ from twilbert.data.batch import iterate_batches, make_batch, pack_pairs
 from twilbert.data.pairs import (
     KILL_HOOK_ENV, PairParams, build_pair_shards, heldout_rows, load_shards, sop_cuts, tokenize_chunk,
 )
-from twilbert.data.shards import token_dtype, verify_shards
+from twilbert.data.shards import token_dtype, verify_shards, write_shard
 from twilbert.data.special import CLS_ID, PAD_ID, SEP_ID
 from twilbert.data.tokenizer import Tokenizer, train_vocab
 
@@ -107,6 +108,22 @@ def test_shards_are_npy_files_that_numpy_maps_and_the_manifest_checksums_match(t
     shard = tmp_path / "p" / "train" / "shard-00001.tokens.npy"
     shard.write_bytes(shard.read_bytes()[:-1] + b"\xff")
     assert verify_shards(tmp_path / "p" / "train") == ["shard-00001.tokens.npy"]
+
+
+def test_a_shard_written_from_pieces_is_byte_identical_to_numpy_saving_it_whole(tmp_path):
+    rng = np.random.default_rng(0)
+    tokens = [rng.integers(0, 900, n).astype(np.uint16) for n in (5, 0, 17, 3)]
+    index = [rng.integers(0, 50, (n, 3)) for n in (2, 0, 4, 1)]
+    entry = write_shard(tmp_path / "s", 7, tokens, index)
+    for part, whole in (("tokens", np.concatenate(tokens)), ("index", np.concatenate(index).astype(np.uint32))):
+        expected = tmp_path / f"{part}.npy"
+        np.save(expected, whole)
+        written = tmp_path / "s" / f"shard-00007.{part}.npy"
+        assert written.read_bytes() == expected.read_bytes()
+        assert entry["sha256"][part] == hashlib.sha256(expected.read_bytes()).hexdigest()
+    assert (entry["rows"], entry["tokens"]) == (7, 25)
+    write_shard(tmp_path / "e", 0, [np.zeros(0, np.uint16)], [])  # an empty split still writes valid files
+    assert np.load(tmp_path / "e" / "shard-00000.index.npy").shape == (0, 3)
 
 
 def test_token_type_is_the_smallest_that_holds_the_vocabulary():

@@ -185,11 +185,12 @@ class _ShardBuffer:
         for key in self.counts:
             self.counts[key] += result[key]
 
-    def arrays(self, split: str) -> tuple[np.ndarray, np.ndarray]:
+    def pieces(self, split: str) -> tuple[list[np.ndarray], list[np.ndarray]]:
+        """The chunks' tokens and their index rows, whose starts now count from the shard's first token:
+        written one after the other, never concatenated (a shard is not held twice)."""
         tokens = [t for t, _ in self.parts[split]]
         offsets = np.cumsum([0] + [len(t) for t in tokens[:-1]])
-        index = [i + np.array([o, 0, 0]) for (_, i), o in zip(self.parts[split], offsets)]
-        return np.concatenate(tokens), np.concatenate(index) if index else np.zeros((0, 3), dtype=np.int64)
+        return tokens, [i + np.array([o, 0, 0]) for (_, i), o in zip(self.parts[split], offsets)]
 
 
 def _vocab_digest(tokenizer: Tokenizer) -> str:
@@ -243,7 +244,7 @@ def build_pair_shards(
             return
         entry = {"shard": shard, **buffer.counts}
         for split in SPLITS:
-            entry[split] = write_shard(staging / split, shard, *buffer.arrays(split))
+            entry[split] = write_shard(staging / split, shard, *buffer.pieces(split))
         shards.append(entry)
         write_json(staging / JOURNAL, {"identity": identity, "shards": shards})
         log.info("pairs: shard %d: %d rows -> %d train, %d held-out pairs", shard, entry["rows"],

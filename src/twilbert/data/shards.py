@@ -24,7 +24,7 @@ import json
 import threading
 from collections import OrderedDict
 from pathlib import Path
-from typing import Optional
+from typing import Optional, Sequence
 
 import numpy as np
 
@@ -51,24 +51,38 @@ def shard_name(k: int) -> str:
     return f"shard-{k:05d}"
 
 
-def _npy_bytes(array: np.ndarray) -> bytes:
-    buf = io.BytesIO()
-    np.save(buf, array, allow_pickle=False)
-    return buf.getvalue()
+def _write_npy(fh, pieces: Sequence[np.ndarray]) -> str:
+    """The concatenation of ``pieces`` along their first axis as ``np.save`` writes it (the same bytes),
+    written piece by piece without building it: a shard never exists twice in memory. Returns its sha256."""
+    dtype, row_shape = pieces[0].dtype, pieces[0].shape[1:]
+    if any(piece.dtype != dtype or piece.shape[1:] != row_shape for piece in pieces):
+        raise ValueError("shard pieces must share their dtype and all but their first dimension")
+    header = io.BytesIO()
+    np.lib.format.write_array_header_1_0(
+        header, {"descr": np.lib.format.dtype_to_descr(dtype), "fortran_order": False,
+                 "shape": (sum(len(piece) for piece in pieces), *row_shape)})
+    digest = hashlib.sha256(header.getvalue())
+    fh.write(header.getvalue())
+    for piece in filter(len, pieces):  # an empty view cannot be cast to bytes, and adds none
+        data = memoryview(np.ascontiguousarray(piece)).cast("B")
+        digest.update(data)
+        fh.write(data)
+    return digest.hexdigest()
 
 
-def write_shard(directory: Path, k: int, tokens: np.ndarray, index: np.ndarray) -> dict:
-    """Write shard ``k`` of one split (each file atomically); its manifest entry with the checksums."""
-    if len(tokens) > np.iinfo(INDEX_DTYPE).max:
-        raise PairsDataError(f"{directory}/{shard_name(k)}: {len(tokens)} tokens exceed a shard's uint32 index; "
-                         "lower pairs.shard_size")
+def write_shard(directory: Path, k: int, tokens: Sequence[np.ndarray], index: Sequence[np.ndarray]) -> dict:
+    """Write shard ``k`` of one split (each file atomically) from consecutive pieces of its tokens and
+    of its (n, 3) index; its manifest entry with the checksums."""
+    n_tokens, n_rows = sum(len(t) for t in tokens), sum(len(i) for i in index)
+    if n_tokens > np.iinfo(INDEX_DTYPE).max:
+        raise PairsDataError(f"{directory}/{shard_name(k)}: {n_tokens} tokens exceed a shard's uint32 index; "
+                             "lower pairs.shard_size")
     directory.mkdir(parents=True, exist_ok=True)
-    entry = {"name": shard_name(k), "rows": int(len(index)), "tokens": int(len(tokens)), "sha256": {}}
-    for part, array in (("tokens", tokens), ("index", index.astype(INDEX_DTYPE, copy=False))):
-        data = _npy_bytes(array)
-        entry["sha256"][part] = hashlib.sha256(data).hexdigest()
+    entry = {"name": shard_name(k), "rows": n_rows, "tokens": n_tokens, "sha256": {}}
+    index = [np.asarray(i, dtype=INDEX_DTYPE).reshape(-1, 3) for i in index] or [np.zeros((0, 3), INDEX_DTYPE)]
+    for part, pieces in (("tokens", list(tokens)), ("index", index)):
         with atomic_write(directory / f"{entry['name']}.{part}.npy", "wb") as fh:
-            fh.write(data)
+            entry["sha256"][part] = _write_npy(fh, pieces)
     return entry
 
 
