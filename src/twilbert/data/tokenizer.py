@@ -12,6 +12,7 @@ import logging
 import random
 import re
 import shutil
+import time
 from dataclasses import asdict
 from pathlib import Path
 from typing import Iterable, Optional, Sequence
@@ -53,7 +54,10 @@ def train_vocab(
     """
     out_dir = Path(out_dir)
     prep = Preprocessor(preprocess or PreprocessConfig())
+    started = time.perf_counter()
     sample, n_texts = sample_texts(texts, cfg.max_sentences, seed)
+    # The one part of the stage that grows with the corpus past the sample's size: logged, never written.
+    log.info("vocab: drew a sample of %d of %d texts in %.3f s", len(sample), n_texts, time.perf_counter() - started)
     if n_texts == 0:
         raise VocabError("vocab: the pretraining corpus is empty; nothing to train a vocabulary on")
     n_sample = len(sample)
