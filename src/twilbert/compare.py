@@ -13,6 +13,8 @@ import sys
 from pathlib import Path
 from typing import Any, Iterable, Mapping, Optional
 
+from twilbert.config.strict import dig
+
 PARAMS_FILE = "params.yaml"
 PRETRAIN_FILE = "results/pretrain.json"
 TASKS_FILE = "results/metrics.json"
@@ -102,14 +104,6 @@ def _cell(value: Any, metric: bool = False) -> str:
     return text if len(text) <= MAX_CELL else text[: MAX_CELL - 1] + "…"
 
 
-def _dig(tree: Mapping, dotted: str) -> Any:
-    for part in dotted.split("."):
-        if not isinstance(tree, Mapping) or part not in tree:
-            return None
-        tree = tree[part]
-    return tree
-
-
 def metric_columns(rows: list[dict]) -> list[tuple[str, str, str, str]]:
     """(group, header, source, key) of the headline metrics that some row has."""
     cols = [("pretrain held-out", label, "pretrain", key) for key, label in PRETRAIN_COLUMNS
@@ -117,7 +111,7 @@ def metric_columns(rows: list[dict]) -> list[tuple[str, str, str, str]]:
     tasks = list(dict.fromkeys(t for r in rows for t in r["tasks"]))
     for task in tasks:
         cols += [(task, label, "tasks", f"{task}.{key}") for key, label in TASK_COLUMNS
-                 if any(_dig(r["tasks"], f"{task}.{key}") is not None for r in rows)]
+                 if any(dig(r["tasks"], f"{task}.{key}") is not None for r in rows)]
     return cols
 
 
@@ -154,7 +148,7 @@ def compare_table(rows: list[dict], width: int = WIDTH) -> str:
     metrics = metric_columns(rows)
     names = [r["name"] + (" (failed)" if r["error"] else "") for r in rows]
     param_cells = [[_cell(r["params"].get(k)) if r["params"] else "-" for k in params] for r in rows]
-    metric_cells = [[_cell(_dig(r[src], key), metric=True) for _, _, src, key in metrics] for r in rows]
+    metric_cells = [[_cell(dig(r[src], key), metric=True) for _, _, src, key in metrics] for r in rows]
     param_head = ["experiment", *(labels[k] for k in params)]
     param_groups = ["", *(["params that differ"] * len(params))]
     metric_head = ["experiment", *(h for _, h, _, _ in metrics)]

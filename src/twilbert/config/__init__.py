@@ -23,7 +23,7 @@ from twilbert.config.data import (
     VocabConfig,
 )
 from twilbert.config.model import MaskedLMConfig, MaskProbs, ModelConfig, PkmConfig, RopConfig
-from twilbert.config.strict import ConfigError, check_non_negative, from_dict, to_dict
+from twilbert.config.strict import ConfigError, check_non_negative, dig, from_dict, to_dict
 from twilbert.config.training import (
     DEVICE_PATTERN,
     OPTIMIZERS,
@@ -138,19 +138,11 @@ def compose(overrides: Optional[list[str]] = None, config_dir: Union[str, Path] 
         unknown = re.match(r"Could not override '([^']+)'", str(err))
         if unknown:  # the same message as an unknown key in params.yaml (under DVC)
             key = unknown.group(1)
-            section = _dig_section(compose([], config_dir), key.rsplit(".", 1)[0]) if "." in key else None
+            section = dig(compose([], config_dir), key.rsplit(".", 1)[0]) if "." in key else None
             known = f" (known: {', '.join(sorted(section))})" if isinstance(section, dict) else ""
             raise ConfigError(f"unknown config key(s): {key}{known}") from None
         raise ConfigError(f"config overrides {' '.join(overrides)}: {_one_line(str(err))}") from None
     return OmegaConf.to_container(cfg, resolve=True)
-
-
-def _dig_section(tree: Any, dotted: str) -> Any:
-    for part in dotted.split("."):
-        if not isinstance(tree, dict) or part not in tree:
-            return None
-        tree = tree[part]
-    return tree
 
 
 def _one_line(message: str) -> str:

@@ -6,6 +6,7 @@ from __future__ import annotations
 import dataclasses
 import types
 import typing
+from collections.abc import Mapping
 from typing import Any, Literal, Union
 
 
@@ -82,6 +83,15 @@ def _coerce(tp: Any, value: Any, where: str) -> Any:
 
 def _join(where: str, key: str) -> str:
     return f"{where}.{key}" if where else key
+
+
+def dig(tree: Any, dotted: str) -> Any:
+    """``tree["a"]["b"]`` for ``"a.b"`` in nested mappings; None where a part is missing."""
+    for part in dotted.split("."):
+        if not isinstance(tree, Mapping) or part not in tree:
+            return None
+        tree = tree[part]
+    return tree
 
 
 def to_dict(obj: Any) -> Any:
