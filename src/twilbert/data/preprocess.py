@@ -67,7 +67,7 @@ _HASHTAG = re.compile(r"(?<![\w#&@\u0300-\u036f])#(\w+)")
 
 def replace_urls(text: str, placeholder: str = "url") -> str:
     """``https://t.co/x``, ``www.x.es`` and truncated ``https://…`` become ``placeholder`` ('' removes them)."""
-    low = lowered(text)  # no other code point matches h, t, p or w case-insensitively: a safe shortcut
+    low = _lowered(text)  # no other code point matches h, t, p or w case-insensitively: a safe shortcut
     if "http" not in low and "www" not in low:
         return text
     return _URL.sub(lambda _: placeholder or " ", text)  # a space, so removal never glues neighbours
@@ -152,7 +152,7 @@ def _run(n: int) -> re.Pattern:
 _last_lowered: tuple[str, str] = ("", "")
 
 
-def lowered(text: str) -> str:
+def _lowered(text: str) -> str:
     """``text.lower()``, remembered for the last text: the pipeline's shortcuts ask for the same text's
     lowercase up to three times while no step changes it. One tuple, swapped whole, so threads are safe."""
     global _last_lowered
@@ -171,7 +171,7 @@ def _lowered_may_hold(text: str, hint: re.Pattern) -> bool:
     ``re``'s ignore-case compares characters by their simple lowercase, which ``str.lower`` gives
     character for character except for 'İ' (two code points) and a final 'Σ' ('ς' by context): a
     text where either shows is not prefiltered (tests/test_preprocess.py checks every cased code point)."""
-    low = lowered(text)
+    low = _lowered(text)
     if len(low) != len(text) or "ς" in low:
         return True
     return hint.search(low) is not None
