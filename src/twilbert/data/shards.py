@@ -29,7 +29,7 @@ from typing import Optional, Sequence
 import numpy as np
 
 from twilbert.data.special import CLS_ID, PAD_ID, SEP_ID
-from twilbert.io_utils import atomic_write
+from twilbert.io_utils import atomic_write, sha256_file
 
 FORMAT = "twilbert-pairs/2"
 
@@ -113,11 +113,7 @@ def verify_shards(directory: Path) -> list[str]:
     for entry in manifest["shards"]:
         for part, digest in entry["sha256"].items():
             path = Path(directory) / f"{entry['name']}.{part}.npy"
-            h = hashlib.sha256()
-            with open(path, "rb") as fh:
-                while block := fh.read(1 << 20):
-                    h.update(block)
-            if h.hexdigest() != digest:
+            if sha256_file(path) != digest:
                 bad.append(path.name)
     return bad
 
