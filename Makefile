@@ -6,7 +6,7 @@ STAMP := $(VENV)/.twilbert-installed
 TORCH_SPEC ?= torch==2.13.0
 export PATH := $(CURDIR)/$(VENV)/bin:$(PATH)
 
-.PHONY: setup repro exp compare test test-fast params check-params acceptance clean
+.PHONY: setup repro baseline exp compare test test-fast params check-params acceptance clean
 
 $(STAMP): pyproject.toml constraints.txt
 	@test -x $(PY) || python3 -m venv $(VENV)
@@ -25,10 +25,17 @@ params: setup
 check-params: setup
 	$(PY) -m twilbert.cli compose --check params.yaml
 
+## The whole pipeline; the run is kept as the DVC experiment `baseline` (what `make compare` measures
+## against, and what `make baseline` brings back after other experiments)
 repro: setup check-params
 	dvc repro
+	@$(PY) -m twilbert.experiments save baseline
 	@echo
 	@cat results/results.md
+
+## Back to the `baseline` run of `make repro`: its params, dvc.lock and results, and its models from DVC's cache
+baseline: setup
+	@$(PY) -m twilbert.experiments restore baseline
 
 ## A DVC experiment with the project's dvc, from any shell: make exp ARGS='-n enc4 -S model.n_encoders=4'
 exp: setup

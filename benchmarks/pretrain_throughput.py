@@ -36,6 +36,12 @@ and the script says why; ``--bf16 on`` times them anyway.
     python benchmarks/pretrain_throughput.py                 # the full comparison (minutes)
     python benchmarks/pretrain_throughput.py --steps 3 --rounds 5 --batch 32
     python benchmarks/pretrain_throughput.py --quick         # small sizes, a smoke run of seconds
+    python benchmarks/pretrain_throughput.py --numerics      # the cost of runtime.portable_numerics
+
+``--numerics`` times ours in fp32 in fresh processes, alternating: under the portable numerics the
+stages use by default (ATen avx2, oneDNN AVX2, MKL CBWR AVX2, 2 threads) and under the host's fastest
+kernels and torch's default threads (``runtime.portable_numerics: false``), since those settings are
+read when torch loads. It prints both medians, their ratio and one JSON line.
 
 Prints the figures, then one JSON line with hf_fp32_tok_s, ours_fp32_tok_s, hf_bf16_tok_s,
 ours_bf16_tok_s, ours_pkm_fp32_tok_s, ours_pkm_bf16_tok_s, ratio_fp32, ratio_bf16, mfu_fp32,
@@ -248,6 +254,42 @@ def train_flops(cfg: Config, vocab: int, batch: int, seq: int, n_masked: int) ->
     return 3.0 * (per_token * batch * seq + per_masked * n_masked + per_row * batch)
 
 
+def numerics_cost(args: argparse.Namespace) -> None:
+    """``--numerics``: ours under the pinned numerics against the host's fastest, in alternating processes."""
+    import subprocess
+    import sys
+
+    from twilbert.numerics import PINNED_BY_LAUNCHER, PORTABLE_ENV, PORTABLE_THREADS
+
+    base = {k: v for k, v in os.environ.items()
+            if k not in {*PORTABLE_ENV, PINNED_BY_LAUNCHER, "OMP_NUM_THREADS", "MKL_NUM_THREADS"}}
+    envs = {"portable": {**base, **PORTABLE_ENV, "OMP_NUM_THREADS": str(PORTABLE_THREADS)}, "host": base}
+    cmd = [sys.executable, __file__, "--numerics-child", "--steps", str(args.steps), "--batch", str(args.batch),
+           "--act", args.act, "--warmup", str(args.warmup), *(["--quick"] if args.quick else [])]
+    print(f"machine: {platform.node()}: {platform.processor() or platform.machine()}, {os.cpu_count()} CPUs; "
+          f"load average {os.getloadavg()[0]:.2f}; {args.rounds} rounds x {args.steps} steps, batch {args.batch}",
+          flush=True)
+    rates: dict[str, list[float]] = {name: [] for name in envs}
+    seen: dict[str, dict] = {}
+    for r in range(args.rounds):
+        for name in (list(envs) if r % 2 == 0 else list(envs)[::-1]):
+            proc = subprocess.run(cmd, env=envs[name], capture_output=True, text=True, check=True)
+            seen[name] = json.loads(proc.stdout.strip().splitlines()[-1])
+            rates[name].append(seen[name]["tok_s"])
+        print(f"round {r + 1}: portable {rates['portable'][-1]:.1f} tok/s, host {rates['host'][-1]:.1f} tok/s",
+              flush=True)
+    portable, host = (statistics.median(rates[n]) for n in ("portable", "host"))
+    print(f"portable numerics ({seen['portable']['capability']}, {seen['portable']['threads']} threads): "
+          f"{portable:.1f} tok/s; host's fastest ({seen['host']['capability']}, {seen['host']['threads']} threads): "
+          f"{host:.1f} tok/s; portable/host {portable / host:.3f}; load average at the end {os.getloadavg()[0]:.2f}")
+    print(json.dumps({"portable_tok_s": round(portable, 1), "host_tok_s": round(host, 1),
+                      "ratio_portable_to_host": round(portable / host, 3),
+                      "portable_capability": seen["portable"]["capability"], "host_capability": seen["host"]["capability"],
+                      "portable_threads": seen["portable"]["threads"], "host_threads": seen["host"]["threads"],
+                      "rounds_portable": rates["portable"], "rounds_host": rates["host"], "host": platform.node(),
+                      "batch": args.batch, "load_average_end": round(os.getloadavg()[0], 2)}))
+
+
 def main() -> None:
     global DEVICE
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -267,8 +309,12 @@ def main() -> None:
                         help="on: ours with training.compile; ab: ours compiled against ours eager (no HF)")
     parser.add_argument("--no-pkm", action="store_true", help="skip the product-key-memory figure")
     parser.add_argument("--warmup", type=int, default=1, help="untimed steps of each side first (more for compile)")
+    parser.add_argument("--numerics", action="store_true", help="the cost of runtime.portable_numerics (see above)")
+    parser.add_argument("--numerics-child", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args()
     logging.basicConfig(level=logging.WARNING)
+    if args.numerics:
+        return numerics_cost(args)
     DEVICE = torch.device(args.device)
     if DEVICE.type == "cuda" and not torch.cuda.is_available():
         parser.error("--device cuda: this torch sees no CUDA device")
@@ -288,6 +334,13 @@ def main() -> None:
           f"L={sizes['n_encoders']} I={sizes['intermediate_size']} T={seq} B={args.batch}, {args.act}; "
           f"{args.steps} steps x {args.rounds} rounds; compile {args.compile}, tf32 {args.tf32}", flush=True)
 
+    if args.numerics_child:  # one side of --numerics: ours in fp32 under this process's environment
+        step = ours_step(pretraining_config(sizes, args.batch, "fp32", pkm=False, act=args.act), vocab, batch)
+        for _ in range(args.warmup):
+            step()
+        print(json.dumps({"tok_s": tokens * args.steps / seconds(step, args.steps), "threads": torch.get_num_threads(),
+                          "capability": torch.backends.cpu.get_cpu_capability()}))
+        return
     cfg = pretraining_config(sizes, args.batch, "fp32", pkm=False, act=args.act)
     n_masked = int((fixed_masks(cfg, vocab, batch)[1] != -100).sum())  # the same count every step
     flops = train_flops(cfg, vocab, args.batch, seq, n_masked)

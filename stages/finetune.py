@@ -1,6 +1,8 @@
-"""DVC stage `finetune` (one instance per task): the configured backbone (TWilBert encoder, a local
-Hugging Face checkpoint, or the TF-IDF baseline) with the task's overrides, best dev epoch or k
-blended folds, test; plus the baseline row (baseline.json).
+"""DVC stage `finetune` (one instance per task and seed, `finetune@<task>-s<seed>`): the configured
+backbone (TWilBert encoder, a local Hugging Face checkpoint, or the TF-IDF baseline) with the task's
+overrides, best dev epoch or k blended folds, test. Run `--seed S` trains with seed + S on the same
+splits as every other run. Without `--no-baseline` it also fits the baseline row (baseline.json),
+which the pipeline runs once per task instead (stages/baseline.py).
 
 Rerun after a crash, it resumes from the task's newest training checkpoint of the same run. Under
 `torchrun --nproc_per_node N stages/finetune.py ...` it trains with DDP; rank 0 writes."""
@@ -16,7 +18,7 @@ from twilbert.distributed import distributed_context
 from twilbert.stage import fault_callbacks, load_stage_config, parse_args, run
 from twilbert.track import Tracker
 from twilbert.train.writer_lock import checkpoint_lock
-from twilbert.train.finetune_stage import finetune_task
+from twilbert.train.finetune_stage import finetune_task, run_config
 
 
 def main() -> Optional[str]:
@@ -26,6 +28,8 @@ def main() -> Optional[str]:
     parser.add_argument("--model-out", type=Path)
     parser.add_argument("--metrics-out", type=Path)
     parser.add_argument("--checkpoints", type=Path, help="training checkpoints (resume); none when omitted")
+    parser.add_argument("--seed", type=int, default=0, help="the run: trains with seed + SEED (finetuning.seeds)")
+    parser.add_argument("--no-baseline", action="store_true", help="the baseline row is a stage of its own")
     args, overrides = parse_args(parser)
     cfg, raw = load_stage_config(overrides)
     if args.task not in cfg.tasks:
@@ -33,24 +37,27 @@ def main() -> Optional[str]:
     task = cfg.tasks[args.task]
     metrics_out = args.metrics_out or Path("results/tasks") / args.task
     ft = task.finetuning_config(cfg.finetuning)
-    params = {"seed": cfg.seed, "finetuning": asdict(ft), "representation": raw["representation"],
-              "task": raw["tasks"][args.task]}
-    splits = load_task(task, cfg.seed, ft.no_test_protocol)  # bad task files fail here, before an MLflow run is opened
+    params = {"seed": cfg.seed, "run_seed": args.seed, "finetuning": asdict(ft),
+              "representation": raw["representation"], "task": raw["tasks"][args.task]}
+    # Bad task files fail here, before an MLflow run is opened; the splits are the same for every seed.
+    splits = load_task(task, cfg.seed, ft.no_test_protocol)
     # One writer per checkpoint directory: a second run beside a live one is refused, naming its PID.
     with distributed_context(ft.device) as ctx, \
             checkpoint_lock(args.checkpoints, enabled=ctx.is_main and args.checkpoints is not None):
         tracker = Tracker(cfg.tracking, stage="finetune", enabled=ctx.is_main)
-        with tracker.start(params, run_name=f"finetune-{args.task}", experiment_params=raw):
+        with tracker.start(params, run_name=f"finetune-{args.task}-s{args.seed}", experiment_params=raw):
             model_out = args.model_out or Path("models/finetuned") / args.task
-            metrics = finetune_task(cfg, task, args.pretrained, model_out, metrics_out, tracker, args.checkpoints, ctx,
-                                    splits=splits, callbacks=fault_callbacks())
+            metrics = finetune_task(run_config(cfg, args.seed), task, args.pretrained, model_out, metrics_out, tracker,
+                                    args.checkpoints, ctx, splits=splits, callbacks=fault_callbacks(),
+                                    baseline_row=False if args.no_baseline else None)
             if ctx.is_main:
-                for name in ("metrics.json", "baseline.json"):
-                    tracker.log_artifact(metrics_out / name)
+                for name in ("metrics.json", "baseline.json", "predictions.tsv"):
+                    if (metrics_out / name).is_file():
+                        tracker.log_artifact(metrics_out / name)
                 tracker.log_classifier(model_out)  # mlflow.pyfunc.load_model("runs:/<run>/model")
     if not ctx.is_main:
         return None
-    return (f"{args.task} ({metrics['model']}): dev {metrics['official_metric']} {metrics['dev']['official']:.4f}, "
+    return (f"{args.task} s{args.seed} ({metrics['model']}): dev {metrics['official_metric']} {metrics['dev']['official']:.4f}, "
             f"test {metrics['test']['official']:.4f}")
 
 

@@ -22,10 +22,12 @@ import torch
 from safetensors.torch import load_file
 
 from twilbert.cli import dump_params
+from twilbert.config.runs import finetune_runs
 from twilbert.config import ModelConfig, RopConfig, TaskConfig, TaskDataset, TaskSpec, VocabConfig, compose
 from twilbert.data.pairs import build_pair_shards
 from twilbert.data.tokenizer import Tokenizer, train_vocab
 from twilbert.model import HeadConfig, ModelCard, TWilBertForClassification, TWilBertForPretraining, save_pretrained
+from twilbert.numerics import PINNED_BY_LAUNCHER, PORTABLE_ENV
 from twilbert.stage import KILL_HOOK_ENV
 
 REPO = Path(__file__).resolve().parents[1]
@@ -172,6 +174,7 @@ def write_params(workdir: Path, overrides: list[str], tasks: Optional[dict] = No
         raw["tasks"] = tasks
     if finetuning:
         raw["finetuning"].update(finetuning)
+    raw["finetune_runs"] = finetune_runs(raw["tasks"], raw["finetuning"]["seeds"])  # as the composition derives it
     workdir.mkdir(parents=True, exist_ok=True)
     (workdir / "params.yaml").write_text(dump_params(raw), encoding="utf-8")
     return raw
@@ -182,6 +185,8 @@ def run_stage(script: str, args: list, workdir: Path, kill_at: Optional[int] = N
     """``python stages/<script> args`` in ``workdir`` (which holds params.yaml), MLflow in a temp store."""
     env = {**os.environ, "MLFLOW_TRACKING_URI": f"sqlite:///{workdir.parent / 'mlflow.db'}", "CI": "1"}
     env.pop(KILL_HOOK_ENV, None)
+    if "ATEN_CPU_CAPABILITY" not in env:  # as stages/py exports them: no restart (test_numerics tests that path)
+        env.update(PORTABLE_ENV, **{PINNED_BY_LAUNCHER: "1"})
     if kill_at is not None:
         env[KILL_HOOK_ENV] = str(kill_at)
     cmd = [*(launcher or [sys.executable]), str(REPO / "stages" / script), *map(str, args)]

@@ -325,6 +325,10 @@ def positive_int(text: str) -> int:
 def main(argv: Optional[list[str]] = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     args = build_parser().parse_args(argv)
+    if argv is None:  # the `twilbert` command itself (never re-execute a caller's own process)
+        from twilbert.numerics import pin_cli
+
+        pin_cli()
     try:
         with ExitStack() as stack:
             if getattr(args, "no_verify", False):

@@ -76,10 +76,11 @@ def auto_threads(base: int, jobs: int, local_ranks: int = 1) -> int:
     return max(1, base // max(1, jobs * local_ranks))
 
 
-def apply_threads(threads: Optional[int]) -> Optional[int]:
-    """Set torch's intra-op threads: ``threads`` when > 0; else (null or 0, auto) torch's own default
-    (one per physical core) divided among the concurrent jobs, left alone outside a queue and when
-    OMP_NUM_THREADS is set. Returns the count set, if any.
+def apply_threads(threads: Optional[int], portable: bool = False) -> Optional[int]:
+    """Set torch's intra-op threads: ``threads`` when > 0; under portable numerics 2 otherwise (the
+    count is part of the numerics, so neither OMP_NUM_THREADS nor the queue changes it); else (null or
+    0, auto) torch's own default (one per physical core) divided among the concurrent jobs, left alone
+    outside a queue and when OMP_NUM_THREADS is set. Returns the count set, if any.
 
     Only in processes that use torch (already imported): the data and vocab stages do not.
     """
@@ -87,7 +88,12 @@ def apply_threads(threads: Optional[int]) -> Optional[int]:
         return None
     import torch
 
-    if threads:
+    from twilbert.numerics import threads as portable_threads
+
+    pinned = portable_threads(portable, threads)
+    if pinned:
+        n, how = pinned, "runtime.portable_numerics" if not threads else "runtime.threads"
+    elif threads:
         n, how = threads, "runtime.threads"
     elif os.environ.get("OMP_NUM_THREADS"):
         return None  # the user's (or the test runner's) explicit choice stands

@@ -20,6 +20,7 @@ import yaml
 
 from twilbert.config import Config, ConfigError, compose, load_config
 from twilbert.progress import format_duration
+from twilbert.numerics import pin
 from twilbert.runtime import apply_threads
 
 log = logging.getLogger("twilbert")
@@ -29,6 +30,8 @@ CONF_DIR = "conf"
 # Test hook: SIGKILL the stage right after the checkpoint of this micro-step is saved, the way a
 # crash or an OOM kill would stop it (tests/test_resume.py, tests/e2e). Never set it otherwise.
 KILL_HOOK_ENV = "TWILBERT_TEST_KILL_AT_MICRO_STEP"
+# True inside ``run``: this process is a stage script, which ``numerics.pin`` may re-execute.
+_STAGE_PROCESS = False
 
 
 def setup_logging() -> None:
@@ -57,7 +60,9 @@ def load_stage_config(overrides: list[str], params: str = PARAMS_FILE) -> tuple[
             raise ConfigError(f"{path}: not found; run `make params` (or pass Hydra overrides) first")
         raw = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
     cfg = load_config(raw)
-    apply_threads(cfg.runtime.threads)
+    if _STAGE_PROCESS:  # a test calling this in its own process must not be re-executed
+        pin(cfg.runtime.portable_numerics)
+    apply_threads(cfg.runtime.threads, cfg.runtime.portable_numerics)
     return cfg, raw
 
 
@@ -91,6 +96,8 @@ def run(main: Callable[[], Optional[str]]) -> None:
     Unexpected errors (bugs) keep their traceback. ``main`` returns the stage's one-line summary
     (None on the ranks that do not write); it ends the log as ``<stage>: done in <time>: <summary>``.
     """
+    global _STAGE_PROCESS
+    _STAGE_PROCESS = True
     setup_logging()
     start = time.monotonic()
     from twilbert.errors import EXIT_USER_ERROR, user_message

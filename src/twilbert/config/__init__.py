@@ -64,7 +64,9 @@ class TrackingConfig:
 class RuntimeConfig:
     """How the stages use this machine (not a DVC param): speed, and the last bits of float results."""
 
-    threads: Optional[int] = None  # torch intra-op threads; null or 0: the cores shared among concurrent DVC jobs
+    threads: Optional[int] = None  # torch intra-op threads; null or 0: 2 when portable, else the cores shared among DVC jobs
+    # The same bytes on any x86-64 CPU with AVX2: pinned kernels and thread count (twilbert.numerics).
+    portable_numerics: bool = True
 
     def validate(self, where: str = "runtime") -> None:
         check_non_negative(self, where, "threads")
@@ -84,6 +86,9 @@ class Config:
     tracking: TrackingConfig = field(default_factory=TrackingConfig)
     runtime: RuntimeConfig = field(default_factory=RuntimeConfig)
     preprocess: PreprocessConfig = field(default_factory=PreprocessConfig)
+    # Derived from tasks x finetuning.seeds for dvc.yaml's `finetune` stages (config/runs.py); `make check-params`
+    # finds it stale, the stages never read it
+    finetune_runs: dict[str, Any] = field(default_factory=dict)
 
     def validate(self) -> "Config":
         self.preprocess.validate("preprocess")
@@ -130,6 +135,9 @@ def compose(overrides: Optional[list[str]] = None, config_dir: Union[str, Path] 
     from omegaconf import OmegaConf
     from omegaconf.errors import OmegaConfBaseException
 
+    from twilbert.config.runs import register_resolver
+
+    register_resolver()
     overrides = list(overrides or [])
     try:
         with initialize_config_dir(config_dir=str(Path(config_dir).resolve()), version_base=None):

@@ -59,6 +59,8 @@ class TrainingConfig:
 class FinetuningConfig:
     """Finetuning loop and head (TWilBert's ``finetuning`` section); a task may override any key."""
 
+    # Runs per task: a count N (seeds 0..N-1) or a list of seeds; run s trains with seed + s (config/runs.py)
+    seeds: Union[int, list[int]] = 3
     backbone: Literal["twilbert", "hf", "baseline"] = "twilbert"
     hf_path: Optional[str] = None  # local Hugging Face checkpoint directory when backbone is hf
     batch_size: int = 32
@@ -94,6 +96,9 @@ class FinetuningConfig:
     no_test_protocol: Literal["carve_dev", "dev_as_test"] = "carve_dev"
 
     def validate(self, where: str = "finetuning") -> None:
+        from twilbert.config.runs import expand_seeds
+
+        expand_seeds(self.seeds, f"{where}.seeds")
         check_positive(self, where, "batch_size", "pred_batch_size", "epochs", "patience", "accum_iters",
                   "warmup_steps", "hidden_size", "baseline_c", "lr", "max_grad_norm")
         check_non_negative(self, where, "weight_decay", "n_hidden", "checkpoint_every")
@@ -169,6 +174,8 @@ class TaskConfig:
     def finetuning_config(self, base: FinetuningConfig, where: Optional[str] = None) -> FinetuningConfig:
         """The global ``finetuning`` section with this task's overrides applied, validated."""
         where = where or (f"tasks.{self.name}.finetuning" if self.name else "finetuning")
+        if "seeds" in self.finetuning:  # the runs are DVC stages, made from the global count
+            raise ConfigError(f"{where}.seeds: the number of runs is global; set finetuning.seeds instead")
         merged = from_dict(FinetuningConfig, {**dataclasses.asdict(base), **self.finetuning}, where)
         merged.validate(where)
         return merged

@@ -6,6 +6,7 @@ evaluated (``kfold.evaluate_learner``), the model directory published whole, and
 from __future__ import annotations
 
 import csv
+import dataclasses
 import json
 from pathlib import Path
 from typing import Optional, Sequence, Union
@@ -32,6 +33,8 @@ FINGERPRINT_CODE = ("model", "train", "data/tasks.py", "data/formats.py", "data/
 BASELINE_FILE = "baseline.json"
 METRICS_FILE = "metrics.json"
 EPOCHS_FILE = "epochs.csv"
+PREDICTIONS_FILE = "predictions.tsv"
+PREDICTIONS_HEADER = "id\tgold\tpred\n"  # what a run without predictions writes (twilbert.predictions reads it)
 BASELINE_DIR = "baseline"  # the baseline row's model, inside the task's model directory
 
 
@@ -47,16 +50,24 @@ def finetune_fingerprint(cfg: Config, task: TaskConfig, ft: FinetuningConfig, pr
             "code": files_digest(package_paths(*FINGERPRINT_CODE))}
 
 
+def run_config(cfg: Config, run_seed: int) -> Config:
+    """The config of finetuning run ``run_seed``: its training seed is ``seed + run_seed`` (config/runs.py).
+
+    Load the task's splits with ``cfg.seed`` before, so that every run is scored on the same examples."""
+    return dataclasses.replace(cfg, seed=cfg.seed + run_seed)
+
+
 def finetune_task(cfg: Config, task: TaskConfig, pretrained_dir: Path, model_out: Path, metrics_out: Path,
                   tracker: Optional[Tracker] = None, checkpoint_dir: Optional[Path] = None,
                   ctx: Optional[DistContext] = None, splits: Optional[TaskData] = None,
-                  callbacks: Sequence[Callback] = ()) -> dict:
+                  callbacks: Sequence[Callback] = (), baseline_row: Optional[bool] = None) -> dict:
     """Finetune the configured backbone on ``task`` (and the baseline row); write models and metrics.
 
     With ``checkpoint_dir`` the neural backbones checkpoint and resume there (``train_state/``, or
     ``fold-<i>/`` per fold). Under torchrun (``ctx``) every rank trains; rank 0 alone fits the
     baseline row and writes. ``splits``: the task's files already read (``load_task``), so that a
     caller can validate them before it opens its MLflow run. ``callbacks``: the training loop's hooks.
+    ``baseline_row``: False when the baseline is a stage of its own (``baseline_task``); None: the config's.
     """
     ft = task.finetuning_config(cfg.finetuning)
     ctx = ctx or DistContext(device=resolve_device(ft.device))
@@ -87,7 +98,7 @@ def finetune_task(cfg: Config, task: TaskConfig, pretrained_dir: Path, model_out
     with publish_dir(model_out, checksums=True) as staged:  # checksums cover the k-fold publish, folds/, baseline/
         run = evaluate_learner(learner, splits, max_len, test_len, staged)
         baseline: Union[dict, None] = None
-        if ft.baseline_row and ft.backbone != "baseline":
+        if (ft.baseline_row if baseline_row is None else baseline_row) and ft.backbone != "baseline":
             row = baseline_learner(cfg, task, ft, learner.preprocess)
             baseline = evaluate_learner(row, splits, max_len, test_len, staged / BASELINE_DIR).metrics
 
@@ -96,24 +107,72 @@ def finetune_task(cfg: Config, task: TaskConfig, pretrained_dir: Path, model_out
         tracker.log_metrics({f"best_dev_{k}": v for k, v in run.metrics["dev"].items()})
         if baseline:
             tracker.log_metrics({f"baseline_test_{k}": v for k, v in baseline["test"].items()})
-    write_metrics(metrics_out, run, baseline, ft)
+    write_metrics(metrics_out, run, baseline, ft, baseline_file=baseline_row is not False)
     distributed.barrier()
     return run.metrics
 
 
-def write_metrics(metrics_out: Path, run: LearnerRun, baseline: Optional[dict], ft: FinetuningConfig) -> None:
-    """``metrics.json``, ``baseline.json`` (a note without scores when there is no separate baseline
-    row, so DVC always finds it) and ``epochs.csv``."""
-    metrics_out.mkdir(parents=True, exist_ok=True)
+def write_metrics(metrics_out: Path, run: LearnerRun, baseline: Optional[dict], ft: FinetuningConfig,
+                  baseline_file: bool = True) -> None:
+    """The run's files (``write_run_files``) and ``baseline.json`` (a note without scores when there
+    is no separate baseline row, so DVC always finds it; none when the baseline is a stage of its own)."""
+    write_run_files(metrics_out, run)
+    if not baseline_file:
+        return
     if baseline is None:
         reason = ("finetuning.baseline_row is false" if not ft.baseline_row
                   else "the backbone is the baseline: see metrics.json")
         baseline = {"task": run.metrics["task"], "model": "baseline", "skipped": reason}
-    for name, content in ((METRICS_FILE, run.metrics), (BASELINE_FILE, baseline)):
-        with atomic_write(metrics_out / name) as fh:
-            json.dump(content, fh, indent=2)
+    with atomic_write(metrics_out / BASELINE_FILE) as fh:
+        json.dump(baseline, fh, indent=2)
+
+
+def write_run_files(metrics_out: Path, run: LearnerRun) -> None:
+    """One run's ``metrics.json`` and ``epochs.csv`` (none for a model without epochs)."""
+    metrics_out = Path(metrics_out)
+    metrics_out.mkdir(parents=True, exist_ok=True)
+    with atomic_write(metrics_out / METRICS_FILE) as fh:
+        json.dump(run.metrics, fh, indent=2)
+    if not run.history:
+        return
     fields = list(dict.fromkeys(k for row in run.history for k in row))
     with atomic_write(metrics_out / EPOCHS_FILE) as fh:
         writer = csv.DictWriter(fh, fieldnames=fields)
         writer.writeheader()
         writer.writerows(run.history)
+
+
+def baseline_preprocessor(cfg: Config, ft: FinetuningConfig, pretrained_dir: Path):
+    """The preprocessing the task's neural runs see, so that the baseline reads the same texts."""
+    from twilbert.data.preprocess import Preprocessor
+    from twilbert.train.finetune import task_preprocessor
+
+    return task_preprocessor(cfg, pretrained_dir) if ft.backbone == "twilbert" else Preprocessor(cfg.preprocess)
+
+
+def baseline_task(cfg: Config, task: TaskConfig, pretrained_dir: Path, model_out: Path, metrics_out: Path,
+                  splits: Optional[TaskData] = None) -> Optional[dict]:
+    """The TF-IDF baseline row of ``task``, once: it is deterministic, so it needs no seeds. Writes
+    ``metrics_out/metrics.json`` (a note without scores when there is no separate row, so that DVC always
+    finds the file, with a header-only ``predictions.tsv``) and the model under ``model_out`` (then a
+    ``skipped.json``); returns the metrics, or None when skipped."""
+    ft = task.finetuning_config(cfg.finetuning)
+    metrics_out = Path(metrics_out)
+    if not ft.baseline_row or ft.backbone == "baseline":
+        note = {"task": task.name, "model": "baseline",
+                "skipped": ("finetuning.baseline_row is false" if not ft.baseline_row
+                            else "the backbone is the baseline: see the task's runs")}
+        with publish_dir(Path(model_out)) as staged:
+            (staged / "skipped.json").write_text(json.dumps(note, indent=2), encoding="utf-8")
+        metrics_out.mkdir(parents=True, exist_ok=True)
+        with atomic_write(metrics_out / METRICS_FILE) as fh:
+            json.dump(note, fh, indent=2)
+        with atomic_write(metrics_out / PREDICTIONS_FILE) as fh:
+            fh.write(PREDICTIONS_HEADER)
+        return None
+    splits = splits if splits is not None else load_task(task, cfg.seed, ft.no_test_protocol)
+    row = baseline_learner(cfg, task, ft, baseline_preprocessor(cfg, ft, Path(pretrained_dir)))
+    with publish_dir(Path(model_out), checksums=True) as staged:
+        run = evaluate_learner(row, splits, cfg.representation.max_len, cfg.representation.test_len, staged)
+    write_run_files(metrics_out, run)
+    return run.metrics

@@ -1,0 +1,84 @@
+"""The local ``baseline`` experiment: ``make repro`` keeps its run under that name, ``make baseline``
+brings it back, and ``make compare`` measures the other experiments against it.
+
+A row made on another machine (the committed ``main``) mixes the host into every difference, so the
+reference is always a run of this machine. Bringing it back is ``dvc exp apply``: params, ``dvc.lock``
+and ``results/`` from the experiment's commit, the models from DVC's cache, no training. It writes the
+files whatever git's index holds, so DVC's ``autostage`` (on in this project) does not get in its way.
+"""
+
+from __future__ import annotations
+
+import argparse
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Iterable, Optional
+
+BASELINE = "baseline"
+
+
+class ExperimentError(RuntimeError):
+    """DVC could not save or restore an experiment; the message says what to do."""
+
+
+def _dvc(args: list[str], repo: Path) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "dvc", *args], cwd=repo, capture_output=True, text=True)
+
+
+def _last_line(proc: subprocess.CompletedProcess) -> str:
+    lines = [line for line in (proc.stderr or proc.stdout or "").strip().splitlines() if line.strip()]
+    return lines[-1] if lines else f"exit status {proc.returncode}"
+
+
+def experiment_names(repo: Path) -> list[str]:
+    """The names of this repository's DVC experiments on the current commit."""
+    proc = _dvc(["exp", "list", "--name-only"], repo)
+    if proc.returncode != 0:
+        raise ExperimentError(f"`dvc exp list` failed: {_last_line(proc)}")
+    return [line.strip() for line in proc.stdout.splitlines() if line.strip()]
+
+
+def save(repo: Path, name: str = BASELINE) -> None:
+    """Keep the workspace's run (params, dvc.lock, results, cached models) as experiment ``name``."""
+    proc = _dvc(["exp", "save", "--force", "--name", name], repo)
+    if proc.returncode != 0:
+        raise ExperimentError(f"could not keep the run as experiment {name!r}: {_last_line(proc)}")
+
+
+def restore(repo: Path, name: str = BASELINE) -> float:
+    """Bring experiment ``name`` back into the workspace; returns the seconds it took."""
+    start = time.monotonic()
+    if name not in experiment_names(repo):
+        hint = "run `make repro` first: it keeps its run as `baseline`" if name == BASELINE else \
+            "see `make compare` or `dvc exp list` for the names"
+        raise ExperimentError(f"no experiment named {name!r} on this commit: {hint}")
+    proc = _dvc(["exp", "apply", name], repo)
+    if proc.returncode != 0:
+        raise ExperimentError(f"`dvc exp apply {name}` failed: {_last_line(proc)}")
+    return time.monotonic() - start
+
+
+def main(argv: Optional[Iterable[str]] = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m twilbert.experiments", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("action", choices=("save", "restore"))
+    parser.add_argument("name", nargs="?", default=BASELINE)
+    parser.add_argument("--repo", type=Path, default=Path("."))
+    args = parser.parse_args(list(argv) if argv is not None else None)
+    try:
+        if args.action == "save":
+            save(args.repo, args.name)
+        else:
+            seconds = restore(args.repo, args.name)
+            print(f"restored experiment {args.name!r} in {seconds:.1f} s: params.yaml, dvc.lock, results/ and "
+                  "its models (from DVC's cache, nothing retrained)")
+    except ExperimentError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,87 @@
+"""dvc.yaml and dvc.lock as a second researcher meets them: a fresh clone's lock is not stale, the
+finetuning stages track every key that changes a run, and no stage output depends on history."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+from twilbert.config import FinetuningConfig
+from twilbert.config.runs import expand_seeds, finetune_runs
+
+from helpers import REPO
+
+BASELINE_KEYS = {"baseline_model", "baseline_c", "baseline_row"}
+
+
+def stages() -> dict:
+    return yaml.safe_load((REPO / "dvc.yaml").read_text(encoding="utf-8"))["stages"]
+
+
+def test_the_finetune_stages_track_every_finetuning_key_but_the_seed_count():
+    params = stages()["finetune"]["do"]["params"]
+    tracked = {p.split(".", 1)[1] for p in params if isinstance(p, str) and p.startswith("finetuning.")}
+    fields = {f.name for f in dataclasses.fields(FinetuningConfig)}
+    # seeds only says how many stages there are: tracking it would rerun every seed when one is added
+    assert tracked == fields - {"seeds"} - BASELINE_KEYS
+    baseline = {p.split(".", 1)[1] for p in stages()["baseline"]["do"]["params"] if p.startswith("finetuning.")}
+    assert BASELINE_KEYS <= baseline and "seeds" not in baseline
+
+
+def test_no_stage_output_is_persisted_so_every_stage_can_come_back_from_the_run_cache():
+    # DVC's run cache skips a stage with a persisted output, and a training checkpoint folder's content
+    # depends on the run's history: checkpoints live beside the outputs, not among them.
+    for name, stage in stages().items():
+        body = stage.get("do", stage)
+        for out in [*body.get("outs", []), *body.get("metrics", [])]:
+            if isinstance(out, dict):
+                (path, opts), = out.items()
+                assert not opts.get("persist"), f"{name}: {path} is persisted"
+                assert "checkpoints" not in path, f"{name}: {path}"
+            else:
+                assert "checkpoints" not in out, f"{name}: {out}"
+
+
+def test_a_count_of_seeds_and_a_list_make_the_runs_dvc_iterates():
+    tasks = {"a": {"dataset": {"data_dir": "data/a"}}, "b": {"dataset": {"data_dir": "data/b"}}}
+    assert expand_seeds(3) == [0, 1, 2] and expand_seeds([7, 0]) == [7, 0]
+    runs = finetune_runs(tasks, 2)
+    assert list(runs) == ["a-s0", "a-s1", "b-s0", "b-s1"]
+    assert runs["b-s1"] == {"task": "b", "seed": 1, "data_dir": "data/b"}
+    # adding a seed keeps every existing run as it was: only the new stage is new
+    more = finetune_runs(tasks, 3)
+    assert {k: more[k] for k in runs} == runs and set(more) - set(runs) == {"a-s2", "b-s2"}
+
+
+def test_the_committed_params_hold_the_runs_the_composition_derives():
+    params = yaml.safe_load((REPO / "params.yaml").read_text(encoding="utf-8"))
+    assert params["finetune_runs"] == finetune_runs(params["tasks"], params["finetuning"]["seeds"])
+
+
+@pytest.mark.slow
+def test_a_fresh_clone_lists_no_changed_code_dependency_and_no_changed_param(tmp_path):
+    clone = tmp_path / "clone"
+    subprocess.run(["git", "clone", "-q", str(REPO), str(clone)], check=True, timeout=120)
+    # Byte-compiled files beside the code, as running anything from the clone leaves them: ignored.
+    subprocess.run([sys.executable, "-m", "compileall", "-q", str(clone / "src"), str(clone / "stages")],
+                   check=True, timeout=120)
+    proc = subprocess.run([sys.executable, "-m", "dvc", "status", "--json"], cwd=clone, capture_output=True,
+                          text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    changed = []
+    for stage, entries in json.loads(proc.stdout or "{}").items():
+        for entry in entries:
+            if not isinstance(entry, dict):
+                continue
+            for path, state in (entry.get("changed deps") or {}).items():
+                if not path.startswith(("data/", "models/", "results/")) and state != "deleted":
+                    changed.append(f"{stage}: {path} {state}")
+            if entry.get("changed params"):
+                changed.append(f"{stage}: params {entry['changed params']}")
+    assert not changed, "the committed dvc.lock is stale in a fresh clone: " + "; ".join(changed)
