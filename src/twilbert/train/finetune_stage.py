@@ -1,6 +1,6 @@
 """The finetune stage's work on one task: the configured backbone (and the baseline row) fitted and
 evaluated (``kfold.evaluate_learner``), the model directory published whole, and the metrics files
-(``metrics.json``, ``baseline.json``, ``epochs.csv``) written.
+(``metrics.json``, ``predictions.tsv``, ``baseline.json``, ``epochs.csv``) written.
 """
 
 from __future__ import annotations
@@ -12,10 +12,12 @@ from typing import Optional, Sequence, Union
 
 from twilbert import distributed
 from twilbert.config import Config, FinetuningConfig, TaskConfig, to_dict
+from twilbert.data.preprocess import Preprocessor
 from twilbert.data.tasks import TaskData, load_task
 from twilbert.device import configure_matmul, resolve_device
 from twilbert.distributed import DistContext
 from twilbert.io_utils import atomic_write, publish_dir
+from twilbert.predictions import FILE as PREDICTIONS_FILE, write_predictions
 from twilbert.track import Tracker
 from twilbert.train.fingerprint import config_fingerprint, files_digest, package_paths
 from twilbert.train.finetune import (
@@ -102,18 +104,59 @@ def finetune_task(cfg: Config, task: TaskConfig, pretrained_dir: Path, model_out
 
 
 def write_metrics(metrics_out: Path, run: LearnerRun, baseline: Optional[dict], ft: FinetuningConfig) -> None:
-    """``metrics.json``, ``baseline.json`` (a note without scores when there is no separate baseline
-    row, so DVC always finds it) and ``epochs.csv``."""
-    metrics_out.mkdir(parents=True, exist_ok=True)
+    """``metrics.json``, ``predictions.tsv``, ``epochs.csv`` (:func:`write_run`) and ``baseline.json``
+    (a note without scores when there is no separate baseline row, so DVC always finds it)."""
+    write_run(metrics_out, run)
     if baseline is None:
-        reason = ("finetuning.baseline_row is false" if not ft.baseline_row
-                  else "the backbone is the baseline: see metrics.json")
-        baseline = {"task": run.metrics["task"], "model": "baseline", "skipped": reason}
-    for name, content in ((METRICS_FILE, run.metrics), (BASELINE_FILE, baseline)):
-        with atomic_write(metrics_out / name) as fh:
-            json.dump(content, fh, indent=2)
+        baseline = skipped_baseline(run.metrics["task"], ft)
+    with atomic_write(metrics_out / BASELINE_FILE) as fh:
+        json.dump(baseline, fh, indent=2)
+
+
+def skipped_baseline(task: str, ft: FinetuningConfig) -> dict:
+    """The baseline's metrics file when it has no row of its own: why, and no scores."""
+    reason = ("finetuning.baseline_row is false" if not ft.baseline_row
+              else "the backbone is the baseline: see metrics.json")
+    return {"task": task, "model": "baseline", "skipped": reason}
+
+
+def baseline_task(cfg: Config, task: TaskConfig, pretrained_dir: Path, model_out: Path, metrics_out: Path,
+                  splits: Optional[TaskData] = None) -> dict:
+    """The TF-IDF baseline row on its own (deterministic: one run per task, whatever the seeds):
+    its model published under ``model_out``, ``metrics.json`` and ``predictions.tsv`` under
+    ``metrics_out``; only the skipped note in ``metrics.json`` when the task has no baseline row."""
+    ft = task.finetuning_config(cfg.finetuning)
+    metrics_out = Path(metrics_out)
+    if not ft.baseline_row or ft.backbone == "baseline":
+        note = skipped_baseline(task.name, ft)
+        metrics_out.mkdir(parents=True, exist_ok=True)
+        (metrics_out / PREDICTIONS_FILE).unlink(missing_ok=True)  # a stale one would pair with nothing
+        with atomic_write(metrics_out / METRICS_FILE) as fh:
+            json.dump(note, fh, indent=2)
+        return note
+    splits = splits if splits is not None else load_task(task, cfg.seed, ft.no_test_protocol)
+    # the text the finetuned model reads: the vocabulary's preprocessing, or `preprocess` under hf
+    preprocess = Preprocessor(cfg.preprocess) if ft.backbone == "hf" else task_preprocessor(cfg, pretrained_dir)
+    row = baseline_learner(cfg, task, ft, preprocess)
+    with publish_dir(model_out, checksums=True) as staged:
+        run = evaluate_learner(row, splits, cfg.representation.max_len, cfg.representation.test_len, staged)
+    write_run(metrics_out, run, epochs=False)
+    return run.metrics
+
+
+def write_run(out_dir: Path, run: LearnerRun, epochs: bool = True) -> None:
+    """One run's files in ``out_dir``: ``metrics.json``, ``predictions.tsv`` (one line per reported
+    test example) and, with ``epochs``, ``epochs.csv``."""
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    with atomic_write(out_dir / METRICS_FILE) as fh:
+        json.dump(run.metrics, fh, indent=2)
+    if run.test is not None:
+        write_predictions(out_dir / PREDICTIONS_FILE, run.test)
+    if not epochs:
+        return
     fields = list(dict.fromkeys(k for row in run.history for k in row))
-    with atomic_write(metrics_out / EPOCHS_FILE) as fh:
+    with atomic_write(out_dir / EPOCHS_FILE) as fh:
         writer = csv.DictWriter(fh, fieldnames=fields)
         writer.writeheader()
         writer.writerows(run.history)
