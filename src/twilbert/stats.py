@@ -165,19 +165,19 @@ class Resamples:
     weights_b: np.ndarray  # (m, K_b)
 
 
-def _run_weights(rng: np.random.Generator, k: int, m: int) -> np.ndarray:
-    if k == 1:  # a single run (the deterministic baseline) is kept in every replicate
-        return np.ones((m, 1))
-    drawn = rng.integers(0, k, size=(m, k))
-    return np.stack([np.bincount(row, minlength=k) for row in drawn]) / k
+def _draw_counts(rng: np.random.Generator, n: int, m: int) -> np.ndarray:
+    """(m, n): how often each of ``n`` items is drawn in each of ``m`` draws of ``n`` with replacement."""
+    drawn = rng.integers(0, n, size=(m, n))
+    offsets = (np.arange(m) * n)[:, None]  # one bincount for all rows
+    return np.bincount((drawn + offsets).ravel(), minlength=m * n).reshape(m, n)
 
 
 def draw_resamples(rng: np.random.Generator, n: int, k_a: int, k_b: int, m: int) -> Resamples:
     """``m`` replicates over ``n`` test examples and ``k_a`` / ``k_b`` runs."""
-    drawn = rng.integers(0, n, size=(m, n))  # (m, n) example indices
-    offsets = (np.arange(m) * n)[:, None]
-    examples = np.bincount((drawn + offsets).ravel(), minlength=m * n).reshape(m, n)
-    return Resamples(examples, _run_weights(rng, k_a, m), _run_weights(rng, k_b, m))
+    examples = _draw_counts(rng, n, m)
+    # a single run (the deterministic baseline) is kept in every replicate
+    weights = [np.ones((m, 1)) if k == 1 else _draw_counts(rng, k, m) / k for k in (k_a, k_b)]
+    return Resamples(examples, *weights)
 
 
 def _side_means(spec: TaskSpec, counts: np.ndarray, draw: np.ndarray, weights: np.ndarray) -> np.ndarray:
@@ -193,14 +193,34 @@ def replicate_deltas(spec: TaskSpec, counts_a: np.ndarray, counts_b: np.ndarray,
             - _side_means(spec, counts_a, resamples.examples, resamples.weights_a))
 
 
-def _as_runs(gold: np.ndarray, runs: Sequence[np.ndarray], side: str) -> list[np.ndarray]:
+def _side_counts(spec: TaskSpec, gold: np.ndarray, runs: Sequence[np.ndarray], side: str) -> np.ndarray:
+    """The side's :func:`example_counts` stacked per run: (n, K, d)."""
     runs = [np.asarray(p) for p in runs]
     if not runs:
         raise ValueError(f"side {side} has no runs")
     for i, p in enumerate(runs):
         if p.shape[0] != gold.shape[0]:
             raise ValueError(f"side {side}, run {i}: {p.shape[0]} predictions for {gold.shape[0]} test examples")
-    return runs
+    return np.stack([example_counts(spec, gold, p) for p in runs], axis=1)
+
+
+def bootstrap_deltas(spec: TaskSpec, gold: np.ndarray, runs_a: Sequence[np.ndarray], runs_b: Sequence[np.ndarray],
+                     n_resamples: int = N_RESAMPLES, seed: int = SEED) -> np.ndarray:
+    """Δ of B over A in each of ``n_resamples`` seeded replicates (see the module's docstring)."""
+    if n_resamples < 1:
+        raise ValueError(f"n_resamples must be at least 1, got {n_resamples}")
+    gold = np.asarray(gold)
+    n = gold.shape[0]
+    if n == 0:
+        raise ValueError("no test examples to compare on")
+    counts_a, counts_b = _side_counts(spec, gold, runs_a, "A"), _side_counts(spec, gold, runs_b, "B")
+    rng = np.random.default_rng(seed)
+    deltas = np.empty(n_resamples)
+    for start in range(0, n_resamples, _CHUNK):
+        m = min(_CHUNK, n_resamples - start)
+        resamples = draw_resamples(rng, n, counts_a.shape[1], counts_b.shape[1], m)
+        deltas[start:start + m] = replicate_deltas(spec, counts_a, counts_b, resamples)
+    return deltas
 
 
 def paired_delta(spec: TaskSpec, gold: np.ndarray, runs_a: Sequence[np.ndarray], runs_b: Sequence[np.ndarray],
@@ -212,21 +232,8 @@ def paired_delta(spec: TaskSpec, gold: np.ndarray, runs_a: Sequence[np.ndarray],
     """
     if not 0 < level < 1:
         raise ValueError(f"level must be in (0, 1), got {level}")
-    if n_resamples < 1:
-        raise ValueError(f"n_resamples must be at least 1, got {n_resamples}")
     gold = np.asarray(gold)
-    n = gold.shape[0]
-    if n == 0:
-        raise ValueError("no test examples to compare on")
-    runs_a, runs_b = _as_runs(gold, runs_a, "A"), _as_runs(gold, runs_b, "B")
-    counts_a = np.stack([example_counts(spec, gold, p) for p in runs_a], axis=1)  # (n, K_a, d)
-    counts_b = np.stack([example_counts(spec, gold, p) for p in runs_b], axis=1)
-    delta = float(metric_from_totals(spec, counts_b.sum(0), n).mean() - metric_from_totals(spec, counts_a.sum(0), n).mean())
-    rng = np.random.default_rng(seed)
-    deltas = np.empty(n_resamples)
-    for start in range(0, n_resamples, _CHUNK):
-        m = min(_CHUNK, n_resamples - start)
-        deltas[start:start + m] = replicate_deltas(spec, counts_a, counts_b,
-                                                   draw_resamples(rng, n, len(runs_a), len(runs_b), m))
+    deltas = bootstrap_deltas(spec, gold, runs_a, runs_b, n_resamples, seed)
+    delta = float(official_scores(spec, gold, runs_b).mean() - official_scores(spec, gold, runs_a).mean())
     low, high = np.quantile(deltas, [(1 - level) / 2, (1 + level) / 2])
-    return Delta(delta, float(low), float(high), level, n, len(runs_a), len(runs_b))
+    return Delta(delta, float(low), float(high), level, len(gold), len(runs_a), len(runs_b))
