@@ -83,14 +83,14 @@ def _decode(spec: TaskSpec, text: str, where: str, column: str):
         if not np.isfinite(value):
             raise PredictionsFileError(f"{where}: {column} {text!r} is not a finite number")
         return value
-    unknown = [name for name in (text.split(SEP) if spec.multi_label and text else [text])
-               if name not in spec.categories]
+    names = (text.split(SEP) if text else []) if spec.multi_label else [text]
+    unknown = [name for name in names if name not in spec.categories]
     if unknown:
         raise PredictionsFileError(f"{where}: {column} {unknown[0]!r} is not a category of the task "
                                    f"({', '.join(_names(spec))})")
     if spec.multi_label:
         flags = [0] * len(spec.categories)
-        for name in text.split(SEP) if text else []:
+        for name in names:
             flags[spec.categories[name]] = 1
         return flags
     return spec.categories[text]
