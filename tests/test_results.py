@@ -1,6 +1,9 @@
 import csv
 import io
 import json
+import os
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -9,6 +12,8 @@ from twilbert.config import TaskSpec
 from twilbert.predictions import Predictions, PredictionsFileError, write_predictions
 from twilbert.results import aggregate, collect, render_results, task_metrics_files, tracked_metrics, write_results
 from twilbert.stats import paired_delta
+
+from helpers import REPO
 
 
 def _split(**over):
@@ -271,10 +276,10 @@ def test_the_comparison_gives_the_delta_to_the_baseline_with_its_interval_and_ve
     assert expected.low > 0  # 75% against 55% right on 300 examples: a clear gain
     rows = _md_rows(md.split("## Models compared")[1])
     tests = [seeded["scores"][s]["official"] for s in (1, 2, 10)]
+    interval = f"{100 * expected.delta:+.2f} [{100 * expected.low:+.2f}, {100 * expected.high:+.2f}]"
     assert rows[1] == (f"| coset17 | mf1 | twilbert | test file | 3 | "
                        f"{_cell(np.mean(tests) - 0.01, np.std(tests, ddof=1))} | "
-                       f"**{_cell(np.mean(tests), np.std(tests, ddof=1))}** | "
-                       f"{100 * expected.delta:+.2f} [{100 * expected.low:+.2f}, {100 * expected.high:+.2f}] | better |")
+                       f"**{_cell(np.mean(tests), np.std(tests, ddof=1))}** | {interval} | better |")
     assert abs(expected.delta - (np.mean(tests) - seeded["base_scores"]["official"])) < 1e-12
     assert rows[2].endswith("| - | - |")  # the baseline against itself: nothing
     assert "*within noise*" in md and "paired bootstrap" in md
@@ -329,3 +334,54 @@ def test_a_skipped_baseline_leaves_the_runs_without_a_delta(seeded, tmp_path):
     md = write_results(task_metrics_files(seeded["root"] / "coset17"), tmp_path / "out", specs={"coset17": SPEC})
     rows = _md_rows(md.split("## Models compared")[1])
     assert len(rows) == 2 and rows[1].endswith("| - | - |")
+
+
+# --------------------------------------------------------------------------------------------
+# The evaluate stage on the runs layout
+# --------------------------------------------------------------------------------------------
+
+TASS = TaskSpec(categories={"N": 0, "NEU": 1, "NONE": 2, "P": 3})  # tass_default in conf/
+
+
+def _evaluate(workdir):
+    env = {**os.environ, "MLFLOW_TRACKING_URI": f"sqlite:///{workdir / 'mlflow.db'}", "CI": "1"}
+    args = ["--tasks-dir", "results/tasks", "--out", "results", "--curves-out", "results/curves",
+            "seed=1234"]  # an override, so that the stage composes conf/
+    return subprocess.run([sys.executable, str(REPO / "stages" / "evaluate.py"), *args],
+                          cwd=workdir, env=env, capture_output=True, text=True, timeout=600)
+
+
+@pytest.fixture
+def stage_dir(tmp_path):
+    (tmp_path / "conf").symlink_to(REPO / "conf")
+    task = tmp_path / "results" / "tasks" / "tass_default"
+    gold = np.random.default_rng(0).integers(0, 4, size=N_TEST)
+    ids = [str(i) for i in range(N_TEST)]
+    for seed in (1, 2, 3):
+        pred = np.where(np.random.default_rng(seed).random(N_TEST) < 0.5, gold, 3 - gold)
+        _write_run(task / "runs" / f"s{seed}", "tass_default", "twilbert", Predictions(ids, gold, pred, TASS))
+        (task / "runs" / f"s{seed}" / "epochs.csv").write_text(f"epoch,train_loss,dev_official\n1,1.0,0.{seed}\n")
+    _write_run(task / "baseline", "tass_default", "baseline", Predictions(ids, gold, 3 - gold, TASS))
+    return tmp_path
+
+
+def test_the_evaluate_stage_tables_the_runs_with_their_spread_and_the_delta_interval(stage_dir):
+    proc = _evaluate(stage_dir)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    md = (stage_dir / "results" / "results.md").read_text()
+    row = next(r for r in _md_rows(md.split("## Models compared")[1]) if "| twilbert |" in r)
+    assert "| test file | 3 |" in row and " ± " in row and row.endswith("| better |")
+    summary = json.loads((stage_dir / "results" / "metrics.json").read_text())["tass_default"]
+    assert summary["test_official_n"] == 3 and summary["test_official_sd"] > 0
+    curve = (stage_dir / "results" / "curves" / "tass_default.csv").read_text()
+    assert "0.1" in curve  # the first seed's epochs.csv
+
+
+def test_the_evaluate_stage_refuses_runs_on_other_test_examples_in_one_line(stage_dir):
+    path = stage_dir / "results" / "tasks" / "tass_default" / "baseline" / "predictions.tsv"
+    path.write_text(path.read_text().replace("\n0\t", "\nzero\t", 1))
+    proc = _evaluate(stage_dir)
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr
+    [line] = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
+    assert "tass_default/baseline/predictions.tsv" in line and "not on the same test examples" in line
+    assert not (stage_dir / "results" / "results.md").exists()

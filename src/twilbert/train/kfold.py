@@ -123,7 +123,8 @@ class LearnerRun:
     test: Optional[Predictions] = None  # the reported test split's predictions (k-fold: the blend's)
 
 
-def reported_predictions(learner: Learner, examples: TaskExamples, labels: np.ndarray, scores: np.ndarray) -> Predictions:
+def reported_predictions(learner: Learner, examples: TaskExamples, labels: np.ndarray,
+                         scores: np.ndarray) -> Predictions:
     """The decisions on the reported test split, by example id."""
     return Predictions(list(examples.ids), np.asarray(labels), decide(scores, learner.task), learner.task.task)
 
