@@ -1,7 +1,7 @@
 """DVC stage `evaluate`: the results tables from the metrics files of the tasks in params
-(every model that ran on a task: metrics.json, baseline.json, ...), the finetuning curves as DVC
-plot files, PNGs of every training curve, and the experiment's headline metrics on its MLflow
-parent run."""
+(every finetuning run, runs/s<seed>/metrics.json, and the baseline row, baseline/metrics.json, with
+their predictions.tsv for the Δ intervals), the finetuning curves as DVC plot files, PNGs of every
+training curve, and the experiment's headline metrics on its MLflow parent run."""
 
 import argparse
 import json
@@ -9,7 +9,9 @@ import os
 from pathlib import Path
 
 from twilbert.plots import write_finetune_curves, write_pngs
-from twilbert.results import collect, headline_metrics, render_results, task_metrics_files, tracked_metrics, write_rendered
+from twilbert.results import (
+    aggregate, collect, headline_metrics, render_results, run_dirs, task_metrics_files, tracked_metrics, write_rendered,
+)
 from twilbert.stage import load_stage_config, parse_args, run
 from twilbert.track import Tracker
 
@@ -24,25 +26,26 @@ def main() -> str:
     parser.add_argument("--plots-out", type=Path, help="PNGs of the curves, linked from results.md")
     args, overrides = parse_args(parser)
     cfg, raw = load_stage_config(overrides)
-    missing = [str(args.tasks_dir / name / "metrics.json") for name in cfg.tasks
-               if not (args.tasks_dir / name / "metrics.json").is_file()]
+    missing = [str(args.tasks_dir / name / "runs") for name in cfg.tasks if not run_dirs(args.tasks_dir / name)]
     if missing:
-        raise FileNotFoundError(f"evaluate: missing per-task metrics {missing}; run the finetune stages")
+        raise FileNotFoundError(f"evaluate: no finetuning run's metrics.json under {missing}; run the finetune stages")
     files = [f for name in cfg.tasks for f in task_metrics_files(args.tasks_dir / name)]
     shown = {name: task.compare_as for name, task in cfg.tasks.items() if task.compare_as}
-    render_results(files, labels=shown)  # reads and checks every metrics file, writes nothing
+    specs = {name: task.task for name, task in cfg.tasks.items()}
+    render_results(files, labels=shown, specs=specs)  # reads and checks every metrics file, writes nothing
     pretrain = None
     if args.pretrain_metrics and args.pretrain_metrics.is_file():
         pretrain = json.loads(args.pretrain_metrics.read_text(encoding="utf-8"))
-    rows = collect(files)
+    rows = aggregate(collect(files))
     headline = headline_metrics(rows, pretrain)
     tracker = Tracker(cfg.tracking, stage="evaluate")
     # The store is probed before any output is written: under tracking.on_unreachable=fail nothing is.
     with tracker.start({"tasks": ",".join(sorted(cfg.tasks))}, run_name="evaluate", experiment_params=raw):
-        epochs = {name: args.tasks_dir / name / "epochs.csv" for name in cfg.tasks}
+        # the curves of each task's first run (by seed)
+        epochs = {name: run_dirs(args.tasks_dir / name)[0] / "epochs.csv" for name in cfg.tasks}
         curves = write_finetune_curves(epochs, args.curves_out) if args.curves_out else {}
         pngs = write_pngs(args.plots_out, args.pretrain_curves, curves) if args.plots_out else []
-        rendered = render_results(files, labels=shown,
+        rendered = render_results(files, labels=shown, specs=specs,
                                   plots=[Path(os.path.relpath(p, args.out)).as_posix() for p in pngs])
         write_rendered(rendered, args.out)
         tracker.log_metrics(tracked_metrics(rows))

@@ -5,12 +5,22 @@ from __future__ import annotations
 
 import copy
 
-from twilbert.compare import changed_params, compare_table, experiment_rows, short_labels
+import numpy as np
+import pytest
+
+from twilbert.compare import (
+    changed_params, compare_table, compare_task, experiment_rows, short_labels, task_specs, verdict_table,
+)
+from twilbert.predictions import Predictions, PredictionsFileError, format_predictions
+
+
+CATEGORIES = {"P": 0, "N": 1, "NEU": 2}
 
 
 def rev_data(n_encoders: int, lr: float, test: float) -> dict:
     params = {"model": {"name": "tiny", "n_encoders": n_encoders, "pkm_params": {"in_layers": []}},
-              "finetuning": {"lr": lr}, "tasks": {"tass_default": {"finetuning": {"lr": lr}}}, "seed": 1}
+              "finetuning": {"lr": lr}, "seed": 1,
+              "tasks": {"tass_default": {"finetuning": {"lr": lr}, "task": {"categories": CATEGORIES}}}}
     return {
         "params": {"params.yaml": {"data": params}},
         "metrics": {
@@ -71,3 +81,63 @@ def test_a_failed_experiment_is_a_row_with_dashes():
     shown[1]["experiments"][0]["revs"][0].update(data={}, error={"type": "ReproductionError", "msg": "x"})
     table = compare_table(experiment_rows(shown))
     assert "enc4 (failed)" in table
+
+
+# --------------------------------------------------------------------------------------------
+# Δ against the workspace with its interval and verdict
+# --------------------------------------------------------------------------------------------
+
+SPEC = task_specs({"tasks": {"t": {"task": {"categories": CATEGORIES}}}})["t"]
+N_TEST = 600
+GOLD = np.random.default_rng(0).integers(0, 3, size=N_TEST)
+IDS = [f"tw{i}" for i in range(N_TEST)]
+
+
+def predictions_text(right: float, seed: int, ids=IDS) -> str:
+    """A run right on about ``right`` of the test tweets, as its predictions.tsv."""
+    rng = np.random.default_rng(seed)
+    pred = np.where(rng.random(N_TEST) < right, GOLD, (GOLD + rng.integers(1, 3, size=N_TEST)) % 3)
+    return format_predictions(Predictions(list(ids), GOLD, pred, SPEC))
+
+
+def test_compare_task_gives_the_delta_its_interval_and_verdict():
+    workspace = [predictions_text(0.6, s) for s in (1, 2, 3)]
+    same = compare_task(SPEC, workspace, list(workspace))
+    assert same.delta == 0 and same.low <= 0 <= same.high and same.verdict == "within noise"
+    better = compare_task(SPEC, workspace, [predictions_text(0.85, s) for s in (4, 5, 6)])
+    assert 0.2 < better.delta and better.low > 0 and better.verdict == "better"
+    assert compare_task(SPEC, [predictions_text(0.85, 4)], workspace).verdict == "worse"
+
+
+def test_compare_task_refuses_runs_on_other_test_examples():
+    other = predictions_text(0.6, 2, ids=["x"] + IDS[1:])
+    with pytest.raises(PredictionsFileError, match="enc4 run 0 and workspace run 0 are not on the same test examples"):
+        compare_task(SPEC, [predictions_text(0.6, 1)], [other], ("workspace", "enc4"))
+
+
+def test_the_verdict_table_has_a_delta_and_a_verdict_per_task_for_each_experiment():
+    rows = experiment_rows(exp_show(("enc4", 4, 0.001, 0.42), ("lr", 2, 0.003, 0.39), ("new", 2, 0.002, 0.4)))
+    workspace = [predictions_text(0.6, s) for s in (1, 2, 3)]
+    texts = {"workspace": {"tass_default": workspace}, "main": {"tass_default": list(workspace)},
+             "enc4": {"tass_default": [predictions_text(0.4, s) for s in (4, 5, 6)]},
+             "lr": {"tass_default": [predictions_text(0.6, s) for s in (7, 8, 9)]}}
+    table = verdict_table(rows, texts)
+    lines = table.splitlines()
+    assert "tass_default" in lines[0]
+    assert "Δ test vs workspace [95% CI]" in lines[1] and "verdict" in lines[1]
+    cells = {line.split("|")[1].strip(): [c.strip() for c in line.split("|")[2:4]] for line in lines[3:] if "|" in line}
+    assert set(cells) == {"main", "enc4", "lr", "new"}  # every row but the workspace itself
+    assert cells["main"][0].startswith("+0.00 [-") and cells["main"][1] == "within noise"  # the same runs
+    delta = compare_task(task_specs(rows[0]["params_tree"])["tass_default"], workspace, texts["enc4"]["tass_default"])
+    assert cells["enc4"] == [f"{100 * delta.delta:+.2f} [{100 * delta.low:+.2f}, {100 * delta.high:+.2f}]", "worse"]
+    assert cells["lr"][1] == "within noise"
+    assert cells["new"] == ["-", "-"]  # no predictions: nothing to pair
+    assert "within noise: the interval holds 0" in table
+
+
+def test_an_experiment_on_other_test_examples_is_marked_not_paired():
+    rows = experiment_rows(exp_show(("enc4", 4, 0.001, 0.42)))
+    texts = {"workspace": {"tass_default": [predictions_text(0.6, 1)]},
+             "enc4": {"tass_default": [predictions_text(0.6, 2, ids=["x"] + IDS[1:])]}}
+    line = next(line for line in verdict_table(rows, texts.get).splitlines() if line.startswith("| enc4"))
+    assert "other test examples" in line

@@ -1,10 +1,19 @@
 import csv
 import io
 import json
+import os
+import subprocess
+import sys
 
+import numpy as np
 import pytest
 
-from twilbert.results import collect, task_metrics_files, tracked_metrics, write_results
+from twilbert.config import TaskSpec
+from twilbert.predictions import Predictions, PredictionsFileError, write_predictions
+from twilbert.results import aggregate, collect, render_results, task_metrics_files, tracked_metrics, write_results
+from twilbert.stats import paired_delta
+
+from helpers import REPO
 
 
 def _split(**over):
@@ -46,9 +55,9 @@ def _md_rows(md):
 def test_twilbert_table_holds_the_numbers_of_every_metrics_file(tasks_dir, tmp_path):
     md = write_results(_files(tasks_dir, "coset17", "tass20_es"), tmp_path / "out")
     rows = _md_rows(md)
-    assert ("| coset17 | twilbert | test file | 50.00 | 25.00 | 33.33 | - | 75.00 | 50.00 | 25.00 | 40.00 | - | 75.00 "
+    assert ("| coset17 | twilbert | test file | 1 | 50.00 | 25.00 | 33.33 | - | 75.00 | 50.00 | 25.00 | 40.00 | - | 75.00 "
             "| mf1 | 33.33 | 40.00 | - |") in rows
-    assert ("| coset17 | baseline | test file | 50.00 | 25.00 | 33.33 | - | 75.00 | 12.50 | 25.00 | 25.00 | - | 75.00 "
+    assert ("| coset17 | baseline | test file | 1 | 50.00 | 25.00 | 33.33 | - | 75.00 | 12.50 | 25.00 | 25.00 | - | 75.00 "
             "| mf1 | 33.33 | 25.00 | - |") in rows
 
 
@@ -56,16 +65,16 @@ def test_comparison_table_has_one_row_per_task_and_model_with_the_delta_to_the_b
     md = write_results(_files(tasks_dir, "coset17", "tass20_es"), tmp_path / "out")
     comparison = md.split("## Models compared")[1]
     rows = _md_rows(comparison)
-    assert rows[1:] == [
-        "| coset17 | mf1 | twilbert | test file | 33.33 | **40.00** | +15.00 |",
-        "| coset17 | mf1 | baseline | test file | 33.33 | 25.00 | - |",
-        "| tass20_es † | mf1 | twilbert | dev as test | 33.33 | 40.00 | - |",
+    assert rows[1:] == [  # no predictions files beside these: the point Δ alone, no interval nor verdict
+        "| coset17 | mf1 | twilbert | test file | 1 | 33.33 | **40.00** | +15.00 | - |",
+        "| coset17 | mf1 | baseline | test file | 1 | 33.33 | 25.00 | - | - |",
+        "| tass20_es † | mf1 | twilbert | dev as test | 1 | 33.33 | 40.00 | - | - |",
     ]
 
 
 def test_test_is_dev_tasks_are_marked_with_a_note(tasks_dir, tmp_path):
     md = write_results(_files(tasks_dir, "tass20_es"), tmp_path / "out")
-    assert "| tass20_es † | twilbert | dev as test |" in md and "dev split is reported as test" in md
+    assert "| tass20_es † | twilbert | dev as test | 1 |" in md and "dev split is reported as test" in md
     md = write_results(_files(tasks_dir, "coset17"), tmp_path / "out2")
     assert "†" not in md
 
@@ -78,12 +87,12 @@ def test_each_row_names_its_protocol_in_both_tables_and_the_csv(tmp_path):
              _write(root, "coset17", "metrics.json", {**_metrics("coset17"), "protocol": "test_file"})]
     md = write_results(files, tmp_path / "out")
     rows = _md_rows(md)
-    assert sum(r.startswith("| tass20_es | twilbert | carved dev |") for r in rows) == 1
+    assert sum(r.startswith("| tass20_es | twilbert | carved dev | 1 |") for r in rows) == 1
     assert "| tass20_es | mf1 | twilbert | carved dev |" in md.split("## Models compared")[1]
     assert "| coset17 | twilbert | test file |" in md and "†" not in md.split("## Per task")[1]
     assert "*carved dev*" in md  # the legend explains each protocol
     table = list(csv.DictReader(io.StringIO((tmp_path / "out" / "results.csv").read_text())))
-    assert [r["protocol"] for r in table] == ["carve_dev", "test_file"]
+    assert [r["protocol"] for r in table] == ["carve_dev", "carve_dev", "test_file", "test_file"]
 
 
 def test_multi_label_task_shows_micro_f1_beside_the_official_jaccard(tasks_dir, tmp_path):
@@ -96,9 +105,11 @@ def test_csv_holds_every_number_of_the_metrics_files(tasks_dir, tmp_path):
     files = _files(tasks_dir, "coset17", "tass20_es", "semeval18_affect")
     write_results(files, tmp_path / "out")
     table = list(csv.DictReader(io.StringIO((tmp_path / "out" / "results.csv").read_text())))
-    assert [(r["task"], r["model"]) for r in table] == [
-        ("coset17", "twilbert"), ("coset17", "baseline"), ("tass20_es", "twilbert"), ("semeval18_affect", "twilbert")]
-    for path, line in zip(files, table):
+    assert [(r["task"], r["model"], r["row"]) for r in table] == [
+        (task, model, row) for task, model in [("coset17", "twilbert"), ("coset17", "baseline"),
+                                               ("tass20_es", "twilbert"), ("semeval18_affect", "twilbert")]
+        for row in ("run", "mean")]
+    for path, line in zip(files, table[::2]):
         data = json.loads(path.read_text())
         for split in ("dev", "test"):
             for key, value in data[split].items():
@@ -110,15 +121,17 @@ def test_dvc_metrics_hold_each_task_and_model(tasks_dir, tmp_path):
     write_results(_files(tasks_dir, "coset17", "semeval18_affect"), tmp_path / "out")
     summary = json.loads((tmp_path / "out" / "metrics.json").read_text())
     assert summary["coset17"]["test_official"] == 0.4 and summary["coset17"]["dev_official"] == 0.3333
+    assert summary["coset17"]["test_official_n"] == 1 and summary["coset17"]["test_official_sd"] is None
     assert summary["coset17"]["baseline"]["test_official"] == 0.25
     assert summary["coset17"]["baseline"]["test_mp"] == 0.125
     assert summary["semeval18_affect"]["test_micro_f1"] == 0.5
 
 
 def test_mlflow_metrics_equal_the_files(tasks_dir):
-    flat = tracked_metrics(collect(_files(tasks_dir, "coset17")))
-    assert flat["coset17.twilbert.test_official"] == 0.4
+    flat = tracked_metrics(aggregate(collect(_files(tasks_dir, "coset17"))))
+    assert flat["coset17.twilbert.test_official"] == 0.4 and flat["coset17.twilbert.test_official_n"] == 1
     assert flat["coset17.baseline.test_mf1"] == 0.25
+    assert "coset17.twilbert.test_official_sd" not in flat  # one run has no spread, and MLflow takes numbers only
 
 
 def test_kfold_numbers_reach_the_csv(tmp_path):
@@ -142,7 +155,7 @@ def test_primary_metrics_file_comes_first_and_duplicate_model_names_are_told_apa
     _write(tmp_path, "gender17", "metrics.json", _metrics("gender17", "baseline"))
     files = task_metrics_files(tmp_path / "gender17")
     assert [f.name for f in files] == ["metrics.json", "baseline.json"]
-    assert [r["model"] for r in collect(files)] == ["baseline", "baseline (baseline)"]
+    assert [g["model"] for g in aggregate(collect(files))] == ["baseline", "baseline (baseline)"]
 
 
 def test_a_json_that_is_not_a_metrics_file_is_left_out(tmp_path):
@@ -184,7 +197,191 @@ def test_a_task_compared_as_another_joins_its_rows_in_the_comparison(tasks_dir, 
                        labels={"coset17_beto": "coset17"})
     rows = _md_rows(md.split("## Models compared")[1])
     assert rows[1:] == [
-        "| coset17 | mf1 | twilbert | test file | 33.33 | 40.00 | +15.00 |",
-        "| coset17 | mf1 | baseline | test file | 33.33 | 25.00 | - |",
-        "| coset17 | mf1 | hf | test file | 33.33 | **50.00** | +25.00 |",
+        "| coset17 | mf1 | twilbert | test file | 1 | 33.33 | 40.00 | +15.00 | - |",
+        "| coset17 | mf1 | baseline | test file | 1 | 33.33 | 25.00 | - | - |",
+        "| coset17 | mf1 | hf | test file | 1 | 33.33 | **50.00** | +25.00 | - |",
     ]
+
+
+# --------------------------------------------------------------------------------------------
+# The layout of several runs: runs/s<seed>/ and baseline/, each with its predictions.tsv
+# --------------------------------------------------------------------------------------------
+
+SPEC = TaskSpec(categories={"P": 0, "N": 1, "NEU": 2})  # eval_metric f1, macro: the official metric is mf1
+N_TEST = 300
+
+
+def _noisy(gold, right, seed):
+    """Predictions right on about ``right`` of the examples, wrong labels elsewhere."""
+    rng = np.random.default_rng(seed)
+    wrong = (gold + rng.integers(1, 3, size=len(gold))) % 3
+    return np.where(rng.random(len(gold)) < right, gold, wrong)
+
+
+def _write_run(folder, task, model, preds):
+    folder.mkdir(parents=True)
+    scores = preds.scores()
+    (folder / "metrics.json").write_text(json.dumps({
+        "task": task, "model": model, "official_metric": "mf1", "best_epoch": 2, "protocol": "test_file",
+        "test_is_dev": False, "n_test": len(preds.ids), "dev": {**scores, "official": scores["official"] - 0.01},
+        "test": scores}))
+    write_predictions(folder / "predictions.tsv", preds)
+    return scores
+
+
+@pytest.fixture
+def seeded(tmp_path):
+    """coset17 with three twilbert runs (seeds 1, 2, 10) right on ~75% and a baseline right on ~55%."""
+    root = tmp_path / "tasks"
+    gold = np.random.default_rng(0).integers(0, 3, size=N_TEST)
+    ids = [f"t{i}" for i in range(N_TEST)]
+    runs = {seed: Predictions(ids, gold, _noisy(gold, 0.75, seed), SPEC) for seed in (1, 2, 10)}
+    scores = {seed: _write_run(root / "coset17" / "runs" / f"s{seed}", "coset17", "twilbert", p)
+              for seed, p in runs.items()}
+    baseline = Predictions(ids, gold, _noisy(gold, 0.55, 99), SPEC)
+    base_scores = _write_run(root / "coset17" / "baseline", "coset17", "baseline", baseline)
+    return {"root": root, "gold": gold, "runs": runs, "scores": scores, "baseline": baseline,
+            "base_scores": base_scores}
+
+
+def _cell(mean, sd):
+    return f"{100 * mean:.2f} ± {100 * sd:.2f}"
+
+
+def test_runs_are_listed_by_seed_and_the_baseline_last(seeded):
+    files = task_metrics_files(seeded["root"] / "coset17")
+    assert [f.relative_to(seeded["root"] / "coset17").as_posix() for f in files] == [
+        "runs/s1/metrics.json", "runs/s2/metrics.json", "runs/s10/metrics.json", "baseline/metrics.json"]
+
+
+def test_three_runs_show_mean_plus_minus_sd_with_n_3(seeded, tmp_path):
+    md = write_results(task_metrics_files(seeded["root"] / "coset17"), tmp_path / "out", specs={"coset17": SPEC})
+    tests = [seeded["scores"][s]["official"] for s in (1, 2, 10)]
+    devs = [seeded["scores"][s]["official"] - 0.01 for s in (1, 2, 10)]
+    accs = [seeded["scores"][s]["acc"] for s in (1, 2, 10)]
+    row = next(r for r in _md_rows(md.split("## Per task")[1]) if r.startswith("| coset17 | twilbert"))
+    cells = [c.strip() for c in row.strip("|").split("|")]
+    assert cells[3] == "3"
+    assert cells[11] == cells[16] == _cell(np.mean(tests), np.std(tests, ddof=1))  # test MF1, the official metric
+    assert cells[13] == _cell(np.mean(accs), np.std(accs, ddof=1))
+    assert cells[15] == _cell(np.mean(devs), np.std(devs, ddof=1))
+    base = next(r for r in _md_rows(md.split("## Per task")[1]) if r.startswith("| coset17 | baseline"))
+    assert f"| baseline | test file | 1 |" in base and "±" not in base  # one deterministic run: its value
+
+
+def test_the_comparison_gives_the_delta_to_the_baseline_with_its_interval_and_verdict(seeded, tmp_path):
+    md = write_results(task_metrics_files(seeded["root"] / "coset17"), tmp_path / "out", specs={"coset17": SPEC})
+    expected = paired_delta(SPEC, seeded["gold"], [seeded["baseline"].pred],
+                            [seeded["runs"][s].pred for s in (1, 2, 10)])
+    assert expected.low > 0  # 75% against 55% right on 300 examples: a clear gain
+    rows = _md_rows(md.split("## Models compared")[1])
+    tests = [seeded["scores"][s]["official"] for s in (1, 2, 10)]
+    interval = f"{100 * expected.delta:+.2f} [{100 * expected.low:+.2f}, {100 * expected.high:+.2f}]"
+    assert rows[1] == (f"| coset17 | mf1 | twilbert | test file | 3 | "
+                       f"{_cell(np.mean(tests) - 0.01, np.std(tests, ddof=1))} | "
+                       f"**{_cell(np.mean(tests), np.std(tests, ddof=1))}** | {interval} | better |")
+    assert abs(expected.delta - (np.mean(tests) - seeded["base_scores"]["official"])) < 1e-12
+    assert rows[2].endswith("| - | - |")  # the baseline against itself: nothing
+    assert "*within noise*" in md and "paired bootstrap" in md
+
+
+def test_csv_holds_each_run_and_the_mean_row_with_its_sd(seeded, tmp_path):
+    write_results(task_metrics_files(seeded["root"] / "coset17"), tmp_path / "out", specs={"coset17": SPEC})
+    table = list(csv.DictReader(io.StringIO((tmp_path / "out" / "results.csv").read_text())))
+    assert [(r["model"], r["row"], r["seed"], r["n"]) for r in table] == [
+        ("twilbert", "run", "1", "1"), ("twilbert", "run", "2", "1"), ("twilbert", "run", "10", "1"),
+        ("twilbert", "mean", "", "3"), ("baseline", "run", "", "1"), ("baseline", "mean", "", "1")]
+    tests = [seeded["scores"][s]["official"] for s in (1, 2, 10)]
+    assert [float(r["test_official"]) for r in table[:3]] == tests
+    assert float(table[3]["test_official"]) == pytest.approx(np.mean(tests), abs=1e-15)
+    assert float(table[3]["test_official_sd"]) == pytest.approx(np.std(tests, ddof=1), abs=1e-15)
+    assert table[0]["file"] == "runs/s1/metrics.json" and table[0]["test_official_sd"] == ""
+
+
+def test_dvc_metrics_keep_the_mean_under_the_old_key_with_sd_and_n_beside(seeded, tmp_path):
+    write_results(task_metrics_files(seeded["root"] / "coset17"), tmp_path / "out", specs={"coset17": SPEC})
+    summary = json.loads((tmp_path / "out" / "metrics.json").read_text())["coset17"]
+    tests = [seeded["scores"][s]["official"] for s in (1, 2, 10)]
+    assert summary["test_official"] == pytest.approx(np.mean(tests), abs=1e-15)
+    assert summary["test_official_sd"] == pytest.approx(np.std(tests, ddof=1), abs=1e-15)
+    assert summary["test_official_n"] == 3
+    assert list(summary)[:3] == ["test_official", "test_official_sd", "test_official_n"]
+    assert summary["baseline"]["test_official"] == seeded["base_scores"]["official"]
+    assert summary["baseline"]["test_official_n"] == 1 and summary["baseline"]["test_official_sd"] is None
+
+
+def test_the_same_files_render_the_same_bytes(seeded, tmp_path):
+    files = task_metrics_files(seeded["root"] / "coset17")
+    first = render_results(files, specs={"coset17": SPEC})
+    assert render_results(list(reversed(files)), specs={"coset17": SPEC}) == first
+
+
+def test_runs_on_other_test_examples_than_the_baseline_are_refused_naming_both(seeded, tmp_path):
+    moved = seeded["baseline"]
+    ids = ["other"] + moved.ids[1:]
+    write_predictions(seeded["root"] / "coset17" / "baseline" / "predictions.tsv",
+                      Predictions(ids, moved.gold, moved.pred, SPEC))
+    with pytest.raises(PredictionsFileError, match=r"coset17/runs/s1/predictions.tsv and coset17/baseline/"
+                                                   r"predictions.tsv are not on the same test examples"):
+        write_results(task_metrics_files(seeded["root"] / "coset17"), tmp_path / "out", specs={"coset17": SPEC})
+
+
+def test_a_skipped_baseline_leaves_the_runs_without_a_delta(seeded, tmp_path):
+    base = seeded["root"] / "coset17" / "baseline"
+    (base / "metrics.json").write_text(json.dumps({"task": "coset17", "model": "baseline",
+                                                   "skipped": "finetuning.baseline_row is false"}))
+    (base / "predictions.tsv").unlink()
+    md = write_results(task_metrics_files(seeded["root"] / "coset17"), tmp_path / "out", specs={"coset17": SPEC})
+    rows = _md_rows(md.split("## Models compared")[1])
+    assert len(rows) == 2 and rows[1].endswith("| - | - |")
+
+
+# --------------------------------------------------------------------------------------------
+# The evaluate stage on the runs layout
+# --------------------------------------------------------------------------------------------
+
+TASS = TaskSpec(categories={"N": 0, "NEU": 1, "NONE": 2, "P": 3})  # tass_default in conf/
+
+
+def _evaluate(workdir):
+    env = {**os.environ, "MLFLOW_TRACKING_URI": f"sqlite:///{workdir / 'mlflow.db'}", "CI": "1"}
+    args = ["--tasks-dir", "results/tasks", "--out", "results", "--curves-out", "results/curves",
+            "seed=1234"]  # an override, so that the stage composes conf/
+    return subprocess.run([sys.executable, str(REPO / "stages" / "evaluate.py"), *args],
+                          cwd=workdir, env=env, capture_output=True, text=True, timeout=600)
+
+
+@pytest.fixture
+def stage_dir(tmp_path):
+    (tmp_path / "conf").symlink_to(REPO / "conf")
+    task = tmp_path / "results" / "tasks" / "tass_default"
+    gold = np.random.default_rng(0).integers(0, 4, size=N_TEST)
+    ids = [str(i) for i in range(N_TEST)]
+    for seed in (1, 2, 3):
+        pred = np.where(np.random.default_rng(seed).random(N_TEST) < 0.5, gold, 3 - gold)
+        _write_run(task / "runs" / f"s{seed}", "tass_default", "twilbert", Predictions(ids, gold, pred, TASS))
+        (task / "runs" / f"s{seed}" / "epochs.csv").write_text(f"epoch,train_loss,dev_official\n1,1.0,0.{seed}\n")
+    _write_run(task / "baseline", "tass_default", "baseline", Predictions(ids, gold, 3 - gold, TASS))
+    return tmp_path
+
+
+def test_the_evaluate_stage_tables_the_runs_with_their_spread_and_the_delta_interval(stage_dir):
+    proc = _evaluate(stage_dir)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    md = (stage_dir / "results" / "results.md").read_text()
+    row = next(r for r in _md_rows(md.split("## Models compared")[1]) if "| twilbert |" in r)
+    assert "| test file | 3 |" in row and " ± " in row and row.endswith("| better |")
+    summary = json.loads((stage_dir / "results" / "metrics.json").read_text())["tass_default"]
+    assert summary["test_official_n"] == 3 and summary["test_official_sd"] > 0
+    curve = (stage_dir / "results" / "curves" / "tass_default.csv").read_text()
+    assert "0.1" in curve  # the first seed's epochs.csv
+
+
+def test_the_evaluate_stage_refuses_runs_on_other_test_examples_in_one_line(stage_dir):
+    path = stage_dir / "results" / "tasks" / "tass_default" / "baseline" / "predictions.tsv"
+    path.write_text(path.read_text().replace("\n0\t", "\nzero\t", 1))
+    proc = _evaluate(stage_dir)
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr
+    [line] = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
+    assert "tass_default/baseline/predictions.tsv" in line and "not on the same test examples" in line
+    assert not (stage_dir / "results" / "results.md").exists()

@@ -1,26 +1,37 @@
 """`make compare`: the workspace, its commit and every DVC experiment in one table: the params that
 differ among them and the headline metrics (pretraining held-out loss, MLM and ROP accuracy; each
 task's dev and test official metric and its baseline's test). Reads ``dvc exp show --json`` and fits
-a 160-column terminal: params and metrics that do not fit side by side come as two tables, same rows."""
+a 160-column terminal: params and metrics that do not fit side by side come as two tables, same rows.
+
+A second table (:func:`verdict_table`) gives, per task, each experiment's Δ of the official test
+metric against the workspace, with its 95% interval from a paired bootstrap over the test examples
+and runs (:mod:`twilbert.stats`), and the verdict: better, worse or within noise."""
 
 from __future__ import annotations
 
 import argparse
 import json
+import logging
 import math
 import subprocess
 import sys
 from pathlib import Path
-from typing import Any, Iterable, Mapping, Optional
+from typing import Any, Callable, Iterable, Mapping, Optional, Sequence, Union
 
-from twilbert.config.strict import dig
+from twilbert.config import TaskSpec
+from twilbert.config.strict import dig, from_dict
+from twilbert.predictions import PredictionsFileError, aligned, parse_predictions
+from twilbert.stats import Delta, paired_delta
+
+log = logging.getLogger(__name__)
 
 PARAMS_FILE = "params.yaml"
 PRETRAIN_FILE = "results/pretrain.json"
 TASKS_FILE = "results/metrics.json"
 PRETRAIN_COLUMNS = (("heldout_mlm_loss", "mlm loss"), ("heldout_mlm_accuracy", "mlm acc"),
                     ("heldout_rop_accuracy", "rop acc"))
-TASK_COLUMNS = (("dev_official", "dev"), ("test_official", "test"), ("baseline.test_official", "baseline test"))
+TASK_COLUMNS = (("dev_official", "dev"), ("test_official", "test"), ("test_official_sd", "test sd"),
+                ("baseline.test_official", "baseline test"))
 WIDTH = 160
 MAX_CELL = 24  # a longer param value is cut (the full value: `dvc params diff`)
 
@@ -60,6 +71,7 @@ def experiment_rows(shown: list) -> list[dict]:
         rows.append({
             "name": name,
             "params": flatten(_file_data(data, "params", PARAMS_FILE)),
+            "params_tree": _file_data(data, "params", PARAMS_FILE),
             "pretrain": _file_data(data, "metrics", PRETRAIN_FILE),
             "tasks": _file_data(data, "metrics", TASKS_FILE),
             "error": bool(rev.get("error")),
@@ -166,6 +178,77 @@ def compare_table(rows: list[dict], width: int = WIDTH) -> str:
     if full:
         text += "\n\nparams: " + ", ".join(full)
     return text
+
+
+# --------------------------------------------------------------------------------------------
+# Δ against the workspace, paired on the test examples
+# --------------------------------------------------------------------------------------------
+
+# exp name -> task -> the text of each run's predictions.tsv (a mapping, or a function of the name)
+PredictionTexts = Union[Mapping[str, Mapping[str, Sequence[str]]], Callable[[str], Mapping[str, Sequence[str]]]]
+REFERENCE = "workspace"
+
+
+def task_specs(params_tree: Mapping) -> dict[str, TaskSpec]:
+    """Each task's ``task`` keys (labels, official metric) from a params.yaml tree."""
+    tasks = params_tree.get("tasks") or {}
+    return {name: from_dict(TaskSpec, (entry or {}).get("task"), f"tasks.{name}.task") for name, entry in tasks.items()}
+
+
+def compare_task(spec: TaskSpec, reference: Sequence[str], other: Sequence[str],
+                 names: tuple[str, str] = (REFERENCE, "experiment")) -> Delta:
+    """Δ of ``other`` over ``reference`` on one task (each a list of its runs' predictions.tsv texts),
+    with its interval and verdict; refused (PredictionsFileError) unless all are on the same test ids."""
+    runs = [parse_predictions(text, spec, f"{names[0]} run {i}") for i, text in enumerate(reference)]
+    runs += [parse_predictions(text, spec, f"{names[1]} run {i}") for i, text in enumerate(other)]
+    labels = [f"{names[0]} run {i}" for i in range(len(reference))] + [f"{names[1]} run {i}" for i in range(len(other))]
+    gold, preds = aligned(runs, labels)
+    return paired_delta(spec, gold, preds[:len(reference)], preds[len(reference):])
+
+
+def _texts(predictions: PredictionTexts, name: str) -> Mapping[str, Sequence[str]]:
+    found = predictions(name) if callable(predictions) else predictions.get(name)
+    return found or {}
+
+
+def _verdict_cells(spec: TaskSpec, reference: Sequence[str], other: Sequence[str], names: tuple[str, str]) -> list[str]:
+    if not reference or not other:
+        return ["-", "-"]
+    try:
+        delta = compare_task(spec, reference, other, names)
+    except PredictionsFileError as err:  # e.g. the experiment changed the task's test file: not paired
+        log.warning("compare: %s", err)
+        return ["-", "other test examples"]
+    points = lambda v: f"{100 * v:+.2f}"  # noqa: E731
+    return [f"{points(delta.delta)} [{points(delta.low)}, {points(delta.high)}]", delta.verdict]
+
+
+def verdict_table(rows: list[dict], predictions: PredictionTexts, specs: Optional[Mapping[str, TaskSpec]] = None,
+                  reference: str = REFERENCE) -> str:
+    """Per task, each experiment's Δ test vs ``reference`` (a row's name) [95% CI] and its verdict, in
+    points of the official metric; ``specs`` default to the reference row's params. '-' where either
+    side has no predictions for the task."""
+    ref_row = next((r for r in rows if r["name"] == reference), None)
+    if ref_row is None:
+        raise CompareError(f"no row named {reference!r} to compare against (have {[r['name'] for r in rows]})")
+    specs = specs if specs is not None else task_specs(ref_row.get("params_tree") or {})
+    ref_texts = _texts(predictions, reference)
+    others = [r for r in rows if r is not ref_row]
+    tasks = [t for t in specs if t in ref_texts or any(t in _texts(predictions, r["name"]) for r in others)]
+    head, groups = ["experiment"], [""]
+    for task in tasks:
+        head += [f"Δ test vs {reference} [95% CI]", "verdict"]
+        groups += [task, task]
+    body = []
+    for row in others:
+        texts = _texts(predictions, row["name"])
+        cells = [row["name"] + (" (failed)" if row["error"] else "")]
+        for task in tasks:
+            cells += _verdict_cells(specs[task], ref_texts.get(task, ()), texts.get(task, ()), (reference, row["name"]))
+        body.append(cells)
+    note = (f"Δ: official test metric minus {reference}'s, in points, mean over runs; 95% paired bootstrap "
+            "interval over test examples and runs; within noise: the interval holds 0.")
+    return render(head, body, groups) + "\n\n" + note
 
 
 def main(argv: Optional[Iterable[str]] = None) -> int:

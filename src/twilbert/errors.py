@@ -39,7 +39,7 @@ EXPECTED = (
     ("twilbert.inputs", "PredictError"), ("twilbert.model.hf", "ExportError"),
     ("twilbert.results", "MetricsFileError"), ("twilbert.data.sources", "CorpusError"),
     ("twilbert.compare", "CompareError"), ("twilbert.data.shards", "PairsDataError"),
-    ("twilbert.data.tokenizer", "VocabError"),
+    ("twilbert.data.tokenizer", "VocabError"), ("twilbert.predictions", "PredictionsFileError"),
 )
 
 

@@ -1,8 +1,16 @@
-"""Results tables regenerated from the per-task metrics files, one per model that ran on a task
-(``results/tasks/<task>/metrics.json``, ``baseline.json``...), all in one layout (``task``, ``model``,
-``official_metric``, ``best_epoch``, ``protocol``, ``test_is_dev``, ``dev``, ``test``, optionally ``kfold``).
+"""Results tables regenerated from the per-task metrics files: every finetuning run of a model
+(``results/tasks/<task>/runs/s<seed>/metrics.json``) and the baseline row
+(``results/tasks/<task>/baseline/metrics.json``), each beside its ``predictions.tsv``; a task folder
+without ``runs/`` is read the older way (``metrics.json``, ``baseline.json``... at its top). All
+files share one layout (``task``, ``model``, ``official_metric``, ``best_epoch``, ``protocol``,
+``test_is_dev``, ``dev``, ``test``, optionally ``kfold``).
+
 Two tables: TWilBert's (dev and test MP, MR, MF1, F1, Acc and the official metric) and the models
-compared on each task's official metric. Every number is copied from the files, never recomputed."""
+compared on each task's official metric. A model's number is the mean over its runs, shown with the
+standard deviation and the number of runs n; the difference to the baseline comes with a 95%
+interval from :mod:`twilbert.stats`, computed from the runs' test predictions. Scores are copied
+from the metrics files; only the interval is computed here.
+"""
 
 from __future__ import annotations
 
@@ -11,10 +19,14 @@ import io
 import json
 import logging
 import math
+import re
 from pathlib import Path
 from typing import Any, Iterable, Mapping, Optional
 
+from twilbert.config import TaskSpec
 from twilbert.io_utils import atomic_write
+from twilbert.predictions import FILE as PREDICTIONS_FILE, aligned, read_predictions
+from twilbert.stats import Delta, paired_delta, spread
 
 log = logging.getLogger(__name__)
 
@@ -28,18 +40,27 @@ HEADERS = {"mp": "MP", "mr": "MR", "mf1": "MF1", "f1": "F1", "acc": "Acc"}
 # Shown beside the official metric when a task reports them (SemEval's micro F1, stance F1...).
 EXTRAS = ("stance_f1", "jaccard", "micro_f1", "pearson")
 PRIMARY_FILE = "metrics.json"
+RUNS_DIR = "runs"  # runs/s<seed>/: one finetuning run
+BASELINE_DIR = "baseline"  # baseline/: the deterministic baseline row, run once
 BASELINE_MODEL = "baseline"
 REQUIRED_KEYS = ("task", "official_metric", "dev", "test")
 SCALARS = ("official_metric", "protocol", "test_is_dev", "dev_from_train", "best_epoch", "epochs_run", "n_train",
            "n_dev", "n_test")
+RUN, MEAN = "run", "mean"  # results.csv's `row`: one run, or the mean over a model's runs
 
 LEGEND = """\
 Scores in %. MP/MR/MF1: macro precision/recall/F1; F1: F1 of the task's class of interest
 (`class_metric`, or class 1 of a binary task); Acc: accuracy (exact match for multi-label).
 Official metrics: mf1 macro F1; f1 F1 of the class of interest; acc accuracy; stance_f1 mean F1
 of FAVOR and AGAINST; jaccard sample-averaged Jaccard index; micro_f1 micro-averaged F1.
+A model finetuned several times (seeds) shows mean ± standard deviation over its n runs.
 """
 TEST_IS_DEV_NOTE = "† the task ships no test file: its dev split is reported as test.\n"
+DELTA_NOTE = (
+    "Δ: the model's mean test score minus the baseline's, in points, with a 95% interval from a paired "
+    "bootstrap over the test examples that also resamples the model's runs (seeds); *within noise*: the "
+    "interval holds 0, so the data cannot tell the two apart; *better*/*worse*: it lies entirely above/below 0.\n"
+)
 # How each row's test and dev splits were obtained (finetuning.no_test_protocol for tasks without a test file).
 PROTOCOLS = {
     "test_file": "test file",  # the task's own test file; dev from its dev file or carved from train
@@ -51,6 +72,7 @@ PROTOCOL_NOTE = (
     "is the test and the epoch is chosen on a stratified dev split carved from train; *dev as test* (†): the "
     "dev file chose the epoch and is reported as test (optimistic; `finetuning.no_test_protocol: dev_as_test`).\n"
 )
+_SEED_DIR = re.compile(r"s(\d+)")
 
 
 # --------------------------------------------------------------------------------------------
@@ -58,21 +80,52 @@ PROTOCOL_NOTE = (
 # --------------------------------------------------------------------------------------------
 
 
-def task_metrics_files(task_dir: Path) -> list[Path]:
-    """The metrics files of one task folder: ``metrics.json`` first, then the other ``*.json``."""
+def _seed_of(run_dir: Path) -> Optional[int]:
+    match = _SEED_DIR.fullmatch(run_dir.name)
+    return int(match.group(1)) if match else None
+
+
+def run_dirs(task_dir: Path) -> list[Path]:
+    """The folders of a task's finetuning runs that hold a metrics file, by seed (``runs/s<seed>``);
+    the task folder itself when it holds its one run at the top (the older layout)."""
     task_dir = Path(task_dir)
+    runs = [d for d in (task_dir / RUNS_DIR).glob("s*") if _seed_of(d) is not None and (d / PRIMARY_FILE).is_file()]
+    if runs:
+        return sorted(runs, key=_seed_of)
+    return [task_dir] if (task_dir / PRIMARY_FILE).is_file() else []
+
+
+def task_metrics_files(task_dir: Path) -> list[Path]:
+    """The metrics files of one task folder: each run's (``runs/s<seed>/metrics.json``, by seed),
+    then the baseline's; in a folder without ``runs/``, ``metrics.json`` then the other ``*.json``."""
+    task_dir = Path(task_dir)
+    if (task_dir / RUNS_DIR).is_dir() or (task_dir / BASELINE_DIR / PRIMARY_FILE).is_file():
+        files = [d / PRIMARY_FILE for d in run_dirs(task_dir) if d != task_dir]
+        baseline = task_dir / BASELINE_DIR / PRIMARY_FILE
+        return files + ([baseline] if baseline.is_file() else [])
     files = sorted(task_dir.glob("*.json"), key=lambda p: (p.name != PRIMARY_FILE, p.name))
     return [p for p in files if p.is_file()]
 
 
+def _place(path: Path) -> tuple[str, str, Optional[int]]:
+    """(file as shown, source, seed): ``runs/s3/metrics.json`` comes from source ``runs``, seed 3."""
+    parent = path.parent
+    if path.name == PRIMARY_FILE and parent.parent.name == RUNS_DIR and _seed_of(parent) is not None:
+        return f"{RUNS_DIR}/{parent.name}/{path.name}", RUNS_DIR, _seed_of(parent)
+    if path.name == PRIMARY_FILE and parent.name == BASELINE_DIR:
+        return f"{BASELINE_DIR}/{path.name}", BASELINE_DIR, None
+    return path.name, path.stem, None
+
+
 def read_metrics(path: Path) -> Optional[dict]:
-    """One metrics file as a row (``model`` and ``file`` filled in); None for a JSON that is not one."""
+    """One metrics file as a row (``model``, ``file``, ``source``, ``seed`` and ``predictions``, the
+    predictions file beside it or None, filled in); None for a JSON that is not one."""
     path = Path(path)
     try:
         data = json.loads(path.read_text(encoding="utf-8"))
     except (OSError, json.JSONDecodeError) as err:
         raise MetricsFileError(f"{path}: not a readable metrics file ({err})") from None
-    if isinstance(data, dict) and "skipped" in data:  # e.g. baseline.json when no baseline row ran
+    if isinstance(data, dict) and "skipped" in data:  # e.g. the baseline's when no baseline row ran
         log.info("%s: skipped (%s)", path, data["skipped"])
         return None
     if not isinstance(data, dict) or "official_metric" not in data:
@@ -84,21 +137,94 @@ def read_metrics(path: Path) -> Optional[dict]:
     for split in ("dev", "test"):
         if "official" not in data[split]:
             raise MetricsFileError(f"{path}: {split!r} has no 'official' score")
-    return {**data, "model": data.get("model") or path.stem, "file": path.name}
+    shown, source, seed = _place(path)
+    beside = path.parent / PREDICTIONS_FILE
+    predictions = beside if source in (RUNS_DIR, BASELINE_DIR) and beside.is_file() else None
+    model = data.get("model") or (BASELINE_MODEL if source == BASELINE_DIR else path.stem)
+    return {**data, "model": model, "file": shown, "source": source, "seed": seed, "predictions": predictions}
 
 
 def collect(metrics_files: Iterable[Path]) -> list[dict]:
-    """Rows of the given metrics files, grouped by task in first-seen order, primary file first."""
+    """Rows of the given metrics files (one per run), grouped by task in first-seen order, the
+    primary model first (its runs by seed, or the top ``metrics.json``)."""
     rows = [row for row in map(read_metrics, metrics_files) if row is not None]
     order = {task: i for i, task in reversed(list(enumerate(r["task"] for r in rows)))}
-    rows.sort(key=lambda r: (order[r["task"]], r["file"] != PRIMARY_FILE))  # stable: keeps file order
-    seen: dict[tuple[str, str], int] = {}
-    for row in rows:  # two files may name the same model (a baseline backbone and baseline.json)
-        key = (row["task"], row["model"])
-        seen[key] = seen.get(key, 0) + 1
-        if seen[key] > 1:
-            row["model"] = f"{row['model']} ({Path(row['file']).stem})"
+    primary = lambda r: r["source"] == RUNS_DIR or r["file"] == PRIMARY_FILE  # noqa: E731
+    # runs by seed, so the means' float sums do not depend on the order the files came in; stable otherwise
+    rows.sort(key=lambda r: (order[r["task"]], not primary(r), -1 if r["seed"] is None else r["seed"]))
     return rows
+
+
+def _numbers(tree: Mapping) -> dict[str, float]:
+    return {k: v for k, v in tree.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
+
+
+def _mean_tree(trees: list[Mapping]) -> tuple[dict, dict]:
+    """Means and standard deviations (None for one run) of the numbers every tree holds."""
+    keys = [k for k in _numbers(trees[0]) if all(k in _numbers(t) for t in trees[1:])]
+    spreads = {k: spread([t[k] for t in trees]) for k in keys}
+    return {k: s.mean for k, s in spreads.items()}, {k: s.sd for k, s in spreads.items()}
+
+
+def aggregate(rows: list[dict]) -> list[dict]:
+    """One row per (task, model, source): the mean of each dev and test metric over the runs, their
+    standard deviations under ``sd``, ``n`` and the runs themselves under ``runs``."""
+    groups: dict[tuple[str, str, str], list[dict]] = {}
+    for row in rows:
+        groups.setdefault((row["task"], row["model"], row["source"]), []).append(row)
+    out, seen = [], {}
+    for (task, model, source), runs in groups.items():
+        dev, dev_sd = _mean_tree([r["dev"] for r in runs])
+        test, test_sd = _mean_tree([r["test"] for r in runs])
+        agreed = {k: runs[0].get(k) for k in SCALARS if all(r.get(k) == runs[0].get(k) for r in runs)}
+        key = (task, model)
+        seen[key] = seen.get(key, 0) + 1
+        if seen[key] > 1:  # two sources may name the same model (a baseline backbone and the baseline row)
+            model = f"{model} ({source})"
+        out.append({**agreed, "task": task, "model": model, "source": source, "dev": dev, "test": test,
+                    "sd": {"dev": dev_sd, "test": test_sd}, "n": len(runs), "runs": runs,
+                    "official_metric": runs[0]["official_metric"], "test_is_dev": runs[0].get("test_is_dev"),
+                    "protocol": protocol_of(runs[0])})
+    return out
+
+
+# --------------------------------------------------------------------------------------------
+# Δ against the baseline
+# --------------------------------------------------------------------------------------------
+
+
+def _run_predictions(group: dict, specs: Mapping[str, TaskSpec]) -> Optional[list]:
+    """Each run's predictions of a model, or None when a run has none or its task's spec is unknown."""
+    if any(r["predictions"] is None or r["task"] not in specs for r in group["runs"]):
+        return None
+    return [read_predictions(r["predictions"], specs[r["task"]]) for r in group["runs"]]
+
+
+def _where(run: dict) -> str:
+    return f"{run['task']}/{run['file'].removesuffix(PRIMARY_FILE)}{PREDICTIONS_FILE}"
+
+
+def baseline_deltas(groups: list[dict], specs: Optional[Mapping[str, TaskSpec]] = None,
+                    labels: Optional[Mapping[str, str]] = None) -> dict[int, Delta]:
+    """Δ test vs the task's baseline row with its interval (:func:`stats.paired_delta`), keyed by
+    the index of the model's group; only where both sides have every run's predictions."""
+    specs = specs or {}
+    out: dict[int, Delta] = {}
+    index = {id(g): i for i, g in enumerate(groups)}
+    for task_groups in _by_task(groups, labels).values():
+        baseline = next((g for g in task_groups if g["model"] == BASELINE_MODEL), None)
+        base_runs = _run_predictions(baseline, specs) if baseline is not None else None
+        if base_runs is None:
+            continue
+        for group in task_groups:
+            runs = _run_predictions(group, specs) if group is not baseline else None
+            if runs is None:
+                continue
+            names = [_where(r) for r in baseline["runs"] + group["runs"]]
+            gold, preds = aligned(base_runs + runs, names)
+            spec = specs[group["task"]]
+            out[index[id(group)]] = paired_delta(spec, gold, preds[:len(base_runs)], preds[len(base_runs):])
+    return out
 
 
 # --------------------------------------------------------------------------------------------
@@ -110,6 +236,12 @@ def _pct(value: Any) -> str:
     if value is None or isinstance(value, bool) or not isinstance(value, (int, float)):
         return "-"
     return "nan" if math.isnan(value) else f"{100 * value:.2f}"
+
+
+def _pct_sd(group: dict, split: str, key: str) -> str:
+    """The mean in %, with ± the standard deviation when the model ran more than once."""
+    mean, sd = group[split].get(key), group["sd"][split].get(key)
+    return _pct(mean) if sd is None else f"{_pct(mean)} ± {_pct(sd)}"
 
 
 def protocol_of(row: dict) -> str:
@@ -135,45 +267,57 @@ def _md_head(head: list[str], align: str) -> list[str]:
     return [_md_row(head), "|" + "|".join("---:" if a == "r" else "---" for a in align) + "|"]
 
 
-def _extras(row: dict) -> str:
-    test = row["test"]
-    shown = [f"{k} {_pct(test[k])}" for k in EXTRAS if k in test and k != row["official_metric"]]
+def _extras(group: dict) -> str:
+    shown = [f"{k} {_pct_sd(group, 'test', k)}" for k in EXTRAS if k in group["test"] and k != group["official_metric"]]
     return ", ".join(shown) or "-"
 
 
-def markdown_table(rows: list[dict], labels: Optional[Mapping[str, str]] = None) -> str:
+def markdown_table(groups: list[dict], labels: Optional[Mapping[str, str]] = None) -> str:
     """TWilBert's layout, one row per (task, model): dev and test MP, MR, MF1, F1, Acc, then the
-    official metric on dev and test; a metric a task does not report is '-'."""
+    official metric on dev and test, each the mean ± sd over the model's n runs; a metric a task
+    does not report is '-'."""
     labels = labels or {}
-    head = ["Task", "Model", "Protocol"] + [f"dev {HEADERS[c]}" for c in COLUMNS]
+    head = ["Task", "Model", "Protocol", "n"] + [f"dev {HEADERS[c]}" for c in COLUMNS]
     head += [f"test {HEADERS[c]}" for c in COLUMNS] + ["Official", "dev official", "test official", "Other (test)"]
-    lines = _md_head(head, "lll" + "r" * 2 * len(COLUMNS) + "lrrl")
-    for row in rows:
-        cells = [_label(row, labels), row["model"], _protocol(row)]
-        cells += [_pct(row["dev"].get(c)) for c in COLUMNS] + [_pct(row["test"].get(c)) for c in COLUMNS]
-        cells += [row["official_metric"], _pct(row["dev"]["official"]), _pct(row["test"]["official"]), _extras(row)]
+    lines = _md_head(head, "lllr" + "r" * 2 * len(COLUMNS) + "lrrl")
+    for g in groups:
+        cells = [_label(g, labels), g["model"], _protocol(g), str(g["n"])]
+        cells += [_pct_sd(g, "dev", c) for c in COLUMNS] + [_pct_sd(g, "test", c) for c in COLUMNS]
+        cells += [g["official_metric"], _pct_sd(g, "dev", "official"), _pct_sd(g, "test", "official"), _extras(g)]
         lines.append(_md_row(cells))
     return "\n".join(lines) + "\n"
 
 
-def comparison_table(rows: list[dict], labels: Optional[Mapping[str, str]] = None) -> str:
-    """Every model that ran on each task, on the task's official metric: the best test score of a
-    task in bold, and the difference to the baseline where the task has one."""
-    labels = labels or {}
-    lines = _md_head(["Task", "Official", "Model", "Protocol", "dev", "test", "Δ test vs baseline"], "llllrrr")
-    for task_rows in _by_task(rows, labels).values():
-        scores = [r["test"]["official"] for r in task_rows]
-        best = max(scores) if len(task_rows) > 1 else None
-        baseline = next((r for r in task_rows if r["model"] == BASELINE_MODEL), None)
-        for row, score in zip(task_rows, scores):
-            test = _pct(score)
+def _points(value: float) -> str:
+    return f"{100 * value:+.2f}"
+
+
+def comparison_table(groups: list[dict], labels: Optional[Mapping[str, str]] = None,
+                     deltas: Optional[Mapping[int, Delta]] = None) -> str:
+    """Every model that ran on each task, on the task's official metric (mean ± sd over n runs):
+    the best mean test score of a task in bold, and where the task has a baseline row, the
+    difference to it with its 95% interval and verdict (``deltas``: :func:`baseline_deltas`)."""
+    labels, deltas = labels or {}, deltas or {}
+    index = {id(g): i for i, g in enumerate(groups)}
+    head = ["Task", "Official", "Model", "Protocol", "n", "dev", "test", "Δ test vs baseline [95% CI]", "verdict"]
+    lines = _md_head(head, "llllrrrrl")
+    for task_groups in _by_task(groups, labels).values():
+        scores = [g["test"]["official"] for g in task_groups]
+        best = max(scores) if len(task_groups) > 1 else None
+        baseline = next((g for g in task_groups if g["model"] == BASELINE_MODEL), None)
+        for group, score in zip(task_groups, scores):
+            test = _pct_sd(group, "test", "official")
             if best is not None and score == best:
                 test = f"**{test}**"
-            delta = "-"
-            if baseline is not None and row is not baseline:
-                delta = f"{100 * (score - baseline['test']['official']):+.2f}"
-            lines.append(_md_row([_label(row, labels), row["official_metric"], row["model"], _protocol(row),
-                                  _pct(row["dev"]["official"]), test, delta]))
+            delta, word = "-", "-"
+            found = deltas.get(index[id(group)])
+            if found is not None:
+                delta = f"{_points(found.delta)} [{_points(found.low)}, {_points(found.high)}]"
+                word = found.verdict
+            elif baseline is not None and group is not baseline:  # no predictions to pair: the point Δ alone
+                delta = _points(score - baseline["test"]["official"])
+            lines.append(_md_row([_label(group, labels), group["official_metric"], group["model"], _protocol(group),
+                                  str(group["n"]), _pct_sd(group, "dev", "official"), test, delta, word]))
     return "\n".join(lines) + "\n"
 
 
@@ -195,23 +339,47 @@ def _flatten(tree: Any, prefix: str) -> dict[str, Any]:
     return {prefix: tree}
 
 
-def csv_table(rows: list[dict], labels: Optional[Mapping[str, str]] = None) -> str:
-    """Every number of every metrics file: one line per (task, model)."""
+def _flat_run(row: dict) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for split in ("dev", "test"):
+        out.update(_flatten(row[split], split))
+    if "kfold" in row:
+        out.update(_flatten(row["kfold"], "kfold"))
+    return out
+
+
+def csv_table(groups: list[dict], labels: Optional[Mapping[str, str]] = None) -> str:
+    """Every number of every metrics file, one line per run (``row`` run, with its seed), then one
+    line per (task, model) with the means (``row`` mean) and, in the ``*_sd`` columns, the
+    standard deviations over its ``n`` runs."""
     labels = labels or {}
     flat = []
-    for row in rows:
-        out = {"task": row["task"], "label": labels.get(row["task"], row["task"]), "model": row["model"],
-               "file": row["file"], **{k: row.get(k) for k in SCALARS}, "protocol": protocol_of(row)}
-        for split in ("dev", "test"):
-            out.update(_flatten(row[split], split))
-        if "kfold" in row:
-            out.update(_flatten(row["kfold"], "kfold"))
-        flat.append(out)
-    fields = ["task", "label", "model", "file", *SCALARS]
+    for g in groups:
+        ident = {"task": g["task"], "label": labels.get(g["task"], g["task"]), "model": g["model"]}
+        runs = [_flat_run(r) for r in g["runs"]]
+        for run, numbers in zip(g["runs"], runs):
+            flat.append({**ident, "row": RUN, "seed": run["seed"], "n": 1, "file": run["file"],
+                         **{k: run.get(k) for k in SCALARS}, "protocol": protocol_of(run), **numbers})
+        common = [k for k in runs[0] if all(k in r for r in runs[1:])]
+        mean = {}
+        for key in common:
+            values = [r[key] for r in runs]
+            if all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in values):
+                s = spread(values)
+                mean[key] = s.mean
+                if key.startswith(("dev_", "test_")):
+                    mean[f"{key}_sd"] = s.sd
+            elif all(v == values[0] for v in values):
+                mean[key] = values[0]
+        flat.append({**ident, "row": MEAN, "seed": None, "n": g["n"], "file": None,
+                     **{k: g.get(k) for k in SCALARS}, "protocol": protocol_of(g), **mean})
+    fields = ["task", "label", "model", "row", "seed", "n", "file", *SCALARS]
     for split in ("dev", "test"):
         fields += [f"{split}_{c}" for c in (*COLUMNS, "official")]
-    rest = sorted({k for out in flat for k in out} - set(fields))
-    fields += [k for k in rest if not k.startswith("kfold_")] + [k for k in rest if k.startswith("kfold_")]
+    keys = {k for out in flat for k in out} - set(fields)
+    sds = sorted(k for k in keys if k.endswith("_sd"))
+    rest = sorted(keys - set(sds))
+    fields += [k for k in rest if not k.startswith("kfold_")] + [k for k in rest if k.startswith("kfold_")] + sds
     buf = io.StringIO()
     writer = csv.DictWriter(buf, fieldnames=fields, lineterminator="\n")
     writer.writeheader()
@@ -219,29 +387,41 @@ def csv_table(rows: list[dict], labels: Optional[Mapping[str, str]] = None) -> s
     return buf.getvalue()
 
 
-def _summary(row: dict) -> dict[str, float]:
-    out = {"test_official": row["test"]["official"], "dev_official": row["dev"]["official"]}
-    out.update({f"test_{c}": row["test"][c] for c in (*COLUMNS, *EXTRAS) if c in row["test"]})
+def _summary(group: dict) -> dict[str, Any]:
+    """The headline keys of a model: each the mean, with ``<key>_sd`` (None for one run) and ``<key>_n``."""
+    keys = [("test", "official"), ("dev", "official")]
+    keys += [("test", c) for c in (*COLUMNS, *EXTRAS) if c in group["test"]]
+    out: dict[str, Any] = {}
+    for split, metric in keys:
+        key = f"{split}_{metric}"
+        out.update({key: group[split][metric], f"{key}_sd": group["sd"][split][metric], f"{key}_n": group["n"]})
     return out
 
 
-def summary_metrics(rows: list[dict]) -> dict:
+def summary_metrics(groups: list[dict]) -> dict:
     """The DVC metrics file: per task, the primary model's official dev/test and test columns at
-    the top level, and every other model's under its name (``coset17.baseline.test_official``)."""
+    the top level, and every other model's under its name (``coset17.baseline.test_official``);
+    each key the mean over the runs, ``<key>_sd`` and ``<key>_n`` beside it."""
     out: dict[str, dict] = {}
-    for task, task_rows in _by_task(rows).items():
-        primary, others = task_rows[0], task_rows[1:]
-        out[task] = {**_summary(primary), **{r["model"]: _summary(r) for r in others}}
+    for task, task_groups in _by_task(groups).items():
+        primary, others = task_groups[0], task_groups[1:]
+        out[task] = {**_summary(primary), **{g["model"]: _summary(g) for g in others}}
     return out
 
 
-def tracked_metrics(rows: list[dict]) -> dict[str, float]:
-    """The table's numbers as flat MLflow metric names: ``<task>.<model>.test_official``..."""
+def _numeric(flat: Mapping[str, Any]) -> dict[str, float]:
+    """MLflow takes numbers only: a single run's undefined standard deviation is left out."""
+    return {k: v for k, v in flat.items() if v is not None}
+
+
+def tracked_metrics(groups: list[dict]) -> dict[str, float]:
+    """The table's numbers as flat MLflow metric names: ``<task>.<model>.test_official`` (the mean),
+    ``..._sd``, ``..._n``..."""
     out = {}
-    for row in rows:
-        for key, value in _summary(row).items():
-            out[f"{row['task']}.{row['model'].replace(' ', '_')}.{key}"] = value
-    return out
+    for group in groups:
+        for key, value in _summary(group).items():
+            out[f"{group['task']}.{group['model'].replace(' ', '_')}.{key}"] = value
+    return _numeric(out)
 
 
 # The pretraining numbers on an experiment's MLflow parent run and in `make compare` (results/pretrain.json).
@@ -252,29 +432,34 @@ def pretrain_headline(pretrain: Mapping[str, Any]) -> dict[str, float]:
     return {f"pretrain.{k}": float(pretrain[k]) for k in PRETRAIN_HEADLINE if k in pretrain}
 
 
-def headline_metrics(rows: list[dict], pretrain: Optional[Mapping[str, Any]] = None) -> dict[str, float]:
+HEADLINE_KEYS = tuple(f"{split}_official{suffix}" for split in ("dev", "test") for suffix in ("", "_sd", "_n"))
+
+
+def headline_metrics(groups: list[dict], pretrain: Optional[Mapping[str, Any]] = None) -> dict[str, float]:
     """What an experiment is judged by, as flat MLflow metric names: ``<task>.dev_official`` and
-    ``<task>.test_official`` of the task's primary model, ``<task>.<model>.test_official`` of the
-    others (the baseline), and the pretraining held-out loss, MLM and ROP accuracy."""
-    out: dict[str, float] = {}
-    for task, scores in summary_metrics(rows).items():
-        for key in ("dev_official", "test_official"):
+    ``<task>.test_official`` of the task's primary model (means over its runs, with ``_sd`` and
+    ``_n``), ``<task>.<model>.test_official``... of the others (the baseline), and the pretraining
+    held-out loss, MLM and ROP accuracy."""
+    out: dict[str, Any] = {}
+    for task, scores in summary_metrics(groups).items():
+        for key in HEADLINE_KEYS:
             out[f"{task}.{key}"] = scores[key]
         for model, sub in scores.items():
             if isinstance(sub, dict):
-                for key in ("dev_official", "test_official"):
+                for key in HEADLINE_KEYS:
                     out[f"{task}.{model.replace(' ', '_')}.{key}"] = sub[key]
     out.update(pretrain_headline(pretrain or {}))
-    return out
+    return _numeric(out)
 
 
-def results_markdown(rows: list[dict], title: str, labels: Optional[Mapping[str, str]] = None,
-                     plots: Iterable[str] = ()) -> str:
-    note = PROTOCOL_NOTE if any(protocol_of(r) != "test_file" for r in rows) else ""
-    text = f"# {title}\n\n{LEGEND}{note}\n## Per task\n\n{markdown_table(rows, labels)}\n"
-    text += f"## Models compared (official metric, test)\n\n{comparison_table(rows, labels)}"
-    if any(r.get("test_is_dev") for r in rows):
-        text += "\n" + TEST_IS_DEV_NOTE
+def results_markdown(groups: list[dict], title: str, labels: Optional[Mapping[str, str]] = None,
+                     plots: Iterable[str] = (), deltas: Optional[Mapping[int, Delta]] = None) -> str:
+    note = PROTOCOL_NOTE if any(protocol_of(g) != "test_file" for g in groups) else ""
+    text = f"# {title}\n\n{LEGEND}{note}\n## Per task\n\n{markdown_table(groups, labels)}\n"
+    text += f"## Models compared (official metric, test)\n\n{comparison_table(groups, labels, deltas)}"
+    text += "\n" + DELTA_NOTE
+    if any(g.get("test_is_dev") for g in groups):
+        text += TEST_IS_DEV_NOTE
     plots = list(plots)
     if plots:
         text += "\n## Curves\n\n" + "".join(f"- [{Path(p).stem}]({p})\n" for p in plots)
@@ -289,18 +474,22 @@ def render_results(
     labels: Optional[Mapping[str, str]] = None,
     title: str = "twilbert results",
     plots: Iterable[str] = (),
+    specs: Optional[Mapping[str, TaskSpec]] = None,
 ) -> dict[str, str]:
     """The text of results.md, results.csv and metrics.json; every metrics file is read and checked,
     nothing is written (so a stage can check its other preconditions before writing).
 
     ``labels`` renames tasks in the tables (task -> shown name); the CSV keeps both. ``plots``:
-    images (paths relative to the output folder) linked from results.md.
+    images (paths relative to the output folder) linked from results.md. ``specs`` (task -> its
+    ``task`` keys) reads the predictions files for the Δ intervals; without it Δ has none.
     """
-    rows = collect(metrics_files)
-    if not rows:
+    groups = aggregate(collect(metrics_files))
+    if not groups:
         raise MetricsFileError("evaluate: no per-task metrics files found; did the finetune stages run?")
-    return {"results.md": results_markdown(rows, title, labels, plots), "results.csv": csv_table(rows, labels),
-            "metrics.json": json.dumps(summary_metrics(rows), indent=2)}
+    deltas = baseline_deltas(groups, specs, labels)
+    return {"results.md": results_markdown(groups, title, labels, plots, deltas),
+            "results.csv": csv_table(groups, labels),
+            "metrics.json": json.dumps(summary_metrics(groups), indent=2)}
 
 
 def write_rendered(rendered: Mapping[str, str], out_dir: Path) -> None:
@@ -318,12 +507,10 @@ def write_results(
     labels: Optional[Mapping[str, str]] = None,
     title: str = "twilbert results",
     plots: Iterable[str] = (),
+    specs: Optional[Mapping[str, TaskSpec]] = None,
 ) -> str:
-    """Write results.md, results.csv and metrics.json under ``out_dir``; return the markdown.
-
-    ``labels`` renames tasks in the tables (task -> shown name); the CSV keeps both. ``plots``:
-    images (paths relative to ``out_dir``) linked from results.md.
-    """
-    rendered = render_results(metrics_files, labels, title, plots)
+    """Write results.md, results.csv and metrics.json under ``out_dir``; return the markdown
+    (the arguments as :func:`render_results`')."""
+    rendered = render_results(metrics_files, labels, title, plots, specs)
     write_rendered(rendered, out_dir)
     return rendered["results.md"]

@@ -1,6 +1,6 @@
 """The finetune stage's work on one task: the configured backbone (and the baseline row) fitted and
 evaluated (``kfold.evaluate_learner``), the model directory published whole, and the metrics files
-(``metrics.json``, ``baseline.json``, ``epochs.csv``) written.
+(``metrics.json``, ``predictions.tsv``, ``baseline.json``, ``epochs.csv``) written.
 """
 
 from __future__ import annotations
@@ -13,10 +13,12 @@ from typing import Optional, Sequence, Union
 
 from twilbert import distributed
 from twilbert.config import Config, FinetuningConfig, TaskConfig, to_dict
+from twilbert.data.preprocess import Preprocessor
 from twilbert.data.tasks import TaskData, load_task
 from twilbert.device import configure_matmul, resolve_device
 from twilbert.distributed import DistContext
 from twilbert.io_utils import atomic_write, publish_dir
+from twilbert.predictions import FILE as PREDICTIONS_FILE, HEADER as PREDICTIONS_COLUMNS, write_predictions
 from twilbert.track import Tracker
 from twilbert.train.fingerprint import config_fingerprint, files_digest, package_paths
 from twilbert.train.finetune import (
@@ -33,8 +35,7 @@ FINGERPRINT_CODE = ("model", "train", "data/tasks.py", "data/formats.py", "data/
 BASELINE_FILE = "baseline.json"
 METRICS_FILE = "metrics.json"
 EPOCHS_FILE = "epochs.csv"
-PREDICTIONS_FILE = "predictions.tsv"
-PREDICTIONS_HEADER = "id\tgold\tpred\n"  # what a run without predictions writes (twilbert.predictions reads it)
+PREDICTIONS_HEADER = "\t".join(PREDICTIONS_COLUMNS) + "\n"  # what a baseline that did not run writes
 BASELINE_DIR = "baseline"  # the baseline row's model, inside the task's model directory
 
 
@@ -114,65 +115,66 @@ def finetune_task(cfg: Config, task: TaskConfig, pretrained_dir: Path, model_out
 
 def write_metrics(metrics_out: Path, run: LearnerRun, baseline: Optional[dict], ft: FinetuningConfig,
                   baseline_file: bool = True) -> None:
-    """The run's files (``write_run_files``) and ``baseline.json`` (a note without scores when there
-    is no separate baseline row, so DVC always finds it; none when the baseline is a stage of its own)."""
-    write_run_files(metrics_out, run)
+    """``metrics.json``, ``predictions.tsv``, ``epochs.csv`` (:func:`write_run`) and ``baseline.json``
+    (a note without scores when there is no separate baseline row, so DVC always finds it; none when
+    the baseline is a stage of its own, ``baseline_task``)."""
+    write_run(metrics_out, run)
     if not baseline_file:
         return
     if baseline is None:
-        reason = ("finetuning.baseline_row is false" if not ft.baseline_row
-                  else "the backbone is the baseline: see metrics.json")
-        baseline = {"task": run.metrics["task"], "model": "baseline", "skipped": reason}
+        baseline = skipped_baseline(run.metrics["task"], ft)
     with atomic_write(metrics_out / BASELINE_FILE) as fh:
         json.dump(baseline, fh, indent=2)
 
 
-def write_run_files(metrics_out: Path, run: LearnerRun) -> None:
-    """One run's ``metrics.json`` and ``epochs.csv`` (none for a model without epochs)."""
-    metrics_out = Path(metrics_out)
-    metrics_out.mkdir(parents=True, exist_ok=True)
-    with atomic_write(metrics_out / METRICS_FILE) as fh:
-        json.dump(run.metrics, fh, indent=2)
-    if not run.history:
-        return
-    fields = list(dict.fromkeys(k for row in run.history for k in row))
-    with atomic_write(metrics_out / EPOCHS_FILE) as fh:
-        writer = csv.DictWriter(fh, fieldnames=fields)
-        writer.writeheader()
-        writer.writerows(run.history)
-
-
-def baseline_preprocessor(cfg: Config, ft: FinetuningConfig, pretrained_dir: Path):
-    """The preprocessing the task's neural runs see, so that the baseline reads the same texts."""
-    from twilbert.data.preprocess import Preprocessor
-    from twilbert.train.finetune import task_preprocessor
-
-    return task_preprocessor(cfg, pretrained_dir) if ft.backbone == "twilbert" else Preprocessor(cfg.preprocess)
+def skipped_baseline(task: str, ft: FinetuningConfig) -> dict:
+    """The baseline's metrics file when it has no row of its own: why, and no scores."""
+    reason = ("finetuning.baseline_row is false" if not ft.baseline_row
+              else "the backbone is the baseline: see metrics.json")
+    return {"task": task, "model": "baseline", "skipped": reason}
 
 
 def baseline_task(cfg: Config, task: TaskConfig, pretrained_dir: Path, model_out: Path, metrics_out: Path,
                   splits: Optional[TaskData] = None) -> Optional[dict]:
-    """The TF-IDF baseline row of ``task``, once: it is deterministic, so it needs no seeds. Writes
-    ``metrics_out/metrics.json`` (a note without scores when there is no separate row, so that DVC always
-    finds the file, with a header-only ``predictions.tsv``) and the model under ``model_out`` (then a
-    ``skipped.json``); returns the metrics, or None when skipped."""
+    """The TF-IDF baseline row on its own (deterministic: one run per task, whatever the seeds):
+    its model published under ``model_out``, ``metrics.json`` and ``predictions.tsv`` under
+    ``metrics_out``. When the task has no baseline row: the skipped note in ``metrics.json``, a
+    header-only ``predictions.tsv`` and a ``skipped.json`` model folder (DVC finds every output), None."""
     ft = task.finetuning_config(cfg.finetuning)
     metrics_out = Path(metrics_out)
     if not ft.baseline_row or ft.backbone == "baseline":
-        note = {"task": task.name, "model": "baseline",
-                "skipped": ("finetuning.baseline_row is false" if not ft.baseline_row
-                            else "the backbone is the baseline: see the task's runs")}
+        note = skipped_baseline(task.name, ft)
         with publish_dir(Path(model_out)) as staged:
             (staged / "skipped.json").write_text(json.dumps(note, indent=2), encoding="utf-8")
         metrics_out.mkdir(parents=True, exist_ok=True)
-        with atomic_write(metrics_out / METRICS_FILE) as fh:
-            json.dump(note, fh, indent=2)
         with atomic_write(metrics_out / PREDICTIONS_FILE) as fh:
             fh.write(PREDICTIONS_HEADER)
+        with atomic_write(metrics_out / METRICS_FILE) as fh:
+            json.dump(note, fh, indent=2)
         return None
     splits = splits if splits is not None else load_task(task, cfg.seed, ft.no_test_protocol)
-    row = baseline_learner(cfg, task, ft, baseline_preprocessor(cfg, ft, Path(pretrained_dir)))
-    with publish_dir(Path(model_out), checksums=True) as staged:
+    # the text the finetuned model reads: the vocabulary's preprocessing, or `preprocess` under hf
+    preprocess = Preprocessor(cfg.preprocess) if ft.backbone == "hf" else task_preprocessor(cfg, pretrained_dir)
+    row = baseline_learner(cfg, task, ft, preprocess)
+    with publish_dir(model_out, checksums=True) as staged:
         run = evaluate_learner(row, splits, cfg.representation.max_len, cfg.representation.test_len, staged)
-    write_run_files(metrics_out, run)
+    write_run(metrics_out, run, epochs=False)
     return run.metrics
+
+
+def write_run(out_dir: Path, run: LearnerRun, epochs: bool = True) -> None:
+    """One run's files in ``out_dir``: ``metrics.json``, ``predictions.tsv`` (one line per reported
+    test example) and, with ``epochs``, ``epochs.csv``."""
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    with atomic_write(out_dir / METRICS_FILE) as fh:
+        json.dump(run.metrics, fh, indent=2)
+    if run.test is not None:
+        write_predictions(out_dir / PREDICTIONS_FILE, run.test)
+    if not epochs:
+        return
+    fields = list(dict.fromkeys(k for row in run.history for k in row))
+    with atomic_write(out_dir / EPOCHS_FILE) as fh:
+        writer = csv.DictWriter(fh, fieldnames=fields)
+        writer.writeheader()
+        writer.writerows(run.history)

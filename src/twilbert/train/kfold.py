@@ -21,7 +21,8 @@ from twilbert.data.tasks import TaskData, TaskExamples
 from twilbert.io_utils import link_or_copy
 from twilbert.model.card import CONFIG_NAME, KFoldSummary, read_card
 from twilbert.model.manifest import write_manifest
-from twilbert.scoring import Split, evaluate_scores
+from twilbert.predictions import Predictions
+from twilbert.scoring import Split, decide, evaluate_scores
 from twilbert.train.metrics import official_metric_name
 
 if TYPE_CHECKING:
@@ -119,6 +120,13 @@ class LearnerRun:
     metrics: dict
     history: list[dict]
     kfold: Optional[KFoldOutcome] = None
+    test: Optional[Predictions] = None  # the reported test split's predictions (k-fold: the blend's)
+
+
+def reported_predictions(learner: Learner, examples: TaskExamples, labels: np.ndarray,
+                         scores: np.ndarray) -> Predictions:
+    """The decisions on the reported test split, by example id."""
+    return Predictions(list(examples.ids), np.asarray(labels), decide(scores, learner.task), learner.task.task)
 
 
 def evaluate_learner(learner: Learner, splits: TaskData, max_len: int, test_len: int,
@@ -140,14 +148,18 @@ def evaluate_learner(learner: Learner, splits: TaskData, max_len: int, test_len:
         train, dev = learner.prepare(splits.train, max_len), learner.prepare(splits.dev, test_len)
         test = dev if splits.test_is_dev else learner.prepare(splits.test, test_len)
         fitted = learner.fit(train, dev)
-        dev_metrics = evaluate_scores(task, dev["labels"], fitted.predict(dev))
-        test_metrics = dev_metrics if splits.test_is_dev else evaluate_scores(task, test["labels"], fitted.predict(test))
+        dev_scores = fitted.predict(dev)
+        test_scores = dev_scores if splits.test_is_dev else fitted.predict(test)
+        dev_metrics = evaluate_scores(task, dev["labels"], dev_scores)
+        test_metrics = dev_metrics if splits.test_is_dev else evaluate_scores(task, test["labels"], test_scores)
         if model_out is not None:
             fitted.save(model_out, {**extra, "best_epoch": fitted.best_epoch})
         metrics = {**base, "best_epoch": fitted.best_epoch, "epochs_run": epochs_run(learner, fitted.history),
                    "n_train": len(train["labels"]), "n_dev": len(dev["labels"]), "n_test": len(test["labels"]),
                    "dev": dev_metrics, "test": test_metrics}
-        return LearnerRun(metrics, fitted.history)
+        test_examples = splits.dev if splits.test_is_dev else splits.test
+        return LearnerRun(metrics, fitted.history,
+                          test=reported_predictions(learner, test_examples, test["labels"], test_scores))
 
     pool_ex = concat_examples(splits.train, splits.dev) if kfold_on == "train+dev" else splits.train
     pool = learner.prepare(pool_ex, max_len)
@@ -173,6 +185,9 @@ def evaluate_learner(learner: Learner, splits: TaskData, max_len: int, test_len:
         dev_metrics = evaluate_scores(task, pool["labels"], outcome.out_of_fold)
     test_metrics = (dev_metrics if splits.test_is_dev
                     else evaluate_scores(task, evals["test"]["labels"], outcome.blended["test"]))
+    # no test file: the test is the dev file, outside the pool (k-fold on train only), scored by the blend
+    test_name, test_examples = ("dev", splits.dev) if splits.test_is_dev else ("test", splits.test)
+    test = reported_predictions(learner, test_examples, evals[test_name]["labels"], outcome.blended[test_name])
     members = [f"{FOLDS_DIR}/{i}" for i in range(ft.kfold)]
     selected = int(np.argmax(outcome.fold_scores))
     if model_out is not None:
@@ -183,7 +198,7 @@ def evaluate_learner(learner: Learner, splits: TaskData, max_len: int, test_len:
                "n_train": len(pool["labels"]), "n_dev": len(splits.dev), "n_test": n_test,
                "dev": dev_metrics, "test": test_metrics,
                "kfold": {**outcome.summary(), "on": kfold_on, "dev_is_out_of_fold": kfold_on == "train+dev"}}
-    return LearnerRun(metrics, history, outcome)
+    return LearnerRun(metrics, history, outcome, test)
 
 
 def epochs_run(learner: Learner, history: list[dict]) -> Optional[int]:

@@ -120,11 +120,11 @@ def _classification_metrics(spec: TaskSpec, y_true: np.ndarray, y_pred: np.ndarr
         # single-label accuracy; exact-match (subset) accuracy for multi-label
         "acc": float(np.mean(np.all(y_true == y_pred, axis=-1) if spec.multi_label else y_true == y_pred)),
     }
-    reference = _reference_class(spec)
+    reference = reference_class(spec)
     if reference is not None:
         out.update(p=float(precision[reference]), r=float(recall[reference]), f1=float(f1[reference]))
     if spec.stance_f1:
-        out["stance_f1"] = float(np.mean([f1[i] for i in _stance_indices(spec)]))
+        out["stance_f1"] = float(np.mean([f1[i] for i in stance_indices(spec)]))
     if spec.multi_label:
         micro_p, micro_r, micro_f1, _ = precision_recall_fscore_support(
             y_true, y_pred, labels=labels, average="micro", zero_division=0
@@ -139,7 +139,7 @@ def _classification_metrics(spec: TaskSpec, y_true: np.ndarray, y_pred: np.ndarr
     return out
 
 
-def _reference_class(spec: TaskSpec) -> Optional[int]:
+def reference_class(spec: TaskSpec) -> Optional[int]:
     """Index whose own P/R/F1 is reported: ``class_metric``, else class 1 of a binary task."""
     if spec.class_metric is not None:
         if spec.class_metric not in spec.categories:
@@ -150,7 +150,7 @@ def _reference_class(spec: TaskSpec) -> Optional[int]:
     return 1 if _binary(spec) else None
 
 
-def _stance_indices(spec: TaskSpec) -> list[int]:
+def stance_indices(spec: TaskSpec) -> list[int]:
     by_upper = {label.upper(): index for label, index in spec.categories.items()}
     missing = [label for label in STANCE_LABELS if label not in by_upper]
     if missing:
