@@ -8,9 +8,11 @@ import json
 import os
 from pathlib import Path
 
+from twilbert.config.runs import expand_seeds
+from twilbert.numerics import describe
 from twilbert.plots import write_finetune_curves, write_pngs
 from twilbert.results import (
-    aggregate, collect, headline_metrics, render_results, run_dirs, task_metrics_files, tracked_metrics, write_rendered,
+    aggregate, collect, headline_metrics, render_results, task_metrics_files, tracked_metrics, write_rendered,
 )
 from twilbert.stage import load_stage_config, parse_args, run
 from twilbert.track import Tracker
@@ -26,13 +28,19 @@ def main() -> str:
     parser.add_argument("--plots-out", type=Path, help="PNGs of the curves, linked from results.md")
     args, overrides = parse_args(parser)
     cfg, raw = load_stage_config(overrides)
-    missing = [str(args.tasks_dir / name / "runs") for name in cfg.tasks if not run_dirs(args.tasks_dir / name)]
+    # The runs params lists (finetune_runs): a run left by a seed no longer listed is not counted.
+    runs = {f"{name}-s{seed}": args.tasks_dir / name / "runs" / f"s{seed}"
+            for name in cfg.tasks for seed in expand_seeds(cfg.finetuning.seeds)}
+    missing = [str(d / "metrics.json") for d in runs.values() if not (d / "metrics.json").is_file()]
     if missing:
-        raise FileNotFoundError(f"evaluate: no finetuning run's metrics.json under {missing}; run the finetune stages")
-    files = [f for name in cfg.tasks for f in task_metrics_files(args.tasks_dir / name)]
+        raise FileNotFoundError(f"evaluate: missing finetuning runs {missing}; run the finetune stages")
+    listed = {d / "metrics.json" for d in runs.values()}
+    files = [f for name in cfg.tasks for f in task_metrics_files(args.tasks_dir / name)
+             if f in listed or f.parent.parent.name != "runs"]
     shown = {name: task.compare_as for name, task in cfg.tasks.items() if task.compare_as}
     specs = {name: task.task for name, task in cfg.tasks.items()}
-    render_results(files, labels=shown, specs=specs)  # reads and checks every metrics file, writes nothing
+    header = f"Computed with {describe(cfg.runtime.portable_numerics)}."
+    render_results(files, labels=shown, specs=specs, header=header)  # reads and checks every metrics file, writes nothing
     pretrain = None
     if args.pretrain_metrics and args.pretrain_metrics.is_file():
         pretrain = json.loads(args.pretrain_metrics.read_text(encoding="utf-8"))
@@ -41,11 +49,10 @@ def main() -> str:
     tracker = Tracker(cfg.tracking, stage="evaluate")
     # The store is probed before any output is written: under tracking.on_unreachable=fail nothing is.
     with tracker.start({"tasks": ",".join(sorted(cfg.tasks))}, run_name="evaluate", experiment_params=raw):
-        # the curves of each task's first run (by seed)
-        epochs = {name: run_dirs(args.tasks_dir / name)[0] / "epochs.csv" for name in cfg.tasks}
+        epochs = {name: run_dir / "epochs.csv" for name, run_dir in runs.items()}  # every seed's curves
         curves = write_finetune_curves(epochs, args.curves_out) if args.curves_out else {}
         pngs = write_pngs(args.plots_out, args.pretrain_curves, curves) if args.plots_out else []
-        rendered = render_results(files, labels=shown, specs=specs,
+        rendered = render_results(files, labels=shown, specs=specs, header=header,
                                   plots=[Path(os.path.relpath(p, args.out)).as_posix() for p in pngs])
         write_rendered(rendered, args.out)
         tracker.log_metrics(tracked_metrics(rows))

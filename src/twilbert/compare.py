@@ -66,7 +66,7 @@ def experiment_rows(shown: list) -> list[dict]:
     """One row per workspace, baseline commit and experiment: its name, flat params and metrics."""
     rows = []
 
-    def add(name: str, rev: Mapping) -> None:
+    def add(name: str, rev: Mapping, kind: str) -> None:
         data = rev.get("data") or {}
         rows.append({
             "name": name,
@@ -75,16 +75,47 @@ def experiment_rows(shown: list) -> list[dict]:
             "pretrain": _file_data(data, "metrics", PRETRAIN_FILE),
             "tasks": _file_data(data, "metrics", TASKS_FILE),
             "error": bool(rev.get("error")),
+            "rev": rev.get("rev", ""),
+            "kind": kind,
         })
 
     for commit in shown:
         rev = commit.get("rev", "")
-        add("workspace" if rev == "workspace" else commit.get("name") or rev[:7], commit)
+        kind = "workspace" if rev == "workspace" else "commit"
+        add("workspace" if rev == "workspace" else commit.get("name") or rev[:7], commit, kind)
         for exp in commit.get("experiments") or []:
             revs = exp.get("revs") or []
             if revs:
-                add(exp.get("name") or revs[0].get("name") or revs[0].get("rev", "")[:7], revs[0])
+                add(exp.get("name") or revs[0].get("name") or revs[0].get("rev", "")[:7], revs[0], "experiment")
     return rows
+
+
+def local_rows(rows: list[dict]) -> list[dict]:
+    """The rows made on this machine: every experiment, and the workspace unless it is one of them
+    (after `make exp` or `make baseline` it holds that experiment's results). A commit's row is left
+    out: its results may come from another machine, and the host would be part of every difference."""
+    experiments = [r for r in rows if r["kind"] == "experiment"]
+    same = lambda a, b: (a["params"], a["pretrain"], a["tasks"]) == (b["params"], b["pretrain"], b["tasks"])  # noqa: E731
+    workspace = [r for r in rows if r["kind"] == "workspace" and not any(same(r, e) for e in experiments)]
+    return workspace + experiments
+
+
+def run_predictions(repo: Path, row: Mapping) -> dict[str, list[str]]:
+    """``task -> [predictions.tsv text of each run]`` of a row: from the experiment's commit, or from
+    the workspace's files; only the runs its params list (``finetune_runs``)."""
+    runs = (row.get("params_tree") or {}).get("finetune_runs") or {}
+    texts: dict[str, list[str]] = {}
+    for entry in runs.values():
+        path = f"results/tasks/{entry['task']}/runs/s{entry['seed']}/predictions.tsv"
+        if row["kind"] == "workspace":
+            file = Path(repo) / path
+            text = file.read_text(encoding="utf-8") if file.is_file() else None
+        else:
+            proc = subprocess.run(["git", "show", f"{row['rev']}:{path}"], cwd=repo, capture_output=True, text=True)
+            text = proc.stdout if proc.returncode == 0 else None
+        if text is not None:
+            texts.setdefault(entry["task"], []).append(text)
+    return texts
 
 
 def changed_params(rows: list[dict]) -> list[str]:
@@ -256,13 +287,28 @@ def main(argv: Optional[Iterable[str]] = None) -> int:
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--repo", type=Path, default=Path("."))
     parser.add_argument("--width", type=int, default=WIDTH, help="terminal columns to fit (default 160)")
+    parser.add_argument("--reference", help="the row the others are measured against (default: the experiment "
+                                            "`baseline` that `make repro` keeps, else the workspace)")
     args = parser.parse_args(list(argv) if argv is not None else None)
     try:
-        rows = experiment_rows(exp_show_json(args.repo))
+        rows = local_rows(experiment_rows(exp_show_json(args.repo)))
     except CompareError as err:
         print(f"compare: {err}", file=sys.stderr)
         return 2
+    if not rows:
+        print("compare: no experiment yet: `make repro` keeps its run as `baseline`", file=sys.stderr)
+        return 2
+    names = [r["name"] for r in rows]
+    reference = args.reference or ("baseline" if "baseline" in names else names[0])
     print(compare_table(rows, args.width))
+    if len(rows) > 1:
+        by_name = {r["name"]: r for r in rows}
+        try:
+            table = verdict_table(rows, lambda name: run_predictions(args.repo, by_name[name]), reference=reference)
+        except CompareError as err:
+            print(f"compare: {err}", file=sys.stderr)
+            return 2
+        print("\n" + table)
     return 0
 
 

@@ -95,8 +95,23 @@ def write_pngs(out_dir: Path, pretrain_curves: Optional[Path], finetune: dict[st
             written.append(save_png(out_dir / "pretrain_steps.png", [
                 ("loss", "step", steps, ("loss",)), ("accuracy (epoch so far)", "step", steps, STEP_ACCURACIES)],
                 "pretraining per logged step"))
-    for task, rows in finetune.items():
+    for task, runs in group_runs(finetune).items():
+        # every seed's curves in one figure, so that the spread between runs shows
+        rows = [{"epoch": r["epoch"], **{f"{key} {run}": r[key] for key in ("train_loss", "dev_official") if key in r}}
+                for run, run_rows in runs.items() for r in run_rows]
         written.append(save_png(out_dir / f"finetune_{task}.png", [
-            ("train loss", "epoch", rows, ("train_loss",)), ("dev official metric", "epoch", rows, ("dev_official",))],
-            f"finetuning {task}"))
+            ("train loss", "epoch", rows, [f"train_loss {run}" for run in runs]),
+            ("dev official metric", "epoch", rows, [f"dev_official {run}" for run in runs])],
+            f"finetuning {task}" + (f" ({len(runs)} seeds)" if len(runs) > 1 else "")))
     return written
+
+
+def group_runs(curves: dict[str, list[dict]]) -> dict[str, dict[str, list[dict]]]:
+    """``{"<task>-s<seed>": rows}`` as ``{task: {"s<seed>": rows}}``; a name without a seed is its own run."""
+    grouped: dict[str, dict[str, list[dict]]] = {}
+    for name, rows in curves.items():
+        task, _, run = name.rpartition("-")
+        if not (task and run[:1] == "s" and run[1:].isdigit()):
+            task, run = name, "run"
+        grouped.setdefault(task, {})[run] = rows
+    return grouped

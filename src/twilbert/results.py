@@ -453,9 +453,10 @@ def headline_metrics(groups: list[dict], pretrain: Optional[Mapping[str, Any]] =
 
 
 def results_markdown(groups: list[dict], title: str, labels: Optional[Mapping[str, str]] = None,
-                     plots: Iterable[str] = (), deltas: Optional[Mapping[int, Delta]] = None) -> str:
+                     plots: Iterable[str] = (), deltas: Optional[Mapping[int, Delta]] = None,
+                     header: str = "") -> str:
     note = PROTOCOL_NOTE if any(protocol_of(g) != "test_file" for g in groups) else ""
-    text = f"# {title}\n\n{LEGEND}{note}\n## Per task\n\n{markdown_table(groups, labels)}\n"
+    text = f"# {title}\n\n" + (f"{header}\n\n" if header else "") + f"{LEGEND}{note}\n## Per task\n\n{markdown_table(groups, labels)}\n"
     text += f"## Models compared (official metric, test)\n\n{comparison_table(groups, labels, deltas)}"
     text += "\n" + DELTA_NOTE
     if any(g.get("test_is_dev") for g in groups):
@@ -475,6 +476,7 @@ def render_results(
     title: str = "twilbert results",
     plots: Iterable[str] = (),
     specs: Optional[Mapping[str, TaskSpec]] = None,
+    header: str = "",
 ) -> dict[str, str]:
     """The text of results.md, results.csv and metrics.json; every metrics file is read and checked,
     nothing is written (so a stage can check its other preconditions before writing).
@@ -487,7 +489,7 @@ def render_results(
     if not groups:
         raise MetricsFileError("evaluate: no per-task metrics files found; did the finetune stages run?")
     deltas = baseline_deltas(groups, specs, labels)
-    return {"results.md": results_markdown(groups, title, labels, plots, deltas),
+    return {"results.md": results_markdown(groups, title, labels, plots, deltas, header),
             "results.csv": csv_table(groups, labels),
             "metrics.json": json.dumps(summary_metrics(groups), indent=2)}
 
