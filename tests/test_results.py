@@ -357,10 +357,10 @@ def stage_dir(tmp_path):
     task = tmp_path / "results" / "tasks" / "tass_default"
     gold = np.random.default_rng(0).integers(0, 4, size=N_TEST)
     ids = [str(i) for i in range(N_TEST)]
-    for seed in (1, 2, 3):
-        pred = np.where(np.random.default_rng(seed).random(N_TEST) < 0.5, gold, 3 - gold)
+    for seed in (0, 1, 2, 7):  # the default finetuning.seeds: 3, so s7 is a run left from another config
+        pred = np.where(np.random.default_rng(seed + 1).random(N_TEST) < 0.5, gold, 3 - gold)
         _write_run(task / "runs" / f"s{seed}", "tass_default", "twilbert", Predictions(ids, gold, pred, TASS))
-        (task / "runs" / f"s{seed}" / "epochs.csv").write_text(f"epoch,train_loss,dev_official\n1,1.0,0.{seed}\n")
+        (task / "runs" / f"s{seed}" / "epochs.csv").write_text(f"epoch,train_loss,dev_official\n1,1.0,0.{seed + 1}\n")
     _write_run(task / "baseline", "tass_default", "baseline", Predictions(ids, gold, 3 - gold, TASS))
     return tmp_path
 
@@ -373,8 +373,9 @@ def test_the_evaluate_stage_tables_the_runs_with_their_spread_and_the_delta_inte
     assert "| test file | 3 |" in row and " ± " in row and row.endswith("| better |")
     summary = json.loads((stage_dir / "results" / "metrics.json").read_text())["tass_default"]
     assert summary["test_official_n"] == 3 and summary["test_official_sd"] > 0
-    curve = (stage_dir / "results" / "curves" / "tass_default.csv").read_text()
-    assert "0.1" in curve  # the first seed's epochs.csv
+    curves = sorted(p.name for p in (stage_dir / "results" / "curves").glob("*.csv"))
+    assert curves == ["tass_default-s0.csv", "tass_default-s1.csv", "tass_default-s2.csv"]  # every listed seed
+    assert "0.1" in (stage_dir / "results" / "curves" / "tass_default-s0.csv").read_text()
 
 
 def test_the_evaluate_stage_refuses_runs_on_other_test_examples_in_one_line(stage_dir):
