@@ -220,11 +220,13 @@ def test_epochs_csv_holds_the_columns_the_dvc_plot_reads(tmp_path, raw, pretrain
     assert all(0.0 <= float(r["dev_official"]) <= 1.0 for r in rows)
 
 
-def test_dvc_finetune_stage_declares_both_metrics_files():
-    stage = yaml.safe_load((REPO / "dvc.yaml").read_text())["stages"]["finetune"]["do"]
-    declared = [next(iter(m)) for m in stage["metrics"]]
-    assert declared == ["results/tasks/${key}/metrics.json", "results/tasks/${key}/baseline.json"]
-    assert "preprocess" in stage["params"] and "src/twilbert/baseline.py" in stage["deps"]
+def test_dvc_finetune_and_baseline_stages_declare_their_metrics_files():
+    stages = yaml.safe_load((REPO / "dvc.yaml").read_text())["stages"]
+    run, baseline = stages["finetune"]["do"], stages["baseline"]["do"]
+    assert [next(iter(m)) for m in run["metrics"]] == ["results/tasks/${item.task}/runs/s${item.seed}/metrics.json"]
+    assert [next(iter(m)) for m in baseline["metrics"]] == ["results/tasks/${key}/baseline/metrics.json"]
+    for stage in (run, baseline):
+        assert "preprocess" in stage["params"] and "src/twilbert/baseline.py" in stage["deps"]
 
 
 def test_auto_loss_is_the_default(raw):

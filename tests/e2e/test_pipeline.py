@@ -11,6 +11,7 @@ import re
 import shutil
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -74,6 +75,7 @@ def project(tmp_path_factory):
     run(["git", "add", "-A"], repo, env)
     run(["git", "commit", "-qm", "init"], repo, env)
     run(["dvc", "repro"], repo, env)
+    run([sys.executable, "-m", "twilbert.experiments", "save", "baseline"], repo, env)  # what `make repro` ends with
     return repo, env, root
 
 
@@ -92,8 +94,13 @@ def test_repro_writes_a_results_table_with_the_default_task(project):
     metrics = json.loads((repo / "results" / "metrics.json").read_text())
     score = metrics["tass_default"]["test_official"]
     assert math.isfinite(score) and 0.0 <= score <= 1.0
-    task_metrics = json.loads((repo / "results/tasks/tass_default/metrics.json").read_text())
-    assert task_metrics["test"]["official"] == score
+    runs = [json.loads((repo / f"results/tasks/tass_default/runs/s{s}/metrics.json").read_text())["test"]["official"]
+            for s in range(3)]  # finetuning.seeds: 3
+    assert score == pytest.approx(sum(runs) / 3, abs=1e-12) and metrics["tass_default"]["test_official_n"] == 3
+    assert len(set(runs)) > 1  # three seeds, three different runs
+    assert " ± " in table and "Computed with portable CPU numerics" in table
+    predictions = (repo / "results/tasks/tass_default/runs/s0/predictions.tsv").read_text().splitlines()
+    assert predictions[0] == "id\tgold\tpred" and len(predictions) > 10
 
 
 def test_pretrained_model_is_safetensors_plus_json_with_its_vocab(project):
@@ -102,7 +109,7 @@ def test_pretrained_model_is_safetensors_plus_json_with_its_vocab(project):
     assert {"model.safetensors", "config.json", "spm.model", "meta.json", "checksums.json"} <= files
     from twilbert.model.manifest import verify_model_dir
 
-    for directory in (repo / "models" / "pretrained", repo / "models" / "finetuned" / "tass_default"):
+    for directory in (repo / "models" / "pretrained", repo / "models" / "finetuned" / "tass_default" / "s0"):
         verify_model_dir(directory, verify=True)  # sealed by the stages, vocabulary included
     assert not any(name.endswith((".bin", ".pt", ".pkl")) for name in files)
 
@@ -124,8 +131,8 @@ def test_mlflow_holds_the_training_runs_with_finite_metrics(project):
 def test_table_metrics_and_mlflow_hold_the_same_numbers(project):
     repo, _, root = project
     _, runs = mlflow_runs(root)
-    finetune = next(r for r in runs if r.data.tags.get("twilbert.stage") == "finetune")
-    task_metrics = json.loads((repo / "results/tasks/tass_default/metrics.json").read_text())
+    finetune = next(r for r in runs if r.info.run_name == "finetune-tass_default-s0@workspace")
+    task_metrics = json.loads((repo / "results/tasks/tass_default/runs/s0/metrics.json").read_text())
     for key in ("official", "mf1", "acc"):
         assert finetune.data.metrics[f"test_{key}"] == pytest.approx(task_metrics["test"][key], abs=1e-12)
     table = (repo / "results" / "results.md").read_text(encoding="utf-8")
@@ -143,8 +150,9 @@ def test_the_finetune_run_logs_a_pyfunc_model_that_predicts_offline(project, mon
     out = model.predict(["qué día tan bonito", "odio los lunes"])
     from twilbert import load_classifier
 
-    expected = load_classifier(repo / "models" / "finetuned" / "tass_default").predict(["qué día tan bonito",
-                                                                                        "odio los lunes"])
+    run_name = finetune.info.run_name.split("@")[0]  # finetune-tass_default-s<seed>
+    model_dir = repo / "models" / "finetuned" / "tass_default" / run_name.rsplit("-", 1)[1]
+    expected = load_classifier(model_dir).predict(["qué día tan bonito", "odio los lunes"])
     assert out["label"].tolist() == [p.label for p in expected]
 
 
@@ -207,16 +215,38 @@ def test_experiment_with_changed_param_gets_its_own_metrics_and_runs(project):
     assert parents["enc4"].data.metrics["tass_default.test_official"] == pytest.approx(exp_score, abs=1e-12)
     assert client.get_experiment_by_name("twilbert").tags["mlflow.experimentKind"] == "custom_model_development"
     names = {r.info.run_name for r in runs}
-    assert {"finetune-tass_default@enc4", "finetune-tass_default@workspace"} <= names
+    assert {f"finetune-tass_default-s{s}@{e}" for s in range(3) for e in ("enc4", "workspace")} <= names
+    assert parents["enc4"].data.metrics["tass_default.test_official_n"] == 3
+    assert parents["enc4"].data.metrics["tass_default.test_official_sd"] >= 0
 
-    # `make compare`: one row per experiment, with n_encoders and the test scores
+    # `make compare`: the local baseline and the experiment, no commit row; a verdict per task
     table = run([sys.executable, "-m", "twilbert.compare"], repo, env)
     rows = compare_rows(table)
-    assert rows["enc4"]["n_encoders"] == "4" and rows["main"]["n_encoders"] == "2"
+    assert set(rows) == {"baseline", "enc4"}
+    assert rows["enc4"]["n_encoders"] == "4" and rows["baseline"]["n_encoders"] == "2"
     assert rows["enc4"]["test"] == f"{exp_score:.4f}"
-    baseline = json.loads(run(["git", "show", "HEAD:results/metrics.json"], repo, env))
-    assert rows["main"]["test"] == f"{baseline['tass_default']['test_official']:.4f}"
+    verdict = rows["enc4"]["verdict"]
+    assert verdict in ("better", "worse", "within noise")
+    assert re.fullmatch(r"[+-]\d+\.\d\d \[[+-]\d+\.\d\d, [+-]\d+\.\d\d\]", rows["enc4"]["Δ test vs baseline [95% CI]"])
     assert max(map(len, table.splitlines())) <= 160
+
+    # `make baseline`: the baseline's params, lock, results and models back, from the cache, in seconds
+    baseline_lock = run(["git", "show", "refs/exps/" + exp_ref(repo, env, "baseline") + ":dvc.lock"], repo, env)
+    start = time.monotonic()
+    out = run([sys.executable, "-m", "twilbert.experiments", "restore", "baseline"], repo, env)
+    assert time.monotonic() - start < 30 and "restored experiment 'baseline'" in out
+    assert (repo / "dvc.lock").read_text(encoding="utf-8") == baseline_lock
+    assert yaml.safe_load((repo / "params.yaml").read_text())["model"]["n_encoders"] == 2
+    status = run(["dvc", "status", "--json"], repo, env)
+    assert json.loads(status) == {}, status  # every output matches the lock: nothing to retrain
+    assert stages_run(repro(repo, env)) == []
+
+
+def exp_ref(repo: Path, env: dict, name: str) -> str:
+    """The git ref of a DVC experiment (``<base>/<name>`` under refs/exps)."""
+    refs = run(["git", "for-each-ref", "--format=%(refname)", "refs/exps"], repo, env).split()
+    [ref] = [r for r in refs if r.endswith("/" + name)]
+    return ref.removeprefix("refs/exps/")
 
 
 def compare_rows(table: str) -> dict[str, dict[str, str]]:
@@ -272,7 +302,25 @@ def test_a_changed_finetuning_param_reruns_only_finetune_and_evaluate(project):
     set_params(repo, "finetuning", lr=0.003)
     proc = repro(repo, env)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    assert stages_run(proc) == ["finetune@tass_default", "evaluate"]
+    assert stages_run(proc) == ["finetune@tass_default-s0", "finetune@tass_default-s1", "finetune@tass_default-s2",
+                                "evaluate"]
+
+
+@pytest.mark.reliability
+def test_adding_a_seed_reruns_only_its_own_finetune_stage(project):
+    repo, env, _ = project
+    assert stages_run(repro(repo, env)) == []
+    params = yaml.safe_load((repo / "params.yaml").read_text(encoding="utf-8"))
+    composed = compose(["finetuning.seeds=4"], repo / "conf")
+    params["finetuning"]["seeds"], params["finetune_runs"] = 4, composed["finetune_runs"]
+    (repo / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False, allow_unicode=True), encoding="utf-8")
+    status = json.loads(run(["dvc", "status", "--json"], repo, env))
+    assert sorted(s for s in status if s.startswith("finetune")) == ["finetune@tass_default-s3"]
+    proc = repro(repo, env)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert stages_run(proc) == ["finetune@tass_default-s3", "evaluate"]
+    metrics = json.loads((repo / "results" / "metrics.json").read_text())
+    assert metrics["tass_default"]["test_official_n"] == 4
 
 
 @pytest.mark.reliability
