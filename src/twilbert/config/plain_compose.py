@@ -102,9 +102,12 @@ def parse_override(text: str) -> Override:
 
 def parse_value(text: str, override: str = "") -> Any:
     """One override value: null, true/false, int, float, a quoted string, [a, b], {k: v}, or a bare string."""
+    override = override or text
+    if "${" in text:
+        raise ConfigError(f"override {override!r}: interpolations need Hydra")
     value, rest = _value(text, 0, override)
     if rest != len(text):
-        raise ConfigError(f"override {override or text!r}: cannot read {text[rest:]!r} (a sweep a,b needs Hydra)")
+        raise ConfigError(f"override {override!r}: cannot read {text[rest:]!r} in the value {text!r}")
     return value
 
 
@@ -150,8 +153,8 @@ def _scalar(text: str, i: int, stops: str, override: str) -> tuple[Any, int]:
     while end < len(text) and text[end] not in stops and text[end] not in "[]{}":
         end += 1
     word = text[i:end].strip()
-    if "${" in word or re.fullmatch(r"\w+\(.*", word):
-        raise ConfigError(f"override {override!r}: interpolations and functions need Hydra")
+    if re.fullmatch(r"\w+\(.*", word):
+        raise ConfigError(f"override {override!r}: functions such as choice() need Hydra")
     if not stops and "," in word:
         raise ConfigError(f"override {override!r}: {word!r} is a sweep (a,b), which needs Hydra's multirun")
     return _primitive(word), end
