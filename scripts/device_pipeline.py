@@ -50,11 +50,11 @@ def write_task(directory: Path) -> dict:
                      "average_metric": "macro"}}
 
 
-def overrides(device: str, precision: str) -> list[str]:
+def overrides(device: str, precision: str, epochs: int = 2) -> list[str]:
     """conf/ as the tiny pipeline on ``device`` (tests/test_plain_compose.py: Hydra composes them the same)."""
-    return ["model=tiny", "representation.max_len=16", "training.epochs=2", "training.batch_size=16",
+    return ["model=tiny", "representation.max_len=16", f"training.epochs={epochs}", "training.batch_size=16",
             f"training.device={device}", f"training.precision={precision}", "training.pll_examples=4",
-            "training.checkpoint_every=10", "finetuning.epochs=2", f"finetuning.device={device}",
+            "training.checkpoint_every=10", f"finetuning.epochs={epochs}", f"finetuning.device={device}",
             f"finetuning.precision={precision}", "finetuning.batch_size=16"]
 
 
@@ -63,6 +63,7 @@ def main() -> None:
     parser.add_argument("--device", default="cuda")
     parser.add_argument("--precision", default="bf16")
     parser.add_argument("--work", type=Path, required=True)
+    parser.add_argument("--epochs", type=int, default=2, help="of pretraining and of finetuning (the CPU smoke run: 1)")
     args = parser.parse_args()
 
     from twilbert.cli import dump_params
@@ -80,7 +81,7 @@ def main() -> None:
                       max_len=16, heldout_fraction=0.1, shard_size=1000, seed=0)
     summary["stages"]["vocab+pairs"] = {"seconds": round(time.perf_counter() - start, 1), "rc": 0}
 
-    raw = compose_plain(overrides(args.device, args.precision), REPO / "conf")  # no Hydra on a device machine
+    raw = compose_plain(overrides(args.device, args.precision, args.epochs), REPO / "conf")  # no Hydra on a device machine
     raw["tasks"] = {"t": write_task(work / "task")}
     (work / "params.yaml").write_text(dump_params(raw), encoding="utf-8")
     env = {**os.environ, "MLFLOW_TRACKING_URI": f"sqlite:///{work / 'mlflow.db'}", "CI": "1"}
