@@ -60,29 +60,35 @@ fail_early() {  # fail_early MESSAGE: one line on stderr, a summary that says wh
   exit 2
 }
 
-# The interpreter: the first candidate that imports torch (the lent image has python3, maybe no python)
+# The interpreter: the first candidate whose torch runs on $DEVICE (the lent image has python3, maybe no
+# python; a CPU-only .venv copied along is passed over for --device cuda). Probes are bounded: a driver
+# that hangs CUDA's start must not eat the run's minutes.
 VENV="${VENV:-$REPO/.venv}"
 if [ -n "${PYTHON:-}" ]; then CANDIDATES=("$PYTHON"); else CANDIDATES=("$VENV/bin/python" python3 python); fi
-PY=""
+PY="" NO_CUDA=""
 for candidate in "${CANDIDATES[@]}"; do
-  if command -v "$candidate" > /dev/null 2>&1 && "$candidate" -c "import torch" > /dev/null 2>&1; then
-    PY="$(command -v "$candidate")"; break
-  fi
+  command -v "$candidate" > /dev/null 2>&1 || continue
+  timeout 60 "$candidate" -c "import sys, torch; sys.exit(0 if '$DEVICE' == 'cpu' or torch.cuda.is_available() else 3)" \
+    > /dev/null 2>&1
+  case $? in
+    0) PY="$(command -v "$candidate")"; break ;;
+    3) NO_CUDA="${NO_CUDA:-$(command -v "$candidate")}" ;;
+  esac
 done
-[ -n "$PY" ] || fail_early "no Python that imports torch among: ${CANDIDATES[*]} (set PYTHON=/path/to/python)"
 
 {
   echo "host $(hostname), $(date -u +%FT%TZ), load: $(uptime)"
-  echo "python $PY"
-  "$PY" -c "import sys, torch; print('python', sys.version.split()[0], 'torch', torch.__version__, 'cuda', \
-torch.version.cuda, 'available', torch.cuda.is_available(), torch.cuda.get_device_name(0) if torch.cuda.is_available() else '')"
-  command -v nvidia-smi > /dev/null && nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv
+  echo "python ${PY:-$NO_CUDA}"
+  [ -n "${PY:-$NO_CUDA}" ] && timeout 60 "${PY:-$NO_CUDA}" -c "import sys, torch; print('python', \
+sys.version.split()[0], 'torch', torch.__version__, 'cuda', torch.version.cuda, 'available', torch.cuda.is_available(), \
+torch.cuda.get_device_name(0) if torch.cuda.is_available() else '')"
+  command -v nvidia-smi > /dev/null && timeout 30 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv
 } >> "$LOG" 2>&1
 cat "$LOG"
-
-if [ "$DEVICE" = cuda ] && ! "$PY" -c "import torch, sys; sys.exit(0 if torch.cuda.is_available() else 1)"; then
-  fail_early "--device cuda: this torch sees no CUDA device (see $LOG); --device cpu runs the smoke test"
-fi
+[ -n "$PY" ] || [ -n "$NO_CUDA" ] || \
+  fail_early "no Python that imports torch among: ${CANDIDATES[*]} (set PYTHON=/path/to/python)"
+[ -n "$PY" ] || fail_early "--device cuda: no torch among ${CANDIDATES[*]} sees a CUDA device (torch found: \
+$NO_CUDA; see $LOG); --device cpu runs the smoke test"
 
 summary() { "$PY" scripts/device_summary.py "$OUT" "$WORK" "$DEVICE" "$START" "$@"; }
 

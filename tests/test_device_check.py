@@ -138,3 +138,13 @@ def test_without_a_python_that_imports_torch_it_says_so_in_one_line(image, tmp_p
                                         "(set PYTHON=/path/to/python)"]
     summary = json.loads((Path(image["OUT"]) / "summary.json").read_text())
     assert not summary["ok"] and "no Python that imports torch" in summary["error"]
+
+
+@pytest.mark.skipif(__import__("torch").cuda.is_available(), reason="this machine has CUDA")
+def test_device_cuda_without_a_cuda_device_says_so_in_one_line(image):
+    proc = subprocess.run(["bash", str(SCRIPT)], cwd=REPO, env=image, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2
+    assert len(proc.stderr.splitlines()) == 1 and proc.stderr.startswith("error: --device cuda: no torch among ")
+    assert "--device cpu runs the smoke test" in proc.stderr
+    summary = json.loads((Path(image["OUT"]) / "summary.json").read_text())
+    assert not summary["ok"] and summary["parts"] == {}
