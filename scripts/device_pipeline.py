@@ -81,7 +81,7 @@ def main() -> None:
                       max_len=16, heldout_fraction=0.1, shard_size=1000, seed=0)
     summary["stages"]["vocab+pairs"] = {"seconds": round(time.perf_counter() - start, 1), "rc": 0}
 
-    raw = compose_plain(overrides(args.device, args.precision, args.epochs), REPO / "conf")  # no Hydra on a device machine
+    raw = compose_plain(overrides(args.device, args.precision, args.epochs), REPO / "conf")  # no Hydra there
     raw["tasks"] = {"t": write_task(work / "task")}
     (work / "params.yaml").write_text(dump_params(raw), encoding="utf-8")
     env = {**os.environ, "MLFLOW_TRACKING_URI": f"sqlite:///{work / 'mlflow.db'}", "CI": "1"}

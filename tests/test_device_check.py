@@ -16,6 +16,7 @@ import time
 from pathlib import Path
 
 import pytest
+import torch
 
 from helpers import REPO
 
@@ -73,7 +74,8 @@ def assert_returnable(out: Path) -> None:
 
 
 def test_the_simulated_image_has_python3_with_torch_but_no_python_and_no_hydra(image):
-    probe = "command -v python || echo no-python; python3 -c 'import torch; print(\"torch\")'; python3 -c 'import hydra'"
+    probe = ("command -v python || echo no-python; python3 -c 'import torch; print(\"torch\")'; "
+             "python3 -c 'import hydra'")
     proc = subprocess.run(["bash", "-c", probe], env=image, capture_output=True, text=True, timeout=120)
     assert proc.stdout.split() == ["no-python", "torch"], proc.stdout + proc.stderr
     assert "No module named 'hydra'" in proc.stderr
@@ -140,7 +142,7 @@ def test_without_a_python_that_imports_torch_it_says_so_in_one_line(image, tmp_p
     assert not summary["ok"] and "no Python that imports torch" in summary["error"]
 
 
-@pytest.mark.skipif(__import__("torch").cuda.is_available(), reason="this machine has CUDA")
+@pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has CUDA")
 def test_device_cuda_without_a_cuda_device_says_so_in_one_line(image):
     proc = subprocess.run(["bash", str(SCRIPT)], cwd=REPO, env=image, capture_output=True, text=True, timeout=120)
     assert proc.returncode == 2

@@ -88,7 +88,8 @@ def loss_and_grads(model, objective, batch, precision: str):
     with torch.autocast(device.type, dtype=torch.bfloat16, enabled=precision == "bf16"):
         loss, _ = objective.outputs(model, batch, masked, labels)
     loss.backward()
-    return float(loss.detach()), {n: p.grad.detach().float().cpu() for n, p in model.named_parameters() if p.grad is not None}
+    grads = {n: p.grad.detach().float().cpu() for n, p in model.named_parameters() if p.grad is not None}
+    return float(loss.detach()), grads
 
 
 # the CPU in fp32 is the reference, so the CPU's own case is bf16
