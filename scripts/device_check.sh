@@ -129,7 +129,7 @@ skip() {  # skip NAME REASON
 # 1. the gpu-marked tests on every device present; pytest-timeout bounds each test where it is installed
 PER_TEST=()
 if "$PY" -c "import pytest_timeout" 2> /dev/null; then
-  PER_TEST=(--timeout=90)
+  PER_TEST=(--timeout=120)  # the CUDA resume test runs three stage processes
 else
   say "pytest-timeout is not installed: the tests are bounded by the part's limit only"
 fi
