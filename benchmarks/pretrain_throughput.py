@@ -66,7 +66,12 @@ from typing import Callable, Optional
 import numpy as np
 import torch
 
-from twilbert.config import Config, compose, load_config
+from twilbert.config import Config, load_config
+
+try:
+    from twilbert.config.plain_compose import compose_plain
+except ImportError:  # an A/B against code older than the plain composer (Hydra composes the same dict)
+    from twilbert.config import compose as compose_plain
 from twilbert.data.batch import PairBatch, make_batch, pack_pairs
 from twilbert.data.special import N_SPECIAL
 from twilbert.device import configure_matmul, native_bf16
@@ -81,7 +86,17 @@ QUICK = dict(vocab=1000, embedding_size=16, hidden_size=32, n_heads=2, n_encoder
 
 def pretraining_config(sizes: dict, batch: int, precision: str, pkm: bool, act: str = "gelu_new",
                        device: str = "cpu", compiled: bool = False) -> Config:
-    """conf/ with model=base, resized for the benchmark: what the pretrain stage would read."""
+    """conf/ with model=base, resized for the benchmark: what the pretrain stage would read.
+
+    Composed in pure Python (a lent GPU machine has no Hydra); tests/test_plain_compose.py checks
+    these overrides compose as Hydra composes them.
+    """
+    return load_config(compose_plain(pretraining_overrides(sizes, batch, precision, pkm, act, device, compiled),
+                                     REPO / "conf"))
+
+
+def pretraining_overrides(sizes: dict, batch: int, precision: str, pkm: bool, act: str = "gelu_new",
+                          device: str = "cpu", compiled: bool = False) -> list[str]:
     overrides = [
         "model=base", f"model.embedding_size={sizes['embedding_size']}", f"model.hidden_size={sizes['hidden_size']}",
         f"model.n_heads={sizes['n_heads']}", f"model.n_encoders={sizes['n_encoders']}",
@@ -92,8 +107,7 @@ def pretraining_config(sizes: dict, batch: int, precision: str, pkm: bool, act: 
     ]
     if compiled:  # only named when asked: the key is newer than some of the code this script is pointed at (A/B)
         overrides.append("training.compile=true")
-    overrides += [f"model.pkm_params.{k}={v}" for k, v in sizes["pkm"].items()]
-    return load_config(compose(overrides, REPO / "conf"))
+    return overrides + [f"model.pkm_params.{k}={v}" for k, v in sizes["pkm"].items()]
 
 
 def random_batch(vocab: int, batch: int, max_len: int, seed: int = 0) -> PairBatch:

@@ -1,16 +1,25 @@
 #!/usr/bin/env bash
-# One prepared check of the GPU path (issue 10), within 8 minutes on one GPU, offline (installs and
-# downloads nothing). Logs and a JSON summary (summary.json) go to $OUT, or results/device/ when unset.
+# One prepared check of the GPU path (issue 10), made for a lent machine's one try (issue 20): at most
+# 8 minutes, offline (installs and downloads nothing), torch and the standard scientific packages only
+# (no Hydra, OmegaConf, MLflow or DVC needed). What comes back is at most 7 files, flat in $OUT
+# (results/device/ when unset): summary.json, device_check.log (environment and progress), and one log
+# per part. summary.json is rewritten before and after each part, so a run stopped at any moment still
+# says what passed and what was running.
 #
-#   scripts/device_check.sh                 # on a machine with CUDA
-#   scripts/device_check.sh --device cpu    # smoke test (< ~60 s): the CUDA parts skipped, tiny sizes
+#   scripts/device_check.sh                            # on a machine with CUDA
+#   scripts/device_check.sh --device cpu               # smoke test (< ~1 min): CPU-only parts, tiny sizes
+#   scripts/device_check.sh --device cpu --pipeline    # the same and the device pipeline in bf16 (~2 min)
 #
-# Parts: 1. the tests marked `gpu` (tests/test_gpu.py: CUDA vs CPU forward/backward in fp32 and bf16,
-# the SDPA kernel, syncs per window, resume after a kill, a 1-rank NCCL DDP step, predict labels);
-# 2. benchmarks/pretrain_throughput.py --device cuda at the benchmark's sizes, batch 32 and the largest
-# of 256/128 that fits, ours vs HF AlbertForPreTraining in bf16 and fp32/TF32; 3. the tiny pipeline's
-# training stages with training.device=cuda on a generated corpus (scripts/device_pipeline.py; the
-# data stage's download is what a machine without network cannot run).
+# Python: $PYTHON, else $VENV/bin/python ($VENV: the project's .venv), else python3, else python; the
+# first that imports torch. Test hook: DEVICE_CHECK_LIMITS="tests=2 pipeline=5" shortens parts' limits.
+#
+# Parts: 1. the tests marked `gpu` (tests/test_gpu.py) on every device present: CUDA vs the CPU's fp32
+# forward/backward in fp32 and bf16, bf16 pretraining with PLL, bf16 finetuning, predict labels, the
+# SDPA kernel, syncs per window, resume after a kill, a 1-rank NCCL DDP step; 2. the throughput of
+# benchmarks/pretrain_throughput.py at the benchmark's sizes, batch 32 and the largest of 256/128 that
+# fits, ours vs HF AlbertForPreTraining in bf16 and fp32/TF32; 3. the tiny pipeline's training stages
+# in bf16 on the device on a generated corpus (scripts/device_pipeline.py; the data stage's download is
+# what a machine without network cannot run).
 set -u -o pipefail
 DEVICE=cuda
 PIPELINE=auto
@@ -30,98 +39,126 @@ REPO="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 OUT="${OUT:-$REPO/results/device}"
 mkdir -p "$OUT"
 OUT="$(cd "$OUT" && pwd)"
+# this run's files only come back (the names it writes; nothing else in $OUT is touched)
+rm -f "$OUT"/{device_check,tests,bench_smoke,bench_b32,bench_b256,bench_b128,pipeline}.log "$OUT"/summary.json{,.tmp}
+# status.tsv, the junit XML and the pipeline's work folder stay out of $OUT (few files may come back)
+WORK="$(mktemp -d "${TMPDIR:-/tmp}/device_check.XXXXXX")"
+trap 'rm -rf "$WORK"' EXIT
 cd "$REPO"
 export PYTHONPATH="$REPO/src${PYTHONPATH:+:$PYTHONPATH}" CI=1
-PY="${PYTHON:-python}"
 START=$(date +%s)
-STATUS="$OUT/status.tsv"  # part <tab> exit status <tab> seconds <tab> log
-: > "$STATUS"
+TOTAL_S=480  # the whole script, worst case; each part's limit is also cut to what is left of it
+LOG="$OUT/device_check.log"
+: > "$WORK/status.tsv"
 
-part() {  # part NAME TIMEOUT_S COMMAND...: run with a time limit, log to $OUT/NAME.log, record its status
-  local name="$1" limit="$2"; shift 2
-  local begin=$(date +%s)
-  echo "== $name: $*" | tee -a "$OUT/device_check.log"
-  timeout --kill-after=10 "$limit" "$@" > "$OUT/$name.log" 2>&1
-  local rc=$?
-  echo "$name	$rc	$(( $(date +%s) - begin ))	$name.log" >> "$STATUS"
-  echo "   exit $rc after $(( $(date +%s) - begin )) s" | tee -a "$OUT/device_check.log"
-  return $rc
+say() { echo "$*" | tee -a "$LOG"; }
+
+fail_early() {  # fail_early MESSAGE: one line on stderr, a summary that says why, exit 2
+  echo "error: $1" | tee -a "$LOG" >&2
+  printf '{"device": "%s", "ok": false, "complete": true, "error": "%s", "parts": {}}\n' "$DEVICE" \
+    "${1//\"/\'}" > "$OUT/summary.json"
+  exit 2
 }
+
+# The interpreter: the first candidate whose torch runs on $DEVICE (the lent image has python3, maybe no
+# python; a CPU-only .venv copied along is passed over for --device cuda). Probes are bounded: a driver
+# that hangs CUDA's start must not eat the run's minutes.
+VENV="${VENV:-$REPO/.venv}"
+if [ -n "${PYTHON:-}" ]; then CANDIDATES=("$PYTHON"); else CANDIDATES=("$VENV/bin/python" python3 python); fi
+PY="" NO_CUDA=""
+for candidate in "${CANDIDATES[@]}"; do
+  command -v "$candidate" > /dev/null 2>&1 || continue
+  timeout 60 "$candidate" -c "import sys, torch; sys.exit(0 if '$DEVICE' == 'cpu' or torch.cuda.is_available() else 3)" \
+    > /dev/null 2>&1
+  case $? in
+    0) PY="$(command -v "$candidate")"; break ;;
+    3) NO_CUDA="${NO_CUDA:-$(command -v "$candidate")}" ;;
+  esac
+done
 
 {
   echo "host $(hostname), $(date -u +%FT%TZ), load: $(uptime)"
-  "$PY" -c "import torch; print('torch', torch.__version__, 'cuda', torch.version.cuda, 'available', torch.cuda.is_available(), torch.cuda.get_device_name(0) if torch.cuda.is_available() else '')"
-  command -v nvidia-smi > /dev/null && nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv
-} > "$OUT/environment.log" 2>&1
-cat "$OUT/environment.log"
+  echo "python ${PY:-$NO_CUDA}"
+  [ -n "${PY:-$NO_CUDA}" ] && timeout 60 "${PY:-$NO_CUDA}" -c "import sys, torch; print('python', \
+sys.version.split()[0], 'torch', torch.__version__, 'cuda', torch.version.cuda, 'available', torch.cuda.is_available(), \
+torch.cuda.get_device_name(0) if torch.cuda.is_available() else '')"
+  command -v nvidia-smi > /dev/null && timeout 30 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv
+} >> "$LOG" 2>&1
+cat "$LOG"
+[ -n "$PY" ] || [ -n "$NO_CUDA" ] || \
+  fail_early "no Python that imports torch among: ${CANDIDATES[*]} (set PYTHON=/path/to/python)"
+[ -n "$PY" ] || fail_early "--device cuda: no torch among ${CANDIDATES[*]} sees a CUDA device (torch found: \
+$NO_CUDA; see $LOG); --device cpu runs the smoke test"
 
-if [ "$DEVICE" = cuda ] && ! "$PY" -c "import torch, sys; sys.exit(0 if torch.cuda.is_available() else 1)"; then
-  echo "--device cuda: this torch sees no CUDA device (see $OUT/environment.log); --device cpu runs the smoke test" >&2
-  exit 2
+summary() { "$PY" scripts/device_summary.py "$OUT" "$WORK" "$DEVICE" "$START" "$@"; }
+
+limit_of() {  # limit_of NAME NOMINAL_S: DEVICE_CHECK_LIMITS's value for NAME, else NOMINAL_S
+  local pair
+  for pair in ${DEVICE_CHECK_LIMITS:-}; do
+    [ "${pair%%=*}" = "$1" ] && { echo "${pair#*=}"; return; }
+  done
+  echo "$2"
+}
+
+part() {  # part NAME LIMIT_S COMMAND...: run within its limit (and what is left), log to $OUT/NAME.log
+  local name="$1" limit begin left rc
+  limit="$(limit_of "$1" "$2")"; shift 2
+  left=$(( TOTAL_S - ($(date +%s) - START) - 10 ))  # 10 s: the kill grace and the last summary
+  [ "$limit" -gt "$left" ] && limit=$left
+  if [ "$left" -lt 5 ]; then
+    printf '%s\tno time left\t0\t0\t-\n' "$name" >> "$WORK/status.tsv"
+    say "== $name: skipped, no time left of the ${TOTAL_S} s"
+    return 1
+  fi
+  say "== $name (limit ${limit} s): $*"
+  summary --running "$name"
+  begin=$(date +%s)
+  timeout --kill-after=5 "$limit" "$@" > "$OUT/$name.log" 2>&1
+  rc=$?
+  printf '%s\t%s\t%s\t%s\t%s\n' "$name" "$rc" "$(( $(date +%s) - begin ))" "$limit" "$name.log" >> "$WORK/status.tsv"
+  say "   exit $rc after $(( $(date +%s) - begin )) s$( [ $rc = 124 ] || [ $rc = 137 ] && echo ' (timed out)')"
+  summary
+  return $rc
+}
+
+skip() {  # skip NAME REASON
+  printf '%s\t%s\t0\t0\t-\n' "$1" "$2" >> "$WORK/status.tsv"
+  say "== $1: skipped ($2)"
+}
+
+# 1. the gpu-marked tests on every device present; pytest-timeout bounds each test where it is installed
+PER_TEST=()
+if "$PY" -c "import pytest_timeout" 2> /dev/null; then
+  PER_TEST=(--timeout=120)  # the CUDA resume test runs three stage processes
+else
+  say "pytest-timeout is not installed: the tests are bounded by the part's limit only"
 fi
-
-# 1. the gpu-marked tests (skipped without CUDA: the smoke run checks that they collect and skip)
-part tests 300 "$PY" -m pytest -m gpu -p no:cacheprovider -q -rA -s --junitxml="$OUT/tests.xml" tests/test_gpu.py
+if [ "$DEVICE" = cuda ]; then TESTS_S=190; else TESTS_S=150; fi
+part tests "$TESTS_S" "$PY" -m pytest -m gpu -p no:cacheprovider -q -rA -s ${PER_TEST[@]+"${PER_TEST[@]}"} \
+  --junitxml="$WORK/tests.xml" tests/test_gpu.py
 
 # 2. throughput
 if [ "$DEVICE" = cuda ]; then
-  part bench_b32 120 "$PY" benchmarks/pretrain_throughput.py --device cuda --tf32 --batch 32 --steps 10 --rounds 5 \
+  part bench_b32 75 "$PY" benchmarks/pretrain_throughput.py --device cuda --tf32 --batch 32 --steps 10 --rounds 5 \
     --warmup 3 --no-pkm
-  part bench_b256 120 "$PY" benchmarks/pretrain_throughput.py --device cuda --tf32 --batch 256 --steps 5 --rounds 3 \
+  part bench_b256 60 "$PY" benchmarks/pretrain_throughput.py --device cuda --tf32 --batch 256 --steps 5 --rounds 3 \
     --warmup 2 --no-pkm
-  if [ "$(tail -1 "$STATUS" | cut -f2)" = 3 ]; then  # out of memory: the next size down
-    part bench_b128 120 "$PY" benchmarks/pretrain_throughput.py --device cuda --tf32 --batch 128 --steps 5 --rounds 3 \
+  if [ "$(tail -1 "$WORK/status.tsv" | cut -f2)" = 3 ]; then  # out of memory: the next size down
+    part bench_b128 55 "$PY" benchmarks/pretrain_throughput.py --device cuda --tf32 --batch 128 --steps 5 --rounds 3 \
       --warmup 2 --no-pkm
   fi
 else
-  part bench_smoke 180 "$PY" benchmarks/pretrain_throughput.py --device cpu --quick --steps 1 --rounds 1 --no-pkm \
+  part bench_smoke 90 "$PY" benchmarks/pretrain_throughput.py --device cpu --quick --steps 1 --rounds 1 --no-pkm \
     --bf16 off
 fi
 
-# 3. the pipeline's training stages on the device
+# 3. the pipeline's training stages on the device, in bf16 (the precision a GPU trains in)
 if [ "$PIPELINE" = on ]; then
-  rm -rf "$OUT/pipeline"
-  part pipeline 240 "$PY" scripts/device_pipeline.py --device "$DEVICE" \
-    --precision "$([ "$DEVICE" = cuda ] && echo bf16 || echo fp32)" --work "$OUT/pipeline"
+  # one epoch each on the CPU, where bf16 is emulated (slow) on most machines
+  part pipeline 100 "$PY" scripts/device_pipeline.py --device "$DEVICE" --precision bf16 --work "$WORK/pipeline" \
+    --epochs "$([ "$DEVICE" = cuda ] && echo 2 || echo 1)"
 else
-  echo "pipeline	skipped	0	-" >> "$STATUS"
-  echo "== pipeline: skipped (--device cpu; --pipeline runs it on the CPU)" | tee -a "$OUT/device_check.log"
+  skip pipeline "--device cpu; --pipeline runs it on the CPU"
 fi
 
-"$PY" - "$OUT" "$DEVICE" "$START" <<'EOF'
-import json, os, re, sys, time, xml.etree.ElementTree as ET
-out, device, start = sys.argv[1], sys.argv[2], int(sys.argv[3])
-parts = {}
-for line in open(os.path.join(out, "status.tsv"), encoding="utf-8"):
-    name, rc, seconds, log = line.rstrip("\n").split("\t")
-    parts[name] = {"exit": None if rc == "skipped" else int(rc), "seconds": int(seconds), "log": log,
-                   "skipped": rc == "skipped"}
-    path = os.path.join(out, log)
-    if log != "-" and os.path.exists(path):
-        lines = [l for l in open(path, encoding="utf-8", errors="replace") if l.startswith("{")]
-        if lines:
-            try:
-                parts[name]["result"] = json.loads(lines[-1])
-            except json.JSONDecodeError:
-                pass
-        if name == "tests":
-            kernels = [l.strip() for l in open(path, encoding="utf-8", errors="replace")
-                       if l.startswith(("attention kernels", "resume on CUDA", "predict:")) or "synchronizing" in l]
-            parts[name]["notes"] = kernels
-xml = os.path.join(out, "tests.xml")
-if os.path.exists(xml):
-    suite = ET.parse(xml).getroot()
-    suite = suite if suite.tag == "testsuite" else suite.find("testsuite")
-    parts["tests"]["counts"] = {k: int(suite.get(k, 0)) for k in ("tests", "failures", "errors", "skipped")}
-# a benchmark that ran out of memory (exit 3) and was replaced by the next size is not a failure
-oom_ok = parts.get("bench_b256", {}).get("exit") == 3 and parts.get("bench_b128", {}).get("exit") == 0
-failed = [n for n, p in parts.items() if p["exit"] not in (0, None) and not (n == "bench_b256" and oom_ok)]
-summary = {"device": device, "ok": not failed, "failed": failed, "elapsed_s": int(time.time()) - start,
-           "load_average": os.getloadavg()[0], "parts": parts,
-           "note": "pipeline = vocab/pairs/pretrain/finetune stages on a generated corpus (no network for the data "
-                   "stage's download)"}
-with open(os.path.join(out, "summary.json"), "w", encoding="utf-8") as fh:
-    json.dump(summary, fh, indent=2)
-print(json.dumps({k: summary[k] for k in ("device", "ok", "failed", "elapsed_s")}))
-sys.exit(0 if summary["ok"] else 1)
-EOF
+summary --final | tee -a "$LOG"

@@ -4,7 +4,8 @@ The data stage downloads its corpus from PyPI, and a device machine has no netwo
 generates a corpus and a 4-class task itself, builds the vocabulary and the pair shards with the
 package's own code, then runs ``stages/pretrain.py`` and ``stages/finetune.py`` (the commands of
 dvc.yaml) in a work directory whose params.yaml is conf/ composed with ``model=tiny`` and the device
-keys. Prints one JSON line: the device, each stage's seconds and exit code, the metrics.
+keys. Each stage's log goes to stderr; stdout gets one JSON line: the device, each stage's seconds
+and exit code, the metrics.
 
     python scripts/device_pipeline.py --device cuda --work /tmp/pipeline
 """
@@ -49,15 +50,25 @@ def write_task(directory: Path) -> dict:
                      "average_metric": "macro"}}
 
 
+def overrides(device: str, precision: str, epochs: int = 2) -> list[str]:
+    """conf/ as the tiny pipeline on ``device`` (tests/test_plain_compose.py: Hydra composes them the same)."""
+    return ["model=tiny", "representation.max_len=16", f"training.epochs={epochs}", "training.batch_size=16",
+            f"training.device={device}", f"training.precision={precision}", "training.pll_examples=4",
+            "training.checkpoint_every=10", f"finetuning.epochs={epochs}", f"finetuning.device={device}",
+            f"finetuning.precision={precision}", "finetuning.batch_size=16"]
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--device", default="cuda")
     parser.add_argument("--precision", default="bf16")
     parser.add_argument("--work", type=Path, required=True)
+    parser.add_argument("--epochs", type=int, default=2, help="of pretraining and of finetuning (the CPU smoke run: 1)")
     args = parser.parse_args()
 
     from twilbert.cli import dump_params
-    from twilbert.config import VocabConfig, compose
+    from twilbert.config import VocabConfig
+    from twilbert.config.plain_compose import compose_plain
     from twilbert.data.pairs import build_pair_shards
     from twilbert.data.tokenizer import Tokenizer, train_vocab
 
@@ -70,11 +81,7 @@ def main() -> None:
                       max_len=16, heldout_fraction=0.1, shard_size=1000, seed=0)
     summary["stages"]["vocab+pairs"] = {"seconds": round(time.perf_counter() - start, 1), "rc": 0}
 
-    raw = compose(["model=tiny", "representation.max_len=16", "training.epochs=2", "training.batch_size=16",
-                   f"training.device={args.device}", f"training.precision={args.precision}",
-                   "training.pll_examples=4", "training.checkpoint_every=10", "finetuning.epochs=2",
-                   f"finetuning.device={args.device}", f"finetuning.precision={args.precision}",
-                   "finetuning.batch_size=16"], REPO / "conf")
+    raw = compose_plain(overrides(args.device, args.precision, args.epochs), REPO / "conf")  # no Hydra there
     raw["tasks"] = {"t": write_task(work / "task")}
     (work / "params.yaml").write_text(dump_params(raw), encoding="utf-8")
     env = {**os.environ, "MLFLOW_TRACKING_URI": f"sqlite:///{work / 'mlflow.db'}", "CI": "1"}
@@ -90,7 +97,8 @@ def main() -> None:
         begin = time.perf_counter()
         proc = subprocess.run([sys.executable, str(REPO / cmd[0]), *cmd[1:]], cwd=work, env=env,
                               capture_output=True, text=True)
-        (work / f"{name}.log").write_text(proc.stdout + proc.stderr, encoding="utf-8")
+        # one log for the whole pipeline (device_check.sh brings back few files): each stage's in turn
+        print(f"== {name}: exit {proc.returncode}\n{proc.stdout}{proc.stderr}", file=sys.stderr, flush=True)
         summary["stages"][name] = {"seconds": round(time.perf_counter() - begin, 1), "rc": proc.returncode}
         if proc.returncode:
             summary["error"] = f"{name}: exit {proc.returncode}: {proc.stderr.strip().splitlines()[-1:]}"

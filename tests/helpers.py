@@ -22,8 +22,9 @@ import torch
 from safetensors.torch import load_file
 
 from twilbert.cli import dump_params
+from twilbert.config import ModelConfig, RopConfig, TaskConfig, TaskDataset, TaskSpec, VocabConfig
+from twilbert.config.plain_compose import compose_plain
 from twilbert.config.runs import finetune_runs
-from twilbert.config import ModelConfig, RopConfig, TaskConfig, TaskDataset, TaskSpec, VocabConfig, compose
 from twilbert.data.pairs import build_pair_shards
 from twilbert.data.tokenizer import Tokenizer, train_vocab
 from twilbert.model import HeadConfig, ModelCard, TWilBertForClassification, TWilBertForPretraining, save_pretrained
@@ -168,8 +169,11 @@ def make_pretrain_inputs(root: Path) -> Path:
 
 def write_params(workdir: Path, overrides: list[str], tasks: Optional[dict] = None,
                  finetuning: Optional[dict] = None) -> dict:
-    """``workdir/params.yaml``: conf/ composed with ``overrides``, as `make params` writes it."""
-    raw = compose(overrides, REPO / "conf")
+    """``workdir/params.yaml``: conf/ composed with ``overrides``, as `make params` writes it.
+
+    Composed in pure Python: the GPU tests write params with it on a machine without Hydra.
+    """
+    raw = compose_plain(overrides, REPO / "conf")
     if tasks is not None:
         raw["tasks"] = tasks
     if finetuning:

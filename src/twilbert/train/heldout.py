@@ -102,7 +102,10 @@ def pseudo_log_likelihood(
             with autocast(precision, device):
                 out = model(v.input_ids, v.segment_ids, v.attention_mask, labels[part].to(device), padded=v.padded,
                             mlm_positions=masked_positions(labels[part]).to(device))
-            logp = F.log_softmax(out.mlm_logits.float(), dim=-1).gather(1, out.mlm_targets[:, None])[:, 0]  # (k,)
+                # inside the block: the decoder runs when mlm_logits is read, and in bf16 its states are
+                # bf16 while its weights are fp32, which only autocast reconciles
+                logits = out.mlm_logits.float()  # (k, V)
+            logp = F.log_softmax(logits, dim=-1).gather(1, out.mlm_targets[:, None])[:, 0]  # (k,)
             sums.index_add_(0, owner[part], logp.double().cpu())
         counts = torch.bincount(owner, minlength=len(idx)).double()
         scored = counts > 0
