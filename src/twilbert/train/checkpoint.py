@@ -136,9 +136,9 @@ def _write(directory: Path, final: Path, model: nn.Module, optimizer, scheduler,
         # Tied tensors are stored once; each alias is a metadata key naming the tensor kept.
         weights, aliases = untie(distributed.unwrap(model).state_dict())
         save_file(weights, tmp / MODEL_FILE, metadata={"format": "pt", **aliases})
-        torch.save(optimizer.state_dict(), tmp / OPTIMIZER_FILE)
+        _torch_save(optimizer.state_dict(), tmp / OPTIMIZER_FILE)
         if scheduler is not None:
-            torch.save(scheduler.state_dict(), tmp / SCHEDULER_FILE)
+            _torch_save(scheduler.state_dict(), tmp / SCHEDULER_FILE)
         if gradients is not None:
             save_file(gradients, str(tmp / GRADIENTS_FILE), metadata={"format": "pt"})
         for name, group in tensors.items():
@@ -146,6 +146,13 @@ def _write(directory: Path, final: Path, model: nn.Module, optimizer, scheduler,
             save_file(plain, str(tmp / f"{name}.safetensors"), metadata={"format": "pt"})
         (tmp / TRAINER_FILE).write_text(trainer_text, encoding="utf-8")
     log.debug("saved training checkpoint %s", final)
+
+
+def _torch_save(obj: Any, path: Path) -> None:
+    # Through a Python file: torch.save given a path writes in C++ and turns a full disk into
+    # "RuntimeError: unexpected pos"; given a file object, the write's OSError (ENOSPC) comes through.
+    with open(path, "wb") as fh:
+        torch.save(obj, fh)
 
 
 def _prune(directory: Path, keep: int, current: int) -> None:
