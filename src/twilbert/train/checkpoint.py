@@ -150,9 +150,18 @@ def _write(directory: Path, final: Path, model: nn.Module, optimizer, scheduler,
 
 def _torch_save(obj: Any, path: Path) -> None:
     # Through a Python file: torch.save given a path writes in C++ and turns a full disk into
-    # "RuntimeError: unexpected pos"; given a file object, the write's OSError (ENOSPC) comes through.
+    # "RuntimeError: unexpected pos". Given a file object, the write's OSError (ENOSPC) is raised,
+    # though closing the zip writer may wrap it in a RuntimeError: the OSError is what happened.
     with open(path, "wb") as fh:
-        torch.save(obj, fh)
+        try:
+            torch.save(obj, fh)
+        except RuntimeError as err:
+            cause = err.__context__
+            while cause is not None and not isinstance(cause, OSError):
+                cause = cause.__context__
+            if cause is None:
+                raise
+            raise cause from None
 
 
 def _prune(directory: Path, keep: int, current: int) -> None:
