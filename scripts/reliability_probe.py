@@ -1,7 +1,7 @@
 """Rerun issue 21's reliability round: outputs that are devices or FIFOs, full disks, damaged pair
 shards, infinite config values, lone \\r line ends, Ctrl-C, `make queue`, and the misleading messages.
 
-    .venv/bin/python scripts/reliability_probe.py        # about 1.5 minutes on 2 CPU cores
+    .venv/bin/python scripts/reliability_probe.py        # about 70 s on 2 shared CPU cores
 
 Every case is a test in tests/test_refusals.py (docs/reliability.md lists each promise beside its
 test); cases needing root or a private tmpfs say why they skip. Exits non-zero if a case fails or

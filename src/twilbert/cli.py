@@ -288,7 +288,8 @@ def build_parser() -> argparse.ArgumentParser:
                    "else the line number)")
     p.add_argument("--aux-input", metavar="FILE", help="second texts (segment B), one per input line, for models "
                    "trained with an aux_header")
-    p.add_argument("--output", metavar="FILE", help="write here (atomically) instead of stdout")
+    p.add_argument("--output", metavar="FILE", help="write here instead of stdout: a file is replaced atomically, "
+                   "a pipe or device (/dev/stdout) written through")
     p.add_argument("--format", choices=("tsv", "jsonl"), default="tsv")
     p.add_argument("--no-text", action="store_true", help="do not echo the text")
     p.add_argument("--no-header", action="store_true", help="TSV without its header line")
@@ -305,7 +306,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--model", required=True, help="pretrained or finetuned model directory")
     p.add_argument("--input", required=True, metavar="FILE", help="one text per line (row i of the array = line i)")
     p.add_argument("--output", required=True, metavar="X.npy",
-                   help="float32 array (lines, hidden_size), written atomically")
+                   help="float32 array (lines, hidden_size); a file is replaced atomically, a pipe written through")
     p.add_argument("--column", metavar="NAME", help="the input is a TSV with a header; embed its NAME column")
     p.add_argument("--collapse-mode", choices=("avg", "cls"), help="default: the finetuned head's, else avg")
     p.add_argument("--use-special-tokens", action=argparse.BooleanOptionalAction, default=None,
