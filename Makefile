@@ -6,7 +6,7 @@ STAMP := $(VENV)/.twilbert-installed
 TORCH_SPEC ?= torch==2.13.0
 export PATH := $(CURDIR)/$(VENV)/bin:$(PATH)
 
-.PHONY: setup repro baseline exp compare test test-fast params check-params acceptance clean
+.PHONY: setup repro baseline exp queue compare test test-fast params check-params acceptance clean
 
 $(STAMP): pyproject.toml constraints.txt
 	@test -x $(PY) || python3 -m venv $(VENV)
@@ -40,6 +40,13 @@ baseline: setup
 ## A DVC experiment with the project's dvc, from any shell: make exp ARGS='-n enc4 -S model.n_encoders=4'
 exp: setup
 	dvc exp run $(ARGS)
+
+## Run the queued experiments (`dvc exp run --queue ...`) with JOBS workers, from any shell. DVC's queue
+## starts its workers and each run as `dvc ...` found on PATH, so `.venv/bin/dvc queue start` from a shell
+## without the venv fails ('dvc' not found); the PATH exported above puts the venv's dvc there.
+JOBS ?= 1
+queue: setup
+	dvc queue start -j $(JOBS)
 
 ## The workspace and every experiment: the params that differ and the headline metrics
 compare: setup

@@ -189,7 +189,9 @@ def export_hf_dir(model_dir: Path, out_dir: Path, encoder_only: bool = False) ->
     )
     from twilbert.model.card import max_text_len
     from twilbert.model.hf import to_hf_classifier
+    from twilbert.errors import library_os_errors
     from twilbert.io_utils import publish_dir
+    from twilbert.model.manifest import verification_enabled
     from twilbert.predict import PredictError, load_finetuned, read_model_config
 
     model_dir, out_dir = Path(model_dir), Path(out_dir)
@@ -213,7 +215,12 @@ def export_hf_dir(model_dir: Path, out_dir: Path, encoder_only: bool = False) ->
         model = (TWilBertForPretraining if pretraining else TWilBertModel)(cfg, vocab_size, max_positions)
         load_into(model, state, strict=True)
         hf = None
-    with publish_dir(out_dir, checksums=True) as tmp:  # replaces only an empty directory (checked above)
+    # A source loaded without verification (--no-verify) may hold changed weights: sealing them
+    # with a fresh checksums.json would vouch for what nobody checked, so the export gets none.
+    verified = verification_enabled()
+    if not verified:
+        log.warning("export-hf: %s was not verified (--no-verify), so %s gets no checksums.json", model_dir, out_dir)
+    with publish_dir(out_dir, checksums=verified) as tmp, library_os_errors(out_dir):
         if hf is None:
             hf = save_hf(tmp, model, cfg, vocab_size, max_positions)
         else:
@@ -231,6 +238,15 @@ def export_hf_dir(model_dir: Path, out_dir: Path, encoder_only: bool = False) ->
 def cmd_export_hf(args: argparse.Namespace) -> int:
     hf_class = export_hf_dir(Path(args.model), Path(args.out), args.encoder_only)
     log.info("export-hf: %s -> %s (%s)", args.model, args.out, hf_class)
+    return 0
+
+
+def cmd_verify_pairs(args: argparse.Namespace) -> int:
+    from twilbert.data.shards import verify_pairs
+
+    checked = verify_pairs(Path(args.pairs), full=not args.quick)
+    what = "sizes, sampled checksums and sampled rows" if args.quick else "every byte's sha256, every row and token"
+    print(f"{args.pairs}: {checked} shards match their manifests ({what})")
     return 0
 
 
@@ -272,7 +288,8 @@ def build_parser() -> argparse.ArgumentParser:
                    "else the line number)")
     p.add_argument("--aux-input", metavar="FILE", help="second texts (segment B), one per input line, for models "
                    "trained with an aux_header")
-    p.add_argument("--output", metavar="FILE", help="write here (atomically) instead of stdout")
+    p.add_argument("--output", metavar="FILE", help="write here instead of stdout: a file is replaced atomically, "
+                   "a pipe or device (/dev/stdout) written through")
     p.add_argument("--format", choices=("tsv", "jsonl"), default="tsv")
     p.add_argument("--no-text", action="store_true", help="do not echo the text")
     p.add_argument("--no-header", action="store_true", help="TSV without its header line")
@@ -289,7 +306,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--model", required=True, help="pretrained or finetuned model directory")
     p.add_argument("--input", required=True, metavar="FILE", help="one text per line (row i of the array = line i)")
     p.add_argument("--output", required=True, metavar="X.npy",
-                   help="float32 array (lines, hidden_size), written atomically")
+                   help="float32 array (lines, hidden_size); a file is replaced atomically, a pipe written through")
     p.add_argument("--column", metavar="NAME", help="the input is a TSV with a header; embed its NAME column")
     p.add_argument("--collapse-mode", choices=("avg", "cls"), help="default: the finetuned head's, else avg")
     p.add_argument("--use-special-tokens", action=argparse.BooleanOptionalAction, default=None,
@@ -307,6 +324,15 @@ def build_parser() -> argparse.ArgumentParser:
                    "its classification head (as *Model)")
     add_no_verify(p)
     p.set_defaults(func=cmd_export_hf)
+
+    p = sub.add_parser("verify-pairs", help="check pair shards against their manifests (every byte)",
+                       description="Check the pairs stage's output: each shard's sha256, its .npy header and size "
+                       "against manifest.json, every index row (pairs one after the other, inside the shard) and "
+                       "every token id (below the vocabulary size), in both splits. Exit 2 with one line naming "
+                       "the first damaged shard. Pretraining runs the --quick form at every start.")
+    p.add_argument("pairs", nargs="?", default="data/pairs", help="pairs directory (default: data/pairs)")
+    p.add_argument("--quick", action="store_true", help="sizes, sampled checksums and sampled rows only")
+    p.set_defaults(func=cmd_verify_pairs)
     return parser
 
 
@@ -339,6 +365,12 @@ def main(argv: Optional[list[str]] = None) -> int:
     except BrokenPipeError:  # `twilbert predict ... | head`: the reader left; stop quietly
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return 1
+    except KeyboardInterrupt:
+        from twilbert.errors import EXIT_INTERRUPTED, interrupted_line
+
+        print(interrupted_line(f"twilbert {args.command}", "no partial output was left; rerun the command"),
+              file=sys.stderr)
+        return EXIT_INTERRUPTED
     except Exception as err:
         from twilbert.errors import EXIT_USER_ERROR, user_message
 

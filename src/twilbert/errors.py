@@ -9,11 +9,13 @@ from __future__ import annotations
 
 import errno
 import os
+import re
 import sys
 from contextlib import contextmanager
 from typing import Iterator, Optional, Union
 
 EXIT_USER_ERROR = 2
+EXIT_INTERRUPTED = 130  # 128 + SIGINT, as a shell reports a command stopped by Ctrl-C
 
 # errno -> what to do about it
 OS_ADVICE = {
@@ -28,6 +30,7 @@ OS_ADVICE = {
     errno.EISDIR: "is a directory where a file was expected: check the path",
     errno.ENAMETOOLONG: "file name too long: use a shorter path",
     errno.EMFILE: "too many open files: raise the limit (ulimit -n) and rerun",
+    errno.ELOOP: "a symbolic link loop (too many levels of symbolic links): fix the link",
 }
 
 
@@ -40,6 +43,7 @@ EXPECTED = (
     ("twilbert.results", "MetricsFileError"), ("twilbert.data.sources", "CorpusError"),
     ("twilbert.compare", "CompareError"), ("twilbert.data.shards", "PairsDataError"),
     ("twilbert.data.tokenizer", "VocabError"), ("twilbert.predictions", "PredictionsFileError"),
+    ("twilbert.io_utils", "OutputPathError"),
 )
 
 
@@ -74,6 +78,15 @@ def user_message(err: BaseException) -> Optional[str]:
     return None
 
 
+STAGE_RESUME = ("rerun the same command (or `dvc repro`) to go on: training resumes from its last checkpoint, "
+                "pairs after its last shard")
+
+
+def interrupted_line(what: str, resume: str = STAGE_RESUME) -> str:
+    """The one line for a Ctrl-C: what stopped, that finished outputs are intact, how to go on."""
+    return f"interrupted: {what} stopped (Ctrl-C); outputs already written are intact; {resume}"
+
+
 @contextmanager
 def naming(path: Union[str, "os.PathLike[str]"]) -> Iterator[None]:
     """Give an OSError raised inside the block ``path`` as its file name when it has none
@@ -84,3 +97,22 @@ def naming(path: Union[str, "os.PathLike[str]"]) -> Iterator[None]:
         if err.filename is None and err.errno is not None:
             err.filename = os.fspath(path)
         raise
+
+
+_LIBRARY_OS_ERROR = re.compile(r"\(os error (\d+)\)")  # how Rust's io::Error (safetensors) ends its message
+
+
+@contextmanager
+def library_os_errors(path: Union[str, "os.PathLike[str]"]) -> Iterator[None]:
+    """Re-raise a library's wrapped operating-system failure (safetensors' ``SafetensorError: ... No
+    space left on device (os error 28)``) as the OSError it is, naming ``path``: one ``error:`` line."""
+    try:
+        yield
+    except OSError:
+        raise
+    except Exception as err:
+        found = _LIBRARY_OS_ERROR.search(str(err))
+        if found is None:
+            raise
+        code = int(found.group(1))
+        raise OSError(code, os.strerror(code), os.fspath(path)) from err

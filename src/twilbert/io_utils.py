@@ -22,6 +22,31 @@ from twilbert.errors import naming
 PathLike = Union[str, "os.PathLike[str]"]
 
 
+class OutputPathError(ValueError):
+    """An output path names something that is not ours to replace (a directory, a block device...)."""
+
+
+# Paths never replaced, only written through: /dev/stdout, /dev/fd/N, /proc/self/fd/N and the devices.
+STREAMED_ROOTS = ("/dev/", "/proc/")
+
+
+def output_kind(path: PathLike) -> str:
+    """``"new"`` or ``"regular"`` (replaced atomically), ``"stream"`` (a pipe, FIFO, terminal,
+    character device or /dev/stdout: written through); anything else raises OutputPathError."""
+    try:
+        st = os.stat(path)
+    except FileNotFoundError:
+        return "new"
+    if stat.S_ISFIFO(st.st_mode) or stat.S_ISCHR(st.st_mode) or os.path.abspath(path).startswith(STREAMED_ROOTS):
+        return "stream"
+    if stat.S_ISREG(st.st_mode):
+        return "regular"
+    what = ("a directory" if stat.S_ISDIR(st.st_mode) else "a block device" if stat.S_ISBLK(st.st_mode)
+            else "a socket" if stat.S_ISSOCK(st.st_mode) else "not a regular file")
+    raise OutputPathError(f"{path}: is {what}; outputs replace regular files only, so write to a new "
+                          "or regular file path (or a pipe, e.g. /dev/stdout)")
+
+
 @contextmanager
 def atomic_write(
     path: PathLike, mode: str = "w", encoding: Optional[str] = "utf-8", newline: Optional[str] = "\n"
@@ -30,11 +55,18 @@ def atomic_write(
 
     On any exception the temp file is removed and ``path`` keeps its old content (or stays absent).
     ``mode`` is ``"w"`` (text, UTF-8, ``\\n`` line endings) or ``"wb"``. The parent must exist.
+    A pipe, FIFO, terminal or character device (``/dev/stdout``, ``/dev/null``) is written through,
+    never replaced; a path that is none of these nor a regular file is refused (:func:`output_kind`).
     """
     if mode not in ("w", "wb"):
         raise ValueError(f"atomic_write mode must be 'w' or 'wb', got {mode!r}")
     path = Path(path)
     with naming(path):  # a full disk met by write() names no file: name the one being written
+        if output_kind(path) == "stream":
+            # no temp file: replacing a device or a pipe would put a regular file in its place
+            with open(path, mode, **({} if mode == "wb" else {"encoding": encoding, "newline": newline})) as handle:
+                yield handle
+            return
         tmp, fd = _create_temp(path)
         try:
             if mode == "wb":

@@ -100,13 +100,16 @@ def run(main: Callable[[], Optional[str]]) -> None:
     _STAGE_PROCESS = True
     setup_logging()
     start = time.monotonic()
-    from twilbert.errors import EXIT_USER_ERROR, user_message
+    from twilbert.errors import EXIT_INTERRUPTED, EXIT_USER_ERROR, interrupted_line, user_message
     from twilbert.lifeline import die_with_launcher
 
     die_with_launcher()  # under DVC: no orphan keeps writing after `dvc repro` is killed
 
     try:
         summary = main()
+    except KeyboardInterrupt:
+        print(interrupted_line(stage_name()), file=sys.stderr)
+        sys.exit(EXIT_INTERRUPTED)
     except Exception as err:
         message = user_message(err)
         if message is None:

@@ -6,6 +6,7 @@ Sections live by concern (``model``, ``data``, ``training``); ``strict`` holds t
 
 from __future__ import annotations
 
+import logging
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -33,6 +34,8 @@ from twilbert.config.training import (
     TaskSpec,
     TrainingConfig,
 )
+
+log = logging.getLogger(__name__)
 
 __all__ = [
     "MAX_LEN_LIMIT", "MAX_VOCAB_SIZE", "OPTIMIZERS", "DEVICE_PATTERN", "ConfigError", "from_dict", "to_dict",
@@ -124,7 +127,24 @@ def load_config(params: Union[str, Path, dict]) -> Config:
             raise ConfigError(f"{path}: invalid YAML: {err}") from None
     else:
         data = params
+    _log_default_headers(data)
     return from_dict(Config, data).validate()
+
+
+# A task file whose columns are named otherwise would fail only at its header check, far from the config.
+NAMED_COLUMNS = ("text_header", "class_header")
+
+
+def _log_default_headers(data: Any) -> None:
+    """Say which column names a task takes by default (``TEXT``, ``CLASS``) because its YAML omits them."""
+    tasks = data.get("tasks") if isinstance(data, dict) else None
+    for name, task in (tasks or {}).items() if isinstance(tasks, dict) else ():
+        dataset = task.get("dataset") if isinstance(task, dict) else None
+        dataset = dataset if isinstance(dataset, dict) else {}
+        taken = [f"{key}={getattr(TaskDataset, key)!r}" for key in NAMED_COLUMNS if key not in dataset]
+        if taken:
+            log.warning("tasks.%s.dataset: no %s given; taking the default%s %s", name,
+                        " or ".join(k.split("=")[0] for k in taken), "s" if len(taken) > 1 else "", ", ".join(taken))
 
 
 def compose(overrides: Optional[list[str]] = None, config_dir: Union[str, Path] = "conf") -> dict:

@@ -4,6 +4,7 @@ and the checks the sections' ``validate`` share. Every error names the dotted ke
 from __future__ import annotations
 
 import dataclasses
+import math
 import types
 import typing
 from collections.abc import Mapping
@@ -73,7 +74,13 @@ def _coerce(tp: Any, value: Any, where: str) -> Any:
     if tp is float:
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise ConfigError(f"{where} must be a number, got {value!r}")
-        return float(value)
+        try:
+            value = float(value)
+        except OverflowError:  # an integer past float's range (YAML's 1e999 is already inf)
+            value = math.inf
+        if not math.isfinite(value):  # a rate, a norm or a timeout of inf passes every `> 0` check
+            raise ConfigError(f"{where} must be a finite number, got {value}")
+        return value
     if tp is str:
         if not isinstance(value, str):
             raise ConfigError(f"{where} must be a string, got {value!r}")

@@ -135,20 +135,31 @@ def write_pretrain_corpus(
     No rows at all is an error naming ``source``, and leaves ``path`` as it was."""
     path.parent.mkdir(parents=True, exist_ok=True)
     seen = DigestSet() if dedup else None
-    counts = {"rows_read": 0, "duplicates_removed": 0, "pretrain_texts": 0, "pretrain_pairs_with_reply": 0}
+    counts = {"rows_read": 0, "unprintable_removed": 0, "duplicates_removed": 0, "pretrain_texts": 0,
+              "pretrain_pairs_with_reply": 0}
     rows = iter(rows)
     with atomic_write(path) as fh:
         while chunk := list(itertools.islice(rows, CHUNK_ROWS)):
-            keep = seen.add(row_digests(chunk)) if seen is not None else itertools.repeat(True)
-            kept = [(a, b) for (a, b), new in zip(chunk, keep) if new]
-            fh.writelines(_encode({"a": a, "b": b}) + "\n" for a, b in kept)
             counts["rows_read"] += len(chunk)
-            counts["duplicates_removed"] += len(chunk) - len(kept)
+            printable = [(a, b) for a, b in chunk if has_printable(a) and (b is None or has_printable(b))]
+            counts["unprintable_removed"] += len(chunk) - len(printable)
+            keep = seen.add(row_digests(printable)) if seen is not None else itertools.repeat(True)
+            kept = [(a, b) for (a, b), new in zip(printable, keep) if new]
+            fh.writelines(_encode({"a": a, "b": b}) + "\n" for a, b in kept)
+            counts["duplicates_removed"] += len(printable) - len(kept)
             counts["pretrain_texts"] += len(kept)
             counts["pretrain_pairs_with_reply"] += sum(1 for _, b in kept if b is not None)
         if not counts["rows_read"]:
             raise DataStageError(f"{source}: no well-formed rows; nothing to pretrain on")
+    if counts["unprintable_removed"]:
+        log.warning("data: %d row(s) of %s held a text with no printable character (only controls, NULs or "
+                    "blanks); removed (summary.json: unprintable_removed)", counts["unprintable_removed"], source)
     return counts
+
+
+def has_printable(text: str) -> bool:
+    """Whether ``text`` holds a character one can see: not only controls, NULs, format marks or blanks."""
+    return any(ch.isprintable() and not ch.isspace() for ch in text)
 
 
 _scan_json = json.scanner.make_scanner(json.JSONDecoder())

@@ -77,8 +77,8 @@ def read_texts(path: PathLike) -> list[str]:
     problems = Problems(path)
     lines = read_lines(path, problems)
     for lineno, line in enumerate(lines, 1):
-        if line is not None and not line.strip():
-            problems.add(lineno, "blank line (every line must hold a text; remove it)")
+        if line is not None:
+            _check_text_line(lineno, line, problems)
     if not lines and not problems.total:
         problems.add(None, "no texts (the file is empty)")
     problems.raise_if_any()
@@ -132,13 +132,27 @@ def iter_texts(path: PathLike, skip_bad: Optional[SkipBad] = None) -> Iterator[t
     problems.recent = []
 
     def text(lineno: int, line: Optional[str]) -> Optional[str]:
-        if line is not None and not line.strip():
-            problems.add(lineno, "blank line (every line must hold a text; remove it)")
+        if line is not None and not _check_text_line(lineno, line, problems):
             return None
         return line
 
     yield from _stream_rows(path, iter_lines(path, problems), problems, skip_bad, "no texts (the file is empty)",
                             text, lambda line: (line,))
+
+
+LONE_CR = ("a carriage return (\\r) that ends no line: the file's lines seem to end in \\r alone (old Mac style), "
+           "which would merge them into one text; convert them to \\n (e.g. `tr '\\r' '\\n'`)")
+
+
+def _check_text_line(lineno: int, line: str, problems: Problems) -> bool:
+    """One text a line: a blank line, or a line holding a lone \\r (lines ended by \\r alone), is a problem."""
+    if not line.strip():
+        problems.add(lineno, "blank line (every line must hold a text; remove it)")
+        return False
+    if "\r" in line:  # the readers strip the \r of a \r\n ending; any other is a line end they did not see
+        problems.add(lineno, LONE_CR)
+        return False
+    return True
 
 
 def _stream_rows(

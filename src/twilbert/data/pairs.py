@@ -36,7 +36,7 @@ from twilbert.data.shards import (
     write_shard,
 )
 from twilbert.data.tokenizer import Tokenizer
-from twilbert.io_utils import publish_built
+from twilbert.io_utils import publish_built, sha256_file
 
 log = logging.getLogger(__name__)
 
@@ -295,11 +295,25 @@ def _resume(staging: Path, identity: dict) -> dict:
         except ValueError:
             saved = {}
         if saved.get("identity") == identity:
-            return {"shards": saved["shards"]}
+            return {"shards": _intact_prefix(staging, saved["shards"])}
         log.warning("pairs: %s belongs to a build of other inputs or settings; starting fresh", staging)
     if staging.exists():
         shutil.rmtree(staging)
     return {"shards": []}
+
+
+def _intact_prefix(staging: Path, shards: list[dict]) -> list[dict]:
+    """The journaled shards up to the first whose files no longer match their sha256 (every byte read:
+    a resume must not publish a shard damaged while the build was stopped); that one is rebuilt."""
+    for i, entry in enumerate(shards):
+        for split in SPLITS:
+            for part, digest in entry[split]["sha256"].items():
+                path = staging / split / f"{entry[split]['name']}.{part}.npy"
+                if not path.is_file() or sha256_file(path) != digest:
+                    log.warning("pairs: %s differs from the journal (damaged while the build was stopped); "
+                                "rebuilding from shard %d", path, i)
+                    return shards[:i]
+    return shards
 
 
 def _publish(staging: Path, out_dir: Path, shards: list[dict], identity: dict, vocab_size: int,

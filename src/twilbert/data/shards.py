@@ -80,9 +80,12 @@ def write_shard(directory: Path, k: int, tokens: Sequence[np.ndarray], index: Se
     directory.mkdir(parents=True, exist_ok=True)
     entry = {"name": shard_name(k), "rows": n_rows, "tokens": n_tokens, "sha256": {}}
     index = [np.asarray(i, dtype=INDEX_DTYPE).reshape(-1, 3) for i in index] or [np.zeros((0, 3), INDEX_DTYPE)]
+    entry["sample_sha256"] = {}
     for part, pieces in (("tokens", list(tokens)), ("index", index)):
-        with atomic_write(directory / f"{entry['name']}.{part}.npy", "wb") as fh:
+        path = directory / f"{entry['name']}.{part}.npy"
+        with atomic_write(path, "wb") as fh:
             entry["sha256"][part] = _write_npy(fh, pieces)
+        entry["sample_sha256"][part] = sampled_sha256(path)
     return entry
 
 
@@ -104,6 +107,141 @@ def read_manifest(directory: Path) -> dict:
     if manifest.get("format") != FORMAT:
         raise PairsDataError(f"{path}: format {manifest.get('format')!r}, expected {FORMAT!r}; rerun the pairs stage")
     return manifest
+
+
+# --------------------------------------------------------------------------------------------
+# Verifying shards against their manifest: cheaply at every pretraining start, fully on demand
+# --------------------------------------------------------------------------------------------
+
+SAMPLE_BLOCK = 4096  # bytes
+SAMPLE_BLOCKS = 16  # evenly spaced blocks, the first and last included: 64 KiB read per file
+STRUCTURE_SAMPLES = 8  # index rows (and their tokens) checked per shard by the quick check
+VERIFY_CHUNK = 1 << 22  # index rows or tokens read at a time by the full check
+FIX = "rerun the pairs stage (`dvc repro pairs`, or `python stages/pairs.py` after removing {where})"
+
+
+def sampled_sha256(path: Path) -> str:
+    """sha256 of SAMPLE_BLOCKS evenly spaced blocks of the file (all of it when that is less):
+    a flipped byte in a small file, or in a sampled block of a large one, changes it."""
+    size = Path(path).stat().st_size
+    digest = hashlib.sha256(str(size).encode())
+    with open(path, "rb") as fh:
+        if size <= SAMPLE_BLOCK * SAMPLE_BLOCKS:
+            digest.update(fh.read())
+        else:
+            for i in range(SAMPLE_BLOCKS):
+                fh.seek((size - SAMPLE_BLOCK) * i // (SAMPLE_BLOCKS - 1))
+                digest.update(fh.read(SAMPLE_BLOCK))
+    return digest.hexdigest()
+
+
+def verify_pairs(pairs_dir: Path, vocab_size: Optional[int] = None, full: bool = False) -> int:
+    """Check every shard of both splits against the manifests; raise PairsDataError naming the first
+    damaged shard, else return the number of shards checked.
+
+    Always: the split manifests agree with ``manifest.json``, every file has the size its ``.npy``
+    header and the manifest imply, and its sampled checksum matches; in a few index rows per shard,
+    each pair follows the previous one, ends inside the tokens, and its tokens are below the vocabulary
+    size. ``full``: every byte's sha256 and every index row and token (reads the whole directory).
+    """
+    pairs_dir = Path(pairs_dir)
+    top = read_manifest(pairs_dir)
+    vocab_size = top["vocab_size"] if vocab_size is None else vocab_size
+    checked = 0
+    for split in SPLITS:
+        directory = pairs_dir / split
+        manifest = read_manifest(directory)
+        if manifest.get("shards") != top["splits"][split]["shards"]:
+            raise PairsDataError(f"{directory / MANIFEST}: its shards differ from those {pairs_dir / MANIFEST} lists "
+                                 f"(edited by hand?); " + FIX.format(where=pairs_dir))
+        for entry in manifest["shards"]:
+            _check_shard(directory, entry, np.dtype(manifest["dtype"]), vocab_size, int(manifest["max_len"]), full,
+                         FIX.format(where=pairs_dir))
+            checked += 1
+    return checked
+
+
+def _npy_shape(path: Path, dtype: np.dtype, fix: str) -> tuple[tuple, int]:
+    """The array shape in ``path``'s header and the header's length; damage there is a PairsDataError."""
+    try:
+        with open(path, "rb") as fh:
+            version = np.lib.format.read_magic(fh)
+            read_header = np.lib.format.read_array_header_1_0 if version == (1, 0) else np.lib.format.read_array_header_2_0
+            shape, fortran, stored = read_header(fh)
+            offset = fh.tell()
+    except FileNotFoundError:
+        raise PairsDataError(f"{path}: missing, but listed in {MANIFEST}; {fix}") from None
+    except (ValueError, SyntaxError, EOFError) as err:
+        raise PairsDataError(f"{path}: damaged .npy header ({err}); {fix}") from None
+    if stored != dtype or fortran:
+        raise PairsDataError(f"{path}: holds {stored} (fortran order {fortran}), {MANIFEST} says {dtype}; {fix}")
+    return shape, offset
+
+
+def _check_shard(directory: Path, entry: dict, dtype: np.dtype, vocab_size: int, max_len: int, full: bool,
+                 fix: str) -> None:
+    name = entry["name"]
+    expected = {"tokens": ((entry["tokens"],), dtype), "index": ((entry["rows"], 3), np.dtype(INDEX_DTYPE))}
+    for part, (shape, part_dtype) in expected.items():
+        path = directory / f"{name}.{part}.npy"
+        found, offset = _npy_shape(path, part_dtype, fix)
+        if tuple(found) != shape:
+            raise PairsDataError(f"{path}: holds an array of shape {tuple(found)}, {MANIFEST} says {shape}; {fix}")
+        size = path.stat().st_size
+        if size != offset + int(np.prod(shape)) * part_dtype.itemsize:
+            raise PairsDataError(f"{path}: {size} bytes, not the {offset + int(np.prod(shape)) * part_dtype.itemsize} "
+                                 f"its header and {MANIFEST} imply (truncated or extended); {fix}")
+        if full:
+            if sha256_file(path) != entry["sha256"][part]:
+                raise PairsDataError(f"{path}: sha256 differs from {MANIFEST} (corrupt or changed); {fix}")
+        elif part in entry.get("sample_sha256", {}) and sampled_sha256(path) != entry["sample_sha256"][part]:
+            raise PairsDataError(f"{path}: sampled checksum differs from {MANIFEST} (corrupt or changed); {fix}")
+    if entry["rows"]:
+        _check_structure(directory, entry, vocab_size, max_len, full, fix)
+
+
+def _check_structure(directory: Path, entry: dict, vocab_size: int, max_len: int, full: bool, fix: str) -> None:
+    """Pairs lie one after the other from token 0 to the last, each segment 1..max_len tokens long,
+    every token id below ``vocab_size``: on every row (``full``) or on sampled rows."""
+    name = entry["name"]
+    tokens = np.load(directory / f"{name}.tokens.npy", mmap_mode="r", allow_pickle=False)
+    index = np.load(directory / f"{name}.index.npy", mmap_mode="r", allow_pickle=False)
+    rows = len(index)
+    if full:
+        spans = [(b, min(b + VERIFY_CHUNK, rows)) for b in range(0, rows, VERIFY_CHUNK)]
+    else:  # a few short runs of consecutive rows, the first and the last included
+        picks = np.unique(np.linspace(0, rows - 1, num=min(rows, STRUCTURE_SAMPLES)).astype(np.int64))
+        spans = [(int(r), min(int(r) + 2, rows)) for r in picks]
+    previous_end = 0  # the full check reads chunk after chunk: each starts where the last ended
+    for begin, end in spans:
+        start, la, lb = np.asarray(index[begin:end], dtype=np.int64).T
+        ends = start + la + lb
+        problem = None
+        if (begin == 0 or full) and start[0] != previous_end:
+            problem = f"the pair starts at token {start[0]}, not {previous_end} where the previous one ends"
+        elif (la < 1).any() or (lb < 1).any() or (la > max_len).any() or (lb > max_len).any():
+            problem = f"a segment length outside 1..{max_len}"
+        elif (start[1:] != ends[:-1]).any():
+            problem = "a pair does not start where the previous one ends"
+        elif end == rows and ends[-1] != len(tokens):
+            problem = f"the last pair ends at token {ends[-1]}, the shard holds {len(tokens)}"
+        elif ends.max() > len(tokens):
+            problem = f"a pair ends at token {ends.max()}, past the shard's {len(tokens)}"
+        if problem:
+            raise PairsDataError(f"{directory / name}.index.npy: rows {begin}..{end - 1}: {problem}; {fix}")
+        if full:
+            previous_end = int(ends[-1])
+            continue
+        ids = tokens[concat_ranges(start, la + lb)]
+        if len(ids) and int(ids.max()) >= vocab_size:
+            raise PairsDataError(f"{directory / name}.tokens.npy: token id {int(ids.max())} is not below the "
+                                 f"vocabulary size {vocab_size}; {fix}")
+    if full:
+        for begin in range(0, len(tokens), VERIFY_CHUNK):
+            top = int(np.max(tokens[begin:begin + VERIFY_CHUNK]))
+            if top >= vocab_size:
+                raise PairsDataError(f"{directory / name}.tokens.npy: token id {top} is not below the vocabulary "
+                                     f"size {vocab_size}; {fix}")
 
 
 def verify_shards(directory: Path) -> list[str]:

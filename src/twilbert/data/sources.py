@@ -5,9 +5,11 @@ allows skipping it: each skipped row is logged and counted, never dropped silent
 
 from __future__ import annotations
 
+import errno
 import glob
 import logging
 import os
+import stat
 from pathlib import Path
 from typing import Iterator, Optional
 
@@ -37,10 +39,9 @@ def resolve_corpus_files(cfg: DataConfig) -> list[Path]:
             if not matches:
                 raise CorpusError(f"{key}: {entry!r} matches no file (relative paths start at {os.getcwd()})")
         else:
-            if not os.path.exists(pattern):
-                raise DataFormatError(pattern, [(None, f"file not found (set by {key})")])
             matches = [pattern]
         for match in matches:
+            check_regular_file(match, key)
             real = os.path.realpath(match)
             if real in seen:
                 log.warning("%s: %s is listed twice in %s; it is read once", match, real, key)
@@ -48,6 +49,24 @@ def resolve_corpus_files(cfg: DataConfig) -> list[Path]:
             seen.add(real)
             files.append(Path(match))
     return files
+
+
+def check_regular_file(path: str, key: str) -> None:
+    """Refuse, naming ``path`` and ``key``, anything but a regular file (or a link to one): a FIFO or a
+    device would block the reader or never end, and a link loop is not a missing file."""
+    try:
+        mode = os.stat(path).st_mode
+    except FileNotFoundError:
+        problem = ("a symbolic link to a missing file" if os.path.islink(path) else "file not found")
+        raise DataFormatError(path, [(None, f"{problem} (set by {key})")]) from None
+    except OSError as err:
+        problem = ("a symbolic link loop (too many levels of symbolic links); fix the link" if err.errno == errno.ELOOP
+                   else f"cannot be opened: {err.strerror}")
+        raise DataFormatError(path, [(None, f"{problem} (set by {key})")]) from None
+    if not stat.S_ISREG(mode):
+        what = ("a directory" if stat.S_ISDIR(mode) else "a FIFO (named pipe)" if stat.S_ISFIFO(mode)
+                else "a device" if stat.S_ISCHR(mode) or stat.S_ISBLK(mode) else "not a regular file")
+        raise DataFormatError(path, [(None, f"is {what}; corpus files must be regular files (set by {key})")])
 
 
 def untracked_files(files: list[Path], corpus_dir: str) -> list[Path]:

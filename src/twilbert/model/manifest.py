@@ -82,6 +82,9 @@ def verify_model_dir(directory: PathLike, verify: Optional[bool] = None) -> None
         log.info("%s: checksums not verified (verification turned off)", directory)
         return
     path = directory / MANIFEST_NAME
+    if os.path.lexists(path) and not path.is_file():  # present but no file: damage, not an older directory
+        raise ManifestError(f"{path}: not a regular file (a directory or a broken link?); restore the model "
+                            "directory from its source (e.g. `dvc checkout`), or pass --no-verify")
     if not path.is_file():
         log.warning("%s: no %s, so its files cannot be verified (written by an older twilbert or by hand); "
                     "re-save it to add one", directory, MANIFEST_NAME)

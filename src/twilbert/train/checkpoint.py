@@ -136,9 +136,9 @@ def _write(directory: Path, final: Path, model: nn.Module, optimizer, scheduler,
         # Tied tensors are stored once; each alias is a metadata key naming the tensor kept.
         weights, aliases = untie(distributed.unwrap(model).state_dict())
         save_file(weights, tmp / MODEL_FILE, metadata={"format": "pt", **aliases})
-        torch.save(optimizer.state_dict(), tmp / OPTIMIZER_FILE)
+        _torch_save(optimizer.state_dict(), tmp / OPTIMIZER_FILE)
         if scheduler is not None:
-            torch.save(scheduler.state_dict(), tmp / SCHEDULER_FILE)
+            _torch_save(scheduler.state_dict(), tmp / SCHEDULER_FILE)
         if gradients is not None:
             save_file(gradients, str(tmp / GRADIENTS_FILE), metadata={"format": "pt"})
         for name, group in tensors.items():
@@ -146,6 +146,22 @@ def _write(directory: Path, final: Path, model: nn.Module, optimizer, scheduler,
             save_file(plain, str(tmp / f"{name}.safetensors"), metadata={"format": "pt"})
         (tmp / TRAINER_FILE).write_text(trainer_text, encoding="utf-8")
     log.debug("saved training checkpoint %s", final)
+
+
+def _torch_save(obj: Any, path: Path) -> None:
+    # Through a Python file: torch.save given a path writes in C++ and turns a full disk into
+    # "RuntimeError: unexpected pos". Given a file object, the write's OSError (ENOSPC) is raised,
+    # though closing the zip writer may wrap it in a RuntimeError: the OSError is what happened.
+    with open(path, "wb") as fh:
+        try:
+            torch.save(obj, fh)
+        except RuntimeError as err:
+            cause = err.__context__
+            while cause is not None and not isinstance(cause, OSError):
+                cause = cause.__context__
+            if cause is None:
+                raise
+            raise cause from None
 
 
 def _prune(directory: Path, keep: int, current: int) -> None:

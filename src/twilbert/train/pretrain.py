@@ -26,7 +26,7 @@ from twilbert.config import Config, to_dict
 from twilbert.data.batch import Examples
 from twilbert.data.pairs import load_shards
 from twilbert.data.prefetch import prefetch
-from twilbert.data.shards import MANIFEST, PairsDataError, read_manifest
+from twilbert.data.shards import MANIFEST, PairsDataError, read_manifest, verify_pairs
 from twilbert.data.tokenizer import Tokenizer
 from twilbert.device import configure_matmul, resolve_device
 from twilbert.distributed import DistContext, iterate_rank_batches, n_rank_batches, wrap_ddp
@@ -144,6 +144,11 @@ def open_pretrain_data(pairs_dir: Path, max_len: int, vocab_size: int) -> tuple[
     if manifest["vocab_size"] != vocab_size:
         raise PairsDataError(f"{where}: pairs were tokenized with a vocabulary of {manifest['vocab_size']} pieces, "
                          f"the vocabulary has {vocab_size}; rerun the pairs stage")
+    # Before any step, held-out shards included: damage would otherwise surface as an IndexError
+    # mid-epoch, or train silently on wrong ids. Cheap (sizes, sampled bytes and rows), not a re-read.
+    checked = verify_pairs(pairs_dir, vocab_size)
+    log.info("pretrain: %d pair shards match %s (sizes, sampled checksums and rows; `twilbert verify-pairs %s` "
+             "reads every byte)", checked, where, pairs_dir)
     return load_shards(pairs_dir / "train"), load_shards(pairs_dir / "heldout")
 
 

@@ -86,7 +86,11 @@ def _acquire_lock(path: Path) -> int:
                 os.close(fd)
                 continue
             if owner is not None and owner != os.getpid():
-                log.warning("%s: taking over the lock of PID %d, which is gone", path, owner)
+                # The flock is free, so no writer holds it; the PID may still be alive (reused by an
+                # unrelated process, or the file came from another machine): do not call it gone then.
+                state = ("which is running but does not hold the lock (a stale file: the PID now belongs to "
+                         "another process, or the file came from elsewhere)" if _pid_alive(owner) else "which is gone")
+                log.warning("%s: taking over the lock of PID %d, %s", path, owner, state)
             os.ftruncate(fd, 0)
             os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
             os.fsync(fd)
