@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -85,3 +86,18 @@ def test_a_fresh_clone_lists_no_changed_code_dependency_and_no_changed_param(tmp
             if entry.get("changed params"):
                 changed.append(f"{stage}: params {entry['changed params']}")
     assert not changed, "the committed dvc.lock is stale in a fresh clone: " + "; ".join(changed)
+
+
+def test_dvcs_own_hydra_composition_derives_the_runs_of_a_seed_count(tmp_path):
+    # `dvc exp run -S finetuning.seeds=5` composes params.yaml in DVC's process, with the resolver that
+    # .dvc/config's hydra.plugins_path (stages/) registers: run in a fresh interpreter, as DVC is.
+    out = tmp_path / "params.yaml"
+    code = ("import sys; from dvc.utils.hydra import compose_and_dump; "
+            "compose_and_dump(sys.argv[1], sys.argv[2], None, 'config', sys.argv[3], ['finetuning.seeds=5'])")
+    proc = subprocess.run([sys.executable, "-c", code, str(out), str(REPO / "conf"), str(REPO / "stages")],
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    params = yaml.safe_load(out.read_text(encoding="utf-8"))
+    assert list(params["finetune_runs"]) == [f"tass_default-s{s}" for s in range(5)]
+    plugins = re.search(r"plugins_path\s*=\s*(\S+)", (REPO / ".dvc" / "config").read_text()).group(1)
+    assert (REPO / plugins / "hydra_plugins").is_dir()

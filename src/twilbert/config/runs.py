@@ -55,11 +55,12 @@ def finetune_runs(tasks: Mapping[str, Any], seeds: Any) -> dict[str, dict]:
     return runs
 
 
-def _resolve(tasks: Any, seeds: Any) -> dict:
+def _resolve(tasks: Any, seeds: Any) -> Any:
     from omegaconf import DictConfig, ListConfig, OmegaConf
 
     plain = lambda v: OmegaConf.to_container(v, resolve=True) if isinstance(v, (DictConfig, ListConfig)) else v  # noqa: E731
-    return finetune_runs(plain(tasks), plain(seeds))
+    # a config node, not a dict: DVC resolves in place (OmegaConf.resolve), which takes no plain dict
+    return OmegaConf.create(finetune_runs(plain(tasks), plain(seeds)))
 
 
 def register_resolver() -> None:
