@@ -40,9 +40,20 @@ def experiment_names(repo: Path) -> list[str]:
     return [line.strip() for line in proc.stdout.splitlines() if line.strip()]
 
 
+def untracked(repo: Path) -> list[str]:
+    """The top-level names of the files git does not track and does not ignore (a first run's
+    ``results/``, ``dvc.lock``): ``dvc exp run`` keeps them in an experiment, ``dvc exp save`` only when told."""
+    proc = subprocess.run(["git", "ls-files", "--others", "--exclude-standard", "-z"], cwd=repo, capture_output=True,
+                          text=True)
+    if proc.returncode != 0:
+        raise ExperimentError(f"`git ls-files` failed in {repo}: {_last_line(proc)}")
+    return sorted({path.split("/", 1)[0] for path in proc.stdout.split("\0") if path})
+
+
 def save(repo: Path, name: str = BASELINE) -> None:
     """Keep the workspace's run (params, dvc.lock, results, cached models) as experiment ``name``."""
-    proc = _dvc(["exp", "save", "--force", "--name", name], repo)
+    include = [arg for path in untracked(repo) for arg in ("--include-untracked", path)]
+    proc = _dvc(["exp", "save", "--force", "--name", name, *include], repo)
     if proc.returncode != 0:
         raise ExperimentError(f"could not keep the run as experiment {name!r}: {_last_line(proc)}")
 
