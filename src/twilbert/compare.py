@@ -15,6 +15,7 @@ import logging
 import math
 import subprocess
 import sys
+import textwrap
 from pathlib import Path
 from typing import Any, Callable, Iterable, Mapping, Optional, Sequence, Union
 
@@ -279,7 +280,7 @@ def verdict_table(rows: list[dict], predictions: PredictionTexts, specs: Optiona
         body.append(cells)
     note = (f"Δ: official test metric minus {reference}'s, in points, mean over runs; 95% paired bootstrap "
             "interval over test examples and runs; within noise: the interval holds 0.")
-    return render(head, body, groups) + "\n\n" + note
+    return render(head, body, groups) + "\n\n" + textwrap.fill(note, 100)
 
 
 def main(argv: Optional[Iterable[str]] = None) -> int:
@@ -300,6 +301,7 @@ def main(argv: Optional[Iterable[str]] = None) -> int:
         return 2
     names = [r["name"] for r in rows]
     reference = args.reference or ("baseline" if "baseline" in names else names[0])
+    rows.sort(key=lambda r: r["name"] != reference)  # the reference first, the others as DVC lists them
     print(compare_table(rows, args.width))
     if len(rows) > 1:
         by_name = {r["name"]: r for r in rows}
