@@ -32,7 +32,7 @@ TASKS_FILE = "results/metrics.json"
 PRETRAIN_COLUMNS = (("heldout_mlm_loss", "mlm loss"), ("heldout_mlm_accuracy", "mlm acc"),
                     ("heldout_rop_accuracy", "rop acc"))
 TASK_COLUMNS = (("dev_official", "dev"), ("test_official", "test"), ("test_official_sd", "test sd"),
-                ("baseline.test_official", "baseline test"))
+                ("baseline.test_official", "tf-idf test"))  # the TF-IDF row, not the `baseline` experiment
 WIDTH = 160
 MAX_CELL = 24  # a longer param value is cut (the full value: `dvc params diff`)
 
