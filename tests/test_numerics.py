@@ -129,3 +129,21 @@ def test_the_results_header_names_the_pins_and_never_the_host():
     line = describe(True)
     assert "avx2" in line and "MKL CBWR AVX2" in line and "2 threads" in line
     assert host_best_capability().upper() not in line or host_best_capability() == "avx2"
+
+
+def test_a_caller_of_the_stage_helpers_in_its_own_process_is_never_re_executed(monkeypatch, tmp_path):
+    # Only a stage script run as a program restarts under the pins: a test runner that calls
+    # `run` (with its own main) and then `load_stage_config` keeps its process.
+    import twilbert.stage as stage
+
+    monkeypatch.setattr(stage, "_STAGE_PROCESS", False)
+    for key in PORTABLE_ENV:
+        monkeypatch.setenv(key, "default")
+    monkeypatch.chdir(tmp_path)
+    write_params(tmp_path, ["model=tiny"])
+    def main():
+        stage.load_stage_config([])  # would exec over this process if it pinned
+        return "ran"
+
+    stage.run(main)
+    assert stage._STAGE_PROCESS is False

@@ -30,7 +30,8 @@ CONF_DIR = "conf"
 # Test hook: SIGKILL the stage right after the checkpoint of this micro-step is saved, the way a
 # crash or an OOM kill would stop it (tests/test_resume.py, tests/e2e). Never set it otherwise.
 KILL_HOOK_ENV = "TWILBERT_TEST_KILL_AT_MICRO_STEP"
-# True inside ``run``: this process is a stage script, which ``numerics.pin`` may re-execute.
+# True once ``run`` is given the ``main`` of a script run as a program: only such a process is a stage,
+# which ``numerics.pin`` may re-execute (never a test runner that calls ``run`` or ``load_stage_config``).
 _STAGE_PROCESS = False
 
 
@@ -97,7 +98,7 @@ def run(main: Callable[[], Optional[str]]) -> None:
     (None on the ranks that do not write); it ends the log as ``<stage>: done in <time>: <summary>``.
     """
     global _STAGE_PROCESS
-    _STAGE_PROCESS = True
+    _STAGE_PROCESS = getattr(main, "__module__", None) == "__main__"
     setup_logging()
     start = time.monotonic()
     from twilbert.errors import EXIT_INTERRUPTED, EXIT_USER_ERROR, interrupted_line, user_message
