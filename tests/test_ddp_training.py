@@ -153,7 +153,7 @@ def test_torchrun_finetune_trains_on_two_ranks_and_rank_0_writes_the_model_and_m
                  finetuning={"epochs": 2, "batch_size": 8, "device": "cpu", "baseline_row": True})
     out = tmp_path / "out"
     proc = ok(run_stage("finetune.py", finetune_args(tmp_path, out), work, launcher=TORCHRUN))
-    assert (proc.stdout + proc.stderr).count("t (twilbert): dev ") == 1  # rank 0 alone ends with its summary
+    assert (proc.stdout + proc.stderr).count("t s0 (twilbert): dev ") == 1  # rank 0 alone ends with its summary
     metrics = json.loads((out / "results" / "metrics.json").read_text())
     assert metrics["epochs_run"] == 2 and metrics["n_train"] == 48
     assert (out / "model" / "model.safetensors").is_file() and (out / "model" / "baseline").is_dir()

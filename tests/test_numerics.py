@@ -20,7 +20,7 @@ import pytest
 
 from twilbert.numerics import PINNED_BY_LAUNCHER, PORTABLE_ENV, describe, wanted_env
 
-from finetune_data import make_finetune_inputs
+from finetune_data import write_task
 from helpers import MAX_LEN, PRETRAIN, REPO, finetune_args, make_pretrain_inputs, ok, pretrain_args, run_stage, \
     write_params
 
@@ -46,22 +46,25 @@ def run_pipeline(root: Path, inputs: Path, capability: str, portable: bool) -> d
     flag = f"runtime.portable_numerics={str(portable).lower()}"
     env_before = dict(os.environ)
     os.environ.update(ATEN_CPU_CAPABILITY=capability)
-    for key in ("ONEDNN_MAX_CPU_ISA", "MKL_CBWR", PINNED_BY_LAUNCHER):
-        os.environ.pop(key, None)
+    for key in [*PORTABLE_ENV, PINNED_BY_LAUNCHER]:
+        if key != "ATEN_CPU_CAPABILITY":
+            os.environ.pop(key, None)
     try:
+        # paths relative to the stages' folder, as under DVC: a model card names its backbone's folder
         work = root / "work"
         write_params(work, [*PRETRAIN, "training.epochs=1", flag])
-        ok(run_stage("pretrain.py", pretrain_args(inputs, root / "pretrain"), work))
-        pretrained, task = make_finetune_inputs(root / "task")
+        ok(run_stage("pretrain.py", pretrain_args(inputs, Path("pretrain")), work))
+        task = write_task(inputs / "task")
         write_params(work, ["model=tiny", f"representation.max_len={MAX_LEN}", flag], tasks={"t": task},
                      finetuning=FINETUNE)
-        args = finetune_args(root / "task", root / "finetune")
-        args[args.index("--pretrained") + 1] = root / "pretrain" / "model"
+        args = finetune_args(inputs, Path("finetune"))
+        args[args.index("--pretrained") + 1] = Path("pretrain") / "model"
         ok(run_stage("finetune.py", args, work))
     finally:
         os.environ.clear()
         os.environ.update(env_before)
-    return {**tree_digest(root / "pretrain"), **tree_digest(root / "finetune")}
+    return {f"{stage}/{name}": digest for stage in ("pretrain", "finetune")
+            for name, digest in tree_digest(work / stage).items()}
 
 
 @pytest.fixture(scope="module")

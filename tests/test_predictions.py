@@ -14,6 +14,7 @@ from twilbert.predictions import (
     Predictions, PredictionsFileError, aligned, format_predictions, parse_predictions, read_predictions,
     write_predictions,
 )
+from twilbert.results import read_metrics
 from twilbert.train.finetune_stage import baseline_task, finetune_task
 
 from helpers import REPO
@@ -151,11 +152,14 @@ def test_the_baseline_row_on_its_own_writes_its_metrics_and_predictions(tmp_path
     assert not (tmp_path / "baseline" / "epochs.csv").exists()
 
 
-def test_without_a_baseline_row_the_baseline_folder_holds_the_skipped_note_only(tmp_path, raw, pretrained):
+def test_without_a_baseline_row_the_baseline_folder_holds_the_skipped_note_and_no_prediction(tmp_path, raw, pretrained):
     cfg = make_config(raw, {"t": write_task(tmp_path / "data")}, baseline_row=False)
     (tmp_path / "baseline").mkdir()
-    (tmp_path / "baseline" / "predictions.tsv").write_text("id\tgold\tpred\n")  # from an earlier run
-    note = baseline_task(cfg, first(cfg), pretrained, tmp_path / "model", tmp_path / "baseline")
+    (tmp_path / "baseline" / "predictions.tsv").write_text("id\tgold\tpred\nx\tN\tP\n")  # from an earlier run
+    assert baseline_task(cfg, first(cfg), pretrained, tmp_path / "model", tmp_path / "baseline") is None
+    note = json.loads((tmp_path / "baseline" / "metrics.json").read_text())
     assert note["skipped"] == "finetuning.baseline_row is false"
-    assert json.loads((tmp_path / "baseline" / "metrics.json").read_text()) == note
-    assert not (tmp_path / "baseline" / "predictions.tsv").exists()
+    # every output of the DVC stage exists (DVC requires it), and the stale row is gone
+    assert (tmp_path / "baseline" / "predictions.tsv").read_text() == "id\tgold\tpred\n"
+    assert json.loads((tmp_path / "model" / "skipped.json").read_text()) == note
+    assert read_metrics(tmp_path / "baseline" / "metrics.json") is None  # the tables leave it out

@@ -103,10 +103,11 @@ def test_a_failing_write_is_one_line_naming_the_file_and_leaves_no_partial_outpu
 
 
 def test_an_unreachable_tracking_store_under_fail_is_one_line_and_evaluate_writes_nothing(workdir):
-    metrics = workdir / "results" / "tasks" / "tass_default" / "metrics.json"
-    metrics.parent.mkdir(parents=True)
-    metrics.write_text(json.dumps({"task": "tass_default", "model": "twilbert", "official_metric": "mf1",
-                                   "dev": {"official": 0.5}, "test": {"official": 0.4}}), encoding="utf-8")
+    for seed in range(3):  # the default finetuning.seeds: 3
+        metrics = workdir / "results" / "tasks" / "tass_default" / "runs" / f"s{seed}" / "metrics.json"
+        metrics.parent.mkdir(parents=True)
+        metrics.write_text(json.dumps({"task": "tass_default", "model": "twilbert", "official_metric": "mf1",
+                                       "dev": {"official": 0.5}, "test": {"official": 0.4}}), encoding="utf-8")
     broken = workdir / "broken.db"
     broken.write_bytes(b"this is not an SQLite database, not even close" * 100)
     proc = run_stage("evaluate.py", "--tasks-dir", "results/tasks", "--out", "results",
