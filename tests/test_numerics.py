@@ -125,12 +125,12 @@ def test_a_stage_started_without_the_launcher_restarts_once_under_the_pins(tmp_p
                           timeout=120)
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert "restarting with" in proc.stderr and proc.stderr.count("restarting with") == 1
-    assert proc.stdout.split() == ["capability", "AVX2", "AVX2", "2"]
+    assert proc.stdout.split() == ["capability", "AVX2", "AVX2", "1"]
 
 
 def test_the_results_header_names_the_pins_and_never_the_host():
     line = describe(True)
-    assert "avx2" in line and "MKL CBWR AVX2" in line and "2 threads" in line
+    assert "avx2" in line and "MKL CBWR AVX2" in line and "1 thread" in line
     assert host_best_capability().upper() not in line or host_best_capability() == "avx2"
 
 

@@ -28,8 +28,9 @@ PORTABLE_ENV: Mapping[str, str] = {
     "MKL_DYNAMIC": "FALSE",
 }
 # Results differ between 1 and 2 intra-op threads (measured: the same 20 steps, other bytes), so the
-# count is part of the numerics. 2 is what the committed results were made with.
-PORTABLE_THREADS = 2
+# count is part of the numerics. One thread: with 2, a bit-exact resume test differed under a loaded
+# machine (and passed alone), which one thread rules out; the default model is small enough not to care.
+PORTABLE_THREADS = 1
 # Set by stages/py beside PORTABLE_ENV: the launcher, not the user, put those values there.
 PINNED_BY_LAUNCHER = "TWILBERT_PINNED_NUMERICS"
 # The CLI has no params.yaml of its own: set to 0 to let its model tools use the host's fastest kernels.
@@ -91,7 +92,7 @@ def pin_cli() -> None:
 
 
 def threads(portable: bool, configured: Optional[int]) -> Optional[int]:
-    """The intra-op thread count portable numerics fix (``runtime.threads`` or 2); None when not portable."""
+    """The intra-op thread count portable numerics fix (``runtime.threads`` or 1); None when not portable."""
     if not portable:
         return None
     return configured or PORTABLE_THREADS
@@ -105,7 +106,7 @@ def describe(portable: bool) -> str:
     if portable:
         return (f"portable CPU numerics (ATen {PORTABLE_ENV['ATEN_CPU_CAPABILITY']}, oneDNN "
                 f"{PORTABLE_ENV['ONEDNN_MAX_CPU_ISA']}, MKL CBWR {PORTABLE_ENV['MKL_CBWR']}, "
-                f"{PORTABLE_THREADS} threads unless runtime.threads says otherwise)")
+                f"{PORTABLE_THREADS} thread{'s' if PORTABLE_THREADS > 1 else ''} unless runtime.threads says otherwise)")
     import torch
 
     capability = torch.backends.cpu.get_cpu_capability()

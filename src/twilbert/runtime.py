@@ -77,7 +77,7 @@ def auto_threads(base: int, jobs: int, local_ranks: int = 1) -> int:
 
 
 def apply_threads(threads: Optional[int], portable: bool = False) -> Optional[int]:
-    """Set torch's intra-op threads: ``threads`` when > 0; under portable numerics 2 otherwise (the
+    """Set torch's intra-op threads: ``threads`` when > 0; under portable numerics 1 otherwise (the
     count is part of the numerics, so neither OMP_NUM_THREADS nor the queue changes it); else (null or
     0, auto) torch's own default (one per physical core) divided among the concurrent jobs, left alone
     outside a queue and when OMP_NUM_THREADS is set. Returns the count set, if any.

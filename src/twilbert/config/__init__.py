@@ -67,7 +67,7 @@ class TrackingConfig:
 class RuntimeConfig:
     """How the stages use this machine (not a DVC param): speed, and the last bits of float results."""
 
-    threads: Optional[int] = None  # torch intra-op threads; null or 0: 2 when portable, else the cores shared among DVC jobs
+    threads: Optional[int] = None  # torch intra-op threads; null or 0: 1 when portable, else the cores shared among DVC jobs
     # The same bytes on any x86-64 CPU with AVX2: pinned kernels and thread count (twilbert.numerics).
     portable_numerics: bool = True
 
