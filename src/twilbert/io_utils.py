@@ -15,14 +15,17 @@ import stat
 import tempfile
 from contextlib import contextmanager
 from pathlib import Path
-from typing import IO, Iterator, Optional, Union
+from typing import IO, TYPE_CHECKING, Iterator, Optional, Union
 
-from twilbert.errors import naming
+from twilbert.errors import TwilbertError, naming
+
+if TYPE_CHECKING:
+    import numpy as np
 
 PathLike = Union[str, "os.PathLike[str]"]
 
 
-class OutputPathError(ValueError):
+class OutputPathError(TwilbertError, ValueError):
     """An output path names something that is not ours to replace (a directory, a block device...)."""
 
 

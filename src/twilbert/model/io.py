@@ -19,6 +19,7 @@ from torch import nn
 
 from twilbert.io_utils import CHECKSUMS_NAME, link_or_copy, publish_dir
 from twilbert.model.card import CONFIG_NAME, CheckpointError, ModelCard, read_card  # noqa: F401 (re-exported)
+from twilbert.model import manifest
 from twilbert.model.safetensors_writer import save_file
 
 logger = logging.getLogger(__name__)
@@ -28,13 +29,6 @@ _TIED_KEY = "twilbert_tied"  # safetensors metadata: JSON {alias name: stored na
 PREFIX = "twilbert."  # the encoder's attribute in the full models
 
 PathLike = Union[str, os.PathLike]
-
-
-def _manifest():
-    # Imported on use: twilbert.model.manifest imports CheckpointError from this module.
-    from twilbert.model import manifest
-
-    return manifest
 
 
 class LoadReport(NamedTuple):
@@ -131,7 +125,7 @@ def load_pretrained_state(
         if not path.is_file():
             hint = " (pickle checkpoints such as pytorch_model.bin are never loaded)" if path == weights_path else ""
             raise FileNotFoundError(f"{path}: missing; a model directory holds {CONFIG_NAME} and {WEIGHTS_NAME}{hint}")
-    _manifest().verify_model_dir(directory, verify)
+    manifest.verify_model_dir(directory, verify)
 
     card = read_card(config_path)
 

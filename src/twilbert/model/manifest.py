@@ -27,7 +27,7 @@ from pathlib import Path
 from typing import Iterator, Optional, Union
 
 from twilbert.io_utils import CHECKSUMS_NAME, checksummed_files, checksums_text, sha256_file, write_checksums
-from twilbert.model.io import CheckpointError
+from twilbert.model.card import CheckpointError
 
 log = logging.getLogger(__name__)
 
