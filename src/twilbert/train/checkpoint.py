@@ -22,7 +22,7 @@ from safetensors import SafetensorError, safe_open
 from torch import nn
 
 from twilbert import distributed
-from twilbert.io_utils import CHECKSUMS_NAME, clean_leftovers, publish_dir, sha256_file
+from twilbert.io_utils import CHECKSUMS_NAME, clean_leftovers, publish_dir, verify_checksums
 from twilbert.model.io import CheckpointError, load_into, untie
 from twilbert.model.safetensors_writer import save_file
 from twilbert.train.rng_state import capture_rng_state, restore_rng_state
@@ -201,26 +201,7 @@ def _read_json(file: Path) -> Any:
 
 def verify_checkpoint(path: PathLike) -> None:
     """Raise TrainingCheckpointError unless every file listed in checksums.json is present and intact."""
-    path = Path(path)
-    sums_path = path / CHECKSUMS_FILE
-    sums = _read_json(sums_path)
-    if not isinstance(sums, dict) or not all(isinstance(v, str) for v in sums.values()):
-        raise TrainingCheckpointError(f"{sums_path}: corrupted (expected a JSON object of sha256 strings)")
-    unlisted = [name for name in REQUIRED_FILES if name not in sums]
-    if unlisted:
-        raise TrainingCheckpointError(f"{sums_path}: does not list {unlisted}")
-    for name, expected in sums.items():
-        file = path / name
-        if "/" in name or "\\" in name or name.startswith("."):
-            raise TrainingCheckpointError(f"{sums_path}: unexpected entry {name!r}")
-        if not file.is_file():
-            raise TrainingCheckpointError(f"{file}: missing")
-        actual = sha256_file(file)
-        if actual != expected:
-            raise TrainingCheckpointError(
-                f"{file}: checksum mismatch (sha256 {actual[:12]}..., expected {expected[:12]}...): "
-                "truncated or corrupted on disk"
-            )
+    verify_checksums(path, TrainingCheckpointError, "truncated or corrupted on disk", required=REQUIRED_FILES)
 
 
 def latest_valid_checkpoint(directory: PathLike) -> Optional[Path]:
