@@ -82,13 +82,13 @@ def test_bad_rows_within_max_bad_rows_are_reported_on_stderr_and_in_the_summary(
 
 def test_more_bad_rows_than_max_bad_rows_fail_naming_lines_and_the_key(workdir, tmp_path):
     bad = workdir / "tweets.txt"
-    bad.write_text("uno\n\ndos\n\n", encoding="utf-8")
+    bad.write_bytes(b"uno\nmal \xff\ndos\npeor \xfe\n")
     proc = run_stage(
         "data.py", "--out", "out", "data.source=text_file", f"data.text_file={bad}", "data.max_bad_rows=1",
         cwd=workdir, tmp_path=tmp_path,
     )
     assert proc.returncode == 2
-    assert f"{bad}:2: blank line" in proc.stderr and f"{bad}:4: blank line" in proc.stderr
+    assert f"{bad}:2: invalid UTF-8" in proc.stderr and f"{bad}:4: invalid UTF-8" in proc.stderr
     assert "data.max_bad_rows=1" in proc.stderr and "Traceback" not in proc.stderr
     assert not (workdir / "out" / "pretrain" / "corpus.jsonl").exists()
 
