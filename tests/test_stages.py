@@ -107,3 +107,29 @@ def test_bad_task_files_fail_before_an_mlflow_run_is_opened(workdir, tmp_path):
                      "tasks.tass_default.dataset.data_dir=nowhere/hateval", cwd=workdir, tmp_path=tmp_path)
     assert proc.returncode == 2 and "nowhere/hateval" in proc.stderr
     assert not (tmp_path / "mlflow.db").exists()  # no store touched, so no FAILED run left behind
+
+
+def test_the_default_task_under_another_corpus_source_fails_the_data_stage_at_once_in_one_line(workdir, tmp_path):
+    corpus = workdir / "tweets.txt"
+    corpus.write_text("uno\ndos\n", encoding="utf-8")
+    proc = run_stage("data.py", "--out", "data", "--check-tasks", "data.source=text_file", f"data.text_file={corpus}",
+                     cwd=workdir, tmp_path=tmp_path)
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    errors = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and "tasks.tass_default" in errors[0] and "data/default/train.tsv" in errors[0]
+    assert "data.source: evomsa" in errors[0] and "Traceback" not in proc.stderr
+    assert not (workdir / "data" / "pretrain").exists()  # nothing read, nothing written
+
+
+def test_a_missing_task_file_fails_the_pretrain_stage_before_pretraining_in_one_line(workdir, tmp_path):
+    task = workdir / "mytask"
+    task.mkdir()
+    (task / "train.tsv").write_text("ID\tTEXT\tCLASS\n1\thola\tN\n2\tbien\tP\n", encoding="utf-8")
+    proc = run_stage("pretrain.py", "--pairs", "nowhere/pairs", "--vocab", "nowhere/vocab", "--out", "m",
+                     "--check-tasks", "data/default", f"tasks.tass_default.dataset.data_dir={task}",
+                     cwd=workdir, tmp_path=tmp_path)
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    errors = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and "tasks.tass_default" in errors[0] and f"{task}/dev.tsv" in errors[0], proc.stderr
+    assert "Traceback" not in proc.stderr and "nowhere" not in proc.stderr  # the task is checked first
+    assert not (workdir / "m").exists()
