@@ -61,7 +61,7 @@ def main() -> str:
             tracker.log_artifact(args.out / name)
         for png in pngs:
             tracker.log_artifact(png, "plots")
-    print(rendered["results.md"])
+    # No table printed here: `make repro` shows results/results.md once, also when this stage was cached.
     tests = ", ".join(f"{k.removesuffix('.test_official')} {v:.4f}" for k, v in headline.items()
                       if k.endswith(".test_official") and k.count(".") == 1)
     return f"test official: {tests}; {len(pngs)} plots -> {args.out}"
