@@ -20,6 +20,7 @@ from twilbert.distributed import DistContext
 from twilbert.io_utils import atomic_write, publish_dir
 from twilbert.predictions import FILE as PREDICTIONS_FILE, HEADER as PREDICTIONS_COLUMNS, write_predictions
 from twilbert.track import Tracker
+from twilbert.train.degenerate import run_warnings, warn
 from twilbert.train.fingerprint import config_fingerprint, files_digest, package_paths
 from twilbert.train.finetune import (
     Learner, NeuralLearner, baseline_learner, hf_learner, task_preprocessor, twilbert_learner,
@@ -97,11 +98,12 @@ def finetune_task(cfg: Config, task: TaskConfig, pretrained_dir: Path, model_out
         return metrics
 
     with publish_dir(model_out, checksums=True) as staged:  # checksums cover the k-fold publish, folds/, baseline/
-        run = evaluate_learner(learner, splits, max_len, test_len, staged)
+        run = flag_degenerate(task, evaluate_learner(learner, splits, max_len, test_len, staged), splits)
         baseline: Union[dict, None] = None
         if (ft.baseline_row if baseline_row is None else baseline_row) and ft.backbone != "baseline":
             row = baseline_learner(cfg, task, ft, learner.preprocess)
-            baseline = evaluate_learner(row, splits, max_len, test_len, staged / BASELINE_DIR).metrics
+            baseline = flag_degenerate(task, evaluate_learner(row, splits, max_len, test_len, staged / BASELINE_DIR),
+                                       splits).metrics
 
     if tracker:
         tracker.log_metrics({f"test_{k}": v for k, v in run.metrics["test"].items()})
@@ -158,8 +160,18 @@ def baseline_task(cfg: Config, task: TaskConfig, pretrained_dir: Path, model_out
     row = baseline_learner(cfg, task, ft, preprocess)
     with publish_dir(model_out, checksums=True) as staged:
         run = evaluate_learner(row, splits, cfg.representation.max_len, cfg.representation.test_len, staged)
-    write_run(metrics_out, run, epochs=False)
+    write_run(metrics_out, flag_degenerate(task, run, splits), epochs=False)
     return run.metrics
+
+
+def flag_degenerate(task: TaskConfig, run: LearnerRun, splits: TaskData) -> LearnerRun:
+    """Warn about, and note in its metrics (``warnings``), a run whose score says little
+    (:mod:`twilbert.train.degenerate`); a sound run's metrics are left as they are."""
+    found = run_warnings(task.task, splits.train.labels, run.test)
+    if found:
+        warn(task.name, run.metrics.get("model", "?"), found)
+        run.metrics["warnings"] = found
+    return run
 
 
 def write_run(out_dir: Path, run: LearnerRun, epochs: bool = True) -> None:
