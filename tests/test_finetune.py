@@ -212,11 +212,13 @@ def test_epochs_csv_holds_the_columns_the_dvc_plot_reads(tmp_path, raw, pretrain
     _, _, results = run(tmp_path, cfg, pretrained)
     with (results / "epochs.csv").open() as fh:
         rows = list(csv.DictReader(fh))
-    # evaluate copies these columns to results/curves/finetune/<task>.csv, which dvc.yaml's plots draw
+    # evaluate copies these columns to results/curves/finetune/<column>/<run>.csv, which dvc.yaml's plots draw
     plots = yaml.safe_load((REPO / "dvc.yaml").read_text())["plots"]
-    spec = next(d for p in plots for k, d in p.items() if k == "results/curves/finetune")
-    assert [int(r[spec["x"]]) for r in rows] == [1, 2]
-    assert all(0.0 <= float(r[y]) for y in spec["y"] for r in rows)
+    specs = [d for p in plots for k, d in p.items() if k.startswith("results/curves/finetune/")]
+    assert sorted(s["y"] for s in specs) == ["dev_official", "train_loss"]  # each curve its own axis
+    assert all(s["title"] and "/" not in s["title"] for s in specs)
+    assert all([int(r[s["x"]]) for r in rows] == [1, 2] for s in specs)
+    assert all(0.0 <= float(r[s["y"]]) for s in specs for r in rows)
     assert all(0.0 <= float(r["dev_official"]) <= 1.0 for r in rows)
 
 

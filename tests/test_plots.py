@@ -54,8 +54,10 @@ def test_finetune_curves_and_pngs_are_written_and_identical_on_a_rerun(tmp_path)
     assert sorted(shots[0]) == ["finetune_tass_default.png", "pretrain_epochs.png", "pretrain_steps.png"]
     assert all(data.startswith(b"\x89PNG") for data in shots[0].values())
     assert shots[0] == shots[1]
-    rows = (tmp_path / "one" / "curves" / "tass_default.csv").read_text().splitlines()
-    assert rows[0] == "epoch,train_loss,dev_official" and len(rows) == 4
+    rows = (tmp_path / "one" / "curves" / "train_loss" / "tass_default.csv").read_text().splitlines()
+    assert rows[0] == "epoch,train_loss" and len(rows) == 4
+    rows = (tmp_path / "one" / "curves" / "dev_official" / "tass_default.csv").read_text().splitlines()
+    assert rows[0] == "epoch,dev_official" and len(rows) == 4
 
 
 def test_a_k_fold_task_plots_its_first_fold(tmp_path):

@@ -36,15 +36,22 @@ def finetune_curve(epochs_csv: Path) -> list[dict[str, float]]:
 
 
 def write_finetune_curves(task_epochs: dict[str, Path], out_dir: Path) -> dict[str, list[dict]]:
-    """``<out_dir>/<task>.csv`` for each task that has an epochs.csv; the curves by task."""
+    """``<out_dir>/<column>/<run>.csv`` (epoch and that column) for each run that has an epochs.csv:
+    one folder per curve, so that ``dvc plots`` draws the loss and the dev score on axes of their own.
+    Returns the curves by run."""
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    for stale in out_dir.glob("*.csv"):  # a task no longer in params
-        if stale.stem not in task_epochs:
-            stale.unlink()
+    for stale in out_dir.glob("*.csv"):  # the layout before one folder per curve
+        stale.unlink()
     curves = {task: finetune_curve(path) for task, path in task_epochs.items() if Path(path).is_file()}
-    for task, rows in curves.items():
-        write_csv(out_dir / f"{task}.csv", rows)
+    for column in FINETUNE_COLUMNS[1:]:
+        (out_dir / column).mkdir(exist_ok=True)
+        for stale in (out_dir / column).glob("*.csv"):  # a run no longer in params
+            if stale.stem not in curves:
+                stale.unlink()
+        for task, rows in curves.items():
+            write_csv(out_dir / column / f"{task}.csv", [{"epoch": r["epoch"], column: r[column]} for r in rows
+                                                         if column in r])
     return curves
 
 
