@@ -252,3 +252,33 @@ def test_multi_label_decision_uses_the_task_threshold(raw, tmp_path):
     cfg = make_config(raw, {"emo": task})
     scores = np.array([[0.3, 0.6, 0.2]])
     assert decide(scores, first(cfg)).tolist() == [[1, 1, 0]]
+
+
+def test_the_child_runs_scores_are_the_selected_epochs_under_the_tables_names(tmp_path, raw, pretrained, monkeypatch):
+    import mlflow
+
+    from twilbert.config import TrackingConfig
+    from twilbert.results import render_results
+    from twilbert.track import Tracker
+
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "dvc.yaml").write_text("stages: {}\n")
+    monkeypatch.delenv("DVC_EXP_NAME", raising=False)
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+    # 4 epochs and a patience that lets them all run: the last epoch is seldom the selected one
+    cfg = make_config(raw, {"t": write_task(tmp_path / "data")}, epochs=4, patience=4, lr=1e-2)
+    task = first(cfg)
+    tracker = Tracker(TrackingConfig(), stage="finetune")
+    with tracker.start({}, run_name="finetune-t-s0"):
+        finetune_task(cfg, task, pretrained, tmp_path / "model", tmp_path / "results" / "runs" / "s0", tracker)
+    child = mlflow.MlflowClient(tracking_uri=uri).get_run(tracker.run_id)
+    table = render_results([tmp_path / "results" / "runs" / "s0" / "metrics.json"])["results.csv"]
+    row = next(csv.DictReader(table.splitlines()))
+    assert child.data.metrics["dev_official"] == pytest.approx(float(row["dev_official"]), abs=1e-12)
+    assert child.data.metrics["test_official"] == pytest.approx(float(row["test_official"]), abs=1e-12)
+    assert child.data.metrics["best_epoch"] == float(row["best_epoch"])
+    history = mlflow.MlflowClient(tracking_uri=uri).get_metric_history(tracker.run_id, "epochs/dev_official")
+    assert len(history) == 4  # the per-epoch curve keeps its own name
+    best = max(history, key=lambda m: (m.value, -m.step))
+    assert child.data.metrics["dev_official"] == pytest.approx(best.value)

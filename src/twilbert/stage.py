@@ -33,6 +33,8 @@ KILL_HOOK_ENV = "TWILBERT_TEST_KILL_AT_MICRO_STEP"
 # True once ``run`` is given the ``main`` of a script run as a program: only such a process is a stage,
 # which ``numerics.pin`` may re-execute (never a test runner that calls ``run`` or ``load_stage_config``).
 _STAGE_PROCESS = False
+# The config the stage loaded, if any: a failing stage marks its experiment's MLflow parent FAILED.
+_LOADED: Optional[tuple[Config, dict]] = None
 
 
 def setup_logging() -> None:
@@ -61,6 +63,8 @@ def load_stage_config(overrides: list[str], params: str = PARAMS_FILE) -> tuple[
             raise ConfigError(f"{path}: not found; run `make params` (or pass Hydra overrides) first")
         raw = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
     cfg = load_config(raw)
+    global _LOADED
+    _LOADED = (cfg, raw)
     if _STAGE_PROCESS:  # a test calling this in its own process must not be re-executed
         pin(cfg.runtime.portable_numerics)
     apply_threads(cfg.runtime.threads, cfg.runtime.portable_numerics)
@@ -91,6 +95,13 @@ def stage_name() -> str:
     return os.environ.get("DVC_STAGE") or Path(sys.argv[0]).stem
 
 
+def _mark_failed() -> None:
+    if _STAGE_PROCESS and _LOADED is not None:
+        from twilbert.track import mark_failed
+
+        mark_failed(_LOADED[0].tracking, _LOADED[1])
+
+
 def run(main: Callable[[], Optional[str]]) -> None:
     """Run a stage; expected failures print one ``error:`` line (no traceback) and exit with status 2.
 
@@ -112,6 +123,7 @@ def run(main: Callable[[], Optional[str]]) -> None:
         print(interrupted_line(stage_name()), file=sys.stderr)
         sys.exit(EXIT_INTERRUPTED)
     except Exception as err:
+        _mark_failed()
         message = user_message(err)
         if message is None:
             raise

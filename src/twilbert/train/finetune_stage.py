@@ -106,10 +106,9 @@ def finetune_task(cfg: Config, task: TaskConfig, pretrained_dir: Path, model_out
                                        splits).metrics
 
     if tracker:
-        tracker.log_metrics({f"test_{k}": v for k, v in run.metrics["test"].items()})
-        tracker.log_metrics({f"best_dev_{k}": v for k, v in run.metrics["dev"].items()})
+        tracker.log_metrics(run_scores(run.metrics))
         if baseline:
-            tracker.log_metrics({f"baseline_test_{k}": v for k, v in baseline["test"].items()})
+            tracker.log_metrics({f"baseline_{k}": v for k, v in run_scores(baseline).items()})
     write_metrics(metrics_out, run, baseline, ft, baseline_file=baseline_row is not False)
     distributed.barrier()
     return run.metrics
@@ -162,6 +161,16 @@ def baseline_task(cfg: Config, task: TaskConfig, pretrained_dir: Path, model_out
         run = evaluate_learner(row, splits, cfg.representation.max_len, cfg.representation.test_len, staged)
     write_run(metrics_out, flag_degenerate(task, run, splits), epochs=False)
     return run.metrics
+
+
+def run_scores(metrics: dict) -> dict[str, float]:
+    """A run's scores as its MLflow metrics, under the results tables' names (``dev_official``,
+    ``test_mf1``...): the selected epoch's dev scores and the test scores, and that epoch."""
+    out = {f"{split}_{k}": v for split in ("dev", "test") for k, v in metrics[split].items()
+           if isinstance(v, (int, float)) and not isinstance(v, bool)}
+    if isinstance(metrics.get("best_epoch"), int):
+        out["best_epoch"] = metrics["best_epoch"]
+    return out
 
 
 def flag_degenerate(task: TaskConfig, run: LearnerRun, splits: TaskData) -> LearnerRun:
