@@ -85,3 +85,38 @@ def test_logging_a_broken_model_directory_does_not_stop_the_stage(in_project, ca
         tracker.log_classifier(in_project / "no-such-model")
         tracker.log_metrics({"after": 1.0})  # tracking is off after a failure; nothing raises
     assert "MLflow: logging the MLflow model failed" in caplog.text
+
+
+def test_the_model_is_a_logged_model_the_ui_lists_and_search_finds(in_project, monkeypatch):
+    uri = logged_model_uri(in_project, "t", monkeypatch)
+    run_id = uri.split("/")[1]
+    models = mlflow.search_logged_models(experiment_ids=[mlflow.get_experiment_by_name("twilbert").experiment_id],
+                                         filter_string=f"source_run_id = '{run_id}'", output_format="list")
+    assert [(m.name, m.status.to_proto()) for m in models] == [("model", mlflow.entities.LoggedModelStatus.READY.to_proto())]
+    run = mlflow.MlflowClient().get_run(run_id)
+    assert [o.model_id for o in run.outputs.model_outputs] == [models[0].model_id]  # the run page's "Logged models"
+    assert mlflow.pyfunc.load_model(f"models:/{models[0].model_id}").predict(["hola"]).shape[0] == 1
+
+
+def test_a_copied_store_still_loads_its_model_with_no_path_of_the_original_inside(in_project, tmp_path, monkeypatch):
+    import shutil
+
+    uri = logged_model_uri(in_project, "t", monkeypatch)
+    model_id = mlflow.MlflowClient().get_run(uri.split("/")[1]).outputs.model_outputs[0].model_id
+    copy = tmp_path / "elsewhere"
+    shutil.copytree(in_project / "mlartifacts", copy / "mlartifacts")
+    shutil.copy(in_project / "mlflow.db", copy / "mlflow.db")
+    [model_dir] = [p.parent for p in (copy / "mlartifacts").rglob("MLmodel") if model_id in str(p)]
+    # MLflow's files (the model directory under artifacts/ is twilbert's own, checked elsewhere)
+    for path in model_dir.rglob("*"):
+        if path.is_file() and "artifacts" not in path.relative_to(model_dir).parts:
+            text = path.read_text(encoding="utf-8", errors="replace")
+            assert str(in_project) not in text and str(REPO) not in text, path  # no absolute path of the original
+    # the original store moved away: nothing of it is read
+    (in_project / "mlartifacts").rename(in_project / "mlartifacts.away")
+    try:
+        loaded = mlflow.pyfunc.load_model(str(model_dir))
+        assert loaded.predict(TEXTS)["label"].tolist() == [p.label for p in load_classifier(
+            in_project / "mlartifacts.away" / model_dir.relative_to(copy / "mlartifacts") / "artifacts" / "t").predict(TEXTS)]
+    finally:
+        (in_project / "mlartifacts.away").rename(in_project / "mlartifacts")

@@ -236,7 +236,9 @@ class Tracker:
     # ---- the finetuned model as an MLflow model (self-contained: see twilbert.mlflow_pyfunc)
 
     def log_classifier(self, model_dir: Path, artifact_path: str = "model") -> None:
-        """Log a finetuned model directory as a pyfunc model at ``runs:/<run>/<artifact_path>``.
+        """Log a finetuned model directory as a pyfunc model: an MLflow 3 logged model named
+        ``artifact_path``, an output of this run (``runs:/<run>/<artifact_path>`` and
+        ``models:/<model id>`` load it; the UI and ``mlflow.search_logged_models`` list it).
 
         Like every tracking call it never stops the stage: a failure is reported and tracking goes off.
         """
@@ -245,14 +247,31 @@ class Tracker:
         self._call("logging the MLflow model", self._log_classifier, Path(model_dir), artifact_path)
 
     def _log_classifier(self, model_dir: Path, artifact_path: str) -> None:
+        from mlflow.entities import LoggedModelOutput, LoggedModelStatus
+        from mlflow.models import Model
+
         from twilbert.mlflow_pyfunc import save_classifier_model
 
         started = time.monotonic()
-        with tempfile.TemporaryDirectory(prefix="twilbert-pyfunc-") as tmp:
-            saved = save_classifier_model(model_dir, Path(tmp) / artifact_path)
-            self._client.log_artifacts(self.run_id, str(saved), artifact_path)
-        log.info("MLflow: logged %s as the pyfunc model runs:/%s/%s (%.1fs)", model_dir, self.run_id, artifact_path,
-                 time.monotonic() - started)
+        run = self._client.get_run(self.run_id)
+        model = self._client.create_logged_model(
+            run.info.experiment_id, name=artifact_path, source_run_id=self.run_id, model_type="twilbert-classifier",
+            tags={"twilbert.stage": self.stage, "dvc.exp_name": run.data.tags.get("dvc.exp_name", "")})
+        try:
+            self._client.log_outputs(self.run_id, models=[LoggedModelOutput(model.model_id, step=0)])
+            with tempfile.TemporaryDirectory(prefix="twilbert-pyfunc-") as tmp:
+                # The MLmodel file names the model by id and by its relative artifact path: no absolute
+                # path of this machine or store goes in (the store can be moved or shared).
+                description = Model(artifact_path=artifact_path, run_id=self.run_id, model_id=model.model_id,
+                                    model_uuid=model.model_id)
+                saved = save_classifier_model(model_dir, Path(tmp) / artifact_path, description)
+                self._client.log_model_artifacts(model.model_id, str(saved))
+        except BaseException:
+            self._client.finalize_logged_model(model.model_id, LoggedModelStatus.FAILED)
+            raise
+        self._client.finalize_logged_model(model.model_id, LoggedModelStatus.READY)
+        log.info("MLflow: logged %s as the pyfunc model %s (models:/%s, runs:/%s/%s; %.1fs)", model_dir,
+                 artifact_path, model.model_id, self.run_id, artifact_path, time.monotonic() - started)
 
     # ---- internals
 
