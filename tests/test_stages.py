@@ -133,3 +133,27 @@ def test_a_missing_task_file_fails_the_pretrain_stage_before_pretraining_in_one_
     assert len(errors) == 1 and "tasks.tass_default" in errors[0] and f"{task}/dev.tsv" in errors[0], proc.stderr
     assert "Traceback" not in proc.stderr and "nowhere" not in proc.stderr  # the task is checked first
     assert not (workdir / "m").exists()
+
+
+def test_a_stages_first_line_names_the_params_that_differ_from_conf(workdir, tmp_path):
+    # as DVC runs it: through stages/py, which pins the numerics before Python starts (no restart)
+    env = {**os.environ, "MLFLOW_TRACKING_URI": f"sqlite:///{tmp_path / 'mlflow.db'}", "CI": "1",
+           "TWILBERT_PYTHON": sys.executable}
+    proc = subprocess.run(["sh", str(REPO / "stages" / "py"), str(REPO / "stages" / "finetune.py"), "--task",
+                           "tass_default", "model.n_encoders=4", "tasks.tass_default.dataset.data_dir=nowhere"],
+                          cwd=workdir, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    first = proc.stderr.splitlines()[0]
+    assert "params that differ from conf/:" in first and "model.n_encoders=4 (conf/: 2)" in first, first
+    assert "tasks.tass_default.dataset.data_dir=nowhere (conf/: data/default)" in first
+
+
+def test_params_equal_to_conf_say_so():
+    from twilbert.config import compose
+    from twilbert.stage import describe_changes, param_changes
+
+    raw = compose([], REPO / "conf")
+    assert param_changes(raw, REPO / "conf") == []
+    assert param_changes({**raw, "seed": raw["seed"] + 1}, REPO / "conf") == [
+        f"seed={raw['seed'] + 1} (conf/: {raw['seed']})"]
+    assert describe_changes(raw, []).startswith("params")
