@@ -6,7 +6,7 @@ STAMP := $(VENV)/.twilbert-installed
 TORCH_SPEC ?= torch==2.13.0
 export PATH := $(CURDIR)/$(VENV)/bin:$(PATH)
 
-.PHONY: setup repro baseline exp queue compare test test-fast params check-params acceptance clean
+.PHONY: setup repro baseline exp queue compare ui test test-fast params check-params acceptance clean
 
 $(STAMP): pyproject.toml constraints.txt
 	@test -x $(PY) || python3 -m venv $(VENV)
@@ -51,6 +51,12 @@ queue: setup
 ## The workspace and every experiment: the params that differ and the headline metrics
 compare: setup
 	$(PY) -m twilbert.compare
+
+## MLflow's UI on the project's store (mlflow.db), opening on the experiments compared: one row per
+## DVC experiment with the params that differ among them and each task's test score (PORT=5000)
+PORT ?= 5000
+ui: setup
+	$(PY) -m twilbert.mlflow_view --port $(PORT)
 
 # One pytest-xdist worker per core; whole files per worker, as the e2e tests share one project.
 PYTEST_WORKERS ?= auto
