@@ -120,3 +120,11 @@ def test_a_copied_store_still_loads_its_model_with_no_path_of_the_original_insid
             in_project / "mlartifacts.away" / model_dir.relative_to(copy / "mlartifacts") / "artifacts" / "t").predict(TEXTS)]
     finally:
         (in_project / "mlartifacts.away").rename(in_project / "mlartifacts")
+
+
+def test_a_rerun_replaces_the_logged_model_with_its_run(in_project, monkeypatch):
+    first = logged_model_uri(in_project, "pair", monkeypatch).split("/")[1]
+    second = logged_model_uri(in_project, "pair", monkeypatch).split("/")[1]
+    exp = mlflow.get_experiment_by_name("twilbert").experiment_id
+    sources = {m.source_run_id for m in mlflow.search_logged_models(experiment_ids=[exp], output_format="list")}
+    assert second in sources and first not in sources

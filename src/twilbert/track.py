@@ -325,6 +325,9 @@ class Tracker:
         query = f"tags.`mlflow.parentRunId` = '{parent}' and attributes.run_name = '{name}'"
         for older in client.search_runs([exp_id], filter_string=query, max_results=100):
             if older.info.run_id != keep:
+                outputs = getattr(older, "outputs", None)
+                for model in getattr(outputs, "model_outputs", None) or ():  # its logged model goes with it
+                    client.delete_logged_model(model.model_id)
                 client.delete_run(older.info.run_id)
 
     def _log_params(self, client, run_id: str, flat: Mapping[str, str]) -> None:
