@@ -90,7 +90,8 @@ def mlflow_runs(root: Path):
 def test_repro_writes_a_results_table_with_the_default_task(project):
     repo, _, _ = project
     table = (repo / "results" / "results.md").read_text(encoding="utf-8")
-    assert "| tass_default | twilbert |" in table
+    # ⚠: a run of this tiny pipeline may predict one class on test (train/degenerate.py)
+    assert re.search(r"\| tass_default \| twilbert( ⚠)? \|", table)
     metrics = json.loads((repo / "results" / "metrics.json").read_text())
     score = metrics["tass_default"]["test_official"]
     assert math.isfinite(score) and 0.0 <= score <= 1.0
