@@ -6,7 +6,7 @@ STAMP := $(VENV)/.twilbert-installed
 TORCH_SPEC ?= torch==2.13.0
 export PATH := $(CURDIR)/$(VENV)/bin:$(PATH)
 
-.PHONY: setup repro baseline exp queue compare lint test test-fast params check-params acceptance clean
+.PHONY: setup repro baseline exp queue compare lint ui test test-fast params check-params acceptance clean
 
 $(STAMP): pyproject.toml constraints.txt
 	@test -x $(PY) || python3 -m venv $(VENV)
@@ -55,6 +55,12 @@ compare: setup
 ## ruff, configured in pyproject.toml
 lint: setup
 	$(VENV)/bin/ruff check src stages tests scripts benchmarks
+
+## MLflow's UI on the project's store (mlflow.db), opening on the experiments compared: one row per
+## DVC experiment with the params that differ among them and each task's test score (PORT=5000)
+PORT ?= 5000
+ui: setup
+	$(PY) -m twilbert.mlflow_view --port $(PORT)
 
 # One pytest-xdist worker per core; whole files per worker, as the e2e tests share one project.
 PYTEST_WORKERS ?= auto

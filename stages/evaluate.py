@@ -51,7 +51,9 @@ def main() -> str:
     with tracker.start({"tasks": ",".join(sorted(cfg.tasks))}, run_name="evaluate", experiment_params=raw):
         epochs = {name: run_dir / "epochs.csv" for name, run_dir in runs.items()}  # every seed's curves
         curves = write_finetune_curves(epochs, args.curves_out) if args.curves_out else {}
-        pngs = write_pngs(args.plots_out, args.pretrain_curves, curves) if args.plots_out else []
+        best = {name: json.loads((run_dir / "metrics.json").read_text(encoding="utf-8")).get("best_epoch")
+                for name, run_dir in runs.items()}  # starred on the PNGs: the epoch each run kept
+        pngs = write_pngs(args.plots_out, args.pretrain_curves, curves, best) if args.plots_out else []
         rendered = render_results(files, labels=shown, specs=specs, header=header,
                                   plots=[Path(os.path.relpath(p, args.out)).as_posix() for p in pngs])
         write_rendered(rendered, args.out)
@@ -61,7 +63,7 @@ def main() -> str:
             tracker.log_artifact(args.out / name)
         for png in pngs:
             tracker.log_artifact(png, "plots")
-    print(rendered["results.md"])
+    # No table printed here: `make repro` shows results/results.md once, also when this stage was cached.
     tests = ", ".join(f"{k.removesuffix('.test_official')} {v:.4f}" for k, v in headline.items()
                       if k.endswith(".test_official") and k.count(".") == 1)
     return f"test official: {tests}; {len(pngs)} plots -> {args.out}"

@@ -9,6 +9,7 @@ import json
 from pathlib import Path
 from typing import Optional
 
+from twilbert.data.tasks import check_config_tasks
 from twilbert.distributed import distributed_context
 from twilbert.io_utils import atomic_write
 from twilbert.progress import format_metrics
@@ -27,8 +28,12 @@ def main() -> Optional[str]:
     parser.add_argument("--checkpoints", type=Path, default=Path("models/checkpoints/pretrain"))
     parser.add_argument("--metrics", type=Path, default=Path("results/pretrain.json"))
     parser.add_argument("--curves", type=Path, help="DVC plot files per epoch and per logged step (epochs.csv, steps.csv)")
+    parser.add_argument("--check-tasks", type=Path, metavar="DEFAULT_DIR",
+                        help="first read every task's files (DEFAULT_DIR: the data stage's default task)")
     args, overrides = parse_args(parser)
     cfg, raw = load_stage_config(overrides)
+    if args.check_tasks:  # a task that cannot run fails now, not after pretraining
+        check_config_tasks(cfg, args.check_tasks)
     params = {k: raw[k] for k in ("seed", "model", "training", "representation", "vocab") if k in raw}
     # One writer per checkpoint directory: a second run beside a live one is refused, naming its PID.
     with distributed_context(cfg.training.device) as ctx, checkpoint_lock(args.checkpoints, enabled=ctx.is_main):

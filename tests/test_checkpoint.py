@@ -297,12 +297,34 @@ def test_fingerprint_include_reads_only_the_stage_params():
 def test_a_changed_config_starts_fresh_says_so_and_keeps_the_old_checkpoints(tmp_path, caplog):
     model, opt, sched = build()
     save(tmp_path, model, opt, sched, 4)
-    with caplog.at_level(logging.WARNING):
+    with caplog.at_level(logging.INFO):
         assert resume_training(tmp_path, *build(seed=2), "0" * 64) is None
-    assert "config changed" in caplog.text
+    assert "config changed" in caplog.text and "starting fresh" in caplog.text
+    assert all(r.levelno == logging.INFO for r in caplog.records if "starting fresh" in r.message)  # the normal path
     assert list_checkpoints(tmp_path) == []
     assert (tmp_path / "superseded" / FINGERPRINT[:16] / "step-00000004" / "model.safetensors").is_file()
 
 
 def test_an_empty_directory_starts_fresh(tmp_path):
     assert resume_training(tmp_path / "none", *build(), FINGERPRINT) is None
+
+
+def _disk_use(path) -> int:
+    return sum(p.stat().st_size for p in path.rglob("*") if p.is_file())
+
+
+def test_disk_use_stays_bounded_across_experiments_that_change_the_config(tmp_path, caplog):
+    # three experiments in a row, each with a changed config: each starts fresh and leaves its checkpoints
+    sizes = []
+    model, opt, sched = build()
+    save(tmp_path, model, opt, sched, 4)
+    for experiment in range(1, 4):
+        new = f"{experiment}" * 64
+        with caplog.at_level(logging.INFO):
+            assert resume_training(tmp_path, *build(seed=experiment), new) is None
+        model, opt, sched = build(seed=experiment)
+        save_training_checkpoint(tmp_path, model, opt, sched, state_at(4), new)
+        sizes.append(_disk_use(tmp_path))
+        assert len(list((tmp_path / "superseded").iterdir())) == 1  # only the latest replaced run
+    assert max(sizes) <= 1.05 * sizes[0]  # the third experiment takes no more disk than the first
+    assert "the one before" in caplog.text and "was deleted" in caplog.text

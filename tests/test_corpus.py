@@ -165,12 +165,23 @@ def test_bad_rows_within_max_bad_rows_are_skipped_counted_and_listed(tmp_path):
 
 def test_a_bad_row_without_budget_fails_with_file_and_line_and_writes_no_corpus(tmp_path):
     path = tmp_path / "t.txt.gz"
-    write_gz(path, "uno\ndos\n\ntres\n")
+    path.write_bytes(gzip.compress(b"uno\ndos\nmal \xff\ntres\n"))
     cfg = DataConfig(source="text_file", text_file=str(path), corpus_dir=str(tmp_path))
-    with pytest.raises(DataFormatError, match=rf"^{path}:3: blank line"):
+    with pytest.raises(DataFormatError, match=rf"^{path}:3: invalid UTF-8"):
         run_data_stage(cfg, seed=1, out=tmp_path / "data")
     assert not (tmp_path / "data/pretrain/corpus.jsonl").exists()
     assert not list((tmp_path / "data/pretrain").iterdir())  # no temp file left either
+
+
+def test_blank_lines_of_a_text_corpus_are_skipped_and_reported_in_the_summary(tmp_path):
+    path = tmp_path / "t.txt"
+    path.write_text("uno\n\ndos\n\n\ntres\n", encoding="utf-8")
+    cfg = DataConfig(source="text_file", text_file=str(path), corpus_dir=str(tmp_path))
+    summary = run_data_stage(cfg, seed=1, out=tmp_path / "data")
+    assert summary["blank_lines_skipped"] == 3 and summary["pretrain_texts"] == 3
+    assert summary["bad_rows_skipped"] == 0
+    written = json.loads((tmp_path / "data/pretrain/summary.json").read_text(encoding="utf-8"))
+    assert written["blank_lines_skipped"] == 3
 
 
 def test_a_corpus_of_only_skipped_rows_is_an_error_that_keeps_the_previous_output(tmp_path):
@@ -179,7 +190,7 @@ def test_a_corpus_of_only_skipped_rows_is_an_error_that_keeps_the_previous_outpu
     cfg = DataConfig(source="text_file", text_file=str(path), max_bad_rows=5, corpus_dir=str(tmp_path))
     run_data_stage(cfg, seed=1, out=tmp_path / "data")
     before = (tmp_path / "data/pretrain/corpus.jsonl").read_bytes()
-    path.write_text("\n \n", encoding="utf-8")
+    path.write_bytes(b"\xff\n \xfe\n")
     with pytest.raises(DataStageError, match=r"data\.text_file \(1 file\(s\)\): no well-formed rows"):
         run_data_stage(cfg, seed=1, out=tmp_path / "data")
     assert (tmp_path / "data/pretrain/corpus.jsonl").read_bytes() == before

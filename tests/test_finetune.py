@@ -212,11 +212,13 @@ def test_epochs_csv_holds_the_columns_the_dvc_plot_reads(tmp_path, raw, pretrain
     _, _, results = run(tmp_path, cfg, pretrained)
     with (results / "epochs.csv").open() as fh:
         rows = list(csv.DictReader(fh))
-    # evaluate copies these columns to results/curves/finetune/<task>.csv, which dvc.yaml's plots draw
+    # evaluate copies these columns to results/curves/finetune/<column>/<run>.csv, which dvc.yaml's plots draw
     plots = yaml.safe_load((REPO / "dvc.yaml").read_text())["plots"]
-    spec = next(d for p in plots for k, d in p.items() if k == "results/curves/finetune")
-    assert [int(r[spec["x"]]) for r in rows] == [1, 2]
-    assert all(0.0 <= float(r[y]) for y in spec["y"] for r in rows)
+    specs = [d for p in plots for k, d in p.items() if k.startswith("results/curves/finetune/")]
+    assert sorted(s["y"] for s in specs) == ["dev_official", "train_loss"]  # each curve its own axis
+    assert all(s["title"] and "/" not in s["title"] for s in specs)
+    assert all([int(r[s["x"]]) for r in rows] == [1, 2] for s in specs)
+    assert all(0.0 <= float(r[s["y"]]) for s in specs for r in rows)
     assert all(0.0 <= float(r["dev_official"]) <= 1.0 for r in rows)
 
 
@@ -250,3 +252,33 @@ def test_multi_label_decision_uses_the_task_threshold(raw, tmp_path):
     cfg = make_config(raw, {"emo": task})
     scores = np.array([[0.3, 0.6, 0.2]])
     assert decide(scores, first(cfg)).tolist() == [[1, 1, 0]]
+
+
+def test_the_child_runs_scores_are_the_selected_epochs_under_the_tables_names(tmp_path, raw, pretrained, monkeypatch):
+    import mlflow
+
+    from twilbert.config import TrackingConfig
+    from twilbert.results import render_results
+    from twilbert.track import Tracker
+
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "dvc.yaml").write_text("stages: {}\n")
+    monkeypatch.delenv("DVC_EXP_NAME", raising=False)
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+    # 4 epochs and a patience that lets them all run: the last epoch is seldom the selected one
+    cfg = make_config(raw, {"t": write_task(tmp_path / "data")}, epochs=4, patience=4, lr=1e-2)
+    task = first(cfg)
+    tracker = Tracker(TrackingConfig(), stage="finetune")
+    with tracker.start({}, run_name="finetune-t-s0"):
+        finetune_task(cfg, task, pretrained, tmp_path / "model", tmp_path / "results" / "runs" / "s0", tracker)
+    child = mlflow.MlflowClient(tracking_uri=uri).get_run(tracker.run_id)
+    table = render_results([tmp_path / "results" / "runs" / "s0" / "metrics.json"])["results.csv"]
+    row = next(csv.DictReader(table.splitlines()))
+    assert child.data.metrics["dev_official"] == pytest.approx(float(row["dev_official"]), abs=1e-12)
+    assert child.data.metrics["test_official"] == pytest.approx(float(row["test_official"]), abs=1e-12)
+    assert child.data.metrics["best_epoch"] == float(row["best_epoch"])
+    history = mlflow.MlflowClient(tracking_uri=uri).get_metric_history(tracker.run_id, "epochs/dev_official")
+    assert len(history) == 4  # the per-epoch curve keeps its own name
+    best = max(history, key=lambda m: (m.value, -m.step))
+    assert child.data.metrics["dev_official"] == pytest.approx(best.value)

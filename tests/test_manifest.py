@@ -188,3 +188,14 @@ def test_finetune_refuses_a_corrupt_pretrained_model_before_any_output(tmp_path,
     monkeypatch.setenv("TWILBERT_NO_VERIFY", "1")
     metrics = finetune_task(cfg, first(cfg), pretrained, out, results)
     assert np.isfinite(metrics["test"]["official"])
+
+
+def test_only_the_users_switch_logs_unverified_checksums(model, monkeypatch, caplog):
+    # verify=False is a caller that verified the directory once already: no line claiming otherwise
+    with caplog.at_level(logging.INFO, logger="twilbert.model.manifest"):
+        verify_model_dir(model, verify=False)
+    assert "not verified" not in caplog.text
+    monkeypatch.setenv("TWILBERT_NO_VERIFY", "1")
+    with caplog.at_level(logging.INFO, logger="twilbert.model.manifest"):
+        verify_model_dir(model)
+    assert "checksums not verified (--no-verify or TWILBERT_NO_VERIFY=1)" in caplog.text

@@ -12,6 +12,7 @@ from helpers import REPO
 from finetune_data import first, make_config, make_pretrained, write_task
 from twilbert import load_classifier
 from twilbert.config import TrackingConfig, compose
+from twilbert.mlflow_pyfunc import save_classifier_model
 from twilbert.track import Tracker, local_store_uri
 from twilbert.train.finetune_stage import finetune_task
 
@@ -37,7 +38,7 @@ def logged_model_uri(project, task: str, monkeypatch) -> str:
     """Log the task's model through the Tracker into the project's SQLite store; its runs:/ URI."""
     tracker = Tracker(TrackingConfig(), stage="finetune")
     with tracker.start({"task": task}, run_name=f"finetune-{task}"):
-        tracker.log_classifier(project / "models" / task)
+        tracker.log_classifier(project / "models" / task, save_classifier_model)
     assert tracker.run_id is not None and not tracker._failed
     # the environment, not mlflow.set_tracking_uri: that would outlive the test (and reach other tests' subprocesses)
     monkeypatch.setenv("MLFLOW_TRACKING_URI", local_store_uri(project))
@@ -82,6 +83,49 @@ def test_a_two_text_model_takes_its_second_text_column(in_project, monkeypatch):
 def test_logging_a_broken_model_directory_does_not_stop_the_stage(in_project, caplog):
     tracker = Tracker(TrackingConfig(), stage="finetune")
     with tracker.start({}, run_name="broken-model"):
-        tracker.log_classifier(in_project / "no-such-model")
+        tracker.log_classifier(in_project / "no-such-model", save_classifier_model)
         tracker.log_metrics({"after": 1.0})  # tracking is off after a failure; nothing raises
     assert "MLflow: logging the MLflow model failed" in caplog.text
+
+
+def test_the_model_is_a_logged_model_the_ui_lists_and_search_finds(in_project, monkeypatch):
+    uri = logged_model_uri(in_project, "t", monkeypatch)
+    run_id = uri.split("/")[1]
+    models = mlflow.search_logged_models(experiment_ids=[mlflow.get_experiment_by_name("twilbert").experiment_id],
+                                         filter_string=f"source_run_id = '{run_id}'", output_format="list")
+    assert [(m.name, m.status.to_proto()) for m in models] == [("model", mlflow.entities.LoggedModelStatus.READY.to_proto())]
+    run = mlflow.MlflowClient().get_run(run_id)
+    assert [o.model_id for o in run.outputs.model_outputs] == [models[0].model_id]  # the run page's "Logged models"
+    assert mlflow.pyfunc.load_model(f"models:/{models[0].model_id}").predict(["hola"]).shape[0] == 1
+
+
+def test_a_copied_store_still_loads_its_model_with_no_path_of_the_original_inside(in_project, tmp_path, monkeypatch):
+    import shutil
+
+    uri = logged_model_uri(in_project, "t", monkeypatch)
+    model_id = mlflow.MlflowClient().get_run(uri.split("/")[1]).outputs.model_outputs[0].model_id
+    copy = tmp_path / "elsewhere"
+    shutil.copytree(in_project / "mlartifacts", copy / "mlartifacts")
+    shutil.copy(in_project / "mlflow.db", copy / "mlflow.db")
+    [model_dir] = [p.parent for p in (copy / "mlartifacts").rglob("MLmodel") if model_id in str(p)]
+    # MLflow's files (the model directory under artifacts/ is twilbert's own, checked elsewhere)
+    for path in model_dir.rglob("*"):
+        if path.is_file() and "artifacts" not in path.relative_to(model_dir).parts:
+            text = path.read_text(encoding="utf-8", errors="replace")
+            assert str(in_project) not in text and str(REPO) not in text, path  # no absolute path of the original
+    # the original store moved away: nothing of it is read
+    (in_project / "mlartifacts").rename(in_project / "mlartifacts.away")
+    try:
+        loaded = mlflow.pyfunc.load_model(str(model_dir))
+        assert loaded.predict(TEXTS)["label"].tolist() == [p.label for p in load_classifier(
+            in_project / "mlartifacts.away" / model_dir.relative_to(copy / "mlartifacts") / "artifacts" / "t").predict(TEXTS)]
+    finally:
+        (in_project / "mlartifacts.away").rename(in_project / "mlartifacts")
+
+
+def test_a_rerun_replaces_the_logged_model_with_its_run(in_project, monkeypatch):
+    first = logged_model_uri(in_project, "pair", monkeypatch).split("/")[1]
+    second = logged_model_uri(in_project, "pair", monkeypatch).split("/")[1]
+    exp = mlflow.get_experiment_by_name("twilbert").experiment_id
+    sources = {m.source_run_id for m in mlflow.search_logged_models(experiment_ids=[exp], output_format="list")}
+    assert second in sources and first not in sources

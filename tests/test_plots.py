@@ -54,8 +54,10 @@ def test_finetune_curves_and_pngs_are_written_and_identical_on_a_rerun(tmp_path)
     assert sorted(shots[0]) == ["finetune_tass_default.png", "pretrain_epochs.png", "pretrain_steps.png"]
     assert all(data.startswith(b"\x89PNG") for data in shots[0].values())
     assert shots[0] == shots[1]
-    rows = (tmp_path / "one" / "curves" / "tass_default.csv").read_text().splitlines()
-    assert rows[0] == "epoch,train_loss,dev_official" and len(rows) == 4
+    rows = (tmp_path / "one" / "curves" / "train_loss" / "tass_default.csv").read_text().splitlines()
+    assert rows[0] == "epoch,train_loss" and len(rows) == 4
+    rows = (tmp_path / "one" / "curves" / "dev_official" / "tass_default.csv").read_text().splitlines()
+    assert rows[0] == "epoch,dev_official" and len(rows) == 4
 
 
 def test_a_k_fold_task_plots_its_first_fold(tmp_path):
@@ -72,3 +74,18 @@ def test_the_epoch_line_has_epoch_of_total_metrics_elapsed_and_eta():
     line = clock.line("pretrain", 3, {"train_loss": 5.25, "heldout_mlm_accuracy": 0.1234, "epoch": 3})
     assert line == "pretrain epoch 3/10: train_loss 5.25 ho_mlm_acc 0.1234 | 30s elapsed, ETA 1m10s"
     assert format_duration(3725) == "1h02m" and format_duration(float("nan")) == "?"
+
+
+def test_a_tasks_png_draws_every_seed_and_stars_each_runs_selected_epoch(tmp_path):
+    paths = {}
+    for seed in (0, 1):
+        paths[f"t-s{seed}"] = tmp_path / f"s{seed}.csv"
+        write_rows(paths[f"t-s{seed}"], [{"epoch": e, "train_loss": 1.0 / e, "dev_official": 0.1 * e + seed / 10}
+                                         for e in (1, 2, 3)])
+    curves = write_finetune_curves(paths, tmp_path / "curves")
+    plain = write_pngs(tmp_path / "plain", None, curves)
+    starred = write_pngs(tmp_path / "starred", None, curves, {"t-s0": 2, "t-s1": 3})
+    assert [p.name for p in plain] == [p.name for p in starred] == ["finetune_t.png"]  # one figure, both seeds
+    assert plain[0].read_bytes() != starred[0].read_bytes()
+    # the star is where the run's dev curve is at its selected epoch: an epoch it never reached draws none
+    assert write_pngs(tmp_path / "far", None, curves, {"t-s0": 9, "t-s1": 9})[0].read_bytes() == plain[0].read_bytes()

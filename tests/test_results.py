@@ -373,9 +373,10 @@ def test_the_evaluate_stage_tables_the_runs_with_their_spread_and_the_delta_inte
     assert "| test file | 3 |" in row and " ± " in row and row.endswith("| better |")
     summary = json.loads((stage_dir / "results" / "metrics.json").read_text())["tass_default"]
     assert summary["test_official_n"] == 3 and summary["test_official_sd"] > 0
-    curves = sorted(p.name for p in (stage_dir / "results" / "curves").glob("*.csv"))
-    assert curves == ["tass_default-s0.csv", "tass_default-s1.csv", "tass_default-s2.csv"]  # every listed seed
-    assert "0.1" in (stage_dir / "results" / "curves" / "tass_default-s0.csv").read_text()
+    for curve in ("train_loss", "dev_official"):
+        curves = sorted(p.name for p in (stage_dir / "results" / "curves" / curve).glob("*.csv"))
+        assert curves == ["tass_default-s0.csv", "tass_default-s1.csv", "tass_default-s2.csv"]  # every listed seed
+    assert "0.1" in (stage_dir / "results" / "curves" / "dev_official" / "tass_default-s0.csv").read_text()
 
 
 def test_the_evaluate_stage_refuses_runs_on_other_test_examples_in_one_line(stage_dir):

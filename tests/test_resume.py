@@ -110,7 +110,7 @@ def test_pretrain_rerun_with_a_changed_config_starts_fresh_and_says_so(pretrain_
     assert steps(out / "ck" / "train_state") == ["step-00000014"]
 
     raw["training"]["lr"] = raw["training"]["lr"] / 2
-    with caplog.at_level("WARNING"):
+    with caplog.at_level("INFO"):
         pretrain(load_config(raw), pretrain_inputs / "pairs", pretrain_inputs / "vocab", out / "model", out / "ck")
     assert "the config changed" in caplog.text and "starting fresh" in caplog.text
     assert (out / "ck" / "train_state" / "superseded").is_dir()
@@ -245,7 +245,7 @@ def test_starting_fresh_names_the_part_of_the_run_that_changed(tmp_path, caplog)
     _linear_checkpoint(tmp_path, saved)
     now = {**saved, "code": "c2"}
     model = torch.nn.Linear(3, 2)
-    with caplog.at_level("WARNING"):
+    with caplog.at_level("INFO"):
         assert resume_training(tmp_path, model, torch.optim.SGD(model.parameters(), lr=0.1), None,
                                run_fingerprint(now), now) is None
     assert "the code changed" in caplog.text and "starting fresh" in caplog.text

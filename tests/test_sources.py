@@ -7,7 +7,7 @@ import pytest
 
 from twilbert.config import ConfigError, DataConfig, load_config
 from twilbert.data.formats import DataFormatError
-from twilbert.data.sources import BadRowBudget, CorpusError, iter_corpus_rows, resolve_corpus_files, untracked_files
+from twilbert.data.sources import BadRowBudget, BlankLines, CorpusError, iter_corpus_rows, resolve_corpus_files, untracked_files
 
 
 def text_cfg(spec, **kw) -> DataConfig:
@@ -67,20 +67,30 @@ def test_bad_rows_within_the_budget_are_logged_with_file_and_line_and_skipped(tm
 
 def test_one_bad_row_past_the_budget_fails_with_its_file_line_and_the_budget(tmp_path):
     path = tmp_path / "t.txt"
-    path.write_text("uno\n\ndos\n   \ntres\n")
+    path.write_bytes(b"uno\nmal \xff\ndos\npeor \xfe\ntres\n")
     with pytest.raises(CorpusError) as info:
         rows(text_cfg(str(path), max_bad_rows=1))
     message = str(info.value)
-    assert f"{path}:2: blank line" in message and f"{path}:4: blank line" in message
+    assert f"{path}:2: invalid UTF-8" in message and f"{path}:4: invalid UTF-8" in message
     assert "data.max_bad_rows=1" in message
 
 
 def test_without_a_budget_a_bad_row_raises_the_readers_own_error(tmp_path):
     path = tmp_path / "t.txt"
-    path.write_text("uno\n\ndos\n")
+    path.write_bytes(b"uno\nmal \xff\ndos\n")
     with pytest.raises(DataFormatError) as info:
         rows(text_cfg(str(path)))
-    assert str(info.value) == f"{path}:2: blank line (every line must hold a text; remove it)"
+    assert str(info.value).startswith(f"{path}:2: invalid UTF-8")
+
+
+def test_blank_lines_of_a_text_corpus_are_counted_and_skipped_not_malformed(tmp_path):
+    path = tmp_path / "t.txt"
+    path.write_text("uno\n\ndos\n   \n\ntres\n")
+    blank = BlankLines()
+    budget = BadRowBudget(0)
+    assert list(iter_corpus_rows(text_cfg(str(path)), [path], budget, blank)) == [
+        ("uno", None), ("dos", None), ("tres", None)]
+    assert blank.count == 3 and budget.skipped == 0
 
 
 def test_config_checks_the_corpus_keys(tiny_raw):

@@ -277,3 +277,59 @@ def test_tracking_config_rejects_bad_values_naming_the_key(tiny_raw):
     tiny_raw["tracking"].update(timeout=5.0, on_unreachable="ignore")
     with pytest.raises(ConfigError, match=r"tracking\.on_unreachable"):
         load_config(tiny_raw)
+
+
+def test_a_rerun_of_a_stage_replaces_its_child_under_the_same_parent(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "dvc.yaml").write_text("stages: {}\n")
+    for var in ("MLFLOW_TRACKING_URI", "DVC_EXP_NAME"):
+        monkeypatch.delenv(var, raising=False)
+    for _ in range(3):  # three reruns of the same configuration, as `dvc repro -f` would
+        for task in ("a", "b"):
+            with Tracker(TrackingConfig(), stage="finetune").start({}, run_name=f"finetune-{task}-s0",
+                                                                     experiment_params=full_params(2)):
+                pass
+    client, exp, found = parents(tmp_path)
+    assert len(found) == 1
+    children = client.search_runs([exp.experiment_id],
+                                  filter_string=f"tags.`mlflow.parentRunId` = '{found[0].info.run_id}'")
+    assert sorted(r.info.run_name for r in children) == ["finetune-a-s0@workspace", "finetune-b-s0@workspace"]
+
+
+def test_a_commit_between_two_stages_keeps_them_under_one_parent(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "dvc.yaml").write_text("stages: {}\n")
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    monkeypatch.delenv("DVC_EXP_NAME", raising=False)
+    for stage, commit in (("pretrain", "a" * 40), ("finetune", "b" * 40)):
+        monkeypatch.setenv("DVC_EXP_BASELINE_REV", commit)
+        with Tracker(TrackingConfig(), stage=stage).start({}, experiment_params=full_params(2)):
+            pass
+    _, _, found = parents(tmp_path)
+    assert len(found) == 1 and found[0].data.tags["git.commit"] == "b" * 40
+
+
+def test_a_stage_that_fails_before_its_run_opens_marks_its_parent_failed(tmp_path, monkeypatch):
+    import mlflow
+
+    from helpers import REPO
+    from twilbert.config import compose
+
+    (tmp_path / "conf").symlink_to(REPO / "conf")
+    overrides = ["tasks.tass_default.dataset.data_dir=nowhere"]
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+    monkeypatch.delenv("DVC_EXP_NAME", raising=False)
+    monkeypatch.chdir(tmp_path)
+    # the pipeline so far: a stage of this configuration ran and finished
+    with Tracker(TrackingConfig(), stage="pretrain").start({}, experiment_params=compose(overrides, REPO / "conf")):
+        pass
+    env = {k: v for k, v in __import__("os").environ.items() if k != "DVC_EXP_NAME"}
+    proc = subprocess.run([sys.executable, str(REPO / "stages" / "finetune.py"), "--task", "tass_default", *overrides],
+                          cwd=tmp_path, env={**env, "MLFLOW_TRACKING_URI": uri}, capture_output=True, text=True,
+                          timeout=300)
+    assert proc.returncode == 2 and "nowhere" in proc.stderr, proc.stderr[-2000:]
+    client = mlflow.MlflowClient(tracking_uri=uri)
+    exp = client.get_experiment_by_name("twilbert")
+    found = client.search_runs([exp.experiment_id], filter_string="tags.`twilbert.parent` = 'true'")
+    assert [r.info.status for r in found] == ["FAILED"]

@@ -109,8 +109,12 @@ def pip_requirements(backbone: str) -> list[str]:
     return pins
 
 
-def save_classifier_model(model_dir: Union[str, Path], path: Union[str, Path]) -> Path:
-    """Save the finetuned ``model_dir`` as an MLflow pyfunc model at ``path`` (a new directory)."""
+def save_classifier_model(model_dir: Union[str, Path], path: Union[str, Path],
+                          description: Optional["mlflow.models.Model"] = None) -> Path:
+    """Save the finetuned ``model_dir`` as an MLflow pyfunc model at ``path`` (a new directory).
+
+    ``description``: the ``MLmodel`` to fill (a logged model's id and run); the file keeps no
+    absolute path, so the saved model loads wherever its folder, or the store holding it, is moved."""
     from twilbert.predict import load_finetuned
 
     fm = load_finetuned(model_dir)  # validates the directory and gives the signature's columns
@@ -122,8 +126,28 @@ def save_classifier_model(model_dir: Union[str, Path], path: Union[str, Path]) -
             signature=signature(fm.labels, fm.problem_type, fm.aux_header),
             pip_requirements=pip_requirements(fm.backbone),
             metadata={"twilbert.task": fm.task.name, "twilbert.problem_type": fm.problem_type},
+            mlflow_model=description,
         )
+    strip_absolute_paths(Path(path))
     return Path(path)
+
+
+def strip_absolute_paths(path: Path) -> None:
+    """MLflow writes into ``MLmodel`` the absolute paths the model was saved from (this machine's):
+    the model code's (``model_code_path``) and each artifact's source (``uri``). Loading reads only
+    the copies inside the model folder (``code/<file>``, the artifact's ``path``), so those are what
+    is kept."""
+    import yaml
+
+    mlmodel = path / "MLmodel"
+    data = yaml.safe_load(mlmodel.read_text(encoding="utf-8"))
+    flavor = data.get("flavors", {}).get("python_function", {})
+    if flavor.get("model_code_path"):
+        flavor["model_code_path"] = f"code/{Path(flavor['model_code_path']).name}"
+    for artifact in (flavor.get("artifacts") or {}).values():
+        if isinstance(artifact, dict) and "path" in artifact:
+            artifact["uri"] = artifact["path"]
+    mlmodel.write_text(yaml.safe_dump(data, default_flow_style=False, sort_keys=False), encoding="utf-8")
 
 
 # Models from code: executed when MLflow loads the saved model, this names the model it serves.

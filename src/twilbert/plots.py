@@ -36,31 +36,48 @@ def finetune_curve(epochs_csv: Path) -> list[dict[str, float]]:
 
 
 def write_finetune_curves(task_epochs: dict[str, Path], out_dir: Path) -> dict[str, list[dict]]:
-    """``<out_dir>/<task>.csv`` for each task that has an epochs.csv; the curves by task."""
+    """``<out_dir>/<column>/<run>.csv`` (epoch and that column) for each run that has an epochs.csv:
+    one folder per curve, so that ``dvc plots`` draws the loss and the dev score on axes of their own.
+    Returns the curves by run."""
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    for stale in out_dir.glob("*.csv"):  # a task no longer in params
-        if stale.stem not in task_epochs:
-            stale.unlink()
+    for stale in out_dir.glob("*.csv"):  # the layout before one folder per curve
+        stale.unlink()
     curves = {task: finetune_curve(path) for task, path in task_epochs.items() if Path(path).is_file()}
-    for task, rows in curves.items():
-        write_csv(out_dir / f"{task}.csv", rows)
+    for column in FINETUNE_COLUMNS[1:]:
+        (out_dir / column).mkdir(exist_ok=True)
+        for stale in (out_dir / column).glob("*.csv"):  # a run no longer in params
+            if stale.stem not in curves:
+                stale.unlink()
+        for task, rows in curves.items():
+            write_csv(out_dir / column / f"{task}.csv", [{"epoch": r["epoch"], column: r[column]} for r in rows
+                                                         if column in r])
     return curves
 
 
-def _figure(panels: Sequence[tuple[str, str, list[dict], Sequence[str]]], title: str):
+def _figure(panels: Sequence[tuple[str, str, list[dict], Sequence[str]]], title: str,
+            marks: Optional[dict[str, float]] = None):
+    """One panel per (y label, x key, rows, curve keys); ``marks``: a curve key -> the x at which
+    that curve gets a star (the selected epoch)."""
     import matplotlib
 
     matplotlib.use("Agg")
     from matplotlib import pyplot as plt
 
+    marks = marks or {}
     fig, axes = plt.subplots(1, len(panels), figsize=(5.5 * len(panels), 3.6), squeeze=False)
     for ax, (ylabel, xkey, rows, keys) in zip(axes[0], panels):
+        starred = False
         for key in keys:
             points = [(r[xkey], r[key]) for r in rows if key in r and not math.isnan(r[key])]
             if points:
                 xs, ys = zip(*points)
-                ax.plot(xs, ys, marker="o" if len(xs) < 30 else None, markersize=3, label=key)
+                line, = ax.plot(xs, ys, marker="o" if len(xs) < 30 else None, markersize=3, label=key)
+                at = [(x, y) for x, y in points if key in marks and x == marks[key]]
+                if at:
+                    ax.plot(*at[0], marker="*", markersize=13, color=line.get_color(), markeredgecolor="black",
+                            markeredgewidth=0.6, linestyle="none", label=None if starred else "selected epoch")
+                    starred = True
         ax.set_xlabel(xkey)
         ax.set_ylabel(ylabel)
         ax.grid(alpha=0.3)
@@ -71,16 +88,20 @@ def _figure(panels: Sequence[tuple[str, str, list[dict], Sequence[str]]], title:
     return fig, plt
 
 
-def save_png(path: Path, panels, title: str) -> Path:
-    fig, plt = _figure(panels, title)
+def save_png(path: Path, panels, title: str, marks: Optional[dict[str, float]] = None) -> Path:
+    fig, plt = _figure(panels, title, marks)
     with atomic_write(path, "wb", encoding=None, newline=None) as fh:
         fig.savefig(fh, format="png", dpi=90, metadata={"Software": None})
     plt.close(fig)
     return path
 
 
-def write_pngs(out_dir: Path, pretrain_curves: Optional[Path], finetune: dict[str, list[dict]]) -> list[Path]:
-    """PNGs of the pretraining curves (per epoch, per logged step) and of each task's finetuning."""
+def write_pngs(out_dir: Path, pretrain_curves: Optional[Path], finetune: dict[str, list[dict]],
+               selected: Optional[dict[str, int]] = None) -> list[Path]:
+    """PNGs of the pretraining curves (per epoch, per logged step) and of each task's finetuning, every
+    run (seed) of a task in one figure; ``selected``: each run's selected epoch (``<task>-s<seed>`` ->
+    its ``best_epoch``), starred on its curves."""
+    selected = selected or {}
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     written = []
@@ -99,10 +120,15 @@ def write_pngs(out_dir: Path, pretrain_curves: Optional[Path], finetune: dict[st
         # every seed's curves in one figure, so that the spread between runs shows
         rows = [{"epoch": r["epoch"], **{f"{key} {run}": r[key] for key in ("train_loss", "dev_official") if key in r}}
                 for run, run_rows in runs.items() for r in run_rows]
+        best = {run: selected.get(f"{task}-{run}", selected.get(task)) for run in runs}
+        marks = {f"{key} {run}": epoch for run, epoch in best.items()
+                 if isinstance(epoch, int) and any(r["epoch"] == epoch for r in runs[run])
+                 for key in ("train_loss", "dev_official")}
         written.append(save_png(out_dir / f"finetune_{task}.png", [
             ("train loss", "epoch", rows, [f"train_loss {run}" for run in runs]),
             ("dev official metric", "epoch", rows, [f"dev_official {run}" for run in runs])],
-            f"finetuning {task}" + (f" ({len(runs)} seeds)" if len(runs) > 1 else "")))
+            f"finetuning {task}" + (f" ({len(runs)} seeds)" if len(runs) > 1 else "")
+            + (", ★ selected epoch" if marks else ""), marks))
     return written
 
 

@@ -185,7 +185,8 @@ def aggregate(rows: list[dict]) -> list[dict]:
         out.append({**agreed, "task": task, "model": model, "source": source, "dev": dev, "test": test,
                     "sd": {"dev": dev_sd, "test": test_sd}, "n": len(runs), "runs": runs,
                     "official_metric": runs[0]["official_metric"], "test_is_dev": runs[0].get("test_is_dev"),
-                    "protocol": protocol_of(runs[0])})
+                    "protocol": protocol_of(runs[0]),
+                    "warnings": list(dict.fromkeys(w for r in runs for w in r.get("warnings") or ()))})
     return out
 
 
@@ -259,6 +260,20 @@ def _label(row: dict, labels: Mapping[str, str]) -> str:
     return f"{name} †" if row.get("test_is_dev") else name
 
 
+def _model(row: dict) -> str:
+    """The model's name, marked ⚠ when a run's score says little (a single class predicted...)."""
+    return f"{row['model']} ⚠" if row.get("warnings") else row["model"]
+
+
+def warnings_note(groups: list[dict], labels: Optional[Mapping[str, str]] = None) -> str:
+    """What each ⚠ row's runs were warned about (train/degenerate.py), or nothing."""
+    labels = labels or {}
+    lines = [f"- {labels.get(g['task'], g['task'])} {g['model']}: {w}" for g in groups for w in g.get("warnings") or ()]
+    if not lines:
+        return ""
+    return "⚠ the score of these runs says little:\n" + "\n".join(lines) + "\n"
+
+
 def _md_row(cells: list[str]) -> str:
     return "| " + " | ".join(cells) + " |"
 
@@ -282,7 +297,7 @@ def markdown_table(groups: list[dict], labels: Optional[Mapping[str, str]] = Non
     head += [f"test {HEADERS[c]}" for c in COLUMNS] + ["Official", "dev official", "test official", "Other (test)"]
     lines = _md_head(head, "lllr" + "r" * 2 * len(COLUMNS) + "lrrl")
     for g in groups:
-        cells = [_label(g, labels), g["model"], _protocol(g), str(g["n"])]
+        cells = [_label(g, labels), _model(g), _protocol(g), str(g["n"])]
         cells += [_pct_sd(g, "dev", c) for c in COLUMNS] + [_pct_sd(g, "test", c) for c in COLUMNS]
         cells += [g["official_metric"], _pct_sd(g, "dev", "official"), _pct_sd(g, "test", "official"), _extras(g)]
         lines.append(_md_row(cells))
@@ -317,7 +332,7 @@ def comparison_table(groups: list[dict], labels: Optional[Mapping[str, str]] = N
                 word = found.verdict
             elif baseline is not None and group is not baseline:  # no predictions to pair: the point Δ alone
                 delta = _points(score - baseline["test"]["official"])
-            lines.append(_md_row([_label(group, labels), group["official_metric"], group["model"], _protocol(group),
+            lines.append(_md_row([_label(group, labels), group["official_metric"], _model(group), _protocol(group),
                                   str(group["n"]), _pct_sd(group, "dev", "official"), test, delta, word]))
     return "\n".join(lines) + "\n"
 
@@ -462,6 +477,7 @@ def results_markdown(groups: list[dict], title: str, labels: Optional[Mapping[st
     text += "\n" + DELTA_NOTE
     if any(g.get("test_is_dev") for g in groups):
         text += TEST_IS_DEV_NOTE
+    text += warnings_note(groups, labels)
     plots = list(plots)
     if plots:
         text += "\n## Curves\n\n" + "".join(f"- [{Path(p).stem}]({p})\n" for p in plots)

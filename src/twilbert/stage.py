@@ -33,6 +33,8 @@ KILL_HOOK_ENV = "TWILBERT_TEST_KILL_AT_MICRO_STEP"
 # True once ``run`` is given the ``main`` of a script run as a program: only such a process is a stage,
 # which ``numerics.pin`` may re-execute (never a test runner that calls ``run`` or ``load_stage_config``).
 _STAGE_PROCESS = False
+# The config the stage loaded, if any: a failing stage marks its experiment's MLflow parent FAILED.
+_LOADED: Optional[tuple[Config, dict]] = None
 
 
 def setup_logging() -> None:
@@ -61,10 +63,59 @@ def load_stage_config(overrides: list[str], params: str = PARAMS_FILE) -> tuple[
             raise ConfigError(f"{path}: not found; run `make params` (or pass Hydra overrides) first")
         raw = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
     cfg = load_config(raw)
+    global _LOADED
+    _LOADED = (cfg, raw)
     if _STAGE_PROCESS:  # a test calling this in its own process must not be re-executed
         pin(cfg.runtime.portable_numerics)
+        # after pin, which may re-execute the process: the stage's first line, once
+        log.info("%s: %s", stage_name(), describe_changes(raw, overrides))
     apply_threads(cfg.runtime.threads, cfg.runtime.portable_numerics)
     return cfg, raw
+
+
+MAX_CHANGES_SHOWN = 12
+
+
+def _flat(tree: object, prefix: str = "") -> dict[str, object]:
+    if isinstance(tree, dict):
+        out: dict[str, object] = {}
+        for key, value in tree.items():
+            out.update(_flat(value, f"{prefix}.{key}" if prefix else str(key)))
+        return out
+    return {prefix: tree}
+
+
+def param_changes(raw: dict, conf_dir: Path = Path(CONF_DIR)) -> Optional[list[str]]:
+    """``key=value (conf/: default)`` for each param of ``raw`` that differs from ``conf/``'s
+    composition (an experiment's ``-S`` overrides, a hand edit of params.yaml); None without ``conf/``."""
+    from twilbert.config.plain_compose import DERIVED_KEY, compose_plain
+
+    if not (conf_dir / "config.yaml").is_file():
+        return None
+    try:
+        base = _flat(compose_plain([], conf_dir))
+    except (ConfigError, OSError, ValueError):
+        return None
+    ours = _flat(raw)
+    changed = []
+    for key in sorted(set(ours) | set(base)):
+        if key.split(".", 1)[0] == DERIVED_KEY or ours.get(key, "<none>") == base.get(key, "<none>"):
+            continue
+        changed.append(f"{key}={ours.get(key, '<none>')!s:.60} (conf/: {base.get(key, '<none>')!s:.40})")
+    return changed
+
+
+def describe_changes(raw: dict, overrides: list[str]) -> str:
+    """The stage's first log line: what this run changes against ``conf/``, so that an experiment's
+    log confirms its change (a change that leaves the model's size alone prints nothing else)."""
+    changed = param_changes(raw)
+    if changed is None:
+        return "params: " + (" ".join(overrides) if overrides else PARAMS_FILE)
+    if not changed:
+        return "params: conf/'s composition, unchanged"
+    shown = ", ".join(changed[:MAX_CHANGES_SHOWN])
+    more = f", and {len(changed) - MAX_CHANGES_SHOWN} more" if len(changed) > MAX_CHANGES_SHOWN else ""
+    return f"params that differ from conf/: {shown}{more}"
 
 
 class KillAtMicroStep:
@@ -91,6 +142,13 @@ def stage_name() -> str:
     return os.environ.get("DVC_STAGE") or Path(sys.argv[0]).stem
 
 
+def _mark_failed() -> None:
+    if _STAGE_PROCESS and _LOADED is not None:
+        from twilbert.track import mark_failed
+
+        mark_failed(_LOADED[0].tracking, _LOADED[1])
+
+
 def run(main: Callable[[], Optional[str]]) -> None:
     """Run a stage; expected failures print one ``error:`` line (no traceback) and exit with status 2.
 
@@ -112,6 +170,7 @@ def run(main: Callable[[], Optional[str]]) -> None:
         print(interrupted_line(stage_name()), file=sys.stderr)
         sys.exit(EXIT_INTERRUPTED)
     except Exception as err:
+        _mark_failed()
         message = user_message(err)
         if message is None:
             raise

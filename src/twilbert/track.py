@@ -1,7 +1,8 @@
 """MLflow tracking for the stages. The store is ``<repo root>/mlflow.db`` (past a queued DVC experiment's
 copy) unless ``MLFLOW_TRACKING_URI`` or ``tracking.uri`` says otherwise. Each stage's run
 (``<stage>@<experiment>``) is a child of its DVC experiment's parent run, which carries every param and
-the headline metrics; new params at the same commit open a new parent (MLflow params are immutable).
+the headline metrics; new params open a new parent (MLflow params are immutable), a rerun of a stage
+replaces its earlier child, and a stage that fails marks its parent FAILED.
 Tracking never kills training: see ``tracking_store``. Under torchrun only rank 0 tracks.
 """
 
@@ -29,10 +30,13 @@ from twilbert.tracking_store import (
     quiet_store_logs,
     redact,
     root_cause,
+    sqlite_path,
     store_lock,
 )
 
 log = logging.getLogger(__name__)
+# Writes a finetuned model directory as an MLflow model folder (model dir, target, MLmodel description)
+SaveModel = Callable[[Path, Path, Any], Path]
 
 MAX_PARAM_CHARS = 6000  # mlflow.utils.validation.MAX_PARAM_VAL_LENGTH (tests pin the two equal)
 MAX_KEY_CHARS = 250  # MAX_ENTITY_KEY_LENGTH
@@ -112,6 +116,42 @@ def dvc_experiment_name() -> str:
     return os.environ.get("DVC_EXP_NAME") or "workspace"
 
 
+def find_parent(client, exp_id: str, exp_name: str, everything: Optional[Mapping[str, str]]) -> Any:
+    """The newest parent run of the DVC experiment ``exp_name`` (with the flattened params
+    ``everything``, when given), or None."""
+    query = f"tags.`dvc.exp_name` = '{exp_name}' and tags.`twilbert.parent` = 'true'"
+    if everything is not None:
+        query += f" and tags.`twilbert.params_digest` = '{params_digest(everything)}'"
+    found = client.search_runs([exp_id], filter_string=query, max_results=1, order_by=["attributes.start_time DESC"])
+    return found[0] if found else None
+
+
+def mark_failed(cfg: TrackingConfig, experiment_params: Mapping[str, Any]) -> None:
+    """Mark FAILED the parent run of a stage that failed before it opened its own run (a task file
+    missing, a refused config...), so that a failed pipeline never shows as finished. Never raises:
+    the stage's own error is what the user must see."""
+    if int(os.environ.get("RANK", "0") or 0) != 0:
+        return
+    try:
+        import mlflow
+
+        uri = tracking_uri(cfg)
+        local = sqlite_path(uri)
+        if (local is not None and not local.is_file()) or probe_store(uri, cfg.timeout) is not None:
+            return  # no store yet (so no parent), or none reachable
+        quiet_store_logs()
+        with bounded_http(cfg):
+            client = mlflow.MlflowClient(tracking_uri=uri)
+            experiment = client.get_experiment_by_name(cfg.experiment)
+            if experiment is None:
+                return
+            parent = find_parent(client, experiment.experiment_id, dvc_experiment_name(), flatten(experiment_params))
+            if parent is not None:
+                client.set_terminated(parent.info.run_id, "FAILED")
+    except Exception as err:  # tracking never hides the stage's error
+        log.warning("MLflow: could not mark the experiment's run failed (%s)", type(root_cause(err)).__name__)
+
+
 # --------------------------------------------------------------------------------------------
 # The tracker
 # --------------------------------------------------------------------------------------------
@@ -158,6 +198,8 @@ class Tracker:
         if self.run_id is None:
             yield self
             return
+        # The parent spans its experiment: running while a stage runs, then ended with that stage's status.
+        self._call("marking the experiment's run running", self._client.update_run, self.parent_run_id, "RUNNING")
         status = "FINISHED"
         try:
             yield self
@@ -169,7 +211,6 @@ class Tracker:
             raise
         finally:
             self._call("ending the run", self._client.set_terminated, self.run_id, status)
-            # The parent spans its experiment: it ends when its last stage does, with that stage's status.
             self._call("ending the experiment's run", self._client.set_terminated, self.parent_run_id, status)
 
     def log_metrics(self, metrics: Mapping[str, float], step: Optional[int] = None) -> None:
@@ -196,24 +237,43 @@ class Tracker:
 
     # ---- the finetuned model as an MLflow model (self-contained: see twilbert.mlflow_pyfunc)
 
-    def log_classifier(self, model_dir: Path, artifact_path: str = "model") -> None:
-        """Log a finetuned model directory as a pyfunc model at ``runs:/<run>/<artifact_path>``.
+    def log_classifier(self, model_dir: Path, save: SaveModel, artifact_path: str = "model") -> None:
+        """Log a finetuned model directory as a pyfunc model (written by ``save``, e.g.
+        ``twilbert.mlflow_pyfunc.save_classifier_model``: tracking does not import the inference code),
+        an MLflow 3 logged model named
+        ``artifact_path``, an output of this run (``runs:/<run>/<artifact_path>`` and
+        ``models:/<model id>`` load it; the UI and ``mlflow.search_logged_models`` list it).
 
         Like every tracking call it never stops the stage: a failure is reported and tracking goes off.
         """
         if self.run_id is None or self._failed:
             return
-        self._call("logging the MLflow model", self._log_classifier, Path(model_dir), artifact_path)
+        self._call("logging the MLflow model", self._log_classifier, Path(model_dir), save, artifact_path)
 
-    def _log_classifier(self, model_dir: Path, artifact_path: str) -> None:
-        from twilbert.mlflow_pyfunc import save_classifier_model
+    def _log_classifier(self, model_dir: Path, save: SaveModel, artifact_path: str) -> None:
+        from mlflow.entities import LoggedModelOutput, LoggedModelStatus
+        from mlflow.models import Model
 
         started = time.monotonic()
-        with tempfile.TemporaryDirectory(prefix="twilbert-pyfunc-") as tmp:
-            saved = save_classifier_model(model_dir, Path(tmp) / artifact_path)
-            self._client.log_artifacts(self.run_id, str(saved), artifact_path)
-        log.info("MLflow: logged %s as the pyfunc model runs:/%s/%s (%.1fs)", model_dir, self.run_id, artifact_path,
-                 time.monotonic() - started)
+        run = self._client.get_run(self.run_id)
+        model = self._client.create_logged_model(
+            run.info.experiment_id, name=artifact_path, source_run_id=self.run_id, model_type="twilbert-classifier",
+            tags={"twilbert.stage": self.stage, "dvc.exp_name": run.data.tags.get("dvc.exp_name", "")})
+        try:
+            self._client.log_outputs(self.run_id, models=[LoggedModelOutput(model.model_id, step=0)])
+            with tempfile.TemporaryDirectory(prefix="twilbert-pyfunc-") as tmp:
+                # The MLmodel file names the model by id and by its relative artifact path: no absolute
+                # path of this machine or store goes in (the store can be moved or shared).
+                description = Model(artifact_path=artifact_path, run_id=self.run_id, model_id=model.model_id,
+                                    model_uuid=model.model_id)
+                saved = save(model_dir, Path(tmp) / artifact_path, description)
+                self._client.log_model_artifacts(model.model_id, str(saved))
+        except BaseException:
+            self._client.finalize_logged_model(model.model_id, LoggedModelStatus.FAILED)
+            raise
+        self._client.finalize_logged_model(model.model_id, LoggedModelStatus.READY)
+        log.info("MLflow: logged %s as the pyfunc model %s (models:/%s, runs:/%s/%s; %.1fs)", model_dir,
+                 artifact_path, model.model_id, self.run_id, artifact_path, time.monotonic() - started)
 
     # ---- internals
 
@@ -255,9 +315,22 @@ class Tracker:
             "twilbert.stage": self.stage,
             "mlflow.parentRunId": parent,  # nests this run under its DVC experiment in the UI
         }
-        run = self._retry(client.create_run, exp_id, run_name=f"{run_name or self.stage}@{exp_name}", tags=tags)
+        name = f"{run_name or self.stage}@{exp_name}"
+        run = self._retry(client.create_run, exp_id, run_name=name, tags=tags)
         self._client, self.run_id, self.parent_run_id = client, run.info.run_id, parent
         self._log_params(client, self.run_id, flatten(params))
+        self._retry(self._replace_older, client, exp_id, parent, name, run.info.run_id)
+
+    def _replace_older(self, client, exp_id: str, parent: str, name: str, keep: str) -> None:
+        """A rerun of a stage replaces its earlier run under the same parent (deleted: MLflow keeps it
+        in the store, the UI and searches leave it out), so that a parent holds one child per stage."""
+        query = f"tags.`mlflow.parentRunId` = '{parent}' and attributes.run_name = '{name}'"
+        for older in client.search_runs([exp_id], filter_string=query, max_results=100):
+            if older.info.run_id != keep:
+                outputs = getattr(older, "outputs", None)
+                for model in getattr(outputs, "model_outputs", None) or ():  # its logged model goes with it
+                    client.delete_logged_model(model.model_id)
+                client.delete_run(older.info.run_id)
 
     def _log_params(self, client, run_id: str, flat: Mapping[str, str]) -> None:
         from mlflow.entities import Param
@@ -283,15 +356,15 @@ class Tracker:
 
     def _parent_run(self, client, exp_id: str, exp_name: str, commit: str,
                     everything: Optional[Mapping[str, str]]) -> str:
-        """Get or create the parent run of this DVC experiment at this commit (and with these params)."""
-        query = (f"tags.`dvc.exp_name` = '{exp_name}' and tags.`git.commit` = '{commit}' "
-                 "and tags.`twilbert.parent` = 'true'")
+        """Get or create the parent run of this DVC experiment with these params: one parent per
+        experiment and configuration, whatever the commit (a commit between two stages of one run,
+        say after a fix, keeps them together; the parent's ``git.commit`` is its latest stage's)."""
+        found = find_parent(client, exp_id, exp_name, everything)
+        if found is not None:
+            if found.data.tags.get("git.commit") != commit:
+                client.set_tag(found.info.run_id, "git.commit", commit)
+            return found.info.run_id
         digest = params_digest(everything) if everything is not None else None
-        if digest is not None:
-            query += f" and tags.`twilbert.params_digest` = '{digest}'"
-        found = client.search_runs([exp_id], filter_string=query, max_results=1, order_by=["attributes.start_time DESC"])
-        if found:
-            return found[0].info.run_id
         tags = {"dvc.exp_name": exp_name, "git.commit": commit, "twilbert.parent": "true"}
         if digest is not None:
             tags["twilbert.params_digest"] = digest

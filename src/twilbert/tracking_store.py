@@ -77,13 +77,13 @@ def _probe_http(uri: str, timeout: float) -> Optional[str]:
     return None
 
 
-def _sqlite_path(uri: str) -> Optional[Path]:
+def sqlite_path(uri: str) -> Optional[Path]:
     path = uri[len("sqlite:///"):].split("?", 1)[0] if uri.startswith("sqlite:///") else ""
     return Path(path) if path and path != ":memory:" else None
 
 
 def _probe_sqlite(uri: str, timeout: float) -> Optional[str]:
-    path = _sqlite_path(uri)
+    path = sqlite_path(uri)
     if path is None:
         return None
     try:
@@ -162,7 +162,7 @@ def bounded_http(cfg: TrackingConfig) -> Iterator[None]:
 @contextmanager
 def store_lock(uri: str) -> Iterator[None]:
     """Serialize the creation of one SQLite store across processes (MLflow's schema migration races)."""
-    path = _sqlite_path(uri)
+    path = sqlite_path(uri)
     if path is None:
         yield
         return

@@ -22,7 +22,7 @@ from typing import Iterable, Iterator, Optional
 from twilbert.config import DataConfig
 from twilbert.data.dedup import DigestSet, row_digests
 from twilbert.data.formats import write_table
-from twilbert.data.sources import BadRowBudget, iter_corpus_rows, resolve_corpus_files, untracked_files
+from twilbert.data.sources import BadRowBudget, BlankLines, iter_corpus_rows, resolve_corpus_files, untracked_files
 from twilbert.io_utils import atomic_write, sha256_file
 from twilbert.errors import TwilbertError
 
@@ -209,7 +209,7 @@ def run_data_stage(cfg: DataConfig, seed: int, out: Path) -> dict:
     """Write the default task split and the pretraining corpus under ``out``; return a summary.
 
     The summary is also written to ``<out>/pretrain/summary.json``: rows read, duplicates removed,
-    malformed rows skipped (the first of them listed), files read and those DVC does not track.
+    malformed rows skipped (the first of them listed), blank lines of plain-text files skipped, files read and those DVC does not track.
     """
     out = Path(out)
     summary: dict = {"source": cfg.source}
@@ -233,9 +233,12 @@ def run_data_stage(cfg: DataConfig, seed: int, out: Path) -> dict:
                 len(untracked), cfg.corpus_dir, shown, cfg.corpus_dir,
             )
         budget = BadRowBudget(cfg.max_bad_rows)
-        rows = iter_corpus_rows(cfg, files, budget)
+        blank = BlankLines()
+        rows = iter_corpus_rows(cfg, files, budget, blank)
         counts = write_pretrain_corpus(corpus_file, rows, cfg.dedup, f"data.{cfg.source} ({len(files)} file(s))")
         summary.update(files=len(files), untracked_files=len(untracked), **counts, bad_rows_skipped=budget.skipped)
+        if cfg.source == "text_file":
+            summary["blank_lines_skipped"] = blank.count
         if budget.listed:
             summary["bad_rows"] = budget.listed
         # DVC needs the declared output to exist even when the default task is not used.

@@ -125,13 +125,19 @@ def iter_pairs(
                             lambda fields: (fields[i_orig], fields[i_reply]))
 
 
-def iter_texts(path: PathLike, skip_bad: Optional[SkipBad] = None) -> Iterator[tuple[int, str]]:
-    """Stream a plain-text corpus (one tweet per line, tabs allowed) as ``(line, text)``; blank lines
-    are malformed rows, handled as in :func:`iter_pairs`."""
+def iter_texts(path: PathLike, skip_bad: Optional[SkipBad] = None,
+               on_blank: Optional[Callable[[str, int], None]] = None) -> Iterator[tuple[int, str]]:
+    """Stream a plain-text corpus (one tweet per line, tabs allowed) as ``(line, text)``. A blank line
+    (or one of only whitespace) is reported to ``on_blank`` and skipped when it is given (a dump with
+    blank lines between tweets is normal); without it a blank line is a malformed row, handled as in
+    :func:`iter_pairs`. Other malformed rows are handled as in :func:`iter_pairs` either way."""
     problems = Problems(path)
     problems.recent = []
 
     def text(lineno: int, line: Optional[str]) -> Optional[str]:
+        if line is not None and on_blank is not None and not line.strip():
+            on_blank(str(path), lineno)
+            return SKIPPED
         if line is not None and not _check_text_line(lineno, line, problems):
             return None
         return line
@@ -139,6 +145,8 @@ def iter_texts(path: PathLike, skip_bad: Optional[SkipBad] = None) -> Iterator[t
     yield from _stream_rows(path, iter_lines(path, problems), problems, skip_bad, "no texts (the file is empty)",
                             text, lambda line: (line,))
 
+
+SKIPPED = object()  # a parsed line that is no row and no problem (a blank line being skipped)
 
 LONE_CR = ("a carriage return (\\r) that ends no line: the file's lines seem to end in \\r alone (old Mac style), "
            "which would merge them into one text; convert them to \\n (e.g. `tr '\\r' '\\n'`)")
@@ -177,6 +185,8 @@ def _stream_rows(
             if not failing and skip_bad is not None and skip_bad(str(path), lineno, reason):
                 continue
             failing = True
+        elif parsed is SKIPPED:
+            continue
         elif not failing:
             n_rows += 1
             yield (lineno, *pick(parsed))

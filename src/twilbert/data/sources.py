@@ -97,15 +97,28 @@ class BadRowBudget:
         return True
 
 
-def iter_corpus_rows(cfg: DataConfig, files: list[Path], budget: BadRowBudget) -> Iterator[tuple[str, Optional[str]]]:
-    """Every well-formed row of ``files``, streamed in order.
+class BlankLines:
+    """Counts the blank lines of plain-text files, which are skipped: no text, but no malformed row either."""
+
+    def __init__(self) -> None:
+        self.count = 0
+
+    def __call__(self, path: str, line: int) -> None:
+        self.count += 1
+
+
+def iter_corpus_rows(cfg: DataConfig, files: list[Path], budget: BadRowBudget,
+                     blank: Optional[BlankLines] = None) -> Iterator[tuple[str, Optional[str]]]:
+    """Every well-formed row of ``files``, streamed in order; the blank lines of plain-text files are
+    skipped and counted in ``blank``.
 
     Past the budget the file's :class:`DataFormatError` is raised as it is (max_bad_rows 0, today's
     error), or, when some rows were allowed, with a line saying the budget ran out.
     """
     for path in files:
         if cfg.source == "text_file":
-            rows = ((text, None) for _, text in iter_texts(path, skip_bad=budget))
+            rows = ((text, None) for _, text in iter_texts(path, skip_bad=budget,
+                                                                 on_blank=blank if blank is not None else BlankLines()))
         else:
             rows = (
                 (a, b)

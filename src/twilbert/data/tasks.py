@@ -255,3 +255,41 @@ def load_task(task: TaskConfig, seed: int, no_test_protocol: str = "carve_dev") 
         dev = read(dev_path)
     test_is_dev = test is None
     return TaskData(train, dev, dev if test_is_dev else test, dev_from_train, test_is_dev, protocol, test_from_train)
+
+
+def check_config_tasks(cfg: Any, default_dir: Path, default_pending: bool = False) -> None:
+    """:func:`check_tasks` on a loaded ``Config`` (its tasks, seed, protocols and data source)."""
+    protocols = {name: task.finetuning_config(cfg.finetuning).no_test_protocol for name, task in cfg.tasks.items()}
+    check_tasks(cfg.tasks, cfg.seed, protocols, cfg.data.source, default_dir, default_pending)
+
+
+def check_tasks(tasks: Mapping[str, TaskConfig], seed: int, protocols: Mapping[str, str], data_source: str,
+                default_dir: Path, default_pending: bool = False) -> None:
+    """Every task's files, read and checked, before a stage spends time: a missing or malformed file
+    raises :class:`TaskFilesError` naming the task and the file.
+
+    ``default_dir``: where the data stage writes the default task, which exists only with
+    ``data.source: evomsa``; ``default_pending``: it is about to be written (the data stage), so its
+    files are not read yet. ``protocols``: each task's ``finetuning.no_test_protocol``.
+    """
+    quiet = log.level
+    log.setLevel(logging.WARNING)  # the splits' own notes ("held out as dev") belong to finetuning's log
+    try:
+        for name, task in tasks.items():
+            ds = task.dataset
+            if Path(ds.data_dir).resolve() == Path(default_dir).resolve():
+                if data_source != "evomsa":
+                    raise TaskFilesError(
+                        f"tasks.{name}: {ds.path(ds.train_file)} is the default task, which the data stage writes only "
+                        f"with data.source: evomsa (data.source is {data_source}); remove the task from conf/config.yaml's "
+                        "defaults, or point its dataset.data_dir at your own task files")
+                if default_pending:
+                    continue
+            try:
+                load_task(task, seed, protocols.get(name, "carve_dev"))
+            except TaskFilesError:
+                raise
+            except (OSError, ValueError) as err:
+                raise TaskFilesError(f"tasks.{name}: {err}") from None
+    finally:
+        log.setLevel(quiet)

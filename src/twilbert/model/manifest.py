@@ -78,7 +78,10 @@ def verify_model_dir(directory: PathLike, verify: Optional[bool] = None) -> None
     """
     directory = Path(directory)
     if not verification_enabled(verify):
-        log.info("%s: checksums not verified (verification turned off)", directory)
+        # An explicit verify=False is the caller's: the directory was verified once before the work
+        # (each fold's model loads from it). Only the user's switch is worth a line in the log.
+        if verify is None:
+            log.info("%s: checksums not verified (--no-verify or %s=1)", directory, NO_VERIFY_ENV)
         return
     path = directory / MANIFEST_NAME
     if not os.path.lexists(path):

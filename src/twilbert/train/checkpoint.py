@@ -374,18 +374,24 @@ def _changed_parts(saved: Any, current: Optional[Mapping[str, str]]) -> str:
 
 
 def _supersede(directory: Path, fingerprint: str, what: str = "the config") -> None:
+    """Move the checkpoints of another run aside to ``superseded/<fingerprint>``: only the latest
+    superseded run is kept there, so disk use stays bounded however many experiments change the config."""
     root = directory / "superseded"
     target = root / fingerprint[:16]
-    if root.is_dir():  # bounded disk: only the latest superseded run is kept
+    dropped = []
+    if root.is_dir():
         for old in root.iterdir():
             if old != target:
                 shutil.rmtree(old, ignore_errors=True)
+                dropped.append(old.name)
     target.mkdir(parents=True, exist_ok=True)
     for path in list_checkpoints(directory):
         if (target / path.name).exists():
             shutil.rmtree(target / path.name)
         os.replace(path, target / path.name)
-    log.warning(
-        "%s changed since the checkpoints in %s were written: not the same run, starting fresh; "
-        "the old checkpoints were moved to %s", what, directory, target,
+    # The normal path of an experiment that changes a param: an info line, not a warning.
+    log.info(
+        "%s changed since the checkpoints in %s were written: another run, starting fresh; its checkpoints "
+        "were moved to %s (superseded/ keeps only the latest replaced run%s)", what, directory, target,
+        f"; the one before, {', '.join(sorted(dropped))}, was deleted" if dropped else "",
     )

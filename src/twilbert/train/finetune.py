@@ -44,6 +44,7 @@ from twilbert.train.metrics import official_metric_name
 from twilbert.train.optim import build_optimizer, build_scheduler, param_groups
 
 log = logging.getLogger(__name__)
+EPOCH_CURVES = "epochs/"  # MLflow metric prefix of the per-epoch curves (a chart section in the UI)
 
 TRAIN_STATE_DIR = "train_state"  # training checkpoints of the single model; fold-<i> for k-fold
 
@@ -210,7 +211,8 @@ class NeuralLearner(Learner):
         def on_epoch(epoch: int, row: dict, improved: bool) -> None:
             history.append(row if fold is None else {"fold": fold, **row})
             if self.tracker:
-                self.tracker.log_metrics({f"{metric_prefix}{k}": v for k, v in row.items()}, step=epoch)
+                # under epochs/: the run's own dev_official... are the selected epoch's (finetune_stage)
+                self.tracker.log_metrics({f"{EPOCH_CURVES}{metric_prefix}{k}": v for k, v in row.items()}, step=epoch)
 
         official = f"dev_{official_metric_name(task.task)}"
         best = trainer.fit(ft.epochs, batches, loss_fn, evaluate, BestEpoch(lower_is_better=False),

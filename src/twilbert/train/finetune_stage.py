@@ -22,6 +22,7 @@ from twilbert.predictions import FILE as PREDICTIONS_FILE, HEADER as PREDICTIONS
 from twilbert.track import Tracker
 from twilbert.codebase import code_digest
 from twilbert.train.fingerprint import config_fingerprint, files_digest
+from twilbert.train.degenerate import run_warnings, warn
 from twilbert.train.finetune import (
     Learner, NeuralLearner, baseline_learner, hf_learner, task_preprocessor, twilbert_learner,
 )
@@ -94,17 +95,17 @@ def finetune_task(cfg: Config, task: TaskConfig, pretrained_dir: Path, model_out
         return metrics
 
     with publish_dir(model_out, checksums=True) as staged:  # checksums cover the k-fold publish, folds/, baseline/
-        run = evaluate_learner(learner, splits, max_len, test_len, staged)
+        run = flag_degenerate(task, evaluate_learner(learner, splits, max_len, test_len, staged), splits)
         baseline: Union[dict, None] = None
         if (ft.baseline_row if baseline_row is None else baseline_row) and ft.backbone != "baseline":
             row = baseline_learner(cfg, task, ft, learner.preprocess)
-            baseline = evaluate_learner(row, splits, max_len, test_len, staged / BASELINE_DIR).metrics
+            baseline = flag_degenerate(task, evaluate_learner(row, splits, max_len, test_len, staged / BASELINE_DIR),
+                                       splits).metrics
 
     if tracker:
-        tracker.log_metrics({f"test_{k}": v for k, v in run.metrics["test"].items()})
-        tracker.log_metrics({f"best_dev_{k}": v for k, v in run.metrics["dev"].items()})
+        tracker.log_metrics(run_scores(run.metrics))
         if baseline:
-            tracker.log_metrics({f"baseline_test_{k}": v for k, v in baseline["test"].items()})
+            tracker.log_metrics({f"baseline_{k}": v for k, v in run_scores(baseline).items()})
     write_metrics(metrics_out, run, baseline, ft, baseline_file=baseline_row is not False)
     distributed.barrier()
     return run.metrics
@@ -155,8 +156,28 @@ def baseline_task(cfg: Config, task: TaskConfig, pretrained_dir: Path, model_out
     row = baseline_learner(cfg, task, ft, preprocess)
     with publish_dir(model_out, checksums=True) as staged:
         run = evaluate_learner(row, splits, cfg.representation.max_len, cfg.representation.test_len, staged)
-    write_run(metrics_out, run, epochs=False)
+    write_run(metrics_out, flag_degenerate(task, run, splits), epochs=False)
     return run.metrics
+
+
+def run_scores(metrics: dict) -> dict[str, float]:
+    """A run's scores as its MLflow metrics, under the results tables' names (``dev_official``,
+    ``test_mf1``...): the selected epoch's dev scores and the test scores, and that epoch."""
+    out = {f"{split}_{k}": v for split in ("dev", "test") for k, v in metrics[split].items()
+           if isinstance(v, (int, float)) and not isinstance(v, bool)}
+    if isinstance(metrics.get("best_epoch"), int):
+        out["best_epoch"] = metrics["best_epoch"]
+    return out
+
+
+def flag_degenerate(task: TaskConfig, run: LearnerRun, splits: TaskData) -> LearnerRun:
+    """Warn about, and note in its metrics (``warnings``), a run whose score says little
+    (:mod:`twilbert.train.degenerate`); a sound run's metrics are left as they are."""
+    found = run_warnings(task.task, splits.train.labels, run.test)
+    if found:
+        warn(task.name, run.metrics.get("model", "?"), found)
+        run.metrics["warnings"] = found
+    return run
 
 
 def write_run(out_dir: Path, run: LearnerRun, epochs: bool = True) -> None:
