@@ -12,7 +12,13 @@ from twilbert.config.runs import expand_seeds
 from twilbert.numerics import describe
 from twilbert.plots import write_finetune_curves, write_pngs
 from twilbert.results import (
-    aggregate, collect, headline_metrics, render_results, task_metrics_files, tracked_metrics, write_rendered,
+    aggregate,
+    collect,
+    headline_metrics,
+    render_results,
+    task_metrics_files,
+    tracked_metrics,
+    write_rendered,
 )
 from twilbert.stage import load_stage_config, parse_args, run
 from twilbert.track import Tracker

@@ -18,8 +18,8 @@ from twilbert.distributed import distributed_context
 from twilbert.mlflow_pyfunc import save_classifier_model
 from twilbert.stage import fault_callbacks, load_stage_config, parse_args, run
 from twilbert.track import Tracker
-from twilbert.train.writer_lock import checkpoint_lock
 from twilbert.train.finetune_stage import finetune_task, run_config
+from twilbert.train.writer_lock import checkpoint_lock
 
 
 def main() -> Optional[str]:

@@ -8,12 +8,11 @@ from typing import Optional
 
 import torch
 
+from helpers import WORDS, make_tweets
 from twilbert.config import ModelConfig, VocabConfig, load_config
 from twilbert.data.tokenizer import Tokenizer, train_vocab
 from twilbert.model import ModelCard, TWilBertForPretraining, save_pretrained
 from twilbert.model.manifest import write_manifest
-
-from helpers import WORDS, make_tweets
 
 MAX_LEN = 12
 EMOTIONS = ("alegria", "enfado", "miedo")
@@ -126,7 +125,8 @@ def _corpus() -> list[str]:
 
 
 def make_hf_bert(directory: Path) -> Path:
-    from tokenizers import Tokenizer as Backend, models, normalizers, pre_tokenizers, processors, trainers
+    from tokenizers import Tokenizer as Backend
+    from tokenizers import models, normalizers, pre_tokenizers, processors, trainers
     from transformers import BertConfig, BertModel, BertTokenizerFast
 
     specials = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
@@ -149,7 +149,8 @@ def make_hf_bert(directory: Path) -> Path:
 
 
 def make_hf_roberta(directory: Path) -> Path:
-    from tokenizers import Tokenizer as Backend, decoders, models, pre_tokenizers, processors, trainers
+    from tokenizers import Tokenizer as Backend
+    from tokenizers import decoders, models, pre_tokenizers, processors, trainers
     from transformers import RobertaConfig, RobertaModel, RobertaTokenizerFast
 
     specials = ["<s>", "<pad>", "</s>", "<unk>", "<mask>"]

@@ -24,8 +24,8 @@ from helpers import WORDS, fake_sdist, load_acceptance_script, make_tweets
 from twilbert.cli import dump_params
 from twilbert.config import compose, load_config
 from twilbert.data.tokenizer import Tokenizer, train_vocab
-from twilbert.model.io import save_pretrained
 from twilbert.model.card import ModelCard
+from twilbert.model.io import save_pretrained
 from twilbert.train.pretrain import build_pretraining_model
 
 REPO = Path(__file__).resolve().parents[1]

@@ -15,16 +15,16 @@ from twilbert.data.preprocess import Preprocessor
 from twilbert.data.tasks import load_task
 from twilbert.finetuned import hf_packer, load_classifier
 from twilbert.model.backbone import HFClassifier, load_hf_backbone
-from twilbert.model.trainable import set_trainable
 from twilbert.model.io import load_pretrained_state
+from twilbert.model.trainable import set_trainable
 from twilbert.scoring import evaluate_scores, predict_scores
 from twilbert.train.finetune import encode_examples
 from twilbert.train.finetune_stage import finetune_task
 
 pytest.importorskip("transformers")
 
-from helpers import REPO  # noqa: E402
 from finetune_data import MAX_LEN, first, make_config, make_hf_bert, make_hf_roberta, write_task  # noqa: E402
+from helpers import REPO  # noqa: E402
 
 MAKERS = {"bert": make_hf_bert, "roberta": make_hf_roberta}
 

@@ -9,10 +9,15 @@ import numpy as np
 import pytest
 
 from twilbert.compare import (
-    changed_params, compare_table, compare_task, experiment_rows, short_labels, task_specs, verdict_table,
+    changed_params,
+    compare_table,
+    compare_task,
+    experiment_rows,
+    short_labels,
+    task_specs,
+    verdict_table,
 )
 from twilbert.predictions import Predictions, PredictionsFileError, format_predictions
-
 
 CATEGORIES = {"P": 0, "N": 1, "NEU": 2}
 

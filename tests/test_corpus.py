@@ -4,6 +4,7 @@ import json
 
 import pytest
 
+from helpers import fake_sdist, make_tweets
 from twilbert.config import DataConfig
 from twilbert.data.corpus import (
     DataStageError,
@@ -14,8 +15,6 @@ from twilbert.data.corpus import (
     stratified_split,
 )
 from twilbert.data.formats import DataFormatError, read_table
-
-from helpers import fake_sdist, make_tweets
 
 
 @pytest.fixture

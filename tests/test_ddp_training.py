@@ -11,21 +11,33 @@ import pytest
 import torch
 import torch.multiprocessing as mp
 
+from finetune_data import make_finetune_inputs
+from helpers import (
+    MAX_LEN,
+    REPO,
+    assert_same_weights,
+    finetune_args,
+    free_port,
+    join_gloo_group,
+    make_pretrain_inputs,
+    ok,
+    pretrain_args,
+    run_stage,
+    steps,
+    write_params,
+)
 from twilbert.config import compose, load_config
-from twilbert.data.masking import mask_tokens
 from twilbert.data.batch import make_batch, pack_pairs
+from twilbert.data.masking import mask_tokens
 from twilbert.data.special import MASK_ID, N_SPECIAL
 from twilbert.distributed import (
-    DistContext, destroy_distributed, iterate_rank_batches, rank_batch_indices,
+    DistContext,
+    destroy_distributed,
+    iterate_rank_batches,
+    rank_batch_indices,
 )
 from twilbert.train.loop import Checkpointing
 from twilbert.train.pretrain import build_pretraining
-
-from finetune_data import make_finetune_inputs
-from helpers import (
-    MAX_LEN, REPO, assert_same_weights, finetune_args, free_port, join_gloo_group, make_pretrain_inputs, ok,
-    pretrain_args, run_stage, steps, write_params,
-)
 
 pytestmark = pytest.mark.reliability
 

@@ -8,14 +8,13 @@ import logging
 import numpy as np
 import pytest
 
+from finetune_data import first, make_config, make_pretrained, write_task
+from helpers import REPO
 from twilbert.config import TaskSpec, compose
 from twilbert.predictions import Predictions
 from twilbert.results import render_results
 from twilbert.train.degenerate import run_warnings
 from twilbert.train.finetune_stage import baseline_task
-
-from helpers import REPO
-from finetune_data import first, make_config, make_pretrained, write_task
 
 SPEC = TaskSpec(categories={"P": 0, "N": 1, "NEU": 2})
 

@@ -13,11 +13,10 @@ from pathlib import Path
 import pytest
 import yaml
 
+from helpers import REPO
 from twilbert.codebase import PACKAGE_DIR, import_closure, relative_paths
 from twilbert.config import FinetuningConfig
 from twilbert.config.runs import expand_seeds, finetune_runs
-
-from helpers import REPO
 
 BASELINE_KEYS = {"baseline_model", "baseline_c", "baseline_row"}
 

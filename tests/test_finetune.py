@@ -12,6 +12,8 @@ import torch
 import yaml
 
 import twilbert.train.finetune as finetune
+from finetune_data import MAX_LEN, first, make_config, make_pretrained, write_task
+from helpers import REPO
 from twilbert.config import ConfigError, compose, load_config
 from twilbert.data.tasks import load_task
 from twilbert.finetuned import load_classifier
@@ -21,9 +23,6 @@ from twilbert.model.io import load_pretrained_state
 from twilbert.scoring import decide, evaluate_scores, predict_scores
 from twilbert.train.finetune import encode_examples
 from twilbert.train.finetune_stage import finetune_task
-
-from helpers import REPO
-from finetune_data import MAX_LEN, first, make_config, make_pretrained, write_task
 
 
 @pytest.fixture(scope="module")

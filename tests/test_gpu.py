@@ -25,6 +25,7 @@ import numpy as np
 import pytest
 import torch
 
+from helpers import REPO, free_port
 from twilbert.config import load_config
 from twilbert.config.plain_compose import compose_plain
 from twilbert.data.batch import make_batch, pack_pairs
@@ -32,8 +33,6 @@ from twilbert.data.special import N_SPECIAL
 from twilbert.model.kernels import FUSED, attention_backend
 from twilbert.train.loop import Trainer
 from twilbert.train.pretrain import PretrainObjective, build_pretraining, build_pretraining_model
-
-from helpers import REPO, free_port
 
 pytestmark = pytest.mark.gpu
 

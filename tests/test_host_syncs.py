@@ -17,15 +17,14 @@ import pytest
 import torch
 
 import twilbert
+from finetune_data import first, make_config, make_pretrained, write_task
+from helpers import REPO
 from twilbert.config import compose, load_config
 from twilbert.data.batch import make_batch, pack_pairs
 from twilbert.data.special import N_SPECIAL
+from twilbert.data.tasks import load_task
 from twilbert.train.finetune import twilbert_learner
 from twilbert.train.pretrain import build_pretraining
-from twilbert.data.tasks import load_task
-
-from helpers import REPO
-from finetune_data import first, make_config, make_pretrained, write_task
 
 SRC = str(Path(twilbert.__file__).parent)
 TORCH = str(Path(torch.__file__).parent)

@@ -14,15 +14,14 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from helpers import make_tweets
 from twilbert.config import TaskDataset, VocabConfig
+from twilbert.data.batch import pack_pairs
 from twilbert.data.corpus_files import read_pairs, read_texts
 from twilbert.data.formats import DataFormatError
-from twilbert.data.tasks import read_task_split
-from twilbert.data.batch import pack_pairs
 from twilbert.data.special import CLS_ID, MASK_ID, PAD_ID, SEP_ID
+from twilbert.data.tasks import read_task_split
 from twilbert.data.tokenizer import Tokenizer, train_vocab
-
-from helpers import make_tweets
 
 pytestmark = pytest.mark.reliability
 

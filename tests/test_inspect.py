@@ -9,14 +9,13 @@ import numpy as np
 import pytest
 import torch
 
+from helpers import REPO, make_tweets
 from twilbert.config import VocabConfig, compose, load_config
 from twilbert.data.pairs import build_pair_shards, load_shards
 from twilbert.data.tokenizer import Tokenizer, train_vocab
 from twilbert.inspection import inspect_model, inspect_samples, load_pretraining_model, render_markdown
 from twilbert.train.objective import PretrainObjective
 from twilbert.train.pretrain import pretrain
-
-from helpers import REPO, make_tweets
 
 OVERRIDES = ["model=tiny", "representation.max_len=12", "training.batch_size=16", "training.epochs=1",
              "training.pll_examples=4"]

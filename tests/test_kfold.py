@@ -9,6 +9,8 @@ import numpy as np
 import pytest
 import torch
 
+from finetune_data import MAX_LEN, first, make_config, make_pretrained, write_task
+from helpers import REPO
 from twilbert.config import TaskSpec, compose
 from twilbert.data.tasks import load_task
 from twilbert.finetuned import load_classifier
@@ -16,9 +18,6 @@ from twilbert.scoring import evaluate_scores, predict_scores
 from twilbert.train.finetune import encode_examples, twilbert_learner
 from twilbert.train.finetune_stage import finetune_task
 from twilbert.train.kfold import FoldResult, blend, evaluate_learner, fold_splits, run_kfold
-
-from helpers import REPO
-from finetune_data import MAX_LEN, first, make_config, make_pretrained, write_task
 
 SINGLE = TaskSpec(categories={"a": 0, "b": 1, "c": 2})
 

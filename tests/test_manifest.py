@@ -17,7 +17,11 @@ from twilbert.config import compose
 from twilbert.model import TWilBertForClassification
 from twilbert.model.io import CheckpointError, load_pretrained_state, save_pretrained
 from twilbert.model.manifest import (
-    MANIFEST_NAME, ManifestError, manifest_text, verify_model_dir, write_manifest,
+    MANIFEST_NAME,
+    ManifestError,
+    manifest_text,
+    verify_model_dir,
+    write_manifest,
 )
 from twilbert.predict import load_finetuned
 from twilbert.train.finetune_stage import finetune_task

@@ -8,8 +8,8 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from helpers import REPO
 from finetune_data import first, make_config, make_pretrained, write_task
+from helpers import REPO
 from twilbert import load_classifier
 from twilbert.config import TrackingConfig, compose
 from twilbert.mlflow_pyfunc import save_classifier_model

@@ -12,8 +12,16 @@ from twilbert.config import FinetuningConfig, ModelConfig, TaskConfig, TaskDatas
 from twilbert.data.preprocess import PreprocessConfig
 from twilbert.model import TWilBertForPretraining, save_pretrained
 from twilbert.model.card import (
-    CardError, CheckpointError, HeadConfig, KFoldSummary, ModelCard, max_text_len, n_outputs, pretraining_positions,
-    read_card, row_width,
+    CardError,
+    CheckpointError,
+    HeadConfig,
+    KFoldSummary,
+    ModelCard,
+    max_text_len,
+    n_outputs,
+    pretraining_positions,
+    read_card,
+    row_width,
 )
 
 MODEL = ModelConfig(name="micro", embedding_size=8, hidden_size=16, n_encoders=2, n_heads=2, intermediate_size=32)

@@ -10,12 +10,12 @@ import twilbert.model.io as model_io
 from twilbert.config import ModelConfig, PkmConfig
 from twilbert.model import (
     CheckpointError,
+    ModelCard,
     TWilBertForClassification,
     TWilBertForPretraining,
     TWilBertModel,
     load_into,
     load_pretrained_state,
-    ModelCard,
     save_pretrained,
 )
 

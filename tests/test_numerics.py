@@ -18,11 +18,19 @@ from pathlib import Path
 
 import pytest
 
-from twilbert.numerics import PINNED_BY_LAUNCHER, PORTABLE_ENV, describe, wanted_env
-
 from finetune_data import write_task
-from helpers import MAX_LEN, PRETRAIN, REPO, finetune_args, make_pretrain_inputs, ok, pretrain_args, run_stage, \
-    write_params
+from helpers import (
+    MAX_LEN,
+    PRETRAIN,
+    REPO,
+    finetune_args,
+    make_pretrain_inputs,
+    ok,
+    pretrain_args,
+    run_stage,
+    write_params,
+)
+from twilbert.numerics import PINNED_BY_LAUNCHER, PORTABLE_ENV, describe, wanted_env
 
 FINETUNE = {"epochs": 2, "patience": 2, "batch_size": 8, "lr": 1e-2, "device": "cpu", "baseline_row": False}
 

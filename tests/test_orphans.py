@@ -14,9 +14,8 @@ from pathlib import Path
 
 import pytest
 
-from twilbert.train.writer_lock import LOCK_FILE, CheckpointLockError, checkpoint_lock
-
 from helpers import REPO
+from twilbert.train.writer_lock import LOCK_FILE, CheckpointLockError, checkpoint_lock
 
 pytestmark = pytest.mark.reliability
 

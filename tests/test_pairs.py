@@ -10,17 +10,22 @@ import numpy as np
 import pytest
 import torch
 
+from helpers import REPO, make_tweets
 from twilbert.cli import dump_params
 from twilbert.config import VocabConfig, compose
 from twilbert.data.batch import iterate_batches, make_batch, pack_pairs
 from twilbert.data.pairs import (
-    KILL_HOOK_ENV, PairParams, build_pair_shards, heldout_rows, load_shards, sop_cuts, tokenize_chunk,
+    KILL_HOOK_ENV,
+    PairParams,
+    build_pair_shards,
+    heldout_rows,
+    load_shards,
+    sop_cuts,
+    tokenize_chunk,
 )
 from twilbert.data.shards import token_dtype, verify_shards, write_shard
 from twilbert.data.special import CLS_ID, PAD_ID, SEP_ID
 from twilbert.data.tokenizer import Tokenizer, train_vocab
-
-from helpers import REPO, make_tweets
 
 
 @pytest.fixture(scope="module")

@@ -8,10 +8,9 @@ import importlib.util
 
 import pytest
 
+from helpers import PRETRAIN, REPO
 from twilbert.config import ConfigError, compose, load_config
 from twilbert.config.plain_compose import compose_plain, parse_value
-
-from helpers import PRETRAIN, REPO
 
 CONF = REPO / "conf"
 

@@ -22,6 +22,7 @@ from twilbert.predict import load_finetuned, predict_stream
 from twilbert.scoring import predict_scores
 from twilbert.train.finetune_stage import finetune_task
 
+
 @pytest.fixture(scope="module")
 def single_dir(tmp_path_factory, vocab_dir):
     return build_finetuned(tmp_path_factory.mktemp("single") / "model", vocab_dir)

@@ -8,17 +8,21 @@ import json
 import numpy as np
 import pytest
 
+from finetune_data import first, make_config, make_pretrained, write_task
+from helpers import REPO
 from twilbert.config import TaskSpec, compose
 from twilbert.data.tasks import load_task
 from twilbert.predictions import (
-    Predictions, PredictionsFileError, aligned, format_predictions, parse_predictions, read_predictions,
+    Predictions,
+    PredictionsFileError,
+    aligned,
+    format_predictions,
+    parse_predictions,
+    read_predictions,
     write_predictions,
 )
 from twilbert.results import read_metrics
 from twilbert.train.finetune_stage import baseline_task, finetune_task
-
-from helpers import REPO
-from finetune_data import first, make_config, make_pretrained, write_task
 
 SINGLE = TaskSpec(categories={"P": 0, "N": 1, "NEU": 2})
 MULTI = TaskSpec(multi_label=True, categories={"joy": 0, "anger": 1, "fear": 2}, eval_metric="jaccard")

@@ -3,13 +3,12 @@
 import pytest
 import torch
 
+from helpers import REPO
 from twilbert.config import ModelConfig, compose, load_config
 from twilbert.data.batch import make_batch, pack_pairs
 from twilbert.data.special import N_SPECIAL
 from twilbert.model import TWilBertForPretraining, count_parameters
 from twilbert.train.pretrain import build_pretraining
-
-from helpers import REPO
 
 V, MAX_LEN = 30000, 64  # the README table's vocabulary; positions 2*64+3 = 131
 PRESETS = ("base", "large", "xlarge", "xxlarge")

@@ -7,8 +7,8 @@ from collections import Counter
 import numpy as np
 import pytest
 
-from helpers import REPO
 from finetune_data import first, make_config, make_pretrained, write_rows, write_task
+from helpers import REPO
 from twilbert.config import ConfigError, compose
 from twilbert.data.tasks import load_task
 from twilbert.train.finetune_stage import finetune_task

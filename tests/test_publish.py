@@ -18,7 +18,12 @@ import pytest
 from twilbert import io_utils
 from twilbert.errors import user_message
 from twilbert.io_utils import (
-    CHECKSUMS_NAME, clean_leftovers, link_or_copy, publish_built, publish_dir, sha256_file,
+    CHECKSUMS_NAME,
+    clean_leftovers,
+    link_or_copy,
+    publish_built,
+    publish_dir,
+    sha256_file,
 )
 
 pytestmark = pytest.mark.reliability

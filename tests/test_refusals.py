@@ -22,18 +22,25 @@ import numpy as np
 import pytest
 import yaml
 
+from helpers import (
+    MAX_LEN,
+    PRETRAIN,
+    REPO,
+    build_finetuned,
+    build_vocab,
+    make_pretrain_inputs,
+    make_tweets,
+    pretrain_args,
+    write_params,
+)
 from twilbert.cli import main as cli_main
-from twilbert.config import ConfigError, compose, load_config
+from twilbert.config import ConfigError, DataConfig, compose, load_config
 from twilbert.data.corpus import write_pretrain_corpus
 from twilbert.data.pairs import build_pair_shards
 from twilbert.data.shards import PairsDataError, verify_pairs
 from twilbert.data.sources import resolve_corpus_files
 from twilbert.data.tokenizer import Tokenizer
-from twilbert.config import DataConfig
 from twilbert.train.writer_lock import checkpoint_lock
-
-from helpers import MAX_LEN, PRETRAIN, REPO, build_finetuned, build_vocab, make_pretrain_inputs, make_tweets, \
-    pretrain_args, write_params
 
 pytestmark = pytest.mark.reliability
 

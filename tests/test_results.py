@@ -8,12 +8,11 @@ import sys
 import numpy as np
 import pytest
 
+from helpers import REPO
 from twilbert.config import TaskSpec
 from twilbert.predictions import Predictions, PredictionsFileError, write_predictions
 from twilbert.results import aggregate, collect, render_results, task_metrics_files, tracked_metrics, write_results
 from twilbert.stats import paired_delta
-
-from helpers import REPO
 
 
 def _split(**over):
@@ -266,7 +265,7 @@ def test_three_runs_show_mean_plus_minus_sd_with_n_3(seeded, tmp_path):
     assert cells[13] == _cell(np.mean(accs), np.std(accs, ddof=1))
     assert cells[15] == _cell(np.mean(devs), np.std(devs, ddof=1))
     base = next(r for r in _md_rows(md.split("## Per task")[1]) if r.startswith("| coset17 | baseline"))
-    assert f"| baseline | test file | 1 |" in base and "±" not in base  # one deterministic run: its value
+    assert "| baseline | test file | 1 |" in base and "±" not in base  # one deterministic run: its value
 
 
 def test_the_comparison_gives_the_delta_to_the_baseline_with_its_interval_and_verdict(seeded, tmp_path):

@@ -9,10 +9,9 @@ import time
 import pytest
 import torch
 
+from helpers import REPO
 from twilbert.runtime import apply_threads, auto_threads, concurrent_jobs
 from twilbert.stage import load_stage_config
-
-from helpers import REPO
 
 
 @pytest.fixture
@@ -47,7 +46,8 @@ def test_auto_leaves_an_explicit_omp_num_threads_alone(restore_threads, monkeypa
 
 # A stand-in for `dvc exp queue-worker <node>` (what `dvc queue start -j N` runs N of): only its
 # command line matters. The first one runs a "stage" that reports the jobs it counts.
-WORKER = "import subprocess, sys, time\nif sys.argv[-1] == 'report':\n    subprocess.run(sys.argv[1:2] + ['-c', {stage!r}])\nelse:\n    time.sleep(60)\n"
+WORKER = ("import subprocess, sys, time\nif sys.argv[-1] == 'report':\n"
+          "    subprocess.run(sys.argv[1:2] + ['-c', {stage!r}])\nelse:\n    time.sleep(60)\n")
 STAGE = "from twilbert.runtime import concurrent_jobs; print(concurrent_jobs())"
 
 

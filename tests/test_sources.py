@@ -7,7 +7,14 @@ import pytest
 
 from twilbert.config import ConfigError, DataConfig, load_config
 from twilbert.data.formats import DataFormatError
-from twilbert.data.sources import BadRowBudget, BlankLines, CorpusError, iter_corpus_rows, resolve_corpus_files, untracked_files
+from twilbert.data.sources import (
+    BadRowBudget,
+    BlankLines,
+    CorpusError,
+    iter_corpus_rows,
+    resolve_corpus_files,
+    untracked_files,
+)
 
 
 def text_cfg(spec, **kw) -> DataConfig:

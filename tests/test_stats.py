@@ -10,8 +10,18 @@ from scipy import stats as scipy_stats
 
 from twilbert.config import TaskSpec
 from twilbert.stats import (
-    BETTER, WITHIN_NOISE, WORSE, Resamples, bootstrap_deltas, draw_resamples, example_counts, metric_from_totals,
-    official_scores, paired_delta, replicate_deltas, spread,
+    BETTER,
+    WITHIN_NOISE,
+    WORSE,
+    Resamples,
+    bootstrap_deltas,
+    draw_resamples,
+    example_counts,
+    metric_from_totals,
+    official_scores,
+    paired_delta,
+    replicate_deltas,
+    spread,
 )
 from twilbert.train.metrics import evaluate_predictions
 

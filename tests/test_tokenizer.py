@@ -2,11 +2,10 @@ import collections
 
 import pytest
 
+from helpers import make_tweets
 from twilbert.config import VocabConfig
 from twilbert.data.special import CLS_ID, MASK_ID, SEP_ID, SPECIAL_TOKENS
 from twilbert.data.tokenizer import Tokenizer, sample_texts, train_vocab
-
-from helpers import make_tweets
 
 
 @pytest.fixture(scope="module")

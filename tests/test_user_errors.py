@@ -15,13 +15,12 @@ from pathlib import Path
 import pytest
 import torch
 
+from finetune_data import MAX_LEN, make_pretrained
+from helpers import REPO, make_tweets
 from twilbert.cli import main as cli_main
 from twilbert.errors import user_message
 from twilbert.io_utils import atomic_write
 from twilbert.stage import run
-
-from helpers import REPO, make_tweets
-from finetune_data import MAX_LEN, make_pretrained
 
 pytestmark = pytest.mark.reliability
 

@@ -184,13 +184,17 @@ def export_hf_dir(model_dir: Path, out_dir: Path, encoder_only: bool = False) ->
     ``*ForSequenceClassification`` (or, with ``encoder_only``, its encoder alone).
     """
     from twilbert.data.tokenizer import META_FILE, MODEL_FILE
+    from twilbert.errors import library_os_errors
+    from twilbert.io_utils import publish_dir
     from twilbert.model import (
-        TWilBertForPretraining, TWilBertModel, load_into, load_pretrained_state, save_hf,
+        TWilBertForPretraining,
+        TWilBertModel,
+        load_into,
+        load_pretrained_state,
+        save_hf,
     )
     from twilbert.model.card import max_text_len
     from twilbert.model.hf import to_hf_classifier
-    from twilbert.errors import library_os_errors
-    from twilbert.io_utils import publish_dir
     from twilbert.model.manifest import verification_enabled
     from twilbert.predict import PredictError, load_finetuned, read_model_config
 

@@ -21,9 +21,9 @@ from typing import Any, Callable, Iterable, Mapping, Optional, Sequence, Union
 
 from twilbert.config import TaskSpec
 from twilbert.config.strict import dig, from_dict
+from twilbert.errors import TwilbertError
 from twilbert.predictions import PredictionsFileError, aligned, parse_predictions
 from twilbert.stats import Delta, paired_delta
-from twilbert.errors import TwilbertError
 
 log = logging.getLogger(__name__)
 

@@ -15,8 +15,8 @@ from typing import Optional, Sequence, Union
 import numpy as np
 
 from twilbert.config import TaskSpec
-from twilbert.io_utils import atomic_write
 from twilbert.errors import TwilbertError
+from twilbert.io_utils import atomic_write
 
 FILE = "predictions.tsv"
 HEADER = ("id", "gold", "pred")

@@ -19,8 +19,8 @@ from typing import Callable, Optional
 import yaml
 
 from twilbert.config import Config, ConfigError, compose, load_config
-from twilbert.progress import format_duration
 from twilbert.numerics import pin
+from twilbert.progress import format_duration
 from twilbert.runtime import apply_threads
 
 log = logging.getLogger("twilbert")

@@ -6,7 +6,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Literal, Optional
 
-from twilbert.config.strict import ConfigError, check_nonempty, check_non_negative, check_positive, check_probability
+from twilbert.config.strict import ConfigError, check_non_negative, check_nonempty, check_positive, check_probability
 
 
 @dataclass

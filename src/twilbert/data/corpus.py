@@ -23,8 +23,8 @@ from twilbert.config import DataConfig
 from twilbert.data.dedup import DigestSet, row_digests
 from twilbert.data.formats import write_table
 from twilbert.data.sources import BadRowBudget, BlankLines, iter_corpus_rows, resolve_corpus_files, untracked_files
-from twilbert.io_utils import atomic_write, sha256_file
 from twilbert.errors import TwilbertError
+from twilbert.io_utils import atomic_write, sha256_file
 
 log = logging.getLogger(__name__)
 
@@ -209,7 +209,8 @@ def run_data_stage(cfg: DataConfig, seed: int, out: Path) -> dict:
     """Write the default task split and the pretraining corpus under ``out``; return a summary.
 
     The summary is also written to ``<out>/pretrain/summary.json``: rows read, duplicates removed,
-    malformed rows skipped (the first of them listed), blank lines of plain-text files skipped, files read and those DVC does not track.
+    malformed rows skipped (the first of them listed), blank lines of plain-text files skipped, files
+    read and those DVC does not track.
     """
     out = Path(out)
     summary: dict = {"source": cfg.source}

@@ -15,8 +15,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterable, Iterator, Optional, Sequence, Union
 
-from twilbert.io_utils import atomic_write
 from twilbert.errors import TwilbertError
+from twilbert.io_utils import atomic_write
 
 PathLike = Union[str, "os.PathLike[str]"]
 

@@ -22,8 +22,8 @@ import sentencepiece as spm
 from twilbert.config import VocabConfig
 from twilbert.data.preprocess import PreprocessConfig, Preprocessor
 from twilbert.data.special import CLS_ID, PAD_ID, SPECIAL_TOKENS, UNK_ID
-from twilbert.io_utils import publish_dir
 from twilbert.errors import TwilbertError
+from twilbert.io_utils import publish_dir
 
 log = logging.getLogger(__name__)
 

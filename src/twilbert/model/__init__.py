@@ -1,5 +1,6 @@
 """The TWilBert model: encoder, product-key memory, heads, checkpoint I/O and Hugging Face export."""
 
+from twilbert.model.card import HeadConfig, ModelCard, read_card
 from twilbert.model.encoder import (
     TWilBertAttention,
     TWilBertEmbeddings,
@@ -17,7 +18,6 @@ from twilbert.model.heads import (
     TWilBertROPHead,
     count_parameters,
 )
-from twilbert.model.card import HeadConfig, ModelCard, read_card
 from twilbert.model.hf import ExportError, save_hf, to_hf
 from twilbert.model.io import (
     CheckpointError,

@@ -14,8 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal, Optional, Union
 
-from twilbert.config import ConfigError, FinetuningConfig, ModelConfig, TaskConfig, from_dict, to_dict
-from twilbert.config import PreprocessConfig
+from twilbert.config import ConfigError, FinetuningConfig, ModelConfig, PreprocessConfig, TaskConfig, from_dict, to_dict
 from twilbert.errors import TwilbertError
 
 CONFIG_NAME = "config.json"

@@ -14,7 +14,6 @@ from twilbert.data.special import CLS_ID, IGNORE_INDEX, SEP_ID  # constants only
 from twilbert.model.encoder import ACTIVATIONS, TWilBertModel, init_weights
 
 
-
 class TWilBertMLMHead(nn.Module):
     """ALBERT's ``predictions``: dense H->E, activation, LayerNorm, decoder E->V tied to the word embeddings."""
 

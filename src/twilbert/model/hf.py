@@ -31,9 +31,9 @@ from torch import nn
 
 from twilbert.config import ModelConfig
 from twilbert.data.special import CLS_ID, PAD_ID, SEP_ID
+from twilbert.errors import TwilbertError
 from twilbert.model.encoder import N_SEGMENTS, TWilBertModel
 from twilbert.model.heads import TWilBertForClassification, TWilBertForPretraining
-from twilbert.errors import TwilbertError
 
 logger = logging.getLogger(__name__)
 

@@ -19,8 +19,8 @@ from safetensors.torch import save_file
 from torch import nn
 
 from twilbert.io_utils import CHECKSUMS_NAME, link_or_copy, publish_dir
-from twilbert.model.card import CONFIG_NAME, CheckpointError, ModelCard, read_card  # noqa: F401 (re-exported)
 from twilbert.model import manifest
+from twilbert.model.card import CONFIG_NAME, CheckpointError, ModelCard, read_card  # noqa: F401 (re-exported)
 
 logger = logging.getLogger(__name__)
 

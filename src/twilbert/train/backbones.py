@@ -13,11 +13,11 @@ from typing import Any, ClassVar, Optional, Union
 from torch import nn
 
 from twilbert.config import Config, ConfigError, FinetuningConfig, TaskConfig
+from twilbert.data.packers import TWilBertPacker
 from twilbert.data.preprocess import Preprocessor
 from twilbert.data.tokenizer import Tokenizer
-from twilbert.model import TWilBertForClassification
-from twilbert.data.packers import TWilBertPacker
 from twilbert.finetuned import hf_packer
+from twilbert.model import TWilBertForClassification
 from twilbert.model.backbone import hf_classifier, load_hf_backbone, save_hf_classifier, twilbert_classifier
 from twilbert.model.card import CONFIG_NAME, HeadConfig, ModelCard, read_card, row_width
 from twilbert.model.io import CheckpointError, load_pretrained_state, save_pretrained

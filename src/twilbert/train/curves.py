@@ -35,7 +35,8 @@ class CurveRecorder:
 
     # the Tracker's interface, as the training loop uses it
     def log_metrics(self, metrics: Mapping[str, float], step: Optional[int] = None) -> None:
-        extra = {f"{self.prefix}_{k}" if self.prefix else k: float(v) for k, v in (self.running() if self.running else {}).items()}
+        running = self.running() if self.running else {}
+        extra = {f"{self.prefix}_{k}" if self.prefix else k: float(v) for k, v in running.items()}
         metrics = {**{k: float(v) for k, v in metrics.items()}, **extra}
         strip = f"{self.prefix}_" if self.prefix else ""
         point = {"step": int(step or 0), "epoch": self.epoch}

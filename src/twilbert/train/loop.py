@@ -30,12 +30,13 @@ from tqdm import tqdm
 
 from twilbert import distributed
 from twilbert.device import autocast
+from twilbert.errors import TwilbertError
 from twilbert.progress import EpochClock
 from twilbert.track import Tracker
 from twilbert.train.checkpoint import TENSORS_KEY, resume_training, save_training_checkpoint
-from twilbert.errors import TwilbertError
 
 log = logging.getLogger(__name__)
+CPU = torch.device("cpu")  # the default device of a Trainer
 
 # A loss function gets (model, batch) and returns the loss of the micro-batch and summable counts
 # (e.g. {"mlm_correct": tensor(12), "mlm_count": 40}) that the loop aggregates over the epoch. A count
@@ -184,7 +185,7 @@ class Trainer:
         accum_iters: int = 1,
         max_grad_norm: Optional[float] = None,
         precision: str = "fp32",
-        device: torch.device = torch.device("cpu"),
+        device: torch.device = CPU,
         tracker: Optional[Tracker] = None,
         log_every: int = 10,
         prefix: str = "train",
