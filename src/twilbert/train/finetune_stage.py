@@ -29,7 +29,7 @@ from twilbert.train.loop import Callback, seed_everything
 
 # The code a finetuning run's identity covers (the stage's code deps in dvc.yaml).
 FINGERPRINT_CODE = ("model", "train", "data/tasks.py", "data/formats.py", "data/tokenizer.py",
-                    "data/preprocess.py", "data/pairs.py", "data/batch.py", "data/packers.py", "finetuned.py",
+                    "data/preprocess.py", "data/pairs.py", "data/batch.py", "data/grouping.py", "data/packers.py", "finetuned.py",
                     "distributed.py", "device.py", "scoring.py")
 
 BASELINE_FILE = "baseline.json"

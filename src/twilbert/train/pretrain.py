@@ -50,8 +50,8 @@ EPOCH_LINE_KEYS = ("train_loss", "train_mlm_accuracy", "train_rop_accuracy", "he
 TRAIN_STATE_DIR = "train_state"  # training checkpoints, under the stage's checkpoint directory
 # What a run's identity covers: the stage's params in dvc.yaml, and the package code it runs.
 FINGERPRINT_KEYS = ("seed", "model", "training", "representation.max_len")
-FINGERPRINT_CODE = ("model", "train", "data/masking.py", "data/pairs.py", "data/batch.py", "data/shards.py",
-                    "distributed.py", "device.py")
+FINGERPRINT_CODE = ("model", "train", "data/masking.py", "data/pairs.py", "data/batch.py", "data/grouping.py",
+                    "data/shards.py", "distributed.py", "device.py")
 PREFETCH_BATCHES = 4  # batches read ahead of the step on a background thread
 
 
@@ -190,7 +190,8 @@ def pretrain(cfg: Config, pairs_dir: Path, vocab_dir: Path, out_dir: Path, check
     n_train = len(train_data)
 
     def batches(epoch: int, start: int):
-        return prefetch(iterate_rank_batches(train_data, tcfg.batch_size, cfg.seed, epoch, ctx, start=start),
+        return prefetch(iterate_rank_batches(train_data, tcfg.batch_size, cfg.seed, epoch, ctx, start=start,
+                                             length_grouping=tcfg.length_grouping),
                         PREFETCH_BATCHES)
 
     def evaluate(epoch: int, sums: dict) -> tuple[float, dict]:
