@@ -47,7 +47,7 @@ stage's own iterator, ``training.length_grouping: true``), ours on random batche
 ``AlbertForPreTraining`` on the same random batches padded to their longest row (what
 ``DataCollatorForLanguageModeling`` does), and HF on the grouped batches. ``real_tok_per_s`` counts
 non-pad tokens only; ``padding_share`` is the pad share of the epoch's batches. Each side steps
-through its own epoch of batches, ``--steps`` per round. Ends with a JSON line holding
+through its own epoch of batches, ``--steps`` per round at the first batch size (proportionally fewer at larger ones). Ends with a JSON line holding
 real_tok_per_s_ours, real_tok_per_s_ours_random, real_tok_per_s_hf, real_tok_per_s_hf_grouped,
 padding_share_ours, padding_share_random and the ratios (of the first batch size, and per size under
 ``by_batch``).
@@ -403,7 +403,7 @@ def real_lengths(args: argparse.Namespace) -> None:
           f"{torch.get_num_threads()} threads, torch {torch.__version__}; load average {os.getloadavg()[0]:.2f}")
     print(f"rows: {what}; sizes: V={vocab} E={sizes['embedding_size']} H={sizes['hidden_size']} "
           f"A={sizes['n_heads']} L={sizes['n_encoders']} I={sizes['intermediate_size']}, {args.act}; "
-          f"{args.steps} steps x {args.rounds} rounds per side and batch size", flush=True)
+          f"{args.steps} steps (at batch {args.batches[0]}) x {args.rounds} rounds per side", flush=True)
     ours, hf = ours_stepper(cfg, vocab), hf_stepper(cfg, vocab, 2 * sizes["max_len"] + 3)
     by_batch = {}
     for size in args.batches:
@@ -430,9 +430,10 @@ def real_lengths(args: argparse.Namespace) -> None:
 
         for name, grouped in sides:  # warm-up: allocator, kernels, optimizer state
             run(name, grouped, [0])
+        steps = max(1, round(args.steps * args.batches[0] / size))  # about the same tokens per round at each size
         for r in range(args.rounds):
             for name, grouped in sides if r % 2 == 0 else sides[::-1]:
-                picks = [(r * args.steps + k) % len(epochs[grouped]) for k in range(args.steps)]
+                picks = [(r * steps + k) % len(epochs[grouped]) for k in range(steps)]
                 rates[name].append(run(name, grouped, picks))
             print(f"  batch {size} round {r + 1}: " + ", ".join(f"{n} {v[-1]:.1f}" for n, v in rates.items())
                   + f" real tok/s; load {os.getloadavg()[0]:.2f}", flush=True)
