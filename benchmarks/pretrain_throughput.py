@@ -38,6 +38,20 @@ and the script says why; ``--bf16 on`` times them anyway.
     python benchmarks/pretrain_throughput.py --quick         # small sizes, a smoke run of seconds
     python benchmarks/pretrain_throughput.py --numerics      # the cost of runtime.portable_numerics
 
+``--real-lengths [PAIRS_DIR]`` times the job rather than the kernel: rows of tweet lengths, each batch
+padded to its longest row. The lengths are those of a pairs folder (its train split; real token
+ids), or by default a generated tweet-like distribution like the default corpus's pairs (two
+log-normal segments of ~11 pieces cut at 32, plus 3 specials: ~25 tokens a row). Four sides,
+alternating, at each of ``--batches`` (32 and 128): ours on length-grouped batches (the pretrain
+stage's own iterator, ``training.length_grouping: true``), ours on random batches (``false``), HF
+``AlbertForPreTraining`` on the same random batches padded to their longest row (what
+``DataCollatorForLanguageModeling`` does), and HF on the grouped batches. ``real_tok_per_s`` counts
+non-pad tokens only; ``padding_share`` is the pad share of the epoch's batches. Each side steps
+through its own epoch of batches, ``--steps`` per round at the first batch size (proportionally fewer at larger ones). Ends with a JSON line holding
+real_tok_per_s_ours, real_tok_per_s_ours_random, real_tok_per_s_hf, real_tok_per_s_hf_grouped,
+padding_share_ours, padding_share_random and the ratios (of the first batch size, and per size under
+``by_batch``).
+
 ``--numerics`` times ours in fp32 in fresh processes, alternating: under the portable numerics the
 stages use by default (ATen avx2, oneDNN AVX2, MKL CBWR AVX2, 2 threads) and under the host's fastest
 kernels and torch's default threads (``runtime.portable_numerics: false``), since those settings are
@@ -72,7 +86,7 @@ try:
     from twilbert.config.plain_compose import compose_plain
 except ImportError:  # an A/B against code older than the plain composer (Hydra composes the same dict)
     from twilbert.config import compose as compose_plain
-from twilbert.data.batch import PairBatch, make_batch, pack_pairs
+from twilbert.data.batch import PackedRows, PairBatch, make_batch, pack_pairs
 from twilbert.data.special import N_SPECIAL
 from twilbert.device import configure_matmul, native_bf16
 from twilbert.train.pretrain import PretrainObjective, build_pretraining
@@ -304,6 +318,145 @@ def numerics_cost(args: argparse.Namespace) -> None:
                       "batch": args.batch, "load_average_end": round(os.getloadavg()[0], 2)}))
 
 
+REAL_EXAMPLES = 20_000  # generated examples: hundreds of batches, many grouping windows
+REAL_MAX_LEN = 32  # pieces per segment in the generated rows: the default pipeline's representation.max_len
+
+
+def tweet_like_rows(n: int, vocab: int, seed: int = 0) -> PackedRows:
+    """``n`` examples of random ids whose lengths are shaped like the default corpus's pairs: two
+    log-normal segments (median ~8, mean ~11 pieces) cut at REAL_MAX_LEN, plus 3 specials."""
+    rng = np.random.default_rng(seed)
+    segments = np.clip(np.rint(np.exp(rng.normal(2.05, 0.98, (n, 2)))), 1, REAL_MAX_LEN).astype(np.int64)
+    a = [rng.integers(N_SPECIAL, vocab, k).tolist() for k in segments[:, 0]]
+    b = [rng.integers(N_SPECIAL, vocab, k).tolist() for k in segments[:, 1]]
+    packed = pack_pairs(a, b, REAL_MAX_LEN)
+    packed["labels"] = rng.integers(0, 2, n)
+    return PackedRows(packed)
+
+
+def real_examples(pairs: str, vocab: int) -> tuple[object, str]:
+    """The examples whose lengths are timed, and what they are."""
+    if not pairs:
+        rows = tweet_like_rows(REAL_EXAMPLES, vocab)
+        return rows, f"generated tweet-like lengths ({len(rows)} examples)"
+    from twilbert.data.pairs import load_shards
+
+    directory = Path(pairs) / "train" if (Path(pairs) / "train").is_dir() else Path(pairs)
+    data = load_shards(directory)
+    return data, f"the lengths of {directory} ({len(data)} examples, max_len {data.max_len})"
+
+
+def padding_of(batches: list[PairBatch]) -> float:
+    real = sum(int(b.attention_mask.sum()) for b in batches)
+    return 1.0 - real / sum(b.attention_mask.numel() for b in batches)
+
+
+def ours_stepper(cfg: Config, vocab: int) -> Callable[[PairBatch], None]:
+    """The pretrain stage's training step, one batch at a time."""
+    _, trainer, objective = build_pretraining(cfg, vocab, torch.device(cfg.training.device))
+    return lambda batch: trainer.train_step(batch, objective)
+
+
+def hf_stepper(cfg: Config, vocab: int, positions: int) -> Callable[[dict], None]:
+    """AlbertForPreTraining with HF Trainer's default optimizer, one prepared batch (``hf_inputs``) at a time."""
+    from transformers import AlbertConfig, AlbertForPreTraining
+
+    m = cfg.model
+    model = AlbertForPreTraining(AlbertConfig(
+        vocab_size=vocab, embedding_size=m.embedding_size, hidden_size=m.hidden_size,
+        num_attention_heads=m.n_heads, num_hidden_layers=m.n_encoders, num_hidden_groups=1, inner_group_num=1,
+        intermediate_size=m.ffn_size, hidden_act=m.hidden_act, hidden_dropout_prob=0.0,
+        attention_probs_dropout_prob=0.0, classifier_dropout_prob=0.0,
+        max_position_embeddings=positions, layer_norm_eps=m.layer_norm_eps,
+    )).train().to(DEVICE)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.training.lr, weight_decay=cfg.training.weight_decay,
+                                  fused=True)
+
+    def step(inputs: dict) -> None:
+        model(**inputs).loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.training.max_grad_norm)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+
+    return step
+
+
+def hf_inputs(cfg: Config, vocab: int, batch: PairBatch, key: int) -> dict:
+    """HF's inputs for ``batch``: our objective's masks (drawn before timing), ALBERT's SOP label (0 = in order)."""
+    masked, labels = PretrainObjective(cfg.model.masked_lm, cfg.seed, vocab, torch.device("cpu")).mask(batch, 0, key)
+    inputs = dict(input_ids=masked, attention_mask=batch.attention_mask.long(), token_type_ids=batch.segment_ids,
+                  labels=labels, sentence_order_label=1 - batch.labels)
+    return {k: v.to(DEVICE) for k, v in inputs.items()}
+
+
+def real_lengths(args: argparse.Namespace) -> None:
+    """``--real-lengths``: real (non-pad) tokens per second on tweet-length batches; see the module docstring."""
+    from twilbert.data.batch import iterate_batches
+
+    sizes = QUICK if args.quick else FULL
+    vocab = sizes["vocab"]
+    examples, what = real_examples(args.real_lengths, vocab)
+    # positions for the longest row (--quick's sizes are shorter than tweets)
+    sizes = {**sizes, "max_len": max(sizes["max_len"], getattr(examples, "max_len", REAL_MAX_LEN))}
+    cfg = pretraining_config(sizes, args.batches[0], "fp32", pkm=False, act=args.act, device=args.device)
+    print(f"machine: {platform.node()}: {platform.processor() or platform.machine()}, {os.cpu_count()} CPUs, "
+          f"{torch.get_num_threads()} threads, torch {torch.__version__}; load average {os.getloadavg()[0]:.2f}")
+    print(f"rows: {what}; sizes: V={vocab} E={sizes['embedding_size']} H={sizes['hidden_size']} "
+          f"A={sizes['n_heads']} L={sizes['n_encoders']} I={sizes['intermediate_size']}, {args.act}; "
+          f"{args.steps} steps (at batch {args.batches[0]}) x {args.rounds} rounds per side", flush=True)
+    ours, hf = ours_stepper(cfg, vocab), hf_stepper(cfg, vocab, 2 * sizes["max_len"] + 3)
+    by_batch = {}
+    for size in args.batches:
+        epochs = {grouped: list(iterate_batches(examples, size, cfg.seed, 0, length_grouping=grouped))
+                  for grouped in (True, False)}
+        shares = {grouped: padding_of(batches) for grouped, batches in epochs.items()}
+        sides = [("ours", True), ("ours_random", False), ("hf_random", False), ("hf_grouped", True)]
+        rates: dict[str, list[float]] = {name: [] for name, _ in sides}
+
+        def run(name: str, grouped: bool, picks: list[int]) -> float:
+            """Real tokens per second over the batches ``picks`` of the side's epoch."""
+            real = sum(int(epochs[grouped][i].attention_mask.sum()) for i in picks)
+            if name.startswith("hf"):  # HF is fed masks drawn before the clock starts
+                inputs = [hf_inputs(cfg, vocab, epochs[grouped][i], i) for i in picks]
+                step, items = hf, inputs
+            else:
+                step, items = ours, [epochs[grouped][i] for i in picks]
+            synchronize()
+            start = time.perf_counter()
+            for item in items:
+                step(item)
+            synchronize()
+            return real / (time.perf_counter() - start)
+
+        for name, grouped in sides:  # warm-up: allocator, kernels, optimizer state
+            run(name, grouped, [0])
+        steps = max(1, round(args.steps * args.batches[0] / size))  # about the same tokens per round at each size
+        for r in range(args.rounds):
+            for name, grouped in sides if r % 2 == 0 else sides[::-1]:
+                picks = [(r * steps + k) % len(epochs[grouped]) for k in range(steps)]
+                rates[name].append(run(name, grouped, picks))
+            print(f"  batch {size} round {r + 1}: " + ", ".join(f"{n} {v[-1]:.1f}" for n, v in rates.items())
+                  + f" real tok/s; load {os.getloadavg()[0]:.2f}", flush=True)
+        med = {name: statistics.median(v) for name, v in rates.items()}
+        figures = {f"real_tok_per_s_{name if name != 'hf_random' else 'hf'}": round(v, 1) for name, v in med.items()}
+        figures.update(padding_share_ours=round(shares[True], 4), padding_share_random=round(shares[False], 4),
+                       ratio_ours_to_ours_random=round(med["ours"] / med["ours_random"], 3),
+                       ratio_ours_to_hf=round(med["ours"] / med["hf_random"], 3),
+                       ratio_ours_random_to_hf=round(med["ours_random"] / med["hf_random"], 3),
+                       rounds={name: [round(x, 1) for x in v] for name, v in rates.items()})
+        by_batch[size] = figures
+        print(f"batch {size}: padding share grouped {shares[True]:.1%}, random {shares[False]:.1%}; real tok/s "
+              f"ours grouped {med['ours']:.1f}, ours random {med['ours_random']:.1f}, HF random "
+              f"{med['hf_random']:.1f}, HF grouped {med['hf_grouped']:.1f}; ours grouped / ours random "
+              f"{figures['ratio_ours_to_ours_random']:.2f}x, / HF random {figures['ratio_ours_to_hf']:.2f}x", flush=True)
+        gc.collect()
+    first = by_batch[args.batches[0]]
+    print(f"load average at the end: {os.getloadavg()[0]:.2f}")
+    print(json.dumps({**{k: v for k, v in first.items() if k != "rounds"}, "batch": args.batches[0],
+                      "by_batch": by_batch, "rows": what, "host": platform.node(), "device": args.device,
+                      "threads": torch.get_num_threads(), "load_average_end": round(os.getloadavg()[0], 2)}))
+
+
 def main() -> None:
     global DEVICE
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -325,6 +478,10 @@ def main() -> None:
     parser.add_argument("--warmup", type=int, default=1, help="untimed steps of each side first (more for compile)")
     parser.add_argument("--numerics", action="store_true", help="the cost of runtime.portable_numerics (see above)")
     parser.add_argument("--numerics-child", action="store_true", help=argparse.SUPPRESS)
+    parser.add_argument("--real-lengths", nargs="?", const="", default=None, metavar="PAIRS_DIR",
+                        help="real tokens/s on tweet-length batches, grouped and random (see above); with a pairs "
+                             "folder, its lengths, else generated tweet-like ones")
+    parser.add_argument("--batches", type=int, nargs="+", default=[32, 128], help="--real-lengths: batch sizes")
     args = parser.parse_args()
     logging.basicConfig(level=logging.WARNING)
     if args.numerics:
@@ -332,6 +489,8 @@ def main() -> None:
     DEVICE = torch.device(args.device)
     if DEVICE.type == "cuda" and not torch.cuda.is_available():
         parser.error("--device cuda: this torch sees no CUDA device")
+    if args.real_lengths is not None:
+        return real_lengths(args)
     if args.tf32:
         configure_matmul(DEVICE, True)
     sizes = QUICK if args.quick else FULL

@@ -198,13 +198,15 @@ def _examples_as_rows(batches) -> list:
             for r, n, y in zip(b.input_ids, b.attention_mask.sum(1), b.labels)]
 
 
-def _shard_worker(rank: int, port: int, pairs_dir: str, out_dir: str) -> None:
+def _shard_worker(rank: int, port: int, pairs_dir: str, out_dir: str, length_grouping: bool) -> None:
     from twilbert.data.pairs import load_shards
 
     ctx = join_gloo_group(rank, WORLD, port)
     try:
         data = load_shards(pairs_dir)
-        seen = {epoch: _examples_as_rows(iterate_rank_batches(data, 5, SEED, epoch, ctx)) for epoch in (0, 1)}
+        seen = {epoch: _examples_as_rows(iterate_rank_batches(data, 5, SEED, epoch, ctx,
+                                                              length_grouping=length_grouping))
+                for epoch in (0, 1)}
         report = {"seen": seen, "memmap": all(isinstance(a, np.memmap) for a in data.open_arrays())}
         with open(f"{out_dir}/shard-report-{rank}.json", "w") as fh:
             json.dump(report, fh)
@@ -212,7 +214,9 @@ def _shard_worker(rank: int, port: int, pairs_dir: str, out_dir: str) -> None:
         destroy_distributed()
 
 
-def test_two_gloo_ranks_read_disjoint_shares_of_the_shards_that_cover_every_example_once_per_epoch(tmp_path):
+@pytest.mark.parametrize("length_grouping", [False, True], ids=["random", "length-grouped"])
+def test_two_gloo_ranks_read_disjoint_shares_of_the_shards_that_cover_every_example_once_per_epoch(
+        tmp_path, length_grouping):
     from collections import Counter
 
     from twilbert.config import VocabConfig
@@ -225,8 +229,8 @@ def test_two_gloo_ranks_read_disjoint_shares_of_the_shards_that_cover_every_exam
     corpus = [(t, None) if i % 2 else (t, "gracias " + t) for i, (t, _) in enumerate(make_tweets(47, seed=5))]
     build_pair_shards(corpus, Tokenizer(tmp_path / "vocab"), tmp_path / "pairs", max_len=8, heldout_fraction=0.0,
                       shard_size=10, seed=0)
-    mp.spawn(_shard_worker, args=(free_port(), str(tmp_path / "pairs" / "train"), str(tmp_path)), nprocs=WORLD,
-             join=True)
+    mp.spawn(_shard_worker, args=(free_port(), str(tmp_path / "pairs" / "train"), str(tmp_path), length_grouping),
+             nprocs=WORLD, join=True)
     reports = [json.loads((tmp_path / f"shard-report-{r}.json").read_text()) for r in range(WORLD)]
     data = load_shards(tmp_path / "pairs" / "train")
     every = data.take(np.arange(len(data)))

@@ -240,6 +240,17 @@ def test_throughput_benchmark_without_bf16_reports_nulls_and_says_why():
     assert figures["ratio_fp32"] > 0 and figures["mfu_fp32"] > 0
 
 
+def test_real_lengths_benchmark_times_grouped_and_random_batches_and_ends_with_the_json_line(corpus):
+    cmd = [sys.executable, "benchmarks/pretrain_throughput.py", "--quick", "--steps", "1", "--rounds", "1",
+           "--real-lengths", str(corpus / "pairs"), "--batches", "4", "8"]
+    done = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    figures = json.loads(done.stdout.strip().splitlines()[-1])
+    for key in ("real_tok_per_s_ours", "real_tok_per_s_ours_random", "real_tok_per_s_hf", "real_tok_per_s_hf_grouped"):
+        assert figures[key] > 0 and figures["by_batch"]["8"][key] > 0
+    assert 0 <= figures["padding_share_ours"] < figures["padding_share_random"]
+
+
 def test_pretraining_reads_memory_mapped_shards_and_never_materializes_them(corpus, run, tmp_path, monkeypatch):
     """Every shard the stage opens is np.load'ed with mmap_mode='r' and held as np.memmap."""
     from twilbert.data import shards as shards_module

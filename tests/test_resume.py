@@ -58,7 +58,8 @@ def pretrain_inputs(tmp_path_factory):
 def test_pretrain_killed_inside_a_window_resumes_bit_for_bit_and_passes_over_a_truncated_checkpoint(
         pretrain_inputs, tmp_path, caplog):
     work = tmp_path / "work"
-    write_params(work, PRETRAIN)
+    # length-grouped batches are the default: the resumed epoch must rebuild its window's batch order
+    assert write_params(work, PRETRAIN)["training"]["length_grouping"] is True
     reference = tmp_path / "reference"
     ok(run_stage("pretrain.py", pretrain_args(pretrain_inputs, reference), work))
 

@@ -1,8 +1,9 @@
 """torchrun / DDP helpers: the process group torchrun describes, gradient sync, each rank's share of the
 data. Nothing here spawns processes, and without torchrun's variables every helper is a no-op on one
 rank-0 process, so training calls them unconditionally. Every rank computes the same epoch order;
-global batch s is ``order[s*b*W : (s+1)*b*W]`` and rank r takes its r-th slice, so W ranks of batch b
-see, step for step, the examples of one process with batch W*b."""
+global batch s is ``order[s*b*W : (s+1)*b*W]`` (or the s-th length-grouped batch of W*b examples:
+``data.grouping``) and rank r takes its r-th slice, so W ranks of batch b see, step for step, the
+examples of one process with batch W*b."""
 
 from __future__ import annotations
 
@@ -20,7 +21,8 @@ import torch.distributed as dist
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
-from twilbert.data.batch import Examples, PairBatch, as_examples, batch_of, epoch_order
+from twilbert.data.batch import Examples, PairBatch, as_examples, batch_indices, batch_of, epoch_order
+from twilbert.data.grouping import Lengths
 from twilbert.device import pick_device
 
 log = logging.getLogger(__name__)
@@ -184,18 +186,17 @@ def n_rank_batches(n_examples: int, batch_size: int, n_ranks: int) -> int:
 
 def rank_batch_indices(
     n_examples: int, batch_size: int, seed: int, epoch: int, rank: int, n_ranks: int,
-    shuffle: bool = True, start: int = 0,
+    shuffle: bool = True, start: int = 0, lengths: Optional[Lengths] = None,
 ) -> Iterator[np.ndarray]:
     """Example indices of this rank's batches, from global batch ``start`` on (resume). Global batch s
-    holds ``batch_size * n_ranks`` examples of the epoch order in ``n_ranks`` contiguous, disjoint
-    slices; a short last one is split as evenly as possible, padded from the start of the order (as
-    torch's DistributedSampler does) when it has fewer examples than ranks, so every rank still steps."""
+    holds ``batch_size * n_ranks`` examples of the epoch order (consecutive, or with ``lengths``
+    length-grouped: ``data.grouping``) in ``n_ranks`` contiguous, disjoint slices; a short last one is
+    split as evenly as possible, padded from the start of the order (as torch's DistributedSampler
+    does) when it has fewer examples than ranks, so every rank still steps."""
     if not 0 <= rank < n_ranks:
         raise ValueError(f"rank {rank} outside 0..{n_ranks - 1}")
     order = epoch_order(n_examples, seed, epoch, shuffle)
-    size = batch_size * n_ranks
-    for begin in range(start * size, n_examples, size):
-        chunk = order[begin : begin + size]
+    for chunk in batch_indices(order, batch_size * n_ranks, seed, epoch, shuffle, start, lengths):
         if len(chunk) < n_ranks:
             chunk = np.concatenate([chunk, np.resize(order, n_ranks - len(chunk))])
         yield np.sort(np.array_split(chunk, n_ranks)[rank])
@@ -203,14 +204,17 @@ def rank_batch_indices(
 
 def iterate_rank_batches(
     data: Union[Examples, dict], batch_size: int, seed: int, epoch: int, ctx: DistContext,
-    shuffle: bool = True, start: int = 0,
+    shuffle: bool = True, start: int = 0, length_grouping: bool = False,
 ) -> Iterator[PairBatch]:
     """The distributed counterpart of ``batch.iterate_batches``: this rank's batches of the shared order.
 
-    On memory-mapped shards a rank reads only the examples of its own slices.
+    On memory-mapped shards a rank reads only the examples of its own slices (and, with
+    ``length_grouping``, the lengths of the window being cut, from the shards' index).
     """
     examples = as_examples(data)
-    for idx in rank_batch_indices(len(examples), batch_size, seed, epoch, ctx.rank, ctx.world_size, shuffle, start):
+    lengths = examples.lengths if length_grouping else None
+    for idx in rank_batch_indices(len(examples), batch_size, seed, epoch, ctx.rank, ctx.world_size, shuffle, start,
+                                  lengths):
         yield batch_of(examples, idx)
 
 

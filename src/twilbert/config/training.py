@@ -44,6 +44,7 @@ class TrainingConfig:
     checkpoint_every: int = 1000  # micro-steps between training checkpoints (0: only at epoch ends)
     tf32: bool = False  # CUDA only: fp32 matmuls on TF32 tensor cores (Ampere or newer)
     compile: bool = False  # torch.compile the model (not faster on the CPUs measured: README "On a GPU")
+    length_grouping: bool = True  # batches of rows of similar length (data/grouping.py); false: random batches
 
     def validate(self, where: str = "training") -> None:
         check_positive(self, where, "batch_size", "epochs", "accum_iters", "warmup_steps", "log_every", "lr",
@@ -94,6 +95,7 @@ class FinetuningConfig:
     # A task without a test file: carve_dev selects on a dev split carved from train and reports the
     # dev file as test; dev_as_test selects on the dev file and reports it as test too (marked †).
     no_test_protocol: Literal["carve_dev", "dev_as_test"] = "carve_dev"
+    length_grouping: bool = False  # training batches of rows of similar length (data/grouping.py)
 
     def validate(self, where: str = "finetuning") -> None:
         from twilbert.config.runs import expand_seeds

@@ -18,6 +18,7 @@ from typing import TYPE_CHECKING, Iterator, Optional, Sequence, Union
 import numpy as np
 import torch
 
+from twilbert.data.grouping import Lengths, grouped_batches
 from twilbert.data.special import CLS_ID, PAD_ID, SEP_ID
 
 if TYPE_CHECKING:
@@ -138,6 +139,9 @@ class PackedRows:
     def take(self, idx: np.ndarray) -> dict[str, np.ndarray]:
         return {k: self.data[k][idx] for k in PACKED_KEYS}
 
+    def lengths(self, idx: np.ndarray) -> np.ndarray:
+        return np.asarray(self.data["length"])[idx]
+
     def originals(self, n: int) -> np.ndarray:
         rows = np.flatnonzero(self.data["labels"] == 1)  # ROP label 1: the pair in its original order
         return (rows if len(rows) else np.arange(len(self)))[:n]
@@ -192,14 +196,29 @@ def epoch_order(n: int, seed: int, epoch: int, shuffle: bool = True) -> np.ndarr
     return order
 
 
+def batch_indices(order: np.ndarray, batch_size: int, seed: int, epoch: int, shuffle: bool = True, start: int = 0,
+                  lengths: Optional[Lengths] = None) -> Iterator[np.ndarray]:
+    """The example indices of each batch of the epoch order ``order``, from batch ``start`` on:
+    consecutive slices, or with ``lengths`` (example indices -> row lengths) length-grouped
+    (``data.grouping``)."""
+    if lengths is not None:
+        yield from grouped_batches(order, lengths, batch_size, seed, epoch, shuffle, start)
+        return
+    for begin in range(start * batch_size, len(order), batch_size):
+        yield order[begin : begin + batch_size]
+
+
 def iterate_batches(
-    data: Union[Examples, dict], batch_size: int, seed: int, epoch: int, shuffle: bool = True, start: int = 0
+    data: Union[Examples, dict], batch_size: int, seed: int, epoch: int, shuffle: bool = True, start: int = 0,
+    length_grouping: bool = False,
 ) -> Iterator[PairBatch]:
-    """Batches in an order that is a pure function of (seed, epoch): resumable from batch ``start``."""
+    """Batches in an order that is a pure function of (seed, epoch): resumable from batch ``start``;
+    with ``length_grouping``, of rows of similar length (``data.grouping``)."""
     examples = as_examples(data)
     order = epoch_order(len(examples), seed, epoch, shuffle)
-    for begin in range(start * batch_size, len(examples), batch_size):
-        yield batch_of(examples, np.sort(order[begin : begin + batch_size]))
+    lengths = examples.lengths if length_grouping else None
+    for idx in batch_indices(order, batch_size, seed, epoch, shuffle, start, lengths):
+        yield batch_of(examples, np.sort(idx))
 
 
 def n_batches(data: Union[Examples, dict], batch_size: int) -> int:

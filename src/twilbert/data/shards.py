@@ -316,6 +316,19 @@ class PairShards:
         """The first ``n`` examples in their original order (label 1): one per pair."""
         return np.arange(0, 2 * min(n, self.pairs), 2, dtype=np.int64)
 
+    def lengths(self, idx: np.ndarray) -> np.ndarray:
+        """Row lengths (tokens, specials included) of examples ``idx``, from the index alone: a pair and
+        its swapped negative have the same length."""
+        pair = np.asarray(idx, dtype=np.int64) >> 1
+        shard = np.searchsorted(self._first, pair, side="right") - 1
+        out = np.zeros(len(pair), dtype=np.int64)
+        for s in np.unique(shard):
+            rows = np.flatnonzero(shard == s)
+            index = self.arrays(int(s))[1]
+            segments = np.asarray(index[pair[rows] - self._first[s], 1:], dtype=np.int64)  # (k, 2) len(a), len(b)
+            out[rows] = segments.sum(axis=1) + 3
+        return out
+
     def take(self, idx: np.ndarray) -> dict[str, np.ndarray]:
         """Packed rows of examples ``idx``: input_ids (B, W) with W the longest row, len_a, length, labels."""
         idx = np.asarray(idx, dtype=np.int64)

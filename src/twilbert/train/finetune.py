@@ -80,12 +80,16 @@ def encode_examples(packer: Any, ex: TaskExamples, max_len: int, task: TaskConfi
 
 
 def shuffled_batches(data: Split, packer: Any, batch_size: int, seed: int, epoch: int,
-                     ctx: Optional[DistContext] = None, start: int = 0) -> Iterator[PairBatch]:
+                     ctx: Optional[DistContext] = None, start: int = 0,
+                     length_grouping: bool = False) -> Iterator[PairBatch]:
     """This rank's training batches from batch ``start`` on, in an order that is a pure function of
-    (seed, epoch) (every rank takes its slice of each global batch: ``distributed.rank_batch_indices``)."""
+    (seed, epoch) (every rank takes its slice of each global batch: ``distributed.rank_batch_indices``);
+    with ``length_grouping``, of rows of similar length (``data.grouping``)."""
     ctx = ctx or DistContext()
     n = len(data["labels"])
-    for idx in rank_batch_indices(n, batch_size, seed, epoch, ctx.rank, ctx.world_size, start=start):
+    lengths = (lambda idx: data["length"][idx]) if length_grouping else None
+    for idx in rank_batch_indices(n, batch_size, seed, epoch, ctx.rank, ctx.world_size, start=start,
+                                  lengths=lengths):
         yield packer.batch(*(data[k][idx] for k in PACKED_KEYS))
 
 
@@ -201,7 +205,7 @@ class NeuralLearner(Learner):
         metric_prefix = "" if fold is None else f"fold{fold}_"
 
         def batches(epoch: int, start: int) -> Iterator[PairBatch]:
-            return shuffled_batches(train, self.packer, ft.batch_size, seed, epoch, ctx, start)
+            return shuffled_batches(train, self.packer, ft.batch_size, seed, epoch, ctx, start, ft.length_grouping)
 
         def evaluate(epoch: int, sums: dict) -> tuple[float, dict]:
             dev_metrics = score_split(model, dev, task, ft, device, self.packer)  # every rank: the same decision

@@ -190,7 +190,8 @@ def pretrain(cfg: Config, pairs_dir: Path, vocab_dir: Path, out_dir: Path, check
     n_train = len(train_data)
 
     def batches(epoch: int, start: int):
-        return prefetch(iterate_rank_batches(train_data, tcfg.batch_size, cfg.seed, epoch, ctx, start=start),
+        return prefetch(iterate_rank_batches(train_data, tcfg.batch_size, cfg.seed, epoch, ctx, start=start,
+                                             length_grouping=tcfg.length_grouping),
                         PREFETCH_BATCHES)
 
     def evaluate(epoch: int, sums: dict) -> tuple[float, dict]:
