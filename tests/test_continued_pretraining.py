@@ -216,10 +216,10 @@ def test_continued_pretraining_killed_inside_a_window_resumes_bit_for_bit(tmp_pa
     reference = tmp_path / "reference"
     ok(run_stage("pretrain.py", args(reference), work))
     out = tmp_path / "interrupted"
-    killed(run_stage("pretrain.py", args(out), work, kill_at=7))  # inside the window of micro-steps 7-8
+    killed(run_stage("pretrain.py", args(out), work, kill_at=9))  # its checkpoint inside the window of micro-steps 9-10
     assert not (out / "model").exists()
     resumed = ok(run_stage("pretrain.py", args(out), work))
-    assert "resuming at epoch 1, batch 7" in resumed.stderr
+    assert "resuming at epoch 1, batch 9" in resumed.stderr
     for name in ("model.safetensors", "rop_head.safetensors"):
         assert_same_weights(reference / "model" / name, out / "model" / name)
     assert json.loads((reference / "metrics.json").read_text()) == json.loads((out / "metrics.json").read_text())
