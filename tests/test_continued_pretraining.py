@@ -224,3 +224,34 @@ def test_continued_pretraining_killed_inside_a_window_resumes_bit_for_bit(tmp_pa
         assert_same_weights(reference / "model" / name, out / "model" / name)
     assert json.loads((reference / "metrics.json").read_text()) == json.loads((out / "metrics.json").read_text())
     assert (reference / "model" / "checksums.json").read_bytes() == (out / "model" / "checksums.json").read_bytes()
+
+
+def test_the_finetune_stage_and_predict_read_the_continued_model_with_no_extra_step(tmp_path):
+    from twilbert.config import compose
+    from twilbert.predict import load_finetuned
+    from twilbert.train.continued import continued_pretrain
+    from twilbert.train.finetune_stage import finetune_task
+
+    from finetune_data import first, make_config, write_task
+    from helpers import REPO
+
+    root = tmp_path / "inputs"
+    checkpoint = make_mlm_checkpoint(root / "checkpoint", "roberta")
+    take_hf_vocab(checkpoint, root / "vocab")
+    build_pair_shards([(t, None) for t, _ in make_tweets(40, seed=11)], open_vocab(root / "vocab"), root / "pairs",
+                      max_len=MAX_LEN, heldout_fraction=0.2, shard_size=1000, seed=0)
+    work = tmp_path / "work"
+    write_params(work, continued_overrides(checkpoint, epochs=1))
+    pretrained = tmp_path / "pretrained"
+    continued_pretrain(load_config(work / "params.yaml"), root / "pairs", root / "vocab", pretrained, tmp_path / "ck")
+
+    raw = compose(["model=tiny"], REPO / "conf")
+    cfg = make_config(raw, {"t": write_task(tmp_path / "data")})  # finetuning.backbone: twilbert, the default
+    assert cfg.finetuning.backbone == "twilbert"
+    metrics = finetune_task(cfg, first(cfg), pretrained, tmp_path / "model", tmp_path / "results")
+    assert (metrics["model"], metrics["model_name"]) == ("hf", "pretrained")
+    card = json.loads((tmp_path / "model" / "config.json").read_text())
+    assert card["backbone"] == "hf"
+    finetuned = load_finetuned(tmp_path / "model")
+    scores = finetuned.scores(["hola que tal estoy muy feliz hoy", "odio el tráfico"])
+    assert scores.shape == (2, 4) and np.allclose(scores.sum(1), 1.0, atol=1e-5)
