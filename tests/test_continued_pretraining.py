@@ -169,7 +169,8 @@ def test_continued_pretraining_lowers_heldout_loss_and_writes_a_folder_hf_loads_
         family_inputs, tmp_path):
     from transformers import AutoModelForMaskedLM
 
-    from twilbert.train.continued import CARD_NAME, ROP_FILE, continued_pretrain
+    from twilbert.model.hf_pretraining import CARD_NAME, ROP_FILE
+    from twilbert.train.continued import continued_pretrain
 
     family, checkpoint, vocab_dir, pairs_dir = family_inputs
     work = tmp_path / "work"
@@ -255,3 +256,10 @@ def test_the_finetune_stage_and_predict_read_the_continued_model_with_no_extra_s
     finetuned = load_finetuned(tmp_path / "model")
     scores = finetuned.scores(["hola que tal estoy muy feliz hoy", "odio el tráfico"])
     assert scores.shape == (2, 4) and np.allclose(scores.sum(1), 1.0, atol=1e-5)
+
+    from twilbert.inspection import inspect_model
+
+    report, inspected = inspect_model(pretrained, root / "pairs" / "heldout", 2, 0, 8, 2, torch.device("cpu"))
+    assert {"heldout_mlm_accuracy", "heldout_pll", "heldout_rop_accuracy", "before_heldout_mlm_accuracy",
+            "before_heldout_perplexity", "before_heldout_pll"} <= set(inspected)
+    assert "before continued pretraining" in report and "## Sample 2" in report

@@ -149,6 +149,9 @@ class HFVocab:
         encodings = self.rust.encode_batch([self.preprocess(t) for t in texts], add_special_tokens=False)
         return [e.ids or [self.empty_id] for e in encodings]
 
+    def decode_ids(self, ids: Sequence[int]) -> list[str]:
+        return [self.rust.id_to_token(int(i)) or "" for i in ids]
+
     def copy_to(self, directory: Path) -> None:
         for name in self.files:
             shutil.copyfile(self.vocab_dir / name, Path(directory) / name)

@@ -28,6 +28,14 @@ from twilbert.data.special import IGNORE_INDEX
 from twilbert.model.heads import PretrainOutput, TWilBertROPHead
 
 PathLike = Union[str, Path]
+CARD_NAME = "twilbert.json"  # the project's card in a Hugging Face folder (its config.json is HF's)
+ROP_FILE = "rop_head.safetensors"  # the reply-order head, which no Hugging Face class holds
+CARD_FORMAT = "twilbert-hf-pretrained/1"
+
+
+def is_hf_pretrained(directory: PathLike) -> bool:
+    """Whether ``directory`` is the output of continued pretraining (a Hugging Face folder)."""
+    return (Path(directory) / CARD_NAME).is_file()
 
 
 class HFModelError(ValueError):
@@ -136,3 +144,20 @@ def check_tied(mlm: nn.Module, where: str) -> None:
     out, inp = mlm.get_output_embeddings(), mlm.get_input_embeddings()
     if out is not None and out.weight.data_ptr() != inp.weight.data_ptr():
         raise HFModelError(f"{where}: the decoder is no longer tied to the word embeddings")
+
+
+def load_hf_pretraining(directory: PathLike) -> tuple[HFForPretraining, dict]:
+    """The model continued pretraining wrote to ``directory`` (its ROP head included), in eval mode, and its card."""
+    import json
+
+    from safetensors.torch import load_file
+
+    from twilbert.model.manifest import verify_model_dir
+
+    directory = Path(directory)
+    verify_model_dir(directory)
+    card = json.loads((directory / CARD_NAME).read_text(encoding="utf-8"))
+    model = HFForPretraining(load_masked_lm(directory), rop=bool(card.get("rop")))
+    if model.rop_classifier is not None:
+        model.rop_classifier.load_state_dict(load_file(str(directory / ROP_FILE)))
+    return model.eval(), card

@@ -29,7 +29,9 @@ from twilbert.device import configure_matmul, resolve_device
 from twilbert.distributed import DistContext, iterate_rank_batches, n_rank_batches, wrap_ddp
 from twilbert.io_utils import publish_dir
 from twilbert.model import count_parameters
-from twilbert.model.hf_pretraining import HFForPretraining, HFModelError, check_tied, load_masked_lm
+from twilbert.model.hf_pretraining import (
+    CARD_FORMAT, CARD_NAME, ROP_FILE, HFForPretraining, HFModelError, check_tied, load_masked_lm,
+)
 from twilbert.model.safetensors_writer import save_file
 from twilbert.track import Tracker
 from twilbert.train.curves import CurveRecorder
@@ -44,15 +46,6 @@ from twilbert.train.pretrain import (
 )
 
 log = logging.getLogger(__name__)
-
-CARD_NAME = "twilbert.json"  # the project's card in a Hugging Face folder (its config.json is HF's)
-ROP_FILE = "rop_head.safetensors"  # the reply-order head, which no Hugging Face class holds
-CARD_FORMAT = "twilbert-hf-pretrained/1"
-
-
-def is_hf_pretrained(directory: Path) -> bool:
-    """Whether ``directory`` is the output of continued pretraining (a Hugging Face folder)."""
-    return (Path(directory) / CARD_NAME).is_file()
 
 
 def build_continued(cfg: Config, vocab: HFVocab, device: torch.device, tracker: Optional[Tracker] = None,
@@ -111,7 +104,8 @@ def card(cfg: Config, vocab: HFVocab, model: HFForPretraining, epoch: int, metri
     return {"format": CARD_FORMAT, "backbone": "hf", "init_from": "hf", "hf_path": cfg.training.hf_path,
             "model_type": vocab.meta.get("model_type"), "vocab_size": vocab.vocab_size,
             "max_positions": vocab.meta.get("max_positions"), "max_len": cfg.representation.max_len,
-            "rop": model.rop_classifier is not None, "epoch": epoch, "metrics": metrics,
+            "rop": model.rop_classifier is not None, "masked_lm": to_dict(cfg.model.masked_lm), "epoch": epoch,
+            "metrics": metrics,
             "preprocess": vocab.meta.get("preprocess", {})}
 
 

@@ -44,7 +44,7 @@ def hf_pretrained_backbone(ft: FinetuningConfig, pretrained_dir: Path) -> Finetu
     """``ft``, reading ``pretrained_dir`` as a Hugging Face backbone when continued pretraining wrote it
     (``training.init_from: hf``): the default backbone then needs no setting of its own."""
     from twilbert.model.manifest import verify_model_dir
-    from twilbert.train.continued import is_hf_pretrained
+    from twilbert.model.hf_pretraining import is_hf_pretrained
 
     if ft.backbone != "twilbert" or not is_hf_pretrained(pretrained_dir):
         return ft
