@@ -253,6 +253,13 @@ def _protocol(row: dict) -> str:
     return PROTOCOLS.get(protocol_of(row), protocol_of(row))
 
 
+def _model(group: dict) -> str:
+    """The model column: a Hugging Face backbone with its folder's name, so that the checkpoint as it is
+    and the same checkpoint after continued pretraining (``models/pretrained``) read apart."""
+    name = group["runs"][0].get("model_name") if group.get("runs") else None
+    return f"{group['model']} ({name})" if group["model"] == "hf" and name else group["model"]
+
+
 def _label(row: dict, labels: Mapping[str, str]) -> str:
     name = labels.get(row["task"], row["task"])
     return f"{name} †" if row.get("test_is_dev") else name
@@ -281,7 +288,7 @@ def markdown_table(groups: list[dict], labels: Optional[Mapping[str, str]] = Non
     head += [f"test {HEADERS[c]}" for c in COLUMNS] + ["Official", "dev official", "test official", "Other (test)"]
     lines = _md_head(head, "lllr" + "r" * 2 * len(COLUMNS) + "lrrl")
     for g in groups:
-        cells = [_label(g, labels), g["model"], _protocol(g), str(g["n"])]
+        cells = [_label(g, labels), _model(g), _protocol(g), str(g["n"])]
         cells += [_pct_sd(g, "dev", c) for c in COLUMNS] + [_pct_sd(g, "test", c) for c in COLUMNS]
         cells += [g["official_metric"], _pct_sd(g, "dev", "official"), _pct_sd(g, "test", "official"), _extras(g)]
         lines.append(_md_row(cells))
@@ -316,7 +323,7 @@ def comparison_table(groups: list[dict], labels: Optional[Mapping[str, str]] = N
                 word = found.verdict
             elif baseline is not None and group is not baseline:  # no predictions to pair: the point Δ alone
                 delta = _points(score - baseline["test"]["official"])
-            lines.append(_md_row([_label(group, labels), group["official_metric"], group["model"], _protocol(group),
+            lines.append(_md_row([_label(group, labels), group["official_metric"], _model(group), _protocol(group),
                                   str(group["n"]), _pct_sd(group, "dev", "official"), test, delta, word]))
     return "\n".join(lines) + "\n"
 
