@@ -37,6 +37,7 @@ and the script says why; ``--bf16 on`` times them anyway.
     python benchmarks/pretrain_throughput.py --steps 3 --rounds 5 --batch 32
     python benchmarks/pretrain_throughput.py --quick         # small sizes, a smoke run of seconds
     python benchmarks/pretrain_throughput.py --numerics      # the cost of runtime.portable_numerics
+    python benchmarks/pretrain_throughput.py --init hf       # continued pretraining of a BERT-base checkpoint
 
 ``--numerics`` times ours in fp32 in fresh processes, alternating: under the portable numerics the
 stages use by default (ATen avx2, oneDNN AVX2, MKL CBWR AVX2, 2 threads) and under the host's fastest
@@ -325,8 +326,15 @@ def main() -> None:
     parser.add_argument("--warmup", type=int, default=1, help="untimed steps of each side first (more for compile)")
     parser.add_argument("--numerics", action="store_true", help="the cost of runtime.portable_numerics (see above)")
     parser.add_argument("--numerics-child", action="store_true", help=argparse.SUPPRESS)
+    parser.add_argument("--init", choices=("scratch", "hf"), default="scratch",
+                        help="hf: continued pretraining of a BERT-base checkpoint against a Trainer/run_mlm-style "
+                             "step (benchmarks/continued_throughput.py)")
     args = parser.parse_args()
     logging.basicConfig(level=logging.WARNING)
+    if args.init == "hf":
+        import continued_throughput  # beside this script
+
+        return continued_throughput.run(args)
     if args.numerics:
         return numerics_cost(args)
     DEVICE = torch.device(args.device)
