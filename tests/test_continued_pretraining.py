@@ -49,6 +49,39 @@ def hf_batch(tokenizer, a: list[str], b: list[str], segments: bool) -> dict:
 
 
 # --------------------------------------------------------------------------------------------
+# The keys
+# --------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("overrides, message", [
+    (["training.init_from=hf"], r"training\.hf_path must name a local Hugging Face checkpoint"),
+    (["training.init_from=hf", "training.hf_path=ck", "training.path_initial_weights=models/pretrained"],
+     r"training\.path_initial_weights continues twilbert's own weights"),
+    (["training.rop=false"], r"training\.rop applies to init_from 'hf'; .*model\.rop\.enabled"),
+    (["training.init_from=pretrained"], r"training\.init_from"),
+])
+def test_continued_pretraining_keys_are_checked_on_load(overrides, message):
+    from twilbert.config import compose
+
+    from helpers import REPO
+
+    with pytest.raises(ConfigError, match=message):
+        load_config(compose(["model=tiny", *overrides], REPO / "conf"))
+
+
+def test_scratch_is_the_default_and_hf_mode_loads():
+    from twilbert.config import compose
+
+    from helpers import REPO
+
+    cfg = load_config(compose(["model=tiny"], REPO / "conf"))
+    assert (cfg.training.init_from, cfg.training.hf_path, cfg.training.rop) == ("scratch", None, True)
+    cfg = load_config(compose(["model=tiny", "training.init_from=hf", "training.hf_path=ck", "training.rop=false"],
+                              REPO / "conf"))
+    assert (cfg.training.init_from, cfg.training.hf_path, cfg.training.rop) == ("hf", "ck", False)
+
+
+# --------------------------------------------------------------------------------------------
 # The vocabulary and the shards
 # --------------------------------------------------------------------------------------------
 
@@ -263,3 +296,24 @@ def test_the_finetune_stage_and_predict_read_the_continued_model_with_no_extra_s
     assert {"heldout_mlm_accuracy", "heldout_pll", "heldout_rop_accuracy", "before_heldout_mlm_accuracy",
             "before_heldout_perplexity", "before_heldout_pll"} <= set(inspected)
     assert "before continued pretraining" in report and "## Sample 2" in report
+
+
+def test_continued_pretraining_under_bf16_autocast_trains_to_finite_metrics(tmp_path):
+    import math
+
+    from twilbert.train.continued import continued_pretrain
+
+    root = tmp_path / "inputs"
+    checkpoint = make_mlm_checkpoint(root / "checkpoint", "bert")
+    take_hf_vocab(checkpoint, root / "vocab")
+    build_pair_shards([(t, None) for t, _ in make_tweets(30, seed=11)], open_vocab(root / "vocab"), root / "pairs",
+                      max_len=MAX_LEN, heldout_fraction=0.2, shard_size=1000, seed=0)
+    work = tmp_path / "work"
+    write_params(work, continued_overrides(checkpoint, epochs=1, precision="bf16", pll_examples=0))
+    metrics = continued_pretrain(load_config(work / "params.yaml"), root / "pairs", root / "vocab",
+                                 tmp_path / "out", tmp_path / "ck")
+    assert math.isfinite(metrics["heldout_mlm_loss"]) and math.isfinite(metrics["train_loss"])
+    from transformers import AutoModelForMaskedLM
+
+    saved = AutoModelForMaskedLM.from_pretrained(tmp_path / "out", local_files_only=True)
+    assert saved.dtype == torch.float32  # autocast leaves the weights in float32
