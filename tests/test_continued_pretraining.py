@@ -317,3 +317,29 @@ def test_continued_pretraining_under_bf16_autocast_trains_to_finite_metrics(tmp_
 
     saved = AutoModelForMaskedLM.from_pretrained(tmp_path / "out", local_files_only=True)
     assert saved.dtype == torch.float32  # autocast leaves the weights in float32
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("family", ["bert", "roberta"])
+def test_torchrun_continues_a_checkpoint_on_two_ranks_and_rank_0_writes_one_folder(tmp_path, family):
+    import sys
+
+    root = tmp_path / "inputs"
+    checkpoint = make_mlm_checkpoint(root / "checkpoint", family)
+    take_hf_vocab(checkpoint, root / "vocab")
+    build_pair_shards([(t, None) for t, _ in make_tweets(40, seed=11)], open_vocab(root / "vocab"), root / "pairs",
+                      max_len=MAX_LEN, heldout_fraction=0.2, shard_size=1000, seed=0)
+    work = tmp_path / "work"
+    write_params(work, continued_overrides(checkpoint, epochs=1, batch_size=4))
+    out = tmp_path / "out"
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--standalone"]
+    proc = ok(run_stage("pretrain.py", ["--pairs", root / "pairs", "--vocab", root / "vocab", "--out", out / "model",
+                                        "--checkpoints", out / "checkpoints", "--metrics", out / "metrics.json"],
+                        work, launcher=torchrun))
+    assert "2 process(es)" in proc.stderr
+    from transformers import AutoModelForMaskedLM
+
+    AutoModelForMaskedLM.from_pretrained(out / "model", local_files_only=True)
+    trainer = json.loads(sorted((out / "checkpoints" / "train_state").glob("step-*"))[-1].joinpath("trainer.json")
+                         .read_text())
+    assert trainer["world_size"] == 2
