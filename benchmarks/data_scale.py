@@ -420,7 +420,11 @@ def main(argv: Optional[list[str]] = None) -> None:
                         help="hf: the stages in training.init_from hf mode, tokenizing with a Hugging Face "
                              "checkpoint's tokenizer (--hf-path, or a BETO-shaped WordPiece one built here)")
     parser.add_argument("--hf-path", type=Path, help="--init hf: a local checkpoint folder (e.g. BETO's)")
+    parser.add_argument("--make-hf-checkpoint", type=Path, help=argparse.SUPPRESS)  # internal: hf_checkpoint's child
     args, overrides = parser.parse_known_args(argv)
+    if args.make_hf_checkpoint:
+        hf_checkpoint(args.make_hf_checkpoint, args.seed)
+        return
     if args.probe:
         probe(args.probe, args.probe_steps, overrides)
         return
@@ -435,7 +439,11 @@ def main(argv: Optional[list[str]] = None) -> None:
     print(host_line(), flush=True)
     work = args.workdir or Path(tempfile.mkdtemp(prefix="twilbert-scale-"))
     if args.init == "hf":
-        checkpoint = args.hf_path or hf_checkpoint(work / "hf-checkpoint", args.seed)
+        checkpoint = args.hf_path
+        if checkpoint is None:  # built in a child: a parent grown by torch and transformers would pass its peak
+            checkpoint = work / "hf-checkpoint"  # memory on to every stage it starts (ru_maxrss survives exec)
+            subprocess.run([sys.executable, __file__, "--make-hf-checkpoint", str(checkpoint), "--seed",
+                            str(args.seed)], check=True)
         overrides = ["training.init_from=hf", f"training.hf_path={checkpoint.resolve()}", *overrides]
         print(f"--init hf: tokenizing with the tokenizer of {checkpoint}", flush=True)
     try:
