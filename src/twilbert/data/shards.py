@@ -2,7 +2,8 @@
 
 A pairs directory (the `pairs` stage's output)::
 
-    manifest.json                  max_len, vocab_size, dtype, seed, the counts, and every shard of both splits
+    manifest.json                  max_len, vocab_size, dtype, seed, the counts, and every shard of both splits;
+                                   with a Hugging Face checkpoint's tokenizer, its ``template`` of special ids
     train/manifest.json            the train split's part of it: a split directory stands alone
     train/shard-00000.tokens.npy   (T,) uint16 (int32 past 65,536 pieces): each pair's a then b, no specials
     train/shard-00000.index.npy    (n, 3) uint32: where the pair starts in tokens, len(a), len(b)
