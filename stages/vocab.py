@@ -5,7 +5,7 @@ import argparse
 from pathlib import Path
 
 from twilbert.data.corpus import iter_corpus_texts
-from twilbert.data.hf_vocab import check_positions, read_meta, take_hf_vocab
+from twilbert.data.hf_vocab import read_meta, take_hf_vocab
 from twilbert.data.tokenizer import Tokenizer, train_vocab
 from twilbert.stage import load_stage_config, parse_args, run
 
@@ -17,9 +17,8 @@ def main() -> str:
     args, overrides = parse_args(parser)
     cfg, _ = load_stage_config(overrides)
     if cfg.training.init_from == "hf":
-        out = take_hf_vocab(cfg.training.hf_path, args.out, cfg.preprocess)
+        out = take_hf_vocab(cfg.training.hf_path, args.out, cfg.preprocess, max_len=cfg.representation.max_len)
         meta = read_meta(out)
-        check_positions(meta, cfg.representation.max_len, f"training.hf_path {cfg.training.hf_path}")
         return f"{meta['vocab_size']} ids of the {meta['model_type']} tokenizer of {cfg.training.hf_path} -> {out}"
     # The corpus is streamed: SentencePiece sees a seeded sample of at most vocab.max_sentences texts.
     out = train_vocab(iter_corpus_texts(args.corpus), args.out, cfg.vocab, cfg.preprocess, seed=cfg.seed)

@@ -343,3 +343,17 @@ def test_torchrun_continues_a_checkpoint_on_two_ranks_and_rank_0_writes_one_fold
     trainer = json.loads(sorted((out / "checkpoints" / "train_state").glob("step-*"))[-1].joinpath("trainer.json")
                          .read_text())
     assert trainer["world_size"] == 2
+
+
+def test_the_vocab_stage_refuses_a_max_len_past_the_checkpoints_positions_in_one_line(tmp_path):
+    checkpoint = make_mlm_checkpoint(tmp_path / "checkpoint", "roberta")  # 64 usable positions
+    corpus = tmp_path / "corpus.jsonl"
+    corpus.write_text("", encoding="utf-8")
+    work = tmp_path / "work"
+    write_params(work, ["model=tiny", "representation.max_len=31", "training.init_from=hf",
+                        f"training.hf_path={checkpoint}"])
+    proc = run_stage("vocab.py", ["--corpus", corpus, "--out", tmp_path / "vocab"], work)
+    assert proc.returncode == 2 and not (tmp_path / "vocab").exists(), proc.stderr[-2000:]
+    errors = [line for line in proc.stderr.splitlines() if "error" in line.lower()]
+    assert len(errors) == 1 and "representation.max_len=31 gives pairs of 66 tokens, more than the 64 positions" in \
+        errors[0] and "representation.max_len <= 30" in errors[0], proc.stderr[-2000:]

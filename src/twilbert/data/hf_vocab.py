@@ -53,8 +53,10 @@ def leading_specials(special_ids: Sequence[int]) -> int:
     return n
 
 
-def take_hf_vocab(hf_path: Union[str, Path], out_dir: Path, preprocess: Optional[PreprocessConfig] = None) -> Path:
-    """Save the fast tokenizer of the local checkpoint ``hf_path`` into ``out_dir`` (atomically) with its meta."""
+def take_hf_vocab(hf_path: Union[str, Path], out_dir: Path, preprocess: Optional[PreprocessConfig] = None,
+                  max_len: Optional[int] = None) -> Path:
+    """Save the fast tokenizer of the local checkpoint ``hf_path`` into ``out_dir`` (atomically) with its meta;
+    with ``max_len``, refuse first when pairs of ``max_len``-token texts would not fit its positions."""
     import torch
     from transformers import AutoConfig, AutoModelForMaskedLM, AutoTokenizer
 
@@ -100,6 +102,8 @@ def take_hf_vocab(hf_path: Union[str, Path], out_dir: Path, preprocess: Optional
                    .hexdigest() if (path / "config.json").is_file() else None},
         "preprocess": prep.to_dict(),
     }
+    if max_len is not None:
+        check_positions(meta, max_len, f"training.hf_path {hf_path}")
     with publish_dir(out_dir) as staged:
         tokenizer.save_pretrained(staged)
         if not (staged / TOKENIZER_FILE).is_file():
