@@ -6,7 +6,7 @@ STAMP := $(VENV)/.twilbert-installed
 TORCH_SPEC ?= torch==2.13.0
 export PATH := $(CURDIR)/$(VENV)/bin:$(PATH)
 
-.PHONY: setup repro baseline exp queue compare test test-fast params check-params acceptance clean
+.PHONY: setup repro baseline exp queue compare lint test test-fast params check-params acceptance clean
 
 $(STAMP): pyproject.toml constraints.txt
 	@test -x $(PY) || python3 -m venv $(VENV)
@@ -52,12 +52,16 @@ queue: setup
 compare: setup
 	$(PY) -m twilbert.compare
 
+## ruff, configured in pyproject.toml
+lint: setup
+	$(VENV)/bin/ruff check src stages tests scripts benchmarks
+
 # One pytest-xdist worker per core; whole files per worker, as the e2e tests share one project.
 PYTEST_WORKERS ?= auto
-test: setup
+test: setup lint
 	$(PY) -m pytest -n $(PYTEST_WORKERS) --dist loadfile
 
-test-fast: setup
+test-fast: setup lint
 	$(PY) -m pytest -n $(PYTEST_WORKERS) --dist loadfile -m "not slow and not network"
 
 ## TWilBert's 11 sample tasks finetuned end to end -> results/acceptance/results.md

@@ -128,7 +128,8 @@ def run(args) -> None:
     if "fp32" in results:  # a tweet is one pair: two examples (in order, swapped) an epoch, each one row
         hours = 2e6 * seq / results["fp32"]["ours"] / 3600
         print(f"ours fp32: {hours:.2f} h per epoch over a million tweets (full rows of {seq} tokens: an upper bound)")
-    print(json.dumps({"init": "hf", "model": "BertForMaskedLM " + ("quick" if args.quick else "base"), "hf_fp32_tok_s": figure("fp32", "hf"),
+    print(json.dumps({"init": "hf", "model": "BertForMaskedLM " + ("quick" if args.quick else "base"),
+                      "hf_fp32_tok_s": figure("fp32", "hf"),
                       "ours_fp32_tok_s": figure("fp32", "ours"), "ratio_fp32": figure("fp32", "ratio", 3),
                       "hf_bf16_tok_s": figure("bf16", "hf"), "ours_bf16_tok_s": figure("bf16", "ours"),
                       "ratio_bf16": figure("bf16", "ratio", 3), "device": args.device, "device_name": where,

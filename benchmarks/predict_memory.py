@@ -85,7 +85,7 @@ def peak_rss_marks(model: Path, texts: list[str], tmp: Path, every: int, batch_s
         n_out = sum(1 for _ in fh) - 1  # the header
     if n_out != len(texts):
         raise SystemExit(f"{n_out} output lines for {len(texts)} input lines")
-    line = next(l for l in done.stderr.splitlines() if l.startswith("MARKS "))
+    line = next(row for row in done.stderr.splitlines() if row.startswith("MARKS "))
     return {int(k): v / 1024 for k, v in json.loads(line[len("MARKS "):]).items()}
 
 

@@ -23,6 +23,19 @@ def pytest_configure(config):
         torch.set_num_threads(1)
 
 
+SLOW_TESTS = REPO / "tests" / "slow_tests.txt"
+
+
+def pytest_collection_modifyitems(config, items):
+    # The tests listed in slow_tests.txt (measured, see scripts/slow_tests.py) are `slow` too:
+    # `make test-fast` leaves them out, `make test` runs them.
+    listed = {line.strip() for line in SLOW_TESTS.read_text(encoding="utf-8").splitlines()
+              if line.strip() and not line.startswith("#")}
+    for item in items:
+        if item.nodeid.split("[", 1)[0] in listed:
+            item.add_marker(pytest.mark.slow)
+
+
 @pytest.fixture
 def tiny_raw() -> dict:
     raw = compose(["model=tiny"], REPO / "conf")

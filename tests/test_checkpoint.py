@@ -12,6 +12,7 @@ import torch
 
 import twilbert.train.checkpoint as ckpt
 from twilbert.config import ModelConfig
+from twilbert.io_utils import sha256_file
 from twilbert.model import TWilBertForPretraining
 from twilbert.train.checkpoint import (
     TrainingCheckpointError,
@@ -90,7 +91,7 @@ class _Tripwire:
 
 def reseal(path) -> None:
     """Rewrite checksums.json to match tampered files, as an attacker with write access could."""
-    sums = {p.name: ckpt.sha256_file(p) for p in sorted(path.iterdir()) if p.name != ckpt.CHECKSUMS_FILE}
+    sums = {p.name: sha256_file(p) for p in sorted(path.iterdir()) if p.name != ckpt.CHECKSUMS_FILE}
     (path / ckpt.CHECKSUMS_FILE).write_text(json.dumps(sums))
 
 

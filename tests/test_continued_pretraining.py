@@ -104,7 +104,8 @@ def test_the_vocab_holds_the_checkpoints_tokenizer_and_shards_pack_pairs_as_it_d
     # the packing the logits test checks against the tokenizer's own pair encoding
     expected = pack_pairs(firsts, seconds, MAX_LEN, template_from_json(vocab.template_json))
     for i in range(6):
-        assert rows["input_ids"][i, : rows["length"][i]].tolist() == expected["input_ids"][i, : expected["length"][i]].tolist()
+        ours, theirs = rows["input_ids"][i, : rows["length"][i]], expected["input_ids"][i, : expected["length"][i]]
+        assert ours.tolist() == theirs.tolist()
     assert rows["labels"].tolist() == [1, 0] * 3
     assert (rows["input_ids"][:, : rows["length"].min()] != tokenizer.pad_token_id).all()
 

@@ -13,6 +13,7 @@ from pathlib import Path
 import pytest
 import yaml
 
+from twilbert.codebase import PACKAGE_DIR, import_closure, relative_paths
 from twilbert.config import FinetuningConfig
 from twilbert.config.runs import expand_seeds, finetune_runs
 
@@ -101,3 +102,46 @@ def test_dvcs_own_hydra_composition_derives_the_runs_of_a_seed_count(tmp_path):
     assert list(params["finetune_runs"]) == [f"tass_default-s{s}" for s in range(5)]
     plugins = re.search(r"plugins_path\s*=\s*(\S+)", (REPO / ".dvc" / "config").read_text()).group(1)
     assert (REPO / plugins / "hydra_plugins").is_dir()
+
+
+def _covered(deps: list, repo: Path) -> set[Path]:
+    """The package source files a stage's deps name: files, and every source file under a folder."""
+    files: set[Path] = set()
+    for dep in deps:
+        path = (repo / str(dep)).resolve()
+        if path.is_dir():
+            files |= {f for f in path.rglob("*.py") if "__pycache__" not in f.parts}
+        elif path.suffix == ".py":
+            files.add(path)
+    return {f for f in files if f.is_relative_to(PACKAGE_DIR)}
+
+
+@pytest.mark.parametrize("name", [n for n, s in stages().items() if re.search(r"stages/\w+\.py", s.get("do", s)["cmd"])])
+def test_each_stage_depends_on_exactly_the_package_code_its_script_imports(name):
+    # dvc.yaml's deps and the import statements are one list: a module the stage runs but DVC does not
+    # track would let an edit go unseen (no rerun, and a resume from checkpoints of the old code); a
+    # module it lists but never runs would rerun the stage for nothing. scripts/stage_deps.py prints them.
+    body = stages()[name].get("do", stages()[name])
+    script = re.search(r"stages/\w+\.py", body["cmd"]).group(0)
+    assert script in body["deps"], f"{name}: dvc.yaml does not list its script {script}"
+    imported = set(import_closure(REPO / script))
+    listed = _covered(body["deps"], REPO)
+    missing = sorted(relative_paths(imported - listed, REPO))
+    unused = sorted(relative_paths(listed - imported, REPO))
+    assert not missing, f"dvc.yaml stage {name}: deps miss {missing} (imported by {script}; see scripts/stage_deps.py)"
+    assert not unused, f"dvc.yaml stage {name}: deps list {unused}, which {script} never imports"
+
+
+def test_the_import_closure_follows_function_level_and_relative_imports(tmp_path):
+    # a module imported only inside a function runs when the function does: it is part of the closure
+    script = tmp_path / "stage.py"
+    script.write_text("def main():\n    from twilbert.data import special\n", encoding="utf-8")
+    closure = relative_paths(import_closure(script), PACKAGE_DIR.parent.parent)
+    assert closure == ["src/twilbert/__init__.py", "src/twilbert/data/__init__.py", "src/twilbert/data/special.py"]
+
+
+def test_a_training_runs_code_fingerprint_covers_config_and_numerics():
+    # config derives model shapes and numerics pins the kernels: an edit to either is another run
+    for entry in ("twilbert.train.pretrain", "twilbert.train.finetune_stage"):
+        closure = relative_paths(import_closure(entry), PACKAGE_DIR)
+        assert "config/model.py" in closure and "data/special.py" in closure, entry

@@ -299,3 +299,15 @@ def test_linear_mlm_loss_under_bf16_autocast_stays_within_bf16_precision():
     assert loss.dtype == torch.float32 and weight.grad.dtype == torch.float32
     torch.testing.assert_close(loss, expected, rtol=0.02, atol=0.05)
     torch.testing.assert_close(weight.grad, want, rtol=0.05, atol=0.02)
+
+
+def test_config_names_exactly_the_losses_training_builds():
+    # config validates loss names as plain data (no import of training code); the two must agree
+    from twilbert.config.training import LOSS_NAMES, SOFT_METRIC_LOSSES
+
+    assert tuple(losses._SOFT_METRICS) == SOFT_METRIC_LOSSES
+    spec = TaskSpec(categories={"a": 0, "b": 1})
+    regression = TaskSpec(regression=True)
+    for name in LOSS_NAMES:
+        built = build_loss(name, regression if name in ("mse", "rmse") else spec)
+        assert callable(built), name

@@ -177,4 +177,4 @@ def test_a_pretrained_card_has_no_classifier_keys():
     card = ModelCard.pretrained(MODEL, 120, 16)
     assert not card.is_finetuned and card.kind == "twilbert"
     with pytest.raises(CardError, match="no 'task' key"):
-        card.n_outputs
+        _ = card.n_outputs

@@ -15,6 +15,7 @@ import torch
 
 from twilbert.config import ModelConfig
 from twilbert.embeddings import load_encoder
+from twilbert.io_utils import sha256_file
 from twilbert.model import CheckpointError, TWilBertForPretraining, load_into, load_pretrained_state
 from twilbert.model.card import ModelCard
 from twilbert.model.io import save_pretrained
@@ -25,7 +26,6 @@ from twilbert.train.checkpoint import (
     load_training_checkpoint,
     resume_training,
     save_training_checkpoint,
-    sha256_file,
 )
 from twilbert.train.optim import build_optimizer, build_scheduler
 

@@ -31,7 +31,7 @@ def count_on_meta(cfg: ModelConfig) -> int:
 def expected_count(cfg: ModelConfig) -> int:
     """Hand count of our layout: factorized embeddings, one shared layer, a memory per PKM layer,
     MLM head tied to the word embeddings, ROP head."""
-    E, H, I, P = cfg.embedding_size, cfg.hidden_size, cfg.ffn_size, 2 * MAX_LEN + 3
+    E, H, I, P = cfg.embedding_size, cfg.hidden_size, cfg.ffn_size, 2 * MAX_LEN + 3  # noqa: E741 (the paper's letters)
     inner = cfg.n_heads * cfg.head_size
     embeddings = V * E + P * E + 2 * E + 2 * E  # word, position, segment, LayerNorm
     mapping = E * H + H

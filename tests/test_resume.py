@@ -92,7 +92,7 @@ def test_pretrain_killed_inside_a_window_resumes_bit_for_bit_and_passes_over_a_t
     with caplog.at_level("INFO"):
         metrics = pretrain(load_config(work / "params.yaml"), pretrain_inputs / "pairs", pretrain_inputs / "vocab",
                            again / "model", out / "checkpoints")
-    assert "step-00000028" in caplog.text and "model.safetensors: checksum mismatch" in caplog.text
+    assert "step-00000028" in caplog.text and "model.safetensors: sha256 differs" in caplog.text
     assert "resuming at epoch 2, batch 13" in caplog.text
     assert_same_weights(reference / "model" / "model.safetensors", again / "model" / "model.safetensors")
     # the best epoch is the second, resumed in its last batch: its train_* sums came from the checkpoint
@@ -166,7 +166,7 @@ def test_finetune_killed_while_writing_a_checkpoint_replays_from_the_previous_on
     weights = states / "step-00000010" / "model.safetensors"
     weights.write_bytes(weights.read_bytes()[: weights.stat().st_size // 3])  # the write the kill cut short
     resumed = ok(run_stage("finetune.py", finetune_args(tmp_path, out), work))
-    assert "step-00000010" in resumed.stderr and "checksum mismatch" in resumed.stderr
+    assert "step-00000010" in resumed.stderr and "sha256 differs" in resumed.stderr
     assert "resuming at epoch 2, batch 3" in resumed.stderr
 
     assert_same_weights(tmp_path / "reference" / "model" / "model.safetensors", out / "model" / "model.safetensors")
@@ -234,7 +234,7 @@ def test_the_best_weights_travel_in_the_checkpoint_under_its_checksums(tmp_path,
     (path / "best.safetensors").write_bytes(bytes(data))
     with caplog.at_level("WARNING"):
         assert latest_valid_checkpoint(tmp_path) is None
-    assert "best.safetensors: checksum mismatch" in caplog.text
+    assert "best.safetensors: sha256 differs" in caplog.text
 
 
 def test_starting_fresh_names_the_part_of_the_run_that_changed(tmp_path, caplog):

@@ -23,6 +23,7 @@ from twilbert.config import TaskSpec
 from twilbert.config.strict import dig, from_dict
 from twilbert.predictions import PredictionsFileError, aligned, parse_predictions
 from twilbert.stats import Delta, paired_delta
+from twilbert.errors import TwilbertError
 
 log = logging.getLogger(__name__)
 
@@ -37,7 +38,7 @@ WIDTH = 160
 MAX_CELL = 24  # a longer param value is cut (the full value: `dvc params diff`)
 
 
-class CompareError(RuntimeError):
+class CompareError(TwilbertError, RuntimeError):
     """DVC could not list the experiments."""
 
 

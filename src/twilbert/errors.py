@@ -34,30 +34,10 @@ OS_ADVICE = {
 }
 
 
-# The project's expected failures, each beside the code that raises it (some beside torch).
-EXPECTED = (
-    ("twilbert.config", "ConfigError"), ("twilbert.data.formats", "DataFormatError"),
-    ("twilbert.data.corpus", "DataStageError"), ("twilbert.data.tasks", "TaskFilesError"),
-    ("twilbert.model.io", "CheckpointError"), ("twilbert.train.loop", "NonFiniteLossError"),
-    ("twilbert.inputs", "PredictError"), ("twilbert.model.hf", "ExportError"),
-    ("twilbert.results", "MetricsFileError"), ("twilbert.data.sources", "CorpusError"),
-    ("twilbert.compare", "CompareError"), ("twilbert.data.shards", "PairsDataError"),
-    ("twilbert.data.tokenizer", "VocabError"), ("twilbert.predictions", "PredictionsFileError"),
-    ("twilbert.io_utils", "OutputPathError"),
-)
-
-
-def _expected_types() -> tuple[type[BaseException], ...]:
-    """Imported when a failure is reported; one that cannot be imported cannot have been raised."""
-    import importlib
-
-    found = []
-    for module, name in EXPECTED:
-        try:
-            found.append(getattr(importlib.import_module(module), name))
-        except (ImportError, AttributeError):
-            continue
-    return tuple(found)
+class TwilbertError(Exception):
+    """An expected failure of the project's own (bad config, data, model directory, task files, tracking
+    store...): reported as its one-line message, without a traceback. Every error class of the package
+    derives from it, beside the code that raises it."""
 
 
 def one_line(text: str) -> str:
@@ -73,7 +53,7 @@ def user_message(err: BaseException) -> Optional[str]:
         if not where:  # a write through an open file handle: name what was running instead
             where = "while running " + " ".join(sys.argv)
         return f"{where}: {OS_ADVICE[err.errno]}"
-    if isinstance(err, FileNotFoundError) or isinstance(err, _expected_types()):
+    if isinstance(err, (FileNotFoundError, TwilbertError)):
         return one_line(str(err))
     return None
 

@@ -16,10 +16,12 @@ import time
 from pathlib import Path
 from typing import Iterable, Optional
 
+from twilbert.errors import TwilbertError
+
 BASELINE = "baseline"
 
 
-class ExperimentError(RuntimeError):
+class ExperimentError(TwilbertError, RuntimeError):
     """DVC could not save or restore an experiment; the message says what to do."""
 
 

@@ -11,12 +11,14 @@ import logging
 import sys
 from typing import IO, Iterable, Iterator, NamedTuple, Optional, Union
 
+from twilbert.errors import TwilbertError
+
 log = logging.getLogger(__name__)
 
 CHUNK_SIZE = 10_000  # lines read, scored and written at a time
 
 
-class PredictError(ValueError):
+class PredictError(TwilbertError, ValueError):
     """A model directory or an input cannot be used; the one-line message names the file and the fix."""
 
 

@@ -15,14 +15,17 @@ import stat
 import tempfile
 from contextlib import contextmanager
 from pathlib import Path
-from typing import IO, Iterator, Optional, Union
+from typing import IO, TYPE_CHECKING, Iterator, Optional, Union
 
-from twilbert.errors import naming
+from twilbert.errors import TwilbertError, naming
+
+if TYPE_CHECKING:
+    import numpy as np
 
 PathLike = Union[str, "os.PathLike[str]"]
 
 
-class OutputPathError(ValueError):
+class OutputPathError(TwilbertError, ValueError):
     """An output path names something that is not ours to replace (a directory, a block device...)."""
 
 
@@ -237,6 +240,40 @@ def checksummed_files(directory: PathLike) -> list[str]:
     directory = Path(directory)
     names = [p.relative_to(directory).as_posix() for p in directory.rglob("*") if p.is_file()]
     return sorted(name for name in names if name != CHECKSUMS_NAME)
+
+
+def verify_checksums(directory: PathLike, error: type[Exception], advice: str = "",
+                     required: tuple[str, ...] = ()) -> dict[str, str]:
+    """Raise ``error`` naming the file unless every file ``directory/checksums.json`` lists is present
+    with its sha256 (and every ``required`` name is listed); returns the listed sums.
+
+    The one check of the model directories' manifests and the training checkpoints' alike.
+    """
+    directory = Path(directory)
+    path = directory / CHECKSUMS_NAME
+    tail = f"; {advice}" if advice else ""
+    if os.path.lexists(path) and not path.is_file():  # present but no file: damage, not an absent manifest
+        raise error(f"{path}: not a regular file (a directory or a broken link?){tail}")
+    try:
+        sums = json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise error(f"{path}: missing (an incomplete directory){tail}") from None
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise error(f"{path}: unreadable ({err}){tail}") from None
+    if not isinstance(sums, dict) or not all(isinstance(k, str) and isinstance(v, str) for k, v in sums.items()):
+        raise error(f"{path}: corrupted (expected a JSON object of sha256 strings){tail}")
+    unlisted = [name for name in required if name not in sums]
+    if unlisted:
+        raise error(f"{path}: does not list {unlisted}{tail}")
+    for name in sorted(sums):
+        if Path(name).is_absolute() or ".." in Path(name).parts:
+            raise error(f"{path}: entry {name!r} points outside {directory}{tail}")
+        file = directory / name
+        if not file.is_file():
+            raise error(f"{file}: missing, but listed in {path}{tail}")
+        if sha256_file(file) != sums[name]:
+            raise error(f"{file}: sha256 differs from {path} (corrupt or changed){tail}")
+    return sums
 
 
 def write_checksums(directory: PathLike) -> Path:

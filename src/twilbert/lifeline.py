@@ -13,8 +13,9 @@ import os
 import signal
 import sys
 import threading
-from pathlib import Path
 from typing import Optional
+
+import psutil
 
 log = logging.getLogger(__name__)
 
@@ -23,36 +24,30 @@ PR_SET_PDEATHSIG = 1  # <linux/prctl.h>
 POLL_S = 1.0
 
 
-def _stat(pid: int) -> Optional[tuple[str, int, int]]:
-    """(state, parent pid, start time) of a live process from /proc; None when it is gone."""
+def _process(pid: int) -> Optional[psutil.Process]:
+    """A live process (not a zombie); None when it is gone."""
     try:
-        text = Path(f"/proc/{pid}/stat").read_text()
-    except OSError:
+        proc = psutil.Process(pid)
+        return None if proc.status() in (psutil.STATUS_ZOMBIE, psutil.STATUS_DEAD) else proc
+    except psutil.Error:
         return None
-    fields = text[text.rindex(")") + 2:].split()  # the name, in parentheses, may hold spaces
-    state, ppid, start = fields[0], int(fields[1]), int(fields[19])
-    return None if state in ("Z", "X") else (state, ppid, start)
 
 
-def _in_stage_tree(pid: int) -> bool:
-    """Whether ``pid`` was started for this stage (it has DVC_STAGE in its environment)."""
+def _in_stage_tree(proc: psutil.Process) -> bool:
+    """Whether ``proc`` was started for this stage (it has DVC_STAGE in its environment)."""
     try:
-        environ = Path(f"/proc/{pid}/environ").read_bytes()
-    except OSError:
+        return STAGE_ENV in proc.environ()
+    except psutil.Error:
         return False
-    return any(item.startswith(STAGE_ENV.encode() + b"=") for item in environ.split(b"\0"))
 
 
-def launcher() -> Optional[tuple[int, int]]:
-    """(pid, start time) of the nearest ancestor outside the stage's process tree (DVC), Linux only."""
-    pid = os.getppid()
-    while pid > 1:
-        stat = _stat(pid)
-        if stat is None:
-            return None
-        if not _in_stage_tree(pid):
-            return pid, stat[2]
-        pid = stat[1]
+def launcher() -> Optional[psutil.Process]:
+    """The nearest ancestor outside the stage's process tree (DVC)."""
+    proc = _process(os.getppid())
+    while proc is not None and proc.pid > 1:
+        if not _in_stage_tree(proc):
+            return proc
+        proc = _process(proc.ppid())
     return None
 
 
@@ -70,12 +65,11 @@ def _end_self(sig: int, why: str) -> None:
     os.kill(os.getpid(), sig)
 
 
-def _watch(pid: int, start: Optional[int], ppid: int, sig: int, stop: threading.Event) -> None:
+def _watch(watched: Optional[psutil.Process], ppid: int, sig: int, stop: threading.Event) -> None:
     while not stop.wait(POLL_S):
-        if start is not None:
-            stat = _stat(pid)
-            if stat is None or stat[2] != start:  # gone (or its PID reused by another process)
-                _end_self(sig, f"the process that started this stage (PID {pid}) is gone")
+        if watched is not None:
+            if not watched.is_running() or _process(watched.pid) is None:  # gone, or its PID reused
+                _end_self(sig, f"the process that started this stage (PID {watched.pid}) is gone")
                 return
         elif os.getppid() != ppid:
             _end_self(sig, f"the parent of this stage (PID {ppid}) is gone")
@@ -88,15 +82,14 @@ def die_with_launcher(sig: int = signal.SIGTERM) -> Optional[threading.Event]:
     if STAGE_ENV not in os.environ:
         return None
     ppid = os.getppid()
-    watched, start = ppid, None
-    if sys.platform.startswith("linux") and _stat(os.getpid()) is not None:  # /proc is readable
+    watched = None
+    if sys.platform.startswith("linux"):
         _set_pdeathsig(sig)
-        found = launcher()
-        if found is None:  # the walk met init: the launcher died before prctl took effect
+        watched = launcher()
+        if watched is None:  # the walk met init: the launcher died before prctl took effect
             _end_self(sig, "the process that started this stage is gone")
             return None
-        watched, start = found
     stop = threading.Event()
-    threading.Thread(target=_watch, args=(watched, start, ppid, sig, stop), name="twilbert-lifeline",
+    threading.Thread(target=_watch, args=(watched, ppid, sig, stop), name="twilbert-lifeline",
                      daemon=True).start()
     return stop

@@ -16,13 +16,14 @@ import numpy as np
 
 from twilbert.config import TaskSpec
 from twilbert.io_utils import atomic_write
+from twilbert.errors import TwilbertError
 
 FILE = "predictions.tsv"
 HEADER = ("id", "gold", "pred")
 SEP = "|"  # between the names of a multi-label example
 
 
-class PredictionsFileError(ValueError):
+class PredictionsFileError(TwilbertError, ValueError):
     """A predictions file is malformed, or two do not cover the same test examples; the message names it."""
 
 

@@ -27,11 +27,12 @@ from twilbert.config import TaskSpec
 from twilbert.io_utils import atomic_write
 from twilbert.predictions import FILE as PREDICTIONS_FILE, aligned, read_predictions
 from twilbert.stats import Delta, paired_delta, spread
+from twilbert.errors import TwilbertError
 
 log = logging.getLogger(__name__)
 
 
-class MetricsFileError(ValueError):
+class MetricsFileError(TwilbertError, ValueError):
     """A per-task metrics file is unreadable or incomplete, or there is none; the message names it."""
 
 

@@ -1,7 +1,7 @@
 """``runtime.threads``: torch's intra-op threads, by default the cores shared among concurrent DVC jobs.
 
 Under ``dvc queue start -j N`` each torch process taking all cores would put N times too many threads
-on them. DVC passes no job count to a stage, so it is read from Linux ``/proc``: the live
+on them. DVC passes no job count to a stage, so it is read from the process table (psutil): the live
 ``dvc exp queue-worker`` processes of this repository's queue; outside a queue worker a stage is the only job."""
 
 from __future__ import annotations
@@ -9,12 +9,13 @@ from __future__ import annotations
 import logging
 import os
 import sys
-from pathlib import Path
 from typing import Optional
+
+import psutil
 
 log = logging.getLogger(__name__)
 
-QUEUE_WORKER_ARGS = (b"exp", b"queue-worker")
+QUEUE_WORKER_ARGS = ("exp", "queue-worker")
 
 
 def cpu_cores() -> int:
@@ -25,49 +26,35 @@ def cpu_cores() -> int:
         return os.cpu_count() or 1
 
 
-def _cmdline(pid: int) -> list[bytes]:
-    try:
-        return Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
-    except OSError:
-        return []
-
-
-def _queue_node(pid: int) -> Optional[str]:
+def _queue_node(proc: psutil.Process) -> Optional[str]:
     """The node name of a ``dvc exp queue-worker <node>`` process (``dvc-exp-<repo hash>-<n>@localhost``)."""
-    args = _cmdline(pid)
-    for i in range(len(args) - 2):
-        if args[i:i + 2] == list(QUEUE_WORKER_ARGS):
-            return args[i + 2].decode(errors="replace")
-    return None
-
-
-def _parent(pid: int) -> int:
     try:
-        text = Path(f"/proc/{pid}/stat").read_text()
-    except OSError:
-        return 0
-    return int(text[text.rindex(")") + 2:].split()[1])
+        args = proc.cmdline()
+    except psutil.Error:
+        return None
+    for i in range(len(args) - 2):
+        if tuple(args[i:i + 2]) == QUEUE_WORKER_ARGS:
+            return args[i + 2]
+    return None
 
 
 def own_queue_node() -> Optional[str]:
     """The node name of the queue worker this process runs under, if any."""
-    pid = os.getppid()
-    while pid > 1:
-        node = _queue_node(pid)
-        if node is not None:
-            return node
-        pid = _parent(pid)
-    return None
+    try:
+        ancestors = psutil.Process().parents()
+    except psutil.Error:
+        return None
+    return next((node for p in ancestors if (node := _queue_node(p)) is not None), None)
 
 
 def concurrent_jobs() -> int:
     """DVC jobs running now: the live workers of this process's queue (``-j N`` starts N; they
     share a node-name prefix, the hash of the repository), or 1 outside a queue."""
-    node = own_queue_node() if sys.platform.startswith("linux") else None
+    node = own_queue_node()
     if node is None:
         return 1
     prefix = node.rsplit("-", 1)[0] + "-"
-    nodes = (_queue_node(int(e.name)) for e in Path("/proc").iterdir() if e.name.isdigit())
+    nodes = (_queue_node(p) for p in psutil.process_iter())
     return max(1, sum(1 for n in nodes if n is not None and n.startswith(prefix)))
 
 

@@ -12,7 +12,6 @@ import socket
 import sqlite3
 import ssl
 import tempfile
-import time
 import urllib.error
 import urllib.request
 from contextlib import contextmanager
@@ -20,6 +19,8 @@ from hashlib import sha256
 from pathlib import Path
 from typing import Iterator, Optional
 from urllib.parse import urlsplit
+
+from filelock import FileLock, Timeout
 
 from twilbert.config import TrackingConfig
 
@@ -162,30 +163,18 @@ def bounded_http(cfg: TrackingConfig) -> Iterator[None]:
 def store_lock(uri: str) -> Iterator[None]:
     """Serialize the creation of one SQLite store across processes (MLflow's schema migration races)."""
     path = _sqlite_path(uri)
-    try:
-        import fcntl
-    except ImportError:  # not POSIX: no lock, the retries remain
-        fcntl = None  # type: ignore[assignment]
-    if path is None or fcntl is None:
+    if path is None:
         yield
         return
     key = sha256(str(path.resolve()).encode()).hexdigest()[:16]
-    lock_path = Path(tempfile.gettempdir()) / f"twilbert-mlflow-{key}.lock"
-    with open(lock_path, "a") as fh:
-        deadline = time.monotonic() + LOCK_WAIT_S
-        locked = False
-        while not locked:
-            try:
-                fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
-                locked = True
-            except OSError:
-                if time.monotonic() > deadline:
-                    log.warning("MLflow: %s still locked after %.0fs; going on without the lock",
-                                lock_path, LOCK_WAIT_S)
-                    break
-                time.sleep(0.05)
-        try:
-            yield
-        finally:
-            if locked:
-                fcntl.flock(fh, fcntl.LOCK_UN)
+    lock = FileLock(Path(tempfile.gettempdir()) / f"twilbert-mlflow-{key}.lock", timeout=LOCK_WAIT_S)
+    try:
+        lock.acquire()
+    except Timeout:
+        log.warning("MLflow: %s still locked after %.0fs; going on without the lock", lock.lock_file, LOCK_WAIT_S)
+        yield
+        return
+    try:
+        yield
+    finally:
+        lock.release()

@@ -71,7 +71,8 @@ def project(tmp_path_factory):
     sha = fake_sdist(cache / "twilbert" / "evomsa-2.0.14.tar.gz", make_tweets(240, seed=5))
     make_mlm_checkpoint(repo / "checkpoints" / "roberta", "roberta")
     scratch = make_pretrained(root / "scratch")  # a twilbert pretrained from scratch, as a scratch run leaves it
-    assert cli_main(["export-hf", "--model", str(scratch), "--out", str(repo / "checkpoints" / "twilbert-scratch")]) == 0
+    exported = repo / "checkpoints" / "twilbert-scratch"
+    assert cli_main(["export-hf", "--model", str(scratch), "--out", str(exported)]) == 0
     (repo / "params.yaml").write_text(dump_params(continued_params(repo, sha)), encoding="utf-8")
     env = {
         **os.environ,

@@ -10,8 +10,10 @@ import typing
 from collections.abc import Mapping
 from typing import Any, Literal, Union
 
+from twilbert.errors import TwilbertError
 
-class ConfigError(ValueError):
+
+class ConfigError(TwilbertError, ValueError):
     """A config value is unknown, mistyped or inconsistent; the message names the key."""
 
 

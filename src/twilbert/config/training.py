@@ -229,23 +229,58 @@ def check_device(obj: Any, where: str) -> None:
         raise ConfigError(f"{where}.device must be auto, cpu, mps, cuda or cuda:N, got {obj.device!r}")
 
 
+def torch_optimizer_names() -> list[str]:
+    """The ``torch.optim`` optimizers, lowercased, as ``train.optim.build_optimizer`` accepts them."""
+    import torch.optim  # torch is imported only when a name outside OPTIMIZERS is given
+
+    return sorted(name.lower() for name, obj in vars(torch.optim).items()
+                  if isinstance(obj, type) and issubclass(obj, torch.optim.Optimizer)
+                  and obj is not torch.optim.Optimizer)
+
+
 def check_optimizer(obj: Any, where: str) -> None:
     if obj.optimizer.lower() in OPTIMIZERS:
         return
-    from twilbert.train.optim import torch_optimizer_names  # torch is imported only for other names
-
     known = torch_optimizer_names()
     if obj.optimizer.lower() not in known:
         raise ConfigError(f"{where}.optimizer {obj.optimizer!r} is not an optimizer; choose one of: "
                           f"{', '.join(dict.fromkeys([*OPTIMIZERS, *known]))}")
 
 
-def check_loss_name(obj: Any, where: str) -> None:
-    if obj.loss == "auto":
-        return
-    from twilbert.train.losses import LOSS_NAMES  # torch is imported only when a loss is named
+# Finetuning losses by TWilBert name (built by train/losses.py), and what each needs of the task:
+# plain data, so that config validates a name without importing training code.
+SOFT_METRIC_LOSSES = ("macro_f1", "f1_macro", "micro_f1", "binary_f1", "macro_precision", "macro_recall",
+                      "micro_precision", "micro_recall", "jaccard_acc")
+LOSS_ALIASES = {"categorical_crossentropy": "cross_entropy", "binary_crossentropy": "bce"}
+LOSS_NAMES = ("categorical_crossentropy", "cross_entropy", "binary_crossentropy", "bce", "mse", "rmse",
+              *SOFT_METRIC_LOSSES)
+REGRESSION_LOSSES = ("mse", "rmse")
 
-    if obj.loss.lower() not in LOSS_NAMES:
+
+def canonical_loss(name: str) -> str:
+    """The loss a TWilBert name stands for (aliases resolved); ValueError for an unknown name."""
+    key = LOSS_ALIASES.get(name.lower(), name.lower())
+    if key not in LOSS_NAMES:
+        raise ValueError(f"unknown loss {name!r}; choose one of: {', '.join(LOSS_NAMES)}")
+    return key
+
+
+def loss_misfit(name: str, spec: "TaskSpec") -> Optional[str]:
+    """Why loss ``name`` does not suit the task ``spec`` (regression, multi-label...), or None."""
+    key = canonical_loss(name)
+    if key in REGRESSION_LOSSES:
+        return None if spec.regression else f"loss {name!r} needs a regression task (task.regression: true)"
+    if spec.regression:
+        return f"loss {name!r} is for classification; use 'mse' or 'rmse' for regression"
+    if key == "cross_entropy" and spec.multi_label:
+        return f"loss {name!r} is single-label; use 'binary_crossentropy' for multi-label"
+    if key == "binary_f1" and (spec.multi_label or len(spec.categories) != 2):
+        return f"loss {name!r} needs a single-label task with 2 categories, got {spec.categories}"
+    return None
+
+
+def check_loss_name(obj: Any, where: str) -> None:
+    if obj.loss != "auto" and obj.loss.lower() not in LOSS_NAMES:
         raise ConfigError(f"{where}.loss {obj.loss!r} is not a loss; choose auto or one of: {', '.join(LOSS_NAMES)}")
 
 
@@ -253,9 +288,9 @@ def check_loss_fits_task(ft: FinetuningConfig, spec: TaskSpec, where: str) -> No
     """A named loss must suit the task's kind (regression, multi-label, binary...)."""
     if ft.loss == "auto":
         return
-    from twilbert.train.losses import build_loss
-
     try:
-        build_loss(ft.loss, spec)
+        misfit = loss_misfit(ft.loss, spec)
     except ValueError as err:
         raise ConfigError(f"{where} ({ft.loss!r}): {err}") from None
+    if misfit:
+        raise ConfigError(f"{where} ({ft.loss!r}): {misfit}")

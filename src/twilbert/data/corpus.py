@@ -24,6 +24,7 @@ from twilbert.data.dedup import DigestSet, row_digests
 from twilbert.data.formats import write_table
 from twilbert.data.sources import BadRowBudget, iter_corpus_rows, resolve_corpus_files, untracked_files
 from twilbert.io_utils import atomic_write, sha256_file
+from twilbert.errors import TwilbertError
 
 log = logging.getLogger(__name__)
 
@@ -32,7 +33,7 @@ CHUNK_ROWS = 65_536  # rows deduplicated and written at a time
 _encode = json.JSONEncoder(ensure_ascii=False).encode  # json.dumps would build an encoder per row
 
 
-class DataStageError(RuntimeError):
+class DataStageError(TwilbertError, RuntimeError):
     """The data stage cannot produce its outputs; the message says what to do."""
 
 

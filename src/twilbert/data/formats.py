@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any, Iterable, Iterator, Optional, Sequence, Union
 
 from twilbert.io_utils import atomic_write
+from twilbert.errors import TwilbertError
 
 PathLike = Union[str, "os.PathLike[str]"]
 
@@ -23,7 +24,7 @@ MAX_REPORTED = 20  # problems listed in one error message; the total is always c
 _BOM = b"\xef\xbb\xbf"
 
 
-class DataFormatError(ValueError):
+class DataFormatError(TwilbertError, ValueError):
     """A data file is malformed; the message lists ``path:line: problem`` for each problem found."""
 
     def __init__(self, path: PathLike, problems: Sequence[tuple[Optional[int], str]], total: Optional[int] = None):

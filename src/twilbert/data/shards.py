@@ -31,11 +31,12 @@ import numpy as np
 
 from twilbert.data.special import CLS_ID, PAD_ID, SEP_ID
 from twilbert.io_utils import atomic_write, sha256_file
+from twilbert.errors import TwilbertError
 
 FORMAT = "twilbert-pairs/2"
 
 
-class PairsDataError(ValueError):
+class PairsDataError(TwilbertError, ValueError):
     """The pairs on disk, or the corpus they come from, cannot be used; the message says what to do."""
 MANIFEST = "manifest.json"
 SPLITS = ("train", "heldout")

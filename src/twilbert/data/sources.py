@@ -16,6 +16,7 @@ from typing import Iterator, Optional
 from twilbert.config import DataConfig
 from twilbert.data.corpus_files import iter_pairs, iter_texts
 from twilbert.data.formats import DataFormatError
+from twilbert.errors import TwilbertError
 
 log = logging.getLogger(__name__)
 
@@ -23,7 +24,7 @@ MAX_LISTED = 100  # skipped rows listed in the stage's summary; every one is log
 _GLOB_CHARS = set("*?[")
 
 
-class CorpusError(RuntimeError):
+class CorpusError(TwilbertError, RuntimeError):
     """The configured corpus cannot be read; the message names the key or file:line."""
 
 

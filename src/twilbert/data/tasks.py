@@ -19,11 +19,12 @@ from sklearn.model_selection import train_test_split
 
 from twilbert.config import TaskConfig
 from twilbert.data.formats import PathLike, Problems, parse_table
+from twilbert.errors import TwilbertError
 
 log = logging.getLogger(__name__)
 
 
-class TaskFilesError(FileNotFoundError):
+class TaskFilesError(TwilbertError, FileNotFoundError):
     """A task listed in params has no usable files."""
 
 

@@ -23,6 +23,7 @@ from twilbert.config import VocabConfig
 from twilbert.data.preprocess import PreprocessConfig, Preprocessor
 from twilbert.data.special import CLS_ID, PAD_ID, SPECIAL_TOKENS, UNK_ID
 from twilbert.io_utils import publish_dir
+from twilbert.errors import TwilbertError
 
 log = logging.getLogger(__name__)
 
@@ -30,7 +31,7 @@ log = logging.getLogger(__name__)
 SPECIAL_TEXT = re.compile(r"(?<=\[)(?=(?:PAD|UNK|MASK|CLS|SEP)\])")
 
 
-class VocabError(ValueError):
+class VocabError(TwilbertError, ValueError):
     """A vocabulary cannot be trained or used; the message says what to do."""
 
 

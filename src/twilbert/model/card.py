@@ -16,13 +16,14 @@ from typing import Any, Literal, Optional, Union
 
 from twilbert.config import ConfigError, FinetuningConfig, ModelConfig, TaskConfig, from_dict, to_dict
 from twilbert.config import PreprocessConfig
+from twilbert.errors import TwilbertError
 
 CONFIG_NAME = "config.json"
 BACKBONES = ("twilbert", "hf", "baseline")
 REQUIRED_KEYS = ("model", "vocab_size", "max_positions")
 
 
-class CheckpointError(RuntimeError):
+class CheckpointError(TwilbertError, RuntimeError):
     """A model directory is unreadable or does not fit the model; the message names the file or parameter."""
 
 

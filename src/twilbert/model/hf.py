@@ -33,11 +33,12 @@ from twilbert.config import ModelConfig
 from twilbert.data.special import CLS_ID, PAD_ID, SEP_ID
 from twilbert.model.encoder import N_SEGMENTS, TWilBertModel
 from twilbert.model.heads import TWilBertForClassification, TWilBertForPretraining
+from twilbert.errors import TwilbertError
 
 logger = logging.getLogger(__name__)
 
 
-class ExportError(ValueError):
+class ExportError(TwilbertError, ValueError):
     """The model has no Hugging Face counterpart; the message says which setting prevents it."""
 
 

@@ -25,6 +25,7 @@ from torch import nn
 
 from twilbert.config import RopConfig
 from twilbert.data.special import IGNORE_INDEX
+from twilbert.errors import TwilbertError
 from twilbert.model.heads import PretrainOutput, TWilBertROPHead
 
 PathLike = Union[str, Path]
@@ -38,7 +39,7 @@ def is_hf_pretrained(directory: PathLike) -> bool:
     return (Path(directory) / CARD_NAME).is_file()
 
 
-class HFModelError(ValueError):
+class HFModelError(TwilbertError, ValueError):
     """The checkpoint cannot be continued; the message says why and what to do."""
 
 
@@ -54,8 +55,9 @@ def load_masked_lm(path: PathLike) -> nn.Module:
         return AutoModelForMaskedLM.from_pretrained(path, local_files_only=True, use_safetensors=True,
                                                     dtype=torch.float32)
     except (OSError, ValueError) as err:
-        raise HFModelError(f"training.hf_path {str(path)!r}: AutoModelForMaskedLM cannot load it ({err}). Weights must "
-                           "be safetensors: load a pickle checkpoint once with transformers and save_pretrained it") from None
+        raise HFModelError(f"training.hf_path {str(path)!r}: AutoModelForMaskedLM cannot load it ({err}). Weights "
+                           "must be safetensors: load a pickle checkpoint once with transformers and "
+                           "save_pretrained it") from None
 
 
 def _mlm_head_name(mlm: nn.Module) -> str:
@@ -150,8 +152,7 @@ def load_hf_pretraining(directory: PathLike) -> tuple[HFForPretraining, dict]:
     """The model continued pretraining wrote to ``directory`` (its ROP head included), in eval mode, and its card."""
     import json
 
-    from safetensors.torch import load_file
-
+    from twilbert.model.io import read_weights
     from twilbert.model.manifest import verify_model_dir
 
     directory = Path(directory)
@@ -159,5 +160,5 @@ def load_hf_pretraining(directory: PathLike) -> tuple[HFForPretraining, dict]:
     card = json.loads((directory / CARD_NAME).read_text(encoding="utf-8"))
     model = HFForPretraining(load_masked_lm(directory), rop=bool(card.get("rop")))
     if model.rop_classifier is not None:
-        model.rop_classifier.load_state_dict(load_file(str(directory / ROP_FILE)))
+        model.rop_classifier.load_state_dict(read_weights(directory / ROP_FILE))
     return model.eval(), card

@@ -15,26 +15,23 @@ from typing import NamedTuple, Optional, Union
 
 import torch
 from safetensors import SafetensorError, safe_open
+from safetensors.torch import save_file
 from torch import nn
 
 from twilbert.io_utils import CHECKSUMS_NAME, link_or_copy, publish_dir
 from twilbert.model.card import CONFIG_NAME, CheckpointError, ModelCard, read_card  # noqa: F401 (re-exported)
-from twilbert.model.safetensors_writer import save_file
+from twilbert.model import manifest
 
 logger = logging.getLogger(__name__)
 
 WEIGHTS_NAME = "model.safetensors"
-_TIED_KEY = "twilbert_tied"  # safetensors metadata: JSON {alias name: stored name}
+# A weights file's only safetensors metadata key: JSON {alias name: stored name} of the tied tensors.
+# One key, because safetensors keeps metadata in a hash map: with two, their order (and the file's
+# bytes) would change from one process to the next (safetensors #584), and DVC would see a new file.
+TIED_KEY = "twilbert_tied"
 PREFIX = "twilbert."  # the encoder's attribute in the full models
 
 PathLike = Union[str, os.PathLike]
-
-
-def _manifest():
-    # Imported on use: twilbert.model.manifest imports CheckpointError from this module.
-    from twilbert.model import manifest
-
-    return manifest
 
 
 class LoadReport(NamedTuple):
@@ -72,6 +69,34 @@ def untie(state_dict: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor],
     return tensors, aliases
 
 
+def save_weights(state_dict: dict[str, torch.Tensor], path: PathLike) -> dict[str, str]:
+    """Write a state dict to a safetensors file, each tied tensor once; returns the aliases."""
+    tensors, aliases = untie(state_dict)
+    save_file(tensors, str(path), metadata={TIED_KEY: json.dumps(aliases, sort_keys=True)})
+    return aliases
+
+
+def read_weights(path: PathLike, error: type[Exception] = CheckpointError) -> dict[str, torch.Tensor]:
+    """The state dict of a :func:`save_weights` file, tied names restored; ``error`` names the file."""
+    try:
+        with safe_open(str(path), framework="pt", device="cpu") as f:
+            metadata = f.metadata() or {}
+            state = {name: f.get_tensor(name) for name in f.keys()}
+        aliases = json.loads(metadata.get(TIED_KEY, "{}"))
+    except FileNotFoundError:
+        raise error(f"{path}: missing") from None
+    except (SafetensorError, OSError, ValueError) as err:
+        raise error(f"{path}: corrupt or not a safetensors file ({err}); rerun the stage that wrote it "
+                    "(pickle files are never loaded)") from None
+    if not isinstance(aliases, dict):
+        raise error(f"{path}: {TIED_KEY} metadata is not a JSON object")
+    for alias, stored in aliases.items():
+        if stored not in state:
+            raise error(f"{path}: tied tensor {alias!r} points at missing {stored!r}")
+        state[alias] = state[stored]
+    return state
+
+
 def _carry_extras(old: Path, new: Path) -> None:
     """Files other callers put in an existing model directory survive a re-save."""
     for entry in old.iterdir():
@@ -98,14 +123,12 @@ def save_pretrained(directory: PathLike, model: nn.Module, card: Union[ModelCard
     if directory.exists() and not directory.is_dir():
         raise CheckpointError(f"{directory}: exists and is not a directory")
     config_text = card.to_json()  # fails on unserialisable values before touching disk
-    tensors, aliases = untie(model.state_dict())
-
     with publish_dir(directory, checksums=True) as staged:  # names the directory when the disk is full
-        save_file(tensors, str(staged / WEIGHTS_NAME), metadata={"format": "pt", _TIED_KEY: json.dumps(aliases)})
+        aliases = save_weights(model.state_dict(), staged / WEIGHTS_NAME)
         (staged / CONFIG_NAME).write_text(config_text, encoding="utf-8")
         if directory.exists():
             _carry_extras(directory, staged)
-    logger.debug("saved %d tensors (%d tied) to %s", len(tensors), len(aliases), directory)
+    logger.debug("saved %s (%d tied tensors)", directory, len(aliases))
     return directory
 
 
@@ -131,22 +154,11 @@ def load_pretrained_state(
         if not path.is_file():
             hint = " (pickle checkpoints such as pytorch_model.bin are never loaded)" if path == weights_path else ""
             raise FileNotFoundError(f"{path}: missing; a model directory holds {CONFIG_NAME} and {WEIGHTS_NAME}{hint}")
-    _manifest().verify_model_dir(directory, verify)
+    manifest.verify_model_dir(directory, verify)
 
     card = read_card(config_path)
 
-    try:
-        with safe_open(str(weights_path), framework="pt", device="cpu") as f:
-            metadata = f.metadata() or {}
-            state = {name: f.get_tensor(name) for name in f.keys()}
-        aliases = json.loads(metadata.get(_TIED_KEY, "{}"))
-    except (SafetensorError, OSError, ValueError) as err:
-        raise CheckpointError(f"{weights_path}: corrupt or not a safetensors file ({err}); rerun the stage that "
-                              "wrote it (pickle files are never loaded)") from None
-    for alias, stored in aliases.items():
-        if stored not in state:
-            raise CheckpointError(f"{weights_path}: tied tensor {alias!r} points at missing {stored!r}")
-        state[alias] = state[stored]
+    state = read_weights(weights_path)
     return card, state
 
 

@@ -19,15 +19,14 @@ with a warning.
 from __future__ import annotations
 
 import contextvars
-import json
 import logging
 import os
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Iterator, Optional, Union
 
-from twilbert.io_utils import CHECKSUMS_NAME, checksummed_files, checksums_text, sha256_file, write_checksums
-from twilbert.model.io import CheckpointError
+from twilbert.io_utils import CHECKSUMS_NAME, checksummed_files, checksums_text, verify_checksums, write_checksums
+from twilbert.model.card import CheckpointError
 
 log = logging.getLogger(__name__)
 
@@ -82,30 +81,13 @@ def verify_model_dir(directory: PathLike, verify: Optional[bool] = None) -> None
         log.info("%s: checksums not verified (verification turned off)", directory)
         return
     path = directory / MANIFEST_NAME
-    if os.path.lexists(path) and not path.is_file():  # present but no file: damage, not an older directory
-        raise ManifestError(f"{path}: not a regular file (a directory or a broken link?); restore the model "
-                            "directory from its source (e.g. `dvc checkout`), or pass --no-verify")
-    if not path.is_file():
+    if not os.path.lexists(path):
         log.warning("%s: no %s, so its files cannot be verified (written by an older twilbert or by hand); "
                     "re-save it to add one", directory, MANIFEST_NAME)
         return
-    try:
-        sums = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
-        raise ManifestError(f"{path}: unreadable manifest ({err}); restore it, or pass --no-verify") from None
-    if not isinstance(sums, dict) or not all(isinstance(k, str) and isinstance(v, str) for k, v in sums.items()):
-        raise ManifestError(f"{path}: not a manifest (expected a JSON object of sha256 strings); "
-                            "restore it, or pass --no-verify")
     fix = ("restore the model directory from its source (e.g. `dvc checkout`), or pass --no-verify "
            f"({NO_VERIFY_ENV}=1 for stages) if you changed it on purpose")
-    for name in sorted(sums):
-        file = directory / name
-        if Path(name).is_absolute() or ".." in Path(name).parts:
-            raise ManifestError(f"{path}: entry {name!r} points outside the model directory")
-        if not file.is_file():
-            raise ManifestError(f"{file}: missing, but listed in {path}; {fix}")
-        if sha256_file(file) != sums[name]:
-            raise ManifestError(f"{file}: sha256 differs from {path} (corrupt or changed); {fix}")
+    sums = verify_checksums(directory, ManifestError, fix)
     unlisted = [name for name in checksummed_files(directory) if name not in sums]
     if unlisted:
         log.warning("%s: %d file(s) not in %s, not verified: %s", directory, len(unlisted), MANIFEST_NAME,

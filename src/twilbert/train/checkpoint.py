@@ -18,13 +18,13 @@ from pathlib import Path
 from typing import Any, Mapping, Optional, Union
 
 import torch
-from safetensors import SafetensorError, safe_open
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
 from torch import nn
 
 from twilbert import distributed
-from twilbert.io_utils import CHECKSUMS_NAME, clean_leftovers, publish_dir, sha256_file
-from twilbert.model.io import CheckpointError, load_into, untie
-from twilbert.model.safetensors_writer import save_file
+from twilbert.io_utils import CHECKSUMS_NAME, clean_leftovers, publish_dir, verify_checksums
+from twilbert.model.io import CheckpointError, load_into, read_weights, save_weights
 from twilbert.train.rng_state import capture_rng_state, restore_rng_state
 
 log = logging.getLogger(__name__)
@@ -133,17 +133,15 @@ def _write(directory: Path, final: Path, model: nn.Module, optimizer, scheduler,
     directory.mkdir(parents=True, exist_ok=True)
     clean_leftovers(directory, "step-*")  # what an interrupted save of another step left
     with publish_dir(final, checksums=True) as tmp:
-        # Tied tensors are stored once; each alias is a metadata key naming the tensor kept.
-        weights, aliases = untie(distributed.unwrap(model).state_dict())
-        save_file(weights, tmp / MODEL_FILE, metadata={"format": "pt", **aliases})
+        save_weights(distributed.unwrap(model).state_dict(), tmp / MODEL_FILE)  # tied tensors once
         _torch_save(optimizer.state_dict(), tmp / OPTIMIZER_FILE)
         if scheduler is not None:
             _torch_save(scheduler.state_dict(), tmp / SCHEDULER_FILE)
         if gradients is not None:
-            save_file(gradients, str(tmp / GRADIENTS_FILE), metadata={"format": "pt"})
+            save_file(gradients, str(tmp / GRADIENTS_FILE))
         for name, group in tensors.items():
             plain = {k: v.detach().cpu().contiguous() for k, v in group.items()}
-            save_file(plain, str(tmp / f"{name}.safetensors"), metadata={"format": "pt"})
+            save_file(plain, str(tmp / f"{name}.safetensors"))
         (tmp / TRAINER_FILE).write_text(trainer_text, encoding="utf-8")
     log.debug("saved training checkpoint %s", final)
 
@@ -201,26 +199,7 @@ def _read_json(file: Path) -> Any:
 
 def verify_checkpoint(path: PathLike) -> None:
     """Raise TrainingCheckpointError unless every file listed in checksums.json is present and intact."""
-    path = Path(path)
-    sums_path = path / CHECKSUMS_FILE
-    sums = _read_json(sums_path)
-    if not isinstance(sums, dict) or not all(isinstance(v, str) for v in sums.values()):
-        raise TrainingCheckpointError(f"{sums_path}: corrupted (expected a JSON object of sha256 strings)")
-    unlisted = [name for name in REQUIRED_FILES if name not in sums]
-    if unlisted:
-        raise TrainingCheckpointError(f"{sums_path}: does not list {unlisted}")
-    for name, expected in sums.items():
-        file = path / name
-        if "/" in name or "\\" in name or name.startswith("."):
-            raise TrainingCheckpointError(f"{sums_path}: unexpected entry {name!r}")
-        if not file.is_file():
-            raise TrainingCheckpointError(f"{file}: missing")
-        actual = sha256_file(file)
-        if actual != expected:
-            raise TrainingCheckpointError(
-                f"{file}: checksum mismatch (sha256 {actual[:12]}..., expected {expected[:12]}...): "
-                "truncated or corrupted on disk"
-            )
+    verify_checksums(path, TrainingCheckpointError, "truncated or corrupted on disk", required=REQUIRED_FILES)
 
 
 def latest_valid_checkpoint(directory: PathLike) -> Optional[Path]:
@@ -272,16 +251,13 @@ def _load_state_dict(file: Path) -> dict:
     return obj
 
 
-def _read_tensors(file: Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+def _read_tensors(file: Path) -> dict[str, torch.Tensor]:
     try:
-        with safe_open(str(file), framework="pt", device="cpu") as f:
-            metadata = f.metadata() or {}
-            tensors = {name: f.get_tensor(name) for name in f.keys()}
+        return load_file(str(file), device="cpu")
     except FileNotFoundError:
         raise TrainingCheckpointError(f"{file}: missing") from None
     except (SafetensorError, OSError, ValueError) as err:
         raise TrainingCheckpointError(f"{file}: corrupt or not a safetensors file ({err})") from None
-    return tensors, metadata
 
 
 def load_training_checkpoint(
@@ -301,20 +277,16 @@ def load_training_checkpoint(
     if verify:
         verify_checkpoint(path)
     trainer = read_trainer_state(path)
-    tensors, metadata = _read_tensors(path / MODEL_FILE)
+    tensors = read_weights(path / MODEL_FILE, TrainingCheckpointError)
     optimizer_state = _load_state_dict(path / OPTIMIZER_FILE)
     scheduler_state = None
     if scheduler is not None:
         scheduler_state = _load_state_dict(path / SCHEDULER_FILE)
     gradients = None
     if trainer["state"]["accum_position"]:
-        gradients, _ = _read_tensors(path / GRADIENTS_FILE)
-    groups = {name: _read_tensors(path / f"{name}.safetensors")[0] for name in trainer["tensor_groups"]}
+        gradients = _read_tensors(path / GRADIENTS_FILE)
+    groups = {name: _read_tensors(path / f"{name}.safetensors") for name in trainer["tensor_groups"]}
 
-    # Tied tensors were stored once; the metadata maps each dropped alias -> the kept name.
-    for alias, kept in metadata.items():
-        if alias not in tensors and kept in tensors:
-            tensors[alias] = tensors[kept]
     plain = distributed.unwrap(model)
     try:
         load_into(plain, tensors, strict=True)

@@ -32,17 +32,17 @@ from twilbert.model import count_parameters
 from twilbert.model.hf_pretraining import (
     CARD_FORMAT, CARD_NAME, ROP_FILE, HFForPretraining, HFModelError, check_tied, load_masked_lm,
 )
-from twilbert.model.safetensors_writer import save_file
 from twilbert.track import Tracker
 from twilbert.train.curves import CurveRecorder
-from twilbert.train.fingerprint import config_fingerprint, files_digest, package_paths, run_fingerprint
+from twilbert.codebase import code_digest
+from twilbert.model.io import save_weights
+from twilbert.train.fingerprint import config_fingerprint, files_digest, run_fingerprint
 from twilbert.train.heldout import heldout_metrics, summarize
 from twilbert.train.loop import BestEpoch, Callback, Checkpointing, Trainer, seed_everything
 from twilbert.train.objective import PretrainObjective
 from twilbert.train.optim import build_optimizer, build_scheduler, param_groups
 from twilbert.train.pretrain import (
-    EPOCH_LINE_KEYS, FINGERPRINT_CODE, FINGERPRINT_KEYS, PREFETCH_BATCHES, TRAIN_STATE_DIR, Pretraining,
-    open_pretrain_data,
+    EPOCH_LINE_KEYS, FINGERPRINT_KEYS, PREFETCH_BATCHES, TRAIN_STATE_DIR, Pretraining, open_pretrain_data,
 )
 
 log = logging.getLogger(__name__)
@@ -80,10 +80,10 @@ def build_continued(cfg: Config, vocab: HFVocab, device: torch.device, tracker: 
 def continued_fingerprint(cfg: Config, pairs_dir: Path, vocab_dir: Path) -> dict[str, str]:
     """As ``pretrain_fingerprint``, the checkpoint's files included."""
     raw = {"seed": cfg.seed, "model": to_dict(cfg.model), "training": to_dict(cfg.training),
-           "representation": to_dict(cfg.representation)}
+           "representation": to_dict(cfg.representation), "runtime": to_dict(cfg.runtime)}
     inputs = [pairs_dir / MANIFEST, vocab_dir, Path(cfg.training.hf_path)]
     return {"config": config_fingerprint(raw, include=FINGERPRINT_KEYS), "inputs": files_digest(inputs),
-            "code": files_digest(package_paths(*FINGERPRINT_CODE, "data/hf_vocab.py"))}
+            "code": code_digest(__name__)}
 
 
 def open_vocab_for(cfg: Config, vocab_dir: Path) -> HFVocab:
@@ -117,8 +117,8 @@ def save_hf_pretrained(directory: Path, model: HFForPretraining, vocab: HFVocab,
         model.mlm.save_pretrained(staged)
         vocab.copy_to(staged)
         if model.rop_classifier is not None:
-            save_file({k: v.detach().cpu().contiguous() for k, v in model.rop_classifier.state_dict().items()},
-                      staged / ROP_FILE)
+            save_weights({k: v.detach().cpu() for k, v in model.rop_classifier.state_dict().items()},
+                         staged / ROP_FILE)
         (staged / CARD_NAME).write_text(json.dumps(card_data, indent=2, sort_keys=True) + "\n", encoding="utf-8")
     return Path(directory)
 
@@ -126,7 +126,8 @@ def save_hf_pretrained(directory: Path, model: HFForPretraining, vocab: HFVocab,
 def continued_pretrain(cfg: Config, pairs_dir: Path, vocab_dir: Path, out_dir: Path, checkpoint_dir: Path,
                        tracker: Optional[Tracker] = None, ctx: Optional[DistContext] = None,
                        curves_dir: Optional[Path] = None, callbacks: Sequence[Callback] = ()) -> dict[str, float]:
-    """``train.pretrain.pretrain`` for ``training.init_from: hf``: the best epoch as a Hugging Face folder in ``out_dir``."""
+    """``train.pretrain.pretrain`` for ``training.init_from: hf``: the best epoch as a Hugging Face folder
+    in ``out_dir``."""
     tcfg = cfg.training
     ctx = ctx or DistContext(device=resolve_device(tcfg.device))
     device = ctx.device

@@ -20,17 +20,14 @@ from twilbert.distributed import DistContext
 from twilbert.io_utils import atomic_write, publish_dir
 from twilbert.predictions import FILE as PREDICTIONS_FILE, HEADER as PREDICTIONS_COLUMNS, write_predictions
 from twilbert.track import Tracker
-from twilbert.train.fingerprint import config_fingerprint, files_digest, package_paths
+from twilbert.codebase import code_digest
+from twilbert.train.fingerprint import config_fingerprint, files_digest
 from twilbert.train.finetune import (
     Learner, NeuralLearner, baseline_learner, hf_learner, task_preprocessor, twilbert_learner,
 )
 from twilbert.train.kfold import LearnerRun, evaluate_learner
 from twilbert.train.loop import Callback, seed_everything
 
-# The code a finetuning run's identity covers (the stage's code deps in dvc.yaml).
-FINGERPRINT_CODE = ("model", "train", "data/tasks.py", "data/formats.py", "data/tokenizer.py",
-                    "data/preprocess.py", "data/pairs.py", "data/batch.py", "data/packers.py", "finetuned.py",
-                    "distributed.py", "device.py", "scoring.py")
 
 BASELINE_FILE = "baseline.json"
 METRICS_FILE = "metrics.json"
@@ -54,13 +51,13 @@ def hf_pretrained_backbone(ft: FinetuningConfig, pretrained_dir: Path) -> Finetu
 def finetune_fingerprint(cfg: Config, task: TaskConfig, ft: FinetuningConfig, pretrained_dir: Path) -> dict[str, str]:
     """What makes two finetuning runs of a task the same run: config, task files, backbone, code."""
     raw = {"seed": cfg.seed, "finetuning": to_dict(ft), "representation": to_dict(cfg.representation),
-           "preprocess": to_dict(cfg.preprocess),
+           "preprocess": to_dict(cfg.preprocess), "runtime": to_dict(cfg.runtime),
            "task": {"dataset": to_dict(task.dataset), "task": to_dict(task.task)}}
     files = [task.dataset.path(name) for name in (task.dataset.train_file, task.dataset.dev_file,
                                                    task.dataset.test_file)]
     backbone = Path(ft.hf_path) if ft.backbone == "hf" else Path(pretrained_dir)
     return {"config": config_fingerprint(raw), "inputs": files_digest([f for f in files if f] + [backbone]),
-            "code": files_digest(package_paths(*FINGERPRINT_CODE))}
+            "code": code_digest(__name__)}
 
 
 def run_config(cfg: Config, run_seed: int) -> Config:

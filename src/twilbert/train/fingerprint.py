@@ -110,12 +110,6 @@ def files_digest(paths: Iterable[PathLike]) -> str:
     return digest.hexdigest()
 
 
-def package_paths(*relative: str) -> list[Path]:
-    """Paths inside the installed ``twilbert`` package (the code a run's fingerprint covers)."""
-    root = Path(__file__).resolve().parents[1]
-    return [root / r for r in relative]
-
-
 def run_fingerprint(parts: Mapping[str, str]) -> str:
     """One fingerprint of a run from named parts (e.g. config, inputs, code digests)."""
     return hashlib.sha256(json.dumps(dict(parts), sort_keys=True).encode("utf-8")).hexdigest()

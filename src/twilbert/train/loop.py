@@ -33,6 +33,7 @@ from twilbert.device import autocast
 from twilbert.progress import EpochClock
 from twilbert.track import Tracker
 from twilbert.train.checkpoint import TENSORS_KEY, resume_training, save_training_checkpoint
+from twilbert.errors import TwilbertError
 
 log = logging.getLogger(__name__)
 
@@ -48,7 +49,7 @@ Evaluate = Callable[[int, dict[str, float]], tuple[float, dict]]
 OnEpoch = Callable[[int, dict, bool], None]
 
 
-class NonFiniteLossError(RuntimeError):
+class NonFiniteLossError(TwilbertError, RuntimeError):
     """The loss became NaN or infinite; training stopped before any checkpoint took the corrupted weights."""
 
 

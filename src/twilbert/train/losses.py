@@ -18,6 +18,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from twilbert.config import TaskSpec
+from twilbert.config.training import canonical_loss, loss_misfit
 from twilbert.data.special import IGNORE_INDEX
 
 log = logging.getLogger(__name__)
@@ -193,9 +194,6 @@ _SOFT_METRICS: dict[str, Callable[[Tensor, Tensor], Tensor]] = {
     "micro_recall": lambda p, y: soft_recall(p, y, "micro"),
     "jaccard_acc": soft_jaccard,
 }
-_ALIASES = {"categorical_crossentropy": "cross_entropy", "binary_crossentropy": "bce"}
-LOSS_NAMES = ("categorical_crossentropy", "cross_entropy", "binary_crossentropy", "bce", "mse", "rmse",
-              *_SOFT_METRICS)
 
 
 def _probs_and_onehot(logits: Tensor, targets: Tensor, multi_label: bool) -> tuple[Tensor, Tensor]:
@@ -228,19 +226,13 @@ def build_loss(name: str, spec: TaskSpec, class_weights: Optional[Tensor] = None
     (B,) or (B, 1) for regression. ``class_weights`` (C,) weight the cross-entropy and act as
     BCE positive weights; the soft-metric losses ignore them.
     """
-    key = _ALIASES.get(name.lower(), name.lower())
-    if key not in ("cross_entropy", "bce", "mse", "rmse", *_SOFT_METRICS):
-        raise ValueError(f"unknown loss {name!r}; choose one of: {', '.join(LOSS_NAMES)}")
+    key = canonical_loss(name)
+    misfit = loss_misfit(name, spec)
+    if misfit:
+        raise ValueError(misfit)
     if key in ("mse", "rmse"):
-        if not spec.regression:
-            raise ValueError(f"loss {name!r} needs a regression task (task.regression: true)")
         return _regression_loss(root=key == "rmse")
-    if spec.regression:
-        raise ValueError(f"loss {name!r} is for classification; use 'mse' or 'rmse' for regression")
-
     if key == "cross_entropy":
-        if spec.multi_label:
-            raise ValueError(f"loss {name!r} is single-label; use 'binary_crossentropy' for multi-label")
         weight = None if class_weights is None else class_weights.float()
 
         def cross_entropy(logits: Tensor, targets: Tensor) -> Tensor:
@@ -259,8 +251,6 @@ def build_loss(name: str, spec: TaskSpec, class_weights: Optional[Tensor] = None
 
         return bce
 
-    if key == "binary_f1" and (spec.multi_label or len(spec.categories) != 2):
-        raise ValueError(f"loss {name!r} needs a single-label task with 2 categories, got {spec.categories}")
     return _soft_metric_loss(_SOFT_METRICS[key], spec.multi_label)
 
 

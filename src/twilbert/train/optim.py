@@ -151,11 +151,6 @@ def _torch_optimizers() -> dict[str, type[torch.optim.Optimizer]]:
     }
 
 
-def torch_optimizer_names() -> list[str]:
-    """The ``torch.optim`` optimizers, lowercased, as ``build_optimizer`` accepts them."""
-    return sorted(_torch_optimizers())
-
-
 def _materialize(group: Any) -> Any:
     """A dict group with its params as a list (generators would be consumed by inspection)."""
     if not isinstance(group, dict):

@@ -35,7 +35,8 @@ from twilbert.io_utils import publish_dir
 from twilbert.model.card import ModelCard, pretraining_positions
 from twilbert.model.io import CheckpointError, LoadReport, load_into, load_pretrained_state, save_pretrained
 from twilbert.track import Tracker
-from twilbert.train.fingerprint import config_fingerprint, files_digest, package_paths, run_fingerprint
+from twilbert.codebase import code_digest
+from twilbert.train.fingerprint import config_fingerprint, files_digest, run_fingerprint
 from twilbert.train.curves import CurveRecorder
 from twilbert.train.heldout import heldout_metrics, summarize
 from twilbert.train.loop import BestEpoch, Callback, Checkpointing, Trainer, seed_everything
@@ -48,10 +49,9 @@ log = logging.getLogger(__name__)
 EPOCH_LINE_KEYS = ("train_loss", "train_mlm_accuracy", "train_rop_accuracy", "heldout_mlm_loss",
                    "heldout_mlm_accuracy", "heldout_rop_accuracy", "heldout_perplexity")
 TRAIN_STATE_DIR = "train_state"  # training checkpoints, under the stage's checkpoint directory
-# What a run's identity covers: the stage's params in dvc.yaml, and the package code it runs.
-FINGERPRINT_KEYS = ("seed", "model", "training", "representation.max_len")
-FINGERPRINT_CODE = ("model", "train", "data/masking.py", "data/pairs.py", "data/batch.py", "data/shards.py",
-                    "distributed.py", "device.py")
+# What a run's identity covers: the stage's params in dvc.yaml (runtime: the kernels and thread count
+# make the last bits), and the package code this module imports (twilbert.codebase).
+FINGERPRINT_KEYS = ("seed", "model", "training", "representation.max_len", "runtime")
 PREFETCH_BATCHES = 4  # batches read ahead of the step on a background thread
 
 
@@ -125,12 +125,12 @@ def pretrain_fingerprint(cfg: Config, pairs_dir: Path, vocab_dir: Path) -> dict[
     The pairs count through their manifest, which holds every shard's sha256: a restart reads no shard.
     """
     raw = {"seed": cfg.seed, "model": to_dict(cfg.model), "training": to_dict(cfg.training),
-           "representation": to_dict(cfg.representation)}
+           "representation": to_dict(cfg.representation), "runtime": to_dict(cfg.runtime)}
     inputs = [pairs_dir / MANIFEST, vocab_dir]
     if cfg.training.path_initial_weights:
         inputs.append(Path(cfg.training.path_initial_weights))
     return {"config": config_fingerprint(raw, include=FINGERPRINT_KEYS), "inputs": files_digest(inputs),
-            "code": files_digest(package_paths(*FINGERPRINT_CODE))}
+            "code": code_digest(__name__)}
 
 
 def open_pretrain_data(pairs_dir: Path, max_len: int, vocab_size: int) -> tuple[Examples, Examples]:

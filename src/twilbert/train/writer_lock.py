@@ -1,4 +1,4 @@
-"""One writer per checkpoint directory: ``writer.lock`` holds its owner's PID under an ``flock``."""
+"""One writer per checkpoint directory: ``writer.lock``, held with ``filelock`` and naming its owner's PID."""
 
 from __future__ import annotations
 
@@ -8,10 +8,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Iterator, Optional, Union
 
-try:
-    import fcntl
-except ImportError:  # not POSIX: the lock falls back to checking the PID in the file
-    fcntl = None  # type: ignore[assignment]
+from filelock import FileLock, Timeout
 
 from twilbert.train.checkpoint import TrainingCheckpointError
 
@@ -29,12 +26,12 @@ LOCK_FILE = "writer.lock"
 
 @contextmanager
 def checkpoint_lock(directory: PathLike, enabled: bool = True) -> Iterator[Optional[Path]]:
-    """Hold ``<directory>/writer.lock`` (the owner's PID) while this process writes there.
+    """Hold ``<directory>/writer.lock`` while this process writes there; the file holds the owner's PID.
 
-    A second writer is refused with CheckpointLockError naming the owner's PID. The lock is an
-    ``flock`` on the file, which the kernel drops when its owner dies however it dies, so a lock
-    file left by a killed run (its PID gone) is simply taken over. The file is removed on release:
-    DVC hashes the directory. Without ``fcntl`` (Windows) the PID in the file is checked instead.
+    A second writer is refused with CheckpointLockError naming the owner's PID. The lock is the
+    kernel's (``filelock``: an ``flock``), dropped when its owner dies however it dies, so a file left by
+    a killed run is simply taken over. The file is removed on release, and a run that failed before
+    its first checkpoint leaves no directory behind.
     """
     if not enabled:
         yield None
@@ -43,79 +40,40 @@ def checkpoint_lock(directory: PathLike, enabled: bool = True) -> Iterator[Optio
     created = not directory.exists()
     directory.mkdir(parents=True, exist_ok=True)
     path = directory / LOCK_FILE
+    lock = FileLock(path, blocking=False)
     try:
-        fd = _acquire_lock(path)
-    except BaseException:
-        if created:
-            _remove_if_empty(directory)
-        raise
+        lock.acquire()
+    except Timeout:
+        owner = _read_pid(path)
+        raise CheckpointLockError(
+            f"{directory}: another process (PID {owner if owner is not None else '?'}) is writing training "
+            f"checkpoints here; wait for it to finish or stop it (kill {owner}), then rerun") from None
     try:
+        _record_owner(path)
         yield path
     finally:
-        try:
-            os.unlink(path)  # while still holding it: a waiting writer re-checks the inode
-        except FileNotFoundError:
-            pass
-        os.close(fd)
-        if created:  # a run that failed before its first checkpoint leaves nothing behind
+        path.unlink(missing_ok=True)  # while still holding it: filelock re-checks the inode it locked
+        lock.release()
+        if created:
             _remove_if_empty(directory)
 
 
-def _remove_if_empty(directory: Path) -> None:
+def _record_owner(path: Path) -> None:
+    previous = _read_pid(path)
+    if previous is not None and previous != os.getpid():
+        # The lock was free, so no writer holds it; the PID may still be alive (reused by an unrelated
+        # process, or the file came from another machine): do not call it gone then.
+        state = ("which is running but does not hold the lock (a stale file: the PID now belongs to another "
+                 "process, or the file came from elsewhere)" if _pid_alive(previous) else "which is gone")
+        log.warning("%s: taking over the lock of PID %d, %s", path, previous, state)
+    path.write_text(f"{os.getpid()}\n", encoding="ascii")  # same inode: we hold its lock
+
+
+def _read_pid(path: Path) -> Optional[int]:
     try:
-        directory.rmdir()
+        text = path.read_text(encoding="ascii", errors="replace").strip()
     except OSError:
-        pass
-
-
-def _acquire_lock(path: Path) -> int:
-    for _ in range(100):  # retried only when the file is replaced between open() and flock()
-        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
-        try:
-            owner = _read_pid(fd)
-            if not _try_flock(fd) or (fcntl is None and owner not in (None, os.getpid()) and _pid_alive(owner)):
-                raise CheckpointLockError(
-                    f"{path.parent}: another process (PID {owner if owner is not None else '?'}) is writing training "
-                    f"checkpoints here; wait for it to finish or stop it (kill {owner}), then rerun"
-                )
-            try:
-                same = os.path.samestat(os.fstat(fd), os.stat(path))
-            except FileNotFoundError:
-                same = False
-            if not same:  # its owner removed it as we opened it: lock the new one
-                os.close(fd)
-                continue
-            if owner is not None and owner != os.getpid():
-                # The flock is free, so no writer holds it; the PID may still be alive (reused by an
-                # unrelated process, or the file came from another machine): do not call it gone then.
-                state = ("which is running but does not hold the lock (a stale file: the PID now belongs to "
-                         "another process, or the file came from elsewhere)" if _pid_alive(owner) else "which is gone")
-                log.warning("%s: taking over the lock of PID %d, %s", path, owner, state)
-            os.ftruncate(fd, 0)
-            os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
-            os.fsync(fd)
-            return fd
-        except BaseException:
-            try:
-                os.close(fd)
-            except OSError:
-                pass
-            raise
-    raise CheckpointLockError(f"{path}: could not take the lock (the file keeps being replaced)")
-
-
-def _try_flock(fd: int) -> bool:
-    if fcntl is None:
-        return True
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
-        return False
-    return True
-
-
-def _read_pid(fd: int) -> Optional[int]:
-    text = os.pread(fd, 64, 0).decode("ascii", "replace").strip()
+        return None
     return int(text) if text.isdigit() else None
 
 
@@ -127,3 +85,10 @@ def _pid_alive(pid: int) -> bool:
     except PermissionError:
         return True
     return True
+
+
+def _remove_if_empty(directory: Path) -> None:
+    try:
+        directory.rmdir()
+    except OSError:
+        pass
