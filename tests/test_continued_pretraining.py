@@ -298,6 +298,17 @@ def test_the_finetune_stage_and_predict_read_the_continued_model_with_no_extra_s
             "before_heldout_perplexity", "before_heldout_pll"} <= set(inspected)
     assert "before continued pretraining" in report and "## Sample 2" in report
 
+    # A flipped byte in the continued model is refused before any finetuning, naming the file.
+    from twilbert.model.manifest import ManifestError
+    from twilbert.train.finetune_stage import hf_pretrained_backbone
+
+    weights = pretrained / "model.safetensors"
+    data = bytearray(weights.read_bytes())
+    data[-1] ^= 0xFF
+    weights.write_bytes(bytes(data))
+    with pytest.raises(ManifestError, match="model.safetensors: sha256 differs"):
+        hf_pretrained_backbone(cfg.finetuning, pretrained)
+
 
 def test_continued_pretraining_under_bf16_autocast_trains_to_finite_metrics(tmp_path):
     import math
