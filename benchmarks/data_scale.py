@@ -35,6 +35,7 @@ the pairs output over the corpus's tokens (each text counted once, before trunca
     python benchmarks/data_scale.py --pairs 1000000            # also runs 250k: the growth and projections
     python benchmarks/data_scale.py --pairs 250000 1000000 --workdir /tmp/scale --keep
     python benchmarks/data_scale.py --quick          # a smoke run on tiny corpora (3k against 1k), under a minute
+    python benchmarks/data_scale.py --pairs 250000 --init hf   # pairs tokenized by a Hugging Face checkpoint's tokenizer
 
 Prints one line per stage and ends with one JSON line: pairs, data_rss_mb, vocab_rss_mb,
 pairs_rss_mb, pretrain_startup_rss_mb, data_s, vocab_s, pairs_s, pairs_per_s, bytes_per_token,
@@ -243,7 +244,10 @@ def run_pipeline(root: Path, n_pairs: int, seed: int, overrides: list[str], prob
                     f"file-backed {probe['file_mb']:.1f}; {probe['examples']:,} examples)")
         if name == "data":
             out["data_bytes"] = du(data / "pretrain")
-        if name == "vocab":
+        if name == "vocab" and json.loads((data / "vocab" / "meta.json").read_text(encoding="utf-8")).get("kind") == "hf":
+            # --init hf: the checkpoint's tokenizer is copied, not trained: no sample, no corpus read
+            out.update(vocab_cap_pairs=0, vocab_read_s=0.0, vocab_read_pairs=n_pairs)
+        elif name == "vocab":
             meta = json.loads((data / "vocab" / "meta.json").read_text(encoding="utf-8"))
             # the corpus size (in pairs) from which the vocabulary's sample is full and its memory flat
             seen = vocab_sample if vocab_sample and vocab_sample < n_pairs else n_pairs  # pairs the stage read
@@ -279,9 +283,17 @@ def probe(data: Path, steps: int, overrides: list[str]) -> None:
 
     torch.set_num_threads(1)
     cfg = load_config(compose(["model=tiny", "training.device=cpu", *overrides], REPO / "conf"))
-    vocab_size = Tokenizer(data / "vocab").vocab_size
-    train, heldout = open_pretrain_data(data / "pairs", cfg.representation.max_len, vocab_size)
-    model, trainer, objective = build_pretraining(cfg, vocab_size, torch.device("cpu"))
+    if cfg.training.init_from == "hf":  # --init hf: the continued-pretraining stack on the checkpoint
+        from twilbert.data.hf_vocab import HFVocab
+        from twilbert.train.continued import build_continued
+
+        vocab = HFVocab(data / "vocab")
+        train, heldout = open_pretrain_data(data / "pairs", cfg.representation.max_len, vocab.vocab_size)
+        model, trainer, objective = build_continued(cfg, vocab, torch.device("cpu"))
+    else:
+        vocab_size = Tokenizer(data / "vocab").vocab_size
+        train, heldout = open_pretrain_data(data / "pairs", cfg.representation.max_len, vocab_size)
+        model, trainer, objective = build_pretraining(cfg, vocab_size, torch.device("cpu"))
     batches = prefetch(iterate_rank_batches(train, cfg.training.batch_size, cfg.seed, 0, DistContext()),
                        PREFETCH_BATCHES)
     for _, batch in zip(range(steps), batches):
@@ -291,6 +303,31 @@ def probe(data: Path, steps: int, overrides: list[str]) -> None:
     # drop, not memory the loader holds; RssAnon is what the process itself allocated.
     print(json.dumps({"hwm_mb": status_mb("VmHWM"), "rss_mb": status_mb("VmRSS"), "anon_mb": status_mb("RssAnon"),
                       "file_mb": status_mb("RssFile"), "examples": len(train), "heldout_examples": len(heldout)}))
+
+
+def hf_checkpoint(directory: Path, seed: int, vocab_size: int = 31_002) -> Path:
+    """A checkpoint with BETO's kind of tokenizer (cased WordPiece, ~31k pieces) trained on the synthetic
+    tweets, under a tiny ``BertForMaskedLM`` (the probe trains it): what ``--init hf`` tokenizes with."""
+    import torch
+    from tokenizers import Tokenizer as Backend, models, normalizers, pre_tokenizers, processors, trainers
+    from transformers import BertConfig, BertForMaskedLM, BertTokenizerFast
+
+    specials = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
+    backend = Backend(models.WordPiece(unk_token="[UNK]"))
+    backend.normalizer = normalizers.BertNormalizer(lowercase=False)
+    backend.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
+    backend.train_from_iterator(TweetGenerator(seed + 7).texts(50_000),
+                                trainers.WordPieceTrainer(vocab_size=vocab_size, special_tokens=specials))
+    cls, sep = backend.token_to_id("[CLS]"), backend.token_to_id("[SEP]")
+    backend.post_processor = processors.TemplateProcessing(
+        single="[CLS] $A [SEP]", pair="[CLS] $A [SEP] $B:1 [SEP]:1", special_tokens=[("[CLS]", cls), ("[SEP]", sep)])
+    tokenizer = BertTokenizerFast(tokenizer_object=backend, unk_token="[UNK]", sep_token="[SEP]", pad_token="[PAD]",
+                                  cls_token="[CLS]", mask_token="[MASK]")
+    torch.manual_seed(seed)
+    BertForMaskedLM(BertConfig(vocab_size=len(tokenizer), hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+                               intermediate_size=64, max_position_embeddings=512)).save_pretrained(directory)
+    tokenizer.save_pretrained(directory)
+    return directory
 
 
 # --------------------------------------------------------------------------------------------
@@ -379,7 +416,15 @@ def main(argv: Optional[list[str]] = None) -> None:
                         "vocab stage that holds its whole input in memory; its figures are then the sample's)")
     parser.add_argument("--probe", type=Path, help=argparse.SUPPRESS)  # internal: the pretrain probe's data dir
     parser.add_argument("--probe-steps", type=int, default=3, help="training steps of the pretrain probe")
+    parser.add_argument("--init", choices=("scratch", "hf"), default="scratch",
+                        help="hf: the stages in training.init_from hf mode, tokenizing with a Hugging Face "
+                             "checkpoint's tokenizer (--hf-path, or a BETO-shaped WordPiece one built here)")
+    parser.add_argument("--hf-path", type=Path, help="--init hf: a local checkpoint folder (e.g. BETO's)")
+    parser.add_argument("--make-hf-checkpoint", type=Path, help=argparse.SUPPRESS)  # internal: hf_checkpoint's child
     args, overrides = parser.parse_known_args(argv)
+    if args.make_hf_checkpoint:
+        hf_checkpoint(args.make_hf_checkpoint, args.seed)
+        return
     if args.probe:
         probe(args.probe, args.probe_steps, overrides)
         return
@@ -393,6 +438,14 @@ def main(argv: Optional[list[str]] = None) -> None:
         parser.error(f"--pairs: every size must exceed the {BASELINE_PAIRS}-pair baseline")
     print(host_line(), flush=True)
     work = args.workdir or Path(tempfile.mkdtemp(prefix="twilbert-scale-"))
+    if args.init == "hf":
+        checkpoint = args.hf_path
+        if checkpoint is None:  # built in a child: a parent grown by torch and transformers would pass its peak
+            checkpoint = work / "hf-checkpoint"  # memory on to every stage it starts (ru_maxrss survives exec)
+            subprocess.run([sys.executable, __file__, "--make-hf-checkpoint", str(checkpoint), "--seed",
+                            str(args.seed)], check=True)
+        overrides = ["training.init_from=hf", f"training.hf_path={checkpoint.resolve()}", *overrides]
+        print(f"--init hf: tokenizing with the tokenizer of {checkpoint}", flush=True)
     try:
         base = run_pipeline(work / f"n{BASELINE_PAIRS}", BASELINE_PAIRS, args.seed, overrides, args.probe_steps)
         runs = [run_pipeline(work / f"n{n}", n, args.seed + 1, overrides, args.probe_steps, args.vocab_sample)

@@ -37,6 +37,7 @@ and the script says why; ``--bf16 on`` times them anyway.
     python benchmarks/pretrain_throughput.py --steps 3 --rounds 5 --batch 32
     python benchmarks/pretrain_throughput.py --quick         # small sizes, a smoke run of seconds
     python benchmarks/pretrain_throughput.py --numerics      # the cost of runtime.portable_numerics
+    python benchmarks/pretrain_throughput.py --init hf       # continued pretraining of a BERT-base checkpoint
 
 ``--real-lengths [PAIRS_DIR]`` times the job rather than the kernel: rows of tweet lengths, each batch
 padded to its longest row. The lengths are those of a pairs folder (its train split; real token
@@ -482,8 +483,15 @@ def main() -> None:
                         help="real tokens/s on tweet-length batches, grouped and random (see above); with a pairs "
                              "folder, its lengths, else generated tweet-like ones")
     parser.add_argument("--batches", type=int, nargs="+", default=[32, 128], help="--real-lengths: batch sizes")
+    parser.add_argument("--init", choices=("scratch", "hf"), default="scratch",
+                        help="hf: continued pretraining of a BERT-base checkpoint against a Trainer/run_mlm-style "
+                             "step (benchmarks/continued_throughput.py)")
     args = parser.parse_args()
     logging.basicConfig(level=logging.WARNING)
+    if args.init == "hf":
+        import continued_throughput  # beside this script
+
+        return continued_throughput.run(args)
     if args.numerics:
         return numerics_cost(args)
     DEVICE = torch.device(args.device)

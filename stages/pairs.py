@@ -9,7 +9,7 @@ from pathlib import Path
 
 from twilbert.data.corpus import iter_pretrain_corpus
 from twilbert.data.pairs import build_pair_shards, resolve_workers
-from twilbert.data.tokenizer import Tokenizer
+from twilbert.data.hf_vocab import check_positions, open_vocab, read_meta
 from twilbert.stage import load_stage_config, parse_args, run
 
 
@@ -20,9 +20,12 @@ def main() -> str:
     parser.add_argument("--out", type=Path, default=Path("data/pairs"))
     args, overrides = parse_args(parser)
     cfg, _ = load_stage_config(overrides)
+    tokenizer = open_vocab(args.vocab)  # twilbert's SentencePiece, or a checkpoint's tokenizer (init_from hf)
+    if getattr(tokenizer, "template_json", None) is not None:
+        check_positions(read_meta(args.vocab), cfg.representation.max_len, f"the checkpoint of {args.vocab}")
     stat = args.corpus.stat()  # the corpus version a resumed build must match
     summary = build_pair_shards(
-        iter_pretrain_corpus(args.corpus), Tokenizer(args.vocab), args.out,
+        iter_pretrain_corpus(args.corpus), tokenizer, args.out,
         max_len=cfg.representation.max_len, heldout_fraction=cfg.pairs.heldout_fraction,
         shard_size=cfg.pairs.shard_size, seed=cfg.seed, workers=resolve_workers(cfg.pairs.workers),
         source_id=f"{args.corpus.resolve()}:{stat.st_size}:{stat.st_mtime_ns}",

@@ -17,6 +17,7 @@ from twilbert.results import PRETRAIN_HEADLINE, pretrain_headline
 from twilbert.stage import fault_callbacks, load_stage_config, parse_args, run
 from twilbert.track import Tracker
 from twilbert.train.writer_lock import checkpoint_lock
+from twilbert.train.continued import continued_pretrain
 from twilbert.train.pretrain import pretrain
 
 
@@ -39,8 +40,10 @@ def main() -> Optional[str]:
     with distributed_context(cfg.training.device) as ctx, checkpoint_lock(args.checkpoints, enabled=ctx.is_main):
         tracker = Tracker(cfg.tracking, stage="pretrain", enabled=ctx.is_main)
         with tracker.start(params, run_name=f"pretrain-{cfg.model.name}", experiment_params=raw):
-            metrics = pretrain(cfg, args.pairs, args.vocab, args.out, args.checkpoints, tracker, ctx, args.curves,
-                               callbacks=fault_callbacks())
+            # training.init_from hf: continued pretraining of a Hugging Face checkpoint (train/continued.py)
+            train = continued_pretrain if cfg.training.init_from == "hf" else pretrain
+            metrics = train(cfg, args.pairs, args.vocab, args.out, args.checkpoints, tracker, ctx, args.curves,
+                            callbacks=fault_callbacks())
             if ctx.is_main:
                 args.metrics.parent.mkdir(parents=True, exist_ok=True)
                 with atomic_write(args.metrics) as fh:

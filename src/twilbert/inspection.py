@@ -22,6 +22,7 @@ from twilbert.data.special import IGNORE_INDEX
 from twilbert.data.tokenizer import Tokenizer
 from twilbert.model import TWilBertForPretraining
 from twilbert.model.card import ModelCard
+from twilbert.model.hf_pretraining import is_hf_pretrained
 from twilbert.model.io import load_into, load_pretrained_state
 from twilbert.train.heldout import EVAL_STREAM, heldout_metrics
 from twilbert.train.objective import PretrainObjective
@@ -113,6 +114,8 @@ def render_markdown(samples: list[SampleReport], metrics: dict[str, float], titl
         "heldout_rop_accuracy": "ROP accuracy",
         "examples": "held-out examples",
     }
+    names.update({f"before_{key}": f"{label}, the checkpoint before continued pretraining"
+                  for key, label in list(names.items())[:4]})
     lines = [f"# {title}", "", "| held-out metric | value |", "|---|---|"]
     lines += [f"| {label} | {metrics[key]:.4g} |" for key, label in names.items() if key in metrics]
     for i, sample in enumerate(samples, 1):
@@ -136,15 +139,46 @@ def render_markdown(samples: list[SampleReport], metrics: dict[str, float], titl
 def inspect_model(model_dir: Path, pairs_dir: Path, n_samples: int, seed: int, batch_size: int, pll_examples: int,
                   device: torch.device, precision: str = "fp32") -> tuple[str, dict[str, float]]:
     """(Markdown report, held-out metrics) of the model in ``model_dir`` on the pair shards in ``pairs_dir``."""
-    model, card = load_pretraining_model(Path(model_dir))
-    model.to(device)
-    tokenizer = Tokenizer(model_dir)  # the vocabulary embedded in the model directory
     data = load_shards(Path(pairs_dir))  # memory-mapped; only the rows scored are read
     if not len(data):
         raise PairsDataError(f"{pairs_dir}: the held-out split holds no pairs; raise pairs.heldout_fraction")
-    objective = PretrainObjective(model.cfg.masked_lm, seed, card.vocab_size, device)
+    before: dict[str, float] = {}
+    if is_hf_pretrained(model_dir):  # continued pretraining (training.init_from hf): a Hugging Face folder
+        model, tokenizer, objective, before = _hf_inspection(Path(model_dir), data, seed, batch_size, pll_examples,
+                                                             device, precision)
+    else:
+        model, card = load_pretraining_model(Path(model_dir))
+        model.to(device)
+        tokenizer = Tokenizer(model_dir)  # the vocabulary embedded in the model directory
+        objective = PretrainObjective(model.cfg.masked_lm, seed, card.vocab_size, device)
     metrics = heldout_metrics(model, objective, data, batch_size, pll_examples, device, precision)
     metrics["examples"] = len(data)
+    metrics.update(before)
     samples = inspect_samples(model, objective, data, tokenizer, n_samples, batch_size)
     log.info("inspect: %s", {k: round(v, 4) for k, v in metrics.items()})
     return render_markdown(samples, metrics, f"Inspect: {model_dir} on {pairs_dir}"), metrics
+
+
+def _hf_inspection(model_dir: Path, data, seed: int, batch_size: int, pll_examples: int, device: torch.device,
+                   precision: str):
+    """The continued model, its tokenizer and objective, and the held-out metrics of the checkpoint it
+    started from (``before_*``, under the same masks) while that folder is still there."""
+    from twilbert.config import MaskedLMConfig, from_dict
+    from twilbert.data.hf_vocab import HFVocab
+    from twilbert.model.hf_pretraining import HFForPretraining, load_hf_pretraining, load_masked_lm
+
+    model, card = load_hf_pretraining(model_dir)
+    tokenizer = HFVocab(model_dir)
+    objective = PretrainObjective(from_dict(MaskedLMConfig, card.get("masked_lm", {}), "masked_lm"), seed,
+                                  tokenizer.vocab_size, device, mask_id=tokenizer.mask_id,
+                                  n_special=tokenizer.n_special)
+    before: dict[str, float] = {}
+    source = Path(card.get("hf_path") or "")
+    if card.get("hf_path") and source.is_dir():
+        start = HFForPretraining(load_masked_lm(source), rop=False).to(device)
+        scored = heldout_metrics(start, objective, data, batch_size, pll_examples, device, precision)
+        before = {f"before_{k}": v for k, v in scored.items()}
+    else:
+        log.warning("inspect: %s is gone; no held-out metrics of the checkpoint before continued pretraining",
+                    card.get("hf_path"))
+    return model.to(device), tokenizer, objective, before

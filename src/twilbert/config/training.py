@@ -45,6 +45,11 @@ class TrainingConfig:
     tf32: bool = False  # CUDA only: fp32 matmuls on TF32 tensor cores (Ampere or newer)
     compile: bool = False  # torch.compile the model (not faster on the CPUs measured: README "On a GPU")
     length_grouping: bool = True  # batches of rows of similar length (data/grouping.py); false: random batches
+    # Continued pretraining of a local Hugging Face checkpoint (README "Start from an existing checkpoint"):
+    # scratch trains twilbert's own encoder; hf starts from hf_path, with its own tokenizer (stage vocab).
+    init_from: Literal["scratch", "hf"] = "scratch"
+    hf_path: Optional[str] = None  # a local save_pretrained directory that AutoModelForMaskedLM loads
+    rop: bool = True  # init_from hf: a reply-order head on the [CLS] state beside MLM (scratch: model.rop.enabled)
 
     def validate(self, where: str = "training") -> None:
         check_positive(self, where, "batch_size", "epochs", "accum_iters", "warmup_steps", "log_every", "lr",
@@ -54,6 +59,16 @@ class TrainingConfig:
         check_device(self, where)
         if self.path_initial_weights is not None:
             check_nonempty(self, where, "path_initial_weights")
+        check_nonempty(self, where, "hf_path")
+        if self.init_from == "hf":
+            if not self.hf_path:
+                raise ConfigError(f"{where}.hf_path must name a local Hugging Face checkpoint directory when "
+                                  f"{where}.init_from is 'hf'")
+            if self.path_initial_weights:
+                raise ConfigError(f"{where}.path_initial_weights continues twilbert's own weights; with "
+                                  f"{where}.init_from 'hf' the weights come from {where}.hf_path: set one of them")
+        elif not self.rop:
+            raise ConfigError(f"{where}.rop applies to init_from 'hf'; for twilbert's own encoder set model.rop.enabled")
 
 
 @dataclass

@@ -179,8 +179,9 @@ def make_batch(input_ids: np.ndarray, len_a: np.ndarray, length: np.ndarray, lab
 
 def batch_of(data: Union[Examples, dict], idx: np.ndarray) -> PairBatch:
     """The batch of examples ``idx`` (shards or packed rows)."""
-    rows = as_examples(data).take(idx)
-    return make_batch(*(rows[k] for k in PACKED_KEYS))
+    examples = as_examples(data)
+    rows = examples.take(idx)
+    return make_batch(*(rows[k] for k in PACKED_KEYS), template=getattr(examples, "template", TWILBERT))
 
 
 def epoch_order(n: int, seed: int, epoch: int, shuffle: bool = True) -> np.ndarray:

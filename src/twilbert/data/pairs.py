@@ -129,7 +129,9 @@ _worker_tokenizer: Optional[Tokenizer] = None
 def _init_worker(vocab_dir: str) -> None:
     global _worker_tokenizer
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C stops the parent, which ends the pool
-    _worker_tokenizer = Tokenizer(Path(vocab_dir), num_threads=1)  # the workers are the parallelism
+    from twilbert.data.hf_vocab import open_vocab  # twilbert's SentencePiece or a checkpoint's tokenizer
+
+    _worker_tokenizer = open_vocab(Path(vocab_dir), num_threads=1)  # the workers are the parallelism
 
 
 def _tokenize_in_worker(first_row: int, rows: list, params: PairParams) -> dict:
@@ -195,7 +197,7 @@ class _ShardBuffer:
 
 def _vocab_digest(tokenizer: Tokenizer) -> str:
     h = hashlib.sha256()
-    for name in ("spm.model", "meta.json"):
+    for name in getattr(tokenizer, "files", ("spm.model", "meta.json")):  # a checkpoint's tokenizer lists its own
         h.update((tokenizer.vocab_dir / name).read_bytes())
     return h.hexdigest()
 
@@ -225,6 +227,9 @@ def build_pair_shards(
     params = PairParams(max_len, heldout_fraction, seed, dtype.name)
     identity = {"format": FORMAT, "max_len": max_len, "heldout_fraction": heldout_fraction,
                 "shard_size": shard_size, "seed": seed, "vocab": _vocab_digest(tokenizer), "source": source_id}
+    template = getattr(tokenizer, "template_json", None)  # a checkpoint's special ids (shards.PairShards packs with them)
+    if template is not None:
+        identity["template"] = template
     staging = out_dir.parent / f".{out_dir.name}.partial"
     done = _resume(staging, identity)
     shards: list[dict] = done["shards"]
@@ -322,6 +327,8 @@ def _publish(staging: Path, out_dir: Path, shards: list[dict], identity: dict, v
     common = {"format": FORMAT, "max_len": identity["max_len"], "vocab_size": vocab_size, "dtype": dtype.name,
               "seed": identity["seed"], "heldout_fraction": identity["heldout_fraction"],
               "shard_size": identity["shard_size"]}
+    if "template" in identity:
+        common["template"] = identity["template"]
     splits = {}
     for split in SPLITS:
         entries = [s[split] for s in shards]

@@ -2,7 +2,8 @@
 
 A pairs directory (the `pairs` stage's output)::
 
-    manifest.json                  max_len, vocab_size, dtype, seed, the counts, and every shard of both splits
+    manifest.json                  max_len, vocab_size, dtype, seed, the counts, and every shard of both splits;
+                                   with a Hugging Face checkpoint's tokenizer, its ``template`` of special ids
     train/manifest.json            the train split's part of it: a split directory stands alone
     train/shard-00000.tokens.npy   (T,) uint16 (int32 past 65,536 pieces): each pair's a then b, no specials
     train/shard-00000.index.npy    (n, 3) uint32: where the pair starts in tokens, len(a), len(b)
@@ -287,6 +288,12 @@ class PairShards:
         self._first = np.concatenate([[0], np.cumsum(rows)])  # (n_shards + 1,) first pair of each shard
         self.pairs = int(self._first[-1])
         self.max_len = int(self.manifest["max_len"])
+        # The special ids around a pair: twilbert's [CLS] a [SEP] b [SEP], or a checkpoint's (its manifest's template)
+        saved = self.manifest.get("template")
+        self.prefix, self.middle, self.suffix = (tuple(saved["pair"][0]), tuple(saved["pair"][1]), tuple(
+            saved["pair"][2])) if saved else ((CLS_ID,), (SEP_ID,), (SEP_ID,))
+        self.pad_id = int(saved["pad_id"]) if saved else PAD_ID
+        self._specials = len(self.prefix) + len(self.middle) + len(self.suffix)  # a packed row's ids beyond its pieces
         self._open: OrderedDict[int, tuple[np.ndarray, np.ndarray]] = OrderedDict()
         self._lock = threading.Lock()  # batches are read on a prefetch thread
 
@@ -326,8 +333,16 @@ class PairShards:
             rows = np.flatnonzero(shard == s)
             index = self.arrays(int(s))[1]
             segments = np.asarray(index[pair[rows] - self._first[s], 1:], dtype=np.int64)  # (k, 2) len(a), len(b)
-            out[rows] = segments.sum(axis=1) + 3
+            out[rows] = segments.sum(axis=1) + self._specials
         return out
+
+    @property
+    def template(self):
+        """The ``data.batch.Template`` these rows are packed in (``make_batch`` places segments with it)."""
+        from twilbert.data.batch import Template  # torch: not for the data stages
+
+        return Template(single=(self.prefix, self.suffix), pair=(self.prefix, self.middle, self.suffix),
+                        pad_id=self.pad_id)
 
     def take(self, idx: np.ndarray) -> dict[str, np.ndarray]:
         """Packed rows of examples ``idx``: input_ids (B, W) with W the longest row, len_a, length, labels."""
@@ -349,13 +364,15 @@ class PairShards:
             s2, l2 = np.where(sw, start, start + la), np.where(sw, la, lb)
             first_len[rows], second_len[rows] = l1, l2
             groups.append((rows, tokens, s1, l1, s2, l2))
-        length = first_len + second_len + 3
-        ids = np.full((len(idx), int(length.max()) if len(idx) else 0), PAD_ID, dtype=np.int64)
-        ids[:, 0] = CLS_ID
-        ids[np.arange(len(idx)), first_len + 1] = SEP_ID
-        ids[np.arange(len(idx)), length - 1] = SEP_ID
+        n_p, n_m, n_s = len(self.prefix), len(self.middle), len(self.suffix)
+        length = first_len + second_len + n_p + n_m + n_s
+        ids = np.full((len(idx), int(length.max()) if len(idx) else 0), self.pad_id, dtype=np.int64)
+        every = np.arange(len(idx))
+        for part, start in ((self.prefix, 0), (self.middle, first_len + n_p), (self.suffix, length - n_s)):
+            for k, token in enumerate(part):
+                ids[every, start + k] = token
         for rows, tokens, s1, l1, s2, l2 in groups:
-            for starts, lens, offset in ((s1, l1, 1), (s2, l2, l1 + 2)):
+            for starts, lens, offset in ((s1, l1, n_p), (s2, l2, l1 + n_p + n_m)):
                 where = np.repeat(rows, lens)
                 col = concat_ranges(np.broadcast_to(offset, lens.shape), lens)
                 ids[where, col] = tokens[concat_ranges(starts, lens)]

@@ -26,6 +26,7 @@ from twilbert.baseline import fit_baseline, save_baseline
 from twilbert.config import Config, ConfigError, FinetuningConfig, TaskConfig
 from twilbert.data.batch import PACKED_KEYS, PairBatch
 from twilbert.data.preprocess import Preprocessor
+from twilbert.data.hf_vocab import vocab_preprocessor
 from twilbert.data.tokenizer import META_FILE, Tokenizer
 from twilbert.device import resolve_device
 from twilbert.distributed import DistContext, n_rank_batches, rank_batch_indices, wrap_ddp
@@ -303,6 +304,6 @@ def baseline_learner(cfg: Config, task: TaskConfig, ft: FinetuningConfig, prepro
 
 def task_preprocessor(cfg: Config, pretrained_dir: Path) -> Preprocessor:
     """The vocabulary's preprocessing when there is a pretrained model, else ``preprocess``."""
-    if (Path(pretrained_dir) / META_FILE).is_file():
-        return Tokenizer(pretrained_dir).preprocess
+    if (Path(pretrained_dir) / META_FILE).is_file():  # twilbert's vocabulary, or a checkpoint's (init_from hf)
+        return vocab_preprocessor(pretrained_dir)
     return Preprocessor(cfg.preprocess)

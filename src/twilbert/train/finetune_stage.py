@@ -37,6 +37,18 @@ PREDICTIONS_HEADER = "\t".join(PREDICTIONS_COLUMNS) + "\n"  # what a baseline th
 BASELINE_DIR = "baseline"  # the baseline row's model, inside the task's model directory
 
 
+
+def hf_pretrained_backbone(ft: FinetuningConfig, pretrained_dir: Path) -> FinetuningConfig:
+    """``ft``, reading ``pretrained_dir`` as a Hugging Face backbone when continued pretraining wrote it
+    (``training.init_from: hf``): the default backbone then needs no setting of its own."""
+    from twilbert.model.manifest import verify_model_dir
+    from twilbert.model.hf_pretraining import is_hf_pretrained
+
+    if ft.backbone != "twilbert" or not is_hf_pretrained(pretrained_dir):
+        return ft
+    verify_model_dir(pretrained_dir)  # as a twilbert directory is verified before use
+    return dataclasses.replace(ft, backbone="hf", hf_path=str(pretrained_dir))
+
 def finetune_fingerprint(cfg: Config, task: TaskConfig, ft: FinetuningConfig, pretrained_dir: Path) -> dict[str, str]:
     """What makes two finetuning runs of a task the same run: config, task files, backbone, code."""
     raw = {"seed": cfg.seed, "finetuning": to_dict(ft), "representation": to_dict(cfg.representation),
@@ -68,7 +80,7 @@ def finetune_task(cfg: Config, task: TaskConfig, pretrained_dir: Path, model_out
     caller can validate them before it opens its MLflow run. ``callbacks``: the training loop's hooks.
     ``baseline_row``: False when the baseline is a stage of its own (``baseline_task``); None: the config's.
     """
-    ft = task.finetuning_config(cfg.finetuning)
+    ft = hf_pretrained_backbone(task.finetuning_config(cfg.finetuning), pretrained_dir)
     ctx = ctx or DistContext(device=resolve_device(ft.device))
     seed_everything(cfg.seed, ctx.device)
     configure_matmul(ctx.device, ft.tf32)

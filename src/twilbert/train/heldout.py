@@ -58,7 +58,7 @@ def read_counts(sums: dict[str, object]) -> dict[str, float]:
     return {k: values[on_device.index(k)] if k in on_device else float(v) for k, v in sums.items()}
 
 
-def single_mask_variants(batch: PairBatch) -> tuple[PairBatch, torch.Tensor, torch.Tensor]:
+def single_mask_variants(batch: PairBatch, mask_id: int = MASK_ID) -> tuple[PairBatch, torch.Tensor, torch.Tensor]:
     """Every copy of the batch's rows with exactly one maskable token replaced by [MASK].
 
     Returns the variants (K rows), their MLM labels (K, T) (the hidden id at the masked position,
@@ -69,7 +69,7 @@ def single_mask_variants(batch: PairBatch) -> tuple[PairBatch, torch.Tensor, tor
     ids = batch.input_ids[row]  # (K, T)
     labels = torch.full_like(ids, IGNORE_INDEX)
     labels[k, pos] = ids[k, pos]
-    ids[k, pos] = MASK_ID
+    ids[k, pos] = mask_id
     variants = PairBatch(ids, batch.segment_ids[row], batch.attention_mask[row], batch.special_mask[row],
                          batch.labels[row], padded=batch.padded)
     return variants, labels, row
@@ -77,7 +77,8 @@ def single_mask_variants(batch: PairBatch) -> tuple[PairBatch, torch.Tensor, tor
 
 @torch.no_grad()
 def pseudo_log_likelihood(
-    model, data: dict, n_examples: int, device: torch.device, precision: str = "fp32", chunk: int = PLL_CHUNK
+    model, data: dict, n_examples: int, device: torch.device, precision: str = "fp32", chunk: int = PLL_CHUNK,
+    mask_id: int = MASK_ID,
 ) -> dict[str, float]:
     """TWilBert's ``lm_evaluation`` on up to ``n_examples`` held-out rows in their original order.
 
@@ -96,7 +97,7 @@ def pseudo_log_likelihood(
     for begin in range(0, len(rows), group):
         idx = rows[begin : begin + group]
         batch = batch_of(examples, idx)
-        variants, labels, owner = single_mask_variants(batch)
+        variants, labels, owner = single_mask_variants(batch, mask_id)
         sums = torch.zeros(len(idx), dtype=torch.float64)
         for lo in range(0, owner.numel(), chunk):
             part = slice(lo, lo + chunk)
@@ -126,4 +127,4 @@ def heldout_metrics(model, objective: PretrainObjective, data: dict, batch_size:
                     device: torch.device, precision: str = "fp32") -> dict[str, float]:
     """Everything reported on the held-out pairs: MLM accuracy, perplexity, ROP accuracy, PLL."""
     return {**evaluate_heldout(model, objective, data, batch_size),
-            **pseudo_log_likelihood(model, data, pll_examples, device, precision)}
+            **pseudo_log_likelihood(model, data, pll_examples, device, precision, mask_id=objective.mask_id)}

@@ -39,8 +39,11 @@ class PretrainObjective:
     """
 
     def __init__(self, masked_lm: MaskedLMConfig, seed: int, vocab_size: int, device: torch.device,
-                 rank: Optional[int] = None, position: Optional[Callable[[], tuple[int, int]]] = None):
+                 rank: Optional[int] = None, position: Optional[Callable[[], tuple[int, int]]] = None,
+                 mask_id: int = MASK_ID, n_special: int = N_SPECIAL):
         self.masked_lm, self.seed, self.vocab_size, self.device = masked_lm, seed, vocab_size, device
+        # twilbert's fixed ids, or a Hugging Face checkpoint's mask id and its leading special ids
+        self.mask_id, self.n_special = mask_id, n_special
         self.rank = rank
         # (epoch, batch of the epoch) of the batch being trained: the loop's own position (LoopState),
         # so a resumed epoch's masks continue its stream. Without one (a standalone objective), epoch 0
@@ -51,7 +54,7 @@ class PretrainObjective:
     def mask(self, batch: PairBatch, *keys: int) -> tuple[torch.Tensor, torch.Tensor]:
         generator = torch.Generator().manual_seed(step_seed(self.seed, *keys))
         return mask_tokens(
-            batch.input_ids, batch.special_mask, self.masked_lm, self.vocab_size, MASK_ID, N_SPECIAL, generator
+            batch.input_ids, batch.special_mask, self.masked_lm, self.vocab_size, self.mask_id, self.n_special, generator
         )
 
     def outputs(self, model: torch.nn.Module, batch: PairBatch, masked: torch.Tensor, labels: torch.Tensor,
