@@ -309,7 +309,8 @@ def hf_checkpoint(directory: Path, seed: int, vocab_size: int = 31_002) -> Path:
     """A checkpoint with BETO's kind of tokenizer (cased WordPiece, ~31k pieces) trained on the synthetic
     tweets, under a tiny ``BertForMaskedLM`` (the probe trains it): what ``--init hf`` tokenizes with."""
     import torch
-    from tokenizers import Tokenizer as Backend, models, normalizers, pre_tokenizers, processors, trainers
+    from tokenizers import Tokenizer as Backend
+    from tokenizers import models, normalizers, pre_tokenizers, processors, trainers
     from transformers import BertConfig, BertForMaskedLM, BertTokenizerFast
 
     specials = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]

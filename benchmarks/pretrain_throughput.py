@@ -48,7 +48,8 @@ stage's own iterator, ``training.length_grouping: true``), ours on random batche
 ``AlbertForPreTraining`` on the same random batches padded to their longest row (what
 ``DataCollatorForLanguageModeling`` does), and HF on the grouped batches. ``real_tok_per_s`` counts
 non-pad tokens only; ``padding_share`` is the pad share of the epoch's batches. Each side steps
-through its own epoch of batches, ``--steps`` per round at the first batch size (proportionally fewer at larger ones). Ends with a JSON line holding
+through its own epoch of batches, ``--steps`` per round at the first batch size (proportionally fewer
+at larger ones). Ends with a JSON line holding
 real_tok_per_s_ours, real_tok_per_s_ours_random, real_tok_per_s_hf, real_tok_per_s_hf_grouped,
 padding_share_ours, padding_share_random and the ratios (of the first batch size, and per size under
 ``by_batch``).
@@ -414,7 +415,7 @@ def real_lengths(args: argparse.Namespace) -> None:
         sides = [("ours", True), ("ours_random", False), ("hf_random", False), ("hf_grouped", True)]
         rates: dict[str, list[float]] = {name: [] for name, _ in sides}
 
-        def run(name: str, grouped: bool, picks: list[int]) -> float:
+        def run(name: str, grouped: bool, picks: list[int], epochs: dict = epochs) -> float:
             """Real tokens per second over the batches ``picks`` of the side's epoch."""
             real = sum(int(epochs[grouped][i].attention_mask.sum()) for i in picks)
             if name.startswith("hf"):  # HF is fed masks drawn before the clock starts
@@ -619,4 +620,4 @@ if __name__ == "__main__":
         main()
     except torch.cuda.OutOfMemoryError as err:
         print(f"out of memory: {str(err).splitlines()[0]}", flush=True)
-        raise SystemExit(OUT_OF_MEMORY)
+        raise SystemExit(OUT_OF_MEMORY) from None

@@ -16,9 +16,9 @@ from twilbert.progress import format_metrics
 from twilbert.results import PRETRAIN_HEADLINE, pretrain_headline
 from twilbert.stage import fault_callbacks, load_stage_config, parse_args, run
 from twilbert.track import Tracker
-from twilbert.train.writer_lock import checkpoint_lock
 from twilbert.train.continued import continued_pretrain
 from twilbert.train.pretrain import pretrain
+from twilbert.train.writer_lock import checkpoint_lock
 
 
 def main() -> Optional[str]:

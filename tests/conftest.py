@@ -14,13 +14,13 @@ REPO = Path(__file__).resolve().parents[1]
 
 
 def pytest_configure(config):
-    # `make test` runs one pytest-xdist worker per core: each worker, and the stage processes it
-    # starts, get one torch thread, or the workers' thread pools fight over the same cores.
-    if os.environ.get("PYTEST_XDIST_WORKER"):
-        import torch
+    # One torch thread in the test process and the stage processes it starts: the stages' own count
+    # under portable numerics (so an in-process run and a stage's give the same bits, with or without
+    # pytest-xdist), and `make test`'s workers, one per core, do not fight over the cores.
+    import torch
 
-        os.environ["OMP_NUM_THREADS"] = "1"
-        torch.set_num_threads(1)
+    os.environ["OMP_NUM_THREADS"] = "1"
+    torch.set_num_threads(1)
 
 
 SLOW_TESTS = REPO / "tests" / "slow_tests.txt"

@@ -8,7 +8,6 @@ downloaded BETO, RoBERTuito or ALBERT folder would be.
 from __future__ import annotations
 
 import json
-
 from pathlib import Path
 
 import torch
@@ -24,7 +23,8 @@ def tokenizer_corpus() -> list[str]:
 
 
 def _bert(corpus):
-    from tokenizers import Tokenizer as Backend, models, normalizers, pre_tokenizers, processors, trainers
+    from tokenizers import Tokenizer as Backend
+    from tokenizers import models, normalizers, pre_tokenizers, processors, trainers
     from transformers import BertConfig, BertForMaskedLM, BertTokenizerFast
 
     specials = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
@@ -43,7 +43,8 @@ def _bert(corpus):
 
 
 def _roberta(corpus):
-    from tokenizers import Tokenizer as Backend, decoders, models, pre_tokenizers, processors, trainers
+    from tokenizers import Tokenizer as Backend
+    from tokenizers import decoders, models, pre_tokenizers, processors, trainers
     from transformers import RobertaConfig, RobertaForMaskedLM, RobertaTokenizerFast
 
     specials = ["<s>", "<pad>", "</s>", "<unk>", "<mask>"]
@@ -65,7 +66,8 @@ def _roberta(corpus):
 
 
 def _albert(corpus):
-    from tokenizers import Tokenizer as Backend, models, normalizers, pre_tokenizers, trainers
+    from tokenizers import Tokenizer as Backend
+    from tokenizers import models, normalizers, pre_tokenizers, trainers
     from transformers import AlbertConfig, AlbertForMaskedLM, AlbertTokenizer
 
     specials = ["<pad>", "<unk>", "[CLS]", "[SEP]", "[MASK]"]

@@ -14,14 +14,13 @@ import numpy as np
 import pytest
 import torch
 
+from helpers import assert_same_weights, killed, make_tweets, ok, run_stage, write_params
+from hf_checkpoints import FAMILIES, make_mlm_checkpoint
 from twilbert.config import ConfigError, load_config
 from twilbert.data.batch import make_batch, pack_pairs
 from twilbert.data.hf_vocab import HFVocab, check_positions, open_vocab, take_hf_vocab, template_from_json
 from twilbert.data.pairs import build_pair_shards, load_shards
 from twilbert.model.hf_pretraining import HFForPretraining, load_masked_lm
-
-from helpers import assert_same_weights, killed, make_tweets, ok, run_stage, write_params
-from hf_checkpoints import FAMILIES, make_mlm_checkpoint
 
 MAX_LEN = 12
 
@@ -61,18 +60,16 @@ def hf_batch(tokenizer, a: list[str], b: list[str], segments: bool) -> dict:
     (["training.init_from=pretrained"], r"training\.init_from"),
 ])
 def test_continued_pretraining_keys_are_checked_on_load(overrides, message):
-    from twilbert.config import compose
-
     from helpers import REPO
+    from twilbert.config import compose
 
     with pytest.raises(ConfigError, match=message):
         load_config(compose(["model=tiny", *overrides], REPO / "conf"))
 
 
 def test_scratch_is_the_default_and_hf_mode_loads():
-    from twilbert.config import compose
-
     from helpers import REPO
+    from twilbert.config import compose
 
     cfg = load_config(compose(["model=tiny"], REPO / "conf"))
     assert (cfg.training.init_from, cfg.training.hf_path, cfg.training.rop) == ("scratch", None, True)
@@ -262,13 +259,12 @@ def test_continued_pretraining_killed_inside_a_window_resumes_bit_for_bit(tmp_pa
 
 
 def test_the_finetune_stage_and_predict_read_the_continued_model_with_no_extra_step(tmp_path):
+    from finetune_data import first, make_config, write_task
+    from helpers import REPO
     from twilbert.config import compose
     from twilbert.predict import load_finetuned
     from twilbert.train.continued import continued_pretrain
     from twilbert.train.finetune_stage import finetune_task
-
-    from finetune_data import first, make_config, write_task
-    from helpers import REPO
 
     root = tmp_path / "inputs"
     checkpoint = make_mlm_checkpoint(root / "checkpoint", "roberta")

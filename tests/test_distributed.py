@@ -9,6 +9,7 @@ import pytest
 import torch
 import torch.multiprocessing as mp
 
+from helpers import free_port, join_gloo_group
 from twilbert.config import ModelConfig, RopConfig
 from twilbert.data.batch import iterate_batches
 from twilbert.distributed import (
@@ -24,8 +25,6 @@ from twilbert.distributed import (
 )
 from twilbert.model import TWilBertForPretraining
 from twilbert.train.losses import mlm_loss
-
-from helpers import free_port, join_gloo_group
 
 pytestmark = pytest.mark.reliability
 
@@ -219,11 +218,10 @@ def test_two_gloo_ranks_read_disjoint_shares_of_the_shards_that_cover_every_exam
         tmp_path, length_grouping):
     from collections import Counter
 
+    from helpers import make_tweets
     from twilbert.config import VocabConfig
     from twilbert.data.pairs import build_pair_shards, load_shards
     from twilbert.data.tokenizer import Tokenizer, train_vocab
-
-    from helpers import make_tweets
 
     train_vocab([t for t, _ in make_tweets(200)], tmp_path / "vocab", VocabConfig(vocab_size=100))
     corpus = [(t, None) if i % 2 else (t, "gracias " + t) for i, (t, _) in enumerate(make_tweets(47, seed=5))]

@@ -6,6 +6,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
+from helpers import make_tweets
 from twilbert.config import VocabConfig
 from twilbert.data.batch import batch_indices, epoch_order, iterate_batches
 from twilbert.data.grouping import WINDOW_BATCHES, grouped_batches, padding_share
@@ -13,8 +14,6 @@ from twilbert.data.pairs import build_pair_shards, load_shards
 from twilbert.data.tokenizer import Tokenizer, train_vocab
 from twilbert.distributed import rank_batch_indices
 from twilbert.train.finetune import shuffled_batches
-
-from helpers import make_tweets
 
 SEED = 3
 

@@ -11,6 +11,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from helpers import REPO, make_tweets
 from twilbert.config import VocabConfig, compose, load_config
 from twilbert.data.batch import batch_of, make_batch, pack_pairs
 from twilbert.data.pairs import build_pair_shards, load_shards
@@ -19,8 +20,6 @@ from twilbert.data.tokenizer import Tokenizer, train_vocab
 from twilbert.model.io import load_pretrained_state
 from twilbert.train.heldout import pseudo_log_likelihood
 from twilbert.train.pretrain import build_pretraining, pretrain
-
-from helpers import REPO, make_tweets
 
 
 class RecordingTracker:
@@ -142,7 +141,8 @@ def test_gradient_accumulation_over_k_batches_equals_one_batch_k_times_larger_un
         masked, labels = objective.mask(big, 0, 0)  # one draw for all rows: both runs see the same masks
         parts = iter([(masked, labels)] if accum == 1 else
                      [(masked[i * b : (i + 1) * b], labels[i * b : (i + 1) * b]) for i in range(k)])
-        trainer.train_epoch(batches, lambda m, batch: objective.outputs(m, batch, *next(parts)))
+        trainer.train_epoch(batches, lambda m, batch, objective=objective, parts=parts:
+                            objective.outputs(m, batch, *next(parts)))
         assert trainer.state.optimizer_steps == 1
         params.append(dict(model.named_parameters()))
     accumulated, single = params

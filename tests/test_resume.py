@@ -15,8 +15,6 @@ from typing import Optional
 import pytest
 import torch
 
-from twilbert.config import compose
-
 from finetune_data import make_finetune_inputs
 from helpers import (
     MAX_LEN,
@@ -32,6 +30,7 @@ from helpers import (
     steps,
     write_params,
 )
+from twilbert.config import compose
 
 pytestmark = pytest.mark.reliability
 

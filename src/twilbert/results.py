@@ -24,10 +24,11 @@ from pathlib import Path
 from typing import Any, Iterable, Mapping, Optional
 
 from twilbert.config import TaskSpec
-from twilbert.io_utils import atomic_write
-from twilbert.predictions import FILE as PREDICTIONS_FILE, aligned, read_predictions
-from twilbert.stats import Delta, paired_delta, spread
 from twilbert.errors import TwilbertError
+from twilbert.io_utils import atomic_write
+from twilbert.predictions import FILE as PREDICTIONS_FILE
+from twilbert.predictions import aligned, read_predictions
+from twilbert.stats import Delta, paired_delta, spread
 
 log = logging.getLogger(__name__)
 
@@ -479,7 +480,8 @@ def results_markdown(groups: list[dict], title: str, labels: Optional[Mapping[st
                      plots: Iterable[str] = (), deltas: Optional[Mapping[int, Delta]] = None,
                      header: str = "") -> str:
     note = PROTOCOL_NOTE if any(protocol_of(g) != "test_file" for g in groups) else ""
-    text = f"# {title}\n\n" + (f"{header}\n\n" if header else "") + f"{LEGEND}{note}\n## Per task\n\n{markdown_table(groups, labels)}\n"
+    text = f"# {title}\n\n" + (f"{header}\n\n" if header else "")
+    text += f"{LEGEND}{note}\n## Per task\n\n{markdown_table(groups, labels)}\n"
     text += f"## Models compared (official metric, test)\n\n{comparison_table(groups, labels, deltas)}"
     text += "\n" + DELTA_NOTE
     if any(g.get("test_is_dev") for g in groups):

@@ -18,7 +18,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-from twilbert.cli import dump_params, main as cli_main
+from twilbert.cli import dump_params
+from twilbert.cli import main as cli_main
 from twilbert.config import compose
 from twilbert.config.runs import finetune_runs
 

@@ -32,7 +32,15 @@ from typing import Iterable, Iterator, Optional
 import numpy as np
 
 from twilbert.data.shards import (
-    FORMAT, PairsDataError, MANIFEST, SPLITS, PairShards, concat_ranges, read_manifest, token_dtype, write_json,
+    FORMAT,
+    MANIFEST,
+    SPLITS,
+    PairsDataError,
+    PairShards,
+    concat_ranges,
+    read_manifest,
+    token_dtype,
+    write_json,
     write_shard,
 )
 from twilbert.data.tokenizer import Tokenizer

@@ -30,8 +30,8 @@ from typing import Optional, Sequence
 import numpy as np
 
 from twilbert.data.special import CLS_ID, PAD_ID, SEP_ID
-from twilbert.io_utils import atomic_write, sha256_file
 from twilbert.errors import TwilbertError
+from twilbert.io_utils import atomic_write, sha256_file
 
 FORMAT = "twilbert-pairs/2"
 

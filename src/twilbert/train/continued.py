@@ -21,6 +21,7 @@ from typing import Optional, Sequence
 import torch
 
 from twilbert import distributed
+from twilbert.codebase import code_digest
 from twilbert.config import Config, ConfigError, to_dict
 from twilbert.data.hf_vocab import HFVocab, check_positions, is_hf_vocab
 from twilbert.data.prefetch import prefetch
@@ -30,19 +31,29 @@ from twilbert.distributed import DistContext, iterate_rank_batches, n_rank_batch
 from twilbert.io_utils import publish_dir
 from twilbert.model import count_parameters
 from twilbert.model.hf_pretraining import (
-    CARD_FORMAT, CARD_NAME, ROP_FILE, HFForPretraining, HFModelError, check_tied, load_masked_lm,
+    CARD_FORMAT,
+    CARD_NAME,
+    ROP_FILE,
+    HFForPretraining,
+    HFModelError,
+    check_tied,
+    load_masked_lm,
 )
+from twilbert.model.io import save_weights
 from twilbert.track import Tracker
 from twilbert.train.curves import CurveRecorder
-from twilbert.codebase import code_digest
-from twilbert.model.io import save_weights
 from twilbert.train.fingerprint import config_fingerprint, files_digest, run_fingerprint
 from twilbert.train.heldout import heldout_metrics, summarize
 from twilbert.train.loop import BestEpoch, Callback, Checkpointing, Trainer, seed_everything
 from twilbert.train.objective import PretrainObjective
 from twilbert.train.optim import build_optimizer, build_scheduler, param_groups
 from twilbert.train.pretrain import (
-    EPOCH_LINE_KEYS, FINGERPRINT_KEYS, PREFETCH_BATCHES, TRAIN_STATE_DIR, Pretraining, open_pretrain_data,
+    EPOCH_LINE_KEYS,
+    FINGERPRINT_KEYS,
+    PREFETCH_BATCHES,
+    TRAIN_STATE_DIR,
+    Pretraining,
+    open_pretrain_data,
 )
 
 log = logging.getLogger(__name__)

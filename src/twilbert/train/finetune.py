@@ -25,16 +25,16 @@ from torch import nn
 from twilbert.baseline import fit_baseline, save_baseline
 from twilbert.config import Config, ConfigError, FinetuningConfig, TaskConfig
 from twilbert.data.batch import PACKED_KEYS, PairBatch
-from twilbert.data.preprocess import Preprocessor
 from twilbert.data.hf_vocab import vocab_preprocessor
+from twilbert.data.packers import TWilBertPacker
+from twilbert.data.preprocess import Preprocessor
+from twilbert.data.tasks import TaskExamples
 from twilbert.data.tokenizer import META_FILE, Tokenizer
 from twilbert.device import resolve_device
 from twilbert.distributed import DistContext, n_rank_batches, rank_batch_indices, wrap_ddp
-from twilbert.data.packers import TWilBertPacker
-from twilbert.data.tasks import TaskExamples
-from twilbert.model.trainable import set_trainable
 from twilbert.model.card import HeadConfig
 from twilbert.model.manifest import write_manifest
+from twilbert.model.trainable import set_trainable
 from twilbert.scoring import Split, evaluate_scores, predict_scores
 from twilbert.track import Tracker
 from twilbert.train.backbones import Backbone, HFBackbone, TWilBertBackbone

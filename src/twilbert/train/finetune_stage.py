@@ -12,23 +12,29 @@ from pathlib import Path
 from typing import Optional, Sequence, Union
 
 from twilbert import distributed
+from twilbert.codebase import code_digest
 from twilbert.config import Config, FinetuningConfig, TaskConfig, to_dict
 from twilbert.data.preprocess import Preprocessor
 from twilbert.data.tasks import TaskData, load_task
 from twilbert.device import configure_matmul, resolve_device
 from twilbert.distributed import DistContext
 from twilbert.io_utils import atomic_write, publish_dir
-from twilbert.predictions import FILE as PREDICTIONS_FILE, HEADER as PREDICTIONS_COLUMNS, write_predictions
+from twilbert.predictions import FILE as PREDICTIONS_FILE
+from twilbert.predictions import HEADER as PREDICTIONS_COLUMNS
+from twilbert.predictions import write_predictions
 from twilbert.track import Tracker
-from twilbert.codebase import code_digest
-from twilbert.train.fingerprint import config_fingerprint, files_digest
 from twilbert.train.degenerate import run_warnings, warn
 from twilbert.train.finetune import (
-    Learner, NeuralLearner, baseline_learner, hf_learner, task_preprocessor, twilbert_learner,
+    Learner,
+    NeuralLearner,
+    baseline_learner,
+    hf_learner,
+    task_preprocessor,
+    twilbert_learner,
 )
+from twilbert.train.fingerprint import config_fingerprint, files_digest
 from twilbert.train.kfold import LearnerRun, evaluate_learner
 from twilbert.train.loop import Callback, seed_everything
-
 
 BASELINE_FILE = "baseline.json"
 METRICS_FILE = "metrics.json"
@@ -41,8 +47,8 @@ BASELINE_DIR = "baseline"  # the baseline row's model, inside the task's model d
 def hf_pretrained_backbone(ft: FinetuningConfig, pretrained_dir: Path) -> FinetuningConfig:
     """``ft``, reading ``pretrained_dir`` as a Hugging Face backbone when continued pretraining wrote it
     (``training.init_from: hf``): the default backbone then needs no setting of its own."""
-    from twilbert.model.manifest import verify_model_dir
     from twilbert.model.hf_pretraining import is_hf_pretrained
+    from twilbert.model.manifest import verify_model_dir
 
     if ft.backbone != "twilbert" or not is_hf_pretrained(pretrained_dir):
         return ft

@@ -22,6 +22,7 @@ from typing import NamedTuple, Optional, Sequence
 import torch
 
 from twilbert import distributed
+from twilbert.codebase import code_digest
 from twilbert.config import Config, to_dict
 from twilbert.data.batch import Examples
 from twilbert.data.pairs import load_shards
@@ -30,14 +31,13 @@ from twilbert.data.shards import MANIFEST, PairsDataError, read_manifest, verify
 from twilbert.data.tokenizer import Tokenizer
 from twilbert.device import configure_matmul, resolve_device
 from twilbert.distributed import DistContext, iterate_rank_batches, n_rank_batches, wrap_ddp
-from twilbert.model import TWilBertForPretraining, count_parameters
 from twilbert.io_utils import publish_dir
+from twilbert.model import TWilBertForPretraining, count_parameters
 from twilbert.model.card import ModelCard, pretraining_positions
 from twilbert.model.io import CheckpointError, LoadReport, load_into, load_pretrained_state, save_pretrained
 from twilbert.track import Tracker
-from twilbert.codebase import code_digest
-from twilbert.train.fingerprint import config_fingerprint, files_digest, run_fingerprint
 from twilbert.train.curves import CurveRecorder
+from twilbert.train.fingerprint import config_fingerprint, files_digest, run_fingerprint
 from twilbert.train.heldout import heldout_metrics, summarize
 from twilbert.train.loop import BestEpoch, Callback, Checkpointing, Trainer, seed_everything
 from twilbert.train.objective import PretrainObjective
