@@ -15,11 +15,17 @@ from typing import Optional
 from twilbert.config import ConfigError
 from twilbert.data.tasks import load_task
 from twilbert.distributed import distributed_context
-from twilbert.mlflow_pyfunc import save_classifier_model
 from twilbert.stage import fault_callbacks, load_stage_config, parse_args, run
 from twilbert.track import Tracker
 from twilbert.train.finetune_stage import finetune_task, run_config
 from twilbert.train.writer_lock import checkpoint_lock
+
+
+def save_pyfunc(model_dir: Path, target: Path, description) -> Path:
+    """The finetuned model as an MLflow pyfunc folder; mlflow is imported only when tracking logs it."""
+    from twilbert.mlflow_pyfunc import save_classifier_model
+
+    return save_classifier_model(model_dir, target, description)
 
 
 def main() -> Optional[str]:
@@ -55,7 +61,7 @@ def main() -> Optional[str]:
                 for name in ("metrics.json", "baseline.json", "predictions.tsv"):
                     if (metrics_out / name).is_file():
                         tracker.log_artifact(metrics_out / name)
-                tracker.log_classifier(model_out, save_classifier_model)  # mlflow.pyfunc.load_model("runs:/<run>/model")
+                tracker.log_classifier(model_out, save_pyfunc)  # mlflow.pyfunc.load_model("runs:/<run>/model")
     if not ctx.is_main:
         return None
     return (f"{args.task} s{args.seed} ({metrics['model']}): dev {metrics['official_metric']} {metrics['dev']['official']:.4f}, "

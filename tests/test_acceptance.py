@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import os
 import random
+import re
 import shutil
 import subprocess
 import sys
@@ -114,14 +115,14 @@ def test_generated_samples_finetune_end_to_end_into_one_table(tmp_path, pretrain
     for name in GENERATED:
         metrics = json.loads((tmp_path / "out/tasks" / name / "metrics.json").read_text())
         protocol = "carved dev" if name == "tass20_es" else "test file"  # no test file: honest by default
-        row = next(line for line in md.splitlines()
-                   if line.startswith(f"| {SAMPLE_TASKS[name]} | twilbert | {protocol} |"))
+        row = next(line for line in md.splitlines()  # ⚠: a tiny run may predict a single class
+                   if re.match(rf"\| {re.escape(SAMPLE_TASKS[name])} \| twilbert( ⚠)? \| {protocol} \|", line))
         assert f"| {metrics['official_metric']} | {100 * metrics['dev']['official']:.2f} " \
                f"| {100 * metrics['test']['official']:.2f} |" in row
     assert (tmp_path / "models" / "multistance18" / "config.json").is_file()
     comparison = md.split("## Models compared")[1]
-    assert "| multistance18 | stance_f1 | twilbert |" in comparison
-    assert "| multistance18 | stance_f1 | baseline |" in comparison  # finetuning.baseline_row
+    assert re.search(r"\| multistance18 \| stance_f1 \| twilbert( ⚠)? \|", comparison)
+    assert re.search(r"\| multistance18 \| stance_f1 \| baseline( ⚠)? \|", comparison)  # finetuning.baseline_row
 
 
 def test_a_failing_task_is_reported_and_the_others_still_tabled(tmp_path, pretrained):

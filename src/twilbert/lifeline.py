@@ -13,9 +13,10 @@ import os
 import signal
 import sys
 import threading
-from typing import Optional
+from typing import TYPE_CHECKING, Optional
 
-import psutil
+if TYPE_CHECKING:
+    import psutil
 
 log = logging.getLogger(__name__)
 
@@ -24,8 +25,10 @@ PR_SET_PDEATHSIG = 1  # <linux/prctl.h>
 POLL_S = 1.0
 
 
-def _process(pid: int) -> Optional[psutil.Process]:
+def _process(pid: int) -> Optional["psutil.Process"]:
     """A live process (not a zombie); None when it is gone."""
+    import psutil  # only under DVC, which depends on it (a bare device image may lack it)
+
     try:
         proc = psutil.Process(pid)
         return None if proc.status() in (psutil.STATUS_ZOMBIE, psutil.STATUS_DEAD) else proc
@@ -33,15 +36,17 @@ def _process(pid: int) -> Optional[psutil.Process]:
         return None
 
 
-def _in_stage_tree(proc: psutil.Process) -> bool:
+def _in_stage_tree(proc: "psutil.Process") -> bool:
     """Whether ``proc`` was started for this stage (it has DVC_STAGE in its environment)."""
+    import psutil
+
     try:
         return STAGE_ENV in proc.environ()
     except psutil.Error:
         return False
 
 
-def launcher() -> Optional[psutil.Process]:
+def launcher() -> Optional["psutil.Process"]:
     """The nearest ancestor outside the stage's process tree (DVC)."""
     proc = _process(os.getppid())
     while proc is not None and proc.pid > 1:
@@ -65,7 +70,7 @@ def _end_self(sig: int, why: str) -> None:
     os.kill(os.getpid(), sig)
 
 
-def _watch(watched: Optional[psutil.Process], ppid: int, sig: int, stop: threading.Event) -> None:
+def _watch(watched: Optional["psutil.Process"], ppid: int, sig: int, stop: threading.Event) -> None:
     while not stop.wait(POLL_S):
         if watched is not None:
             if not watched.is_running() or _process(watched.pid) is None:  # gone, or its PID reused

@@ -256,21 +256,18 @@ def _protocol(row: dict) -> str:
     return PROTOCOLS.get(protocol_of(row), protocol_of(row))
 
 
-def _model(group: dict) -> str:
-    """The model column: a Hugging Face backbone with its folder's name, so that the checkpoint as it is
-    and the same checkpoint after continued pretraining (``models/pretrained``) read apart."""
-    name = group["runs"][0].get("model_name") if group.get("runs") else None
-    return f"{group['model']} ({name})" if group["model"] == "hf" and name else group["model"]
-
-
 def _label(row: dict, labels: Mapping[str, str]) -> str:
     name = labels.get(row["task"], row["task"])
     return f"{name} †" if row.get("test_is_dev") else name
 
 
-def _model(row: dict) -> str:
-    """The model's name, marked ⚠ when a run's score says little (a single class predicted...)."""
-    return f"{row['model']} ⚠" if row.get("warnings") else row["model"]
+def _model(group: dict) -> str:
+    """The model column: a Hugging Face backbone with its folder's name, so that the checkpoint as it is
+    and the same checkpoint after continued pretraining (``models/pretrained``) read apart; marked ⚠
+    when a run's score says little (a single class predicted...)."""
+    name = group["runs"][0].get("model_name") if group.get("runs") else None
+    model = f"{group['model']} ({name})" if group["model"] == "hf" and name else group["model"]
+    return f"{model} ⚠" if group.get("warnings") else model
 
 
 def warnings_note(groups: list[dict], labels: Optional[Mapping[str, str]] = None) -> str:

@@ -9,9 +9,10 @@ from __future__ import annotations
 import logging
 import os
 import sys
-from typing import Optional
+from typing import TYPE_CHECKING, Optional
 
-import psutil
+if TYPE_CHECKING:
+    import psutil
 
 log = logging.getLogger(__name__)
 
@@ -26,8 +27,10 @@ def cpu_cores() -> int:
         return os.cpu_count() or 1
 
 
-def _queue_node(proc: psutil.Process) -> Optional[str]:
+def _queue_node(proc: "psutil.Process") -> Optional[str]:
     """The node name of a ``dvc exp queue-worker <node>`` process (``dvc-exp-<repo hash>-<n>@localhost``)."""
+    import psutil
+
     try:
         args = proc.cmdline()
     except psutil.Error:
@@ -40,6 +43,10 @@ def _queue_node(proc: psutil.Process) -> Optional[str]:
 
 def own_queue_node() -> Optional[str]:
     """The node name of the queue worker this process runs under, if any."""
+    try:
+        import psutil  # a DVC queue worker has it (dvc depends on it); a bare image may not: no queue there
+    except ImportError:
+        return None
     try:
         ancestors = psutil.Process().parents()
     except psutil.Error:
@@ -54,6 +61,8 @@ def concurrent_jobs() -> int:
     if node is None:
         return 1
     prefix = node.rsplit("-", 1)[0] + "-"
+    import psutil
+
     nodes = (_queue_node(p) for p in psutil.process_iter())
     return max(1, sum(1 for n in nodes if n is not None and n.startswith(prefix)))
 

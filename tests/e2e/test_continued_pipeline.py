@@ -113,7 +113,7 @@ def test_models_compared_holds_the_four_rows(project):
     table = (repo / "results" / "results.md").read_text(encoding="utf-8")
     compared = table.split("## Models compared")[1]
     rows = [line for line in compared.splitlines() if line.startswith("| tass_default |")]
-    models = [line.split(" | ")[2] for line in rows]
+    models = [line.split(" | ")[2].removesuffix(" ⚠") for line in rows]  # ⚠: a tiny run may predict one class
     assert sorted(models) == sorted(["hf (pretrained)", "hf (roberta)", "hf (twilbert-scratch)", "baseline"]), rows
 
 

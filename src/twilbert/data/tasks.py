@@ -15,7 +15,6 @@ from pathlib import Path
 from typing import Any, Mapping, Optional
 
 import numpy as np
-from sklearn.model_selection import train_test_split
 
 from twilbert.config import TaskConfig
 from twilbert.data.formats import PathLike, Problems, parse_table
@@ -208,6 +207,8 @@ def carve(task: TaskConfig, ex: TaskExamples, fraction: float, seed: int) -> tup
     if n_held < 1 or n_held >= n:
         raise TaskFilesError(f"tasks.{task.name}: {n} training examples cannot spare dataset.dev_fraction="
                              f"{fraction} of them for a held-out split; add examples or a dev file")
+    from sklearn.model_selection import train_test_split  # not for the data stage's task check (pandas too)
+
     idx = np.arange(n)
     rest, held = train_test_split(idx, test_size=n_held, random_state=seed,
                                   stratify=_stratify_key(task, ex.labels, n_held))
