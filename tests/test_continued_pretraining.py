@@ -94,7 +94,7 @@ def test_the_vocab_holds_the_checkpoints_tokenizer_and_shards_pack_pairs_as_it_d
     assert manifest["dtype"] == "uint16" and manifest["template"] == vocab.template_json
     shards = load_shards(pairs_dir / "train")
     rows = shards.take(np.arange(6))  # example 2k: pair k in its order; 2k+1: swapped
-    tokens, index = shards.arrays(0)
+    tokens, index, *_ = shards.arrays(0)
     a = [tokens[s : s + la].tolist() for s, la, _ in index[:3]]
     b = [tokens[s + la : s + la + lb].tolist() for s, la, lb in index[:3]]
     firsts, seconds = [x for pair in zip(a, b) for x in pair], [x for pair in zip(b, a) for x in pair]

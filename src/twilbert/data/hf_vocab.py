@@ -153,6 +153,22 @@ class HFVocab:
         encodings = self.rust.encode_batch([self.preprocess(t) for t in texts], add_special_tokens=False)
         return [e.ids or [self.empty_id] for e in encodings]
 
+    def encode_words(self, texts: Sequence[str]) -> tuple[list[list[int]], list[list[bool]]]:
+        """:meth:`encode`'s ids, and for each token whether it starts a word: its word id (the pre-tokenizer's
+        word: whitespace, punctuation, a byte-level or Metaspace split) differs from the previous token's.
+        A text's first token starts one; so does a token without a word id."""
+        encodings = self.rust.encode_batch([self.preprocess(t) for t in texts], add_special_tokens=False)
+        ids, starts = [], []
+        for e in encodings:
+            if not e.ids:
+                ids.append([self.empty_id])
+                starts.append([True])
+                continue
+            words = e.word_ids
+            ids.append(e.ids)
+            starts.append([w is None or i == 0 or w != words[i - 1] for i, w in enumerate(words)])
+        return ids, starts
+
     def decode_ids(self, ids: Sequence[int]) -> list[str]:
         return [self.rust.id_to_token(int(i)) or "" for i in ids]
 

@@ -3,9 +3,16 @@
 Per sequence ``round(budget * n_maskable)`` tokens are chosen (at least one when any is maskable;
 round-half-to-even). Each becomes [MASK], a random non-special id or itself with ``probs.mask`` /
 ``probs.random`` / ``probs.keep``, per token for word masking, per span for span masking (as SpanBERT
-does). Labels hold the original id where chosen, -100 elsewhere."""
+does). Labels hold the original id where chosen, -100 elsewhere.
+
+Whole-word masking: given ``word_start`` (a Hugging Face tokenizer's word boundaries, stored by the
+pairs stage), word masking chooses whole words, every piece of a word or none, in a random order
+until the next word would pass the budget (always at least one word), with one mask/random/keep
+draw per word. Span masking still cuts spans per token (``word_start`` is not used there)."""
 
 from __future__ import annotations
+
+from typing import Optional
 
 import torch
 
@@ -23,20 +30,27 @@ def mask_tokens(
     mask_id: int,
     n_special: int,
     generator: torch.Generator,
+    word_start: Optional[torch.Tensor] = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Return ``(masked_ids, labels)``, both (B, T); ``special_mask`` is True where nothing may be masked
-    ([CLS], [SEP], [PAD]). Random replacements are drawn from ``[n_special, vocab_size)``."""
+    ([CLS], [SEP], [PAD]). Random replacements are drawn from ``[n_special, vocab_size)``.
+    ``word_start`` (B, T) bool, True on the first piece of each word: word masking masks whole words."""
     _check_args(input_ids, special_mask, vocab_size, mask_id, n_special)
+    if word_start is not None and (word_start.shape != input_ids.shape or word_start.dtype != torch.bool):
+        raise ValueError(f"word_start must be a bool tensor shaped like input_ids {tuple(input_ids.shape)}, "
+                         f"got {word_start.dtype} {tuple(word_start.shape)}")
     maskable = ~special_mask  # (B, T)
     n_target = _budget(maskable, cfg.budget)  # (B,)
     if cfg.type == "span":
         chosen, unit = _choose_spans(maskable, n_target, cfg.max_span, generator)
+    elif cfg.type == "word" and word_start is not None:
+        chosen, unit = _choose_whole_words(maskable, word_start, n_target, generator)
     elif cfg.type == "word":
         chosen, unit = _choose_words(maskable, n_target, generator), None
     else:
         raise ValueError(f"masked_lm.type must be 'word' or 'span', got {cfg.type!r}")
 
-    # One uniform draw per decision unit (token, or span) picks mask / random / keep.
+    # One uniform draw per decision unit (token, span or word) picks mask / random / keep.
     B, T = input_ids.shape
     u = torch.rand(B, T + 1 if unit is not None else T, generator=generator, device=input_ids.device)
     if unit is not None:
@@ -64,6 +78,29 @@ def _choose_words(maskable: torch.Tensor, n_target: torch.Tensor, generator: tor
     scores = scores.masked_fill(~maskable, 2.0)  # specials sort last
     rank = scores.argsort(1).argsort(1)  # (B, T): position's rank in a random order
     return maskable & (rank < n_target[:, None])
+
+
+def _choose_whole_words(maskable: torch.Tensor, word_start: torch.Tensor, n_target: torch.Tensor,
+                        generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+    """Whole words in a uniformly random order, while their pieces stay within n_target (the first word
+    always), and each token's word id (T: in no word), which shares one mask/random/keep decision.
+
+    A word is a maskable token marked in ``word_start`` with the unmarked maskable tokens after it; a
+    maskable token right after a special one starts a word whatever the mark says."""
+    B, T = maskable.shape
+    device = maskable.device
+    prev_maskable = torch.nn.functional.pad(maskable[:, :-1], (1, 0), value=False)
+    starts = maskable & (word_start | ~prev_maskable)  # (B, T)
+    word = torch.where(maskable, starts.long().cumsum(1) - 1, torch.full((B, T), T, dtype=torch.long, device=device))
+    word_len = torch.zeros(B, T + 1, dtype=torch.long, device=device).scatter_add_(1, word, maskable.long())
+    word_len[:, T] = 0  # the slot of the tokens in no word
+    order = torch.rand(B, T + 1, generator=generator, device=device).argsort(1)  # (B, T+1)
+    sorted_len = word_len.gather(1, order)
+    through = sorted_len.cumsum(1)  # pieces of the words up to this one, in that order
+    # a prefix of the order: the sums only grow; ids without a word have no pieces and change nothing
+    taken_sorted = (sorted_len > 0) & ((through <= n_target[:, None]) | (through == sorted_len))
+    taken = torch.empty_like(taken_sorted).scatter_(1, order, taken_sorted)  # (B, T+1) by word id
+    return maskable & taken.gather(1, word), word
 
 
 def span_length_probs(max_span: int, p: float = SPAN_GEOMETRIC_P) -> torch.Tensor:
