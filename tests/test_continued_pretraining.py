@@ -124,6 +124,106 @@ def test_max_len_past_the_checkpoints_positions_is_refused_in_one_line(family_in
 
 
 # --------------------------------------------------------------------------------------------
+# Whole-word masking: word starts from the tokenizer's word ids
+# --------------------------------------------------------------------------------------------
+
+# words the tiny vocabularies split into several pieces (WordPiece ##, byte-level BPE, Unigram)
+SPLIT_TEXTS = ["extraordinariamente bonito jajajaja", "superconcierto buenísimo", "qué maravillosamente"]
+
+
+def word_lists(special: torch.Tensor, starts: torch.Tensor) -> list[list[int]]:
+    """The positions of each word in one row: a marked start and the unmarked pieces after it."""
+    words = []
+    for t, (sp, st) in enumerate(zip(special.tolist(), starts.tolist())):
+        if not sp and (st or not words or special[t - 1]):
+            words.append([t])
+        elif not sp:
+            words[-1].append(t)
+    return words
+
+
+def test_word_starts_are_the_tokenizers_word_ids_and_every_segment_starts_a_word(family_inputs):
+    from transformers import AutoTokenizer
+
+    from twilbert.data.batch import batch_of
+
+    family, checkpoint, vocab_dir, pairs_dir = family_inputs
+    tokenizer = AutoTokenizer.from_pretrained(checkpoint)
+    vocab = HFVocab(vocab_dir)
+    texts = [vocab.preprocess(t) for t in SPLIT_TEXTS + TEXTS_A]
+    ids, starts = vocab.encode_words(texts)
+    for text, ours, flags in zip(texts, ids, starts):
+        theirs = tokenizer(text, add_special_tokens=False)
+        word_ids = theirs.word_ids()
+        assert ours == theirs["input_ids"]
+        assert flags == [i == 0 or w != word_ids[i - 1] for i, w in enumerate(word_ids)]
+    assert any(not all(f) for f in starts), f"{family}: no word split into pieces"
+
+    manifest = json.loads((pairs_dir / "manifest.json").read_text())
+    assert manifest["word_starts"] is True
+    shards = load_shards(pairs_dir / "train")
+    batch = batch_of(shards, np.arange(len(shards)))
+    assert not (batch.word_start & batch.special_mask).any()
+    # each segment's first token (right after a special) starts a word, though a SOP cut may split one
+    after_special = torch.nn.functional.pad(batch.special_mask[:, :-1], (1, 0), value=True) & ~batch.special_mask
+    assert batch.word_start[after_special].all()
+    assert (~batch.word_start & ~batch.special_mask).any()  # some word of the corpus has several pieces
+
+
+def pieces_batch(vocab: HFVocab):
+    """The SPLIT_TEXTS as pairs packed in the checkpoint's template, with their word starts."""
+    template = template_from_json(vocab.template_json)
+    ids, starts = vocab.encode_words([vocab.preprocess(t) for t in SPLIT_TEXTS])
+    a, b = ids, ids[1:] + ids[:1]
+    packed = pack_pairs(a, b, 30, template)
+    flags = pack_pairs([list(map(int, s)) for s in starts], [list(map(int, s)) for s in starts[1:] + starts[:1]], 30,
+                       template)["input_ids"].astype(bool)  # the template's ids land on specials: dropped there
+    return make_batch(packed["input_ids"], packed["len_a"], packed["length"], np.ones(len(a), dtype=np.int64),
+                      template, word_start=flags)
+
+
+def test_a_word_split_into_pieces_is_masked_all_or_nothing_within_the_budget(family_inputs):
+    from twilbert.config import MaskedLMConfig
+    from twilbert.data.masking import mask_tokens
+    from twilbert.train.objective import PretrainObjective
+
+    family, _, vocab_dir, _ = family_inputs
+    vocab = HFVocab(vocab_dir)
+    batch = pieces_batch(vocab)
+    cfg = MaskedLMConfig(type="word", budget=0.15)
+    objective = PretrainObjective(cfg, 0, vocab.vocab_size, torch.device("cpu"), mask_id=vocab.mask_id,
+                                  n_special=vocab.n_special)
+    rows = [word_lists(batch.special_mask[r], batch.word_start[r]) for r in range(len(batch.input_ids))]
+    assert any(len(w) > 1 for words in rows for w in words), family
+    target = torch.round((~batch.special_mask).sum(1).double() * cfg.budget).long().clamp(min=1)
+    whole_pieces = 0
+    for step in range(100):
+        masked, labels = objective.mask(batch, 0, step)
+        chosen = labels != -100
+        for r, words in enumerate(rows):
+            picked = [w for w in words if chosen[r, w].all()]
+            for w in words:
+                assert chosen[r, w].all() or not chosen[r, w].any(), (family, step, r, w)
+                if chosen[r, w].all() and len(w) > 1:
+                    whole_pieces += 1
+                    as_mask = masked[r, w] == vocab.mask_id
+                    assert as_mask.all() or not as_mask.any()  # one mask/random/keep draw per word
+            assert picked and (chosen[r].sum() <= target[r] or len(picked) == 1)
+    assert whole_pieces > 10
+    again = objective.mask(batch, 0, 7)
+    first = objective.mask(batch, 0, 7)
+    assert torch.equal(again[0], first[0]) and torch.equal(again[1], first[1])
+    # without word starts, the same config masks tokens: some word is then cut
+    cut = False
+    for step in range(100):
+        generator = torch.Generator().manual_seed(step)
+        _, labels = mask_tokens(batch.input_ids, batch.special_mask, cfg, vocab.vocab_size, vocab.mask_id,
+                                vocab.n_special, generator)
+        cut |= any(0 < int((labels[r, w] != -100).sum()) < len(w) for r, words in enumerate(rows) for w in words)
+    assert cut
+
+
+# --------------------------------------------------------------------------------------------
 # The model: HF's own logits, positions and token types
 # --------------------------------------------------------------------------------------------
 
