@@ -170,6 +170,42 @@ def test_word_starts_are_the_tokenizers_word_ids_and_every_segment_starts_a_word
     assert (~batch.word_start & ~batch.special_mask).any()  # some word of the corpus has several pieces
 
 
+def test_word_start_files_are_checksummed_verified_and_the_same_bytes_for_any_workers(family_inputs, tmp_path):
+    import shutil
+
+    from twilbert.data.shards import PairsDataError, verify_pairs
+
+    _, _, vocab_dir, _ = family_inputs
+    tweets = [t for t, _ in make_tweets(80, seed=5)]
+    corpus = [(t, None) if i % 3 else (t, tweets[(i + 1) % 80]) for i, t in enumerate(tweets)]  # replies too
+    args = dict(max_len=MAX_LEN, heldout_fraction=0.2, shard_size=30, seed=1)
+    one = build_pair_shards(corpus, open_vocab(vocab_dir), tmp_path / "one", workers=1, chunk_rows=64, **args)
+    two = build_pair_shards(corpus, open_vocab(vocab_dir), tmp_path / "two", workers=2, chunk_rows=7, **args)
+    assert one == two
+
+    def files(d):
+        return {p.relative_to(d).as_posix(): p.read_bytes() for p in sorted(d.rglob("*")) if p.is_file()}
+
+    assert files(tmp_path / "one") == files(tmp_path / "two")
+    words = sorted((tmp_path / "one").rglob("*.words.npy"))
+    assert len(words) == 6  # 3 shards in each split
+    manifest = json.loads((tmp_path / "one" / "train" / "manifest.json").read_text())
+    assert all("words" in entry["sha256"] for entry in manifest["shards"])
+    assert verify_pairs(tmp_path / "one", full=True) == 6
+
+    damaged = tmp_path / "damaged"
+    shutil.copytree(tmp_path / "one", damaged)
+    path = damaged / "train" / "shard-00000.words.npy"
+    data = bytearray(path.read_bytes())
+    data[-1] ^= 0x01
+    path.write_bytes(bytes(data))
+    with pytest.raises(PairsDataError, match=r"shard-00000\.words\.npy"):
+        verify_pairs(damaged)
+    path.unlink()
+    with pytest.raises(PairsDataError, match=r"shard-00000\.words\.npy: missing"):
+        verify_pairs(damaged)
+
+
 def pieces_batch(vocab: HFVocab):
     """The SPLIT_TEXTS as pairs packed in the checkpoint's template, with their word starts."""
     template = template_from_json(vocab.template_json)
