@@ -368,14 +368,15 @@ def test_continued_pretraining_lowers_heldout_loss_and_writes_a_folder_hf_loads_
 
 
 @pytest.mark.slow
-def test_continued_pretraining_killed_inside_a_window_resumes_bit_for_bit(tmp_path):
+@pytest.mark.parametrize("masking", ["span", "word"])  # word: whole words, from the shards' word starts
+def test_continued_pretraining_killed_inside_a_window_resumes_bit_for_bit(tmp_path, masking):
     root = tmp_path / "inputs"
     checkpoint = make_mlm_checkpoint(root / "checkpoint", "roberta")
     take_hf_vocab(checkpoint, root / "vocab")
     build_pair_shards([(t, None) for t, _ in make_tweets(60, seed=11)], open_vocab(root / "vocab"), root / "pairs",
                       max_len=MAX_LEN, heldout_fraction=0.2, shard_size=1000, seed=0)
     work = tmp_path / "work"
-    write_params(work, continued_overrides(checkpoint))
+    write_params(work, [*continued_overrides(checkpoint), f"model.masked_lm.type={masking}"])
 
     def args(out: Path) -> list:
         return ["--pairs", root / "pairs", "--vocab", root / "vocab", "--out", out / "model",
