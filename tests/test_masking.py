@@ -290,14 +290,44 @@ def test_whole_word_masks_are_a_function_of_the_seed():
     assert not torch.equal(first[1], other[1])
 
 
-def test_span_masking_ignores_word_starts_and_a_bad_word_start_is_refused():
-    ids, special = make_batch(64)
+def test_span_masking_with_word_starts_makes_spans_of_whole_words_within_the_budget():
+    ids, special = make_batch(256)
     starts = make_words(special)
+    cfg = MaskedLMConfig(type="span", max_span=3)
+    target = expected_budget(special, cfg.budget)
+    masked, labels = mask_tokens(ids, special, cfg, VOCAB, MASK_ID, N_SPECIAL, torch.Generator().manual_seed(5),
+                                 word_start=starts)
+    chosen = labels != IGNORE_INDEX
+    several = 0
+    for b in range(len(ids)):
+        words = words_of(special[b], starts[b])
+        of = {t: k for k, w in enumerate(words) for t in w}
+        for word in words:
+            assert chosen[b, word].all() or not chosen[b, word].any(), (b, word)
+        picked = [k for k, w in enumerate(words) if chosen[b, w].all()]
+        assert picked and (chosen[b].sum() <= target[b] or len(picked) == 1)
+        for start, length in runs_of(chosen[b]):  # a run of tokens: consecutive whole words, one decision
+            run_words = {of[t] for t in range(start, start + length)}
+            several += len(run_words) > 1
+            assert len(run_words) <= cfg.max_span
+            as_mask = masked[b, start:start + length] == MASK_ID
+            assert as_mask.all() or not as_mask.any()
+    assert several > 20
+    # most of the budget is used: spans fill it, the last from a random word
+    assert chosen.sum(1).double().mean() > 0.85 * target.double().mean()
+
+
+def test_spans_of_single_piece_words_are_todays_token_spans():
+    ids, special = make_batch(128)
     cfg = MaskedLMConfig(type="span")
     plain = run(cfg, ids, special, seed=4)
-    with_words = mask_tokens(ids, special, cfg, VOCAB, MASK_ID, N_SPECIAL, torch.Generator().manual_seed(4),
-                             word_start=starts)
-    assert torch.equal(plain[1], with_words[1]) and torch.equal(plain[0], with_words[0])
+    as_words = mask_tokens(ids, special, cfg, VOCAB, MASK_ID, N_SPECIAL, torch.Generator().manual_seed(4),
+                           word_start=~special)
+    assert torch.equal(plain[0], as_words[0]) and torch.equal(plain[1], as_words[1])
+
+
+def test_a_bad_word_start_is_refused():
+    ids, special = make_batch(4)
     with pytest.raises(ValueError, match="word_start"):
         mask_tokens(ids, special, MaskedLMConfig(), VOCAB, MASK_ID, N_SPECIAL, torch.Generator(),
-                    word_start=starts.long())
+                    word_start=make_words(special).long())
