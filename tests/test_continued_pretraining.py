@@ -218,7 +218,8 @@ def pieces_batch(vocab: HFVocab):
                       template, word_start=flags)
 
 
-def test_a_word_split_into_pieces_is_masked_all_or_nothing_within_the_budget(family_inputs):
+@pytest.mark.parametrize("kind", ["word", "span"])
+def test_a_word_split_into_pieces_is_masked_all_or_nothing_within_the_budget(family_inputs, kind):
     from twilbert.config import MaskedLMConfig
     from twilbert.data.masking import mask_tokens
     from twilbert.train.objective import PretrainObjective
@@ -226,7 +227,7 @@ def test_a_word_split_into_pieces_is_masked_all_or_nothing_within_the_budget(fam
     family, _, vocab_dir, _ = family_inputs
     vocab = HFVocab(vocab_dir)
     batch = pieces_batch(vocab)
-    cfg = MaskedLMConfig(type="word", budget=0.15)
+    cfg = MaskedLMConfig(type=kind, budget=0.15)
     objective = PretrainObjective(cfg, 0, vocab.vocab_size, torch.device("cpu"), mask_id=vocab.mask_id,
                                   n_special=vocab.n_special)
     rows = [word_lists(batch.special_mask[r], batch.word_start[r]) for r in range(len(batch.input_ids))]
@@ -243,7 +244,7 @@ def test_a_word_split_into_pieces_is_masked_all_or_nothing_within_the_budget(fam
                 if chosen[r, w].all() and len(w) > 1:
                     whole_pieces += 1
                     as_mask = masked[r, w] == vocab.mask_id
-                    assert as_mask.all() or not as_mask.any()  # one mask/random/keep draw per word
+                    assert as_mask.all() or not as_mask.any()  # one mask/random/keep draw per word (or span)
             assert picked and (chosen[r].sum() <= target[r] or len(picked) == 1)
     assert whole_pieces > 10
     again = objective.mask(batch, 0, 7)
