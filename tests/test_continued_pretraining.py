@@ -151,12 +151,13 @@ def test_word_starts_are_the_tokenizers_word_ids_and_every_segment_starts_a_word
     tokenizer = AutoTokenizer.from_pretrained(checkpoint)
     vocab = HFVocab(vocab_dir)
     texts = [vocab.preprocess(t) for t in SPLIT_TEXTS + TEXTS_A]
-    ids, starts = vocab.encode_words(texts)
+    ids, flat = vocab.encode_words(texts)
+    starts = np.split(flat.tolist(), np.cumsum([len(i) for i in ids])[:-1])
     for text, ours, flags in zip(texts, ids, starts):
         theirs = tokenizer(text, add_special_tokens=False)
         word_ids = theirs.word_ids()
         assert ours == theirs["input_ids"]
-        assert flags == [i == 0 or w != word_ids[i - 1] for i, w in enumerate(word_ids)]
+        assert flags.tolist() == [i == 0 or w != word_ids[i - 1] for i, w in enumerate(word_ids)]
     assert any(not all(f) for f in starts), f"{family}: no word split into pieces"
 
     manifest = json.loads((pairs_dir / "manifest.json").read_text())
@@ -209,11 +210,13 @@ def test_word_start_files_are_checksummed_verified_and_the_same_bytes_for_any_wo
 def pieces_batch(vocab: HFVocab):
     """The SPLIT_TEXTS as pairs packed in the checkpoint's template, with their word starts."""
     template = template_from_json(vocab.template_json)
-    ids, starts = vocab.encode_words([vocab.preprocess(t) for t in SPLIT_TEXTS])
+    ids, flat = vocab.encode_words([vocab.preprocess(t) for t in SPLIT_TEXTS])
+    starts = np.split(flat, np.cumsum([len(i) for i in ids])[:-1])
     a, b = ids, ids[1:] + ids[:1]
     packed = pack_pairs(a, b, 30, template)
-    flags = pack_pairs([list(map(int, s)) for s in starts], [list(map(int, s)) for s in starts[1:] + starts[:1]], 30,
-                       template)["input_ids"].astype(bool)  # the template's ids land on specials: dropped there
+    starts = [s.astype(int).tolist() for s in starts]
+    # the template's ids land on specials, where make_batch drops them
+    flags = pack_pairs(starts, starts[1:] + starts[:1], 30, template)["input_ids"].astype(bool)
     return make_batch(packed["input_ids"], packed["len_a"], packed["length"], np.ones(len(a), dtype=np.int64),
                       template, word_start=flags)
 

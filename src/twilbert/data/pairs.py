@@ -107,7 +107,7 @@ def tokenize_chunk(tokenizer: Tokenizer, first_row: int, rows: list[tuple[str, O
     texts, replies = [a for a, _ in rows], [b for _, b in rows if b is not None]
     if params.word_starts:
         (text_ids, text_words), (reply_ids, reply_words) = tokenizer.encode_words(texts), tokenizer.encode_words(replies)
-        words_source = np.concatenate([_flat(text_words)[0], _flat(reply_words)[0]]).astype(bool)
+        words_source = np.concatenate([text_words, reply_words])  # (tokens,) bool, as source below
     else:
         text_ids, reply_ids = tokenizer.encode(texts), tokenizer.encode(replies)
     text, text_len = _flat(text_ids)
