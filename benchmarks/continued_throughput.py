@@ -33,7 +33,7 @@ import torch
 BERT_BASE = dict(vocab=31002, hidden_size=768, n_heads=12, n_encoders=12, intermediate_size=3072, max_len=64,
                  positions=512)
 # --quick: the tests' tiny checkpoint (tests/hf_checkpoints.py), with tweet-pair rows of 2 * 32 + 3 tokens: the
-# "time per million tweets on this CPU" of README "Start from an existing checkpoint"
+# "time per million tweets on this CPU" of docs/continued-pretraining.md "How long it takes"
 QUICK = dict(vocab=1000, hidden_size=32, n_heads=2, n_encoders=2, intermediate_size=64, max_len=32, positions=128)
 
 

@@ -2,7 +2,7 @@
 (aiohttp's websocket client; no browser download, no Node): waits until the page shows the texts
 asked for, closes MLflow's Assistant panel (it opens itself on a browser's first visit to a local
 server; a user closes it once), and writes a PNG. Used by tests/e2e/test_pipeline.py, which keeps
-docs/mlflow_ui.png (README section 7) up to date.
+docs/mlflow_ui.png (README "Tracking with MLflow") up to date.
 
     python scripts/ui_screenshot.py URL OUT.png [--wait-for TEXT ...]
 """

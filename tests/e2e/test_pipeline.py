@@ -279,7 +279,7 @@ def test_dvc_plots_render_offline(project):
     assert "plots/pretrain_epochs.png" in (repo / "results" / "results.md").read_text(encoding="utf-8")
 
 
-SCREENSHOT_ENV = "TWILBERT_UI_SCREENSHOT"  # also write the screenshot there (README section 7's docs/mlflow_ui.png)
+SCREENSHOT_ENV = "TWILBERT_UI_SCREENSHOT"  # also write the screenshot there (docs/mlflow_ui.png, README "Tracking with MLflow")
 
 
 def free_port() -> int:
