@@ -94,7 +94,7 @@ def test_the_vocab_holds_the_checkpoints_tokenizer_and_shards_pack_pairs_as_it_d
     assert manifest["dtype"] == "uint16" and manifest["template"] == vocab.template_json
     shards = load_shards(pairs_dir / "train")
     rows = shards.take(np.arange(6))  # example 2k: pair k in its order; 2k+1: swapped
-    tokens, index = shards.arrays(0)
+    tokens, index, *_ = shards.arrays(0)
     a = [tokens[s : s + la].tolist() for s, la, _ in index[:3]]
     b = [tokens[s + la : s + la + lb].tolist() for s, la, lb in index[:3]]
     firsts, seconds = [x for pair in zip(a, b) for x in pair], [x for pair in zip(b, a) for x in pair]
@@ -121,6 +121,146 @@ def test_max_len_past_the_checkpoints_positions_is_refused_in_one_line(family_in
         check_positions(meta, 40, "ckpt")
     message = str(err.value)
     assert "\n" not in message and "representation.max_len=40" in message and "<= 30" in message
+
+
+# --------------------------------------------------------------------------------------------
+# Whole-word masking: word starts from the tokenizer's word ids
+# --------------------------------------------------------------------------------------------
+
+# words the tiny vocabularies split into several pieces (WordPiece ##, byte-level BPE, Unigram)
+SPLIT_TEXTS = ["extraordinariamente bonito jajajaja", "superconcierto buenísimo", "qué maravillosamente"]
+
+
+def word_lists(special: torch.Tensor, starts: torch.Tensor) -> list[list[int]]:
+    """The positions of each word in one row: a marked start and the unmarked pieces after it."""
+    words = []
+    for t, (sp, st) in enumerate(zip(special.tolist(), starts.tolist())):
+        if not sp and (st or not words or special[t - 1]):
+            words.append([t])
+        elif not sp:
+            words[-1].append(t)
+    return words
+
+
+def test_word_starts_are_the_tokenizers_word_ids_and_every_segment_starts_a_word(family_inputs):
+    from transformers import AutoTokenizer
+
+    from twilbert.data.batch import batch_of
+
+    family, checkpoint, vocab_dir, pairs_dir = family_inputs
+    tokenizer = AutoTokenizer.from_pretrained(checkpoint)
+    vocab = HFVocab(vocab_dir)
+    texts = [vocab.preprocess(t) for t in SPLIT_TEXTS + TEXTS_A]
+    ids, flat = vocab.encode_words(texts)
+    starts = np.split(flat.tolist(), np.cumsum([len(i) for i in ids])[:-1])
+    for text, ours, flags in zip(texts, ids, starts):
+        theirs = tokenizer(text, add_special_tokens=False)
+        word_ids = theirs.word_ids()
+        assert ours == theirs["input_ids"]
+        assert flags.tolist() == [i == 0 or w != word_ids[i - 1] for i, w in enumerate(word_ids)]
+    assert any(not all(f) for f in starts), f"{family}: no word split into pieces"
+
+    manifest = json.loads((pairs_dir / "manifest.json").read_text())
+    assert manifest["word_starts"] is True
+    shards = load_shards(pairs_dir / "train")
+    batch = batch_of(shards, np.arange(len(shards)))
+    assert not (batch.word_start & batch.special_mask).any()
+    # each segment's first token (right after a special) starts a word, though a SOP cut may split one
+    after_special = torch.nn.functional.pad(batch.special_mask[:, :-1], (1, 0), value=True) & ~batch.special_mask
+    assert batch.word_start[after_special].all()
+    assert (~batch.word_start & ~batch.special_mask).any()  # some word of the corpus has several pieces
+
+
+def test_word_start_files_are_checksummed_verified_and_the_same_bytes_for_any_workers(family_inputs, tmp_path):
+    import shutil
+
+    from twilbert.data.shards import PairsDataError, verify_pairs
+
+    _, _, vocab_dir, _ = family_inputs
+    tweets = [t for t, _ in make_tweets(80, seed=5)]
+    corpus = [(t, None) if i % 3 else (t, tweets[(i + 1) % 80]) for i, t in enumerate(tweets)]  # replies too
+    args = dict(max_len=MAX_LEN, heldout_fraction=0.2, shard_size=30, seed=1)
+    one = build_pair_shards(corpus, open_vocab(vocab_dir), tmp_path / "one", workers=1, chunk_rows=64, **args)
+    two = build_pair_shards(corpus, open_vocab(vocab_dir), tmp_path / "two", workers=2, chunk_rows=7, **args)
+    assert one == two
+
+    def files(d):
+        return {p.relative_to(d).as_posix(): p.read_bytes() for p in sorted(d.rglob("*")) if p.is_file()}
+
+    assert files(tmp_path / "one") == files(tmp_path / "two")
+    words = sorted((tmp_path / "one").rglob("*.words.npy"))
+    assert len(words) == 6  # 3 shards in each split
+    manifest = json.loads((tmp_path / "one" / "train" / "manifest.json").read_text())
+    assert all("words" in entry["sha256"] for entry in manifest["shards"])
+    assert verify_pairs(tmp_path / "one", full=True) == 6
+
+    damaged = tmp_path / "damaged"
+    shutil.copytree(tmp_path / "one", damaged)
+    path = damaged / "train" / "shard-00000.words.npy"
+    data = bytearray(path.read_bytes())
+    data[-1] ^= 0x01
+    path.write_bytes(bytes(data))
+    with pytest.raises(PairsDataError, match=r"shard-00000\.words\.npy"):
+        verify_pairs(damaged)
+    path.unlink()
+    with pytest.raises(PairsDataError, match=r"shard-00000\.words\.npy: missing"):
+        verify_pairs(damaged)
+
+
+def pieces_batch(vocab: HFVocab):
+    """The SPLIT_TEXTS as pairs packed in the checkpoint's template, with their word starts."""
+    template = template_from_json(vocab.template_json)
+    ids, flat = vocab.encode_words([vocab.preprocess(t) for t in SPLIT_TEXTS])
+    starts = np.split(flat, np.cumsum([len(i) for i in ids])[:-1])
+    a, b = ids, ids[1:] + ids[:1]
+    packed = pack_pairs(a, b, 30, template)
+    starts = [s.astype(int).tolist() for s in starts]
+    # the template's ids land on specials, where make_batch drops them
+    flags = pack_pairs(starts, starts[1:] + starts[:1], 30, template)["input_ids"].astype(bool)
+    return make_batch(packed["input_ids"], packed["len_a"], packed["length"], np.ones(len(a), dtype=np.int64),
+                      template, word_start=flags)
+
+
+@pytest.mark.parametrize("kind", ["word", "span"])
+def test_a_word_split_into_pieces_is_masked_all_or_nothing_within_the_budget(family_inputs, kind):
+    from twilbert.config import MaskedLMConfig
+    from twilbert.data.masking import mask_tokens
+    from twilbert.train.objective import PretrainObjective
+
+    family, _, vocab_dir, _ = family_inputs
+    vocab = HFVocab(vocab_dir)
+    batch = pieces_batch(vocab)
+    cfg = MaskedLMConfig(type=kind, budget=0.15)
+    objective = PretrainObjective(cfg, 0, vocab.vocab_size, torch.device("cpu"), mask_id=vocab.mask_id,
+                                  n_special=vocab.n_special)
+    rows = [word_lists(batch.special_mask[r], batch.word_start[r]) for r in range(len(batch.input_ids))]
+    assert any(len(w) > 1 for words in rows for w in words), family
+    target = torch.round((~batch.special_mask).sum(1).double() * cfg.budget).long().clamp(min=1)
+    whole_pieces = 0
+    for step in range(100):
+        masked, labels = objective.mask(batch, 0, step)
+        chosen = labels != -100
+        for r, words in enumerate(rows):
+            picked = [w for w in words if chosen[r, w].all()]
+            for w in words:
+                assert chosen[r, w].all() or not chosen[r, w].any(), (family, step, r, w)
+                if chosen[r, w].all() and len(w) > 1:
+                    whole_pieces += 1
+                    as_mask = masked[r, w] == vocab.mask_id
+                    assert as_mask.all() or not as_mask.any()  # one mask/random/keep draw per word (or span)
+            assert picked and (chosen[r].sum() <= target[r] or len(picked) == 1)
+    assert whole_pieces > 10
+    again = objective.mask(batch, 0, 7)
+    first = objective.mask(batch, 0, 7)
+    assert torch.equal(again[0], first[0]) and torch.equal(again[1], first[1])
+    # without word starts, the same config masks tokens: some word is then cut
+    cut = False
+    for step in range(100):
+        generator = torch.Generator().manual_seed(step)
+        _, labels = mask_tokens(batch.input_ids, batch.special_mask, cfg, vocab.vocab_size, vocab.mask_id,
+                                vocab.n_special, generator)
+        cut |= any(0 < int((labels[r, w] != -100).sum()) < len(w) for r, words in enumerate(rows) for w in words)
+    assert cut
 
 
 # --------------------------------------------------------------------------------------------
@@ -232,14 +372,15 @@ def test_continued_pretraining_lowers_heldout_loss_and_writes_a_folder_hf_loads_
 
 
 @pytest.mark.slow
-def test_continued_pretraining_killed_inside_a_window_resumes_bit_for_bit(tmp_path):
+@pytest.mark.parametrize("masking", ["span", "word"])  # word: whole words, from the shards' word starts
+def test_continued_pretraining_killed_inside_a_window_resumes_bit_for_bit(tmp_path, masking):
     root = tmp_path / "inputs"
     checkpoint = make_mlm_checkpoint(root / "checkpoint", "roberta")
     take_hf_vocab(checkpoint, root / "vocab")
     build_pair_shards([(t, None) for t, _ in make_tweets(60, seed=11)], open_vocab(root / "vocab"), root / "pairs",
                       max_len=MAX_LEN, heldout_fraction=0.2, shard_size=1000, seed=0)
     work = tmp_path / "work"
-    write_params(work, continued_overrides(checkpoint))
+    write_params(work, [*continued_overrides(checkpoint), f"model.masked_lm.type={masking}"])
 
     def args(out: Path) -> list:
         return ["--pairs", root / "pairs", "--vocab", root / "vocab", "--out", out / "model",

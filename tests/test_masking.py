@@ -208,3 +208,126 @@ def test_bad_arguments_are_rejected():
         mask_tokens(ids, special, MaskedLMConfig(), VOCAB, MASK_ID, VOCAB, g)
     with pytest.raises(ValueError, match="special_mask"):
         mask_tokens(ids, special.long(), MaskedLMConfig(), VOCAB, MASK_ID, N_SPECIAL, g)
+
+
+# --------------------------------------------------------------------------------------------
+# Whole-word masking (a Hugging Face tokenizer's word starts)
+# --------------------------------------------------------------------------------------------
+
+
+def make_words(special: torch.Tensor, seed: int = 0) -> torch.Tensor:
+    """Random word starts: words of 1-4 pieces, False on specials (as make_batch in data/batch.py gives)."""
+    g = torch.Generator().manual_seed(seed)
+    return (torch.rand(special.shape, generator=g) < 0.4) & ~special
+
+
+def words_of(row_special: torch.Tensor, row_starts: torch.Tensor) -> list[list[int]]:
+    """The positions of each word of one row: a start (or a token after a special) and the pieces after it."""
+    out, previous_special = [], True
+    for t, (sp, st) in enumerate(zip(row_special.tolist(), row_starts.tolist())):
+        if not sp and (st or previous_special):
+            out.append([t])
+        elif not sp:
+            out[-1].append(t)
+        previous_special = sp
+    return out
+
+
+def test_whole_word_masking_chooses_every_piece_of_a_word_or_none_with_one_decision_per_word():
+    ids, special = make_batch(256)
+    starts = make_words(special)
+    masked, labels = mask_tokens(ids, special, MaskedLMConfig(type="word"), VOCAB, MASK_ID, N_SPECIAL,
+                                 torch.Generator().manual_seed(1), word_start=starts)
+    chosen = labels != IGNORE_INDEX
+    several = 0
+    for b in range(len(ids)):
+        for word in words_of(special[b], starts[b]):
+            picked = chosen[b, word]
+            assert picked.all() or not picked.any(), (b, word)
+            if picked.all() and len(word) > 1:
+                several += 1
+                as_mask, kept = masked[b, word] == MASK_ID, masked[b, word] == ids[b, word]
+                # one mask/random/keep draw per word: all pieces [MASK], or none of them
+                assert as_mask.all() or not as_mask.any()
+                assert not (kept.all() and as_mask.any())
+    assert several > 50
+
+
+def test_whole_word_masking_stops_before_the_budget_and_takes_at_least_one_word():
+    ids, special = make_batch(256)
+    starts = make_words(special)
+    target = expected_budget(special, 0.15)
+    _, labels = mask_tokens(ids, special, MaskedLMConfig(type="word"), VOCAB, MASK_ID, N_SPECIAL,
+                            torch.Generator().manual_seed(2), word_start=starts)
+    chosen = (labels != IGNORE_INDEX).sum(1)
+    for b in range(len(ids)):
+        words = words_of(special[b], starts[b])
+        picked = [w for w in words if (labels[b, w] != IGNORE_INDEX).all()]
+        assert len(picked) >= 1
+        assert chosen[b] <= target[b] or len(picked) == 1, (b, chosen[b], target[b])
+    # a prefix of a random order: short of the budget by less than a word on average
+    assert chosen.double().mean() > 0.7 * target.double().mean()
+
+
+def test_single_piece_words_mask_exactly_the_budget_as_token_masking_does():
+    ids, special = make_batch(256)
+    every = ~special  # each token its own word
+    _, labels = mask_tokens(ids, special, MaskedLMConfig(type="word"), VOCAB, MASK_ID, N_SPECIAL,
+                            torch.Generator().manual_seed(3), word_start=every)
+    assert torch.equal((labels != IGNORE_INDEX).sum(1), expected_budget(special, 0.15))
+
+
+def test_whole_word_masks_are_a_function_of_the_seed():
+    ids, special = make_batch(64)
+    starts = make_words(special)
+
+    def draw(seed):
+        return mask_tokens(ids, special, MaskedLMConfig(type="word"), VOCAB, MASK_ID, N_SPECIAL,
+                           torch.Generator().manual_seed(seed), word_start=starts)
+
+    first, again, other = draw(7), draw(7), draw(8)
+    assert torch.equal(first[0], again[0]) and torch.equal(first[1], again[1])
+    assert not torch.equal(first[1], other[1])
+
+
+def test_span_masking_with_word_starts_makes_spans_of_whole_words_within_the_budget():
+    ids, special = make_batch(256)
+    starts = make_words(special)
+    cfg = MaskedLMConfig(type="span", max_span=3)
+    target = expected_budget(special, cfg.budget)
+    masked, labels = mask_tokens(ids, special, cfg, VOCAB, MASK_ID, N_SPECIAL, torch.Generator().manual_seed(5),
+                                 word_start=starts)
+    chosen = labels != IGNORE_INDEX
+    several = 0
+    for b in range(len(ids)):
+        words = words_of(special[b], starts[b])
+        of = {t: k for k, w in enumerate(words) for t in w}
+        for word in words:
+            assert chosen[b, word].all() or not chosen[b, word].any(), (b, word)
+        picked = [k for k, w in enumerate(words) if chosen[b, w].all()]
+        assert picked and (chosen[b].sum() <= target[b] or len(picked) == 1)
+        for start, length in runs_of(chosen[b]):  # a run of tokens: consecutive whole words, one decision
+            run_words = {of[t] for t in range(start, start + length)}
+            several += len(run_words) > 1
+            assert len(run_words) <= cfg.max_span
+            as_mask = masked[b, start:start + length] == MASK_ID
+            assert as_mask.all() or not as_mask.any()
+    assert several > 20
+    # most of the budget is used: spans fill it, the last from a random word
+    assert chosen.sum(1).double().mean() > 0.85 * target.double().mean()
+
+
+def test_spans_of_single_piece_words_are_todays_token_spans():
+    ids, special = make_batch(128)
+    cfg = MaskedLMConfig(type="span")
+    plain = run(cfg, ids, special, seed=4)
+    as_words = mask_tokens(ids, special, cfg, VOCAB, MASK_ID, N_SPECIAL, torch.Generator().manual_seed(4),
+                           word_start=~special)
+    assert torch.equal(plain[0], as_words[0]) and torch.equal(plain[1], as_words[1])
+
+
+def test_a_bad_word_start_is_refused():
+    ids, special = make_batch(4)
+    with pytest.raises(ValueError, match="word_start"):
+        mask_tokens(ids, special, MaskedLMConfig(), VOCAB, MASK_ID, N_SPECIAL, torch.Generator(),
+                    word_start=make_words(special).long())

@@ -158,6 +158,9 @@ def test_shards_are_byte_identical_for_one_and_two_workers_and_any_chunking(toke
     two = build_pair_shards(iter(corpus), tokenizer, tmp_path / "two", workers=2, chunk_rows=9, **args)
     assert one == two and one["skipped_short"] == 3
     assert files(tmp_path / "one") == files(tmp_path / "two")
+    # twilbert's own vocabulary keeps no word starts: the shards' files and manifest are as before them
+    assert not list((tmp_path / "one").rglob("*.words.npy"))
+    assert "word_starts" not in json.loads((tmp_path / "one" / "manifest.json").read_text())
     assert not list(tmp_path.glob(".*partial"))  # the staging directories were published
 
 

@@ -112,19 +112,25 @@ class PairBatch:
     # Whether any row is padded, known on the host from the lengths (``make_batch``): the model then
     # skips the attention mask without asking the device (a sync). None: not known, the model checks.
     padded: Optional[bool] = None
+    # (B, T) bool, True on the first piece of each word (a Hugging Face tokenizer's word ids, kept in
+    # the shards), False on specials and padding: word masking then masks whole words. None: per token.
+    word_start: Optional[torch.Tensor] = None
 
     def tensors(self) -> tuple[torch.Tensor, ...]:
         return self.input_ids, self.segment_ids, self.attention_mask, self.special_mask, self.labels
 
     def pin_memory(self) -> "PairBatch":
         """A copy in page-locked memory, so that ``to(cuda)`` is an asynchronous copy."""
-        return PairBatch(*(t.pin_memory() for t in self.tensors()), padded=self.padded)
+        return PairBatch(*(t.pin_memory() for t in self.tensors()), padded=self.padded,
+                         word_start=None if self.word_start is None else self.word_start.pin_memory())
 
     def to(self, device: torch.device) -> "PairBatch":
         """On ``device``; on CUDA copied from pinned memory without blocking the host."""
         device = torch.device(device)
         source = self.pin_memory() if device.type == "cuda" and not self.input_ids.is_pinned() else self
-        return PairBatch(*(t.to(device, non_blocking=True) for t in source.tensors()), padded=self.padded)
+        words = None if source.word_start is None else source.word_start.to(device, non_blocking=True)
+        return PairBatch(*(t.to(device, non_blocking=True) for t in source.tensors()), padded=self.padded,
+                         word_start=words)
 
 
 class PackedRows:
@@ -156,11 +162,11 @@ def as_examples(data: Union["PairShards", PackedRows, dict]) -> Examples:
 
 
 def make_batch(input_ids: np.ndarray, len_a: np.ndarray, length: np.ndarray, labels: np.ndarray,
-               template: Template = TWILBERT) -> PairBatch:
+               template: Template = TWILBERT, word_start: Optional[np.ndarray] = None) -> PairBatch:
     """Tensors for one batch of packed rows, trimmed to its longest row (dynamic padding).
 
     Segment 1 starts after ``template``'s pair prefix, a and middle; ``special_mask`` marks the
-    template's ids and the padding.
+    template's ids and the padding. ``word_start`` (N, >= T) bool: the rows' word starts, if known.
     """
     width = int(length.max())
     ids = torch.from_numpy(np.ascontiguousarray(input_ids[:, :width])).long()
@@ -174,14 +180,18 @@ def make_batch(input_ids: np.ndarray, len_a: np.ndarray, length: np.ndarray, lab
     target = torch.from_numpy(np.ascontiguousarray(labels))
     if not target.is_floating_point():
         target = target.long()
-    return PairBatch(ids, segment, attention, special, target, padded=bool(length.min() < width))
+    words = None
+    if word_start is not None:
+        words = torch.from_numpy(np.ascontiguousarray(word_start[:, :width], dtype=bool)) & ~special
+    return PairBatch(ids, segment, attention, special, target, padded=bool(length.min() < width), word_start=words)
 
 
 def batch_of(data: Union[Examples, dict], idx: np.ndarray) -> PairBatch:
     """The batch of examples ``idx`` (shards or packed rows)."""
     examples = as_examples(data)
     rows = examples.take(idx)
-    return make_batch(*(rows[k] for k in PACKED_KEYS), template=getattr(examples, "template", TWILBERT))
+    return make_batch(*(rows[k] for k in PACKED_KEYS), template=getattr(examples, "template", TWILBERT),
+                      word_start=rows.get("word_start"))
 
 
 def epoch_order(n: int, seed: int, epoch: int, shuffle: bool = True) -> np.ndarray:

@@ -12,12 +12,15 @@ and the checkpoint's usable positions. ``pairs`` then tokenizes with the ``token
 from __future__ import annotations
 
 import hashlib
+import itertools
 import json
 import logging
 import os
 import shutil
 from pathlib import Path
 from typing import TYPE_CHECKING, Optional, Sequence, Union
+
+import numpy as np
 
 from twilbert.data.preprocess import PreprocessConfig, Preprocessor
 from twilbert.data.tokenizer import META_FILE, Tokenizer, VocabError
@@ -152,6 +155,21 @@ class HFVocab:
         """Preprocess and tokenize without special tokens, untruncated; every text yields at least one id."""
         encodings = self.rust.encode_batch([self.preprocess(t) for t in texts], add_special_tokens=False)
         return [e.ids or [self.empty_id] for e in encodings]
+
+    def encode_words(self, texts: Sequence[str]) -> tuple[list[list[int]], np.ndarray]:
+        """:meth:`encode`'s ids, and whether each token (flat, text after text) starts a word: its word id
+        (the pre-tokenizer's word: whitespace, punctuation, a byte-level or Metaspace split) differs
+        from the previous token's. A text's first token starts one; so does a token without a word id."""
+        encodings = self.rust.encode_batch([self.preprocess(t) for t in texts], add_special_tokens=False)
+        ids = [e.ids or [self.empty_id] for e in encodings]
+        # None (no word) becomes NaN, unequal to everything: such a token is a word of its own
+        words = np.array(list(itertools.chain.from_iterable(e.word_ids or [None] for e in encodings)),
+                         dtype=np.float64)
+        starts = np.ones(len(words), dtype=bool)
+        starts[1:] = words[1:] != words[:-1]
+        lengths = np.fromiter(map(len, ids), dtype=np.int64, count=len(ids))
+        starts[np.cumsum(lengths) - lengths] = True
+        return ids, starts
 
     def decode_ids(self, ids: Sequence[int]) -> list[str]:
         return [self.rust.id_to_token(int(i)) or "" for i in ids]

@@ -3,9 +3,16 @@
 Per sequence ``round(budget * n_maskable)`` tokens are chosen (at least one when any is maskable;
 round-half-to-even). Each becomes [MASK], a random non-special id or itself with ``probs.mask`` /
 ``probs.random`` / ``probs.keep``, per token for word masking, per span for span masking (as SpanBERT
-does). Labels hold the original id where chosen, -100 elsewhere."""
+does). Labels hold the original id where chosen, -100 elsewhere.
+
+Whole-word masking: given ``word_start`` (a Hugging Face tokenizer's word boundaries, stored by the
+pairs stage), word masking chooses whole words, every piece of a word or none, in a random order
+until the next word would pass the budget (always at least one word), with one mask/random/keep
+draw per word; span masking makes SpanBERT's spans of whole words (lengths counted in words)."""
 
 from __future__ import annotations
+
+from typing import Optional
 
 import torch
 
@@ -23,20 +30,29 @@ def mask_tokens(
     mask_id: int,
     n_special: int,
     generator: torch.Generator,
+    word_start: Optional[torch.Tensor] = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Return ``(masked_ids, labels)``, both (B, T); ``special_mask`` is True where nothing may be masked
-    ([CLS], [SEP], [PAD]). Random replacements are drawn from ``[n_special, vocab_size)``."""
+    ([CLS], [SEP], [PAD]). Random replacements are drawn from ``[n_special, vocab_size)``.
+    ``word_start`` (B, T) bool, True on the first piece of each word: word masking masks whole words."""
     _check_args(input_ids, special_mask, vocab_size, mask_id, n_special)
+    if word_start is not None and (word_start.shape != input_ids.shape or word_start.dtype != torch.bool):
+        raise ValueError(f"word_start must be a bool tensor shaped like input_ids {tuple(input_ids.shape)}, "
+                         f"got {word_start.dtype} {tuple(word_start.shape)}")
     maskable = ~special_mask  # (B, T)
     n_target = _budget(maskable, cfg.budget)  # (B,)
-    if cfg.type == "span":
+    if cfg.type == "span" and word_start is not None:
+        chosen, unit = _choose_word_spans(maskable, word_start, n_target, cfg.max_span, generator)
+    elif cfg.type == "span":
         chosen, unit = _choose_spans(maskable, n_target, cfg.max_span, generator)
+    elif cfg.type == "word" and word_start is not None:
+        chosen, unit = _choose_whole_words(maskable, word_start, n_target, generator)
     elif cfg.type == "word":
         chosen, unit = _choose_words(maskable, n_target, generator), None
     else:
         raise ValueError(f"masked_lm.type must be 'word' or 'span', got {cfg.type!r}")
 
-    # One uniform draw per decision unit (token, or span) picks mask / random / keep.
+    # One uniform draw per decision unit (token, span or word) picks mask / random / keep.
     B, T = input_ids.shape
     u = torch.rand(B, T + 1 if unit is not None else T, generator=generator, device=input_ids.device)
     if unit is not None:
@@ -66,6 +82,29 @@ def _choose_words(maskable: torch.Tensor, n_target: torch.Tensor, generator: tor
     return maskable & (rank < n_target[:, None])
 
 
+def _choose_whole_words(maskable: torch.Tensor, word_start: torch.Tensor, n_target: torch.Tensor,
+                        generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+    """Whole words in a uniformly random order, while their pieces stay within n_target (the first word
+    always), and each token's word id (T: in no word), which shares one mask/random/keep decision.
+
+    A word is a maskable token marked in ``word_start`` with the unmarked maskable tokens after it; a
+    maskable token right after a special one starts a word whatever the mark says."""
+    B, T = maskable.shape
+    device = maskable.device
+    prev_maskable = torch.nn.functional.pad(maskable[:, :-1], (1, 0), value=False)
+    starts = maskable & (word_start | ~prev_maskable)  # (B, T)
+    word = torch.where(maskable, starts.long().cumsum(1) - 1, torch.full((B, T), T, dtype=torch.long, device=device))
+    word_len = torch.zeros(B, T + 1, dtype=torch.long, device=device).scatter_add_(1, word, maskable.long())
+    word_len[:, T] = 0  # the slot of the tokens in no word
+    order = torch.rand(B, T + 1, generator=generator, device=device).argsort(1)  # (B, T+1)
+    sorted_len = word_len.gather(1, order)
+    through = sorted_len.cumsum(1)  # pieces of the words up to this one, in that order
+    # a prefix of the order: the sums only grow; ids without a word have no pieces and change nothing
+    taken_sorted = (sorted_len > 0) & ((through <= n_target[:, None]) | (through == sorted_len))
+    taken = torch.empty_like(taken_sorted).scatter_(1, order, taken_sorted)  # (B, T+1) by word id
+    return maskable & taken.gather(1, word), word
+
+
 def span_length_probs(max_span: int, p: float = SPAN_GEOMETRIC_P) -> torch.Tensor:
     """P(length = 1..max_span): geometric(p) truncated to max_span and renormalized. (max_span,)"""
     lengths = torch.arange(max_span, dtype=torch.float64)
@@ -73,15 +112,36 @@ def span_length_probs(max_span: int, p: float = SPAN_GEOMETRIC_P) -> torch.Tenso
     return weights / weights.sum()
 
 
+def _choose_word_spans(maskable: torch.Tensor, word_start: torch.Tensor, n_target: torch.Tensor, max_span: int,
+                       generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+    """SpanBERT's spans of whole words: :func:`_choose_spans` on the row seen as units, each word one
+    unit (as long as its pieces) and each special token one, so spans count words, never cut one and
+    never cross a special; the budget counts tokens. Returns the chosen tokens and each one's span id."""
+    B, T = maskable.shape
+    prev_maskable = torch.nn.functional.pad(maskable[:, :-1], (1, 0), value=False)
+    starts = maskable & (word_start | ~prev_maskable)
+    unit = (starts | ~maskable).long().cumsum(1) - 1  # (B, T): the unit of each token, 0.. in order
+    unit_maskable = torch.zeros_like(maskable).scatter_(1, unit, maskable)  # a word's tokens agree
+    unit_len = torch.zeros(B, T, dtype=torch.long, device=maskable.device).scatter_add_(1, unit, maskable.long())
+    chosen, span = _choose_spans(unit_maskable, n_target, max_span, generator, weight=unit_len)
+    return maskable & chosen.gather(1, unit), torch.where(maskable, span.gather(1, unit), T)
+
+
 def _choose_spans(
-    maskable: torch.Tensor, n_target: torch.Tensor, max_span: int, generator: torch.Generator
+    maskable: torch.Tensor, n_target: torch.Tensor, max_span: int, generator: torch.Generator,
+    weight: Optional[torch.Tensor] = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Contiguous spans covering n_target tokens per row, and each token's span id (T: in no span),
     which shares one mask/random/keep decision per span. From a random start the row is cut into
     segments of ``length + 1`` tokens (lengths from :func:`span_length_probs`), clipped at special
     tokens; each segment ends in a never-chosen gap, so spans never merge or cross [SEP]. Spans are
     taken in random order until the budget is met exactly (the last cut at a random offset); the gaps
-    cap the masked share at about 1 / (1 + 1/E[length]) (>= 1/2)."""
+    cap the masked share at about 1 / (1 + 1/E[length]) (>= 1/2).
+
+    ``weight`` (B, T): tokens per position (positions are then words, :func:`_choose_word_spans`).
+    Spans are taken in random order while their tokens fit; the one crossing the budget gives the
+    positions from a random offset while they fit (the row's first span at least its first position),
+    so a row gets at most n_target tokens, or one word."""
     B, T = maskable.shape
     device = maskable.device
     positions = torch.arange(T, device=device).expand(B, T)  # (B, T)
@@ -113,18 +173,33 @@ def _choose_spans(
 
     # Take pieces in a uniformly random order (SpanBERT: a span, then another, until the budget).
     piece_len = torch.zeros(B, T + 1, dtype=torch.long, device=device).scatter_add_(1, piece, eligible.long())
+    size = eligible.long() if weight is None else torch.where(eligible, weight, 0)  # (B, T): tokens per position
+    piece_size = piece_len if weight is None else torch.zeros_like(piece_len).scatter_add_(1, piece, size)
     order = torch.rand(B, T + 1, generator=generator, device=device).argsort(1)  # (B, T+1)
-    sorted_len = piece_len.gather(1, order)
+    sorted_len = piece_size.gather(1, order)
     before_sorted = sorted_len.cumsum(1) - sorted_len  # tokens in earlier pieces, in that order
     before = torch.empty_like(before_sorted).scatter_(1, order, before_sorted)  # (B, T+1) by piece id
 
     # Pieces that fit are taken whole; the one crossing the budget gives a sub-run at a random offset
     # (always its first tokens would favour the token after each [CLS]/[SEP]).
     room = (n_target[:, None] - before).clamp(min=0)  # (B, T+1): budget left for each piece
-    take = torch.minimum(room, piece_len)
-    cut = (torch.rand(B, T + 1, generator=generator, device=device) * (piece_len - take + 1)).long()
-    lo = cut.gather(1, piece)  # (B, T)
-    chosen = eligible & (offset >= lo) & (offset < lo + take.gather(1, piece))
+    draw = torch.rand(B, T + 1, generator=generator, device=device)
+    if weight is None:
+        take = torch.minimum(room, piece_len)
+        lo = (draw * (piece_len - take + 1)).long().gather(1, piece)  # (B, T)
+        chosen = eligible & (offset >= lo) & (offset < lo + take.gather(1, piece))
+        return chosen, piece
+    # Weighted: as many positions as fit from the piece's start (``fit``: all of a piece that fits) give
+    # the range of the random offset, as above; from it, positions while their tokens fit the room.
+    through = size.cumsum(1)  # (B, T): tokens up to and including each position
+    room_here = room.gather(1, piece)  # (B, T)
+    from_start = through - (through - size).gather(1, piece_start)
+    fit = torch.zeros_like(piece_len).scatter_add_(1, piece, (eligible & (from_start <= room_here)).long())
+    lo = (draw * (piece_len - fit + (fit > 0).long())).long().gather(1, piece)  # (B, T); fit 0: any position
+    first = (piece_start + lo).clamp(max=T - 1)  # the position the piece's taken run starts at
+    tokens = through - (through - size).gather(1, first)  # tokens from there through this position
+    first_piece = (before == 0).gather(1, piece)  # the first span of the order: at least one word
+    chosen = eligible & (offset >= lo) & ((tokens <= room_here) | ((offset == lo) & first_piece))
     return chosen, piece
 
 

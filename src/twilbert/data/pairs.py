@@ -93,17 +93,25 @@ class PairParams:
     heldout_fraction: float
     seed: int
     dtype: str
+    word_starts: bool = False  # a checkpoint's tokenizer: keep each token's word start (whole-word masking)
 
 
 def tokenize_chunk(tokenizer: Tokenizer, first_row: int, rows: list[tuple[str, Optional[str]]],
                    params: PairParams) -> dict:
     """The pairs of corpus rows ``first_row, first_row + 1, ...``: per split, the flat tokens of each
-    pair's a then b (each cut to max_len) and its (start, len_a, len_b); plus the chunk's counts."""
+    pair's a then b (each cut to max_len) and its (start, len_a, len_b), and with ``params.word_starts``
+    whether each token starts a word (each segment's first token does); plus the chunk's counts."""
     n = len(rows)
     row_ids = np.arange(first_row, first_row + n, dtype=np.int64)
     has_reply = np.fromiter((b is not None for _, b in rows), dtype=bool, count=n)
-    text, text_len = _flat(tokenizer.encode([a for a, _ in rows]))
-    reply, reply_len = _flat(tokenizer.encode([b for _, b in rows if b is not None]))
+    texts, replies = [a for a, _ in rows], [b for _, b in rows if b is not None]
+    if params.word_starts:
+        (text_ids, text_words), (reply_ids, reply_words) = tokenizer.encode_words(texts), tokenizer.encode_words(replies)
+        words_source = np.concatenate([text_words, reply_words])  # (tokens,) bool, as source below
+    else:
+        text_ids, reply_ids = tokenizer.encode(texts), tokenizer.encode(replies)
+    text, text_len = _flat(text_ids)
+    reply, reply_len = _flat(reply_ids)
     source = np.concatenate([text, reply])  # replies follow the texts
     text_start = np.cumsum(text_len) - text_len
     reply_start = np.zeros(n, dtype=np.int64)
@@ -125,9 +133,14 @@ def tokenize_chunk(tokenizer: Tokenizer, first_row: int, rows: list[tuple[str, O
         la, lb = a_len[member], b_len[member]
         starts = np.stack([a_start[member], b_start[member]], 1).ravel()  # a0 b0 a1 b1 ...
         lens = np.stack([la, lb], 1).ravel()
-        tokens = source[concat_ranges(starts, lens)].astype(params.dtype)
+        taken = concat_ranges(starts, lens)
+        tokens = source[taken].astype(params.dtype)
         index = np.stack([np.cumsum(la + lb) - (la + lb), la, lb], 1)
         out[split] = (tokens, index)
+        if params.word_starts:
+            words = words_source[taken]
+            words[np.cumsum(lens) - lens] = True  # a segment cut inside a word (SOP cut, max_len) starts one
+            out[split] = (tokens, index, words)
     return out
 
 
@@ -195,12 +208,16 @@ class _ShardBuffer:
         for key in self.counts:
             self.counts[key] += result[key]
 
-    def pieces(self, split: str) -> tuple[list[np.ndarray], list[np.ndarray]]:
-        """The chunks' tokens and their index rows, whose starts now count from the shard's first token:
-        written one after the other, never concatenated (a shard is not held twice)."""
-        tokens = [t for t, _ in self.parts[split]]
+    def pieces(self, split: str) -> tuple:
+        """The chunks' tokens and their index rows, whose starts now count from the shard's first token,
+        and their word starts when kept: written one after the other, never concatenated (a shard is
+        not held twice)."""
+        tokens = [part[0] for part in self.parts[split]]
         offsets = np.cumsum([0] + [len(t) for t in tokens[:-1]])
-        return tokens, [i + np.array([o, 0, 0]) for (_, i), o in zip(self.parts[split], offsets)]
+        index = [part[1] + np.array([o, 0, 0]) for part, o in zip(self.parts[split], offsets)]
+        if self.parts[split] and len(self.parts[split][0]) == 3:
+            return tokens, index, [part[2] for part in self.parts[split]]
+        return tokens, index
 
 
 def _vocab_digest(tokenizer: Tokenizer) -> str:
@@ -232,12 +249,13 @@ def build_pair_shards(
     """
     out_dir = Path(out_dir)
     dtype = token_dtype(tokenizer.vocab_size)
-    params = PairParams(max_len, heldout_fraction, seed, dtype.name)
+    template = getattr(tokenizer, "template_json", None)  # a checkpoint's special ids (shards.PairShards packs with them)
+    params = PairParams(max_len, heldout_fraction, seed, dtype.name, word_starts=template is not None)
     identity = {"format": FORMAT, "max_len": max_len, "heldout_fraction": heldout_fraction,
                 "shard_size": shard_size, "seed": seed, "vocab": _vocab_digest(tokenizer), "source": source_id}
-    template = getattr(tokenizer, "template_json", None)  # a checkpoint's special ids (shards.PairShards packs with them)
     if template is not None:
         identity["template"] = template
+        identity["word_starts"] = True  # twilbert's own shards: no key, their bytes as before
     staging = out_dir.parent / f".{out_dir.name}.partial"
     done = _resume(staging, identity)
     shards: list[dict] = done["shards"]
@@ -335,8 +353,9 @@ def _publish(staging: Path, out_dir: Path, shards: list[dict], identity: dict, v
     common = {"format": FORMAT, "max_len": identity["max_len"], "vocab_size": vocab_size, "dtype": dtype.name,
               "seed": identity["seed"], "heldout_fraction": identity["heldout_fraction"],
               "shard_size": identity["shard_size"]}
-    if "template" in identity:
-        common["template"] = identity["template"]
+    for key in ("template", "word_starts"):
+        if key in identity:
+            common[key] = identity[key]
     splits = {}
     for split in SPLITS:
         entries = [s[split] for s in shards]

@@ -7,6 +7,9 @@ A pairs directory (the `pairs` stage's output)::
     train/manifest.json            the train split's part of it: a split directory stands alone
     train/shard-00000.tokens.npy   (T,) uint16 (int32 past 65,536 pieces): each pair's a then b, no specials
     train/shard-00000.index.npy    (n, 3) uint32: where the pair starts in tokens, len(a), len(b)
+    train/shard-00000.words.npy    with a Hugging Face checkpoint's tokenizer only (manifest ``word_starts``):
+                                   (ceil(T / 8),) uint8, bit t (little-endian within a byte) set when token t
+                                   starts a word (its tokenizer's word ids; each segment's first token does)
     heldout/...                    the same for the held-out split
 
 Shard k holds the usable pairs of corpus rows [k * shard_size, (k+1) * shard_size) that fell in its
@@ -72,9 +75,30 @@ def _write_npy(fh, pieces: Sequence[np.ndarray]) -> str:
     return digest.hexdigest()
 
 
-def write_shard(directory: Path, k: int, tokens: Sequence[np.ndarray], index: Sequence[np.ndarray]) -> dict:
+def pack_bits(flags: Sequence[np.ndarray]) -> list[np.ndarray]:
+    """The concatenation of the bool pieces ``flags`` as little-endian bits, 8 to a byte (the last byte
+    zero-padded), packed piece by piece: the flags are never concatenated."""
+    out, carry = [], np.zeros(0, dtype=bool)
+    for piece in flags:
+        bits = np.concatenate([carry, np.asarray(piece, dtype=bool)])
+        whole = len(bits) - len(bits) % 8
+        out.append(np.packbits(bits[:whole], bitorder="little"))
+        carry = bits[whole:]
+    out.append(np.packbits(carry, bitorder="little"))
+    return out
+
+
+def read_bits(packed: np.ndarray, positions: np.ndarray) -> np.ndarray:
+    """Bits ``positions`` of a :func:`pack_bits` array, as bools."""
+    positions = np.asarray(positions, dtype=np.int64)
+    return ((np.asarray(packed[positions >> 3]) >> (positions & 7).astype(np.uint8)) & 1).astype(bool)
+
+
+def write_shard(directory: Path, k: int, tokens: Sequence[np.ndarray], index: Sequence[np.ndarray],
+                words: Optional[Sequence[np.ndarray]] = None) -> dict:
     """Write shard ``k`` of one split (each file atomically) from consecutive pieces of its tokens and
-    of its (n, 3) index; its manifest entry with the checksums."""
+    of its (n, 3) index, and with ``words`` (bool pieces like the tokens') its word starts as bits;
+    its manifest entry with the checksums."""
     n_tokens, n_rows = sum(len(t) for t in tokens), sum(len(i) for i in index)
     if n_tokens > np.iinfo(INDEX_DTYPE).max:
         raise PairsDataError(f"{directory}/{shard_name(k)}: {n_tokens} tokens exceed a shard's uint32 index; "
@@ -83,7 +107,10 @@ def write_shard(directory: Path, k: int, tokens: Sequence[np.ndarray], index: Se
     entry = {"name": shard_name(k), "rows": n_rows, "tokens": n_tokens, "sha256": {}}
     index = [np.asarray(i, dtype=INDEX_DTYPE).reshape(-1, 3) for i in index] or [np.zeros((0, 3), INDEX_DTYPE)]
     entry["sample_sha256"] = {}
-    for part, pieces in (("tokens", list(tokens)), ("index", index)):
+    parts = [("tokens", list(tokens)), ("index", index)]
+    if words is not None:
+        parts.append(("words", pack_bits(words)))
+    for part, pieces in parts:
         path = directory / f"{entry['name']}.{part}.npy"
         with atomic_write(path, "wb") as fh:
             entry["sha256"][part] = _write_npy(fh, pieces)
@@ -158,7 +185,7 @@ def verify_pairs(pairs_dir: Path, vocab_size: Optional[int] = None, full: bool =
                                  f"(edited by hand?); " + FIX.format(where=pairs_dir))
         for entry in manifest["shards"]:
             _check_shard(directory, entry, np.dtype(manifest["dtype"]), vocab_size, int(manifest["max_len"]), full,
-                         FIX.format(where=pairs_dir))
+                         FIX.format(where=pairs_dir), bool(manifest.get("word_starts")))
             checked += 1
     return checked
 
@@ -181,9 +208,14 @@ def _npy_shape(path: Path, dtype: np.dtype, fix: str) -> tuple[tuple, int]:
 
 
 def _check_shard(directory: Path, entry: dict, dtype: np.dtype, vocab_size: int, max_len: int, full: bool,
-                 fix: str) -> None:
+                 fix: str, words: bool = False) -> None:
     name = entry["name"]
     expected = {"tokens": ((entry["tokens"],), dtype), "index": ((entry["rows"], 3), np.dtype(INDEX_DTYPE))}
+    if words:
+        expected["words"] = (((entry["tokens"] + 7) // 8,), np.dtype(np.uint8))
+        if "words" not in entry["sha256"]:
+            raise PairsDataError(f"{directory / MANIFEST}: {name} lists no word starts, but the manifest says its "
+                                 f"shards have them; {fix}")
     for part, (shape, part_dtype) in expected.items():
         path = directory / f"{name}.{part}.npy"
         found, offset = _npy_shape(path, part_dtype, fix)
@@ -199,15 +231,18 @@ def _check_shard(directory: Path, entry: dict, dtype: np.dtype, vocab_size: int,
         elif part in entry.get("sample_sha256", {}) and sampled_sha256(path) != entry["sample_sha256"][part]:
             raise PairsDataError(f"{path}: sampled checksum differs from {MANIFEST} (corrupt or changed); {fix}")
     if entry["rows"]:
-        _check_structure(directory, entry, vocab_size, max_len, full, fix)
+        _check_structure(directory, entry, vocab_size, max_len, full, fix, words)
 
 
-def _check_structure(directory: Path, entry: dict, vocab_size: int, max_len: int, full: bool, fix: str) -> None:
+def _check_structure(directory: Path, entry: dict, vocab_size: int, max_len: int, full: bool, fix: str,
+                     words: bool = False) -> None:
     """Pairs lie one after the other from token 0 to the last, each segment 1..max_len tokens long,
-    every token id below ``vocab_size``: on every row (``full``) or on sampled rows."""
+    every token id below ``vocab_size``, and (``words``) each segment starts a word: on every row
+    (``full``) or on sampled rows."""
     name = entry["name"]
     tokens = np.load(directory / f"{name}.tokens.npy", mmap_mode="r", allow_pickle=False)
     index = np.load(directory / f"{name}.index.npy", mmap_mode="r", allow_pickle=False)
+    starts = np.load(directory / f"{name}.words.npy", mmap_mode="r", allow_pickle=False) if words else None
     rows = len(index)
     if full:
         spans = [(b, min(b + VERIFY_CHUNK, rows)) for b in range(0, rows, VERIFY_CHUNK)]
@@ -231,6 +266,9 @@ def _check_structure(directory: Path, entry: dict, vocab_size: int, max_len: int
             problem = f"a pair ends at token {ends.max()}, past the shard's {len(tokens)}"
         if problem:
             raise PairsDataError(f"{directory / name}.index.npy: rows {begin}..{end - 1}: {problem}; {fix}")
+        if starts is not None and not read_bits(starts, np.concatenate([start, start + la])).all():
+            raise PairsDataError(f"{directory / name}.words.npy: rows {begin}..{end - 1}: a segment's first token "
+                                 f"is not marked as a word start; {fix}")
         if full:
             previous_end = int(ends[-1])
             continue
@@ -277,10 +315,16 @@ class PairShards:
         self.directory = Path(directory)
         self.manifest = manifest or read_manifest(self.directory)
         self.shards = [s for s in self.manifest["shards"] if s["rows"]]
-        for entry in self.shards:  # a stat per file: a truncated or missing shard fails now, not mid-epoch
-            for part, width in (("tokens", np.dtype(self.manifest["dtype"]).itemsize), ("index", 12)):
+        # a stat per file: a truncated or missing shard fails now, not mid-epoch
+        # a checkpoint's tokenizer: the word starts whole-word masking reads (the ``words`` files)
+        self.word_starts = bool(self.manifest.get("word_starts"))
+        self._parts = ("tokens", "index", "words") if self.word_starts else ("tokens", "index")
+        for entry in self.shards:
+            sizes = {"tokens": (entry["tokens"], np.dtype(self.manifest["dtype"]).itemsize),
+                     "index": (entry["rows"], 12), "words": ((entry["tokens"] + 7) // 8, 1)}
+            for part in self._parts:
                 path = self.directory / f"{entry['name']}.{part}.npy"
-                count = entry["tokens"] if part == "tokens" else entry["rows"]
+                count, width = sizes[part]
                 if not path.is_file() or path.stat().st_size < count * width:
                     raise PairsDataError(f"{path}: missing or shorter than the {count} entries {MANIFEST} lists; "
                                      "rerun the pairs stage")
@@ -300,15 +344,15 @@ class PairShards:
     def __len__(self) -> int:
         return 2 * self.pairs
 
-    def arrays(self, s: int) -> tuple[np.ndarray, np.ndarray]:
-        """(tokens, index) of shard ``s``, memory-mapped (read-only)."""
+    def arrays(self, s: int) -> tuple[np.ndarray, ...]:
+        """(tokens, index[, words]) of shard ``s``, memory-mapped (read-only)."""
         with self._lock:
             if s in self._open:
                 self._open.move_to_end(s)
                 return self._open[s]
             name = self.shards[s]["name"]
             maps = tuple(np.load(self.directory / f"{name}.{part}.npy", mmap_mode="r", allow_pickle=False)
-                         for part in ("tokens", "index"))
+                         for part in self._parts)
             self._open[s] = maps
             if len(self._open) > MAX_OPEN_SHARDS:
                 self._open.popitem(last=False)
@@ -345,7 +389,8 @@ class PairShards:
                         pad_id=self.pad_id)
 
     def take(self, idx: np.ndarray) -> dict[str, np.ndarray]:
-        """Packed rows of examples ``idx``: input_ids (B, W) with W the longest row, len_a, length, labels."""
+        """Packed rows of examples ``idx``: input_ids (B, W) with W the longest row, len_a, length, labels,
+        and with word starts in the shards ``word_start`` (B, W) bool (False on specials and padding)."""
         idx = np.asarray(idx, dtype=np.int64)
         if len(idx) and (idx.min() < 0 or idx.max() >= len(self)):
             raise IndexError(f"{self.directory}: example index outside 0..{len(self) - 1}")
@@ -356,14 +401,14 @@ class PairShards:
         groups = []
         for s in np.unique(shard):
             rows = np.flatnonzero(shard == s)
-            tokens, index = self.arrays(int(s))
+            tokens, index, *words = self.arrays(int(s))
             start, la, lb = np.asarray(index[pair[rows] - self._first[s]], dtype=np.int64).T
             sw = swapped[rows]
             # a positive reads (a, b); a negative (b, a): the same bytes, the other order
             s1, l1 = np.where(sw, start + la, start), np.where(sw, lb, la)
             s2, l2 = np.where(sw, start, start + la), np.where(sw, la, lb)
             first_len[rows], second_len[rows] = l1, l2
-            groups.append((rows, tokens, s1, l1, s2, l2))
+            groups.append((rows, tokens, words[0] if words else None, s1, l1, s2, l2))
         n_p, n_m, n_s = len(self.prefix), len(self.middle), len(self.suffix)
         length = first_len + second_len + n_p + n_m + n_s
         ids = np.full((len(idx), int(length.max()) if len(idx) else 0), self.pad_id, dtype=np.int64)
@@ -371,9 +416,16 @@ class PairShards:
         for part, start in ((self.prefix, 0), (self.middle, first_len + n_p), (self.suffix, length - n_s)):
             for k, token in enumerate(part):
                 ids[every, start + k] = token
-        for rows, tokens, s1, l1, s2, l2 in groups:
+        word_start = np.zeros(ids.shape, dtype=bool) if self.word_starts else None
+        for rows, tokens, words, s1, l1, s2, l2 in groups:
             for starts, lens, offset in ((s1, l1, n_p), (s2, l2, l1 + n_p + n_m)):
                 where = np.repeat(rows, lens)
                 col = concat_ranges(np.broadcast_to(offset, lens.shape), lens)
-                ids[where, col] = tokens[concat_ranges(starts, lens)]
-        return {"input_ids": ids, "len_a": first_len, "length": length, "labels": (~swapped).astype(np.int64)}
+                source = concat_ranges(starts, lens)
+                ids[where, col] = tokens[source]
+                if words is not None:
+                    word_start[where, col] = read_bits(words, source)
+        out = {"input_ids": ids, "len_a": first_len, "length": length, "labels": (~swapped).astype(np.int64)}
+        if word_start is not None:
+            out["word_start"] = word_start
+        return out

@@ -54,7 +54,8 @@ class PretrainObjective:
     def mask(self, batch: PairBatch, *keys: int) -> tuple[torch.Tensor, torch.Tensor]:
         generator = torch.Generator().manual_seed(step_seed(self.seed, *keys))
         return mask_tokens(
-            batch.input_ids, batch.special_mask, self.masked_lm, self.vocab_size, self.mask_id, self.n_special, generator
+            batch.input_ids, batch.special_mask, self.masked_lm, self.vocab_size, self.mask_id, self.n_special, generator,
+            word_start=batch.word_start,
         )
 
     def outputs(self, model: torch.nn.Module, batch: PairBatch, masked: torch.Tensor, labels: torch.Tensor,
