@@ -383,7 +383,11 @@ def test_ctrl_c_during_pretraining_is_one_line_saying_how_to_resume(pretrain_inp
     write_params(tmp_path, [*PRETRAIN, "training.epochs=500"])
     proc = subprocess.Popen([sys.executable, str(REPO / "stages" / "pretrain.py"),
                              *map(str, pretrain_args(pretrain_inputs, tmp_path / "out"))], cwd=tmp_path,
-                            env=stage_env(tmp_path), stderr=subprocess.PIPE, text=True)
+                            env=stage_env(tmp_path), stderr=subprocess.PIPE, text=True,
+                            # as from a terminal: Ctrl-C's default disposition, whatever the test worker
+                            # inherited (a process started with SIGINT ignored keeps it ignored, and Python
+                            # then installs no KeyboardInterrupt handler)
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     seen = []
     for line in proc.stderr:  # the model is built: training starts
         seen.append(line)
@@ -394,6 +398,7 @@ def test_ctrl_c_during_pretraining_is_one_line_saying_how_to_resume(pretrain_inp
     rest = proc.stderr.read()
     proc.wait(timeout=120)
     done = subprocess.CompletedProcess(proc.args, proc.returncode, "", "".join(seen) + rest)
+    assert done.returncode == 130, f"worker's SIGINT handler {signal.getsignal(signal.SIGINT)}: {done.stderr[:1500]}"
     line = one_error_line(done, code=130, prefix="interrupted:")
     assert "rerun the same command" in line and "checkpoint" in line
 
