@@ -18,6 +18,7 @@ from typing import Optional
 import yaml
 
 from twilbert.config import compose, load_config
+from twilbert.config.strict import flatten
 
 log = logging.getLogger("twilbert")
 
@@ -33,12 +34,7 @@ def dump_params(raw: dict) -> str:
 
 def params_changes(old: object, new: object, shown: int = 4) -> str:
     """'model.n_encoders: 4 -> 2, ...': the keys whose values differ, at most ``shown`` of them."""
-    def flat(tree: object, prefix: str = "") -> dict:
-        if isinstance(tree, dict):
-            return {k: v for key, sub in tree.items() for k, v in flat(sub, f"{prefix}{key}.").items()}
-        return {prefix.rstrip("."): tree}
-
-    a, b = flat(old or {}), flat(new or {})
+    a, b = flatten(old or {}), flatten(new or {})
     keys = [k for k in dict.fromkeys([*a, *b]) if a.get(k, "(absent)") != b.get(k, "(absent)")]
     text = ", ".join(f"{k}: {a.get(k, '(absent)')} -> {b.get(k, '(absent)')}" for k in keys[:shown])
     return text + (f" and {len(keys) - shown} more" if len(keys) > shown else "")

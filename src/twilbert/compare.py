@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Any, Callable, Iterable, Mapping, Optional, Sequence, Union
 
 from twilbert.config import TaskSpec
-from twilbert.config.strict import dig, from_dict
+from twilbert.config.strict import dig, flatten, from_dict
 from twilbert.errors import TwilbertError
 from twilbert.predictions import PredictionsFileError, aligned, parse_predictions
 from twilbert.stats import Delta, paired_delta
@@ -48,15 +48,6 @@ def exp_show_json(repo: Path) -> list:
     if proc.returncode != 0:
         raise CompareError(f"`dvc exp show --json` failed: {proc.stderr.strip().splitlines()[-1:] or proc.returncode}")
     return json.loads(proc.stdout or "[]")
-
-
-def flatten(tree: Any, prefix: str = "") -> dict[str, Any]:
-    if isinstance(tree, Mapping):
-        out: dict[str, Any] = {}
-        for key, value in tree.items():
-            out.update(flatten(value, f"{prefix}.{key}" if prefix else str(key)))
-        return out
-    return {prefix: tree}
 
 
 def _file_data(data: Mapping, section: str, name: str) -> dict:

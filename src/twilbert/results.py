@@ -24,6 +24,7 @@ from pathlib import Path
 from typing import Any, Iterable, Mapping, Optional
 
 from twilbert.config import TaskSpec
+from twilbert.config.strict import flatten
 from twilbert.errors import TwilbertError
 from twilbert.io_utils import atomic_write
 from twilbert.predictions import FILE as PREDICTIONS_FILE
@@ -351,21 +352,12 @@ def _by_task(rows: list[dict], labels: Optional[Mapping[str, str]] = None) -> di
     return groups
 
 
-def _flatten(tree: Any, prefix: str) -> dict[str, Any]:
-    if isinstance(tree, Mapping):
-        out: dict[str, Any] = {}
-        for key, value in tree.items():
-            out.update(_flatten(value, f"{prefix}_{key}"))
-        return out
-    return {prefix: tree}
-
-
 def _flat_run(row: dict) -> dict[str, Any]:
     out: dict[str, Any] = {}
     for split in ("dev", "test"):
-        out.update(_flatten(row[split], split))
+        out.update(flatten(row[split], split, "_"))
     if "kfold" in row:
-        out.update(_flatten(row["kfold"], "kfold"))
+        out.update(flatten(row["kfold"], "kfold", "_"))
     return out
 
 

@@ -19,6 +19,7 @@ from typing import Callable, Optional
 import yaml
 
 from twilbert.config import Config, ConfigError, compose, load_config
+from twilbert.config.strict import flatten
 from twilbert.numerics import pin
 from twilbert.progress import format_duration
 from twilbert.runtime import apply_threads
@@ -76,15 +77,6 @@ def load_stage_config(overrides: list[str], params: str = PARAMS_FILE) -> tuple[
 MAX_CHANGES_SHOWN = 12
 
 
-def _flat(tree: object, prefix: str = "") -> dict[str, object]:
-    if isinstance(tree, dict):
-        out: dict[str, object] = {}
-        for key, value in tree.items():
-            out.update(_flat(value, f"{prefix}.{key}" if prefix else str(key)))
-        return out
-    return {prefix: tree}
-
-
 def param_changes(raw: dict, conf_dir: Path = Path(CONF_DIR)) -> Optional[list[str]]:
     """``key=value (conf/: default)`` for each param of ``raw`` that differs from ``conf/``'s
     composition (an experiment's ``-S`` overrides, a hand edit of params.yaml); None without ``conf/``."""
@@ -93,10 +85,10 @@ def param_changes(raw: dict, conf_dir: Path = Path(CONF_DIR)) -> Optional[list[s
     if not (conf_dir / "config.yaml").is_file():
         return None
     try:
-        base = _flat(compose_plain([], conf_dir))
+        base = flatten(compose_plain([], conf_dir))
     except (ConfigError, OSError, ValueError):
         return None
-    ours = _flat(raw)
+    ours = flatten(raw)
     changed = []
     for key in sorted(set(ours) | set(base)):
         if key.split(".", 1)[0] == DERIVED_KEY or ours.get(key, "<none>") == base.get(key, "<none>"):

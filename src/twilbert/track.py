@@ -23,6 +23,7 @@ from typing import Any, Callable, Iterator, Mapping, Optional
 from urllib.parse import urlsplit
 
 from twilbert.config import ConfigError, TrackingConfig
+from twilbert.config.strict import flatten as flatten_tree
 from twilbert.tracking_store import (
     bounded_http,
     is_locked_error,
@@ -76,14 +77,9 @@ def tracking_uri(cfg: TrackingConfig, root: Optional[Path] = None) -> str:
 
 def flatten(tree: Any, prefix: str = "") -> dict[str, str]:
     """Nested config -> {'model.n_encoders': '12', ...}, keys and values within MLflow's limits."""
-    out: dict[str, str] = {}
-    if isinstance(tree, Mapping):
-        for key, value in tree.items():
-            out.update(flatten(value, f"{prefix}.{key}" if prefix else str(key)))
-    else:
-        text = str(tree)
-        out[param_key(prefix)] = text if len(text) <= MAX_PARAM_CHARS else text[: MAX_PARAM_CHARS - 3] + "..."
-    return out
+    texts = {param_key(key): str(value) for key, value in flatten_tree(tree, prefix).items()}
+    return {key: text if len(text) <= MAX_PARAM_CHARS else text[: MAX_PARAM_CHARS - 3] + "..."
+            for key, text in texts.items()}
 
 
 def param_key(key: str) -> str:

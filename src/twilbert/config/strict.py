@@ -103,6 +103,17 @@ def dig(tree: Any, dotted: str) -> Any:
     return tree
 
 
+def flatten(tree: Any, prefix: str = "", sep: str = ".") -> dict[str, Any]:
+    """Nested mappings -> ``{"model.n_encoders": 12, ...}``: one key per leaf, parts joined by ``sep``
+    under ``prefix``."""
+    if not isinstance(tree, Mapping):
+        return {prefix: tree}
+    out: dict[str, Any] = {}
+    for key, value in tree.items():
+        out.update(flatten(value, f"{prefix}{sep}{key}" if prefix else str(key), sep))
+    return out
+
+
 def to_dict(obj: Any) -> Any:
     """Dataclass tree -> plain dict (for JSON model configs and MLflow params)."""
     return dataclasses.asdict(obj) if dataclasses.is_dataclass(obj) else obj
