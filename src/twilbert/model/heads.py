@@ -154,15 +154,20 @@ class TWilBertForPretraining(nn.Module):
         hidden = self.twilbert(input_ids, segment_ids, attention_mask, padded)  # (B, T, H)
         # The V-projection dominates the head's cost, so it runs on the ~15% masked positions only,
         # and in the loss (or ``mlm_logits``), not here.
-        if mlm_positions is None:
-            selected = mlm_labels != IGNORE_INDEX  # (B, T)
-            masked_hidden, targets = hidden[selected], mlm_labels[selected]  # (N, H), (N,)
-        else:
-            masked_hidden = hidden.flatten(0, 1).index_select(0, mlm_positions)  # (N, H)
-            targets = mlm_labels.flatten().index_select(0, mlm_positions)  # (N,)
+        masked_hidden, targets = masked_positions(hidden, mlm_labels, mlm_positions)  # (N, H), (N,)
         mlm_states = self.predictions.transform(masked_hidden)  # (N, E)
         rop_logits = self.rop_classifier(hidden[:, 0]) if self.rop_classifier is not None else None
         return PretrainOutput(mlm_states, targets, rop_logits, self.predictions.decoder.weight, self.predictions.bias)
+
+
+def masked_positions(hidden: torch.Tensor, mlm_labels: torch.Tensor,
+                     mlm_positions: Optional[torch.Tensor] = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """The hidden states (N, H) and target ids (N,) at the masked positions: those the flat indices
+    ``mlm_positions`` name (row * T + column, known on the host), else where ``mlm_labels`` (B, T) is set."""
+    if mlm_positions is None:
+        selected = mlm_labels != IGNORE_INDEX  # (B, T)
+        return hidden[selected], mlm_labels[selected]
+    return hidden.flatten(0, 1).index_select(0, mlm_positions), mlm_labels.flatten().index_select(0, mlm_positions)
 
 
 class TWilBertForClassification(nn.Module):

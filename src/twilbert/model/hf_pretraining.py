@@ -24,9 +24,8 @@ import torch
 from torch import nn
 
 from twilbert.config import RopConfig
-from twilbert.data.special import IGNORE_INDEX
 from twilbert.errors import TwilbertError
-from twilbert.model.heads import PretrainOutput, TWilBertROPHead
+from twilbert.model.heads import PretrainOutput, TWilBertROPHead, masked_positions
 
 PathLike = Union[str, Path]
 CARD_NAME = "twilbert.json"  # the project's card in a Hugging Face folder (its config.json is HF's)
@@ -126,12 +125,7 @@ class HFForPretraining(nn.Module):
     ) -> PretrainOutput:
         """As ``TWilBertForPretraining.forward``; ``padded`` is unused (the checkpoint masks padding itself)."""
         hidden = self.encode(input_ids, segment_ids, attention_mask)  # (B, T, H)
-        if mlm_positions is None:
-            selected = mlm_labels != IGNORE_INDEX
-            masked_hidden, targets = hidden[selected], mlm_labels[selected]  # (N, H), (N,)
-        else:
-            masked_hidden = hidden.flatten(0, 1).index_select(0, mlm_positions)
-            targets = mlm_labels.flatten().index_select(0, mlm_positions)
+        masked_hidden, targets = masked_positions(hidden, mlm_labels, mlm_positions)  # (N, H), (N,)
         weight, bias = self.decoder()
         if bias is None:
             bias = torch.zeros(weight.shape[0], dtype=weight.dtype, device=weight.device)

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import json
 import logging
-import math
 from pathlib import Path
 from typing import Optional, Sequence
 
@@ -24,10 +23,9 @@ from twilbert import distributed
 from twilbert.codebase import code_digest
 from twilbert.config import Config, ConfigError, to_dict
 from twilbert.data.hf_vocab import HFVocab, check_positions, is_hf_vocab
-from twilbert.data.prefetch import prefetch
 from twilbert.data.shards import MANIFEST
 from twilbert.device import configure_matmul, resolve_device
-from twilbert.distributed import DistContext, iterate_rank_batches, n_rank_batches, wrap_ddp
+from twilbert.distributed import DistContext, wrap_ddp
 from twilbert.io_utils import publish_dir
 from twilbert.model import count_parameters
 from twilbert.model.hf_pretraining import (
@@ -42,18 +40,16 @@ from twilbert.model.hf_pretraining import (
 from twilbert.model.io import save_weights
 from twilbert.track import Tracker
 from twilbert.train.curves import CurveRecorder
-from twilbert.train.fingerprint import config_fingerprint, files_digest, run_fingerprint
-from twilbert.train.heldout import heldout_metrics, summarize
-from twilbert.train.loop import BestEpoch, Callback, Checkpointing, Trainer, seed_everything
+from twilbert.train.fingerprint import config_fingerprint, files_digest
+from twilbert.train.heldout import summarize
+from twilbert.train.loop import Callback, Trainer, seed_everything
 from twilbert.train.objective import PretrainObjective
 from twilbert.train.optim import build_optimizer, build_scheduler, param_groups
 from twilbert.train.pretrain import (
-    EPOCH_LINE_KEYS,
     FINGERPRINT_KEYS,
-    PREFETCH_BATCHES,
-    TRAIN_STATE_DIR,
     Pretraining,
     open_pretrain_data,
+    run_epochs,
 )
 
 log = logging.getLogger(__name__)
@@ -154,36 +150,11 @@ def continued_pretrain(cfg: Config, pairs_dir: Path, vocab_dir: Path, out_dir: P
     if ctx.is_main:
         log.info("pretrain: continuing %s (%s, %d parameters), device %s, %d process(es)", tcfg.hf_path,
                  vocab.meta.get("model_type"), n_params, device, ctx.world_size)
-    parts = continued_fingerprint(cfg, pairs_dir, vocab_dir)
-    trainer.checkpointing = Checkpointing(checkpoint_dir / TRAIN_STATE_DIR, run_fingerprint(parts),
-                                          tcfg.checkpoint_every, parts=parts,
-                                          state=lambda: {"curves": curves.state()})
-    trainer.callbacks.extend(callbacks)
+    def save_epoch(epoch: int, metrics: dict, improved: bool) -> None:
+        save_hf_pretrained(checkpoint_dir / "last", model, vocab, card(cfg, vocab, model, epoch, metrics))
 
-    def batches(epoch: int, start: int):
-        return prefetch(iterate_rank_batches(train_data, tcfg.batch_size, cfg.seed, epoch, ctx, start=start),
-                        PREFETCH_BATCHES)
-
-    def evaluate(epoch: int, sums: dict) -> tuple[float, dict]:
-        metrics = {**summarize(sums, "train"),
-                   **heldout_metrics(model, objective, heldout_data, tcfg.batch_size, tcfg.pll_examples, device,
-                                     tcfg.precision),
-                   "epoch": epoch + 1}
-        return metrics.get("heldout_mlm_loss", math.inf) + (1.0 - metrics.get("heldout_rop_accuracy", 1.0)), metrics
-
-    def on_epoch(epoch: int, metrics: dict, improved: bool) -> None:
-        if ctx.is_main:
-            curves.add_epoch(epoch, trainer.state.optimizer_steps, metrics)
-            if tracker:
-                tracker.log_metrics(metrics, step=trainer.state.optimizer_steps)
-            save_hf_pretrained(checkpoint_dir / "last", model, vocab, card(cfg, vocab, model, epoch, metrics))
-
-    best = trainer.fit(tcfg.epochs, batches, objective, evaluate, BestEpoch(lower_is_better=True),
-                       total=n_rank_batches(len(train_data), tcfg.batch_size, ctx.world_size),
-                       shown=lambda m: {k: m[k] for k in EPOCH_LINE_KEYS if k in m}, on_epoch=on_epoch,
-                       on_resume=lambda restored: curves.restore(restored.get("curves")))
-    if best.weights is None:
-        raise ValueError(f"pretrain: no epoch trained (training.epochs={tcfg.epochs})")
+    best = run_epochs(cfg, ctx, model, trainer, objective, train_data, heldout_data, curves, tracker,
+                      checkpoint_dir, continued_fingerprint(cfg, pairs_dir, vocab_dir), callbacks, save_epoch)
     if ctx.is_main:
         model.load_state_dict(best.weights)
         check_tied(model.mlm, str(out_dir))

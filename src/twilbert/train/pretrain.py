@@ -17,7 +17,7 @@ import logging
 import math
 import shutil
 from pathlib import Path
-from typing import NamedTuple, Optional, Sequence
+from typing import Callable, NamedTuple, Optional, Sequence
 
 import torch
 
@@ -182,12 +182,35 @@ def pretrain(cfg: Config, pairs_dir: Path, vocab_dir: Path, out_dir: Path, check
                  ctx.world_size)
 
     card = ModelCard.pretrained(cfg.model, vocab_size, cfg.representation.max_len)
-    parts = pretrain_fingerprint(cfg, pairs_dir, vocab_dir)
+
+    def save_epoch(epoch: int, metrics: dict, improved: bool) -> None:
+        save_pretrained(checkpoint_dir / "last", model, card.replace(epoch=epoch, metrics=metrics))
+        if improved:
+            save_pretrained(checkpoint_dir / "best", model, card.replace(epoch=epoch, metrics=metrics))
+
+    best = run_epochs(cfg, ctx, model, trainer, objective, train_data, heldout_data, curves, tracker,
+                      checkpoint_dir, pretrain_fingerprint(cfg, pairs_dir, vocab_dir), callbacks, save_epoch)
+    if ctx.is_main:
+        publish_best(model, best, card, tokenizer, checkpoint_dir / "best", out_dir)
+        if curves_dir is not None:
+            curves.write(curves_dir)
+    distributed.barrier()
+    return {**best.metrics, "parameters": n_params}
+
+
+def run_epochs(cfg: Config, ctx: DistContext, model: torch.nn.Module, trainer: Trainer, objective: PretrainObjective,
+               train_data: Examples, heldout_data: Examples, curves: CurveRecorder, tracker: Optional[Tracker],
+               checkpoint_dir: Path, parts: dict[str, str], callbacks: Sequence[Callback],
+               save_epoch: Callable[[int, dict, bool], None]) -> BestEpoch:
+    """The epochs of pretraining, for twilbert's encoder and a continued checkpoint alike: the run's
+    training checkpoints (resumed when ``parts`` match), length-grouped batches read ahead, the held-out
+    score that picks the best epoch, curves and tracking per epoch; ``save_epoch(epoch, metrics,
+    improved)`` writes the epoch's model on rank 0. Returns the best epoch."""
+    tcfg = cfg.training
     trainer.checkpointing = Checkpointing(checkpoint_dir / TRAIN_STATE_DIR, run_fingerprint(parts),
                                           tcfg.checkpoint_every, parts=parts,
                                           state=lambda: {"curves": curves.state()})
     trainer.callbacks.extend(callbacks)
-    n_train = len(train_data)
 
     def batches(epoch: int, start: int):
         return prefetch(iterate_rank_batches(train_data, tcfg.batch_size, cfg.seed, epoch, ctx, start=start,
@@ -198,7 +221,7 @@ def pretrain(cfg: Config, pairs_dir: Path, vocab_dir: Path, out_dir: Path, check
         # Every rank scores the whole held-out set: the same numbers, so the same best-epoch decision.
         metrics = {
             **summarize(sums, "train"),
-            **heldout_metrics(model, objective, heldout_data, tcfg.batch_size, tcfg.pll_examples, device,
+            **heldout_metrics(model, objective, heldout_data, tcfg.batch_size, tcfg.pll_examples, ctx.device,
                               tcfg.precision),
             "epoch": epoch + 1,
         }
@@ -209,22 +232,15 @@ def pretrain(cfg: Config, pairs_dir: Path, vocab_dir: Path, out_dir: Path, check
             curves.add_epoch(epoch, trainer.state.optimizer_steps, metrics)
             if tracker:
                 tracker.log_metrics(metrics, step=trainer.state.optimizer_steps)
-            save_pretrained(checkpoint_dir / "last", model, card.replace(epoch=epoch, metrics=metrics))
-            if improved:
-                save_pretrained(checkpoint_dir / "best", model, card.replace(epoch=epoch, metrics=metrics))
+            save_epoch(epoch, metrics, improved)
 
     best = trainer.fit(tcfg.epochs, batches, objective, evaluate, BestEpoch(lower_is_better=True),
-                       total=n_rank_batches(n_train, tcfg.batch_size, ctx.world_size),
+                       total=n_rank_batches(len(train_data), tcfg.batch_size, ctx.world_size),
                        shown=lambda m: {k: m[k] for k in EPOCH_LINE_KEYS if k in m}, on_epoch=on_epoch,
                        on_resume=lambda restored: curves.restore(restored.get("curves")))
     if best.weights is None:
         raise ValueError(f"pretrain: no epoch trained (training.epochs={tcfg.epochs})")
-    if ctx.is_main:
-        publish_best(model, best, card, tokenizer, checkpoint_dir / "best", out_dir)
-        if curves_dir is not None:
-            curves.write(curves_dir)
-    distributed.barrier()
-    return {**best.metrics, "parameters": n_params}
+    return best
 
 
 def publish_best(model: TWilBertForPretraining, best: BestEpoch, card: ModelCard, tokenizer: Tokenizer,
