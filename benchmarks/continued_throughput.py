@@ -20,7 +20,6 @@ median of per-round ratios over alternating rounds (``pretrain_throughput.compar
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
 import platform
@@ -68,29 +67,20 @@ def ours_step(cfg, vocab, batch):
 
 
 def hf_step(cfg, vocab, batch):
+    """A Trainer/run_mlm-style step of the checkpoint itself on the same masked batch."""
+    from pretrain_throughput import hf_trainer_step
     from transformers import AutoModelForMaskedLM
 
     from twilbert.train.objective import PretrainObjective
 
     device = torch.device(cfg.training.device)
     model = AutoModelForMaskedLM.from_pretrained(cfg.training.hf_path, dtype=torch.float32).to(device).train()
-    optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.training.lr, weight_decay=cfg.training.weight_decay,
-                                  fused=True)
     masked, labels = PretrainObjective(cfg.model.masked_lm, cfg.seed, vocab.vocab_size, torch.device("cpu"),
                                        mask_id=vocab.mask_id, n_special=vocab.n_special).mask(batch, 0, 0)
     inputs = {k: v.to(device) for k, v in dict(input_ids=masked, attention_mask=batch.attention_mask.long(),
                                                  token_type_ids=batch.segment_ids, labels=labels).items()}
-    bf16 = cfg.training.precision == "bf16"
-
-    def step() -> None:
-        with torch.autocast(device.type, dtype=torch.bfloat16) if bf16 else contextlib.nullcontext():
-            loss = model(**inputs).loss
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.training.max_grad_norm)
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-
-    return step
+    step = hf_trainer_step(model, cfg)
+    return lambda: step(inputs)
 
 
 def run(args) -> None:

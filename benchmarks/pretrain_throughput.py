@@ -147,31 +147,30 @@ def ours_step(cfg: Config, vocab: int, batch: PairBatch) -> Callable[[], None]:
     return lambda: trainer.train_step(batch, objective)
 
 
-def hf_step(cfg: Config, vocab: int, batch: PairBatch) -> Callable[[], None]:
-    """One step of AlbertForPreTraining with HF Trainer's default optimizer, on the same masked batch."""
+def hf_albert(cfg: Config, vocab: int, positions: int) -> torch.nn.Module:
+    """``AlbertForPreTraining`` of our config's sizes (no dropout), in training mode on ``DEVICE``."""
     from transformers import AlbertConfig, AlbertForPreTraining
 
     m = cfg.model
-    model = AlbertForPreTraining(AlbertConfig(
+    return AlbertForPreTraining(AlbertConfig(
         vocab_size=vocab, embedding_size=m.embedding_size, hidden_size=m.hidden_size,
         num_attention_heads=m.n_heads, num_hidden_layers=m.n_encoders, num_hidden_groups=1, inner_group_num=1,
         intermediate_size=m.ffn_size, hidden_act=m.hidden_act, hidden_dropout_prob=0.0,
         attention_probs_dropout_prob=0.0, classifier_dropout_prob=0.0,
-        max_position_embeddings=batch.input_ids.shape[1], layer_norm_eps=m.layer_norm_eps,
-    )).train()
-    device = torch.device(cfg.training.device)
-    model.to(device)
+        max_position_embeddings=positions, layer_norm_eps=m.layer_norm_eps,
+    )).train().to(DEVICE)
+
+
+def hf_trainer_step(model: torch.nn.Module, cfg: Config) -> Callable[[dict], None]:
+    """HF Trainer's default step on ``model``, one batch of inputs (on the device) at a time: AdamW
+    (fused), bf16 autocast under ``training.precision: bf16``, gradient clipping."""
     optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.training.lr, weight_decay=cfg.training.weight_decay,
                                   fused=True)
-    # the masks our objective draws, and ALBERT's SOP label: 0 = original order
-    masked, labels = fixed_masks(cfg, vocab, batch)
-    inputs = dict(input_ids=masked, attention_mask=batch.attention_mask.long(), token_type_ids=batch.segment_ids,
-                  labels=labels, sentence_order_label=1 - batch.labels)
-    inputs = {k: v.to(device) for k, v in inputs.items()}  # on the device once: HF gets no copy per step
+    device_type = next(model.parameters()).device.type
     bf16 = cfg.training.precision == "bf16"
 
-    def step() -> None:
-        with torch.autocast(device.type, dtype=torch.bfloat16) if bf16 else contextlib.nullcontext():
+    def step(inputs: dict) -> None:
+        with torch.autocast(device_type, dtype=torch.bfloat16) if bf16 else contextlib.nullcontext():
             loss = model(**inputs).loss
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.training.max_grad_norm)
@@ -179,6 +178,14 @@ def hf_step(cfg: Config, vocab: int, batch: PairBatch) -> Callable[[], None]:
         optimizer.zero_grad(set_to_none=True)
 
     return step
+
+
+def hf_step(cfg: Config, vocab: int, batch: PairBatch) -> Callable[[], None]:
+    """One step of AlbertForPreTraining with HF Trainer's default optimizer, on the same masked batch
+    (its inputs on the device once: HF gets no copy per step)."""
+    step = hf_trainer_step(hf_albert(cfg, vocab, batch.input_ids.shape[1]), cfg)
+    inputs = hf_inputs(cfg, vocab, batch, 0)
+    return lambda: step(inputs)
 
 
 DEVICE = torch.device("cpu")  # set by main(): where the steps and the matmul probes run
@@ -361,26 +368,7 @@ def ours_stepper(cfg: Config, vocab: int) -> Callable[[PairBatch], None]:
 
 def hf_stepper(cfg: Config, vocab: int, positions: int) -> Callable[[dict], None]:
     """AlbertForPreTraining with HF Trainer's default optimizer, one prepared batch (``hf_inputs``) at a time."""
-    from transformers import AlbertConfig, AlbertForPreTraining
-
-    m = cfg.model
-    model = AlbertForPreTraining(AlbertConfig(
-        vocab_size=vocab, embedding_size=m.embedding_size, hidden_size=m.hidden_size,
-        num_attention_heads=m.n_heads, num_hidden_layers=m.n_encoders, num_hidden_groups=1, inner_group_num=1,
-        intermediate_size=m.ffn_size, hidden_act=m.hidden_act, hidden_dropout_prob=0.0,
-        attention_probs_dropout_prob=0.0, classifier_dropout_prob=0.0,
-        max_position_embeddings=positions, layer_norm_eps=m.layer_norm_eps,
-    )).train().to(DEVICE)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.training.lr, weight_decay=cfg.training.weight_decay,
-                                  fused=True)
-
-    def step(inputs: dict) -> None:
-        model(**inputs).loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.training.max_grad_norm)
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-
-    return step
+    return hf_trainer_step(hf_albert(cfg, vocab, positions), cfg)
 
 
 def hf_inputs(cfg: Config, vocab: int, batch: PairBatch, key: int) -> dict:
