@@ -31,14 +31,21 @@ def continued_overrides(checkpoint: Path, **training) -> list[str]:
     return ["model=tiny", f"representation.max_len={MAX_LEN}", *(f"training.{k}={v}" for k, v in base.items())]
 
 
+def continued_inputs(root: Path, family: str, tweets: int) -> Path:
+    """A tiny ``family`` checkpoint under ``root``, its tokenizer taken as ``root/vocab`` and ``tweets``
+    generated tweets it never saw tokenized into ``root/pairs``; returns the checkpoint."""
+    checkpoint = make_mlm_checkpoint(root / "checkpoint", family)
+    take_hf_vocab(checkpoint, root / "vocab")
+    build_pair_shards([(t, None) for t, _ in make_tweets(tweets, seed=11)], open_vocab(root / "vocab"),
+                      root / "pairs", max_len=MAX_LEN, heldout_fraction=0.2, shard_size=1000, seed=0)
+    return checkpoint
+
+
 @pytest.fixture(scope="module", params=FAMILIES)
 def family_inputs(request, tmp_path_factory):
     """(family, checkpoint, vocab, pairs) of a tiny checkpoint and 60 generated tweets never seen by it."""
     root = tmp_path_factory.mktemp(f"continued-{request.param}")
-    checkpoint = make_mlm_checkpoint(root / "checkpoint", request.param)
-    take_hf_vocab(checkpoint, root / "vocab")
-    build_pair_shards([(t, None) for t, _ in make_tweets(60, seed=11)], open_vocab(root / "vocab"), root / "pairs",
-                      max_len=MAX_LEN, heldout_fraction=0.2, shard_size=1000, seed=0)
+    checkpoint = continued_inputs(root, request.param, 60)
     return request.param, checkpoint, root / "vocab", root / "pairs"
 
 
@@ -375,10 +382,7 @@ def test_continued_pretraining_lowers_heldout_loss_and_writes_a_folder_hf_loads_
 @pytest.mark.parametrize("masking", ["span", "word"])  # word: whole words, from the shards' word starts
 def test_continued_pretraining_killed_inside_a_window_resumes_bit_for_bit(tmp_path, masking):
     root = tmp_path / "inputs"
-    checkpoint = make_mlm_checkpoint(root / "checkpoint", "roberta")
-    take_hf_vocab(checkpoint, root / "vocab")
-    build_pair_shards([(t, None) for t, _ in make_tweets(60, seed=11)], open_vocab(root / "vocab"), root / "pairs",
-                      max_len=MAX_LEN, heldout_fraction=0.2, shard_size=1000, seed=0)
+    checkpoint = continued_inputs(root, "roberta", 60)
     work = tmp_path / "work"
     write_params(work, [*continued_overrides(checkpoint), f"model.masked_lm.type={masking}"])
 
@@ -408,10 +412,7 @@ def test_the_finetune_stage_and_predict_read_the_continued_model_with_no_extra_s
     from twilbert.train.finetune_stage import finetune_task
 
     root = tmp_path / "inputs"
-    checkpoint = make_mlm_checkpoint(root / "checkpoint", "roberta")
-    take_hf_vocab(checkpoint, root / "vocab")
-    build_pair_shards([(t, None) for t, _ in make_tweets(40, seed=11)], open_vocab(root / "vocab"), root / "pairs",
-                      max_len=MAX_LEN, heldout_fraction=0.2, shard_size=1000, seed=0)
+    checkpoint = continued_inputs(root, "roberta", 40)
     work = tmp_path / "work"
     write_params(work, continued_overrides(checkpoint, epochs=1))
     pretrained = tmp_path / "pretrained"
@@ -453,10 +454,7 @@ def test_continued_pretraining_under_bf16_autocast_trains_to_finite_metrics(tmp_
     from twilbert.train.continued import continued_pretrain
 
     root = tmp_path / "inputs"
-    checkpoint = make_mlm_checkpoint(root / "checkpoint", "bert")
-    take_hf_vocab(checkpoint, root / "vocab")
-    build_pair_shards([(t, None) for t, _ in make_tweets(30, seed=11)], open_vocab(root / "vocab"), root / "pairs",
-                      max_len=MAX_LEN, heldout_fraction=0.2, shard_size=1000, seed=0)
+    checkpoint = continued_inputs(root, "bert", 30)
     work = tmp_path / "work"
     write_params(work, continued_overrides(checkpoint, epochs=1, precision="bf16", pll_examples=0))
     metrics = continued_pretrain(load_config(work / "params.yaml"), root / "pairs", root / "vocab",
@@ -474,10 +472,7 @@ def test_torchrun_continues_a_checkpoint_on_two_ranks_and_rank_0_writes_one_fold
     import sys
 
     root = tmp_path / "inputs"
-    checkpoint = make_mlm_checkpoint(root / "checkpoint", family)
-    take_hf_vocab(checkpoint, root / "vocab")
-    build_pair_shards([(t, None) for t, _ in make_tweets(40, seed=11)], open_vocab(root / "vocab"), root / "pairs",
-                      max_len=MAX_LEN, heldout_fraction=0.2, shard_size=1000, seed=0)
+    checkpoint = continued_inputs(root, family, 40)
     work = tmp_path / "work"
     write_params(work, continued_overrides(checkpoint, epochs=1, batch_size=4))
     out = tmp_path / "out"

@@ -9,9 +9,6 @@ from __future__ import annotations
 
 import copy
 import json
-import os
-import shutil
-import subprocess
 import sys
 from pathlib import Path
 
@@ -24,20 +21,15 @@ from twilbert.config import compose
 from twilbert.config.runs import finetune_runs
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from project import commit_project, copy_project, project_env, run  # noqa: E402
+
 from finetune_data import make_pretrained  # noqa: E402
-from helpers import fake_sdist, make_tweets  # noqa: E402
 from hf_checkpoints import make_mlm_checkpoint  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[2]
-COPY = ("conf", "stages", "src", "corpus", "plots", "dvc.yaml", ".dvcignore", ".gitignore")
 
 pytestmark = pytest.mark.slow
-
-
-def run(cmd: list[str], cwd: Path, env: dict) -> str:
-    proc = subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True)
-    assert proc.returncode == 0, f"{' '.join(cmd)} failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}"
-    return proc.stdout
 
 
 def continued_params(repo: Path, sha: str) -> dict:
@@ -61,33 +53,14 @@ def continued_params(repo: Path, sha: str) -> dict:
 @pytest.fixture(scope="module")
 def project(tmp_path_factory):
     root = tmp_path_factory.mktemp("e2e-continued")
-    repo = root / "repo"
-    repo.mkdir()
-    for name in COPY:
-        src = REPO / name
-        (shutil.copytree if src.is_dir() else shutil.copy)(src, repo / name)
-    shutil.rmtree(repo / "src" / "twilbert" / "__pycache__", ignore_errors=True)
-    cache = root / "cache"
-    (cache / "twilbert").mkdir(parents=True)
-    sha = fake_sdist(cache / "twilbert" / "evomsa-2.0.14.tar.gz", make_tweets(240, seed=5))
+    repo, sha = copy_project(root)
     make_mlm_checkpoint(repo / "checkpoints" / "roberta", "roberta")
     scratch = make_pretrained(root / "scratch")  # a twilbert pretrained from scratch, as a scratch run leaves it
     exported = repo / "checkpoints" / "twilbert-scratch"
     assert cli_main(["export-hf", "--model", str(scratch), "--out", str(exported)]) == 0
     (repo / "params.yaml").write_text(dump_params(continued_params(repo, sha)), encoding="utf-8")
-    env = {
-        **os.environ,
-        "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}",
-        "XDG_CACHE_HOME": str(cache),
-        "MLFLOW_TRACKING_URI": f"sqlite:///{root / 'mlflow.db'}",
-        "CI": "1",
-        "GIT_AUTHOR_NAME": "t", "GIT_AUTHOR_EMAIL": "t@t", "GIT_COMMITTER_NAME": "t", "GIT_COMMITTER_EMAIL": "t@t",
-    }
-    run(["git", "init", "-q", "-b", "main"], repo, env)
-    run(["dvc", "init", "-q"], repo, env)
-    shutil.copy(REPO / ".dvc" / "config", repo / ".dvc" / "config")
-    run(["git", "add", "-A"], repo, env)
-    run(["git", "commit", "-qm", "init"], repo, env)
+    env = project_env(root)
+    commit_project(repo, env)
     run(["dvc", "repro"], repo, env)
     return repo, env
 

@@ -22,18 +22,12 @@ from twilbert.config import compose
 from twilbert.stage import KILL_HOOK_ENV
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from helpers import fake_sdist, make_tweets  # noqa: E402
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from project import commit_project, copy_project, project_env, run  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[2]
-COPY = ("conf", "stages", "src", "corpus", "plots", "dvc.yaml", ".dvcignore", ".gitignore")
 
 pytestmark = pytest.mark.slow
-
-
-def run(cmd: list[str], cwd: Path, env: dict) -> str:
-    proc = subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True)
-    assert proc.returncode == 0, f"{' '.join(cmd)} failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}"
-    return proc.stdout
 
 
 def shrink_conf(conf_file: Path, sha: str) -> None:
@@ -50,30 +44,11 @@ def shrink_conf(conf_file: Path, sha: str) -> None:
 @pytest.fixture(scope="module")
 def project(tmp_path_factory):
     root = tmp_path_factory.mktemp("e2e")
-    repo = root / "repo"
-    repo.mkdir()
-    for name in COPY:
-        src = REPO / name
-        (shutil.copytree if src.is_dir() else shutil.copy)(src, repo / name)
-    shutil.rmtree(repo / "src" / "twilbert" / "__pycache__", ignore_errors=True)
-    cache = root / "cache"
-    (cache / "twilbert").mkdir(parents=True)
-    sha = fake_sdist(cache / "twilbert" / "evomsa-2.0.14.tar.gz", make_tweets(240, seed=5))
+    repo, sha = copy_project(root)
     shrink_conf(repo / "conf" / "config.yaml", sha)
     (repo / "params.yaml").write_text(dump_params(compose([], repo / "conf")), encoding="utf-8")
-    env = {
-        **os.environ,
-        "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}",
-        "XDG_CACHE_HOME": str(cache),
-        "MLFLOW_TRACKING_URI": f"sqlite:///{root / 'mlflow.db'}",
-        "CI": "1",
-        "GIT_AUTHOR_NAME": "t", "GIT_AUTHOR_EMAIL": "t@t", "GIT_COMMITTER_NAME": "t", "GIT_COMMITTER_EMAIL": "t@t",
-    }
-    run(["git", "init", "-q", "-b", "main"], repo, env)
-    run(["dvc", "init", "-q"], repo, env)
-    shutil.copy(REPO / ".dvc" / "config", repo / ".dvc" / "config")
-    run(["git", "add", "-A"], repo, env)
-    run(["git", "commit", "-qm", "init"], repo, env)
+    env = project_env(root)
+    commit_project(repo, env)
     run(["dvc", "repro"], repo, env)
     run([sys.executable, "-m", "twilbert.experiments", "save", "baseline"], repo, env)  # what `make repro` ends with
     return repo, env, root
