@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Any, Optional, Sequence
 
 from twilbert.config import TrackingConfig
+from twilbert.errors import TwilbertError
 from twilbert.track import EXPERIMENT_KIND, EXPERIMENT_KIND_TAG, repo_root, tracking_uri
 
 log = logging.getLogger(__name__)
@@ -32,7 +33,7 @@ DERIVED_PARAMS = ("finetune_runs",)  # derived from other params: never the chan
 MAX_PARAM_COLUMNS = 12
 
 
-class ViewError(RuntimeError):
+class ViewError(TwilbertError, RuntimeError):
     """The store has nothing to show yet; the message says what to run."""
 
 

@@ -151,16 +151,18 @@ class HFVocab:
         """The directory's files, in a fixed order: what identifies this vocabulary."""
         return tuple(sorted(p.name for p in self.vocab_dir.iterdir() if p.is_file()))
 
+    def _encodings(self, texts: Sequence[str]) -> list:
+        return self.rust.encode_batch([self.preprocess(t) for t in texts], add_special_tokens=False)
+
     def encode(self, texts: Sequence[str]) -> list[list[int]]:
         """Preprocess and tokenize without special tokens, untruncated; every text yields at least one id."""
-        encodings = self.rust.encode_batch([self.preprocess(t) for t in texts], add_special_tokens=False)
-        return [e.ids or [self.empty_id] for e in encodings]
+        return [e.ids or [self.empty_id] for e in self._encodings(texts)]
 
     def encode_words(self, texts: Sequence[str]) -> tuple[list[list[int]], np.ndarray]:
         """:meth:`encode`'s ids, and whether each token (flat, text after text) starts a word: its word id
         (the pre-tokenizer's word: whitespace, punctuation, a byte-level or Metaspace split) differs
         from the previous token's. A text's first token starts one; so does a token without a word id."""
-        encodings = self.rust.encode_batch([self.preprocess(t) for t in texts], add_special_tokens=False)
+        encodings = self._encodings(texts)
         ids = [e.ids or [self.empty_id] for e in encodings]
         # None (no word) becomes NaN, unequal to everything: such a token is a word of its own
         words = np.array(list(itertools.chain.from_iterable(e.word_ids or [None] for e in encodings)),
