@@ -142,7 +142,8 @@ def test_two_real_sample_tasks_run_through_the_acceptance_path(tmp_path, pretrai
     cfg = acceptance_config(REAL_SAMPLES, names, [*MAX_LEN, "finetuning.epochs=2"], REPO / "conf")
     report = run_acceptance(cfg, pretrained, tmp_path / "out", tmp_path / "models")
     assert report.failures == {} and {f.parent.name for f in report.metrics_files} == set(names)
-    assert "| multistance18 | twilbert |" in report.table and "| semeval18_affect | twilbert |" in report.table
+    for name in names:  # a tiny model on 19 examples may be flagged ⚠ (train/degenerate.py); the row is there either way
+        assert re.search(rf"^\| {name} \| twilbert( ⚠)? \|", report.table, re.M), report.table
 
 
 # --------------------------------------------------------------------------------------------
