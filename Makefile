@@ -29,13 +29,13 @@ check-params: setup
 ## against, and what `make baseline` brings back after other experiments)
 repro: setup check-params
 	dvc repro
-	@$(PY) -m twilbert.experiments save baseline
+	@$(PY) -m twilbert.pipeline.experiments save baseline
 	@echo
 	@cat results/results.md
 
 ## Back to the `baseline` run of `make repro`: its params, dvc.lock and results, and its models from DVC's cache
 baseline: setup
-	@$(PY) -m twilbert.experiments restore baseline
+	@$(PY) -m twilbert.pipeline.experiments restore baseline
 
 ## A DVC experiment with the project's dvc, from any shell: make exp ARGS='-n enc4 -S model.n_encoders=4'
 exp: setup
@@ -50,7 +50,7 @@ queue: setup
 
 ## The workspace and every experiment: the params that differ and the headline metrics
 compare: setup
-	$(PY) -m twilbert.compare
+	$(PY) -m twilbert.reports.compare
 
 ## ruff, configured in pyproject.toml
 lint: setup
@@ -60,7 +60,7 @@ lint: setup
 ## DVC experiment with the params that differ among them and each task's test score (PORT=5000)
 PORT ?= 5000
 ui: setup
-	$(PY) -m twilbert.mlflow_view --port $(PORT)
+	$(PY) -m twilbert.tracking.view --port $(PORT)
 
 # One pytest-xdist worker per core; whole files per worker, as the e2e tests share one project.
 PYTEST_WORKERS ?= auto

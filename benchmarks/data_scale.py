@@ -278,7 +278,7 @@ def probe(data: Path, steps: int, overrides: list[str]) -> None:
     from twilbert.config import compose, load_config
     from twilbert.data.prefetch import prefetch
     from twilbert.data.tokenizer import Tokenizer
-    from twilbert.distributed import DistContext, iterate_rank_batches
+    from twilbert.train.distributed import DistContext, iterate_rank_batches
     from twilbert.train.pretrain import PREFETCH_BATCHES, build_pretraining, open_pretrain_data
 
     torch.set_num_threads(1)

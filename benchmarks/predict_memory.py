@@ -32,7 +32,7 @@ LONG = "odio el tráfico de la ciudad " * 200  # ~5,800 characters
 # previous chunk has been scored and written (the generator is resumed only then).
 CHILD = r"""
 import json, sys
-import twilbert.inputs as inputs
+import twilbert.inference.inputs as inputs
 from twilbert.cli import main
 
 every, marks, real = int(sys.argv[1]), {}, inputs.chunked

@@ -47,12 +47,12 @@ import torch
 from twilbert.cli import tokenizer_config
 from twilbert.config import ModelConfig, TaskConfig, TaskSpec, VocabConfig
 from twilbert.data.tokenizer import Tokenizer, train_vocab
-from twilbert.inputs import Chunk
+from twilbert.inference.inputs import Chunk
+from twilbert.inference.predict import FinetunedModel, load_finetuned, predict_stream
 from twilbert.model import HeadConfig, ModelCard, TWilBertForClassification, save_pretrained
 from twilbert.model.card import pretraining_positions
 from twilbert.model.hf import hf_config, to_hf
 from twilbert.model.manifest import write_manifest
-from twilbert.predict import FinetunedModel, load_finetuned, predict_stream
 
 log = logging.getLogger("benchmark")
 

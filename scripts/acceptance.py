@@ -23,8 +23,8 @@ from typing import Iterable, Optional, Sequence, Union
 
 from twilbert.config import Config, ConfigError, compose, load_config
 from twilbert.model.card import read_card, row_width
-from twilbert.results import task_metrics_files, write_results
-from twilbert.stage import parse_args, setup_logging
+from twilbert.pipeline.stage import parse_args, setup_logging
+from twilbert.reports.results import task_metrics_files, write_results
 from twilbert.train.finetune_stage import finetune_task
 
 log = logging.getLogger("twilbert")

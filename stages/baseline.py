@@ -6,7 +6,7 @@ from pathlib import Path
 from typing import Optional
 
 from twilbert.config import ConfigError
-from twilbert.stage import load_stage_config, parse_args, run
+from twilbert.pipeline.stage import load_stage_config, parse_args, run
 from twilbert.train.finetune_stage import baseline_task
 
 

@@ -6,7 +6,7 @@ from pathlib import Path
 
 from twilbert.data.corpus import run_data_stage
 from twilbert.data.tasks import check_config_tasks
-from twilbert.stage import load_stage_config, parse_args, run
+from twilbert.pipeline.stage import load_stage_config, parse_args, run
 
 
 def main() -> str:

@@ -10,8 +10,9 @@ from pathlib import Path
 
 from twilbert.config.runs import expand_seeds
 from twilbert.numerics import describe
-from twilbert.plots import write_finetune_curves, write_pngs
-from twilbert.results import (
+from twilbert.pipeline.stage import load_stage_config, parse_args, run
+from twilbert.reports.plots import write_finetune_curves, write_pngs
+from twilbert.reports.results import (
     aggregate,
     collect,
     headline_metrics,
@@ -20,8 +21,7 @@ from twilbert.results import (
     tracked_metrics,
     write_rendered,
 )
-from twilbert.stage import load_stage_config, parse_args, run
-from twilbert.track import Tracker
+from twilbert.tracking.runs import Tracker
 
 
 def main() -> str:

@@ -14,16 +14,16 @@ from typing import Optional
 
 from twilbert.config import ConfigError
 from twilbert.data.tasks import load_task
-from twilbert.distributed import distributed_context
-from twilbert.stage import fault_callbacks, load_stage_config, parse_args, run
-from twilbert.track import Tracker
+from twilbert.pipeline.stage import fault_callbacks, load_stage_config, parse_args, run
+from twilbert.tracking.runs import Tracker
+from twilbert.train.distributed import distributed_context
 from twilbert.train.finetune_stage import finetune_task, run_config
 from twilbert.train.writer_lock import checkpoint_lock
 
 
 def save_pyfunc(model_dir: Path, target: Path, description) -> Path:
     """The finetuned model as an MLflow pyfunc folder; mlflow is imported only when tracking logs it."""
-    from twilbert.mlflow_pyfunc import save_classifier_model
+    from twilbert.inference.pyfunc import save_classifier_model
 
     return save_classifier_model(model_dir, target, description)
 

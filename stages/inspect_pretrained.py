@@ -6,11 +6,11 @@ import json
 from pathlib import Path
 
 from twilbert.device import resolve_device
-from twilbert.inspection import inspect_model
 from twilbert.io_utils import atomic_write
+from twilbert.pipeline.stage import load_stage_config, parse_args, run
 from twilbert.progress import format_metrics
-from twilbert.stage import load_stage_config, parse_args, run
-from twilbert.track import Tracker
+from twilbert.reports.inspection import inspect_model
+from twilbert.tracking.runs import Tracker
 
 
 def main() -> str:

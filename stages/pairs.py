@@ -10,7 +10,7 @@ from pathlib import Path
 from twilbert.data.corpus import iter_pretrain_corpus
 from twilbert.data.hf_vocab import check_positions, open_vocab, read_meta
 from twilbert.data.pairs import build_pair_shards, resolve_workers
-from twilbert.stage import load_stage_config, parse_args, run
+from twilbert.pipeline.stage import load_stage_config, parse_args, run
 
 
 def main() -> str:

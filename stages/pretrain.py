@@ -10,13 +10,13 @@ from pathlib import Path
 from typing import Optional
 
 from twilbert.data.tasks import check_config_tasks
-from twilbert.distributed import distributed_context
 from twilbert.io_utils import atomic_write
+from twilbert.pipeline.stage import fault_callbacks, load_stage_config, parse_args, run
 from twilbert.progress import format_metrics
-from twilbert.results import PRETRAIN_HEADLINE, pretrain_headline
-from twilbert.stage import fault_callbacks, load_stage_config, parse_args, run
-from twilbert.track import Tracker
+from twilbert.reports.results import PRETRAIN_HEADLINE, pretrain_headline
+from twilbert.tracking.runs import Tracker
 from twilbert.train.continued import continued_pretrain
+from twilbert.train.distributed import distributed_context
 from twilbert.train.pretrain import pretrain
 from twilbert.train.writer_lock import checkpoint_lock
 

@@ -7,7 +7,7 @@ from pathlib import Path
 from twilbert.data.corpus import iter_corpus_texts
 from twilbert.data.hf_vocab import read_meta, take_hf_vocab
 from twilbert.data.tokenizer import Tokenizer, train_vocab
-from twilbert.stage import load_stage_config, parse_args, run
+from twilbert.pipeline.stage import load_stage_config, parse_args, run
 
 
 def main() -> str:

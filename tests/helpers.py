@@ -29,7 +29,7 @@ from twilbert.data.pairs import build_pair_shards
 from twilbert.data.tokenizer import Tokenizer, train_vocab
 from twilbert.model import HeadConfig, ModelCard, TWilBertForClassification, TWilBertForPretraining, save_pretrained
 from twilbert.numerics import PINNED_BY_LAUNCHER, PORTABLE_ENV
-from twilbert.stage import KILL_HOOK_ENV
+from twilbert.pipeline.stage import KILL_HOOK_ENV
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -244,7 +244,7 @@ def join_gloo_group(rank: int, world_size: int, port: int):
     """In a spawned test worker: join a CPU process group on ``port`` as torchrun would set it up."""
     import torch
 
-    from twilbert.distributed import init_distributed
+    from twilbert.train.distributed import init_distributed
 
     os.environ.update(RANK=str(rank), WORLD_SIZE=str(world_size), LOCAL_RANK=str(rank),
                       MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))

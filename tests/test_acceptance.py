@@ -235,11 +235,11 @@ def test_grid_search_queue_runs_four_points(tmp_path):
 
     client = mlflow.MlflowClient(tracking_uri=f"sqlite:///{repo / 'mlflow.db'}")
     runs = client.search_runs([client.get_experiment_by_name("twilbert").experiment_id], max_results=1000)
-    finetunes = {r.data.tags["dvc.exp_name"]: r for r in runs if r.data.tags.get("twilbert.stage") == "finetune"}
+    finetunes = {r.data.tags["dvc.exp_name"]: r for r in runs if r.data.tags.get("twilbert.pipeline.stage") == "finetune"}
     assert names <= set(finetunes)
     assert {(float(finetunes[n].data.params["finetuning.lr"]), int(finetunes[n].data.params["finetuning.batch_size"]))
             for n in names} == points
-    evaluates = {r.data.tags["dvc.exp_name"]: r for r in runs if r.data.tags.get("twilbert.stage") == "evaluate"}
+    evaluates = {r.data.tags["dvc.exp_name"]: r for r in runs if r.data.tags.get("twilbert.pipeline.stage") == "evaluate"}
     assert {n: evaluates[n].data.metrics["tass_default.twilbert.test_official"] for n in names} == scores
     for name in names:  # artifacts outlive the experiments' temporary copies
         artifacts = Path(urlparse(finetunes[name].info.artifact_uri).path)

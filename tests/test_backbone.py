@@ -13,11 +13,11 @@ from safetensors.torch import load_file
 from twilbert.config import ConfigError, compose
 from twilbert.data.preprocess import Preprocessor
 from twilbert.data.tasks import load_task
-from twilbert.finetuned import hf_packer, load_classifier
+from twilbert.evaluation.scoring import evaluate_scores, predict_scores
 from twilbert.model.backbone import HFClassifier, load_hf_backbone
+from twilbert.model.finetuned import hf_packer, load_classifier_module
 from twilbert.model.io import load_pretrained_state
 from twilbert.model.trainable import set_trainable
-from twilbert.scoring import evaluate_scores, predict_scores
 from twilbert.train.finetune import encode_examples
 from twilbert.train.finetune_stage import finetune_task
 
@@ -98,7 +98,7 @@ def test_hf_backbone_finetunes_saves_safely_and_reloads(tmp_path, raw, checkpoin
     assert config["backbone"] == "hf"
     assert {"model", "vocab_size", "max_positions", "head", "task", "max_len_test"} <= set(config)
 
-    model, packer, _ = load_classifier(tmp_path / "model")
+    model, packer, _ = load_classifier_module(tmp_path / "model")
     test = encode_examples(packer, load_task(task, cfg.seed).test, MAX_LEN, task)
     scores = predict_scores(model, test, task, 64, torch.device("cpu"), packer=packer)
     assert metrics["test"] == evaluate_scores(task, test["labels"], scores)

@@ -11,9 +11,9 @@ from sklearn.svm import LinearSVC
 
 from finetune_data import first, make_config, make_pretrained, multi_label_rows, write_task
 from helpers import REPO, make_tweets
-from twilbert.baseline import fit_baseline, load_baseline, save_baseline
 from twilbert.config import TaskConfig, TaskSpec, compose
 from twilbert.data.preprocess import Preprocessor
+from twilbert.model.baseline import fit_baseline, load_baseline, save_baseline
 from twilbert.train.finetune_stage import finetune_task
 
 TWEETS = make_tweets(60, seed=4)

@@ -174,7 +174,7 @@ def test_export_hf_encoder_only_writes_a_directory_transformers_loads(tmp_path, 
     import torch
 
     from twilbert.data.tokenizer import Tokenizer
-    from twilbert.embeddings import load_encoder
+    from twilbert.inference.embeddings import load_encoder
 
     out = tmp_path / "hf"
     assert main(["export-hf", "--model", str(model_dir), "--out", str(out), "--encoder-only"]) == 0

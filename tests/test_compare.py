@@ -8,7 +8,8 @@ import copy
 import numpy as np
 import pytest
 
-from twilbert.compare import (
+from twilbert.evaluation.predictions import Predictions, PredictionsFileError, format_predictions
+from twilbert.reports.compare import (
     changed_params,
     compare_table,
     compare_task,
@@ -17,7 +18,6 @@ from twilbert.compare import (
     task_specs,
     verdict_table,
 )
-from twilbert.predictions import Predictions, PredictionsFileError, format_predictions
 
 CATEGORIES = {"P": 0, "N": 1, "NEU": 2}
 

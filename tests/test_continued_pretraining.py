@@ -407,7 +407,7 @@ def test_the_finetune_stage_and_predict_read_the_continued_model_with_no_extra_s
     from finetune_data import first, make_config, write_task
     from helpers import REPO
     from twilbert.config import compose
-    from twilbert.predict import load_finetuned
+    from twilbert.inference.predict import load_finetuned
     from twilbert.train.continued import continued_pretrain
     from twilbert.train.finetune_stage import finetune_task
 
@@ -429,7 +429,7 @@ def test_the_finetune_stage_and_predict_read_the_continued_model_with_no_extra_s
     scores = finetuned.scores(["hola que tal estoy muy feliz hoy", "odio el tráfico"])
     assert scores.shape == (2, 4) and np.allclose(scores.sum(1), 1.0, atol=1e-5)
 
-    from twilbert.inspection import inspect_model
+    from twilbert.reports.inspection import inspect_model
 
     report, inspected = inspect_model(pretrained, root / "pairs" / "heldout", 2, 0, 8, 2, torch.device("cpu"))
     assert {"heldout_mlm_accuracy", "heldout_pll", "heldout_rop_accuracy", "before_heldout_mlm_accuracy",

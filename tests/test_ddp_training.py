@@ -30,7 +30,7 @@ from twilbert.config import compose, load_config
 from twilbert.data.batch import make_batch, pack_pairs
 from twilbert.data.masking import mask_tokens
 from twilbert.data.special import MASK_ID, N_SPECIAL
-from twilbert.distributed import (
+from twilbert.train.distributed import (
     DistContext,
     destroy_distributed,
     iterate_rank_batches,

@@ -11,8 +11,8 @@ import pytest
 from finetune_data import first, make_config, make_pretrained, write_task
 from helpers import REPO
 from twilbert.config import TaskSpec, compose
-from twilbert.predictions import Predictions
-from twilbert.results import render_results
+from twilbert.evaluation.predictions import Predictions
+from twilbert.reports.results import render_results
 from twilbert.train.degenerate import run_warnings
 from twilbert.train.finetune_stage import baseline_task
 

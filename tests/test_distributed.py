@@ -12,7 +12,8 @@ import torch.multiprocessing as mp
 from helpers import free_port, join_gloo_group
 from twilbert.config import ModelConfig, RopConfig
 from twilbert.data.batch import iterate_batches
-from twilbert.distributed import (
+from twilbert.model import TWilBertForPretraining
+from twilbert.train.distributed import (
     DistContext,
     destroy_distributed,
     init_distributed,
@@ -23,7 +24,6 @@ from twilbert.distributed import (
     rank_batch_indices,
     wrap_ddp,
 )
-from twilbert.model import TWilBertForPretraining
 from twilbert.train.losses import mlm_loss
 
 pytestmark = pytest.mark.reliability

@@ -5,8 +5,8 @@ import pytest
 import torch
 
 from helpers import build_finetuned, build_pretrained, make_tweets
-from twilbert.embeddings import Embedder, load_encoder, write_embeddings
-from twilbert.inputs import PredictError
+from twilbert.inference.embeddings import Embedder, load_encoder, write_embeddings
+from twilbert.inference.inputs import PredictError
 
 TEXTS = [t for t, _ in make_tweets(23, seed=7)] + ["", "😂", "odio el tráfico " * 300]
 

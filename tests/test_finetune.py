@@ -16,11 +16,11 @@ from finetune_data import MAX_LEN, first, make_config, make_pretrained, write_ta
 from helpers import REPO
 from twilbert.config import ConfigError, compose, load_config
 from twilbert.data.tasks import load_task
-from twilbert.finetuned import load_classifier
+from twilbert.evaluation.scoring import decide, evaluate_scores, predict_scores
 from twilbert.model.backbone import twilbert_classifier
 from twilbert.model.card import HeadConfig, n_outputs, read_card
+from twilbert.model.finetuned import load_classifier_module
 from twilbert.model.io import load_pretrained_state
-from twilbert.scoring import decide, evaluate_scores, predict_scores
 from twilbert.train.finetune import encode_examples
 from twilbert.train.finetune_stage import finetune_task
 
@@ -94,7 +94,7 @@ def test_early_stopping_stops_after_patience_epochs_and_restores_the_best_epoch(
     assert torch.equal(state["classifier.out.weight"], weights_at_epoch[1])
     assert not torch.equal(weights_at_epoch[1], weights_at_epoch[3])
     # test is scored by the restored epoch-2 model
-    model, packer, config = load_classifier(model_dir)
+    model, packer, config = load_classifier_module(model_dir)
     task = first(cfg)
     test = encode_examples(packer, load_task(task, cfg.seed).test, MAX_LEN, task)
     scores = predict_scores(model, test, task, 64, torch.device("cpu"), packer=packer)
@@ -196,7 +196,7 @@ def test_optimizer_noam_and_accumulation_settings_train(tmp_path, raw, pretraine
 def test_finetuned_model_reloads_and_predicts_as_evaluated(tmp_path, raw, pretrained):
     cfg = make_config(raw, {"t": write_task(tmp_path / "data")}, epochs=1)
     metrics, model_dir, _ = run(tmp_path, cfg, pretrained)
-    model, packer, config = load_classifier(model_dir)
+    model, packer, config = load_classifier_module(model_dir)
     assert config.backbone == "twilbert"
     assert {"model", "vocab_size", "max_positions", "head", "task", "max_len_test"} <= set(config.to_dict())
     assert {"spm.model", "meta.json", "model.safetensors", "config.json"} <= {p.name for p in model_dir.iterdir()}
@@ -227,7 +227,7 @@ def test_dvc_finetune_and_baseline_stages_declare_their_metrics_files():
     assert [next(iter(m)) for m in run["metrics"]] == ["results/tasks/${item.task}/runs/s${item.seed}/metrics.json"]
     assert [next(iter(m)) for m in baseline["metrics"]] == ["results/tasks/${key}/baseline/metrics.json"]
     for stage in (run, baseline):
-        assert "preprocess" in stage["params"] and "src/twilbert/baseline.py" in stage["deps"]
+        assert "preprocess" in stage["params"] and "src/twilbert/model/baseline.py" in stage["deps"]
 
 
 def test_auto_loss_is_the_default(raw):
@@ -257,8 +257,8 @@ def test_the_child_runs_scores_are_the_selected_epochs_under_the_tables_names(tm
     import mlflow
 
     from twilbert.config import TrackingConfig
-    from twilbert.results import render_results
-    from twilbert.track import Tracker
+    from twilbert.reports.results import render_results
+    from twilbert.tracking.runs import Tracker
 
     monkeypatch.chdir(tmp_path)
     (tmp_path / "dvc.yaml").write_text("stages: {}\n")

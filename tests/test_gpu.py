@@ -213,7 +213,7 @@ def test_one_nccl_rank_trains_the_same_step_as_the_plain_model(monkeypatch):
 def test_bf16_pretraining_with_the_pseudo_log_likelihood_on_trains_on_the_device(device, tmp_path):
     from helpers import MAX_LEN, make_pretrain_inputs
     from twilbert.data.pairs import load_shards
-    from twilbert.inspection import load_pretraining_model
+    from twilbert.reports.inspection import load_pretraining_model
     from twilbert.train.heldout import pseudo_log_likelihood
     from twilbert.train.pretrain import pretrain
 
@@ -261,7 +261,7 @@ def test_bf16_finetuning_trains_on_the_device(finetuned_bf16):
 
 
 def test_predict_on_the_device_gives_the_cpu_labels(finetuned_bf16):
-    from twilbert.predict import load_finetuned
+    from twilbert.inference.predict import load_finetuned
 
     model, device = finetuned_bf16["model"], finetuned_bf16["device"]
     texts = [f"hola {'feliz ' * (i % 5)}odio el tráfico {i}" for i in range(300)]

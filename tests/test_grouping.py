@@ -12,7 +12,7 @@ from twilbert.data.batch import batch_indices, epoch_order, iterate_batches
 from twilbert.data.grouping import WINDOW_BATCHES, grouped_batches, padding_share
 from twilbert.data.pairs import build_pair_shards, load_shards
 from twilbert.data.tokenizer import Tokenizer, train_vocab
-from twilbert.distributed import rank_batch_indices
+from twilbert.train.distributed import rank_batch_indices
 from twilbert.train.finetune import shuffled_batches
 
 SEED = 3

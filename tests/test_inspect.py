@@ -13,7 +13,7 @@ from helpers import REPO, make_tweets
 from twilbert.config import VocabConfig, compose, load_config
 from twilbert.data.pairs import build_pair_shards, load_shards
 from twilbert.data.tokenizer import Tokenizer, train_vocab
-from twilbert.inspection import inspect_model, inspect_samples, load_pretraining_model, render_markdown
+from twilbert.reports.inspection import inspect_model, inspect_samples, load_pretraining_model, render_markdown
 from twilbert.train.objective import PretrainObjective
 from twilbert.train.pretrain import pretrain
 
@@ -74,7 +74,7 @@ def test_markdown_report_has_metrics_masked_input_prediction_table_and_rop_line(
 
 
 def test_markdown_escapes_table_and_emphasis_characters():
-    from twilbert.inspection import MaskedPosition, SampleReport
+    from twilbert.reports.inspection import MaskedPosition, SampleReport
 
     sample = SampleReport(["[CLS]", "a|b", "*x*", "[SEP]"], [1], [MaskedPosition(1, "[MASK]", "a|b", [("a|b", 0.9)])],
                           1, 0, 0.7)

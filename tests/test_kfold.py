@@ -13,8 +13,8 @@ from finetune_data import MAX_LEN, first, make_config, make_pretrained, write_ta
 from helpers import REPO
 from twilbert.config import TaskSpec, compose
 from twilbert.data.tasks import load_task
-from twilbert.finetuned import load_classifier
-from twilbert.scoring import evaluate_scores, predict_scores
+from twilbert.evaluation.scoring import evaluate_scores, predict_scores
+from twilbert.model.finetuned import load_classifier_module
 from twilbert.train.finetune import encode_examples, twilbert_learner
 from twilbert.train.finetune_stage import finetune_task
 from twilbert.train.kfold import FoldResult, blend, evaluate_learner, fold_splits, run_kfold
@@ -84,7 +84,7 @@ def test_kfold_finetuning_blends_the_saved_fold_models(tmp_path, raw):
 
     test_probs = []
     for fold in range(2):
-        model, packer, _ = load_classifier(tmp_path / "model" / "folds" / str(fold))
+        model, packer, _ = load_classifier_module(tmp_path / "model" / "folds" / str(fold))
         test = encode_examples(packer, load_task(task, cfg.seed).test, MAX_LEN, task)
         test_probs.append(predict_scores(model, test, task, 64, torch.device("cpu"), packer=packer))
     assert not np.allclose(test_probs[0], test_probs[1])
@@ -94,7 +94,7 @@ def test_kfold_finetuning_blends_the_saved_fold_models(tmp_path, raw):
     top = json.loads((tmp_path / "model" / "config.json").read_text())
     assert top["kfold"]["members"] == ["folds/0", "folds/1"]
     assert top["kfold"]["selected_fold"] == int(np.argmax(kfold["fold_scores"]))
-    load_classifier(tmp_path / "model")  # the directory itself is a usable model (the best fold)
+    load_classifier_module(tmp_path / "model")  # the directory itself is a usable model (the best fold)
 
 
 def test_kfold_on_train_and_dev_reports_out_of_fold_dev(tmp_path, raw):

@@ -11,10 +11,11 @@ import pytest
 
 from finetune_data import first, make_config, make_pretrained, write_task
 from helpers import REPO, build_finetuned, build_vocab
-from twilbert.baseline import load_baseline
 from twilbert.cli import main
 from twilbert.config import compose
+from twilbert.inference.predict import load_finetuned
 from twilbert.model import TWilBertForClassification
+from twilbert.model.baseline import load_baseline
 from twilbert.model.io import CheckpointError, load_pretrained_state, save_pretrained
 from twilbert.model.manifest import (
     MANIFEST_NAME,
@@ -23,7 +24,6 @@ from twilbert.model.manifest import (
     verify_model_dir,
     write_manifest,
 )
-from twilbert.predict import load_finetuned
 from twilbert.train.finetune_stage import finetune_task
 
 pytestmark = pytest.mark.reliability

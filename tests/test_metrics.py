@@ -8,7 +8,7 @@ import torch
 from sklearn.metrics import jaccard_score
 
 from twilbert.config import TaskSpec
-from twilbert.train.metrics import evaluate_predictions, mlm_accuracy, official_metric_name, perplexity
+from twilbert.evaluation.metrics import evaluate_predictions, mlm_accuracy, official_metric_name, perplexity
 
 STANCE = {"AGAINST": 0, "NEUTRAL": 1, "FAVOR": 2}
 Y_TRUE = np.array([0, 0, 1, 1, 2, 2])

@@ -12,8 +12,8 @@ from finetune_data import first, make_config, make_pretrained, write_task
 from helpers import REPO
 from twilbert import load_classifier
 from twilbert.config import TrackingConfig, compose
-from twilbert.mlflow_pyfunc import save_classifier_model
-from twilbert.track import Tracker, local_store_uri
+from twilbert.inference.pyfunc import save_classifier_model
+from twilbert.tracking.runs import Tracker, local_store_uri
 from twilbert.train.finetune_stage import finetune_task
 
 mlflow = pytest.importorskip("mlflow")

@@ -7,8 +7,8 @@ import json
 import pytest
 
 from twilbert.config import TrackingConfig
-from twilbert.mlflow_view import SHARED_VIEW_TAG, VIEW_KEY, ViewError, prepare
-from twilbert.track import EXPERIMENT_KIND, EXPERIMENT_KIND_TAG, Tracker, local_store_uri
+from twilbert.tracking.runs import EXPERIMENT_KIND, EXPERIMENT_KIND_TAG, Tracker, local_store_uri
+from twilbert.tracking.view import SHARED_VIEW_TAG, VIEW_KEY, ViewError, prepare
 
 
 def experiment(n_encoders: int) -> dict:

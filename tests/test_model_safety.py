@@ -14,7 +14,7 @@ import pytest
 import torch
 
 from twilbert.config import ModelConfig
-from twilbert.embeddings import load_encoder
+from twilbert.inference.embeddings import load_encoder
 from twilbert.io_utils import sha256_file
 from twilbert.model import CheckpointError, TWilBertForPretraining, load_into, load_pretrained_state
 from twilbert.model.card import ModelCard

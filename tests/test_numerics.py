@@ -120,7 +120,7 @@ def test_a_stage_started_without_the_launcher_restarts_once_under_the_pins(tmp_p
     script = tmp_path / "probe.py"
     script.write_text(
         "import os, torch\n"
-        "from twilbert.stage import load_stage_config, run\n"
+        "from twilbert.pipeline.stage import load_stage_config, run\n"
         "def main():\n"
         "    load_stage_config([])\n"
         "    print('capability', torch.backends.cpu.get_cpu_capability(), os.environ.get('MKL_CBWR'),"
@@ -145,7 +145,7 @@ def test_the_results_header_names_the_pins_and_never_the_host():
 def test_a_caller_of_the_stage_helpers_in_its_own_process_is_never_re_executed(monkeypatch, tmp_path):
     # Only a stage script run as a program restarts under the pins: a test runner that calls
     # `run` (with its own main) and then `load_stage_config` keeps its process.
-    import twilbert.stage as stage
+    import twilbert.pipeline.stage as stage
 
     monkeypatch.setattr(stage, "_STAGE_PROCESS", False)
     for key in PORTABLE_ENV:

@@ -69,7 +69,7 @@ def test_a_pretrain_stage_beside_a_live_writer_refuses_naming_its_pid(tmp_path):
 SLEEPER = """\
 import os, time
 from pathlib import Path
-from twilbert.stage import run
+from twilbert.pipeline.stage import run
 
 def main():
     Path("stage.pid").write_text(str(os.getpid()))

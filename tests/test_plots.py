@@ -5,8 +5,8 @@ from __future__ import annotations
 
 import csv
 
-from twilbert.plots import write_finetune_curves, write_pngs
 from twilbert.progress import EpochClock, format_duration
+from twilbert.reports.plots import write_finetune_curves, write_pngs
 from twilbert.train.curves import CurveRecorder
 
 

@@ -15,11 +15,11 @@ from finetune_data import first, make_config, make_hf_bert, make_pretrained, wri
 from helpers import CATEGORIES, EMOTIONS, LONG, REPO, build_finetuned, copy_model, make_tweets, parse_tsv
 from twilbert.config import VocabConfig, compose
 from twilbert.data.tokenizer import Tokenizer, train_vocab
-from twilbert.embeddings import load_encoder
-from twilbert.finetuned import load_classifier
-from twilbert.inputs import Chunk, PredictError, chunked, text_rows, tsv_rows, with_aux
-from twilbert.predict import load_finetuned, predict_stream
-from twilbert.scoring import predict_scores
+from twilbert.evaluation.scoring import predict_scores
+from twilbert.inference.embeddings import load_encoder
+from twilbert.inference.inputs import Chunk, PredictError, chunked, text_rows, tsv_rows, with_aux
+from twilbert.inference.predict import load_finetuned, predict_stream
+from twilbert.model.finetuned import load_classifier_module
 from twilbert.train.finetune_stage import finetune_task
 
 
@@ -244,7 +244,7 @@ def stage_output(tmp_path, **finetuning) -> Path:
 
 def stage_scores(directory: Path, texts) -> np.ndarray:
     """Scores the way the finetune stage computes them: its own loader, packer and predict_scores."""
-    model, packer, card = load_classifier(directory)
+    model, packer, card = load_classifier_module(directory)
     data = packer.pack(texts, None, card.max_len_test)
     data["labels"] = np.zeros(len(texts), dtype=np.int64)
     return predict_scores(model, data, card.task, 4, torch.device("cpu"), packer=packer)

@@ -18,7 +18,7 @@ pytestmark = [pytest.mark.reliability, pytest.mark.slow]
 # resumed only then. (benchmarks/predict_memory.py prints the same figures for any model.)
 CHILD = """
 import json, sys
-import twilbert.inputs as inputs
+import twilbert.inference.inputs as inputs
 from twilbert.cli import main
 
 marks, real = {}, inputs.chunked

@@ -12,7 +12,7 @@ from finetune_data import first, make_config, make_pretrained, write_task
 from helpers import REPO
 from twilbert.config import TaskSpec, compose
 from twilbert.data.tasks import load_task
-from twilbert.predictions import (
+from twilbert.evaluation.predictions import (
     Predictions,
     PredictionsFileError,
     aligned,
@@ -21,7 +21,7 @@ from twilbert.predictions import (
     read_predictions,
     write_predictions,
 )
-from twilbert.results import read_metrics
+from twilbert.reports.results import read_metrics
 from twilbert.train.finetune_stage import baseline_task, finetune_task
 
 SINGLE = TaskSpec(categories={"P": 0, "N": 1, "NEU": 2})

@@ -10,9 +10,9 @@ import pytest
 
 from helpers import REPO
 from twilbert.config import TaskSpec
-from twilbert.predictions import Predictions, PredictionsFileError, write_predictions
-from twilbert.results import aggregate, collect, render_results, task_metrics_files, tracked_metrics, write_results
-from twilbert.stats import paired_delta
+from twilbert.evaluation.predictions import Predictions, PredictionsFileError, write_predictions
+from twilbert.reports.results import aggregate, collect, render_results, task_metrics_files, tracked_metrics, write_results
+from twilbert.reports.stats import paired_delta
 
 
 def _split(**over):

@@ -10,8 +10,8 @@ import pytest
 import torch
 
 from helpers import REPO
-from twilbert.runtime import apply_threads, auto_threads, concurrent_jobs
-from twilbert.stage import load_stage_config
+from twilbert.pipeline.runtime import apply_threads, auto_threads, concurrent_jobs
+from twilbert.pipeline.stage import load_stage_config
 
 
 @pytest.fixture
@@ -48,7 +48,7 @@ def test_auto_leaves_an_explicit_omp_num_threads_alone(restore_threads, monkeypa
 # command line matters. The first one runs a "stage" that reports the jobs it counts.
 WORKER = ("import subprocess, sys, time\nif sys.argv[-1] == 'report':\n"
           "    subprocess.run(sys.argv[1:2] + ['-c', {stage!r}])\nelse:\n    time.sleep(60)\n")
-STAGE = "from twilbert.runtime import concurrent_jobs; print(concurrent_jobs())"
+STAGE = "from twilbert.pipeline.runtime import concurrent_jobs; print(concurrent_jobs())"
 
 
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc")

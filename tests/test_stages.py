@@ -150,7 +150,7 @@ def test_a_stages_first_line_names_the_params_that_differ_from_conf(workdir, tmp
 
 def test_params_equal_to_conf_say_so():
     from twilbert.config import compose
-    from twilbert.stage import describe_changes, param_changes
+    from twilbert.pipeline.stage import describe_changes, param_changes
 
     raw = compose([], REPO / "conf")
     assert param_changes(raw, REPO / "conf") == []

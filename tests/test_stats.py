@@ -1,4 +1,4 @@
-"""Scores over runs and the paired bootstrap interval of a difference (twilbert.stats)."""
+"""Scores over runs and the paired bootstrap interval of a difference (twilbert.reports.stats)."""
 
 from __future__ import annotations
 
@@ -9,7 +9,8 @@ import pytest
 from scipy import stats as scipy_stats
 
 from twilbert.config import TaskSpec
-from twilbert.stats import (
+from twilbert.evaluation.metrics import evaluate_predictions
+from twilbert.reports.stats import (
     BETTER,
     WITHIN_NOISE,
     WORSE,
@@ -23,7 +24,6 @@ from twilbert.stats import (
     replicate_deltas,
     spread,
 )
-from twilbert.train.metrics import evaluate_predictions
 
 LABELS3 = {"P": 0, "N": 1, "NEU": 2}
 EMOTIONS = {"joy": 0, "anger": 1, "fear": 2}

@@ -9,7 +9,7 @@ import pytest
 from helpers import REPO, load_acceptance_script
 from twilbert.config import compose, load_config
 from twilbert.data.tasks import load_task
-from twilbert.train.metrics import official_metric_name
+from twilbert.evaluation.metrics import official_metric_name
 
 SAMPLE_TASKS = load_acceptance_script().SAMPLE_TASKS
 SAMPLES = Path(os.environ.get("TWILBERT_SAMPLES", REPO.parent / "shared" / "data" / "twilbert-samples")) / "tasks"

@@ -12,7 +12,7 @@ import time
 import pytest
 
 from twilbert.config import ConfigError, TrackingConfig, load_config
-from twilbert.track import (
+from twilbert.tracking.runs import (
     EXPERIMENT_KIND,
     EXPERIMENT_KIND_TAG,
     MAX_KEY_CHARS,
@@ -152,7 +152,7 @@ def test_an_experiment_is_one_parent_run_with_every_param_and_the_headline_metri
         assert data.params["model.n_encoders"] == str(n_encoders) and len(data.params) == 152
         assert data.metrics["tass_default.test_official"] == pytest.approx(n_encoders / 10)
         assert data.tags["dvc.exp_name"] == name
-    children = client.search_runs([exp.experiment_id], filter_string="tags.`twilbert.stage` = 'evaluate'")
+    children = client.search_runs([exp.experiment_id], filter_string="tags.`twilbert.pipeline.stage` = 'evaluate'")
     assert sorted(r.info.run_name for r in children) == ["evaluate@enc4", "evaluate@workspace"]
     assert {r.data.tags["mlflow.parentRunId"] for r in children} == {r.info.run_id for r in found}
 
@@ -181,7 +181,7 @@ WORKER = textwrap.dedent("""
     import sys, time
     from pathlib import Path
     from twilbert.config import TrackingConfig
-    from twilbert.track import Tracker
+    from twilbert.tracking.runs import Tracker
 
     uri, me, other = sys.argv[1], Path(sys.argv[2]), Path(sys.argv[3])
     me.touch()
@@ -213,7 +213,7 @@ def test_two_processes_logging_into_one_fresh_sqlite_store_record_every_metric(t
 
     client = mlflow.MlflowClient(tracking_uri=uri)
     runs = client.search_runs([client.get_experiment_by_name("twilbert").experiment_id],
-                              filter_string="tags.`twilbert.stage` = 'finetune'")
+                              filter_string="tags.`twilbert.pipeline.stage` = 'finetune'")
     assert len(runs) == 2
     recorded = sum(len(client.get_metric_history(r.info.run_id, f"m{k}")) for r in runs for k in range(5))
     assert recorded == 2 * 40 * 5  # 200 metric values per process

@@ -20,7 +20,7 @@ from helpers import REPO, make_tweets
 from twilbert.cli import main as cli_main
 from twilbert.errors import user_message
 from twilbert.io_utils import atomic_write
-from twilbert.stage import run
+from twilbert.pipeline.stage import run
 
 pytestmark = pytest.mark.reliability
 
@@ -171,8 +171,8 @@ def test_the_cli_reports_a_missing_input_in_one_line(tmp_path, capsys):
 TRACKED_RUN = """\
 import sys
 from twilbert.config import TrackingConfig
-from twilbert.stage import setup_logging
-from twilbert.track import Tracker
+from twilbert.pipeline.stage import setup_logging
+from twilbert.tracking.runs import Tracker
 
 setup_logging()
 tracker = Tracker(TrackingConfig(uri=sys.argv[1]), stage="pretrain")
@@ -213,7 +213,7 @@ def test_a_read_only_store_gives_one_warning_line_not_mlflows_traceback(read_onl
                               text=True, timeout=300, cwd=root / "tmp")
         assert proc.returncode == 0 and proc.stdout.strip() == "trained", proc.stderr[-3000:]
         lines = proc.stderr.strip().splitlines()
-        assert len(lines) == 1 and "WARNING twilbert.track" in lines[0], proc.stderr[-3000:]
+        assert len(lines) == 1 and "WARNING twilbert.tracking.runs" in lines[0], proc.stderr[-3000:]
     finally:
         root.chmod(0o755)
         shutil.rmtree(root, ignore_errors=True)

@@ -1,13 +1,13 @@
 """twilbert: pretrain and finetune BERT-like models for Spanish Twitter as a DVC + MLflow pipeline.
 
-``from twilbert import load_classifier`` is the Python API (see twilbert.classifier); it is imported
+``from twilbert import load_classifier`` is the Python API (see twilbert.inference.classifier); it is imported
 on first use, so that ``import twilbert`` (and ``twilbert compose``) does not pay for torch.
 """
 
 __version__ = "0.1.0"
 
-_LAZY = {"load_classifier": "twilbert.classifier", "Classifier": "twilbert.classifier",
-         "Prediction": "twilbert.classifier"}
+_LAZY = {"load_classifier": "twilbert.inference.classifier", "Classifier": "twilbert.inference.classifier",
+         "Prediction": "twilbert.inference.classifier"}
 __all__ = ["__version__", *_LAZY]
 
 

@@ -73,10 +73,10 @@ def cmd_compose(args: argparse.Namespace) -> int:
 def cmd_predict(args: argparse.Namespace) -> int:
     # Only the prediction path is imported here (torch, numpy, sentencepiece): no MLflow, DVC or
     # scikit-learn, so that the command starts quickly.
-    from twilbert.classifier import load_classifier
-    from twilbert.inputs import PredictError, chunked, iter_lines, open_input, text_rows, tsv_rows, with_aux
+    from twilbert.inference.classifier import load_classifier
+    from twilbert.inference.inputs import PredictError, chunked, iter_lines, open_input, text_rows, tsv_rows, with_aux
+    from twilbert.inference.predict import predict_stream
     from twilbert.io_utils import atomic_write
-    from twilbert.predict import predict_stream
 
     if args.texts and args.input:
         raise PredictError("give TEXT arguments or --input, not both")
@@ -117,7 +117,7 @@ def cmd_predict(args: argparse.Namespace) -> int:
 
 
 def cmd_embeddings(args: argparse.Namespace) -> int:
-    from twilbert.embeddings import write_embeddings
+    from twilbert.inference.embeddings import write_embeddings
 
     write_embeddings(args.model, args.input, args.output, args.collapse_mode, args.use_special_tokens,
                      args.column, args.batch_size, args.chunk_size, args.device)
@@ -181,6 +181,7 @@ def export_hf_dir(model_dir: Path, out_dir: Path, encoder_only: bool = False) ->
     """
     from twilbert.data.tokenizer import META_FILE, MODEL_FILE
     from twilbert.errors import library_os_errors
+    from twilbert.inference.predict import PredictError, load_finetuned, read_model_config
     from twilbert.io_utils import publish_dir
     from twilbert.model import (
         TWilBertForPretraining,
@@ -192,7 +193,6 @@ def export_hf_dir(model_dir: Path, out_dir: Path, encoder_only: bool = False) ->
     from twilbert.model.card import max_text_len
     from twilbert.model.hf import to_hf_classifier
     from twilbert.model.manifest import verification_enabled
-    from twilbert.predict import PredictError, load_finetuned, read_model_config
 
     model_dir, out_dir = Path(model_dir), Path(out_dir)
     card = read_model_config(model_dir, backbones=("twilbert",), command="export-hf")

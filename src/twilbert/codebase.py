@@ -14,6 +14,8 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Iterable, Optional
 
+from twilbert import _LAZY
+
 PACKAGE = "twilbert"
 PACKAGE_DIR = Path(__file__).resolve().parent
 
@@ -62,12 +64,10 @@ def _direct_imports(path: Path) -> tuple[str, ...]:
             # `from twilbert.data import corpus` imports the submodule corpus
             found += [f"{module}.{alias.name}" for alias in node.names]
             if module == PACKAGE:  # the package's lazy names (twilbert.__init__._LAZY)
-                found += [_LAZY_NAMES.get(alias.name, "") for alias in node.names]
+                found += [_LAZY.get(alias.name, "") for alias in node.names]
     return tuple(m for m in dict.fromkeys(found) if module_file(m) is not None)
 
 
-_LAZY_NAMES = {"load_classifier": "twilbert.classifier", "Classifier": "twilbert.classifier",
-               "Prediction": "twilbert.classifier"}
 
 
 def _with_packages(module: str) -> list[str]:

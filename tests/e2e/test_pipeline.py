@@ -19,7 +19,7 @@ import yaml
 
 from twilbert.cli import dump_params
 from twilbert.config import compose
-from twilbert.stage import KILL_HOOK_ENV
+from twilbert.pipeline.stage import KILL_HOOK_ENV
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -50,7 +50,7 @@ def project(tmp_path_factory):
     env = project_env(root)
     commit_project(repo, env)
     run(["dvc", "repro"], repo, env)
-    run([sys.executable, "-m", "twilbert.experiments", "save", "baseline"], repo, env)  # what `make repro` ends with
+    run([sys.executable, "-m", "twilbert.pipeline.experiments", "save", "baseline"], repo, env)  # what `make repro` ends with
     return repo, env, root
 
 
@@ -93,14 +93,14 @@ def test_pretrained_model_is_safetensors_plus_json_with_its_vocab(project):
 def test_mlflow_holds_the_training_runs_with_finite_metrics(project):
     _, _, root = project
     client, runs = mlflow_runs(root)
-    stages = {r.data.tags.get("twilbert.stage") for r in runs}
+    stages = {r.data.tags.get("twilbert.pipeline.stage") for r in runs}
     assert {"pretrain", "finetune", "evaluate"} <= stages
-    pretrain = next(r for r in runs if r.data.tags.get("twilbert.stage") == "pretrain")
+    pretrain = next(r for r in runs if r.data.tags.get("twilbert.pipeline.stage") == "pretrain")
     assert pretrain.data.params["model.n_encoders"] == "2"
     assert math.isfinite(pretrain.data.metrics["heldout_mlm_accuracy"])
     history = client.get_metric_history(pretrain.info.run_id, "heldout_mlm_loss")
     assert len(history) == 2  # one point per epoch
-    parents = {r.data.tags.get("mlflow.parentRunId") for r in runs if r.data.tags.get("twilbert.stage")}
+    parents = {r.data.tags.get("mlflow.parentRunId") for r in runs if r.data.tags.get("twilbert.pipeline.stage")}
     assert len(parents) == 1 and None not in parents
 
 
@@ -123,7 +123,7 @@ def test_the_finetune_run_logs_a_pyfunc_model_that_predicts_offline(project, mon
 
     repo, _, root = project
     _, runs = mlflow_runs(root)
-    finetune = next(r for r in runs if r.data.tags.get("twilbert.stage") == "finetune")
+    finetune = next(r for r in runs if r.data.tags.get("twilbert.pipeline.stage") == "finetune")
     monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{root / 'mlflow.db'}")
     model = mlflow.pyfunc.load_model(f"runs:/{finetune.info.run_id}/model")
     out = model.predict(["qué día tan bonito", "odio los lunes"])
@@ -198,7 +198,7 @@ def test_experiment_with_changed_param_gets_its_own_metrics_and_runs(project):
     assert parents["enc4"].data.metrics["tass_default.test_official_sd"] >= 0
 
     # `make compare`: the local baseline and the experiment, no commit row; a verdict per task
-    table = run([sys.executable, "-m", "twilbert.compare"], repo, env)
+    table = run([sys.executable, "-m", "twilbert.reports.compare"], repo, env)
     rows = compare_rows(table)
     assert set(rows) == {"baseline", "enc4"}
     assert rows["enc4"]["n_encoders"] == "4" and rows["baseline"]["n_encoders"] == "2"
@@ -211,7 +211,7 @@ def test_experiment_with_changed_param_gets_its_own_metrics_and_runs(project):
     # `make baseline`: the baseline's params, lock, results and models back, from the cache, in seconds
     baseline_lock = run(["git", "show", "refs/exps/" + exp_ref(repo, env, "baseline") + ":dvc.lock"], repo, env)
     start = time.monotonic()
-    out = run([sys.executable, "-m", "twilbert.experiments", "restore", "baseline"], repo, env)
+    out = run([sys.executable, "-m", "twilbert.pipeline.experiments", "restore", "baseline"], repo, env)
     assert time.monotonic() - start < 30 and "restored experiment 'baseline'" in out
     assert (repo / "dvc.lock").read_text(encoding="utf-8") == baseline_lock
     assert yaml.safe_load((repo / "params.yaml").read_text())["model"]["n_encoders"] == 2
@@ -276,9 +276,9 @@ def test_make_ui_opens_on_the_experiments_with_the_changed_param_and_the_test_sc
     _, runs = mlflow_runs(root)
     if not any(r.data.tags.get("dvc.exp_name") == "enc4" for r in runs):  # this test run alone: `make exp` first
         run(["dvc", "exp", "run", "-n", "enc4", "-S", "model.n_encoders=4"], repo, env)
-        run([sys.executable, "-m", "twilbert.experiments", "restore", "baseline"], repo, env)
+        run([sys.executable, "-m", "twilbert.pipeline.experiments", "restore", "baseline"], repo, env)
     port = free_port()
-    out = run([sys.executable, "-m", "twilbert.mlflow_view", "--prepare-only", "--port", str(port)], repo, env)
+    out = run([sys.executable, "-m", "twilbert.tracking.view", "--prepare-only", "--port", str(port)], repo, env)
     url = next(line.split(" ", 1)[1] for line in out.splitlines() if line.startswith("open "))
     server = subprocess.Popen([str(Path(sys.executable).with_name("mlflow")), "ui", "--backend-store-uri",
                                env["MLFLOW_TRACKING_URI"], "--host", "127.0.0.1", "--port", str(port)],

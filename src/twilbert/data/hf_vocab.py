@@ -63,8 +63,7 @@ def take_hf_vocab(hf_path: Union[str, Path], out_dir: Path, preprocess: Optional
     import torch
     from transformers import AutoConfig, AutoModelForMaskedLM, AutoTokenizer
 
-    from twilbert.data.packers import HFPacker
-    from twilbert.model.backbone import hf_max_positions
+    from twilbert.data.packers import HFPacker, hf_max_positions
 
     path = Path(hf_path)
     if not path.is_dir():

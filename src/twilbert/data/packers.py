@@ -92,3 +92,12 @@ def _find(seq: list[int], sub: list[int], start: int) -> int:
         if seq[i : i + len(sub)] == sub:
             return i
     return -1
+
+
+def hf_max_positions(backbone: Any) -> Optional[int]:
+    """Usable positions of a Hugging Face backbone: RoBERTa-style embeddings start counting after the padding index."""
+    n = getattr(backbone.config, "max_position_embeddings", None)
+    if n is None:
+        return None
+    padding_idx = getattr(getattr(backbone, "embeddings", None), "padding_idx", None)
+    return n - (padding_idx + 1) if padding_idx is not None else n

@@ -68,15 +68,6 @@ class HFClassifier(nn.Module):
         return self.classifier(out.last_hidden_state, attention_mask, special_mask)  # (B, T, H) -> (B, C)
 
 
-def hf_max_positions(backbone: nn.Module) -> Optional[int]:
-    """Usable positions: RoBERTa-style embeddings start counting after the padding index."""
-    n = getattr(backbone.config, "max_position_embeddings", None)
-    if n is None:
-        return None
-    padding_idx = getattr(getattr(backbone, "embeddings", None), "padding_idx", None)
-    return n - (padding_idx + 1) if padding_idx is not None else n
-
-
 def load_hf_backbone(path: PathLike) -> tuple[nn.Module, Any]:
     """(AutoModel, AutoTokenizer) from a local ``save_pretrained`` directory; never the network."""
     from transformers import AutoModel, AutoTokenizer

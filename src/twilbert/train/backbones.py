@@ -16,13 +16,13 @@ from twilbert.config import Config, ConfigError, FinetuningConfig, TaskConfig
 from twilbert.data.packers import TWilBertPacker
 from twilbert.data.preprocess import Preprocessor
 from twilbert.data.tokenizer import Tokenizer
-from twilbert.finetuned import hf_packer
+from twilbert.evaluation.scoring import n_outputs
 from twilbert.model import TWilBertForClassification
 from twilbert.model.backbone import hf_classifier, load_hf_backbone, save_hf_classifier, twilbert_classifier
 from twilbert.model.card import CONFIG_NAME, HeadConfig, ModelCard, read_card, row_width
+from twilbert.model.finetuned import hf_packer
 from twilbert.model.io import CheckpointError, load_pretrained_state, save_pretrained
 from twilbert.model.manifest import verify_model_dir
-from twilbert.scoring import n_outputs
 
 
 def load_encoder_weights(model: TWilBertForClassification, pretrained_dir: Path,

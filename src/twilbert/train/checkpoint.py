@@ -22,9 +22,9 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from twilbert import distributed
 from twilbert.io_utils import CHECKSUMS_NAME, clean_leftovers, publish_dir, verify_checksums
 from twilbert.model.io import CheckpointError, load_into, read_weights, save_weights
+from twilbert.train import distributed
 from twilbert.train.rng_state import capture_rng_state, restore_rng_state
 
 log = logging.getLogger(__name__)

@@ -19,13 +19,11 @@ from typing import Optional, Sequence
 
 import torch
 
-from twilbert import distributed
 from twilbert.codebase import code_digest
 from twilbert.config import Config, ConfigError, to_dict
 from twilbert.data.hf_vocab import HFVocab, check_positions, is_hf_vocab
 from twilbert.data.shards import MANIFEST
 from twilbert.device import configure_matmul, resolve_device
-from twilbert.distributed import DistContext, wrap_ddp
 from twilbert.io_utils import publish_dir
 from twilbert.model import count_parameters
 from twilbert.model.hf_pretraining import (
@@ -38,8 +36,10 @@ from twilbert.model.hf_pretraining import (
     load_masked_lm,
 )
 from twilbert.model.io import save_weights
-from twilbert.track import Tracker
+from twilbert.tracking.runs import Tracker
+from twilbert.train import distributed
 from twilbert.train.curves import CurveRecorder
+from twilbert.train.distributed import DistContext, wrap_ddp
 from twilbert.train.fingerprint import config_fingerprint, files_digest
 from twilbert.train.heldout import summarize
 from twilbert.train.loop import Callback, Trainer, seed_everything

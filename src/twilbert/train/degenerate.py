@@ -11,7 +11,7 @@ from typing import Optional, Sequence
 import numpy as np
 
 from twilbert.config import TaskSpec
-from twilbert.predictions import Predictions
+from twilbert.evaluation.predictions import Predictions
 
 log = logging.getLogger(__name__)
 

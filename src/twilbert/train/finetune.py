@@ -22,7 +22,6 @@ import numpy as np
 import torch
 from torch import nn
 
-from twilbert.baseline import fit_baseline, save_baseline
 from twilbert.config import Config, ConfigError, FinetuningConfig, TaskConfig
 from twilbert.data.batch import PACKED_KEYS, PairBatch
 from twilbert.data.hf_vocab import vocab_preprocessor
@@ -31,17 +30,18 @@ from twilbert.data.preprocess import Preprocessor
 from twilbert.data.tasks import TaskExamples
 from twilbert.data.tokenizer import META_FILE, Tokenizer
 from twilbert.device import resolve_device
-from twilbert.distributed import DistContext, n_rank_batches, rank_batch_indices, wrap_ddp
+from twilbert.evaluation.metrics import official_metric_name
+from twilbert.evaluation.scoring import Split, evaluate_scores, predict_scores
+from twilbert.model.baseline import fit_baseline, save_baseline
 from twilbert.model.card import HeadConfig
 from twilbert.model.manifest import write_manifest
 from twilbert.model.trainable import set_trainable
-from twilbert.scoring import Split, evaluate_scores, predict_scores
-from twilbert.track import Tracker
+from twilbert.tracking.runs import Tracker
 from twilbert.train.backbones import Backbone, HFBackbone, TWilBertBackbone
+from twilbert.train.distributed import DistContext, n_rank_batches, rank_batch_indices, wrap_ddp
 from twilbert.train.fingerprint import run_fingerprint
 from twilbert.train.loop import BestEpoch, Callback, Checkpointing, Trainer
 from twilbert.train.losses import build_loss, class_weights_tensor
-from twilbert.train.metrics import official_metric_name
 from twilbert.train.optim import build_optimizer, build_scheduler, param_groups
 
 log = logging.getLogger(__name__)

@@ -11,19 +11,19 @@ import json
 from pathlib import Path
 from typing import Optional, Sequence, Union
 
-from twilbert import distributed
 from twilbert.codebase import code_digest
 from twilbert.config import Config, FinetuningConfig, TaskConfig, to_dict
 from twilbert.data.preprocess import Preprocessor
 from twilbert.data.tasks import TaskData, load_task
 from twilbert.device import configure_matmul, resolve_device
-from twilbert.distributed import DistContext
+from twilbert.evaluation.predictions import FILE as PREDICTIONS_FILE
+from twilbert.evaluation.predictions import HEADER as PREDICTIONS_COLUMNS
+from twilbert.evaluation.predictions import write_predictions
 from twilbert.io_utils import atomic_write, publish_dir
-from twilbert.predictions import FILE as PREDICTIONS_FILE
-from twilbert.predictions import HEADER as PREDICTIONS_COLUMNS
-from twilbert.predictions import write_predictions
-from twilbert.track import Tracker
+from twilbert.tracking.runs import Tracker
+from twilbert.train import distributed
 from twilbert.train.degenerate import run_warnings, warn
+from twilbert.train.distributed import DistContext
 from twilbert.train.finetune import (
     Learner,
     NeuralLearner,

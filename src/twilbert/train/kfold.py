@@ -18,12 +18,12 @@ from sklearn.model_selection import KFold, StratifiedKFold
 
 from twilbert.config import TaskSpec
 from twilbert.data.tasks import TaskData, TaskExamples
+from twilbert.evaluation.metrics import official_metric_name
+from twilbert.evaluation.predictions import Predictions
+from twilbert.evaluation.scoring import Split, decide, evaluate_scores
 from twilbert.io_utils import link_or_copy
 from twilbert.model.card import CONFIG_NAME, KFoldSummary, read_card
 from twilbert.model.manifest import write_manifest
-from twilbert.predictions import Predictions
-from twilbert.scoring import Split, decide, evaluate_scores
-from twilbert.train.metrics import official_metric_name
 
 if TYPE_CHECKING:
     from twilbert.train.finetune import Learner

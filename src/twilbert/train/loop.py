@@ -28,11 +28,11 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from twilbert import distributed
 from twilbert.device import autocast
 from twilbert.errors import TwilbertError
 from twilbert.progress import EpochClock
-from twilbert.track import Tracker
+from twilbert.tracking.runs import Tracker
+from twilbert.train import distributed
 from twilbert.train.checkpoint import TENSORS_KEY, resume_training, save_training_checkpoint
 
 log = logging.getLogger(__name__)
@@ -163,7 +163,7 @@ class Checkpointing:
 
 
 class Callback:
-    """A hook into the loop that a caller passes in (tests' fault injection: ``twilbert.stage``)."""
+    """A hook into the loop that a caller passes in (tests' fault injection: ``twilbert.pipeline.stage``)."""
 
     def on_checkpoint(self, trainer: "Trainer", path: Optional[Path]) -> None:
         """Called on every rank right after a training checkpoint is saved."""

@@ -16,7 +16,7 @@ from twilbert.config import MaskedLMConfig
 from twilbert.data.batch import PairBatch
 from twilbert.data.masking import mask_tokens
 from twilbert.data.special import IGNORE_INDEX, MASK_ID, N_SPECIAL
-from twilbert.distributed import loss_normalizer
+from twilbert.train.distributed import loss_normalizer
 from twilbert.train.losses import linear_mlm_loss, rop_loss
 
 

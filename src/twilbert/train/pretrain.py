@@ -21,7 +21,6 @@ from typing import Callable, NamedTuple, Optional, Sequence
 
 import torch
 
-from twilbert import distributed
 from twilbert.codebase import code_digest
 from twilbert.config import Config, to_dict
 from twilbert.data.batch import Examples
@@ -30,13 +29,14 @@ from twilbert.data.prefetch import prefetch
 from twilbert.data.shards import MANIFEST, PairsDataError, read_manifest, verify_pairs
 from twilbert.data.tokenizer import Tokenizer
 from twilbert.device import configure_matmul, resolve_device
-from twilbert.distributed import DistContext, iterate_rank_batches, n_rank_batches, wrap_ddp
 from twilbert.io_utils import publish_dir
 from twilbert.model import TWilBertForPretraining, count_parameters
 from twilbert.model.card import ModelCard, pretraining_positions
 from twilbert.model.io import CheckpointError, LoadReport, load_into, load_pretrained_state, save_pretrained
-from twilbert.track import Tracker
+from twilbert.tracking.runs import Tracker
+from twilbert.train import distributed
 from twilbert.train.curves import CurveRecorder
+from twilbert.train.distributed import DistContext, iterate_rank_batches, n_rank_batches, wrap_ddp
 from twilbert.train.fingerprint import config_fingerprint, files_digest, run_fingerprint
 from twilbert.train.heldout import heldout_metrics, summarize
 from twilbert.train.loop import BestEpoch, Callback, Checkpointing, Trainer, seed_everything

@@ -17,7 +17,7 @@ from typing import Optional, Sequence, Union, overload
 
 import numpy as np
 
-from twilbert.predict import FinetunedModel, load_finetuned
+from twilbert.inference.predict import FinetunedModel, load_finetuned
 
 Label = Union[str, list[str], float]
 

@@ -21,8 +21,8 @@ import yaml
 from twilbert.config import Config, ConfigError, compose, load_config
 from twilbert.config.strict import flatten
 from twilbert.numerics import pin
+from twilbert.pipeline.runtime import apply_threads
 from twilbert.progress import format_duration
-from twilbert.runtime import apply_threads
 
 log = logging.getLogger("twilbert")
 
@@ -136,7 +136,7 @@ def stage_name() -> str:
 
 def _mark_failed() -> None:
     if _STAGE_PROCESS and _LOADED is not None:
-        from twilbert.track import mark_failed
+        from twilbert.tracking.runs import mark_failed
 
         mark_failed(_LOADED[0].tracking, _LOADED[1])
 
@@ -152,7 +152,7 @@ def run(main: Callable[[], Optional[str]]) -> None:
     setup_logging()
     start = time.monotonic()
     from twilbert.errors import EXIT_INTERRUPTED, EXIT_USER_ERROR, interrupted_line, user_message
-    from twilbert.lifeline import die_with_launcher
+    from twilbert.pipeline.lifeline import die_with_launcher
 
     die_with_launcher()  # under DVC: no orphan keeps writing after `dvc repro` is killed
 

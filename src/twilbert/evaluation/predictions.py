@@ -43,7 +43,7 @@ class Predictions:
 
     def scores(self) -> dict[str, float]:
         """The task's metrics (its official one under ``official``), as the finetune run reported them."""
-        from twilbert.train.metrics import evaluate_predictions  # scikit-learn and scipy: only when scoring
+        from twilbert.evaluation.metrics import evaluate_predictions  # scikit-learn and scipy: only when scoring
 
         return evaluate_predictions(self.spec, self.gold, self.pred)
 

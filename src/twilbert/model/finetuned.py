@@ -11,10 +11,10 @@ from typing import Any, Union
 from torch import nn
 
 from twilbert.config import PreprocessConfig
-from twilbert.data.packers import HFPacker, TWilBertPacker
+from twilbert.data.packers import HFPacker, TWilBertPacker, hf_max_positions
 from twilbert.data.preprocess import Preprocessor
 from twilbert.data.tokenizer import Tokenizer
-from twilbert.model.backbone import HF_DIR, PathLike, hf_classifier, hf_max_positions, twilbert_classifier
+from twilbert.model.backbone import HF_DIR, PathLike, hf_classifier, twilbert_classifier
 from twilbert.model.card import ModelCard
 from twilbert.model.io import load_into, load_pretrained_state
 
@@ -23,7 +23,7 @@ def hf_packer(backbone: nn.Module, tokenizer: Any, preprocess: Preprocessor) -> 
     return HFPacker(tokenizer, preprocess, hf_max_positions(backbone))
 
 
-def load_classifier(directory: PathLike) -> tuple[nn.Module, Union[TWilBertPacker, HFPacker], ModelCard]:
+def load_classifier_module(directory: PathLike) -> tuple[nn.Module, Union[TWilBertPacker, HFPacker], ModelCard]:
     """(classifier in eval mode, its packer, model card) of a twilbert or hf finetuned model directory."""
     directory = Path(directory)
     card, state = load_pretrained_state(directory)
@@ -41,6 +41,6 @@ def load_classifier(directory: PathLike) -> tuple[nn.Module, Union[TWilBertPacke
         packer = HFPacker(tokenizer, Preprocessor(card.preprocess or PreprocessConfig()), card.max_positions)
     else:
         raise ValueError(f"{directory}: backbone {card.kind!r} is not a neural classifier "
-                         "(load it with twilbert.baseline)")
+                         "(load it with twilbert.model.baseline)")
     load_into(model, state, strict=True)
     return model.eval(), packer, card

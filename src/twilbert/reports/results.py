@@ -8,7 +8,7 @@ files share one layout (``task``, ``model``, ``official_metric``, ``best_epoch``
 Two tables: TWilBert's (dev and test MP, MR, MF1, F1, Acc and the official metric) and the models
 compared on each task's official metric. A model's number is the mean over its runs, shown with the
 standard deviation and the number of runs n; the difference to the baseline comes with a 95%
-interval from :mod:`twilbert.stats`, computed from the runs' test predictions. Scores are copied
+interval from :mod:`twilbert.reports.stats`, computed from the runs' test predictions. Scores are copied
 from the metrics files; only the interval is computed here.
 """
 
@@ -26,10 +26,10 @@ from typing import Any, Iterable, Mapping, Optional
 from twilbert.config import TaskSpec
 from twilbert.config.strict import flatten
 from twilbert.errors import TwilbertError
+from twilbert.evaluation.predictions import FILE as PREDICTIONS_FILE
+from twilbert.evaluation.predictions import aligned, read_predictions
 from twilbert.io_utils import atomic_write
-from twilbert.predictions import FILE as PREDICTIONS_FILE
-from twilbert.predictions import aligned, read_predictions
-from twilbert.stats import Delta, paired_delta, spread
+from twilbert.reports.stats import Delta, paired_delta, spread
 
 log = logging.getLogger(__name__)
 

@@ -18,12 +18,12 @@ import torch
 from twilbert.data.batch import make_batch, pack_pairs
 from twilbert.data.tokenizer import Tokenizer
 from twilbert.device import resolve_device
-from twilbert.inputs import CHUNK_SIZE, PredictError, chunked, iter_lines, open_input, text_rows, tsv_rows
+from twilbert.inference.inputs import CHUNK_SIZE, PredictError, chunked, iter_lines, open_input, text_rows, tsv_rows
+from twilbert.inference.predict import check_vocab_fits, read_model_config
 from twilbert.io_utils import atomic_write
 from twilbert.model import ClassificationHead, TWilBertModel
 from twilbert.model.card import HeadConfig, ModelCard
 from twilbert.model.io import load_into, load_pretrained_state
-from twilbert.predict import check_vocab_fits, read_model_config
 
 log = logging.getLogger(__name__)
 

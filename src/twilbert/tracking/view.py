@@ -22,7 +22,7 @@ from typing import Any, Optional, Sequence
 
 from twilbert.config import TrackingConfig
 from twilbert.errors import TwilbertError
-from twilbert.track import EXPERIMENT_KIND, EXPERIMENT_KIND_TAG, repo_root, tracking_uri
+from twilbert.tracking.runs import EXPERIMENT_KIND, EXPERIMENT_KIND_TAG, repo_root, tracking_uri
 
 log = logging.getLogger(__name__)
 

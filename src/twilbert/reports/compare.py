@@ -5,7 +5,7 @@ a 160-column terminal: params and metrics that do not fit side by side come as t
 
 A second table (:func:`verdict_table`) gives, per task, each experiment's Δ of the official test
 metric against the workspace, with its 95% interval from a paired bootstrap over the test examples
-and runs (:mod:`twilbert.stats`), and the verdict: better, worse or within noise."""
+and runs (:mod:`twilbert.reports.stats`), and the verdict: better, worse or within noise."""
 
 from __future__ import annotations
 
@@ -22,8 +22,8 @@ from typing import Any, Callable, Iterable, Mapping, Optional, Sequence, Union
 from twilbert.config import TaskSpec
 from twilbert.config.strict import dig, flatten, from_dict
 from twilbert.errors import TwilbertError
-from twilbert.predictions import PredictionsFileError, aligned, parse_predictions
-from twilbert.stats import Delta, paired_delta
+from twilbert.evaluation.predictions import PredictionsFileError, aligned, parse_predictions
+from twilbert.reports.stats import Delta, paired_delta
 
 log = logging.getLogger(__name__)
 
@@ -276,7 +276,7 @@ def verdict_table(rows: list[dict], predictions: PredictionTexts, specs: Optiona
 
 
 def main(argv: Optional[Iterable[str]] = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m twilbert.compare", description=__doc__,
+    parser = argparse.ArgumentParser(prog="python -m twilbert.reports.compare", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--repo", type=Path, default=Path("."))
     parser.add_argument("--width", type=int, default=WIDTH, help="terminal columns to fit (default 160)")

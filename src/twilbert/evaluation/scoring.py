@@ -30,7 +30,7 @@ def decide(scores: np.ndarray, task: TaskConfig) -> np.ndarray:
 
 def evaluate_scores(task: TaskConfig, labels: np.ndarray, scores: np.ndarray) -> dict[str, float]:
     """The task's metrics (its official one under ``official``) of ``scores`` against ``labels``."""
-    from twilbert.train.metrics import evaluate_predictions  # scikit-learn and scipy: only when evaluating
+    from twilbert.evaluation.metrics import evaluate_predictions  # scikit-learn and scipy: only when evaluating
 
     return evaluate_predictions(task.task, labels, decide(scores, task), scores)
 

@@ -74,7 +74,7 @@ def restore(repo: Path, name: str = BASELINE) -> float:
 
 
 def main(argv: Optional[Iterable[str]] = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m twilbert.experiments", description=__doc__,
+    parser = argparse.ArgumentParser(prog="python -m twilbert.pipeline.experiments", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("action", choices=("save", "restore"))
     parser.add_argument("name", nargs="?", default=BASELINE)

@@ -24,7 +24,7 @@ from urllib.parse import urlsplit
 
 from twilbert.config import ConfigError, TrackingConfig
 from twilbert.config.strict import flatten as flatten_tree
-from twilbert.tracking_store import (
+from twilbert.tracking.store import (
     bounded_http,
     is_locked_error,
     probe_store,
@@ -231,11 +231,11 @@ class Tracker:
         for i in range(0, len(batch), METRICS_PER_BATCH):
             self._call("logging metrics", self._client.log_batch, run_id, metrics=batch[i:i + METRICS_PER_BATCH])
 
-    # ---- the finetuned model as an MLflow model (self-contained: see twilbert.mlflow_pyfunc)
+    # ---- the finetuned model as an MLflow model (self-contained: see twilbert.inference.pyfunc)
 
     def log_classifier(self, model_dir: Path, save: SaveModel, artifact_path: str = "model") -> None:
         """Log a finetuned model directory as a pyfunc model (written by ``save``, e.g.
-        ``twilbert.mlflow_pyfunc.save_classifier_model``: tracking does not import the inference code),
+        ``twilbert.inference.pyfunc.save_classifier_model``: tracking does not import the inference code),
         an MLflow 3 logged model named
         ``artifact_path``, an output of this run (``runs:/<run>/<artifact_path>`` and
         ``models:/<model id>`` load it; the UI and ``mlflow.search_logged_models`` list it).
@@ -254,7 +254,7 @@ class Tracker:
         run = self._client.get_run(self.run_id)
         model = self._client.create_logged_model(
             run.info.experiment_id, name=artifact_path, source_run_id=self.run_id, model_type="twilbert-classifier",
-            tags={"twilbert.stage": self.stage, "dvc.exp_name": run.data.tags.get("dvc.exp_name", "")})
+            tags={"twilbert.pipeline.stage": self.stage, "dvc.exp_name": run.data.tags.get("dvc.exp_name", "")})
         try:
             self._client.log_outputs(self.run_id, models=[LoggedModelOutput(model.model_id, step=0)])
             with tempfile.TemporaryDirectory(prefix="twilbert-pyfunc-") as tmp:
@@ -308,7 +308,7 @@ class Tracker:
         tags = {
             "dvc.exp_name": exp_name,
             "git.commit": commit,
-            "twilbert.stage": self.stage,
+            "twilbert.pipeline.stage": self.stage,
             "mlflow.parentRunId": parent,  # nests this run under its DVC experiment in the UI
         }
         name = f"{run_name or self.stage}@{exp_name}"

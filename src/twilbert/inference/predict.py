@@ -28,19 +28,19 @@ from twilbert.data.packers import TWilBertPacker
 from twilbert.data.preprocess import Preprocessor
 from twilbert.data.tokenizer import META_FILE, MODEL_FILE, Tokenizer
 from twilbert.device import resolve_device
-from twilbert.finetuned import load_classifier
-from twilbert.inputs import Chunk, PredictError
+from twilbert.evaluation.scoring import decide, predict_scores
+from twilbert.inference.inputs import Chunk, PredictError
 from twilbert.model.backbone import HF_DIR
 from twilbert.model.card import CONFIG_NAME, CheckpointError, ModelCard, read_card
+from twilbert.model.finetuned import load_classifier_module
 from twilbert.model.io import WEIGHTS_NAME
-from twilbert.scoring import decide, predict_scores
 
 log = logging.getLogger(__name__)
 
 FORMATS = ("tsv", "jsonl")
 BACKBONES = ("twilbert", "hf", "baseline")
 # What each kind of model directory holds besides config.json ("hf/": the HF config and tokenizer).
-# The baseline's are twilbert.baseline's FEATURES_FILE and WEIGHTS_FILE, spelled out: importing that
+# The baseline's are twilbert.model.baseline's FEATURES_FILE and WEIGHTS_FILE, spelled out: importing that
 # module imports scikit-learn, which `predict` of a neural model never needs (start-up time).
 MODEL_FILES = {
     "twilbert": (WEIGHTS_NAME, MODEL_FILE, META_FILE),
@@ -187,7 +187,7 @@ def load_member(directory: Path, device: torch.device) -> Member:
     card = read_model_config(directory)
     backbone = card.kind
     if backbone == "baseline":
-        from twilbert.baseline import load_baseline  # scikit-learn: only for baseline directories
+        from twilbert.model.baseline import load_baseline  # scikit-learn: only for baseline directories
 
         try:
             model, _ = load_baseline(directory)
@@ -195,7 +195,7 @@ def load_member(directory: Path, device: torch.device) -> Member:
             raise PredictError(f"{directory}: unreadable baseline model ({err})") from None
         return Member(directory, model, None)
     try:
-        model, packer, _ = load_classifier(directory)
+        model, packer, _ = load_classifier_module(directory)
     except CheckpointError:
         raise  # already names the file and the parameter
     except (ConfigError, KeyError) as err:

@@ -26,7 +26,7 @@ from typing import Optional, Sequence
 import numpy as np
 
 from twilbert.config import TaskSpec
-from twilbert.train.metrics import official_metric_name, reference_class, stance_indices
+from twilbert.evaluation.metrics import official_metric_name, reference_class, stance_indices
 
 BETTER, WORSE, WITHIN_NOISE = "better", "worse", "within noise"
 LEVEL = 0.95

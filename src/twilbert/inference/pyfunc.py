@@ -43,10 +43,10 @@ def quiet_mlflow() -> Iterator[None]:
 
 
 class ClassifierModel(mlflow.pyfunc.PythonModel):
-    """pyfunc front of :class:`twilbert.classifier.Classifier`."""
+    """pyfunc front of :class:`twilbert.inference.classifier.Classifier`."""
 
     def load_context(self, context) -> None:
-        from twilbert.classifier import load_classifier
+        from twilbert.inference.classifier import load_classifier
 
         self.clf = load_classifier(context.artifacts[MODEL_DIR])
 
@@ -115,7 +115,7 @@ def save_classifier_model(model_dir: Union[str, Path], path: Union[str, Path],
 
     ``description``: the ``MLmodel`` to fill (a logged model's id and run); the file keeps no
     absolute path, so the saved model loads wherever its folder, or the store holding it, is moved."""
-    from twilbert.predict import load_finetuned
+    from twilbert.inference.predict import load_finetuned
 
     fm = load_finetuned(model_dir)  # validates the directory and gives the signature's columns
     with quiet_mlflow():

@@ -1,0 +1,1 @@
+"""What the pipeline reports: results tables, statistics over seeds, comparisons, plots, pretraining inspection."""
