@@ -44,14 +44,13 @@ from pathlib import Path
 
 import torch
 
-from twilbert.cli import tokenizer_config
 from twilbert.config import ModelConfig, TaskConfig, TaskSpec, VocabConfig
 from twilbert.data.tokenizer import Tokenizer, train_vocab
 from twilbert.inference.inputs import Chunk
 from twilbert.inference.predict import FinetunedModel, load_finetuned, predict_stream
 from twilbert.model import HeadConfig, ModelCard, TWilBertForClassification, save_pretrained
 from twilbert.model.card import pretraining_positions
-from twilbert.model.hf import hf_config, to_hf
+from twilbert.model.hf import hf_config, to_hf, tokenizer_config
 from twilbert.model.manifest import write_manifest
 
 log = logging.getLogger("benchmark")

@@ -25,7 +25,7 @@ from twilbert.config import Config, ConfigError, compose, load_config
 from twilbert.model.card import read_card, row_width
 from twilbert.pipeline.stage import parse_args, setup_logging
 from twilbert.reports.results import task_metrics_files, write_results
-from twilbert.train.finetune_stage import finetune_task
+from twilbert.train.finetune.stage_work import finetune_task
 
 log = logging.getLogger("twilbert")
 REPO = Path(__file__).resolve().parents[1]

@@ -7,7 +7,7 @@ from typing import Optional
 
 from twilbert.config import ConfigError
 from twilbert.pipeline.stage import load_stage_config, parse_args, run
-from twilbert.train.finetune_stage import baseline_task
+from twilbert.train.finetune.stage_work import baseline_task
 
 
 def main() -> Optional[str]:

@@ -17,7 +17,7 @@ from twilbert.data.tasks import load_task
 from twilbert.pipeline.stage import fault_callbacks, load_stage_config, parse_args, run
 from twilbert.tracking.runs import Tracker
 from twilbert.train.distributed import distributed_context
-from twilbert.train.finetune_stage import finetune_task, run_config
+from twilbert.train.finetune.stage_work import finetune_task, run_config
 from twilbert.train.writer_lock import checkpoint_lock
 
 

@@ -18,8 +18,8 @@ from twilbert.model.backbone import HFClassifier, load_hf_backbone
 from twilbert.model.finetuned import hf_packer, load_classifier_module
 from twilbert.model.io import load_pretrained_state
 from twilbert.model.trainable import set_trainable
-from twilbert.train.finetune import encode_examples
-from twilbert.train.finetune_stage import finetune_task
+from twilbert.train.finetune.learners import encode_examples
+from twilbert.train.finetune.stage_work import finetune_task
 
 pytest.importorskip("transformers")
 

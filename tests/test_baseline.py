@@ -14,7 +14,7 @@ from helpers import REPO, make_tweets
 from twilbert.config import TaskConfig, TaskSpec, compose
 from twilbert.data.preprocess import Preprocessor
 from twilbert.model.baseline import fit_baseline, load_baseline, save_baseline
-from twilbert.train.finetune_stage import finetune_task
+from twilbert.train.finetune.stage_work import finetune_task
 
 TWEETS = make_tweets(60, seed=4)
 TEXTS = [t for t, _ in TWEETS]

@@ -409,7 +409,7 @@ def test_the_finetune_stage_and_predict_read_the_continued_model_with_no_extra_s
     from twilbert.config import compose
     from twilbert.inference.predict import load_finetuned
     from twilbert.train.continued import continued_pretrain
-    from twilbert.train.finetune_stage import finetune_task
+    from twilbert.train.finetune.stage_work import finetune_task
 
     root = tmp_path / "inputs"
     checkpoint = continued_inputs(root, "roberta", 40)
@@ -438,7 +438,7 @@ def test_the_finetune_stage_and_predict_read_the_continued_model_with_no_extra_s
 
     # A flipped byte in the continued model is refused before any finetuning, naming the file.
     from twilbert.model.manifest import ManifestError
-    from twilbert.train.finetune_stage import hf_pretrained_backbone
+    from twilbert.train.finetune.stage_work import hf_pretrained_backbone
 
     weights = pretrained / "model.safetensors"
     data = bytearray(weights.read_bytes())

@@ -13,8 +13,8 @@ from helpers import REPO
 from twilbert.config import TaskSpec, compose
 from twilbert.evaluation.predictions import Predictions
 from twilbert.reports.results import render_results
-from twilbert.train.degenerate import run_warnings
-from twilbert.train.finetune_stage import baseline_task
+from twilbert.train.finetune.degenerate import run_warnings
+from twilbert.train.finetune.stage_work import baseline_task
 
 SPEC = TaskSpec(categories={"P": 0, "N": 1, "NEU": 2})
 

@@ -141,6 +141,6 @@ def test_the_import_closure_follows_function_level_and_relative_imports(tmp_path
 
 def test_a_training_runs_code_fingerprint_covers_config_and_numerics():
     # config derives model shapes and numerics pins the kernels: an edit to either is another run
-    for entry in ("twilbert.train.pretrain", "twilbert.train.finetune_stage"):
+    for entry in ("twilbert.train.pretrain", "twilbert.train.finetune.stage_work"):
         closure = relative_paths(import_closure(entry), PACKAGE_DIR)
         assert "config/model.py" in closure and "data/special.py" in closure, entry

@@ -11,7 +11,7 @@ import pytest
 import torch
 import yaml
 
-import twilbert.train.finetune as finetune
+import twilbert.train.finetune.learners as finetune
 from finetune_data import MAX_LEN, first, make_config, make_pretrained, write_task
 from helpers import REPO
 from twilbert.config import ConfigError, compose, load_config
@@ -21,8 +21,8 @@ from twilbert.model.backbone import twilbert_classifier
 from twilbert.model.card import HeadConfig, n_outputs, read_card
 from twilbert.model.finetuned import load_classifier_module
 from twilbert.model.io import load_pretrained_state
-from twilbert.train.finetune import encode_examples
-from twilbert.train.finetune_stage import finetune_task
+from twilbert.train.finetune.learners import encode_examples
+from twilbert.train.finetune.stage_work import finetune_task
 
 
 @pytest.fixture(scope="module")

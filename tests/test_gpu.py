@@ -238,7 +238,7 @@ def test_bf16_pretraining_with_the_pseudo_log_likelihood_on_trains_on_the_device
 def finetuned_bf16(request, tmp_path_factory):
     """A tiny model finetuned in bf16 on the device, with its metrics."""
     from finetune_data import make_config, make_pretrained, write_task
-    from twilbert.train.finetune_stage import finetune_task
+    from twilbert.train.finetune.stage_work import finetune_task
 
     root = tmp_path_factory.mktemp(f"finetune-{request.param}")
     pretrained = make_pretrained(root / "pretrained")

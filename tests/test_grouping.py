@@ -13,7 +13,7 @@ from twilbert.data.grouping import WINDOW_BATCHES, grouped_batches, padding_shar
 from twilbert.data.pairs import build_pair_shards, load_shards
 from twilbert.data.tokenizer import Tokenizer, train_vocab
 from twilbert.train.distributed import rank_batch_indices
-from twilbert.train.finetune import shuffled_batches
+from twilbert.train.finetune.learners import shuffled_batches
 
 SEED = 3
 

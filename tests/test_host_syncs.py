@@ -23,7 +23,7 @@ from twilbert.config import compose, load_config
 from twilbert.data.batch import make_batch, pack_pairs
 from twilbert.data.special import N_SPECIAL
 from twilbert.data.tasks import load_task
-from twilbert.train.finetune import twilbert_learner
+from twilbert.train.finetune.learners import twilbert_learner
 from twilbert.train.pretrain import build_pretraining
 
 SRC = str(Path(twilbert.__file__).parent)

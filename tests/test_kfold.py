@@ -15,9 +15,9 @@ from twilbert.config import TaskSpec, compose
 from twilbert.data.tasks import load_task
 from twilbert.evaluation.scoring import evaluate_scores, predict_scores
 from twilbert.model.finetuned import load_classifier_module
-from twilbert.train.finetune import encode_examples, twilbert_learner
-from twilbert.train.finetune_stage import finetune_task
-from twilbert.train.kfold import FoldResult, blend, evaluate_learner, fold_splits, run_kfold
+from twilbert.train.finetune.learner_run import FoldResult, blend, evaluate_learner, fold_splits, run_kfold
+from twilbert.train.finetune.learners import encode_examples, twilbert_learner
+from twilbert.train.finetune.stage_work import finetune_task
 
 SINGLE = TaskSpec(categories={"a": 0, "b": 1, "c": 2})
 

@@ -24,7 +24,7 @@ from twilbert.model.manifest import (
     verify_model_dir,
     write_manifest,
 )
-from twilbert.train.finetune_stage import finetune_task
+from twilbert.train.finetune.stage_work import finetune_task
 
 pytestmark = pytest.mark.reliability
 

@@ -14,7 +14,7 @@ from twilbert import load_classifier
 from twilbert.config import TrackingConfig, compose
 from twilbert.inference.pyfunc import save_classifier_model
 from twilbert.tracking.runs import Tracker, local_store_uri
-from twilbert.train.finetune_stage import finetune_task
+from twilbert.train.finetune.stage_work import finetune_task
 
 mlflow = pytest.importorskip("mlflow")
 

@@ -8,13 +8,13 @@ import math
 import pytest
 import torch
 
-import twilbert.train.finetune as finetune
+import twilbert.train.finetune.learners as finetune
 from finetune_data import make_finetune_inputs
 from helpers import MAX_LEN, make_pretrain_inputs, pretrain_args, run_stage, write_params
 from twilbert.config import load_config
 from twilbert.data.tokenizer import Tokenizer
 from twilbert.train.checkpoint import latest_valid_checkpoint, load_training_checkpoint
-from twilbert.train.finetune_stage import finetune_task
+from twilbert.train.finetune.stage_work import finetune_task
 from twilbert.train.loop import NonFiniteLossError
 from twilbert.train.pretrain import build_pretraining
 

@@ -20,7 +20,7 @@ from twilbert.inference.embeddings import load_encoder
 from twilbert.inference.inputs import Chunk, PredictError, chunked, text_rows, tsv_rows, with_aux
 from twilbert.inference.predict import load_finetuned, predict_stream
 from twilbert.model.finetuned import load_classifier_module
-from twilbert.train.finetune_stage import finetune_task
+from twilbert.train.finetune.stage_work import finetune_task
 
 
 @pytest.fixture(scope="module")

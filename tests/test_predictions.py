@@ -22,7 +22,7 @@ from twilbert.evaluation.predictions import (
     write_predictions,
 )
 from twilbert.reports.results import read_metrics
-from twilbert.train.finetune_stage import baseline_task, finetune_task
+from twilbert.train.finetune.stage_work import baseline_task, finetune_task
 
 SINGLE = TaskSpec(categories={"P": 0, "N": 1, "NEU": 2})
 MULTI = TaskSpec(multi_label=True, categories={"joy": 0, "anger": 1, "fear": 2}, eval_metric="jaccard")

@@ -11,7 +11,7 @@ from finetune_data import first, make_config, make_pretrained, write_rows, write
 from helpers import REPO
 from twilbert.config import ConfigError, compose
 from twilbert.data.tasks import load_task
-from twilbert.train.finetune_stage import finetune_task
+from twilbert.train.finetune.stage_work import finetune_task
 
 
 @pytest.fixture(scope="module")

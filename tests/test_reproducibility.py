@@ -11,7 +11,7 @@ import torch
 from finetune_data import write_task
 from helpers import PRETRAIN, REPO, assert_same_weights, make_pretrain_inputs
 from twilbert.config import compose, load_config
-from twilbert.train.finetune_stage import finetune_task
+from twilbert.train.finetune.stage_work import finetune_task
 from twilbert.train.pretrain import pretrain
 
 pytestmark = pytest.mark.reliability

@@ -6,10 +6,8 @@ The model tools import torch lazily, so `compose` stays quick.
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import os
-import shutil
 import sys
 from contextlib import ExitStack
 from pathlib import Path
@@ -75,7 +73,6 @@ def cmd_predict(args: argparse.Namespace) -> int:
     # scikit-learn, so that the command starts quickly.
     from twilbert.inference.classifier import load_classifier
     from twilbert.inference.inputs import PredictError, chunked, iter_lines, open_input, text_rows, tsv_rows, with_aux
-    from twilbert.inference.predict import predict_stream
     from twilbert.io_utils import atomic_write
 
     if args.texts and args.input:
@@ -109,8 +106,8 @@ def cmd_predict(args: argparse.Namespace) -> int:
             rows = with_aux(rows, aux_lines, name, args.aux_input)
         out = stack.enter_context(atomic_write(args.output)) if args.output else utf8_stdout()
         # An empty input is an empty output (like any Unix filter), not an error.
-        n = predict_stream(clf.model, chunked(rows, name, args.chunk_size, allow_empty=True), out, args.format,
-                           not args.no_text, not args.no_header, clf.batch_size, clf.precision)
+        n = clf.write(chunked(rows, name, args.chunk_size, allow_empty=True), out, args.format,
+                      with_text=not args.no_text, header=not args.no_header)
         out.flush()
     log.info("predict: %d lines -> %s", n, args.output or "stdout")
     return 0
@@ -124,118 +121,9 @@ def cmd_embeddings(args: argparse.Namespace) -> int:
     return 0
 
 
-TOKENIZER_NOTE = """# Tokenizer of this export
-
-Exported by `twilbert export-hf` from `{source}` as `{hf_class}`.
-
-- The vocabulary is twilbert's SentencePiece model, copied as `spiece.model` (and as `spm.model`, with
-  `meta.json`, so `twilbert.data.tokenizer.Tokenizer("<this dir>")` loads it too). `tokenizer_config.json`
-  declares it an `AlbertTokenizer` that keeps case and accents, so `AutoTokenizer.from_pretrained("<this dir>")`
-  gives the ids twilbert gives, for BERT-layout exports too: [PAD]=0 [UNK]=1 [MASK]=2 [CLS]=3 [SEP]=4, inputs
-  `[CLS] a [SEP] (b [SEP])`, token_type_ids 0 then 1.
-- Tweet normalization is NOT part of the Hugging Face tokenizer. Apply the preprocessing the model was
-  trained with first (the `preprocess` section of `meta.json`):
-  `Preprocessor.from_dict(json.load(open("meta.json"))["preprocess"])(text)` from `twilbert.data.preprocess`.
-- The model has {max_positions} positions: at most {max_single} tokens per single text, truncate to that.
-{classifier_note}"""
-
-CLASSIFIER_NOTE = """
-## The classifier
-
-- `config.json` has `id2label` (the task's classes in output order), `label2id` and `problem_type`
-  ({problem_type}); `transformers.pipeline("text-classification", model="<this dir>")` applies softmax
-  (single-label), sigmoid (multi-label: the labels at or over {threshold} are the prediction) or nothing
-  (regression) as `twilbert predict` does.
-- `twilbert predict` cuts each text to {max_len_test} tokens (`max_len_test`); pass texts of at most that
-  length, or truncate them, for identical scores.
-- The head is [CLS] -> linear. Hugging Face's pooler (dense + tanh) in front of it is exported as a
-  tiny scaled identity (and the classifier scaled back), so the logits are twilbert's to float32
-  rounding; finetuning this export further starts from that scaled pooler.
-"""
-
-
-def tokenizer_config(max_positions: int) -> dict:
-    """Hugging Face tokenizer settings that reproduce twilbert's SentencePiece encoding."""
-    return {
-        "tokenizer_class": "AlbertTokenizer",
-        "do_lower_case": False,  # any lowercasing is inside the SentencePiece normalizer already
-        "keep_accents": True,
-        "remove_space": True,
-        "unk_token": "[UNK]",
-        "pad_token": "[PAD]",
-        "cls_token": "[CLS]",
-        "sep_token": "[SEP]",
-        "mask_token": "[MASK]",
-        "bos_token": "[CLS]",
-        "eos_token": "[SEP]",
-        "model_max_length": max_positions,
-        "model_input_names": ["input_ids", "token_type_ids", "attention_mask"],
-    }
-
-
-def export_hf_dir(model_dir: Path, out_dir: Path, encoder_only: bool = False) -> str:
-    """Write a twilbert model directory as a Hugging Face one (plus tokenizer files); returns the HF class name.
-
-    A pretrained model becomes ``*ForPreTraining``/``*ForMaskedLM``; a finetuned one
-    ``*ForSequenceClassification`` (or, with ``encoder_only``, its encoder alone).
-    """
-    from twilbert.data.tokenizer import META_FILE, MODEL_FILE
-    from twilbert.errors import library_os_errors
-    from twilbert.inference.predict import PredictError, load_finetuned, read_model_config
-    from twilbert.io_utils import publish_dir
-    from twilbert.model import (
-        TWilBertForPretraining,
-        TWilBertModel,
-        load_into,
-        load_pretrained_state,
-        save_hf,
-    )
-    from twilbert.model.card import max_text_len
-    from twilbert.model.hf import to_hf_classifier
-    from twilbert.model.manifest import verification_enabled
-
-    model_dir, out_dir = Path(model_dir), Path(out_dir)
-    card = read_model_config(model_dir, backbones=("twilbert",), command="export-hf")
-    cfg, vocab_size, max_positions = card.model_config, card.vocab_size, card.max_positions
-    if out_dir.exists() and (not out_dir.is_dir() or any(out_dir.iterdir())):
-        raise PredictError(f"{out_dir}: exists and is not an empty directory; remove it or choose another --out")
-    classifier_note = ""
-    if card.is_finetuned and not encoder_only:
-        fm = load_finetuned(model_dir, "cpu", blend=False)  # the directory's own (selected fold's) model
-        if card.kfold_members:
-            log.warning("export-hf: %s is a k-fold model; the export is its selected fold's model, while "
-                        "`twilbert predict` averages the %d folds", model_dir, len(card.kfold_members))
-        hf = to_hf_classifier(fm.members[0].model, cfg, vocab_size, max_positions, fm.labels or ["value"],
-                              fm.problem_type)
-        classifier_note = CLASSIFIER_NOTE.format(problem_type=fm.problem_type, threshold=fm.task.task.threshold,
-                                                 max_len_test=fm.max_len)
-    else:
-        _, state = load_pretrained_state(model_dir)
-        pretraining = any(k.startswith("predictions.") for k in state)
-        model = (TWilBertForPretraining if pretraining else TWilBertModel)(cfg, vocab_size, max_positions)
-        load_into(model, state, strict=True)
-        hf = None
-    # A source loaded without verification (--no-verify) may hold changed weights: sealing them
-    # with a fresh checksums.json would vouch for what nobody checked, so the export gets none.
-    verified = verification_enabled()
-    if not verified:
-        log.warning("export-hf: %s was not verified (--no-verify), so %s gets no checksums.json", model_dir, out_dir)
-    with publish_dir(out_dir, checksums=verified) as tmp, library_os_errors(out_dir):
-        if hf is None:
-            hf = save_hf(tmp, model, cfg, vocab_size, max_positions)
-        else:
-            hf.save_pretrained(str(tmp))
-        shutil.copyfile(model_dir / MODEL_FILE, tmp / "spiece.model")  # the name Hugging Face's ALBERT looks for
-        shutil.copyfile(model_dir / MODEL_FILE, tmp / MODEL_FILE)
-        shutil.copyfile(model_dir / META_FILE, tmp / META_FILE)
-        (tmp / "tokenizer_config.json").write_text(json.dumps(tokenizer_config(max_positions), indent=2) + "\n")
-        note = TOKENIZER_NOTE.format(source=model_dir, hf_class=type(hf).__name__, max_positions=max_positions,
-                                     max_single=max_text_len(max_positions, 1), classifier_note=classifier_note)
-        (tmp / "TOKENIZER.md").write_text(note, encoding="utf-8")
-    return type(hf).__name__
-
-
 def cmd_export_hf(args: argparse.Namespace) -> int:
+    from twilbert.model.hf import export_hf_dir
+
     hf_class = export_hf_dir(Path(args.model), Path(args.out), args.encoder_only)
     log.info("export-hf: %s -> %s (%s)", args.model, args.out, hf_class)
     return 0

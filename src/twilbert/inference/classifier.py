@@ -13,11 +13,12 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Optional, Sequence, Union, overload
+from typing import IO, Iterable, Optional, Sequence, Union, overload
 
 import numpy as np
 
-from twilbert.inference.predict import FinetunedModel, load_finetuned
+from twilbert.inference.inputs import Chunk
+from twilbert.inference.predict import FinetunedModel, load_finetuned, predict_stream
 
 Label = Union[str, list[str], float]
 
@@ -56,6 +57,12 @@ class Classifier:
     def aux_header(self) -> Optional[str]:
         """The second text the model was trained with (pass it as ``aux``), or None."""
         return self.model.aux_header
+
+    def write(self, chunks: Iterable[Chunk], out: IO[str], fmt: str = "tsv", with_text: bool = True,
+              header: bool = True) -> int:
+        """Label ``chunks`` (``twilbert.inference.inputs``) and write one TSV or JSON line each to ``out``, as
+        ``twilbert predict`` does; returns the number of lines written (header excluded)."""
+        return predict_stream(self.model, chunks, out, fmt, with_text, header, self.batch_size, self.precision)
 
     def scores(self, texts: Sequence[str], aux: Optional[Sequence[str]] = None) -> np.ndarray:
         """Probabilities (N, C), or values (N,) for regression, in input order."""

@@ -33,6 +33,7 @@ from twilbert.inference.inputs import Chunk, PredictError
 from twilbert.model.backbone import HF_DIR
 from twilbert.model.card import CONFIG_NAME, CheckpointError, ModelCard, read_card
 from twilbert.model.finetuned import load_classifier_module
+from twilbert.model.hf import label_names, problem_type
 from twilbert.model.io import WEIGHTS_NAME
 
 log = logging.getLogger(__name__)
@@ -47,7 +48,6 @@ MODEL_FILES = {
     "hf": (WEIGHTS_NAME, HF_DIR + "/"),
     "baseline": ("features.json", "weights.npz"),
 }
-PROBLEM_TYPES = ("single_label_classification", "multi_label_classification", "regression")  # HF's names
 
 
 # --------------------------------------------------------------------------------------------
@@ -122,7 +122,7 @@ class FinetunedModel:
     @property
     def labels(self) -> list[str]:
         """Category names in output order (empty for regression)."""
-        return sorted(self.task.task.categories, key=self.task.task.categories.get)
+        return label_names(self.task.task)
 
     @property
     def aux_header(self) -> Optional[str]:
@@ -136,8 +136,7 @@ class FinetunedModel:
     @property
     def problem_type(self) -> str:
         """Hugging Face's name of the task kind: single_label_classification, multi_label_classification, regression."""
-        spec = self.task.task
-        return PROBLEM_TYPES[2] if spec.regression else PROBLEM_TYPES[1] if spec.multi_label else PROBLEM_TYPES[0]
+        return problem_type(self.task.task)
 
     def decide(self, scores: np.ndarray) -> list:
         """Per row of ``scores``: the label, the list of labels over the threshold (multi-label), or the value."""

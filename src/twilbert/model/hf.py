@@ -21,19 +21,26 @@ transformers is imported here only: it is a test/benchmark dependency, not a run
 
 from __future__ import annotations
 
+import json
 import logging
 import math
+import shutil
 from pathlib import Path
 from typing import Any, Union
 
 import torch
 from torch import nn
 
-from twilbert.config import ModelConfig
+from twilbert.config import ModelConfig, TaskSpec
 from twilbert.data.special import CLS_ID, PAD_ID, SEP_ID
-from twilbert.errors import TwilbertError
+from twilbert.data.tokenizer import META_FILE, MODEL_FILE
+from twilbert.errors import TwilbertError, library_os_errors
+from twilbert.io_utils import publish_dir
+from twilbert.model.card import CONFIG_NAME, ModelCard, max_text_len, read_card
 from twilbert.model.encoder import N_SEGMENTS, TWilBertModel
 from twilbert.model.heads import TWilBertForClassification, TWilBertForPretraining
+from twilbert.model.io import WEIGHTS_NAME, load_into, load_pretrained_state
+from twilbert.model.manifest import verification_enabled
 
 logger = logging.getLogger(__name__)
 
@@ -308,3 +315,137 @@ def save_hf(
     hf.save_pretrained(str(directory))
     logger.info("exported %s to %s", type(hf).__name__, directory)
     return hf
+
+
+# --------------------------------------------------------------------------------------------
+# Model directories (`twilbert export-hf`)
+# --------------------------------------------------------------------------------------------
+
+EXPORT_FILES = (WEIGHTS_NAME, MODEL_FILE, META_FILE)  # a twilbert directory's weights and vocabulary
+
+
+def problem_type(spec: TaskSpec) -> str:
+    """Hugging Face's name of a task's kind (``config.problem_type``)."""
+    return PROBLEM_TYPES[2] if spec.regression else PROBLEM_TYPES[1] if spec.multi_label else PROBLEM_TYPES[0]
+
+
+def label_names(spec: TaskSpec) -> list[str]:
+    """The task's category names in output order (empty for regression)."""
+    return sorted(spec.categories, key=spec.categories.get)
+
+
+def _export_source(directory: Path) -> ModelCard:
+    """The card of a twilbert model directory holding every file the export reads."""
+    if not directory.is_dir():
+        raise ExportError(f"{directory}: model directory not found")
+    path = directory / CONFIG_NAME
+    if not path.is_file():
+        raise ExportError(f"{directory}: missing {CONFIG_NAME}; a twilbert model directory holds {CONFIG_NAME}, "
+                          f"{', '.join(EXPORT_FILES)} (written by the pretrain and finetune stages)")
+    card = read_card(path)
+    if card.kind != "twilbert":
+        raise ExportError(f"{path}: backbone {card.kind!r} is not supported by export-hf (supported: twilbert)")
+    missing = [name for name in EXPORT_FILES if not (directory / name).exists()]
+    if missing:
+        raise ExportError(f"{directory}: missing {', '.join(missing)}; a twilbert model directory holds "
+                          f"{CONFIG_NAME}, {', '.join(EXPORT_FILES)}")
+    return card
+
+
+TOKENIZER_NOTE = """# Tokenizer of this export
+
+Exported by `twilbert export-hf` from `{source}` as `{hf_class}`.
+
+- The vocabulary is twilbert's SentencePiece model, copied as `spiece.model` (and as `spm.model`, with
+  `meta.json`, so `twilbert.data.tokenizer.Tokenizer("<this dir>")` loads it too). `tokenizer_config.json`
+  declares it an `AlbertTokenizer` that keeps case and accents, so `AutoTokenizer.from_pretrained("<this dir>")`
+  gives the ids twilbert gives, for BERT-layout exports too: [PAD]=0 [UNK]=1 [MASK]=2 [CLS]=3 [SEP]=4, inputs
+  `[CLS] a [SEP] (b [SEP])`, token_type_ids 0 then 1.
+- Tweet normalization is NOT part of the Hugging Face tokenizer. Apply the preprocessing the model was
+  trained with first (the `preprocess` section of `meta.json`):
+  `Preprocessor.from_dict(json.load(open("meta.json"))["preprocess"])(text)` from `twilbert.data.preprocess`.
+- The model has {max_positions} positions: at most {max_single} tokens per single text, truncate to that.
+{classifier_note}"""
+
+CLASSIFIER_NOTE = """
+## The classifier
+
+- `config.json` has `id2label` (the task's classes in output order), `label2id` and `problem_type`
+  ({problem_type}); `transformers.pipeline("text-classification", model="<this dir>")` applies softmax
+  (single-label), sigmoid (multi-label: the labels at or over {threshold} are the prediction) or nothing
+  (regression) as `twilbert predict` does.
+- `twilbert predict` cuts each text to {max_len_test} tokens (`max_len_test`); pass texts of at most that
+  length, or truncate them, for identical scores.
+- The head is [CLS] -> linear. Hugging Face's pooler (dense + tanh) in front of it is exported as a
+  tiny scaled identity (and the classifier scaled back), so the logits are twilbert's to float32
+  rounding; finetuning this export further starts from that scaled pooler.
+"""
+
+
+def tokenizer_config(max_positions: int) -> dict:
+    """Hugging Face tokenizer settings that reproduce twilbert's SentencePiece encoding."""
+    return {
+        "tokenizer_class": "AlbertTokenizer",
+        "do_lower_case": False,  # any lowercasing is inside the SentencePiece normalizer already
+        "keep_accents": True,
+        "remove_space": True,
+        "unk_token": "[UNK]",
+        "pad_token": "[PAD]",
+        "cls_token": "[CLS]",
+        "sep_token": "[SEP]",
+        "mask_token": "[MASK]",
+        "bos_token": "[CLS]",
+        "eos_token": "[SEP]",
+        "model_max_length": max_positions,
+        "model_input_names": ["input_ids", "token_type_ids", "attention_mask"],
+    }
+
+
+def export_hf_dir(model_dir: Path, out_dir: Path, encoder_only: bool = False) -> str:
+    """Write a twilbert model directory as a Hugging Face one (plus tokenizer files); returns the HF class name.
+
+    A pretrained model becomes ``*ForPreTraining``/``*ForMaskedLM``; a finetuned one
+    ``*ForSequenceClassification`` (or, with ``encoder_only``, its encoder alone).
+    """
+    from twilbert.model.finetuned import load_classifier_module  # packers and tokenizers: only for a classifier
+
+    model_dir, out_dir = Path(model_dir), Path(out_dir)
+    card = _export_source(model_dir)
+    cfg, vocab_size, max_positions = card.model_config, card.vocab_size, card.max_positions
+    if out_dir.exists() and (not out_dir.is_dir() or any(out_dir.iterdir())):
+        raise ExportError(f"{out_dir}: exists and is not an empty directory; remove it or choose another --out")
+    classifier_note = ""
+    if card.is_finetuned and not encoder_only:
+        classifier, _, _ = load_classifier_module(model_dir)  # the directory's own (selected fold's) model
+        if card.kfold_members:
+            logger.warning("export-hf: %s is a k-fold model; the export is its selected fold's model, while "
+                        "`twilbert predict` averages the %d folds", model_dir, len(card.kfold_members))
+        spec = card.task.task
+        hf = to_hf_classifier(classifier, cfg, vocab_size, max_positions, label_names(spec) or ["value"],
+                              problem_type(spec))
+        classifier_note = CLASSIFIER_NOTE.format(problem_type=problem_type(spec), threshold=spec.threshold,
+                                                 max_len_test=card.text_len())
+    else:
+        _, state = load_pretrained_state(model_dir)
+        pretraining = any(k.startswith("predictions.") for k in state)
+        model = (TWilBertForPretraining if pretraining else TWilBertModel)(cfg, vocab_size, max_positions)
+        load_into(model, state, strict=True)
+        hf = None
+    # A source loaded without verification (--no-verify) may hold changed weights: sealing them
+    # with a fresh checksums.json would vouch for what nobody checked, so the export gets none.
+    verified = verification_enabled()
+    if not verified:
+        logger.warning("export-hf: %s was not verified (--no-verify), so %s gets no checksums.json", model_dir, out_dir)
+    with publish_dir(out_dir, checksums=verified) as tmp, library_os_errors(out_dir):
+        if hf is None:
+            hf = save_hf(tmp, model, cfg, vocab_size, max_positions)
+        else:
+            hf.save_pretrained(str(tmp))
+        shutil.copyfile(model_dir / MODEL_FILE, tmp / "spiece.model")  # the name Hugging Face's ALBERT looks for
+        shutil.copyfile(model_dir / MODEL_FILE, tmp / MODEL_FILE)
+        shutil.copyfile(model_dir / META_FILE, tmp / META_FILE)
+        (tmp / "tokenizer_config.json").write_text(json.dumps(tokenizer_config(max_positions), indent=2) + "\n")
+        note = TOKENIZER_NOTE.format(source=model_dir, hf_class=type(hf).__name__, max_positions=max_positions,
+                                     max_single=max_text_len(max_positions, 1), classifier_note=classifier_note)
+        (tmp / "TOKENIZER.md").write_text(note, encoding="utf-8")
+    return type(hf).__name__

@@ -1,9 +1,9 @@
 """Finetuning one model on one task: a classification head on an encoder (TWilBert's or a Hugging
-Face one, ``train.backbones``) trained to its best dev epoch with early stopping, or the TF-IDF baseline.
+Face one, ``encoders``) trained to its best dev epoch with early stopping, or the TF-IDF baseline.
 
 A *learner* is one model family: it prepares splits (packed rows, or texts for the baseline) and
-fits a model on a train split, monitored on a held-out one. ``train.kfold.evaluate_learner`` runs a
-learner with or without k-fold; ``train.finetune_stage`` is the stage's work.
+fits a model on a train split, monitored on a held-out one. ``learner_run.evaluate_learner`` runs a
+learner with or without k-fold; ``stage_work`` is the stage's work.
 
 Neural learners checkpoint each epoch end (and every ``finetuning.checkpoint_every`` micro-steps)
 when given a checkpoint directory, best epoch and early-stopping counters included; a rerun of the
@@ -37,8 +37,8 @@ from twilbert.model.card import HeadConfig
 from twilbert.model.manifest import write_manifest
 from twilbert.model.trainable import set_trainable
 from twilbert.tracking.runs import Tracker
-from twilbert.train.backbones import Backbone, HFBackbone, TWilBertBackbone
 from twilbert.train.distributed import DistContext, n_rank_batches, rank_batch_indices, wrap_ddp
+from twilbert.train.finetune.encoders import Backbone, HFBackbone, TWilBertBackbone
 from twilbert.train.fingerprint import run_fingerprint
 from twilbert.train.loop import BestEpoch, Callback, Checkpointing, Trainer
 from twilbert.train.losses import build_loss, class_weights_tensor
@@ -216,7 +216,7 @@ class NeuralLearner(Learner):
         def on_epoch(epoch: int, row: dict, improved: bool) -> None:
             history.append(row if fold is None else {"fold": fold, **row})
             if self.tracker:
-                # under epochs/: the run's own dev_official... are the selected epoch's (finetune_stage)
+                # under epochs/: the run's own dev_official... are the selected epoch's (stage_work)
                 self.tracker.log_metrics({f"{EPOCH_CURVES}{metric_prefix}{k}": v for k, v in row.items()}, step=epoch)
 
         official = f"dev_{official_metric_name(task.task)}"

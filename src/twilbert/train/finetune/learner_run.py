@@ -26,7 +26,7 @@ from twilbert.model.card import CONFIG_NAME, KFoldSummary, read_card
 from twilbert.model.manifest import write_manifest
 
 if TYPE_CHECKING:
-    from twilbert.train.finetune import Learner
+    from twilbert.train.finetune.learners import Learner
 
 log = logging.getLogger(__name__)
 

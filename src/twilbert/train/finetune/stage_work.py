@@ -1,5 +1,5 @@
 """The finetune stage's work on one task: the configured backbone (and the baseline row) fitted and
-evaluated (``kfold.evaluate_learner``), the model directory published whole, and the metrics files
+evaluated (``learner_run.evaluate_learner``), the model directory published whole, and the metrics files
 (``metrics.json``, ``predictions.tsv``, ``baseline.json``, ``epochs.csv``) written.
 """
 
@@ -22,9 +22,10 @@ from twilbert.evaluation.predictions import write_predictions
 from twilbert.io_utils import atomic_write, publish_dir
 from twilbert.tracking.runs import Tracker
 from twilbert.train import distributed
-from twilbert.train.degenerate import run_warnings, warn
 from twilbert.train.distributed import DistContext
-from twilbert.train.finetune import (
+from twilbert.train.finetune.degenerate import run_warnings, warn
+from twilbert.train.finetune.learner_run import LearnerRun, evaluate_learner
+from twilbert.train.finetune.learners import (
     Learner,
     NeuralLearner,
     baseline_learner,
@@ -33,7 +34,6 @@ from twilbert.train.finetune import (
     twilbert_learner,
 )
 from twilbert.train.fingerprint import config_fingerprint, files_digest
-from twilbert.train.kfold import LearnerRun, evaluate_learner
 from twilbert.train.loop import Callback, seed_everything
 
 BASELINE_FILE = "baseline.json"
@@ -190,7 +190,7 @@ def run_scores(metrics: dict) -> dict[str, float]:
 
 def flag_degenerate(task: TaskConfig, run: LearnerRun, splits: TaskData) -> LearnerRun:
     """Warn about, and note in its metrics (``warnings``), a run whose score says little
-    (:mod:`twilbert.train.degenerate`); a sound run's metrics are left as they are."""
+    (:mod:`twilbert.train.finetune.degenerate`); a sound run's metrics are left as they are."""
     found = run_warnings(task.task, splits.train.labels, run.test)
     if found:
         warn(task.name, run.metrics.get("model", "?"), found)
