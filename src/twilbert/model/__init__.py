@@ -1,4 +1,5 @@
-"""The TWilBert model: encoder, product-key memory, heads, checkpoint I/O and Hugging Face export."""
+"""The TWilBert model: encoder, product-key memory, heads, model directories, Hugging Face export and
+import, finetuned classifiers back in memory, and the TF-IDF baseline model."""
 
 from twilbert.model.card import HeadConfig, ModelCard, read_card
 from twilbert.model.encoder import (

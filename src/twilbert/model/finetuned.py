@@ -1,6 +1,6 @@
 """A finetuned classifier directory (TWilBert or Hugging Face encoder) back in memory, with its packer.
 
-Here models (``twilbert.model``) meet tokenizers (``twilbert.data``), so that neither depends on the other.
+The model layer sits above ``twilbert.data``: a classifier comes back with the packer that feeds it.
 """
 
 from __future__ import annotations
