@@ -177,3 +177,31 @@ def test_a_task_may_not_checkpoint_under_the_loops_keys(tmp_path):
     run.state = lambda: {"epoch": 7}
     with pytest.raises(ValueError, match=r"the loop's keys \['epoch'\]"):
         fit(trainer, run, epochs=1)
+
+
+def test_a_checkpoint_that_an_older_version_saved_inside_a_window_still_resumes_to_the_same_end(tmp_path):
+    from twilbert.train.checkpoint import save_training_checkpoint
+
+    reference = make_trainer()
+    ref_run = Scripted(reference)
+    ref_best = fit(reference, ref_run, epochs=2)
+
+    # What older versions saved on one process: micro-step 3, one micro-batch into a window of 2.
+    old = make_trainer()
+    for batch in list(batches(0, 0))[:3]:
+        old.train_step(batch, loss_fn)
+    old.flush()
+    s = old.state
+    state = {"epoch": s.epoch, "batch_in_epoch": s.batch_in_epoch, "optimizer_steps": s.optimizer_steps,
+             "micro_steps": s.micro_steps, "accum_position": 1, "loss_sum": s.loss_sum, "sums": dict(s.sums),
+             "fingerprint_parts": None, **BestEpoch(lower_is_better=False).to_state(), "seen": []}
+    path = save_training_checkpoint(tmp_path, old.model, old.optimizer, None, state, "run")
+    assert (path / "gradients.safetensors").is_file()
+
+    resumed = make_trainer(tmp_path)
+    run = Scripted(resumed)
+    best = fit(resumed, run, epochs=2)
+    assert run.epochs == ref_run.epochs and run.restored == {"seen": []}
+    assert (best.epoch, best.score, best.metrics) == (ref_best.epoch, ref_best.score, ref_best.metrics)
+    assert torch.equal(resumed.model.weight, reference.model.weight)
+    assert torch.equal(resumed.model.bias, reference.model.bias)
