@@ -380,7 +380,7 @@ def test_continued_pretraining_lowers_heldout_loss_and_writes_a_folder_hf_loads_
 
 @pytest.mark.slow
 @pytest.mark.parametrize("masking", ["span", "word"])  # word: whole words, from the shards' word starts
-def test_continued_pretraining_killed_inside_a_window_resumes_bit_for_bit(tmp_path, masking):
+def test_continued_pretraining_killed_mid_epoch_resumes_bit_for_bit(tmp_path, masking):
     root = tmp_path / "inputs"
     checkpoint = continued_inputs(root, "roberta", 60)
     work = tmp_path / "work"
@@ -393,10 +393,10 @@ def test_continued_pretraining_killed_inside_a_window_resumes_bit_for_bit(tmp_pa
     reference = tmp_path / "reference"
     ok(run_stage("pretrain.py", args(reference), work))
     out = tmp_path / "interrupted"
-    killed(run_stage("pretrain.py", args(out), work, kill_at=9))  # its checkpoint inside the window of micro-steps 9-10
+    killed(run_stage("pretrain.py", args(out), work, kill_at=10))  # due at 9, saved at the end of the window 9-10
     assert not (out / "model").exists()
     resumed = ok(run_stage("pretrain.py", args(out), work))
-    assert "resuming at epoch 1, batch 9" in resumed.stderr
+    assert "resuming at epoch 1, batch 10" in resumed.stderr
     for name in ("model.safetensors", "rop_head.safetensors"):
         assert_same_weights(reference / "model" / name, out / "model" / name)
     assert json.loads((reference / "metrics.json").read_text()) == json.loads((out / "metrics.json").read_text())

@@ -18,10 +18,12 @@ def write_rows(path, rows):
 
 
 def pretrain_curves(directory):
-    rec = CurveRecorder(prefix="pretrain", running=lambda: {"running_mlm_accuracy": 0.1, "running_rop_accuracy": 0.5})
+    rec = CurveRecorder(prefix="pretrain")
     for epoch in (1, 2):
         for step in (10, 20):
-            rec.log_metrics({"pretrain_loss": 6.0 - epoch - step / 100, "pretrain_lr": 0.001}, step=step * epoch)
+            rec.log_metrics({"pretrain_loss": 6.0 - epoch - step / 100, "pretrain_lr": 0.001,
+                             "pretrain_running_mlm_accuracy": 0.1, "pretrain_running_rop_accuracy": 0.5},
+                            step=step * epoch)
         rec.add_epoch(epoch, 20 * epoch, {"train_loss": 6.0 - epoch, "train_mlm_loss": 5.0 - epoch,
                                           "heldout_mlm_loss": 5.5 - epoch, "train_mlm_accuracy": 0.1 * epoch,
                                           "heldout_mlm_accuracy": 0.1, "train_rop_accuracy": 0.5,

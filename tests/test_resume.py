@@ -1,5 +1,6 @@
-"""Exact resume: a stage killed with SIGKILL inside an accumulation window, then rerun with the same
-command, ends with the weights and metrics of a run that was never interrupted (CPU, bit for bit).
+"""Exact resume: a stage killed with SIGKILL mid-epoch, right after a checkpoint (which falls at the end
+of an accumulation window), then rerun with the same command, ends with the weights and metrics of a
+run that was never interrupted (CPU, bit for bit).
 
 The kill comes from the loop's test hook ``TWILBERT_TEST_KILL_AT_MICRO_STEP=k``: the process sends
 itself SIGKILL right after saving the checkpoint of micro-step k, as an OOM kill or a lost node
@@ -9,6 +10,7 @@ would stop it (no handler, no cleanup). The stage-running helpers are in helpers
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 from typing import Optional
 
@@ -54,8 +56,8 @@ def pretrain_inputs(tmp_path_factory):
 
 
 @pytest.mark.slow
-def test_pretrain_killed_inside_a_window_resumes_bit_for_bit_and_passes_over_a_truncated_checkpoint(
-        pretrain_inputs, tmp_path, caplog):
+def test_pretrain_killed_mid_epoch_resumes_bit_for_bit_and_passes_over_a_truncated_checkpoint(
+        pretrain_inputs, tmp_path):
     work = tmp_path / "work"
     # length-grouped batches are the default: the resumed epoch must rebuild its window's batch order
     assert write_params(work, PRETRAIN)["training"]["length_grouping"] is True
@@ -65,37 +67,35 @@ def test_pretrain_killed_inside_a_window_resumes_bit_for_bit_and_passes_over_a_t
     out = tmp_path / "interrupted"
     args = pretrain_args(pretrain_inputs, out)
     states = out / "checkpoints" / "train_state"
-    # Micro-step 9: epoch 1, inside the window of micro-steps 9-10 (pending gradients, masks at step 9).
-    killed(run_stage("pretrain.py", args, work, kill_at=9))
-    assert steps(states) == ["step-00000006", "step-00000009"]
-    state = trainer_state(states / "step-00000009")
-    assert (state["epoch"], state["batch_in_epoch"], state["accum_position"]) == (0, 9, 1)
-    assert (states / "step-00000009" / "gradients.safetensors").is_file()
+    # Checkpoints are due every 3 micro-steps; one due inside a window of 2 waits for its end: the one
+    # due at micro-step 9 is saved at 10 (epoch 1, masks continued at step 11).
+    killed(run_stage("pretrain.py", args, work, kill_at=10))
+    assert steps(states) == ["step-00000006", "step-00000010"]
+    state = trainer_state(states / "step-00000010")
+    assert (state["epoch"], state["batch_in_epoch"], state["accum_position"]) == (0, 10, 0)
+    assert not (states / "step-00000010" / "gradients.safetensors").exists()
     assert not (out / "model").exists()
 
     resumed = ok(run_stage("pretrain.py", args, work))  # the same command
-    assert "resuming at epoch 1, batch 9" in resumed.stderr
+    assert "resuming at epoch 1, batch 10" in resumed.stderr
     assert_same_weights(reference / "model" / "model.safetensors", out / "model" / "model.safetensors")
     assert json.loads((reference / "metrics.json").read_text()) == json.loads((out / "metrics.json").read_text())
 
-    # The run's last checkpoints are micro-steps 27 (epoch 2, inside its last window) and 28 (the end).
-    # Truncate 28: rerun (in this process, to save a start-up), the stage reports it, resumes 27, and
-    # ends at the same weights once more.
-    assert steps(states) == ["step-00000027", "step-00000028"]
-    assert trainer_state(states / "step-00000027")["accum_position"] == 1
+    # The run's last checkpoints are micro-steps 24 (epoch 2, batch 10) and 28 (the end; due at 27).
+    # Truncate 28: rerun, the stage reports it, resumes 24, and ends at the same weights once more.
+    # (As a stage, not in this process: 4 micro-steps retrained need the stage's pinned numerics.)
+    assert steps(states) == ["step-00000024", "step-00000028"]
+    assert all(trainer_state(states / s)["accum_position"] == 0 for s in steps(states))
     newest = states / "step-00000028" / "model.safetensors"
     newest.write_bytes(newest.read_bytes()[: newest.stat().st_size // 2])
-    from twilbert.config import load_config
-    from twilbert.train.pretrain import pretrain
-
-    again = tmp_path / "again"
-    with caplog.at_level("INFO"):
-        metrics = pretrain(load_config(work / "params.yaml"), pretrain_inputs / "pairs", pretrain_inputs / "vocab",
-                           again / "model", out / "checkpoints")
-    assert "step-00000028" in caplog.text and "model.safetensors: sha256 differs" in caplog.text
-    assert "resuming at epoch 2, batch 13" in caplog.text
-    assert_same_weights(reference / "model" / "model.safetensors", again / "model" / "model.safetensors")
-    # the best epoch is the second, resumed in its last batch: its train_* sums came from the checkpoint
+    shutil.rmtree(out / "model")
+    (out / "metrics.json").unlink()  # both rewritten by the rerun
+    again = ok(run_stage("pretrain.py", args, work))
+    assert "step-00000028" in again.stderr and "model.safetensors: sha256 differs" in again.stderr
+    assert "resuming at epoch 2, batch 10" in again.stderr
+    assert_same_weights(reference / "model" / "model.safetensors", out / "model" / "model.safetensors")
+    # the best epoch is the second, resumed mid-epoch: its train_* sums began in the checkpoint
+    metrics = json.loads((out / "metrics.json").read_text())
     assert metrics == json.loads((reference / "metrics.json").read_text()) and metrics["epoch"] == 2
 
 
@@ -131,13 +131,14 @@ def test_finetune_killed_mid_epoch_resumes_bit_for_bit_with_its_best_epoch_and_p
     reference = json.loads((tmp_path / "reference" / "results" / "metrics.json").read_text())
 
     out = tmp_path / "interrupted"
-    # Micro-step 15: epoch 3, batch 3, inside a window; epochs 1-2 (and their best) are behind it.
-    killed(run_stage("finetune.py", finetune_args(tmp_path, out), work, kill_at=15))
-    state = trainer_state(out / "checkpoints" / "train_state" / "step-00000015")
-    assert (state["epoch"], state["batch_in_epoch"], state["accum_position"]) == (2, 3, 1)
+    # Micro-step 16: epoch 3, batch 4 (due at 15, saved at its window's end); epochs 1-2 (and their
+    # best) are behind it.
+    killed(run_stage("finetune.py", finetune_args(tmp_path, out), work, kill_at=16))
+    state = trainer_state(out / "checkpoints" / "train_state" / "step-00000016")
+    assert (state["epoch"], state["batch_in_epoch"], state["accum_position"]) == (2, 4, 0)
     assert len(state["history"]) == 2 and state["best"]["epoch"] in (1, 2)
     resumed = ok(run_stage("finetune.py", finetune_args(tmp_path, out), work))
-    assert "resuming at epoch 3, batch 3" in resumed.stderr
+    assert "resuming at epoch 3, batch 4" in resumed.stderr
 
     assert_same_weights(tmp_path / "reference" / "model" / "model.safetensors", out / "model" / "model.safetensors")
     for name in ("metrics.json", "epochs.csv"):
@@ -159,15 +160,16 @@ def test_finetune_killed_while_writing_a_checkpoint_replays_from_the_previous_on
 
     out = tmp_path / "interrupted"
     states = out / "checkpoints" / "train_state"
-    # Micro-step 10: epoch 2, batch 4 of 6; the checkpoints of micro-steps 9 and 10 are kept.
+    # Micro-step 10: epoch 2, batch 4 of 6; checkpoints fall at the ends of windows of 2, and those of
+    # micro-steps 8 and 10 are kept.
     killed(run_stage("finetune.py", finetune_args(tmp_path, out), work, kill_at=10))
-    assert steps(states) == ["step-00000009", "step-00000010"]
-    assert trainer_state(states / "step-00000009")["accum_position"] == 1  # inside an accumulation window
+    assert steps(states) == ["step-00000008", "step-00000010"]
+    assert trainer_state(states / "step-00000008")["accum_position"] == 0
     weights = states / "step-00000010" / "model.safetensors"
     weights.write_bytes(weights.read_bytes()[: weights.stat().st_size // 3])  # the write the kill cut short
     resumed = ok(run_stage("finetune.py", finetune_args(tmp_path, out), work))
     assert "step-00000010" in resumed.stderr and "sha256 differs" in resumed.stderr
-    assert "resuming at epoch 2, batch 3" in resumed.stderr
+    assert "resuming at epoch 2, batch 2" in resumed.stderr
 
     assert_same_weights(tmp_path / "reference" / "model" / "model.safetensors", out / "model" / "model.safetensors")
     for name in ("metrics.json", "epochs.csv"):
@@ -183,8 +185,9 @@ def test_kfold_finetune_killed_inside_a_fold_resumes_that_fold_and_the_next_bit_
     ok(run_stage("finetune.py", finetune_args(tmp_path, tmp_path / "reference"), work))
 
     out = tmp_path / "interrupted"
-    # 24 rows per fold, batch 8: 3 micro-steps an epoch; micro-step 4 is inside fold 0's second epoch.
-    killed(run_stage("finetune.py", finetune_args(tmp_path, out), work, kill_at=4))
+    # 24 rows per fold, batch 8: 3 micro-steps an epoch; micro-step 5 (a window's end) is inside fold 0's
+    # second epoch.
+    killed(run_stage("finetune.py", finetune_args(tmp_path, out), work, kill_at=5))
     assert steps(out / "checkpoints" / "fold-0") and not (out / "checkpoints" / "fold-1").exists()
     ok(run_stage("finetune.py", finetune_args(tmp_path, out), work))
 

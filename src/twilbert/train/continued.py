@@ -41,22 +41,25 @@ from twilbert.train import distributed
 from twilbert.train.curves import CurveRecorder
 from twilbert.train.distributed import DistContext, wrap_ddp
 from twilbert.train.fingerprint import config_fingerprint, files_digest
-from twilbert.train.heldout import summarize
-from twilbert.train.loop import Callback, Trainer, seed_everything
+from twilbert.train.loop import Callback, Checkpointing, Trainer, seed_everything
 from twilbert.train.objective import PretrainObjective
 from twilbert.train.optim import build_optimizer, build_scheduler, param_groups
 from twilbert.train.pretrain import (
     FINGERPRINT_KEYS,
     Pretraining,
+    PretrainingTask,
     open_pretrain_data,
+    pretrain_checkpointing,
     run_epochs,
+    running_metrics,
 )
 
 log = logging.getLogger(__name__)
 
 
 def build_continued(cfg: Config, vocab: HFVocab, device: torch.device, tracker: Optional[Tracker] = None,
-                    ctx: Optional[DistContext] = None) -> Pretraining:
+                    ctx: Optional[DistContext] = None, checkpointing: Optional[Checkpointing] = None,
+                    callbacks: Sequence[Callback] = ()) -> Pretraining:
     """The checkpoint under the pretraining objective, its optimizer, schedule, loop and masks."""
     tcfg = cfg.training
     ctx = ctx or DistContext(device=device)
@@ -76,7 +79,7 @@ def build_continued(cfg: Config, vocab: HFVocab, device: torch.device, tracker: 
         trained = torch.compile(trained)
     trainer = Trainer(trained, optimizer, scheduler, accum_iters=tcfg.accum_iters, max_grad_norm=tcfg.max_grad_norm,
                       precision=tcfg.precision, device=device, tracker=tracker, log_every=tcfg.log_every,
-                      prefix="pretrain")
+                      prefix="pretrain", checkpointing=checkpointing, callbacks=callbacks, running=running_metrics)
     objective = PretrainObjective(cfg.model.masked_lm, cfg.seed, vocab.vocab_size, device,
                                   rank=ctx.rank if ctx.is_distributed else None,
                                   position=lambda: (trainer.state.epoch, trainer.state.batch_in_epoch),
@@ -144,8 +147,8 @@ def continued_pretrain(cfg: Config, pairs_dir: Path, vocab_dir: Path, out_dir: P
     vocab = open_vocab_for(cfg, vocab_dir)
     train_data, heldout_data = open_pretrain_data(pairs_dir, cfg.representation.max_len, vocab.vocab_size)
     curves = CurveRecorder(tracker, prefix="pretrain")
-    model, trainer, objective = build_continued(cfg, vocab, device, curves, ctx)
-    curves.running = lambda: summarize(trainer.state.sums, "running")
+    checkpointing = pretrain_checkpointing(cfg, checkpoint_dir, continued_fingerprint(cfg, pairs_dir, vocab_dir))
+    model, trainer, objective = build_continued(cfg, vocab, device, curves, ctx, checkpointing, callbacks)
     n_params = count_parameters(model)
     if ctx.is_main:
         log.info("pretrain: continuing %s (%s, %d parameters), device %s, %d process(es)", tcfg.hf_path,
@@ -153,8 +156,8 @@ def continued_pretrain(cfg: Config, pairs_dir: Path, vocab_dir: Path, out_dir: P
     def save_epoch(epoch: int, metrics: dict, improved: bool) -> None:
         save_hf_pretrained(checkpoint_dir / "last", model, vocab, card(cfg, vocab, model, epoch, metrics))
 
-    best = run_epochs(cfg, ctx, model, trainer, objective, train_data, heldout_data, curves, tracker,
-                      checkpoint_dir, continued_fingerprint(cfg, pairs_dir, vocab_dir), callbacks, save_epoch)
+    best = run_epochs(PretrainingTask(cfg, ctx, model, trainer, objective, train_data, heldout_data, curves, tracker,
+                                      save_epoch))
     if ctx.is_main:
         model.load_state_dict(best.weights)
         check_tied(model.mlm, str(out_dir))

@@ -1,8 +1,8 @@
 """Training curves as DVC plot files: the points a run logs per optimizer step and per epoch.
 
 ``CurveRecorder`` stands in for the MLflow tracker in the training loop: every per-step call is
-recorded (with running accuracies over the epoch's batches so far, when the caller can give them)
-and forwarded. Its points travel in the training checkpoints, so a resumed run writes the same
+recorded (with the running accuracies over the epoch's batches so far that the loop logs with it,
+``Trainer(running=...)``) and forwarded. Its points travel in the training checkpoints, so a resumed run writes the same
 files as an uninterrupted one, and they are written as CSV with a fixed column order (same config
 and seed, same bytes).
 """
@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import csv
 from pathlib import Path
-from typing import Any, Callable, Mapping, Optional
+from typing import Any, Mapping, Optional
 
 from twilbert.io_utils import atomic_write
 
@@ -23,21 +23,17 @@ class CurveRecorder:
     """Records ``(step, metrics)`` points; forwards them to ``tracker`` (None: record only).
 
     ``prefix``: the loop's metric prefix (``pretrain_loss`` is recorded as ``loss``).
-    ``running``: called at each logged step; its metrics (e.g. the epoch's MLM accuracy so far)
-    join the point, in the file and in MLflow.
     """
 
-    def __init__(self, tracker: Any = None, prefix: str = "", running: Optional[Callable[[], Mapping[str, Any]]] = None):
-        self.tracker, self.prefix, self.running = tracker, prefix, running
+    def __init__(self, tracker: Any = None, prefix: str = ""):
+        self.tracker, self.prefix = tracker, prefix
         self.epoch = 0  # the epoch (from 1) the next steps belong to
         self.steps: list[dict] = []
         self.epochs: list[dict] = []
 
     # the Tracker's interface, as the training loop uses it
     def log_metrics(self, metrics: Mapping[str, float], step: Optional[int] = None) -> None:
-        running = self.running() if self.running else {}
-        extra = {f"{self.prefix}_{k}" if self.prefix else k: float(v) for k, v in running.items()}
-        metrics = {**{k: float(v) for k, v in metrics.items()}, **extra}
+        metrics = {k: float(v) for k, v in metrics.items()}
         strip = f"{self.prefix}_" if self.prefix else ""
         point = {"step": int(step or 0), "epoch": self.epoch}
         point.update({k[len(strip):] if strip and k.startswith(strip) else k: v for k, v in metrics.items()})

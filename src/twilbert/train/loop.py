@@ -6,11 +6,13 @@ computed and are read in one transfer per logging window (``log_every`` optimize
 checkpoint and at the epoch's end (``Trainer.flush``), where the non-finite-loss guard runs too. On a
 GPU the host thus queues the next steps while the device computes.
 
-What differs between the two is the batch source, the loss function and the evaluation handed to
-``Trainer.fit``, which owns the epochs: resume, evaluation, the best epoch, patience, the epoch's log
-line and its checkpoint. The loop owns where training stands (``LoopState``); a checkpoint of it,
-plus the weights, optimizer, scheduler and RNG states (``train.checkpoint``), is everything needed
-to continue as if never stopped.
+What differs between the two is one object handed to ``Trainer.fit``, a ``TrainingTask``: its
+batches, its loss, its evaluation, its log line, its per-epoch hook and its own checkpointed state.
+``fit`` owns the epochs: resume, evaluation, the best epoch, patience, the epoch's log line and its
+checkpoint. The loop owns where training stands (``LoopState``); a checkpoint of it, plus the
+weights, optimizer, scheduler and RNG states (``train.checkpoint``), is everything needed to
+continue as if never stopped. Checkpoints fall only at the end of an accumulation window, so none
+holds half-accumulated gradients.
 """
 
 from __future__ import annotations
@@ -22,7 +24,7 @@ import random
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Iterable, Iterator, Mapping, Optional, Sequence
+from typing import Callable, Iterable, Iterator, Mapping, Optional, Protocol, Sequence
 
 import numpy as np
 import torch
@@ -42,12 +44,36 @@ CPU = torch.device("cpu")  # the default device of a Trainer
 # (e.g. {"mlm_correct": tensor(12), "mlm_count": 40}) that the loop aggregates over the epoch. A count
 # may be a device tensor: the loop reads those once per logging window, never per step.
 LossFn = Callable[[torch.nn.Module, object], tuple[torch.Tensor, dict[str, object]]]
-# (epoch, first batch) -> that epoch's batches from that batch on (0, or where a checkpoint stopped).
-BatchSource = Callable[[int, int], Iterable]
-# (epoch, the epoch's training sums) -> (score, metrics): the score picks the best epoch.
-Evaluate = Callable[[int, dict[str, float]], tuple[float, dict]]
-# (epoch from 1, its metrics, whether it is the best so far), after the best epoch is updated.
-OnEpoch = Callable[[int, dict, bool], None]
+# The epoch's sums so far -> metrics logged with each logged step (e.g. the running MLM accuracy).
+Running = Callable[[Mapping[str, float]], Mapping[str, float]]
+
+
+class TrainingTask(Protocol):
+    """What one kind of training (pretraining, finetuning) hands to ``Trainer.fit``.
+
+    Every rank calls every method at the same points, so all ranks take the same decisions.
+    """
+
+    def batches(self, epoch: int, skip: int) -> Iterable:
+        """Epoch ``epoch``'s (from 0) micro-batches, without its first ``skip`` (where a checkpoint stopped)."""
+
+    def loss(self, model: torch.nn.Module, batch: object) -> tuple[torch.Tensor, dict[str, object]]:
+        """The micro-batch's loss and its summable counts (a ``LossFn``)."""
+
+    def evaluate(self, epoch: int, sums: dict[str, float]) -> tuple[float, dict]:
+        """(score, metrics) of epoch ``epoch`` (from 0) given its training sums; the score picks the best epoch."""
+
+    def shown(self, metrics: dict) -> Mapping[str, float]:
+        """What the epoch's log line shows of ``metrics`` (every metric still goes to the tracker)."""
+
+    def on_epoch(self, epoch: int, metrics: dict, improved: bool) -> None:
+        """After epoch ``epoch`` (from 1) was scored and the best epoch updated, before its checkpoint."""
+
+    def state(self) -> dict:
+        """The task's own JSON keys for the checkpoint (history, curves...); none may be the loop's."""
+
+    def load_state(self, state: dict) -> None:
+        """Resume: the keys ``state()`` saved, as the checkpoint holds them."""
 
 
 class NonFiniteLossError(TwilbertError, RuntimeError):
@@ -149,17 +175,22 @@ class BestEpoch:
         self.weights = state.get(TENSORS_KEY, {}).get("best")
 
 
-@dataclass
+@dataclass(frozen=True)
 class Checkpointing:
-    """Where and how often the loop saves training checkpoints, and what of the caller's they carry."""
+    """Where and how often the loop saves training checkpoints."""
 
     directory: Path
     fingerprint: str  # the run's identity: a checkpoint of another fingerprint is never resumed
-    every: int = 0  # micro-steps between checkpoints; 0: only when the caller saves (epoch ends)
+    # micro-steps between checkpoints; 0: epoch ends only. A checkpoint due inside an accumulation
+    # window is saved at the window's end: no checkpoint holds half-accumulated gradients.
+    every: int = 0
     keep: int = 2
     parts: Optional[dict[str, str]] = None  # what the fingerprint hashes; a change is reported by name
-    state: Callable[[], dict] = dict  # the caller's JSON state (history, curves...); fit adds the best epoch
-    tensors: Callable[[], dict] = dict  # the caller's tensor groups; fit adds {"best": weights}
+
+
+# The loop's keys in a checkpoint's state; a task's own keys (``TrainingTask.state``) are the rest.
+LOOP_KEYS = ("epoch", "batch_in_epoch", "optimizer_steps", "micro_steps", "accum_position", "loss_sum", "sums",
+             "fingerprint_parts", "best", TENSORS_KEY)
 
 
 class Callback:
@@ -173,7 +204,8 @@ class Trainer:
     """Runs epochs of micro-batches with gradient accumulation over ``accum_iters`` of them.
 
     ``model`` may be wrapped in DDP (``distributed.wrap_ddp``): gradients are then all-reduced only
-    on the last micro-batch of each accumulation window, and checkpoints wait for a window boundary.
+    on the last micro-batch of each accumulation window. Checkpoints wait for a window boundary.
+    ``running(sums)``: metrics of the epoch so far logged with each logged step (with ``tracker``).
     """
 
     def __init__(
@@ -191,16 +223,18 @@ class Trainer:
         prefix: str = "train",
         checkpointing: Optional[Checkpointing] = None,
         callbacks: Sequence[Callback] = (),
+        running: Optional[Running] = None,
     ):
         self.model, self.optimizer, self.scheduler = model, optimizer, scheduler
         self.accum_iters, self.max_grad_norm = accum_iters, max_grad_norm
         self.precision, self.device = precision, device
-        self.tracker, self.log_every, self.prefix = tracker, log_every, prefix
-        self.checkpointing, self.callbacks = checkpointing, list(callbacks)
+        self.tracker, self.log_every, self.prefix, self.running = tracker, log_every, prefix, running
+        self.checkpointing, self.callbacks = checkpointing, tuple(callbacks)
         self.state = LoopState()
         self.best: Optional[BestEpoch] = None  # fit's; checkpoints carry it
+        self.task: Optional[TrainingTask] = None  # fit's; checkpoints carry its state
         self._pending = 0  # micro-batches whose gradients await the next optimizer step
-        self._save_due = False  # a periodic checkpoint waits for the end of an accumulation window (DDP)
+        self._save_due = False  # a periodic checkpoint waits for the end of an accumulation window
         self._trainable = [p for p in model.parameters() if p.requires_grad]
         self._window: list[_Trained] = []  # micro-steps not yet read from the device (see ``flush``)
         self._last_loss: Optional[float] = None  # the newest loss read, for the tracker
@@ -218,6 +252,7 @@ class Trainer:
             return None
         self.state = LoopState(state["epoch"], state["batch_in_epoch"], state["optimizer_steps"],
                                state["micro_steps"], state["loss_sum"], dict(state["sums"]))
+        # Checkpoints of older versions could fall inside a window; their gradients were restored with the weights.
         self._pending = state["accum_position"]
         self._window = []
         log.info("%s: resuming at epoch %d, batch %d (micro-step %d, optimizer step %d)", self.prefix,
@@ -225,17 +260,23 @@ class Trainer:
         return state
 
     def save_checkpoint(self) -> Optional[Path]:
-        """Save where training stands now (every rank calls it; rank 0 writes). No-op without checkpointing."""
+        """Save where training stands now (every rank calls it; rank 0 writes). No-op without checkpointing.
+
+        Only at the end of an accumulation window: a checkpoint never holds half-accumulated gradients.
+        """
         ck = self.checkpointing
         if ck is None:
             return None
+        if self._pending:
+            raise RuntimeError(f"{self.prefix}: a checkpoint was asked for inside an accumulation window "
+                               f"({self._pending} of {self.accum_iters} micro-batches accumulated); save at its end")
         self.flush()  # the state must hold every trained step, and corrupted weights are never saved
         s = self.state
         state = {"epoch": s.epoch, "batch_in_epoch": s.batch_in_epoch, "optimizer_steps": s.optimizer_steps,
-                 "micro_steps": s.micro_steps, "accum_position": self._pending, "loss_sum": s.loss_sum,
+                 "micro_steps": s.micro_steps, "accum_position": 0, "loss_sum": s.loss_sum,
                  "sums": dict(s.sums), "fingerprint_parts": ck.parts,
-                 **(self.best.to_state() if self.best is not None else {}), **ck.state()}
-        tensors = {**(self.best.tensors() if self.best is not None else {}), **ck.tensors()}
+                 **(self.best.to_state() if self.best is not None else {}), **self._task_state()}
+        tensors = self.best.tensors() if self.best is not None else {}
         path = save_training_checkpoint(ck.directory, self.model, self.optimizer, self.scheduler, state,
                                         ck.fingerprint, keep=ck.keep, tensors=tensors)
         self._save_due = False
@@ -243,47 +284,53 @@ class Trainer:
             callback.on_checkpoint(self, path)
         return path
 
+    def _task_state(self) -> dict:
+        if self.task is None:
+            return {}
+        state = self.task.state()
+        clash = sorted(set(state) & set(LOOP_KEYS))
+        if clash:
+            raise ValueError(f"{self.prefix}: the task's checkpoint state may not use the loop's keys {clash}")
+        return state
+
     def _maybe_checkpoint(self) -> None:
         ck = self.checkpointing
         if ck is None or not ck.every:
             return
         if self.state.micro_steps % ck.every == 0:
             self._save_due = True
-        # Under DDP each rank's gradients inside a window are its own: save at the window's end.
-        if self._save_due and (self._pending == 0 or distributed.world_size() == 1):
+        # At the window's end only: under DDP each rank's gradients inside a window are its own, and on
+        # one process a checkpoint would have to carry them.
+        if self._save_due and self._pending == 0:
             self.save_checkpoint()
 
     # ---- training
 
-    def fit(self, epochs: int, batches: BatchSource, loss_fn: LossFn, evaluate: Evaluate, best: BestEpoch, *,
-            patience: Optional[int] = None, total: Optional[int] = None, tag: Optional[str] = None,
-            shown: Callable[[dict], Mapping[str, float]] = dict, on_epoch: Optional[OnEpoch] = None,
-            on_resume: Optional[Callable[[dict], None]] = None) -> BestEpoch:
-        """Train up to ``epochs`` epochs, each evaluated and checkpointed at its end; returns ``best``.
+    def fit(self, task: TrainingTask, epochs: int, best: BestEpoch, *, patience: Optional[int] = None,
+            total: Optional[int] = None, tag: Optional[str] = None) -> BestEpoch:
+        """Train ``task`` up to ``epochs`` epochs, each evaluated and checkpointed at its end; returns ``best``.
 
-        A checkpoint of this run is resumed first (``best`` and, through ``on_resume``, the caller's
-        own keys restored). With ``patience``, training stops after that many epochs without a better
-        score, and a resumed run that had stopped (or finished) stays stopped. ``total``: batches an
-        epoch (progress only); ``shown(metrics)``: what the epoch's log line shows.
+        A checkpoint of this run is resumed first (``best`` and the task's state restored). With
+        ``patience``, training stops after that many epochs without a better score, and a resumed run
+        that had stopped (or finished) stays stopped. ``total``: batches an epoch (progress only);
+        ``tag``: the epoch log line's name (the trainer's prefix by default).
         """
-        self.best = best
+        self.best, self.task = best, task
         restored = self.resume()
         if restored:
             best.restore(restored)
-            if on_resume is not None:
-                on_resume(restored)
+            task.load_state({k: v for k, v in restored.items() if k not in LOOP_KEYS})
         tag = tag or self.prefix
         main = distributed.rank() == 0
         clock = EpochClock(epochs, first_epoch=self.state.epoch)
         while self.state.epoch < epochs and not self._out_of_patience(patience):
             epoch = self.state.epoch
-            sums = self.train_epoch(batches(epoch, self.state.batch_in_epoch), loss_fn, total=total)
-            score, metrics = evaluate(epoch, sums)  # every rank evaluates: the same numbers, the same decision
+            sums = self.train_epoch(task.batches(epoch, self.state.batch_in_epoch), task.loss, total=total)
+            score, metrics = task.evaluate(epoch, sums)  # every rank evaluates: the same numbers, the same decision
             improved = best.update(score, epoch + 1, metrics, self.model)  # NaN-safe: epoch 1 always counts
             if main:
-                log.info("%s", clock.line(tag, epoch + 1, shown(metrics)))
-            if on_epoch is not None:
-                on_epoch(epoch + 1, metrics, improved)
+                log.info("%s", clock.line(tag, epoch + 1, task.shown(metrics)))
+            task.on_epoch(epoch + 1, metrics, improved)
             if main and not improved and self._out_of_patience(patience):
                 log.info("%s: early stop after epoch %d (best epoch %d)", tag, epoch + 1, best.epoch)
             self.save_checkpoint()
@@ -401,5 +448,7 @@ class Trainer:
             self.flush()
             if self.tracker and self._last_loss is not None:
                 lr = self.optimizer.param_groups[0]["lr"]
-                self.tracker.log_metrics({f"{self.prefix}_loss": self._last_loss, f"{self.prefix}_lr": lr},
+                running = self.running(self.state.sums) if self.running else {}
+                self.tracker.log_metrics({f"{self.prefix}_loss": self._last_loss, f"{self.prefix}_lr": lr,
+                                          **{f"{self.prefix}_{k}": float(v) for k, v in running.items()}},
                                          step=self.state.optimizer_steps)

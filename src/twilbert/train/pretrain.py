@@ -1,7 +1,7 @@
 """Pretraining: masked LM (dynamic masking) + reply-order prediction on the pair shards.
 
 One training step is ``Trainer.train_step(batch, PretrainObjective)`` on the stack that
-``build_pretraining`` assembles: the stage runs it through ``Trainer.fit``, and
+``build_pretraining`` assembles: the stage runs it through ``Trainer.fit`` (``PretrainingTask``), and
 ``benchmarks/pretrain_throughput.py`` times that very call. The objective lives in ``train.objective``,
 the held-out evaluation in ``train.heldout``.
 
@@ -17,7 +17,7 @@ import logging
 import math
 import shutil
 from pathlib import Path
-from typing import Callable, NamedTuple, Optional, Sequence
+from typing import Callable, Mapping, NamedTuple, Optional, Sequence
 
 import torch
 
@@ -83,12 +83,19 @@ class Pretraining(NamedTuple):
     objective: PretrainObjective
 
 
+def running_metrics(sums: Mapping[str, float]) -> dict[str, float]:
+    """The MLM/ROP accuracies over the epoch's batches so far, logged with each logged step."""
+    return summarize(dict(sums), "running")
+
+
 def build_pretraining(
     cfg: Config, vocab_size: int, device: torch.device, tracker: Optional[Tracker] = None,
-    ctx: Optional[DistContext] = None,
+    ctx: Optional[DistContext] = None, checkpointing: Optional[Checkpointing] = None,
+    callbacks: Sequence[Callback] = (),
 ) -> Pretraining:
     """Model (from ``path_initial_weights`` when set), optimizer, schedule, loop and objective;
-    the model wrapped in DDP when ``ctx`` spans several ranks."""
+    the model wrapped in DDP when ``ctx`` spans several ranks. ``checkpointing`` and ``callbacks``:
+    the loop's (``pretrain_checkpointing``; none for a bare training step)."""
     tcfg = cfg.training
     ctx = ctx or DistContext(device=device)
     model = build_pretraining_model(cfg, vocab_size)
@@ -106,7 +113,8 @@ def build_pretraining(
         trained = torch.compile(trained)
     trainer = Trainer(trained, optimizer, scheduler, accum_iters=tcfg.accum_iters,
                       max_grad_norm=tcfg.max_grad_norm, precision=tcfg.precision, device=device, tracker=tracker,
-                      log_every=tcfg.log_every, prefix="pretrain")
+                      log_every=tcfg.log_every, prefix="pretrain", checkpointing=checkpointing, callbacks=callbacks,
+                      running=running_metrics)
     # masks keyed by where the loop stands (epoch, batch of the epoch): a resumed epoch continues its stream
     objective = PretrainObjective(cfg.model.masked_lm, cfg.seed, vocab_size, device,
                                   rank=ctx.rank if ctx.is_distributed else None,
@@ -131,6 +139,13 @@ def pretrain_fingerprint(cfg: Config, pairs_dir: Path, vocab_dir: Path) -> dict[
         inputs.append(Path(cfg.training.path_initial_weights))
     return {"config": config_fingerprint(raw, include=FINGERPRINT_KEYS), "inputs": files_digest(inputs),
             "code": code_digest(__name__)}
+
+
+def pretrain_checkpointing(cfg: Config, checkpoint_dir: Path, parts: dict[str, str]) -> Checkpointing:
+    """The run's training checkpoints: ``checkpoint_dir/train_state``, every ``training.checkpoint_every``
+    micro-steps; resumed when ``parts`` (the run's identity) match."""
+    return Checkpointing(Path(checkpoint_dir) / TRAIN_STATE_DIR, run_fingerprint(parts), cfg.training.checkpoint_every,
+                         parts=parts)
 
 
 def open_pretrain_data(pairs_dir: Path, max_len: int, vocab_size: int) -> tuple[Examples, Examples]:
@@ -174,8 +189,8 @@ def pretrain(cfg: Config, pairs_dir: Path, vocab_dir: Path, out_dir: Path, check
     vocab_size = tokenizer.vocab_size
     train_data, heldout_data = open_pretrain_data(pairs_dir, cfg.representation.max_len, vocab_size)
     curves = CurveRecorder(tracker, prefix="pretrain")
-    model, trainer, objective = build_pretraining(cfg, vocab_size, device, curves, ctx)
-    curves.running = lambda: summarize(trainer.state.sums, "running")  # MLM/ROP accuracy over the epoch so far
+    checkpointing = pretrain_checkpointing(cfg, checkpoint_dir, pretrain_fingerprint(cfg, pairs_dir, vocab_dir))
+    model, trainer, objective = build_pretraining(cfg, vocab_size, device, curves, ctx, checkpointing, callbacks)
     n_params = count_parameters(model)
     if ctx.is_main:
         log.info("pretrain: %s preset, %d parameters, device %s, %d process(es)", cfg.model.name, n_params, device,
@@ -188,8 +203,8 @@ def pretrain(cfg: Config, pairs_dir: Path, vocab_dir: Path, out_dir: Path, check
         if improved:
             save_pretrained(checkpoint_dir / "best", model, card.replace(epoch=epoch, metrics=metrics))
 
-    best = run_epochs(cfg, ctx, model, trainer, objective, train_data, heldout_data, curves, tracker,
-                      checkpoint_dir, pretrain_fingerprint(cfg, pairs_dir, vocab_dir), callbacks, save_epoch)
+    best = run_epochs(PretrainingTask(cfg, ctx, model, trainer, objective, train_data, heldout_data, curves, tracker,
+                                      save_epoch))
     if ctx.is_main:
         publish_best(model, best, card, tokenizer, checkpoint_dir / "best", out_dir)
         if curves_dir is not None:
@@ -198,46 +213,62 @@ def pretrain(cfg: Config, pairs_dir: Path, vocab_dir: Path, out_dir: Path, check
     return {**best.metrics, "parameters": n_params}
 
 
-def run_epochs(cfg: Config, ctx: DistContext, model: torch.nn.Module, trainer: Trainer, objective: PretrainObjective,
-               train_data: Examples, heldout_data: Examples, curves: CurveRecorder, tracker: Optional[Tracker],
-               checkpoint_dir: Path, parts: dict[str, str], callbacks: Sequence[Callback],
-               save_epoch: Callable[[int, dict, bool], None]) -> BestEpoch:
-    """The epochs of pretraining, for twilbert's encoder and a continued checkpoint alike: the run's
-    training checkpoints (resumed when ``parts`` match), length-grouped batches read ahead, the held-out
-    score that picks the best epoch, curves and tracking per epoch; ``save_epoch(epoch, metrics,
-    improved)`` writes the epoch's model on rank 0. Returns the best epoch."""
-    tcfg = cfg.training
-    trainer.checkpointing = Checkpointing(checkpoint_dir / TRAIN_STATE_DIR, run_fingerprint(parts),
-                                          tcfg.checkpoint_every, parts=parts,
-                                          state=lambda: {"curves": curves.state()})
-    trainer.callbacks.extend(callbacks)
+class PretrainingTask:
+    """Pretraining as the loop's ``TrainingTask``, for twilbert's encoder and a continued checkpoint
+    alike: length-grouped batches read ahead, the objective, the held-out score that picks the best
+    epoch, curves and tracking per epoch; ``save_epoch(epoch, metrics, improved)`` writes the epoch's
+    model on rank 0. The curves travel in the training checkpoints."""
 
-    def batches(epoch: int, start: int):
-        return prefetch(iterate_rank_batches(train_data, tcfg.batch_size, cfg.seed, epoch, ctx, start=start,
-                                             length_grouping=tcfg.length_grouping),
+    def __init__(self, cfg: Config, ctx: DistContext, model: torch.nn.Module, trainer: Trainer,
+                 objective: PretrainObjective, train_data: Examples, heldout_data: Examples, curves: CurveRecorder,
+                 tracker: Optional[Tracker], save_epoch: Callable[[int, dict, bool], None]):
+        self.cfg, self.ctx, self.model, self.trainer, self.objective = cfg, ctx, model, trainer, objective
+        self.train_data, self.heldout_data = train_data, heldout_data
+        self.curves, self.tracker, self.save_epoch = curves, tracker, save_epoch
+
+    def batches(self, epoch: int, skip: int):
+        tcfg = self.cfg.training
+        return prefetch(iterate_rank_batches(self.train_data, tcfg.batch_size, self.cfg.seed, epoch, self.ctx,
+                                             start=skip, length_grouping=tcfg.length_grouping),
                         PREFETCH_BATCHES)
 
-    def evaluate(epoch: int, sums: dict) -> tuple[float, dict]:
+    def loss(self, model: torch.nn.Module, batch) -> tuple[torch.Tensor, dict]:
+        return self.objective(model, batch)
+
+    def evaluate(self, epoch: int, sums: dict) -> tuple[float, dict]:
         # Every rank scores the whole held-out set: the same numbers, so the same best-epoch decision.
+        tcfg = self.cfg.training
         metrics = {
             **summarize(sums, "train"),
-            **heldout_metrics(model, objective, heldout_data, tcfg.batch_size, tcfg.pll_examples, ctx.device,
-                              tcfg.precision),
+            **heldout_metrics(self.model, self.objective, self.heldout_data, tcfg.batch_size, tcfg.pll_examples,
+                              self.ctx.device, tcfg.precision),
             "epoch": epoch + 1,
         }
         return metrics.get("heldout_mlm_loss", math.inf) + (1.0 - metrics.get("heldout_rop_accuracy", 1.0)), metrics
 
-    def on_epoch(epoch: int, metrics: dict, improved: bool) -> None:
-        if ctx.is_main:
-            curves.add_epoch(epoch, trainer.state.optimizer_steps, metrics)
-            if tracker:
-                tracker.log_metrics(metrics, step=trainer.state.optimizer_steps)
-            save_epoch(epoch, metrics, improved)
+    def shown(self, metrics: dict) -> dict:
+        return {k: metrics[k] for k in EPOCH_LINE_KEYS if k in metrics}
 
-    best = trainer.fit(tcfg.epochs, batches, objective, evaluate, BestEpoch(lower_is_better=True),
-                       total=n_rank_batches(len(train_data), tcfg.batch_size, ctx.world_size),
-                       shown=lambda m: {k: m[k] for k in EPOCH_LINE_KEYS if k in m}, on_epoch=on_epoch,
-                       on_resume=lambda restored: curves.restore(restored.get("curves")))
+    def on_epoch(self, epoch: int, metrics: dict, improved: bool) -> None:
+        if self.ctx.is_main:
+            step = self.trainer.state.optimizer_steps
+            self.curves.add_epoch(epoch, step, metrics)
+            if self.tracker:
+                self.tracker.log_metrics(metrics, step=step)
+            self.save_epoch(epoch, metrics, improved)
+
+    def state(self) -> dict:
+        return {"curves": self.curves.state()}
+
+    def load_state(self, state: dict) -> None:
+        self.curves.restore(state.get("curves"))
+
+
+def run_epochs(task: PretrainingTask) -> BestEpoch:
+    """The epochs of pretraining (resumed from the run's training checkpoints); the best epoch."""
+    tcfg, ctx = task.cfg.training, task.ctx
+    best = task.trainer.fit(task, tcfg.epochs, BestEpoch(lower_is_better=True),
+                            total=n_rank_batches(len(task.train_data), tcfg.batch_size, ctx.world_size))
     if best.weights is None:
         raise ValueError(f"pretrain: no epoch trained (training.epochs={tcfg.epochs})")
     return best

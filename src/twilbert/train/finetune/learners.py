@@ -100,6 +100,62 @@ def score_split(model, data: Split, task: TaskConfig, ft: FinetuningConfig, devi
     return evaluate_scores(task, data["labels"], scores)
 
 
+@dataclass
+class FinetuningTask:
+    """Finetuning one classifier as the loop's ``TrainingTask``: shuffled batches of ``train``, the
+    task's loss, the dev monitor that picks the best epoch, and the per-epoch history (with its curves
+    in MLflow), which travels in the training checkpoints."""
+
+    model: nn.Module  # the plain model (the trainer may hold it wrapped in DDP)
+    criterion: nn.Module
+    train: Split
+    dev: Split
+    task: TaskConfig
+    ft: FinetuningConfig
+    packer: Any
+    seed: int
+    device: torch.device
+    ctx: DistContext
+    tracker: Optional[Tracker] = None
+    fold: Optional[int] = None
+    history: list[dict] = field(default_factory=list)
+
+    def batches(self, epoch: int, skip: int) -> Iterator[PairBatch]:
+        ft = self.ft
+        return shuffled_batches(self.train, self.packer, ft.batch_size, self.seed, epoch, self.ctx, skip,
+                                ft.length_grouping)
+
+    def loss(self, model: nn.Module, batch: PairBatch) -> tuple[torch.Tensor, dict]:
+        # Under DDP each rank's mean over its slice, averaged over ranks by DDP: the global mean
+        # when the slices are equal (all but possibly an epoch's last batch).
+        batch = batch.to(self.device)
+        logits = model(batch.input_ids, batch.segment_ids, batch.attention_mask, batch.special_mask,
+                       padded=batch.padded)
+        return self.criterion(logits.float(), batch.labels), {}
+
+    def evaluate(self, epoch: int, sums: dict) -> tuple[float, dict]:
+        # every rank scores dev in full: the same decision
+        dev_metrics = score_split(self.model, self.dev, self.task, self.ft, self.device, self.packer)
+        row = {"epoch": epoch + 1, "train_loss": sums["loss"], **{f"dev_{k}": v for k, v in dev_metrics.items()}}
+        return dev_metrics["official"], row
+
+    def shown(self, row: dict) -> dict:
+        return {"train_loss": row["train_loss"], f"dev_{official_metric_name(self.task.task)}": row["dev_official"]}
+
+    def on_epoch(self, epoch: int, row: dict, improved: bool) -> None:
+        self.history.append(row if self.fold is None else {"fold": self.fold, **row})
+        if self.tracker:
+            # under epochs/: the run's own dev_official... are the selected epoch's (stage_work)
+            prefix = "" if self.fold is None else f"fold{self.fold}_"
+            self.tracker.log_metrics({f"{EPOCH_CURVES}{prefix}{k}": v for k, v in row.items()}, step=epoch)
+
+    def state(self) -> dict:
+        return {"history": self.history}
+
+    def load_state(self, state: dict) -> None:
+        self.history.extend(state["history"])
+
+
 # --------------------------------------------------------------------------------------------
 # Learners
 # --------------------------------------------------------------------------------------------
@@ -150,7 +206,7 @@ class Learner:
 class NeuralLearner(Learner):
     """An encoder plus ``ClassificationHead``, trained with early stopping on dev."""
 
-    backbone: Backbone  # builds, packs for and saves the classifiers (train.backbones)
+    backbone: Backbone  # builds, packs for and saves the classifiers (encoders)
     tracker: Optional[Tracker] = None
     device: torch.device = field(default_factory=lambda: torch.device("cpu"))
     ctx: DistContext = field(default_factory=DistContext)
@@ -184,57 +240,30 @@ class NeuralLearner(Learner):
 
         weights = class_weights_tensor(task.task, train["labels"])
         criterion = build_loss(resolve_loss(ft.loss, task), task.task, None if weights is None else weights.to(device))
-
-        def loss_fn(m, batch):
-            # Under DDP each rank's mean over its slice, averaged over ranks by DDP: the global mean
-            # when the slices are equal (all but possibly an epoch's last batch).
-            batch = batch.to(device)
-            logits = m(batch.input_ids, batch.segment_ids, batch.attention_mask, batch.special_mask,
-                       padded=batch.padded)
-            return criterion(logits.float(), batch.labels), {}
+        run = FinetuningTask(model, criterion, train, dev, task, ft, self.packer, seed, device, ctx, self.tracker,
+                             fold)
 
         groups = param_groups(model, ft.lr, ft.weight_decay, None)  # skips frozen parameters
         optimizer = build_optimizer(ft.optimizer, groups, ft.lr, ft.weight_decay)
         scheduler = build_scheduler(optimizer, ft.noam_annealing, self.backbone.hidden_size, ft.warmup_steps)
         prefix = f"finetune_{task.name}" + ("" if fold is None else f"_fold{fold}")
-        history: list[dict] = []
         ddp = wrap_ddp(model, ctx, find_unused_parameters=self.backbone.find_unused_parameters)
         trainer = Trainer(ddp, optimizer, scheduler, accum_iters=ft.accum_iters,
                           max_grad_norm=ft.max_grad_norm, precision=ft.precision, device=device, tracker=self.tracker,
-                          log_every=10, prefix=prefix, checkpointing=self._checkpointing(fold, history),
+                          log_every=10, prefix=prefix, checkpointing=self._checkpointing(fold),
                           callbacks=self.callbacks)
-        metric_prefix = "" if fold is None else f"fold{fold}_"
-
-        def batches(epoch: int, start: int) -> Iterator[PairBatch]:
-            return shuffled_batches(train, self.packer, ft.batch_size, seed, epoch, ctx, start, ft.length_grouping)
-
-        def evaluate(epoch: int, sums: dict) -> tuple[float, dict]:
-            dev_metrics = score_split(model, dev, task, ft, device, self.packer)  # every rank: the same decision
-            row = {"epoch": epoch + 1, "train_loss": sums["loss"], **{f"dev_{k}": v for k, v in dev_metrics.items()}}
-            return dev_metrics["official"], row
-
-        def on_epoch(epoch: int, row: dict, improved: bool) -> None:
-            history.append(row if fold is None else {"fold": fold, **row})
-            if self.tracker:
-                # under epochs/: the run's own dev_official... are the selected epoch's (stage_work)
-                self.tracker.log_metrics({f"{EPOCH_CURVES}{metric_prefix}{k}": v for k, v in row.items()}, step=epoch)
-
-        official = f"dev_{official_metric_name(task.task)}"
-        best = trainer.fit(ft.epochs, batches, loss_fn, evaluate, BestEpoch(lower_is_better=False),
-                           patience=ft.patience, total=n_rank_batches(len(train["labels"]), ft.batch_size, ctx.world_size),
-                           tag=task.name if fold is None else f"{task.name} fold {fold}",
-                           shown=lambda row: {"train_loss": row["train_loss"], official: row["dev_official"]},
-                           on_epoch=on_epoch, on_resume=lambda restored: history.extend(restored["history"]))
+        best = trainer.fit(run, ft.epochs, BestEpoch(lower_is_better=False), patience=ft.patience,
+                           total=n_rank_batches(len(train["labels"]), ft.batch_size, ctx.world_size),
+                           tag=task.name if fold is None else f"{task.name} fold {fold}")
         model.load_state_dict(best.weights)
-        return Fitted(self, model, best.epoch, history)
+        return Fitted(self, model, best.epoch, run.history)
 
-    def _checkpointing(self, fold: Optional[int], history: list) -> Optional[Checkpointing]:
+    def _checkpointing(self, fold: Optional[int]) -> Optional[Checkpointing]:
         if self.checkpoint_dir is None:
             return None
         parts = dict(self.fingerprint_parts or {})
         directory = Path(self.checkpoint_dir) / (TRAIN_STATE_DIR if fold is None else f"fold-{fold}")
-        return Checkpointing(directory, run_fingerprint(parts), self.ft.checkpoint_every, parts=parts,
-                             state=lambda: {"history": history})
+        return Checkpointing(directory, run_fingerprint(parts), self.ft.checkpoint_every, parts=parts)
 
 
 @dataclass
