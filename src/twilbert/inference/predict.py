@@ -31,7 +31,7 @@ from twilbert.device import resolve_device
 from twilbert.evaluation.scoring import decide, predict_scores
 from twilbert.inference.inputs import Chunk, PredictError
 from twilbert.model.backbone import HF_DIR
-from twilbert.model.card import CONFIG_NAME, CheckpointError, ModelCard, read_card
+from twilbert.model.card import CONFIG_NAME, CheckpointError, ModelCard, read_model_dir
 from twilbert.model.finetuned import load_classifier_module
 from twilbert.model.hf import label_names, problem_type
 from twilbert.model.io import WEIGHTS_NAME
@@ -58,29 +58,7 @@ MODEL_FILES = {
 def read_model_config(directory: Union[str, Path], backbones: Sequence[str] = BACKBONES,
                       command: str = "predict") -> ModelCard:
     """The model card (config.json) of a model directory, after checking that every file its backbone needs is there."""
-    directory = Path(directory)
-    if not directory.is_dir():
-        raise PredictError(f"{directory}: model directory not found")
-    path = directory / CONFIG_NAME
-    if not path.is_file():
-        raise PredictError(f"{directory}: missing {CONFIG_NAME}; a twilbert model directory holds {CONFIG_NAME}, "
-                           f"{', '.join(MODEL_FILES['twilbert'])} (written by the pretrain and finetune stages)")
-    try:
-        card = read_card(path)
-    except CheckpointError as err:
-        raise PredictError(str(err)) from None
-    backbone = card.kind
-    if backbone not in backbones:
-        raise PredictError(f"{path}: backbone {backbone!r} is not supported by {command} yet "
-                           f"(supported: {', '.join(backbones)})")
-    files = MODEL_FILES[backbone]
-    missing = [name for name in files if not (directory / name).exists()]
-    if missing:
-        raise PredictError(f"{directory}: missing {', '.join(missing)}; a {backbone} model directory holds "
-                           f"{CONFIG_NAME}, {', '.join(files)}")
-    return card
-
-
+    return read_model_dir(Path(directory), {kind: MODEL_FILES[kind] for kind in backbones}, command, PredictError)
 @dataclass
 class Member:
     """One model of a directory: a neural classifier with its packer, or the TF-IDF baseline (packer None)."""

@@ -12,7 +12,7 @@ import dataclasses
 import json
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal, Optional, Union
+from typing import Any, Literal, Mapping, Optional, Sequence, Union
 
 from twilbert.config import ConfigError, FinetuningConfig, ModelConfig, PreprocessConfig, TaskConfig, from_dict, to_dict
 from twilbert.errors import TwilbertError
@@ -222,3 +222,26 @@ def read_card(path: Union[str, Path]) -> ModelCard:
     except (json.JSONDecodeError, UnicodeDecodeError) as err:
         raise CardError(f"{path}: not valid JSON ({err})") from None
     return ModelCard.from_dict(data, str(path))
+
+
+def read_model_dir(directory: Path, files: Mapping[str, Sequence[str]], command: str,
+                   error: type[Exception]) -> ModelCard:
+    """The card of model directory ``directory``, after checking that its backbone is one of ``files``' keys
+    and that every file that backbone needs is there; failures raise ``error`` naming ``command``."""
+    if not directory.is_dir():
+        raise error(f"{directory}: model directory not found")
+    path = directory / CONFIG_NAME
+    if not path.is_file():
+        raise error(f"{directory}: missing {CONFIG_NAME}; a twilbert model directory holds {CONFIG_NAME}, "
+                    f"{', '.join(files.get('twilbert', ()))} (written by the pretrain and finetune stages)")
+    try:
+        card = read_card(path)
+    except CheckpointError as err:
+        raise error(str(err)) from None
+    if card.kind not in files:
+        raise error(f"{path}: backbone {card.kind!r} is not supported by {command} yet (supported: {', '.join(files)})")
+    missing = [name for name in files[card.kind] if not (directory / name).exists()]
+    if missing:
+        raise error(f"{directory}: missing {', '.join(missing)}; a {card.kind} model directory holds "
+                    f"{CONFIG_NAME}, {', '.join(files[card.kind])}")
+    return card

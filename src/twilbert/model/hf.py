@@ -36,7 +36,7 @@ from twilbert.data.special import CLS_ID, PAD_ID, SEP_ID
 from twilbert.data.tokenizer import META_FILE, MODEL_FILE
 from twilbert.errors import TwilbertError, library_os_errors
 from twilbert.io_utils import publish_dir
-from twilbert.model.card import CONFIG_NAME, ModelCard, max_text_len, read_card
+from twilbert.model.card import max_text_len, read_model_dir
 from twilbert.model.encoder import N_SEGMENTS, TWilBertModel
 from twilbert.model.heads import TWilBertForClassification, TWilBertForPretraining
 from twilbert.model.io import WEIGHTS_NAME, load_into, load_pretrained_state
@@ -334,24 +334,6 @@ def label_names(spec: TaskSpec) -> list[str]:
     return sorted(spec.categories, key=spec.categories.get)
 
 
-def _export_source(directory: Path) -> ModelCard:
-    """The card of a twilbert model directory holding every file the export reads."""
-    if not directory.is_dir():
-        raise ExportError(f"{directory}: model directory not found")
-    path = directory / CONFIG_NAME
-    if not path.is_file():
-        raise ExportError(f"{directory}: missing {CONFIG_NAME}; a twilbert model directory holds {CONFIG_NAME}, "
-                          f"{', '.join(EXPORT_FILES)} (written by the pretrain and finetune stages)")
-    card = read_card(path)
-    if card.kind != "twilbert":
-        raise ExportError(f"{path}: backbone {card.kind!r} is not supported by export-hf (supported: twilbert)")
-    missing = [name for name in EXPORT_FILES if not (directory / name).exists()]
-    if missing:
-        raise ExportError(f"{directory}: missing {', '.join(missing)}; a twilbert model directory holds "
-                          f"{CONFIG_NAME}, {', '.join(EXPORT_FILES)}")
-    return card
-
-
 TOKENIZER_NOTE = """# Tokenizer of this export
 
 Exported by `twilbert export-hf` from `{source}` as `{hf_class}`.
@@ -410,7 +392,7 @@ def export_hf_dir(model_dir: Path, out_dir: Path, encoder_only: bool = False) ->
     from twilbert.model.finetuned import load_classifier_module  # packers and tokenizers: only for a classifier
 
     model_dir, out_dir = Path(model_dir), Path(out_dir)
-    card = _export_source(model_dir)
+    card = read_model_dir(model_dir, {"twilbert": EXPORT_FILES}, "export-hf", ExportError)
     cfg, vocab_size, max_positions = card.model_config, card.vocab_size, card.max_positions
     if out_dir.exists() and (not out_dir.is_dir() or any(out_dir.iterdir())):
         raise ExportError(f"{out_dir}: exists and is not an empty directory; remove it or choose another --out")
