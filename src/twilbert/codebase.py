@@ -113,7 +113,8 @@ def compact_deps(files: Iterable[Path], root: Path) -> list[str]:
     """``files`` as dvc.yaml ``deps`` relative to ``root``: a folder of the package stands for its files
     when every source file in it (at any depth) is among them."""
     wanted = {p.resolve() for p in files}
-    folders = sorted({p.parent for p in wanted if p.parent != PACKAGE_DIR}, key=lambda d: len(d.parts))
+    # by depth, then by name: a set's order varies with PYTHONHASHSEED, and dvc.yaml must not
+    folders = sorted({p.parent for p in wanted if p.parent != PACKAGE_DIR}, key=lambda d: (len(d.parts), d.as_posix()))
     whole: list[Path] = []
     for folder in folders:
         if any(folder.is_relative_to(w) for w in whole):
