@@ -33,7 +33,8 @@ repro: setup check-params
 	@echo
 	@cat results/results.md
 
-## Back to the `baseline` run of `make repro`: its params, dvc.lock and results, and its models from DVC's cache
+## Back to the `baseline` run of `make repro`: its params, dvc.lock and results, and its models from DVC's cache.
+## Refused (exit 2, naming the files) while a tracked file holds edits that no commit or experiment keeps.
 baseline: setup
 	@$(PY) -m twilbert.pipeline.experiments restore baseline
 
@@ -75,6 +76,9 @@ SAMPLES ?= ../shared/data/twilbert-samples
 acceptance: setup check-params
 	$(PY) scripts/acceptance.py --samples "$(SAMPLES)"
 
+## Removes the pipeline's outputs, committed results/ included: refused while results/ holds edits that no
+## commit or experiment keeps (as `make baseline` is for any tracked file)
 clean:
+	@if [ -x $(PY) ]; then $(PY) -m twilbert.pipeline.experiments guard "make clean" results; fi
 	rm -rf data models results/tasks results/curves results/plots results/*.md results/*.csv results/*.json \
 		.dvc/cache mlflow.db mlartifacts dvc_plots
