@@ -73,8 +73,9 @@ def cmd_predict(args: argparse.Namespace) -> int:
     # scikit-learn, so that the command starts quickly.
     from twilbert.inference.classifier import load_classifier
     from twilbert.inference.inputs import PredictError, chunked, iter_lines, open_input, text_rows, tsv_rows, with_aux
-    from twilbert.io_utils import atomic_write
+    from twilbert.io_utils import atomic_write, command_output
 
+    output = command_output(args.output, (args.input, args.aux_input), args.model) if args.output else None
     if args.texts and args.input:
         raise PredictError("give TEXT arguments or --input, not both")
     if not args.texts and not args.input:
@@ -104,7 +105,7 @@ def cmd_predict(args: argparse.Namespace) -> int:
         if args.aux_input:
             aux_lines = iter_lines(stack.enter_context(open_input(args.aux_input)), args.aux_input)
             rows = with_aux(rows, aux_lines, name, args.aux_input)
-        out = stack.enter_context(atomic_write(args.output)) if args.output else utf8_stdout()
+        out = stack.enter_context(atomic_write(output)) if output else utf8_stdout()
         # An empty input is an empty output (like any Unix filter), not an error.
         n = clf.write(chunked(rows, name, args.chunk_size, allow_empty=True), out, args.format,
                       with_text=not args.no_text, header=not args.no_header)
@@ -115,16 +116,19 @@ def cmd_predict(args: argparse.Namespace) -> int:
 
 def cmd_embeddings(args: argparse.Namespace) -> int:
     from twilbert.inference.embeddings import write_embeddings
+    from twilbert.io_utils import command_output
 
-    write_embeddings(args.model, args.input, args.output, args.collapse_mode, args.use_special_tokens,
+    output = command_output(args.output, (args.input,), args.model)
+    write_embeddings(args.model, args.input, output, args.collapse_mode, args.use_special_tokens,
                      args.column, args.batch_size, args.chunk_size, args.device)
     return 0
 
 
 def cmd_export_hf(args: argparse.Namespace) -> int:
+    from twilbert.io_utils import command_output
     from twilbert.model.hf import export_hf_dir
 
-    hf_class = export_hf_dir(Path(args.model), Path(args.out), args.encoder_only)
+    hf_class = export_hf_dir(Path(args.model), command_output(args.out, (), args.model, "--out"), args.encoder_only)
     log.info("export-hf: %s -> %s (%s)", args.model, args.out, hf_class)
     return 0
 
@@ -176,8 +180,9 @@ def build_parser() -> argparse.ArgumentParser:
                    "else the line number)")
     p.add_argument("--aux-input", metavar="FILE", help="second texts (segment B), one per input line, for models "
                    "trained with an aux_header")
-    p.add_argument("--output", metavar="FILE", help="write here instead of stdout: a file is replaced atomically, "
-                   "a pipe or device (/dev/stdout) written through")
+    p.add_argument("--output", metavar="FILE", help="write here instead of stdout: a file is replaced atomically "
+                   "(through a symlink, its target), a pipe or device (/dev/stdout) written through; the input "
+                   "file or a path in the model directory is refused")
     p.add_argument("--format", choices=("tsv", "jsonl"), default="tsv")
     p.add_argument("--no-text", action="store_true", help="do not echo the text")
     p.add_argument("--no-header", action="store_true", help="TSV without its header line")

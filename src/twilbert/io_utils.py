@@ -50,6 +50,43 @@ def output_kind(path: PathLike) -> str:
                           "or regular file path (or a pipe, e.g. /dev/stdout)")
 
 
+def _streamed(path: PathLike) -> bool:
+    try:
+        st = os.stat(path)
+    except OSError:
+        return False
+    return stat.S_ISFIFO(st.st_mode) or stat.S_ISCHR(st.st_mode) or os.path.abspath(path).startswith(STREAMED_ROOTS)
+
+
+def command_output(output: PathLike, inputs: tuple[Optional[PathLike], ...] = (),
+                   model_dir: Optional[PathLike] = None, flag: str = "--output") -> Path:
+    """Where a command (predict, embeddings, export-hf) writes ``output``: a symlink's target, so that
+    the atomic replace swaps the target's bytes and the link stays a link (a stream path, such as a
+    FIFO or /dev/stdout, as given). Refused in one line when it is one of ``inputs`` (``-`` is stdin)
+    or lies in ``model_dir``: writing there would destroy what the command reads.
+    """
+    if _streamed(output):
+        return Path(output)
+    target = os.path.realpath(output)
+    for source in inputs:
+        if source is None or os.fspath(source) == "-":
+            continue
+        same = os.path.realpath(source) == target
+        try:
+            same = same or os.path.samefile(source, target)  # a hard link is the same file too
+        except OSError:
+            pass
+        if same:
+            raise OutputPathError(f"{flag} {output}: is the input file {source}; writing it would replace what is "
+                                  f"being read, so choose another {flag}")
+    if model_dir is not None:
+        model = os.path.realpath(model_dir)
+        if target == model or target.startswith(model.rstrip(os.sep) + os.sep):
+            raise OutputPathError(f"{flag} {output}: lies in the model directory {model_dir}; its files are checksummed "
+                                  f"and read by the command, so write {flag} elsewhere")
+    return Path(target)
+
+
 @contextmanager
 def atomic_write(
     path: PathLike, mode: str = "w", encoding: Optional[str] = "utf-8", newline: Optional[str] = "\n"
