@@ -18,7 +18,7 @@ from helpers import make_tweets
 from twilbert.config import TaskDataset, VocabConfig
 from twilbert.data.batch import pack_pairs
 from twilbert.data.corpus_files import read_pairs, read_texts
-from twilbert.data.formats import DataFormatError
+from twilbert.data.formats import DataFormatError, has_printable
 from twilbert.data.special import CLS_ID, MASK_ID, PAD_ID, SEP_ID
 from twilbert.data.tasks import read_task_split
 from twilbert.data.tokenizer import Tokenizer, train_vocab
@@ -114,13 +114,16 @@ def test_every_text_yields_at_least_one_token(tokenizer, text):
 
 field_text = st.text(st.characters(exclude_characters="\t\n", exclude_categories=("Cs",)), min_size=1,
                      max_size=40).filter(lambda s: s.strip())
-good_row = st.tuples(st.just("good"), field_text, field_text, st.sampled_from(sorted(LABELS)))
+good_text = field_text.filter(has_printable)  # a text of NULs or controls alone is refused (unprintable_text)
+good_row = st.tuples(st.just("good"), field_text, good_text, st.sampled_from(sorted(LABELS)))
 broken_row = st.one_of(
     st.tuples(st.just("extra_field"), field_text, field_text.map(lambda s: s + "\t" + s), st.just("N")),
     st.tuples(st.just("missing_field"), field_text, st.just(""), st.just("N")),
     st.tuples(st.just("blank"), st.sampled_from(["", " ", "  \u3000"]), st.just(""), st.just("")),
     st.tuples(st.just("empty_text"), field_text, st.sampled_from(["", " ", "\u200a\u3000"]), st.just("P")),
-    st.tuples(st.just("unknown_label"), field_text, field_text, st.sampled_from(["X", "n", "POS"])),
+    st.tuples(st.just("unknown_label"), field_text, good_text, st.sampled_from(["X", "n", "POS"])),
+    st.tuples(st.just("unprintable_text"), field_text, st.sampled_from(["\x00", "\x00" * 5, "\x01\x7f", "\u200b"]),
+              st.just("N")),
     st.tuples(st.just("bad_utf8"), field_text, st.sampled_from(["\ud800", "\udcff"]).map(lambda s: "a" + s),
               st.just("N")),
 )

@@ -21,7 +21,7 @@ from typing import Iterable, Iterator, Optional
 
 from twilbert.config import DataConfig
 from twilbert.data.dedup import DigestSet, row_digests
-from twilbert.data.formats import write_table
+from twilbert.data.formats import has_printable, write_table
 from twilbert.data.sources import BadRowBudget, BlankLines, iter_corpus_rows, resolve_corpus_files, untracked_files
 from twilbert.errors import TwilbertError
 from twilbert.io_utils import atomic_write, sha256_file
@@ -156,11 +156,6 @@ def write_pretrain_corpus(
         log.warning("data: %d row(s) of %s held a text with no printable character (only controls, NULs or "
                     "blanks); removed (summary.json: unprintable_removed)", counts["unprintable_removed"], source)
     return counts
-
-
-def has_printable(text: str) -> bool:
-    """Whether ``text`` holds a character one can see: not only controls, NULs, format marks or blanks."""
-    return any(ch.isprintable() and not ch.isspace() for ch in text)
 
 
 _scan_json = json.scanner.make_scanner(json.JSONDecoder())

@@ -24,6 +24,12 @@ MAX_REPORTED = 20  # problems listed in one error message; the total is always c
 _BOM = b"\xef\xbb\xbf"
 
 
+def has_printable(text: str) -> bool:
+    """Whether ``text`` holds a character one can see: not only controls, NULs, format marks or blanks.
+    The corpus drops rows without one, the task reader refuses them."""
+    return any(ch.isprintable() and not ch.isspace() for ch in text)
+
+
 class DataFormatError(TwilbertError, ValueError):
     """A data file is malformed; the message lists ``path:line: problem`` for each problem found."""
 

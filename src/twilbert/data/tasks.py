@@ -17,7 +17,7 @@ from typing import Any, Mapping, Optional
 import numpy as np
 
 from twilbert.config import TaskConfig
-from twilbert.data.formats import PathLike, Problems, parse_table
+from twilbert.data.formats import PathLike, Problems, has_printable, parse_table
 from twilbert.errors import TwilbertError
 
 log = logging.getLogger(__name__)
@@ -68,6 +68,13 @@ def read_task_split(
     if not problems.total and not len(table):
         problems.add(None, "no examples (the file has only a header)")
 
+    # a text of NULs or controls alone (a binary file's row) would train as an empty text: refused, as
+    # the corpus reader drops it (blank texts are already an "empty field")
+    for header in (ds.text_header, ds.aux_header):
+        for i, text in enumerate(table.columns.get(header, []) if header else []):
+            if text.strip() and not has_printable(text):
+                problems.add(table.line_numbers[i], f"{header!r} field has no printable character (only NULs, "
+                             "controls or format marks; a binary file?)")
     raw = table.columns.get(ds.class_header, [])
     if regression:
         labels, bad = _parse_floats(raw)
@@ -142,9 +149,37 @@ class TaskData:
     test_is_dev: bool
     protocol: str = "test_file"  # test_file | carve_dev | dev_as_test (how test and dev were obtained)
     test_from_train: bool = False
+    # ids repeated in a file or shared by two (possible leakage), one sentence each with its counts:
+    # logged, and kept in each run's metrics.json (``warnings``)
+    id_warnings: list[str] = field(default_factory=list)
 
 
 NO_TEST_PROTOCOLS = ("carve_dev", "dev_as_test")
+
+
+def _some(ids: list[str], shown: int = 3) -> str:
+    return ", ".join(repr(i[:40]) for i in ids[:shown]) + (", ..." if len(ids) > shown else "")
+
+
+def id_gaps(files: Mapping[str, TaskExamples]) -> list[str]:
+    """The task files' id problems, one sentence each with its counts: ids repeated within a file, and
+    ids shared by two files (a test example also in train inflates the test score). Ids compare
+    without surrounding whitespace. No problem, no sentence."""
+    out: list[str] = []
+    ids = {name: [i.strip() for i in ex.ids] for name, ex in files.items()}
+    for name, values in ids.items():
+        counts = Counter(values)
+        repeated = [i for i, c in counts.items() if c > 1]
+        if repeated:
+            rows = sum(counts[i] for i in repeated)
+            out.append(f"duplicate ids in {name}: {len(repeated)} id(s) on {rows} rows (e.g. {_some(repeated)})")
+    names = list(ids)
+    for at, a in enumerate(names):
+        for b in names[at + 1:]:
+            shared = sorted(set(ids[a]) & set(ids[b]))
+            if shared:
+                out.append(f"ids shared by {a} and {b}: {len(shared)} (possible leakage; e.g. {_some(shared)})")
+    return out
 
 
 def _subset(ex: TaskExamples, idx: np.ndarray) -> TaskExamples:
@@ -231,16 +266,19 @@ def load_task(task: TaskConfig, seed: int, no_test_protocol: str = "carve_dev") 
         return read_task_split(path, ds, spec.categories or None, spec.multi_label, spec.regression)
 
     train = read(train_path)
+    files = {"train": train}  # each file as read, by its key: what id_gaps checks
     dev_path, test_path = ds.path(ds.dev_file), ds.path(ds.test_file)
     for key, path in (("dev_file", dev_path), ("test_file", test_path)):
         if path is not None and not path.is_file():
             raise TaskFilesError(f"tasks.{task.name}: dataset.{key} {path} not found (set it to null if the task has none)")
     if test_path is not None:
         test, protocol, test_from_train = read(test_path), "test_file", False
+        files["test"] = test
     elif no_test_protocol == "dev_as_test":
         test, protocol, test_from_train = None, "dev_as_test", False
     elif dev_path is not None:
         test, protocol, test_from_train = read(dev_path), "carve_dev", False
+        files["dev"] = test
         dev_path = None  # the dev file is the test now: carve dev from train below
         log.info("task %s: no test file; the dev file is the test, dev is carved from train "
                  "(finetuning.no_test_protocol: carve_dev)", task.name)
@@ -253,9 +291,13 @@ def load_task(task: TaskConfig, seed: int, no_test_protocol: str = "carve_dev") 
         train, dev = carve(task, train, ds.dev_fraction, seed)
         log.info("task %s: %d train examples held out as dev", task.name, len(dev.texts))
     else:
-        dev = read(dev_path)
+        dev = files["dev"] = read(dev_path)
     test_is_dev = test is None
-    return TaskData(train, dev, dev if test_is_dev else test, dev_from_train, test_is_dev, protocol, test_from_train)
+    gaps = id_gaps(dict(sorted(files.items(), key=lambda kv: ("train", "dev", "test").index(kv[0]))))
+    for text in gaps:
+        log.warning("task %s: %s", task.name, text)
+    return TaskData(train, dev, dev if test_is_dev else test, dev_from_train, test_is_dev, protocol, test_from_train,
+                    gaps)
 
 
 def check_config_tasks(cfg: Any, default_dir: Path, default_pending: bool = False) -> None:

@@ -190,10 +190,13 @@ def run_scores(metrics: dict) -> dict[str, float]:
 
 def flag_degenerate(task: TaskConfig, run: LearnerRun, splits: TaskData) -> LearnerRun:
     """Warn about, and note in its metrics (``warnings``), a run whose score says little
-    (:mod:`twilbert.train.finetune.degenerate`); a sound run's metrics are left as they are."""
+    (:mod:`twilbert.train.finetune.degenerate`) or whose task files repeat or share ids
+    (``TaskData.id_warnings``); a sound run's metrics are left as they are."""
     found = run_warnings(task.task, splits.train.labels, run.test)
     if found:
         warn(task.name, run.metrics.get("model", "?"), found)
+    found += splits.id_warnings  # already logged when the files were read (data.tasks.load_task)
+    if found:
         run.metrics["warnings"] = found
     return run
 
