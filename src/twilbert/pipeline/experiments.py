@@ -88,7 +88,8 @@ def unkept_changes(repo: Path, paths: tuple[str, ...] = ()) -> list[str]:
                                 *paths], repo).split("\0") if p]
     if not changed:
         return []
-    plain = [p for p in changed if "\n" not in p]  # --stdin-paths and --batch-check read one path a line
+    # --stdin-paths and --batch-check read one path a line; a submodule or odd entry counts as unkept
+    plain = [p for p in changed if "\n" not in p and (repo / p).is_file()]
     current = dict(zip(plain, _git(["hash-object", "--stdin-paths"], repo, "".join(f"{p}\n" for p in plain)).split()))
     commits = experiment_commits(repo)
     kept: set[tuple[str, str]] = set()
