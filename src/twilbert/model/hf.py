@@ -42,6 +42,7 @@ from twilbert.model.card import max_text_len, read_model_dir
 from twilbert.model.encoder import N_SEGMENTS, TWilBertModel
 from twilbert.model.heads import TWilBertForClassification, TWilBertForPretraining
 from twilbert.model.hf_notes import CLASSIFIER_NOTE, CUSTOM_HEAD_NOTE, POOLER_HEAD_NOTE, TOKENIZER_NOTE, tokenizer_config
+from twilbert.model.hf_quiet import quiet_transformers
 from twilbert.model.io import WEIGHTS_NAME, load_into, load_pretrained_state
 from twilbert.model.manifest import verification_enabled
 
@@ -328,7 +329,8 @@ def save_hf(
 ) -> nn.Module:
     """Export with ``to_hf`` and write it with ``save_pretrained``; returns the HF model."""
     hf = to_hf(model, cfg, vocab_size, max_positions)
-    hf.save_pretrained(str(directory))
+    with quiet_transformers():
+        hf.save_pretrained(str(directory))
     logger.info("exported %s to %s", type(hf).__name__, directory)
     return hf
 
@@ -392,7 +394,8 @@ def export_hf_dir(model_dir: Path, out_dir: Path, encoder_only: bool = False) ->
         if hf is None:
             hf = save_hf(tmp, model, cfg, vocab_size, max_positions)
         else:
-            hf.save_pretrained(str(tmp))
+            with quiet_transformers():
+                hf.save_pretrained(str(tmp))
         if getattr(hf.config, "auto_map", None):  # the custom head's code, beside the weights it runs
             from twilbert.model import hf_head
 
