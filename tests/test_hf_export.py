@@ -304,8 +304,9 @@ def remote_code_cache(tmp_path, monkeypatch):
 
 @pytest.mark.parametrize("head", [dict(), dict(n_hidden=1, use_special_tokens=False)], ids=["default-avg", "avg-hidden"])
 def test_the_default_average_pooling_model_exports_with_its_head_code_and_gives_our_probabilities(
-        tmp_path, vocab, remote_code_cache, head):
+        tmp_path, vocab, remote_code_cache, head, caplog):
     import json
+    import logging
 
     from helpers import build_finetuned
     from twilbert import load_classifier
@@ -313,7 +314,9 @@ def test_the_default_average_pooling_model_exports_with_its_head_code_and_gives_
 
     model_dir = build_finetuned(tmp_path / "model", vocab, collapse_mode="avg", **head)
     out = tmp_path / "hf"
-    assert main(["export-hf", "--model", str(model_dir), "--out", str(out)]) == 0
+    with caplog.at_level(logging.INFO):
+        assert main(["export-hf", "--model", str(model_dir), "--out", str(out)]) == 0
+    assert "load the export with trust_remote_code=True" in caplog.text
     assert json.loads((out / "config.json").read_text())["auto_map"] == {
         "AutoModelForSequenceClassification": "modeling_twilbert.TWilBertAlbertForSequenceClassification"}
     assert "trust_remote_code=True" in (out / "TOKENIZER.md").read_text()
