@@ -119,7 +119,7 @@ def main() -> int:
         text = rewrite(path.read_text(encoding="utf-8"), deps)
         with atomic_write(path) as fh:
             fh.write(text)
-        return 0
+        return 1 if problems else 0
     for name, listed in deps.items():
         print(f"{name}:")
         print("".join(f"  - {dep}\n" for dep in listed), end="")
