@@ -13,15 +13,17 @@ from twilbert.train.finetune.stage_work import baseline_task
 def main() -> Optional[str]:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--task", required=True, help="a key of `tasks` in params.yaml")
-    parser.add_argument("--pretrained", type=Path, default=Path("models/pretrained"),
-                        help="its vocabulary's preprocessing is the one the finetuning runs use")
+    # The vocabulary, not the pretrained model: the row reads only its preprocessing (the same
+    # meta.json the model carries), so retraining the encoder does not rerun it.
+    parser.add_argument("--vocab", type=Path, default=Path("data/vocab"),
+                        help="the vocabulary whose preprocessing the finetuning runs use")
     parser.add_argument("--model-out", type=Path, required=True)
     parser.add_argument("--metrics-out", type=Path, required=True)
     args, overrides = parse_args(parser)
     cfg, _ = load_stage_config(overrides)
     if args.task not in cfg.tasks:
         raise ConfigError(f"--task {args.task!r} is not in params.yaml tasks (have: {sorted(cfg.tasks)})")
-    metrics = baseline_task(cfg, cfg.tasks[args.task], args.pretrained, args.model_out, args.metrics_out)
+    metrics = baseline_task(cfg, cfg.tasks[args.task], args.vocab, args.model_out, args.metrics_out)
     if metrics is None:
         return f"{args.task}: no separate baseline row -> {args.metrics_out}"
     return (f"{args.task} (baseline {metrics['model_name']}): dev {metrics['official_metric']} "

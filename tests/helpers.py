@@ -92,7 +92,8 @@ def build_vocab(directory: Path, n_texts: int = 300, vocab_size: int = 120) -> P
 
 
 def build_finetuned(directory: Path, vocab_dir: Path, kind: str = "single_label", aux_header=None,
-                    max_len: int = 16, collapse_mode: str = "avg", seed: int = 0, **model_overrides) -> Path:
+                    max_len: int = 16, collapse_mode: str = "avg", seed: int = 0, n_hidden: int = 0,
+                    use_special_tokens: bool = True, **model_overrides) -> Path:
     """A finetune-stage-shaped model directory with random weights: single_label, multi_label or regression."""
     spec = {
         "single_label": TaskSpec(categories=dict(CATEGORIES)),
@@ -105,11 +106,13 @@ def build_finetuned(directory: Path, vocab_dir: Path, kind: str = "single_label"
     cfg = tiny_model_cfg(**model_overrides)
     max_positions = 2 * max_len + 3
     torch.manual_seed(seed)
-    model = TWilBertForClassification(cfg, tokenizer.vocab_size, max_positions, n_out, collapse_mode)
+    model = TWilBertForClassification(cfg, tokenizer.vocab_size, max_positions, n_out, collapse_mode,
+                                      use_special_tokens, n_hidden=n_hidden, head_hidden_size=32)
     with torch.no_grad():  # weights far from the tiny init, so that texts get clearly different scores
         for p in model.parameters():
             p.add_(torch.randn(p.shape) * 0.3)
-    head = HeadConfig(collapse_mode=collapse_mode, use_special_tokens=True, dropout=0.1, n_hidden=0, hidden_size=32)
+    head = HeadConfig(collapse_mode=collapse_mode, use_special_tokens=use_special_tokens, dropout=0.1,
+                      n_hidden=n_hidden, hidden_size=32)
     config = ModelCard(cfg, tokenizer.vocab_size, max_positions, head=head, task=task, max_len_test=max_len)
     save_pretrained(directory, model, config)
     tokenizer.copy_to(directory)

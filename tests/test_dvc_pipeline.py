@@ -4,6 +4,7 @@ finetuning stages track every key that changes a run, and no stage output depend
 from __future__ import annotations
 
 import dataclasses
+import importlib.util
 import json
 import re
 import subprocess
@@ -129,6 +130,38 @@ def test_each_stage_depends_on_exactly_the_package_code_its_script_imports(name)
     unused = sorted(relative_paths(listed - imported, REPO))
     assert not missing, f"dvc.yaml stage {name}: deps miss {missing} (imported by {script}; see scripts/stage_deps.py)"
     assert not unused, f"dvc.yaml stage {name}: deps list {unused}, which {script} never imports"
+
+
+def stage_deps_script():
+    spec = importlib.util.spec_from_file_location("stage_deps_script", REPO / "scripts" / "stage_deps.py")
+    script = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(script)
+    return script
+
+
+def test_the_tfidf_baseline_reruns_for_the_vocabulary_not_for_a_retrained_encoder():
+    # it reads only the vocabulary's preprocessing: a pretraining change (`make exp` on model.*) must
+    # leave it skipped, so neither pretrain nor anything after it is upstream of it
+    script = stage_deps_script()
+    assert script.upstream(stages(), "baseline") == {"data", "vocab"}
+    assert "--vocab data/vocab" in stages()["baseline"]["do"]["cmd"]
+
+
+def test_every_stage_depends_only_on_outputs_its_command_passes_to_its_script():
+    assert stage_deps_script().unread_data_deps(stages()) == []
+
+
+def test_a_data_dep_that_the_command_does_not_pass_is_reported():
+    pipeline = {
+        "pretrain": {"cmd": "sh stages/py stages/pretrain.py --out models/pretrained", "outs": ["models/pretrained"]},
+        "vocab": {"cmd": "sh stages/py stages/vocab.py --out data/vocab", "outs": ["data/vocab"]},
+        "baseline": {"foreach": "${tasks}", "do": {
+            "cmd": "sh stages/py stages/baseline.py --task ${key} --vocab data/vocab",
+            "deps": ["stages/baseline.py", "models/pretrained", "data/vocab", "${item.dataset.data_dir}"]}},
+    }
+    assert stage_deps_script().unread_data_deps(pipeline) == [
+        "dvc.yaml stage baseline: depends on models/pretrained (written by pretrain), which its command does not "
+        "pass to stages/baseline.py"]
 
 
 def test_the_import_closure_follows_function_level_and_relative_imports(tmp_path):

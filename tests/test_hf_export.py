@@ -178,16 +178,42 @@ def test_hf_classifier_logits_match_ours_with_labels_and_problem_type(layout, fa
     assert (got - expected).abs().max().item() <= ATOL
 
 
-def test_hf_classifier_export_refuses_average_pooling_naming_the_key():
-    ours = tiny_classifier(ALBERT, 3, collapse_mode="avg")
-    with pytest.raises(ExportError, match=r"finetuning.collapse_mode is 'avg'.*--encoder-only"):
-        to_hf_classifier(ours, ours.cfg, VOCAB, MAX_POS, ["a", "b", "c"], "single_label_classification")
+HEADS = {"avg": dict(collapse_mode="avg"), "avg-no-special": dict(collapse_mode="avg", use_special_tokens=False),
+         "cls-hidden": dict(collapse_mode="cls", n_hidden=1), "avg-hidden": dict(collapse_mode="avg", n_hidden=2)}
 
 
-def test_hf_classifier_export_refuses_hidden_head_layers_naming_the_key():
-    ours = tiny_classifier(BERT, 3, n_hidden=1)
-    with pytest.raises(ExportError, match=r"finetuning.n_hidden is 1"):
-        to_hf_classifier(ours, ours.cfg, VOCAB, MAX_POS, ["a", "b", "c"], "single_label_classification")
+@pytest.mark.parametrize("head", list(HEADS))
+@pytest.mark.parametrize("layout, family", [(ALBERT, "Albert"), (BERT, "Bert")], ids=["albert", "bert"])
+def test_a_head_hf_has_no_class_for_exports_as_twilberts_own_class_with_matching_logits(layout, family, head):
+    cfg = tiny_cfg(**layout)
+    torch.manual_seed(0)
+    ours = randomized(TWilBertForClassification(cfg, VOCAB, MAX_POS, 3, head_hidden_size=12, **HEADS[head]))
+    hf = to_hf_classifier(ours, cfg, VOCAB, MAX_POS, ["N", "NEU", "P"], "single_label_classification")
+    assert type(hf).__name__ == f"TWilBert{family}ForSequenceClassification" and not hf.training
+    assert hf.config.auto_map == {"AutoModelForSequenceClassification":
+                                  f"modeling_twilbert.TWilBert{family}ForSequenceClassification"}
+    ids, seg, mask, _ = padded_batch()
+    with torch.no_grad():
+        expected = ours(ids, seg, mask)
+        got = hf(**hf_inputs(ids, seg, mask)).logits
+        # pooling over [CLS]/[SEP] or not, with or without hidden layers: each changes the logits
+        plain = randomized(TWilBertForClassification(cfg, VOCAB, MAX_POS, 3))(ids, seg, mask)
+    assert (got - expected).abs().max().item() <= ATOL
+    assert (plain - expected).abs().max().item() > 1e-3
+
+
+def test_the_exported_head_computes_huggingfaces_loss_for_its_problem_type():
+    ours = randomized(TWilBertForClassification(tiny_cfg(**ALBERT), VOCAB, MAX_POS, 2))
+    ids, seg, mask, _ = padded_batch()
+    targets = torch.tensor([[1.0, 0.0], [0.0, 0.0], [1.0, 1.0]])
+    for problem_type, labels, loss in [
+        ("single_label_classification", torch.tensor([1, 0, 1]), torch.nn.functional.cross_entropy),
+        ("multi_label_classification", targets, torch.nn.functional.binary_cross_entropy_with_logits),
+    ]:
+        hf = to_hf_classifier(ours, ours.cfg, VOCAB, MAX_POS, ["a", "b"], problem_type)
+        with torch.no_grad():
+            out = hf(**hf_inputs(ids, seg, mask), labels=labels)
+        assert out.loss.item() == pytest.approx(loss(out.logits, labels).item())
 
 
 # --------------------------------------------------------------------------------------------
@@ -267,13 +293,54 @@ def test_pipeline_on_an_exported_regression_model_gives_our_values(tmp_path, voc
     assert [t["score"] for t in theirs] == pytest.approx([p.label for p in ours], abs=1e-5)
 
 
-def test_export_hf_of_an_average_pooling_model_is_refused_but_encoder_only_works(tmp_path, vocab, capsys):
+@pytest.fixture
+def remote_code_cache(tmp_path, monkeypatch):
+    """Hugging Face copies a directory's modeling file into its modules cache: a temporary one here."""
+    import transformers.dynamic_module_utils as dynamic
+
+    monkeypatch.setattr(dynamic, "HF_MODULES_CACHE", str(tmp_path / "hf_modules"))
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+
+
+@pytest.mark.parametrize("head", [dict(), dict(n_hidden=1, use_special_tokens=False)], ids=["default-avg", "avg-hidden"])
+def test_the_default_average_pooling_model_exports_with_its_head_code_and_gives_our_probabilities(
+        tmp_path, vocab, remote_code_cache, head, caplog):
+    import json
+    import logging
+
+    from helpers import build_finetuned
+    from twilbert import load_classifier
+    from twilbert.cli import main
+
+    model_dir = build_finetuned(tmp_path / "model", vocab, collapse_mode="avg", **head)
+    out = tmp_path / "hf"
+    with caplog.at_level(logging.INFO):
+        assert main(["export-hf", "--model", str(model_dir), "--out", str(out)]) == 0
+    assert "load the export with trust_remote_code=True" in caplog.text
+    assert json.loads((out / "config.json").read_text())["auto_map"] == {
+        "AutoModelForSequenceClassification": "modeling_twilbert.TWilBertAlbertForSequenceClassification"}
+    assert "trust_remote_code=True" in (out / "TOKENIZER.md").read_text()
+    clf = load_classifier(model_dir)
+    texts = preprocessed(out, PIPELINE_TEXTS)
+    # the class from the directory's own file, as a user without twilbert gets it
+    hf = transformers.AutoModelForSequenceClassification.from_pretrained(str(out), trust_remote_code=True).eval()
+    assert type(hf).__module__.endswith("modeling_twilbert") and not type(hf).__module__.startswith("twilbert")
+    tokenizer = transformers.AutoTokenizer.from_pretrained(str(out))
+    with torch.no_grad():
+        logits = hf(**tokenizer(texts, padding=True, return_tensors="pt")).logits
+    ours = torch.as_tensor(clf.scores(PIPELINE_TEXTS))  # probabilities
+    assert (torch.softmax(logits, -1) - ours).abs().max().item() <= ATOL
+    pipe = transformers.pipeline("text-classification", model=str(out), tokenizer=str(out), device="cpu",
+                                 trust_remote_code=True)
+    for scored, p in zip(pipe(texts, top_k=None), clf.predict(PIPELINE_TEXTS)):
+        assert {s["label"]: s["score"] for s in scored} == pytest.approx(p.probs, abs=1e-5)
+
+
+def test_export_hf_encoder_only_of_an_average_pooling_model_writes_the_encoder(tmp_path, vocab):
     from helpers import build_finetuned
     from twilbert.cli import main
 
     model_dir = build_finetuned(tmp_path / "model", vocab, collapse_mode="avg")
-    assert main(["export-hf", "--model", str(model_dir), "--out", str(tmp_path / "hf")]) == 2
-    assert "finetuning.collapse_mode is 'avg'" in capsys.readouterr().err
-    assert not (tmp_path / "hf").exists()
     assert main(["export-hf", "--model", str(model_dir), "--out", str(tmp_path / "hf"), "--encoder-only"]) == 0
     assert transformers.AutoConfig.from_pretrained(str(tmp_path / "hf")).architectures == ["AlbertModel"]
+    assert not (tmp_path / "hf" / "modeling_twilbert.py").exists()

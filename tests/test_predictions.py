@@ -156,6 +156,17 @@ def test_the_baseline_row_on_its_own_writes_its_metrics_and_predictions(tmp_path
     assert not (tmp_path / "baseline" / "epochs.csv").exists()
 
 
+def test_the_baseline_row_from_the_vocabulary_is_the_row_from_the_pretrained_model_carrying_it(tmp_path, raw,
+                                                                                               pretrained):
+    # the baseline stage reads data/vocab, the finetuning runs models/pretrained: same texts, same row
+    cfg = make_config(raw, {"t": write_task(tmp_path / "data")}, baseline_row=True)
+    vocab = pretrained.parent / f"{pretrained.name}-vocab"
+    for name, source in (("vocab", vocab), ("model", pretrained)):
+        baseline_task(cfg, first(cfg), source, tmp_path / name / "model", tmp_path / name / "baseline")
+    for file in ("metrics.json", "predictions.tsv"):
+        assert (tmp_path / "vocab" / "baseline" / file).read_bytes() == (tmp_path / "model" / "baseline" / file).read_bytes()
+
+
 def test_without_a_baseline_row_the_baseline_folder_holds_the_skipped_note_and_no_prediction(tmp_path, raw, pretrained):
     cfg = make_config(raw, {"t": write_task(tmp_path / "data")}, baseline_row=False)
     (tmp_path / "baseline").mkdir()

@@ -130,6 +130,9 @@ def cmd_export_hf(args: argparse.Namespace) -> int:
 
     hf_class = export_hf_dir(Path(args.model), command_output(args.out, (), args.model, "--out"), args.encoder_only)
     log.info("export-hf: %s -> %s (%s)", args.model, args.out, hf_class)
+    if hf_class.startswith("TWilBert"):  # a head HF has no class for: its code travels in the export
+        log.info("export-hf: the head is twilbert's own class in %s/modeling_twilbert.py; load the export with "
+                 "trust_remote_code=True (see its TOKENIZER.md)", args.out)
     return 0
 
 
@@ -214,7 +217,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--model", required=True, help="pretrained or finetuned model directory")
     p.add_argument("--out", required=True, help="new (or empty) output directory")
     p.add_argument("--encoder-only", action="store_true", help="finetuned model: export the encoder without "
-                   "its classification head (as *Model)")
+                   "its classification head (as *Model); without it, a head Hugging Face has no class for (the "
+                   "default avg) is exported as twilbert's own class, loaded with trust_remote_code=True")
     add_no_verify(p)
     p.set_defaults(func=cmd_export_hf)
 

@@ -23,10 +23,14 @@ class TWilBertPacker:
         self.tokenizer = tokenizer
         self.preprocess = tokenizer.preprocess
 
-    def pack(self, texts: Sequence[str], aux_texts: Optional[Sequence[str]], max_len: int) -> dict[str, np.ndarray]:
-        a = self.tokenizer.encode(texts)
-        b = self.tokenizer.encode(aux_texts) if aux_texts is not None else None
-        return pack_pairs(a, b, max_len)
+    def encode(self, texts: Sequence[str], aux_texts: Optional[Sequence[str]]) -> tuple[list, Optional[list]]:
+        """The token ids of each text (and second text), untruncated."""
+        return self.tokenizer.encode(texts), self.tokenizer.encode(aux_texts) if aux_texts is not None else None
+
+    def pack(self, texts: Sequence[str], aux_texts: Optional[Sequence[str]], max_len: int,
+             encoded: Optional[tuple[list, Optional[list]]] = None) -> dict[str, np.ndarray]:
+        """``encoded``: :meth:`encode`'s result, when the caller has it already."""
+        return pack_pairs(*(encoded or self.encode(texts, aux_texts)), max_len)
 
     def batch(self, input_ids, len_a, length, labels) -> PairBatch:
         return make_batch(input_ids, len_a, length, labels, TWILBERT)
@@ -57,7 +61,9 @@ class HFPacker:
         return self.template.pair
 
     def _ids(self, texts: Sequence[str]) -> list[list[int]]:
-        return self.tokenizer(list(texts), add_special_tokens=False)["input_ids"]
+        # verbose=False: no "Token indices sequence length is longer than ..." warning for a text over the
+        # model's length: it is cut to max_len when packed, and the finetune log counts those texts itself
+        return self.tokenizer(list(texts), add_special_tokens=False, verbose=False)["input_ids"]
 
     def _template(self, pair: bool) -> tuple[tuple[int, ...], ...]:
         a, b = self._ids(["hola"])[0], self._ids(["adiós"])[0]
@@ -70,10 +76,16 @@ class HFPacker:
             return tuple(full[:i]), tuple(full[i + len(a) :])
         return tuple(full[:i]), tuple(full[i + len(a) : j]), tuple(full[j + len(b) :])
 
-    def pack(self, texts: Sequence[str], aux_texts: Optional[Sequence[str]], max_len: int) -> dict[str, np.ndarray]:
-        """:func:`pack_pairs` in this tokenizer's template, after checking that the rows fit the model."""
+    def encode(self, texts: Sequence[str], aux_texts: Optional[Sequence[str]]) -> tuple[list, Optional[list]]:
+        """The token ids of each preprocessed text (and second text), untruncated, without the template."""
         a = self._ids([self.preprocess(t) for t in texts])
-        b = self._ids([self.preprocess(t) for t in aux_texts]) if aux_texts is not None else None
+        return a, self._ids([self.preprocess(t) for t in aux_texts]) if aux_texts is not None else None
+
+    def pack(self, texts: Sequence[str], aux_texts: Optional[Sequence[str]], max_len: int,
+             encoded: Optional[tuple[list, Optional[list]]] = None) -> dict[str, np.ndarray]:
+        """:func:`pack_pairs` in this tokenizer's template, after checking that the rows fit the model.
+        ``encoded``: :meth:`encode`'s result, when the caller has it already."""
+        a, b = encoded or self.encode(texts, aux_texts)
         width = self.template.width(max_len, b is not None)
         if self.max_positions is not None and width > self.max_positions:
             raise ValueError(

@@ -19,6 +19,7 @@ from torch import nn
 
 from twilbert.model.card import HeadConfig, ModelCard
 from twilbert.model.heads import ClassificationHead, TWilBertForClassification
+from twilbert.model.hf_quiet import load_summary, quiet_transformers
 from twilbert.model.io import save_pretrained
 from twilbert.model.manifest import write_manifest
 
@@ -80,12 +81,15 @@ def load_hf_backbone(path: PathLike) -> tuple[nn.Module, Any]:
         )
     try:
         tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)
-        model = AutoModel.from_pretrained(path, local_files_only=True, use_safetensors=True)
+        with quiet_transformers():  # one line of ours below instead of transformers' load report
+            model, info = AutoModel.from_pretrained(path, local_files_only=True, use_safetensors=True,
+                                                    output_loading_info=True)
     except (OSError, ValueError) as err:
         raise FileNotFoundError(
             f"finetuning.hf_path {str(path)!r}: not a loadable Hugging Face checkpoint ({err}). Weights must be "
             "safetensors: load a pickle checkpoint once with transformers and save_pretrained it again"
         ) from None
+    log.info("%s", load_summary(f"finetuning.hf_path {path}", type(model).__name__, info))
     return model, tokenizer
 
 

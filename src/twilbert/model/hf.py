@@ -13,8 +13,10 @@ are swapped on export.
 
 A finetuned ``TWilBertForClassification`` becomes ``AlbertForSequenceClassification`` /
 ``BertForSequenceClassification`` (with ``id2label``, ``label2id``, ``problem_type``) when its head
-reads the [CLS] state straight into the output layer (``collapse_mode: cls``, ``n_hidden: 0``); see
-:func:`to_hf_classifier` for why that is exact and why the other heads are refused.
+reads the [CLS] state straight into the output layer (``collapse_mode: cls``, ``n_hidden: 0``; see
+:func:`to_hf_classifier` for why that is exact). Any other head (the default average over the tokens,
+gelu hidden layers) has no HF class: it becomes ``TWilBert{Albert,Bert}ForSequenceClassification``
+of :mod:`twilbert.model.hf_head`, a file the export carries (HF's custom-code mechanism).
 
 transformers is imported here only: it is a test/benchmark dependency, not a runtime one.
 """
@@ -39,6 +41,8 @@ from twilbert.io_utils import publish_dir
 from twilbert.model.card import max_text_len, read_model_dir
 from twilbert.model.encoder import N_SEGMENTS, TWilBertModel
 from twilbert.model.heads import TWilBertForClassification, TWilBertForPretraining
+from twilbert.model.hf_notes import CLASSIFIER_NOTE, CUSTOM_HEAD_NOTE, POOLER_HEAD_NOTE, TOKENIZER_NOTE, tokenizer_config
+from twilbert.model.hf_quiet import quiet_transformers
 from twilbert.model.io import WEIGHTS_NAME, load_into, load_pretrained_state
 from twilbert.model.manifest import verification_enabled
 
@@ -213,22 +217,12 @@ PROBLEM_TYPES = ("single_label_classification", "multi_label_classification", "r
 POOLER_INPUT_BOUND = 2.0**-12
 
 
-def check_classifier_exportable(model: TWilBertForClassification) -> None:
-    """Refuse heads that Hugging Face's ``*ForSequenceClassification`` cannot compute exactly."""
-    head = model.classifier
-    if head.collapse_mode != "cls":
-        raise ExportError(
-            f"finetuning.collapse_mode is {head.collapse_mode!r}: Hugging Face's *ForSequenceClassification "
-            "classifies the [CLS] state only, so an average over the tokens has no exact export. Finetune with "
-            "finetuning.collapse_mode=cls and finetuning.n_hidden=0 for an exportable classifier, or export the "
-            "encoder alone (export-hf --encoder-only)"
-        )
-    if len(head.hidden) > 0:
-        raise ExportError(
-            f"finetuning.n_hidden is {len(head.hidden)}: Hugging Face's classifier is one tanh pooler and one "
-            "linear layer, so a head with gelu hidden layers has no exact export. Finetune with "
-            "finetuning.n_hidden=0 (and collapse_mode=cls), or export the encoder alone (export-hf --encoder-only)"
-        )
+AUTO_CLASS = "AutoModelForSequenceClassification"  # what a custom head's auto_map entry names
+
+
+def has_pooler_head(model: TWilBertForClassification) -> bool:
+    """Whether Hugging Face's own ``*ForSequenceClassification`` computes the head: [CLS] -> linear."""
+    return model.classifier.collapse_mode == "cls" and len(model.classifier.hidden) == 0
 
 
 def _pooler_scale(model: TWilBertForClassification) -> float:
@@ -248,7 +242,8 @@ def to_hf_classifier(
     model: TWilBertForClassification, cfg: ModelConfig, vocab_size: int, max_positions: int, labels: list[str],
     problem_type: str,
 ) -> nn.Module:
-    """``AlbertForSequenceClassification``/``BertForSequenceClassification`` (eval mode) computing ``model``'s logits.
+    """A Hugging Face classifier (eval mode) computing ``model``'s logits: HF's own class when
+    :func:`has_pooler_head`, else :mod:`twilbert.model.hf_head`'s class (its ``config.twilbert_head``).
 
     HF's head is ``classifier(dropout(tanh(pooler(h_cls))))``; ours (cls, no hidden layer) is
     ``out(h_cls)``. With the pooler ``s * I`` (bias 0) and the classifier ``W_out / s``, HF computes
@@ -261,7 +256,6 @@ def to_hf_classifier(
 
     if problem_type not in PROBLEM_TYPES:
         raise ValueError(f"problem_type must be one of {PROBLEM_TYPES}, got {problem_type!r}")
-    check_classifier_exportable(model)
     n_out = model.classifier.out.out_features
     if len(labels) != n_out:
         raise ExportError(f"{len(labels)} labels for a head with {n_out} outputs")
@@ -277,9 +271,11 @@ def to_hf_classifier(
     else:
         config.classifier_dropout = dropout
     family = "Albert" if albert else "Bert"
+    prefix = "albert." if albert else "bert."
+    if not has_pooler_head(model):
+        return _to_custom_classifier(model, cfg, config, family, prefix)
     hf = getattr(transformers, f"{family}ForSequenceClassification")(config)
 
-    prefix = "albert." if albert else "bert."
     pooler = "albert.pooler." if albert else "bert.pooler.dense."
     scale = _pooler_scale(model)
     out = model.classifier.out
@@ -290,6 +286,27 @@ def to_hf_classifier(
         "classifier.weight": out.weight / scale,
         "classifier.bias": out.bias,
     })
+    _load_exact(hf, state)
+    return hf.eval()
+
+
+def _to_custom_classifier(model: TWilBertForClassification, cfg: ModelConfig, config: Any, family: str,
+                          prefix: str) -> nn.Module:
+    """``model`` as :mod:`twilbert.model.hf_head`'s class: the encoder under HF's names, the head as it is."""
+    from twilbert.model import hf_head
+
+    head = model.classifier
+    config.twilbert_head = {
+        "collapse_mode": head.collapse_mode, "use_special_tokens": head.use_special_tokens,
+        "special_ids": [CLS_ID, SEP_ID], "n_hidden": len(head.hidden),
+        "hidden_size": head.hidden[0].out_features if len(head.hidden) else cfg.hidden_size,
+        "dropout": head.dropout.p,
+    }
+    name = f"TWilBert{family}ForSequenceClassification"
+    config.auto_map = {AUTO_CLASS: f"{hf_head.MODULE_NAME}.{name}"}
+    hf = getattr(hf_head, name)(config)
+    state = {prefix + k: v for k, v in _encoder_state(model.twilbert, cfg, family == "Albert").items()}
+    state.update({f"classifier.{k}": v for k, v in head.state_dict().items()})
     _load_exact(hf, state)
     return hf.eval()
 
@@ -312,7 +329,8 @@ def save_hf(
 ) -> nn.Module:
     """Export with ``to_hf`` and write it with ``save_pretrained``; returns the HF model."""
     hf = to_hf(model, cfg, vocab_size, max_positions)
-    hf.save_pretrained(str(directory))
+    with quiet_transformers():
+        hf.save_pretrained(str(directory))
     logger.info("exported %s to %s", type(hf).__name__, directory)
     return hf
 
@@ -332,55 +350,6 @@ def problem_type(spec: TaskSpec) -> str:
 def label_names(spec: TaskSpec) -> list[str]:
     """The task's category names in output order (empty for regression)."""
     return sorted(spec.categories, key=spec.categories.get)
-
-
-TOKENIZER_NOTE = """# Tokenizer of this export
-
-Exported by `twilbert export-hf` from `{source}` as `{hf_class}`.
-
-- The vocabulary is twilbert's SentencePiece model, copied as `spiece.model` (and as `spm.model`, with
-  `meta.json`, so `twilbert.data.tokenizer.Tokenizer("<this dir>")` loads it too). `tokenizer_config.json`
-  declares it an `AlbertTokenizer` that keeps case and accents, so `AutoTokenizer.from_pretrained("<this dir>")`
-  gives the ids twilbert gives, for BERT-layout exports too: [PAD]=0 [UNK]=1 [MASK]=2 [CLS]=3 [SEP]=4, inputs
-  `[CLS] a [SEP] (b [SEP])`, token_type_ids 0 then 1.
-- Tweet normalization is NOT part of the Hugging Face tokenizer. Apply the preprocessing the model was
-  trained with first (the `preprocess` section of `meta.json`):
-  `Preprocessor.from_dict(json.load(open("meta.json"))["preprocess"])(text)` from `twilbert.data.preprocess`.
-- The model has {max_positions} positions: at most {max_single} tokens per single text, truncate to that.
-{classifier_note}"""
-
-CLASSIFIER_NOTE = """
-## The classifier
-
-- `config.json` has `id2label` (the task's classes in output order), `label2id` and `problem_type`
-  ({problem_type}); `transformers.pipeline("text-classification", model="<this dir>")` applies softmax
-  (single-label), sigmoid (multi-label: the labels at or over {threshold} are the prediction) or nothing
-  (regression) as `twilbert predict` does.
-- `twilbert predict` cuts each text to {max_len_test} tokens (`max_len_test`); pass texts of at most that
-  length, or truncate them, for identical scores.
-- The head is [CLS] -> linear. Hugging Face's pooler (dense + tanh) in front of it is exported as a
-  tiny scaled identity (and the classifier scaled back), so the logits are twilbert's to float32
-  rounding; finetuning this export further starts from that scaled pooler.
-"""
-
-
-def tokenizer_config(max_positions: int) -> dict:
-    """Hugging Face tokenizer settings that reproduce twilbert's SentencePiece encoding."""
-    return {
-        "tokenizer_class": "AlbertTokenizer",
-        "do_lower_case": False,  # any lowercasing is inside the SentencePiece normalizer already
-        "keep_accents": True,
-        "remove_space": True,
-        "unk_token": "[UNK]",
-        "pad_token": "[PAD]",
-        "cls_token": "[CLS]",
-        "sep_token": "[SEP]",
-        "mask_token": "[MASK]",
-        "bos_token": "[CLS]",
-        "eos_token": "[SEP]",
-        "model_max_length": max_positions,
-        "model_input_names": ["input_ids", "token_type_ids", "attention_mask"],
-    }
 
 
 def export_hf_dir(model_dir: Path, out_dir: Path, encoder_only: bool = False) -> str:
@@ -405,8 +374,11 @@ def export_hf_dir(model_dir: Path, out_dir: Path, encoder_only: bool = False) ->
         spec = card.task.task
         hf = to_hf_classifier(classifier, cfg, vocab_size, max_positions, label_names(spec) or ["value"],
                               problem_type(spec))
+        head_note = POOLER_HEAD_NOTE if has_pooler_head(classifier) else CUSTOM_HEAD_NOTE.format(
+            head=_describe_head(hf.config.twilbert_head), hf_class=type(hf).__name__,
+            module=hf.config.auto_map[AUTO_CLASS].split(".")[0])
         classifier_note = CLASSIFIER_NOTE.format(problem_type=problem_type(spec), threshold=spec.threshold,
-                                                 max_len_test=card.text_len())
+                                                 max_len_test=card.text_len(), head_note=head_note)
     else:
         _, state = load_pretrained_state(model_dir)
         pretraining = any(k.startswith("predictions.") for k in state)
@@ -422,7 +394,12 @@ def export_hf_dir(model_dir: Path, out_dir: Path, encoder_only: bool = False) ->
         if hf is None:
             hf = save_hf(tmp, model, cfg, vocab_size, max_positions)
         else:
-            hf.save_pretrained(str(tmp))
+            with quiet_transformers():
+                hf.save_pretrained(str(tmp))
+        if getattr(hf.config, "auto_map", None):  # the custom head's code, beside the weights it runs
+            from twilbert.model import hf_head
+
+            shutil.copyfile(hf_head.__file__, tmp / f"{hf_head.MODULE_NAME}.py")
         shutil.copyfile(model_dir / MODEL_FILE, tmp / "spiece.model")  # the name Hugging Face's ALBERT looks for
         shutil.copyfile(model_dir / MODEL_FILE, tmp / MODEL_FILE)
         shutil.copyfile(model_dir / META_FILE, tmp / META_FILE)
@@ -431,3 +408,9 @@ def export_hf_dir(model_dir: Path, out_dir: Path, encoder_only: bool = False) ->
                                      max_single=max_text_len(max_positions, 1), classifier_note=classifier_note)
         (tmp / "TOKENIZER.md").write_text(note, encoding="utf-8")
     return type(hf).__name__
+
+
+def _describe_head(head: dict) -> str:
+    pool = ("the average over the tokens" + ("" if head["use_special_tokens"] else " but [CLS]/[SEP]")
+            if head["collapse_mode"] == "avg" else "the [CLS] state")
+    return f"{pool} -> {head['n_hidden']} gelu layer(s) -> linear"

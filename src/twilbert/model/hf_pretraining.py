@@ -17,6 +17,7 @@ of the Hugging Face folder the stage writes, but of ``rop_head.safetensors`` bes
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 from typing import Any, Optional, Union
 
@@ -26,6 +27,9 @@ from torch import nn
 from twilbert.config import RopConfig
 from twilbert.errors import TwilbertError
 from twilbert.model.heads import PretrainOutput, TWilBertROPHead, masked_positions
+from twilbert.model.hf_quiet import load_summary, quiet_transformers
+
+log = logging.getLogger(__name__)
 
 PathLike = Union[str, Path]
 CARD_NAME = "twilbert.json"  # the project's card in a Hugging Face folder (its config.json is HF's)
@@ -51,12 +55,15 @@ def load_masked_lm(path: PathLike) -> nn.Module:
         raise HFModelError(f"training.hf_path {str(path)!r}: not a directory; point it at a local Hugging Face "
                            "checkpoint saved with save_pretrained")
     try:
-        return AutoModelForMaskedLM.from_pretrained(path, local_files_only=True, use_safetensors=True,
-                                                    dtype=torch.float32)
+        with quiet_transformers():  # one line of ours below instead of transformers' load report
+            model, info = AutoModelForMaskedLM.from_pretrained(path, local_files_only=True, use_safetensors=True,
+                                                               dtype=torch.float32, output_loading_info=True)
     except (OSError, ValueError) as err:
         raise HFModelError(f"training.hf_path {str(path)!r}: AutoModelForMaskedLM cannot load it ({err}). Weights "
                            "must be safetensors: load a pickle checkpoint once with transformers and "
                            "save_pretrained it") from None
+    log.info("%s", load_summary(f"training.hf_path {path}", type(model).__name__, info))
+    return model
 
 
 def _mlm_head_name(mlm: nn.Module) -> str:

@@ -35,6 +35,7 @@ from twilbert.model.hf_pretraining import (
     check_tied,
     load_masked_lm,
 )
+from twilbert.model.hf_quiet import quiet_transformers
 from twilbert.model.io import save_weights
 from twilbert.tracking.runs import Tracker
 from twilbert.train import distributed
@@ -124,7 +125,8 @@ def save_hf_pretrained(directory: Path, model: HFForPretraining, vocab: HFVocab,
     """A Hugging Face folder (published atomically): ``save_pretrained``, the tokenizer with its
     ``meta.json``, the ROP head when there is one, ``twilbert.json`` and ``checksums.json``."""
     with publish_dir(directory, checksums=checksums) as staged:
-        model.mlm.save_pretrained(staged)
+        with quiet_transformers():  # no "Writing model shards" bar at each best epoch
+            model.mlm.save_pretrained(staged)
         vocab.copy_to(staged)
         if model.rop_classifier is not None:
             save_weights({k: v.detach().cpu() for k, v in model.rop_classifier.state_dict().items()},

@@ -16,7 +16,7 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterator, Optional
+from typing import Any, Iterator, Optional, Sequence
 
 import numpy as np
 import torch
@@ -75,9 +75,24 @@ def encode_examples(packer: Any, ex: TaskExamples, max_len: int, task: TaskConfi
     """Packed ``[CLS] text [SEP] (aux [SEP])`` rows with their targets; ``packer`` may be a Tokenizer."""
     if isinstance(packer, Tokenizer):
         packer = TWilBertPacker(packer)
-    packed = packer.pack(ex.texts, ex.aux_texts, max_len)
+    a, b = packer.encode(ex.texts, ex.aux_texts)
+    log_truncated(task.name, ex.path, a, b, max_len)
+    packed = packer.pack(ex.texts, ex.aux_texts, max_len, encoded=(a, b))
     packed["labels"] = label_array(ex, task)
     return packed
+
+
+def log_truncated(task: str, path: str, a: Sequence[Sequence[int]], b: Optional[Sequence[Sequence[int]]],
+                  max_len: int) -> int:
+    """Log, in one line, how many examples of a split lose tokens to ``max_len`` (a text or its second
+    text over it); returns that count. Nothing is logged when none does."""
+    over = [len(x) > max_len for x in a]
+    if b is not None:
+        over = [o or len(y) > max_len for o, y in zip(over, b)]
+    n = sum(over)
+    if n:
+        log.info("%s %s: %d of %d examples cut to %d tokens", task, Path(path).name, n, len(over), max_len)
+    return n
 
 
 def shuffled_batches(data: Split, packer: Any, batch_size: int, seed: int, epoch: int,

@@ -150,12 +150,13 @@ def skipped_baseline(task: str, ft: FinetuningConfig) -> dict:
     return {"task": task, "model": "baseline", "skipped": reason}
 
 
-def baseline_task(cfg: Config, task: TaskConfig, pretrained_dir: Path, model_out: Path, metrics_out: Path,
+def baseline_task(cfg: Config, task: TaskConfig, vocab_dir: Path, model_out: Path, metrics_out: Path,
                   splits: Optional[TaskData] = None) -> Optional[dict]:
     """The TF-IDF baseline row on its own (deterministic: one run per task, whatever the seeds):
     its model published under ``model_out``, ``metrics.json`` and ``predictions.tsv`` under
     ``metrics_out``. When the task has no baseline row: the skipped note in ``metrics.json``, a
-    header-only ``predictions.tsv`` and a ``skipped.json`` model folder (DVC finds every output), None."""
+    header-only ``predictions.tsv`` and a ``skipped.json`` model folder (DVC finds every output), None.
+    ``vocab_dir``: the vocabulary (or a model directory carrying it) whose preprocessing it applies."""
     ft = task.finetuning_config(cfg.finetuning)
     metrics_out = Path(metrics_out)
     if not ft.baseline_row or ft.backbone == "baseline":
@@ -170,7 +171,7 @@ def baseline_task(cfg: Config, task: TaskConfig, pretrained_dir: Path, model_out
         return None
     splits = splits if splits is not None else load_task(task, cfg.seed, ft.no_test_protocol)
     # the text the finetuned model reads: the vocabulary's preprocessing, or `preprocess` under hf
-    preprocess = Preprocessor(cfg.preprocess) if ft.backbone == "hf" else task_preprocessor(cfg, pretrained_dir)
+    preprocess = Preprocessor(cfg.preprocess) if ft.backbone == "hf" else task_preprocessor(cfg, vocab_dir)
     row = baseline_learner(cfg, task, ft, preprocess)
     with publish_dir(model_out, checksums=True) as staged:
         run = evaluate_learner(row, splits, cfg.representation.max_len, cfg.representation.test_len, staged)
