@@ -162,7 +162,11 @@ def compose(overrides: Optional[list[str]] = None, config_dir: Union[str, Path] 
     try:
         with initialize_config_dir(config_dir=str(Path(config_dir).resolve()), version_base=None):
             cfg = hydra_compose(config_name="config", overrides=overrides)
+        return OmegaConf.to_container(cfg, resolve=True)
     except (HydraException, OmegaConfBaseException) as err:
+        refusal = _config_error_in(err)
+        if refusal is not None:  # our resolver's refusal (finetuning.seeds) names its key: OmegaConf's frame adds nothing
+            raise refusal from None
         unknown = re.match(r"Could not override '([^']+)'", str(err))
         if unknown:  # the same message as an unknown key in params.yaml (under DVC)
             key = unknown.group(1)
@@ -170,7 +174,17 @@ def compose(overrides: Optional[list[str]] = None, config_dir: Union[str, Path] 
             known = f" (known: {', '.join(sorted(section))})" if isinstance(section, dict) else ""
             raise ConfigError(f"unknown config key(s): {key}{known}") from None
         raise ConfigError(f"config overrides {' '.join(overrides)}: {_one_line(str(err))}") from None
-    return OmegaConf.to_container(cfg, resolve=True)
+
+
+def _config_error_in(err: BaseException) -> Optional[ConfigError]:
+    """The ConfigError a resolver raised, which OmegaConf wraps (twice) in InterpolationResolutionError."""
+    seen = set()
+    while err is not None and id(err) not in seen:
+        if isinstance(err, ConfigError):
+            return err
+        seen.add(id(err))
+        err = err.__cause__ or err.__context__
+    return None
 
 
 def _one_line(message: str) -> str:
