@@ -60,30 +60,23 @@ def take_hf_vocab(hf_path: Union[str, Path], out_dir: Path, preprocess: Optional
                   max_len: Optional[int] = None) -> Path:
     """Save the fast tokenizer of the local checkpoint ``hf_path`` into ``out_dir`` (atomically) with its meta;
     with ``max_len``, refuse first when pairs of ``max_len``-token texts would not fit its positions."""
-    import torch
-    from transformers import AutoConfig, AutoModelForMaskedLM, AutoTokenizer
-
+    from twilbert.data.hf_checkpoint import MASKED_LM, load_hf_checkpoint
     from twilbert.data.packers import HFPacker, hf_max_positions
 
     path = Path(hf_path)
-    if not path.is_dir():
-        raise VocabError(f"training.hf_path {str(hf_path)!r}: not a directory; point it at a local Hugging Face "
-                         "checkpoint saved with save_pretrained (config.json, model.safetensors, tokenizer files)")
-    try:
-        tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)
-        config = AutoConfig.from_pretrained(path, local_files_only=True)
-    except (OSError, ValueError) as err:
-        raise VocabError(f"training.hf_path {str(hf_path)!r}: no loadable tokenizer and config ({err})") from None
+    # The whole checkpoint, weights included: the pretraining stage continues it, so a checkpoint whose
+    # weights do not fit its config or that lacks tokenizer files is refused here, before data/vocab is written.
+    checkpoint = load_hf_checkpoint(path, "training.hf_path", MASKED_LM)
+    tokenizer, config = checkpoint.tokenizer, checkpoint.config
     if not getattr(tokenizer, "is_fast", False):
         raise VocabError(f"training.hf_path {str(hf_path)!r}: {type(tokenizer).__name__} has no fast (Rust) "
                          "version; the pairs stage needs its tokenizer.json")
     if tokenizer.mask_token_id is None:
         raise VocabError(f"training.hf_path {str(hf_path)!r}: the tokenizer has no mask token; masked-LM "
                          "pretraining needs one")
-    with torch.device("meta"):  # the architecture only, for its positions: no weights read or allocated
-        skeleton = AutoModelForMaskedLM.from_config(config)
     prep = Preprocessor(preprocess or PreprocessConfig())
-    packer = HFPacker(tokenizer, prep, hf_max_positions(skeleton.base_model))
+    packer = HFPacker(tokenizer, prep, hf_max_positions(checkpoint.model.base_model))
+    del checkpoint
     vocab_size = len(tokenizer)
     if vocab_size > config.vocab_size:
         raise VocabError(f"training.hf_path {str(hf_path)!r}: the tokenizer has {vocab_size} ids, more than the "

@@ -42,21 +42,12 @@ class HFModelError(TwilbertError, ValueError):
     """The checkpoint cannot be continued; the message says why and what to do."""
 
 
-def load_masked_lm(path: PathLike) -> nn.Module:
-    """``AutoModelForMaskedLM`` from a local folder, in float32 (whatever dtype it was saved in); never the network."""
-    from transformers import AutoModelForMaskedLM
+def load_masked_lm(path: PathLike, key: str = "training.hf_path") -> nn.Module:
+    """``AutoModelForMaskedLM`` from a local folder, in float32 (whatever dtype it was saved in); never the network.
+    The folder is checked whole first (data.hf_checkpoint): config, tokenizer files, every weight's name and shape."""
+    from twilbert.data.hf_checkpoint import MASKED_LM, load_hf_checkpoint
 
-    path = Path(path)
-    if not path.is_dir():
-        raise HFModelError(f"training.hf_path {str(path)!r}: not a directory; point it at a local Hugging Face "
-                           "checkpoint saved with save_pretrained")
-    try:
-        return AutoModelForMaskedLM.from_pretrained(path, local_files_only=True, use_safetensors=True,
-                                                    dtype=torch.float32)
-    except (OSError, ValueError) as err:
-        raise HFModelError(f"training.hf_path {str(path)!r}: AutoModelForMaskedLM cannot load it ({err}). Weights "
-                           "must be safetensors: load a pickle checkpoint once with transformers and "
-                           "save_pretrained it") from None
+    return load_hf_checkpoint(path, key, MASKED_LM).model
 
 
 def _mlm_head_name(mlm: nn.Module) -> str:
