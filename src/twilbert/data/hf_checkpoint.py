@@ -153,8 +153,8 @@ def _load_tokenizer(path: Path, where: str) -> Any:
     if not (path / full).is_file():
         missing = [n for n in names.values() if not (path / n).is_file()]
         if missing or not names:
-            slow = f" nor {' and '.join(names.values())}" if names else ""
-            raise HFCheckpointError(f"{where}: {path / full} is missing{slow}: the checkpoint has no tokenizer files; "
+            also = f", and so {'is' if len(missing) == 1 else 'are'} {', '.join(missing)}" if missing else ""
+            raise HFCheckpointError(f"{where}: {path / full} is missing{also}: the checkpoint has no tokenizer files; "
                                     "save its tokenizer into it with save_pretrained")
     specials = set(tokenizer.all_special_ids)
     if len(tokenizer) <= len(specials):
