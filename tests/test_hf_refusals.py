@@ -53,6 +53,13 @@ def pickle_only(d: Path) -> None:
     (d / "pytorch_model.bin").write_bytes(b"\x80\x04not read")  # never unpickled: refused by its name
 
 
+def specials_only(d: Path) -> None:
+    data = json.loads((d / "tokenizer.json").read_text(encoding="utf-8"))
+    specials = {t["content"]: t["id"] for t in data["added_tokens"]}
+    data["model"].update(vocab=specials, merges=[])
+    (d / "tokenizer.json").write_text(json.dumps(data), encoding="utf-8")
+
+
 DAMAGES = {
     # what is done to the checkpoint -> what the one line must name, for (masked-LM, encoder)
     "gpt2 config over RoBERTa weights": (gpt2_config, ("'gpt2' model (GPT2Config), which AutoModelForMaskedLM "
@@ -69,6 +76,7 @@ DAMAGES = {
                                    "tensor encoder.layer.1.output.dense.weight has shape [32, 63]")),
     "no tokenizer files": (lambda d: [(d / n).unlink() for n in ("tokenizer.json", "tokenizer_config.json")],
                            ("tokenizer.json is missing, and so are vocab.json, merges.txt: the checkpoint has no",) * 2),
+    "a tokenizer.json of its special tokens only": (specials_only, ("the tokenizer holds only its 5 special tokens",) * 2),
     "no tokenizer.json": (lambda d: (d / "tokenizer.json").unlink(), ("tokenizer.json is missing",) * 2),
     "no config.json": (lambda d: (d / "config.json").unlink(), ("config.json is missing",) * 2),
     "config.json not JSON": (lambda d: (d / "config.json").write_text("{\"model_type\": "),

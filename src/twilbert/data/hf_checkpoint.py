@@ -56,8 +56,9 @@ def load_hf_checkpoint(path: Union[str, Path], key: str, head: str = MASKED_LM) 
     where = f"{key} {str(path)!r}"
     path = Path(path)
     _check_files(path, where)
-    verbosity = hf_logging.get_verbosity()
+    verbosity, bars = hf_logging.get_verbosity(), hf_logging.is_progress_bar_enabled()
     hf_logging.set_verbosity_error()  # its load report would be printed above our one line; we judge it ourselves
+    hf_logging.disable_progress_bar()
     try:
         try:
             config = AutoConfig.from_pretrained(path, local_files_only=True)
@@ -74,6 +75,8 @@ def load_hf_checkpoint(path: Union[str, Path], key: str, head: str = MASKED_LM) 
             raise HFCheckpointError(f"{where}: {auto.__name__} cannot load it ({_first_line(err)})") from None
     finally:
         hf_logging.set_verbosity(verbosity)
+        if bars:
+            hf_logging.enable_progress_bar()
     _check_tensors(model, info, where)
     return HFCheckpoint(model, tokenizer, config)
 
