@@ -23,7 +23,8 @@ from typing import TYPE_CHECKING, Optional, Sequence, Union
 import numpy as np
 
 from twilbert.data.preprocess import PreprocessConfig, Preprocessor
-from twilbert.data.tokenizer import META_FILE, Tokenizer, VocabError
+from twilbert.data.tokenizer import META_FILE, Tokenizer, VocabError, read_vocab_meta
+from twilbert.errors import one_line
 from twilbert.io_utils import publish_dir
 
 if TYPE_CHECKING:
@@ -33,6 +34,7 @@ log = logging.getLogger(__name__)
 
 KIND = "hf"
 TOKENIZER_FILE = "tokenizer.json"
+META_KEYS = ("vocab_size", "mask_id", "n_special", "template")  # what the later stages read from meta.json
 
 
 # Not data.batch's Template here: the data stages never import torch (data/special.py says why).
@@ -120,7 +122,14 @@ class HFVocab:
         self.meta = read_meta(vocab_dir)
         if self.meta.get("kind") != KIND:
             raise VocabError(f"{vocab_dir / META_FILE}: not a Hugging Face vocabulary (kind {self.meta.get('kind')!r})")
-        self.rust = RustTokenizer.from_file(str(vocab_dir / TOKENIZER_FILE))
+        lacking = [key for key in META_KEYS if key not in self.meta]
+        if lacking:
+            raise VocabError(f"{vocab_dir / META_FILE}: no {', '.join(lacking)}; rerun the vocab stage")
+        try:
+            self.rust = RustTokenizer.from_file(str(vocab_dir / TOKENIZER_FILE))
+        except Exception as err:  # noqa: BLE001 - the tokenizers library raises a bare Exception for a bad file
+            raise VocabError(f"{vocab_dir / TOKENIZER_FILE}: not a tokenizers file ({one_line(str(err))}); rerun the "
+                             "vocab stage") from None
         self.preprocess = Preprocessor(PreprocessConfig.from_dict(self.meta.get("preprocess", {})))
         self.template_json = self.meta["template"]  # the special ids around a pair, for the shards' manifest
         fallback = self.meta.get("unk_id")
@@ -177,12 +186,12 @@ def read_meta(vocab_dir: Path) -> dict:
     path = Path(vocab_dir) / META_FILE
     if not path.is_file():
         raise FileNotFoundError(f"{path}: missing; is {vocab_dir} a twilbert vocab or model directory?")
-    return json.loads(path.read_text(encoding="utf-8"))
+    return read_vocab_meta(path)
 
 
 def is_hf_vocab(vocab_dir: Path) -> bool:
     path = Path(vocab_dir) / META_FILE
-    return path.is_file() and json.loads(path.read_text(encoding="utf-8")).get("kind") == KIND
+    return path.is_file() and read_vocab_meta(path).get("kind") == KIND
 
 
 def open_vocab(vocab_dir: Path, num_threads: Optional[int] = None) -> Union[Tokenizer, HFVocab]:
