@@ -81,6 +81,28 @@ def load_hf_checkpoint(path: Union[str, Path], key: str, head: str = MASKED_LM) 
     return HFCheckpoint(model, tokenizer, config)
 
 
+def load_hf_config_and_tokenizer(path: Union[str, Path], where: str) -> tuple[Any, Any]:
+    """The config and tokenizer of a Hugging Face folder whose weights live elsewhere (a finetuned classifier's
+    ``hf/``), with the same refusals as :func:`load_hf_checkpoint` for those two."""
+    from transformers import AutoConfig
+    from transformers.utils import logging as hf_logging
+
+    path = Path(path)
+    if not (path / CONFIG_FILE).is_file():
+        raise HFCheckpointError(f"{where}: {path / CONFIG_FILE} is missing")
+    verbosity = hf_logging.get_verbosity()
+    hf_logging.set_verbosity_error()
+    try:
+        json.loads((path / CONFIG_FILE).read_text(encoding="utf-8"))
+        config = AutoConfig.from_pretrained(path, local_files_only=True)
+    except (UnicodeDecodeError, OSError, ValueError, KeyError) as err:
+        raise HFCheckpointError(f"{where}: {path / CONFIG_FILE} cannot be read as a transformers config "
+                                f"({_first_line(err)})") from None
+    finally:
+        hf_logging.set_verbosity(verbosity)
+    return config, _load_tokenizer(path, where)
+
+
 def check_hf_checkpoint(path: Union[str, Path], key: str, head: str = MASKED_LM) -> None:
     """:func:`load_hf_checkpoint`'s refusals, for a stage to meet before it opens a run or writes a file."""
     load_hf_checkpoint(path, key, head)

@@ -143,7 +143,7 @@ def load_hf_pretraining(directory: PathLike) -> tuple[HFForPretraining, dict]:
     directory = Path(directory)
     verify_model_dir(directory)
     card = json.loads((directory / CARD_NAME).read_text(encoding="utf-8"))
-    model = HFForPretraining(load_masked_lm(directory), rop=bool(card.get("rop")))
+    model = HFForPretraining(load_masked_lm(directory, key="model"), rop=bool(card.get("rop")))
     if model.rop_classifier is not None:
         model.rop_classifier.load_state_dict(read_weights(directory / ROP_FILE))
     return model.eval(), card
