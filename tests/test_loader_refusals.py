@@ -192,3 +192,21 @@ def test_predict_no_verify_on_a_hf_classifier_without_its_hf_files_is_one_line(h
     assert main(["predict", "--model", str(model), "--no-verify", "hola"]) == 2
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and err.startswith(f"error: {model}: {model / 'hf'}") and message in err, err
+
+
+# --------------------------------------------------------------------------------------------
+# The MLflow store (sqlite): a stage warns in one line and trains on (`make ui` has its own check)
+# --------------------------------------------------------------------------------------------
+
+def test_a_tracking_store_that_is_not_a_database_is_one_warning_and_training_carries_on(tmp_path):
+    from test_user_errors import TRACKED_RUN
+
+    store = tmp_path / "mlflow.db"
+    store.write_bytes(b"garbage" * 200)
+    proc = subprocess.run([sys.executable, "-c", TRACKED_RUN, f"sqlite:///{store}"], capture_output=True, text=True,
+                          cwd=tmp_path, timeout=300)
+    assert proc.returncode == 0 and proc.stdout.strip() == "trained", proc.stderr[-3000:]
+    assert "Traceback" not in proc.stderr
+    [warning] = [line for line in proc.stderr.splitlines() if line.strip()]
+    assert f"cannot open {store} (file is not a database)" in warning and "training goes on" in warning, warning
+    assert store.read_bytes() == b"garbage" * 200  # the user's file is left as it was
