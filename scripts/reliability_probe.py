@@ -5,7 +5,7 @@ Face checkpoints (gpt2 config, truncated safetensors, missing tokenizer files, a
 or of another shape) in the vocab, pretrain and finetune stages, and every other file a third-party
 loader reads (YAML, SentencePiece, tokenizers, a finetuned HF classifier's hf/, the MLflow store).
 
-    .venv/bin/python scripts/reliability_probe.py        # about 6 min on 2 shared CPU cores
+    .venv/bin/python scripts/reliability_probe.py        # about 4 min on 2 shared CPU cores
     .venv/bin/python scripts/reliability_probe.py --round 31
 
 Every case is a test in the files below (docs/reliability.md lists each promise beside its test);

@@ -168,3 +168,14 @@ def test_finetuning_on_a_damaged_hf_backbone_is_refused_before_a_run_opens(prist
     [line] = error_lines(proc)
     assert f"finetuning.hf_path '{checkpoint}'" in line and DAMAGES[damage][1][1] in line, line
     assert not (tmp_path / "m").exists() and not (tmp_path / "r").exists() and not (tmp_path / "mlflow.db").exists()
+
+
+def test_an_encoder_only_checkpoint_continues_with_a_seeded_head_and_says_so(tmp_path, caplog):
+    # BertModel's weights under AutoModelForMaskedLM: the head is missing, not the encoder; no refusal
+    from finetune_data import make_hf_bert
+
+    checkpoint = make_hf_bert(tmp_path / "bert")
+    with caplog.at_level("WARNING", logger="twilbert.data.hf_checkpoint"):
+        model = load_hf_checkpoint(checkpoint, "training.hf_path", MASKED_LM).model
+    assert type(model).__name__ == "BertForMaskedLM"
+    assert "head tensor(s) not in the checkpoint start seeded (cls.predictions." in caplog.text
