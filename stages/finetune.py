@@ -13,11 +13,12 @@ from pathlib import Path
 from typing import Optional
 
 from twilbert.config import ConfigError
+from twilbert.data.hf_checkpoint import ENCODER, check_hf_checkpoint
 from twilbert.data.tasks import load_task
 from twilbert.pipeline.stage import fault_callbacks, load_stage_config, parse_args, run
 from twilbert.tracking.runs import Tracker
 from twilbert.train.distributed import distributed_context
-from twilbert.train.finetune.stage_work import finetune_task, run_config
+from twilbert.train.finetune.stage_work import finetune_task, hf_pretrained_backbone, run_config
 from twilbert.train.writer_lock import checkpoint_lock
 
 
@@ -48,6 +49,9 @@ def main() -> Optional[str]:
               "representation": raw["representation"], "task": raw["tasks"][args.task]}
     # Bad task files fail here, before an MLflow run is opened; the splits are the same for every seed.
     splits = load_task(task, cfg.seed, ft.no_test_protocol)
+    backbone = hf_pretrained_backbone(ft, args.pretrained)
+    if backbone.backbone == "hf":  # so is a Hugging Face checkpoint the classifier cannot be built on
+        check_hf_checkpoint(backbone.hf_path, "finetuning.hf_path", ENCODER)
     # One writer per checkpoint directory: a second run beside a live one is refused, naming its PID.
     with distributed_context(ft.device) as ctx, \
             checkpoint_lock(args.checkpoints, enabled=ctx.is_main and args.checkpoints is not None):

@@ -9,6 +9,7 @@ import json
 from pathlib import Path
 from typing import Optional
 
+from twilbert.data.hf_checkpoint import MASKED_LM, check_hf_checkpoint
 from twilbert.data.tasks import check_config_tasks
 from twilbert.io_utils import atomic_write
 from twilbert.pipeline.stage import fault_callbacks, load_stage_config, parse_args, run
@@ -35,6 +36,8 @@ def main() -> Optional[str]:
     cfg, raw = load_stage_config(overrides)
     if args.check_tasks:  # a task that cannot run fails now, not after pretraining
         check_config_tasks(cfg, args.check_tasks)
+    if cfg.training.init_from == "hf":  # a checkpoint that cannot be continued fails now, before a run is opened
+        check_hf_checkpoint(cfg.training.hf_path, "training.hf_path", MASKED_LM)
     params = {k: raw[k] for k in ("seed", "model", "training", "representation", "vocab") if k in raw}
     # One writer per checkpoint directory: a second run beside a live one is refused, naming its PID.
     with distributed_context(cfg.training.device) as ctx, checkpoint_lock(args.checkpoints, enabled=ctx.is_main):

@@ -11,6 +11,7 @@ import torch
 from safetensors.torch import load_file
 
 from twilbert.config import ConfigError, compose
+from twilbert.data.hf_checkpoint import HFCheckpointError
 from twilbert.data.preprocess import Preprocessor
 from twilbert.data.tasks import load_task
 from twilbert.evaluation.scoring import evaluate_scores, predict_scores
@@ -128,7 +129,7 @@ def test_trainable_layers_leaves_only_the_top_hf_layers_and_the_head_trainable(l
 
 
 def test_hf_path_must_be_a_local_checkpoint_directory(tmp_path, raw):
-    with pytest.raises(FileNotFoundError, match=r"finetuning\.hf_path .*not a directory"):
+    with pytest.raises(HFCheckpointError, match=r"finetuning\.hf_path .*not a directory"):
         load_hf_backbone(tmp_path / "dccuchile" / "bert-base-spanish")
     with pytest.raises(ConfigError, match=r"finetuning\.hf_path must name"):
         make_config(raw, {"t": write_task(tmp_path / "data")}, backbone="hf")

@@ -53,6 +53,28 @@ def test_after_an_experiment_check_says_in_one_line_how_to_go_back_and_params_sa
     assert capsys.readouterr().err == ""  # nothing replaced, nothing said
 
 
+BAD_SEEDS = ["0", "-1", "1.5", '"3"', "[0,0]", "[]", "101", "99999999999999999999", "null"]
+
+
+@pytest.mark.parametrize("seeds", BAD_SEEDS)
+def test_an_invalid_seed_count_is_one_line_naming_the_key_in_compose_and_check(tmp_path, capsys, seeds):
+    # `make params` is `compose --out`, `make repro` starts with `compose --check`: both compose conf/
+    params = tmp_path / "params.yaml"
+    for extra in (["--out", str(params)], ["--check", str(params)]):
+        assert main(["compose", "--conf", str(REPO / "conf"), *extra, f"finetuning.seeds={seeds}"]) == 2
+        err = capsys.readouterr().err.strip()
+        assert len(err.splitlines()) == 1 and err.startswith("error: finetuning.seeds"), err
+        assert "InterpolationResolutionError" not in err and "full_key" not in err
+    assert not params.exists()
+
+
+def test_an_invalid_seed_count_exits_2_without_a_traceback_from_the_shell():
+    proc = cli("compose", "--conf", REPO / "conf", "finetuning.seeds=0")
+    err = proc.stderr.decode().strip()
+    assert proc.returncode == 2 and "Traceback" not in err
+    assert err == "error: finetuning.seeds must be a count from 1 to 100 or a list of seeds, got 0"
+
+
 def test_predict_from_arguments(model_dir, capsys):
     assert main(["predict", "--model", str(model_dir), "hola que tal", "", "😂", LONG]) == 0
     header, rows = parse_tsv(capsys.readouterr().out)

@@ -7,6 +7,7 @@ import dataclasses
 import importlib.util
 import json
 import re
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -16,7 +17,7 @@ import yaml
 
 from helpers import REPO
 from twilbert.codebase import PACKAGE_DIR, import_closure, relative_paths
-from twilbert.config import FinetuningConfig
+from twilbert.config import FinetuningConfig, compose
 from twilbert.config.runs import expand_seeds, finetune_runs
 
 BASELINE_KEYS = {"baseline_model", "baseline_c", "baseline_row"}
@@ -102,6 +103,30 @@ def test_dvcs_own_hydra_composition_derives_the_runs_of_a_seed_count(tmp_path):
     assert list(params["finetune_runs"]) == [f"tass_default-s{s}" for s in range(5)]
     plugins = re.search(r"plugins_path\s*=\s*(\S+)", (REPO / ".dvc" / "config").read_text()).group(1)
     assert (REPO / plugins / "hydra_plugins").is_dir()
+
+
+def test_dvc_exp_run_refuses_an_invalid_seed_count_as_a_plain_error_and_keeps_params(tmp_path):
+    # Real `dvc exp run -S` in a scratch repository with this conf/ and this Hydra plugin: DVC prints the
+    # project's line as its own `ERROR:`, not "unexpected error" with a support link (exit 255 is DVC's
+    # code for any error it reports).
+    repo = tmp_path / "repo"
+    shutil.copytree(REPO / "conf", repo / "conf")
+    git = lambda *a: subprocess.run(["git", *a], cwd=repo, check=True, capture_output=True, timeout=60)  # noqa: E731
+    git("init", "-q")
+    subprocess.run([sys.executable, "-m", "dvc", "init", "-q"], cwd=repo, check=True, timeout=120)
+    (repo / ".dvc" / "config").write_text(
+        f"[core]\n    analytics = false\n[hydra]\n    enabled = true\n    plugins_path = {REPO / 'stages'}\n")
+    params = yaml.safe_dump(compose([], repo / "conf"), sort_keys=False)
+    (repo / "params.yaml").write_text(params)
+    (repo / "dvc.yaml").write_text("stages:\n  s:\n    cmd: echo ran > out.txt\n    params: [seed]\n    outs: [out.txt]\n")
+    git("add", "-A")
+    git("-c", "user.name=t", "-c", "user.email=t@t", "commit", "-qm", "init")
+    proc = subprocess.run([sys.executable, "-m", "dvc", "exp", "run", "-S", "finetuning.seeds=0"], cwd=repo,
+                          capture_output=True, text=True, timeout=300)
+    lines = [line for line in proc.stderr.splitlines() if line.strip()]
+    assert proc.returncode == 255, proc.stderr
+    assert lines == ["ERROR: finetuning.seeds must be a count from 1 to 100 or a list of seeds, got 0"], proc.stderr
+    assert (repo / "params.yaml").read_text() == params and not (repo / "out.txt").exists()
 
 
 def _covered(deps: list, repo: Path) -> set[Path]:

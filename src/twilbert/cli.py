@@ -15,7 +15,7 @@ from typing import Optional
 
 import yaml
 
-from twilbert.config import compose, load_config
+from twilbert.config import ConfigError, compose, load_config, read_yaml
 from twilbert.config.strict import flatten
 
 log = logging.getLogger("twilbert")
@@ -43,7 +43,7 @@ def cmd_compose(args: argparse.Namespace) -> int:
     load_config(raw)  # validate before writing anything
     if args.check:
         target = Path(args.check)
-        current = yaml.safe_load(target.read_text(encoding="utf-8")) if target.is_file() else None
+        current = read_yaml(target) if target.is_file() else None
         if current != raw:
             # After `dvc exp run` the workspace holds the experiment's params: say how to go back, in one line.
             print(f"{target} is not the composition of {args.conf}/ ({params_changes(raw, current)}; "
@@ -55,7 +55,11 @@ def cmd_compose(args: argparse.Namespace) -> int:
     text = dump_params(raw)
     if args.out:
         old_file = Path(args.out)
-        old = yaml.safe_load(old_file.read_text(encoding="utf-8")) if old_file.is_file() else None
+        try:
+            old = read_yaml(old_file, hint="") if old_file.is_file() else None
+        except ConfigError as err:  # `make params` is how a damaged params.yaml is repaired: say it, then replace it
+            print(f"{err}: replaced with the composition of {args.conf}/", file=sys.stderr)
+            old = None
         if old is not None and old != raw:  # never replace an experiment's params without a word
             print(f"{args.out}: {params_changes(old, raw)} (from {args.conf}/). Values of a DVC experiment "
                   "stay in it: `dvc exp apply NAME` brings them back (names: `make compare`).", file=sys.stderr)

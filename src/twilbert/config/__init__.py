@@ -115,16 +115,37 @@ class Config:
         return self
 
 
+PARAMS_HINT = "; `make params` writes params.yaml again from conf/"
+
+
+def read_yaml(path: Union[str, Path], hint: str = PARAMS_HINT) -> Any:
+    """A YAML file (params.yaml) parsed, or one line naming ``file:line:column`` and the problem, then ``hint``."""
+    path = Path(path)
+    try:
+        return yaml.safe_load(path.read_text(encoding="utf-8"))
+    except UnicodeDecodeError as err:
+        raise ConfigError(f"{path}: not UTF-8 text ({err}){hint}") from None
+    except yaml.YAMLError as err:
+        raise yaml_error(err, path, hint) from None
+
+
+def yaml_error(err: "yaml.YAMLError", path: Union[str, Path, None] = None, hint: str = "") -> ConfigError:
+    """PyYAML's multi-line report as one line: ``file:line:column: invalid YAML (problem)``."""
+    mark = getattr(err, "problem_mark", None) or getattr(err, "context_mark", None)
+    where = str(path) if path is not None else (getattr(mark, "name", None) or "YAML")
+    if mark is not None:
+        where += f":{mark.line + 1}:{mark.column + 1}"
+    problem = getattr(err, "problem", None) or getattr(err, "context", None) or str(err).splitlines()[0]
+    return ConfigError(f"{where}: invalid YAML ({problem}){hint}")
+
+
 def load_config(params: Union[str, Path, dict]) -> Config:
     """Load and validate the whole config from a params.yaml path or an already-parsed dict."""
     if isinstance(params, (str, Path)):
         path = Path(params)
-        try:
-            data = yaml.safe_load(path.read_text(encoding="utf-8"))
-        except FileNotFoundError:
-            raise ConfigError(f"{path}: params file not found") from None
-        except yaml.YAMLError as err:
-            raise ConfigError(f"{path}: invalid YAML: {err}") from None
+        if not path.is_file():
+            raise ConfigError(f"{path}: params file not found")
+        data = read_yaml(path)
     else:
         data = params
     _log_default_headers(data)
@@ -162,7 +183,13 @@ def compose(overrides: Optional[list[str]] = None, config_dir: Union[str, Path] 
     try:
         with initialize_config_dir(config_dir=str(Path(config_dir).resolve()), version_base=None):
             cfg = hydra_compose(config_name="config", overrides=overrides)
+        return OmegaConf.to_container(cfg, resolve=True)
+    except yaml.YAMLError as err:  # a conf/ file Hydra could not parse: its own error, unwrapped
+        raise yaml_error(err) from None
     except (HydraException, OmegaConfBaseException) as err:
+        refusal = _config_error_in(err)
+        if refusal is not None:  # our resolver's refusal (finetuning.seeds) names its key: OmegaConf's frame adds nothing
+            raise refusal from None
         unknown = re.match(r"Could not override '([^']+)'", str(err))
         if unknown:  # the same message as an unknown key in params.yaml (under DVC)
             key = unknown.group(1)
@@ -170,7 +197,17 @@ def compose(overrides: Optional[list[str]] = None, config_dir: Union[str, Path] 
             known = f" (known: {', '.join(sorted(section))})" if isinstance(section, dict) else ""
             raise ConfigError(f"unknown config key(s): {key}{known}") from None
         raise ConfigError(f"config overrides {' '.join(overrides)}: {_one_line(str(err))}") from None
-    return OmegaConf.to_container(cfg, resolve=True)
+
+
+def _config_error_in(err: BaseException) -> Optional[ConfigError]:
+    """The ConfigError a resolver raised, which OmegaConf wraps (twice) in InterpolationResolutionError."""
+    seen = set()
+    while err is not None and id(err) not in seen:
+        if isinstance(err, ConfigError):
+            return err
+        seen.add(id(err))
+        err = err.__cause__ or err.__context__
+    return None
 
 
 def _one_line(message: str) -> str:

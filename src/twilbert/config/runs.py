@@ -14,7 +14,7 @@ register. Adding a seed adds a stage; the others stay cached.
 
 from __future__ import annotations
 
-from typing import Any, Mapping
+from typing import Any, Callable, Mapping, Optional
 
 from twilbert.config.strict import ConfigError
 
@@ -63,8 +63,20 @@ def _resolve(tasks: Any, seeds: Any) -> Any:
     return OmegaConf.create(finetune_runs(plain(tasks), plain(seeds)))
 
 
-def register_resolver() -> None:
-    """Make ``${twilbert_finetune_runs:${tasks},${finetuning.seeds}}`` resolvable in conf/."""
+def register_resolver(refusal: Optional[Callable[[str], Exception]] = None) -> None:
+    """Make ``${twilbert_finetune_runs:${tasks},${finetuning.seeds}}`` resolvable in conf/.
+
+    ``refusal`` turns a bad ``finetuning.seeds`` into the exception the caller reports plainly (DVC's
+    Hydra plugin passes one DVC prints as its own one-line error); by default the ConfigError itself.
+    """
     from omegaconf import OmegaConf
 
-    OmegaConf.register_new_resolver(RESOLVER, _resolve, replace=True)
+    def resolve(tasks: Any, seeds: Any) -> Any:
+        try:
+            return _resolve(tasks, seeds)
+        except ConfigError as err:
+            if refusal is None:
+                raise
+            raise refusal(str(err)) from None
+
+    OmegaConf.register_new_resolver(RESOLVER, resolve, replace=True)

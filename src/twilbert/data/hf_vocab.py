@@ -23,7 +23,8 @@ from typing import TYPE_CHECKING, Optional, Sequence, Union
 import numpy as np
 
 from twilbert.data.preprocess import PreprocessConfig, Preprocessor
-from twilbert.data.tokenizer import META_FILE, Tokenizer, VocabError
+from twilbert.data.tokenizer import META_FILE, Tokenizer, VocabError, read_vocab_meta
+from twilbert.errors import one_line
 from twilbert.io_utils import publish_dir
 
 if TYPE_CHECKING:
@@ -33,6 +34,7 @@ log = logging.getLogger(__name__)
 
 KIND = "hf"
 TOKENIZER_FILE = "tokenizer.json"
+META_KEYS = ("vocab_size", "mask_id", "n_special", "template")  # what the later stages read from meta.json
 
 
 # Not data.batch's Template here: the data stages never import torch (data/special.py says why).
@@ -60,30 +62,23 @@ def take_hf_vocab(hf_path: Union[str, Path], out_dir: Path, preprocess: Optional
                   max_len: Optional[int] = None) -> Path:
     """Save the fast tokenizer of the local checkpoint ``hf_path`` into ``out_dir`` (atomically) with its meta;
     with ``max_len``, refuse first when pairs of ``max_len``-token texts would not fit its positions."""
-    import torch
-    from transformers import AutoConfig, AutoModelForMaskedLM, AutoTokenizer
-
+    from twilbert.data.hf_checkpoint import MASKED_LM, load_hf_checkpoint
     from twilbert.data.packers import HFPacker, hf_max_positions
 
     path = Path(hf_path)
-    if not path.is_dir():
-        raise VocabError(f"training.hf_path {str(hf_path)!r}: not a directory; point it at a local Hugging Face "
-                         "checkpoint saved with save_pretrained (config.json, model.safetensors, tokenizer files)")
-    try:
-        tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)
-        config = AutoConfig.from_pretrained(path, local_files_only=True)
-    except (OSError, ValueError) as err:
-        raise VocabError(f"training.hf_path {str(hf_path)!r}: no loadable tokenizer and config ({err})") from None
+    # The whole checkpoint, weights included: the pretraining stage continues it, so a checkpoint whose
+    # weights do not fit its config or that lacks tokenizer files is refused here, before data/vocab is written.
+    checkpoint = load_hf_checkpoint(path, "training.hf_path", MASKED_LM)
+    tokenizer, config = checkpoint.tokenizer, checkpoint.config
     if not getattr(tokenizer, "is_fast", False):
         raise VocabError(f"training.hf_path {str(hf_path)!r}: {type(tokenizer).__name__} has no fast (Rust) "
                          "version; the pairs stage needs its tokenizer.json")
     if tokenizer.mask_token_id is None:
         raise VocabError(f"training.hf_path {str(hf_path)!r}: the tokenizer has no mask token; masked-LM "
                          "pretraining needs one")
-    with torch.device("meta"):  # the architecture only, for its positions: no weights read or allocated
-        skeleton = AutoModelForMaskedLM.from_config(config)
     prep = Preprocessor(preprocess or PreprocessConfig())
-    packer = HFPacker(tokenizer, prep, hf_max_positions(skeleton.base_model))
+    packer = HFPacker(tokenizer, prep, hf_max_positions(checkpoint.model.base_model))
+    del checkpoint
     vocab_size = len(tokenizer)
     if vocab_size > config.vocab_size:
         raise VocabError(f"training.hf_path {str(hf_path)!r}: the tokenizer has {vocab_size} ids, more than the "
@@ -127,7 +122,14 @@ class HFVocab:
         self.meta = read_meta(vocab_dir)
         if self.meta.get("kind") != KIND:
             raise VocabError(f"{vocab_dir / META_FILE}: not a Hugging Face vocabulary (kind {self.meta.get('kind')!r})")
-        self.rust = RustTokenizer.from_file(str(vocab_dir / TOKENIZER_FILE))
+        lacking = [key for key in META_KEYS if key not in self.meta]
+        if lacking:
+            raise VocabError(f"{vocab_dir / META_FILE}: no {', '.join(lacking)}; rerun the vocab stage")
+        try:
+            self.rust = RustTokenizer.from_file(str(vocab_dir / TOKENIZER_FILE))
+        except Exception as err:  # noqa: BLE001 - the tokenizers library raises a bare Exception for a bad file
+            raise VocabError(f"{vocab_dir / TOKENIZER_FILE}: not a tokenizers file ({one_line(str(err))}); rerun the "
+                             "vocab stage") from None
         self.preprocess = Preprocessor(PreprocessConfig.from_dict(self.meta.get("preprocess", {})))
         self.template_json = self.meta["template"]  # the special ids around a pair, for the shards' manifest
         fallback = self.meta.get("unk_id")
@@ -184,12 +186,12 @@ def read_meta(vocab_dir: Path) -> dict:
     path = Path(vocab_dir) / META_FILE
     if not path.is_file():
         raise FileNotFoundError(f"{path}: missing; is {vocab_dir} a twilbert vocab or model directory?")
-    return json.loads(path.read_text(encoding="utf-8"))
+    return read_vocab_meta(path)
 
 
 def is_hf_vocab(vocab_dir: Path) -> bool:
     path = Path(vocab_dir) / META_FILE
-    return path.is_file() and json.loads(path.read_text(encoding="utf-8")).get("kind") == KIND
+    return path.is_file() and read_vocab_meta(path).get("kind") == KIND
 
 
 def open_vocab(vocab_dir: Path, num_threads: Optional[int] = None) -> Union[Tokenizer, HFVocab]:

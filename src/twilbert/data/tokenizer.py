@@ -22,7 +22,7 @@ import sentencepiece as spm
 from twilbert.config import VocabConfig
 from twilbert.data.preprocess import PreprocessConfig, Preprocessor
 from twilbert.data.special import CLS_ID, PAD_ID, SPECIAL_TOKENS, UNK_ID
-from twilbert.errors import TwilbertError
+from twilbert.errors import TwilbertError, one_line
 from twilbert.io_utils import publish_dir
 
 log = logging.getLogger(__name__)
@@ -33,6 +33,17 @@ SPECIAL_TEXT = re.compile(r"(?<=\[)(?=(?:PAD|UNK|MASK|CLS|SEP)\])")
 
 class VocabError(TwilbertError, ValueError):
     """A vocabulary cannot be trained or used; the message says what to do."""
+
+
+def read_vocab_meta(path: Path) -> dict:
+    """A vocabulary's ``meta.json``: a JSON object, or one line naming the file."""
+    try:
+        meta = json.loads(Path(path).read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise VocabError(f"{path}: not valid JSON ({err}); rerun the vocab stage") from None
+    if not isinstance(meta, dict):
+        raise VocabError(f"{path}: a JSON {type(meta).__name__}, not the object the vocab stage writes; rerun it")
+    return meta
 
 
 MODEL_FILE = "spm.model"
@@ -138,8 +149,11 @@ class Tokenizer:
         for path in (model, meta):
             if not path.is_file():
                 raise FileNotFoundError(f"{path}: missing; is {vocab_dir} a twilbert vocab or model directory?")
-        self.meta = json.loads(meta.read_text(encoding="utf-8"))
-        self.sp = spm.SentencePieceProcessor(model_file=str(model))
+        self.meta = read_vocab_meta(meta)
+        try:
+            self.sp = spm.SentencePieceProcessor(model_file=str(model))
+        except (RuntimeError, OSError) as err:  # SentencePiece's own words for a file it cannot parse
+            raise VocabError(f"{model}: not a SentencePiece model ({one_line(str(err))}); rerun the vocab stage") from None
         self.preprocess = Preprocessor(PreprocessConfig.from_dict(self.meta.get("preprocess", {})))
         if self.sp.piece_to_id("[CLS]") != CLS_ID or self.sp.pad_id() != PAD_ID:
             raise VocabError(f"{model}: special tokens are not at the ids twilbert expects {SPECIAL_TOKENS}")

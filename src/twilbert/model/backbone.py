@@ -19,7 +19,7 @@ from torch import nn
 
 from twilbert.model.card import HeadConfig, ModelCard
 from twilbert.model.heads import ClassificationHead, TWilBertForClassification
-from twilbert.model.hf_quiet import load_summary, quiet_transformers
+from twilbert.model.hf_quiet import load_summary
 from twilbert.model.io import save_pretrained
 from twilbert.model.manifest import write_manifest
 
@@ -70,27 +70,13 @@ class HFClassifier(nn.Module):
 
 
 def load_hf_backbone(path: PathLike) -> tuple[nn.Module, Any]:
-    """(AutoModel, AutoTokenizer) from a local ``save_pretrained`` directory; never the network."""
-    from transformers import AutoModel, AutoTokenizer
+    """(AutoModel, AutoTokenizer) from a local ``save_pretrained`` directory; never the network. The folder is
+    checked whole first (data.hf_checkpoint): config, tokenizer files, every encoder weight's name and shape."""
+    from twilbert.data.hf_checkpoint import ENCODER, load_hf_checkpoint
 
-    path = Path(path)
-    if not path.is_dir():
-        raise FileNotFoundError(
-            f"finetuning.hf_path {str(path)!r}: not a directory; point it at a local Hugging Face checkpoint "
-            "saved with save_pretrained (config.json, model.safetensors and the tokenizer files)"
-        )
-    try:
-        tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)
-        with quiet_transformers():  # one line of ours below instead of transformers' load report
-            model, info = AutoModel.from_pretrained(path, local_files_only=True, use_safetensors=True,
-                                                    output_loading_info=True)
-    except (OSError, ValueError) as err:
-        raise FileNotFoundError(
-            f"finetuning.hf_path {str(path)!r}: not a loadable Hugging Face checkpoint ({err}). Weights must be "
-            "safetensors: load a pickle checkpoint once with transformers and save_pretrained it again"
-        ) from None
-    log.info("%s", load_summary(f"finetuning.hf_path {path}", type(model).__name__, info))
-    return model, tokenizer
+    checkpoint = load_hf_checkpoint(path, "finetuning.hf_path", ENCODER)
+    log.info("%s", load_summary(f"finetuning.hf_path {path}", type(checkpoint.model).__name__, checkpoint.info))
+    return checkpoint.model, checkpoint.tokenizer
 
 
 def save_hf_classifier(directory: PathLike, model: HFClassifier, packer: Any, extra: dict) -> Path:

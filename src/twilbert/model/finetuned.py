@@ -32,12 +32,15 @@ def load_classifier_module(directory: PathLike) -> tuple[nn.Module, Union[TWilBe
         model: nn.Module = twilbert_classifier(card, head, n_out)
         packer: Union[TWilBertPacker, HFPacker] = TWilBertPacker(Tokenizer(directory))
     elif card.kind == "hf":
-        from transformers import AutoConfig, AutoModel, AutoTokenizer
+        from transformers import AutoModel
+
+        from twilbert.data.hf_checkpoint import load_hf_config_and_tokenizer
 
         hf_dir = directory / (card.hf_dir or HF_DIR)
-        encoder = AutoModel.from_config(AutoConfig.from_pretrained(hf_dir, local_files_only=True))
+        # A damaged hf/ would otherwise load a tokenizer of the special tokens alone and label every text alike
+        config, tokenizer = load_hf_config_and_tokenizer(hf_dir, str(directory))
+        encoder = AutoModel.from_config(config)
         model = hf_classifier(encoder, head, n_out)
-        tokenizer = AutoTokenizer.from_pretrained(hf_dir, local_files_only=True)
         packer = HFPacker(tokenizer, Preprocessor(card.preprocess or PreprocessConfig()), card.max_positions)
     else:
         raise ValueError(f"{directory}: backbone {card.kind!r} is not a neural classifier "

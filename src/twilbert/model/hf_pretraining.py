@@ -27,7 +27,7 @@ from torch import nn
 from twilbert.config import RopConfig
 from twilbert.errors import TwilbertError
 from twilbert.model.heads import PretrainOutput, TWilBertROPHead, masked_positions
-from twilbert.model.hf_quiet import load_summary, quiet_transformers
+from twilbert.model.hf_quiet import load_summary
 
 log = logging.getLogger(__name__)
 
@@ -46,24 +46,14 @@ class HFModelError(TwilbertError, ValueError):
     """The checkpoint cannot be continued; the message says why and what to do."""
 
 
-def load_masked_lm(path: PathLike) -> nn.Module:
-    """``AutoModelForMaskedLM`` from a local folder, in float32 (whatever dtype it was saved in); never the network."""
-    from transformers import AutoModelForMaskedLM
+def load_masked_lm(path: PathLike, key: str = "training.hf_path") -> nn.Module:
+    """``AutoModelForMaskedLM`` from a local folder, in float32 (whatever dtype it was saved in); never the network.
+    The folder is checked whole first (data.hf_checkpoint): config, tokenizer files, every weight's name and shape."""
+    from twilbert.data.hf_checkpoint import MASKED_LM, load_hf_checkpoint
 
-    path = Path(path)
-    if not path.is_dir():
-        raise HFModelError(f"training.hf_path {str(path)!r}: not a directory; point it at a local Hugging Face "
-                           "checkpoint saved with save_pretrained")
-    try:
-        with quiet_transformers():  # one line of ours below instead of transformers' load report
-            model, info = AutoModelForMaskedLM.from_pretrained(path, local_files_only=True, use_safetensors=True,
-                                                               dtype=torch.float32, output_loading_info=True)
-    except (OSError, ValueError) as err:
-        raise HFModelError(f"training.hf_path {str(path)!r}: AutoModelForMaskedLM cannot load it ({err}). Weights "
-                           "must be safetensors: load a pickle checkpoint once with transformers and "
-                           "save_pretrained it") from None
-    log.info("%s", load_summary(f"training.hf_path {path}", type(model).__name__, info))
-    return model
+    checkpoint = load_hf_checkpoint(path, key, MASKED_LM)
+    log.info("%s", load_summary(f"{key} {path}", type(checkpoint.model).__name__, checkpoint.info))
+    return checkpoint.model
 
 
 def _mlm_head_name(mlm: nn.Module) -> str:
@@ -159,7 +149,7 @@ def load_hf_pretraining(directory: PathLike) -> tuple[HFForPretraining, dict]:
     directory = Path(directory)
     verify_model_dir(directory)
     card = json.loads((directory / CARD_NAME).read_text(encoding="utf-8"))
-    model = HFForPretraining(load_masked_lm(directory), rop=bool(card.get("rop")))
+    model = HFForPretraining(load_masked_lm(directory, key="model"), rop=bool(card.get("rop")))
     if model.rop_classifier is not None:
         model.rop_classifier.load_state_dict(read_weights(directory / ROP_FILE))
     return model.eval(), card

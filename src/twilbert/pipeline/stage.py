@@ -16,9 +16,7 @@ import time
 from pathlib import Path
 from typing import Callable, Optional
 
-import yaml
-
-from twilbert.config import Config, ConfigError, compose, load_config
+from twilbert.config import Config, ConfigError, compose, load_config, read_yaml
 from twilbert.config.strict import flatten
 from twilbert.numerics import pin
 from twilbert.pipeline.runtime import apply_threads
@@ -62,7 +60,7 @@ def load_stage_config(overrides: list[str], params: str = PARAMS_FILE) -> tuple[
         path = Path(params)
         if not path.is_file():
             raise ConfigError(f"{path}: not found; run `make params` (or pass Hydra overrides) first")
-        raw = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+        raw = read_yaml(path) or {}
     cfg = load_config(raw)
     global _LOADED
     _LOADED = (cfg, raw)
