@@ -1,7 +1,7 @@
 """A screenshot of a page of MLflow's UI with headless Chromium, driven over the DevTools protocol
 (aiohttp's websocket client; no browser download, no Node): waits until the page shows the texts
 asked for, closes MLflow's Assistant panel (it opens itself on a browser's first visit to a local
-server; a user closes it once), and writes a PNG. Used by tests/e2e/test_pipeline.py, which keeps
+server; a user closes it once), and writes a PNG. Used by tests/e2e/test_ui_screenshot.py, which keeps
 docs/mlflow_ui.png (README "Tracking with MLflow") up to date.
 
     python scripts/ui_screenshot.py URL OUT.png [--wait-for TEXT ...]
