@@ -201,8 +201,8 @@ def test_an_empty_store_says_to_run_the_pipeline_first(tmp_path, monkeypatch):
 # --------------------------------------------------------------------------------------------
 
 
-def make_ui(cwd: Path, *args: str, timeout: float = 120) -> subprocess.CompletedProcess:
-    env = {**os.environ, "MLFLOW_TRACKING_URI": f"sqlite:///{cwd / 'mlflow.db'}"}
+def make_ui(cwd: Path, *args: str, timeout: float = 120, uri: str = "") -> subprocess.CompletedProcess:
+    env = {**os.environ, "MLFLOW_TRACKING_URI": uri or f"sqlite:///{cwd / 'mlflow.db'}"}
     return subprocess.run([sys.executable, "-m", "twilbert.pipeline.mlflow_sync", "--ui", *args], cwd=cwd, env=env,
                           capture_output=True, text=True, timeout=timeout)
 
@@ -247,3 +247,13 @@ def test_make_ui_on_a_directory_store_fails_at_once(tmp_path):
     (tmp_path / "dvc.yaml").write_text("stages: {}\n")
     (tmp_path / "mlflow.db").mkdir()
     assert_one_line(make_ui(tmp_path, "--prepare-only", timeout=60), "is a directory")
+
+
+def test_make_ui_when_dvc_cannot_list_the_experiments_warns_and_opens_the_store_as_last_synced(synced, tmp_path):
+    """`dvc exp show` fails while an experiment runs (its temporary refs): the UI still opens."""
+    _, uri, _ = synced
+    (tmp_path / "dvc.yaml").write_text("stages: {}\n")  # no .dvc/: DVC refuses to list experiments
+    proc = make_ui(tmp_path, "--prepare-only", uri=uri)
+    assert proc.returncode == 0, proc.stderr
+    assert "warning: MLflow sync: cannot read DVC's experiments" in proc.stderr
+    assert "open http" in proc.stdout and "2 experiment run(s)" in proc.stdout

@@ -53,6 +53,10 @@ class SyncError(TwilbertError, RuntimeError):
     """The store cannot be synced; the message says what is wrong and what to do."""
 
 
+class DvcStateError(SyncError):
+    """DVC's state cannot be read now (e.g. `dvc exp show` while an experiment runs)."""
+
+
 @dataclass
 class Entry:
     """One row of DVC's state: the workspace or an experiment, with what the sync writes for it."""
@@ -178,7 +182,7 @@ def sync(repo: Path, uri: str, cfg: Optional[TrackingConfig] = None) -> str:
     try:
         found, reference = entries(repo)
     except CompareError as err:
-        raise SyncError(f"cannot read DVC's experiments in {repo}: {err}") from err
+        raise DvcStateError(f"cannot read DVC's experiments in {repo}: {err}") from err
     quiet_store_logs()
     try:
         with store_lock(uri), bounded_http(cfg):  # the client's first use may create the store's tables
@@ -194,13 +198,21 @@ def sync(repo: Path, uri: str, cfg: Optional[TrackingConfig] = None) -> str:
             f"shown: {shown}; Δ against {reference}")
 
 
+def ui_sync(repo: Path, uri: str) -> None:
+    """`make ui`'s sync: DVC's state unreadable for now (an experiment running) leaves the store as
+    last synced, with a warning; a store that cannot be used stops `make ui` (SyncError)."""
+    try:
+        print(sync(repo, uri), flush=True)
+    except DvcStateError as err:
+        print(f"warning: MLflow sync: {err}; the view shows the store as last synced", file=sys.stderr, flush=True)
+
+
 def main(argv: Optional[list[str]] = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if "--ui" in argv:  # `make ui`: the store's checks, the port's, this sync, then the UI
         argv.remove("--ui")
         repo = repo_root()
-        return view.main(argv, sync=lambda uri: print(sync(repo, uri), flush=True),
-                         prog="make ui")
+        return view.main(argv, sync=lambda uri: ui_sync(repo, uri), prog="make ui")
     parser = argparse.ArgumentParser(prog="python -m twilbert.pipeline.mlflow_sync", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--repo", type=Path, default=Path("."))
