@@ -27,9 +27,14 @@ check-params: setup
 
 ## The whole pipeline; the run is kept as the DVC experiment `baseline` (what `make compare` measures
 ## against, and what `make baseline` brings back after other experiments)
+## MLflow's parent runs follow DVC's state (pipeline/mlflow_sync.py): after every target that changes it,
+## whether or not DVC skipped stages; a store that cannot be synced is a warning there (`make ui` refuses it)
+SYNC := $(PY) -m twilbert.pipeline.mlflow_sync --warn
+
 repro: setup check-params
 	dvc repro
 	@$(PY) -m twilbert.pipeline.experiments save baseline
+	@$(SYNC)
 	@echo
 	@cat results/results.md
 
@@ -37,10 +42,12 @@ repro: setup check-params
 ## Refused (exit 2, naming the files) while a tracked file holds edits that no commit or experiment keeps.
 baseline: setup
 	@$(PY) -m twilbert.pipeline.experiments restore baseline
+	@$(SYNC)
 
 ## A DVC experiment with the project's dvc, from any shell: make exp ARGS='-n enc4 -S model.n_encoders=4'
 exp: setup
 	dvc exp run $(ARGS)
+	@$(SYNC)
 
 ## Run the queued experiments (`dvc exp run --queue ...`) with JOBS workers, from any shell. DVC's queue
 ## starts its workers and each run as `dvc ...` found on PATH, so `.venv/bin/dvc queue start` from a shell
@@ -57,11 +64,11 @@ compare: setup
 lint: setup
 	$(VENV)/bin/ruff check src stages tests scripts benchmarks
 
-## MLflow's UI on the project's store (mlflow.db), opening on the experiments compared: one row per
-## DVC experiment with the params that differ among them and each task's test score (PORT=5000)
+## MLflow's UI on the project's store (mlflow.db), synced with DVC first, opening on the experiments
+## compared: one row per DVC experiment with the params that differ, each task's test score, Δ and verdict
 PORT ?= 5000
 ui: setup
-	$(PY) -m twilbert.tracking.view --port $(PORT)
+	@$(PY) -m twilbert.pipeline.mlflow_sync --ui --port $(PORT)
 
 # One pytest-xdist worker per core; whole files per worker, as the e2e tests share one project.
 PYTEST_WORKERS ?= auto

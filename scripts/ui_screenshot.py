@@ -1,7 +1,7 @@
 """A screenshot of a page of MLflow's UI with headless Chromium, driven over the DevTools protocol
 (aiohttp's websocket client; no browser download, no Node): waits until the page shows the texts
 asked for, closes MLflow's Assistant panel (it opens itself on a browser's first visit to a local
-server; a user closes it once), and writes a PNG. Used by tests/e2e/test_pipeline.py, which keeps
+server; a user closes it once), and writes a PNG. Used by tests/e2e/test_ui_screenshot.py, which keeps
 docs/mlflow_ui.png (README "Tracking with MLflow") up to date.
 
     python scripts/ui_screenshot.py URL OUT.png [--wait-for TEXT ...]
@@ -74,6 +74,9 @@ async def _shoot(port: int, url: str, out: Path, width: int, height: int, wait_f
             deadline = time.monotonic() + timeout
             text = ""
             while time.monotonic() < deadline:
+                # closed as soon as it opens: the panel's width would hide the table's last columns
+                # (the table renders only the columns in view)
+                await page.evaluate(CLOSE_ASSISTANT)
                 text = await page.evaluate("document.body ? document.body.innerText : ''") or ""
                 if all(w in text for w in wait_for):
                     break

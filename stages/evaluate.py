@@ -1,7 +1,8 @@
 """DVC stage `evaluate`: the results tables from the metrics files of the tasks in params
 (every finetuning run, runs/s<seed>/metrics.json, and the baseline row, baseline/metrics.json, with
 their predictions.tsv for the Δ intervals), the finetuning curves as DVC plot files, PNGs of every
-training curve, and the experiment's headline metrics on its MLflow parent run."""
+training curve. The experiment's scores on its MLflow parent run come from `make`'s sync
+(twilbert.pipeline.mlflow_sync), which also runs when DVC skips this stage."""
 
 import argparse
 import json
@@ -64,7 +65,6 @@ def main() -> str:
                                   plots=[Path(os.path.relpath(p, args.out)).as_posix() for p in pngs])
         write_rendered(rendered, args.out)
         tracker.log_metrics(tracked_metrics(rows))
-        tracker.log_experiment_metrics(headline)
         for name in ("results.md", "results.csv"):
             tracker.log_artifact(args.out / name)
         for png in pngs:

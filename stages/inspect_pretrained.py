@@ -36,7 +36,6 @@ def main() -> str:
             json.dump(metrics, fh, indent=2)
         tracker.log_metrics(metrics)
         tracker.log_artifact(args.out)
-        tracker.log_experiment_metrics({f"inspect.{k}": v for k, v in metrics.items()})
     return f"{format_metrics(metrics)} -> {args.out}"
 
 

@@ -14,7 +14,7 @@ from twilbert.data.tasks import check_config_tasks
 from twilbert.io_utils import atomic_write
 from twilbert.pipeline.stage import fault_callbacks, load_stage_config, parse_args, run
 from twilbert.progress import format_metrics
-from twilbert.reports.results import PRETRAIN_HEADLINE, pretrain_headline
+from twilbert.reports.results import PRETRAIN_HEADLINE
 from twilbert.tracking.runs import Tracker
 from twilbert.train.continued import continued_pretrain
 from twilbert.train.distributed import distributed_context
@@ -52,7 +52,6 @@ def main() -> Optional[str]:
                 with atomic_write(args.metrics) as fh:
                     json.dump(metrics, fh, indent=2)
                 tracker.log_artifact(args.out / "config.json")
-                tracker.log_experiment_metrics(pretrain_headline(metrics))
     if not ctx.is_main:
         return None
     return (f"best epoch {metrics['epoch']}/{cfg.training.epochs}: "

@@ -1,8 +1,10 @@
 """MLflow tracking for the stages. The store is ``<repo root>/mlflow.db`` (past a queued DVC experiment's
 copy) unless ``MLFLOW_TRACKING_URI`` or ``tracking.uri`` says otherwise. Each stage's run
-(``<stage>@<experiment>``) is a child of its DVC experiment's parent run, which carries every param and
-the headline metrics; new params open a new parent (MLflow params are immutable), a rerun of a stage
-replaces its earlier child, and a stage that fails marks its parent FAILED.
+(``<stage>@<experiment>``) is a child of its DVC experiment's parent run, which carries every param;
+new params open a new parent (MLflow params are immutable), a rerun of a stage replaces its earlier
+child, and a stage that fails marks its parent FAILED. The parents' scores, Δ and verdicts are
+written by ``twilbert.pipeline.mlflow_sync`` alone, from DVC's state, so that a stage DVC skips
+leaves no parent without them.
 Tracking never kills training: see ``tracking_store``. Under torchrun only rank 0 tracks.
 """
 
@@ -122,6 +124,51 @@ def find_parent(client, exp_id: str, exp_name: str, everything: Optional[Mapping
     return found[0] if found else None
 
 
+def experiment_id(client, name: str, uri: str, root: Path) -> str:
+    """The MLflow experiment ``name``'s id, created (tagged as model training) when missing."""
+    experiment = client.get_experiment_by_name(name)
+    if experiment is None:
+        # Local stores get an explicit, absolute artifact root: the default is relative to the cwd,
+        # which for a queued DVC experiment is a temporary copy that is deleted afterwards.
+        # A server chooses its own.
+        local = urlsplit(uri).scheme in ("sqlite", "file", "")
+        location = (root / "mlartifacts").as_uri() if local else None
+        return client.create_experiment(name, artifact_location=location, tags={EXPERIMENT_KIND_TAG: EXPERIMENT_KIND})
+    if EXPERIMENT_KIND_TAG not in experiment.tags:  # a store made before the tag existed
+        client.set_experiment_tag(experiment.experiment_id, EXPERIMENT_KIND_TAG, EXPERIMENT_KIND)
+    return experiment.experiment_id
+
+
+def log_params(client, run_id: str, flat: Mapping[str, str], call: Callable = lambda fn, *a, **k: fn(*a, **k)) -> None:
+    """``flat`` on the run, in batches within MLflow's limit; ``call`` wraps each call (retries)."""
+    from mlflow.entities import Param
+
+    items = [Param(k, v) for k, v in flat.items()]
+    for i in range(0, len(items), PARAMS_PER_BATCH):
+        call(client.log_batch, run_id, params=items[i:i + PARAMS_PER_BATCH])
+
+
+def parent_run(client, exp_id: str, exp_name: str, commit: str, everything: Optional[Mapping[str, str]],
+               log_all: Optional[Callable[[str, Mapping[str, str]], None]] = None) -> str:
+    """Get or create the parent run of the DVC experiment ``exp_name`` with these params: one parent
+    per experiment and configuration, whatever the commit (a commit between two stages of one run,
+    say after a fix, keeps them together; the parent's ``git.commit`` is its latest stage's).
+    A new parent gets every param of ``everything`` (through ``log_all``, by default :func:`log_params`)."""
+    found = find_parent(client, exp_id, exp_name, everything)
+    if found is not None:
+        if found.data.tags.get("git.commit") != commit:
+            client.set_tag(found.info.run_id, "git.commit", commit)
+        return found.info.run_id
+    tags = {"dvc.exp_name": exp_name, "git.commit": commit, "twilbert.parent": "true"}
+    if everything is not None:
+        tags["twilbert.params_digest"] = params_digest(everything)
+    run = client.create_run(exp_id, run_name=exp_name, tags=tags)
+    if everything is not None:
+        (log_all or (lambda run_id, flat: log_params(client, run_id, flat)))(run.info.run_id, everything)
+    client.set_terminated(run.info.run_id)
+    return run.info.run_id
+
+
 def mark_failed(cfg: TrackingConfig, experiment_params: Mapping[str, Any]) -> None:
     """Mark FAILED the parent run of a stage that failed before it opened its own run (a task file
     missing, a refused config...), so that a failed pipeline never shows as finished. Never raises:
@@ -211,10 +258,6 @@ class Tracker:
 
     def log_metrics(self, metrics: Mapping[str, float], step: Optional[int] = None) -> None:
         self._log_metrics(self.run_id, metrics, step)
-
-    def log_experiment_metrics(self, metrics: Mapping[str, float]) -> None:
-        """Headline metrics on the DVC experiment's parent run (``tass_default.test_official``...)."""
-        self._log_metrics(self.parent_run_id, metrics, None)
 
     def log_artifact(self, path: Path, artifact_path: Optional[str] = None) -> None:
         if self.run_id is None or self._failed:
@@ -329,46 +372,15 @@ class Tracker:
                 client.delete_run(older.info.run_id)
 
     def _log_params(self, client, run_id: str, flat: Mapping[str, str]) -> None:
-        from mlflow.entities import Param
-
-        items = [Param(k, v) for k, v in flat.items()]
-        for i in range(0, len(items), PARAMS_PER_BATCH):
-            self._retry(client.log_batch, run_id, params=items[i:i + PARAMS_PER_BATCH])
+        log_params(client, run_id, flat, self._retry)
 
     def _experiment_id(self, client, root: Path) -> str:
-        experiment = client.get_experiment_by_name(self.cfg.experiment)
-        if experiment is None:
-            # Local stores get an explicit, absolute artifact root: the default is relative to the cwd,
-            # which for a queued DVC experiment is a temporary copy that is deleted afterwards.
-            # A server chooses its own.
-            local = urlsplit(self.uri).scheme in ("sqlite", "file", "")
-            location = (root / "mlartifacts").as_uri() if local else None
-            exp_id = client.create_experiment(self.cfg.experiment, artifact_location=location,
-                                              tags={EXPERIMENT_KIND_TAG: EXPERIMENT_KIND})
-            return exp_id
-        if EXPERIMENT_KIND_TAG not in experiment.tags:  # a store made before the tag existed
-            client.set_experiment_tag(experiment.experiment_id, EXPERIMENT_KIND_TAG, EXPERIMENT_KIND)
-        return experiment.experiment_id
+        return experiment_id(client, self.cfg.experiment, self.uri, root)
 
     def _parent_run(self, client, exp_id: str, exp_name: str, commit: str,
                     everything: Optional[Mapping[str, str]]) -> str:
-        """Get or create the parent run of this DVC experiment with these params: one parent per
-        experiment and configuration, whatever the commit (a commit between two stages of one run,
-        say after a fix, keeps them together; the parent's ``git.commit`` is its latest stage's)."""
-        found = find_parent(client, exp_id, exp_name, everything)
-        if found is not None:
-            if found.data.tags.get("git.commit") != commit:
-                client.set_tag(found.info.run_id, "git.commit", commit)
-            return found.info.run_id
-        digest = params_digest(everything) if everything is not None else None
-        tags = {"dvc.exp_name": exp_name, "git.commit": commit, "twilbert.parent": "true"}
-        if digest is not None:
-            tags["twilbert.params_digest"] = digest
-        run = client.create_run(exp_id, run_name=exp_name, tags=tags)
-        if everything is not None:
-            self._log_params(client, run.info.run_id, everything)
-        client.set_terminated(run.info.run_id)
-        return run.info.run_id
+        return parent_run(client, exp_id, exp_name, commit, everything,
+                          lambda run_id, flat: self._log_params(client, run_id, flat))
 
     def _retry(self, fn: Callable, *args: Any, **kwargs: Any) -> Any:
         """``fn`` with bounded HTTP limits, retried with backoff while SQLite says 'database is locked'."""

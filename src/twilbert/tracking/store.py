@@ -178,3 +178,35 @@ def store_lock(uri: str) -> Iterator[None]:
         yield
     finally:
         lock.release()
+
+
+def local_store_problem(uri: str, timeout: float) -> Optional[str]:
+    """What keeps a local SQLite store from being read and written, in one sentence that says how to
+    move it aside; None when it is usable or not local (a server answers for itself). Checked before
+    MLflow opens it: MLflow's own answer is a traceback (a damaged or locked file) or minutes of
+    retries (a directory)."""
+    path = sqlite_path(uri)
+    if path is None or not path.exists():
+        return None  # MLflow creates it
+    aside = (f"move it aside (mv {path} {path}.broken) and rerun; the experiments' scores are rebuilt from "
+             "DVC's results, the stages' curves stay in the moved file")
+    if not path.is_file():
+        return f"MLflow store {path} is a directory, not an SQLite file: {aside}"
+    try:
+        conn = sqlite3.connect(str(path), timeout=timeout)
+        try:
+            conn.execute("PRAGMA schema_version").fetchone()
+            conn.execute("BEGIN IMMEDIATE")  # the sync writes: a store another process holds locked is refused
+            conn.execute("ROLLBACK")
+        finally:
+            conn.close()
+    except sqlite3.OperationalError as err:
+        if "locked" in str(err):
+            return (f"MLflow store {path} is locked by another process for over {timeout:g}s (a stage or "
+                    f"`make ui` still running? `fuser {path}` names it): stop it, or {aside}")
+        return f"MLflow store {path} cannot be opened ({err}): {aside}"
+    except sqlite3.DatabaseError as err:
+        return f"MLflow store {path} is not an SQLite database ({err}): {aside}"
+    except OSError as err:
+        return f"MLflow store {path} cannot be opened ({err}): {aside}"
+    return None
