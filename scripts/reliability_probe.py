@@ -3,9 +3,10 @@ shards, infinite config values, lone \\r line ends, Ctrl-C, `make queue`, and th
 Issue 31: invalid `finetuning.seeds` (compose and real `dvc exp run -S`), damaged or mismatched Hugging
 Face checkpoints (gpt2 config, truncated safetensors, missing tokenizer files, a tensor missing, extra
 or of another shape) in the vocab, pretrain and finetune stages, and every other file a third-party
-loader reads (YAML, SentencePiece, tokenizers, a finetuned HF classifier's hf/, the MLflow store), and a
-task text of NUL bytes alone. Issue 29: `make baseline`/`make clean` over uncommitted edits, an `--output`
-that is the input or a symlink, and task files whose ids repeat or are shared across splits.
+loader reads (YAML, SentencePiece, tokenizers, a finetuned HF classifier's hf/, the MLflow store), `make ui`
+over a damaged, locked or directory store or a taken port, and a task text of NUL bytes alone.
+Issue 29: `make baseline`/`make clean` over uncommitted edits, an `--output` that is the input or a
+symlink, and task files whose ids repeat or are shared across splits.
 
     .venv/bin/python scripts/reliability_probe.py        # about 4 min on 2 shared CPU cores
     .venv/bin/python scripts/reliability_probe.py --round 31
@@ -29,7 +30,11 @@ ROUNDS = {
     "31": (["tests/test_hf_refusals.py", "tests/test_loader_refusals.py",
             "tests/test_cli.py::test_an_invalid_seed_count_is_one_line_naming_the_key_in_compose_and_check",
             "tests/test_cli.py::test_an_invalid_seed_count_exits_2_without_a_traceback_from_the_shell",
-            "tests/test_dvc_pipeline.py::test_dvc_exp_run_refuses_an_invalid_seed_count_as_a_plain_error_and_keeps_params"],
+            "tests/test_dvc_pipeline.py::test_dvc_exp_run_refuses_an_invalid_seed_count_as_a_plain_error_and_keeps_params",
+            "tests/test_mlflow_view.py::test_make_ui_on_a_damaged_store_says_how_to_move_it_aside",
+            "tests/test_mlflow_view.py::test_make_ui_on_a_locked_store_names_the_lock",
+            "tests/test_mlflow_view.py::test_make_ui_on_a_directory_store_fails_at_once",
+            "tests/test_mlflow_view.py::test_make_ui_on_a_taken_port_fails_in_one_line"],
            300),
 }
 
