@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 import torch
 
-from helpers import assert_same_weights, killed, make_tweets, ok, run_stage, write_params
+from helpers import assert_same_weights, killed, make_tweets, ok, run_stage, run_states, write_params
 from hf_checkpoints import FAMILIES, make_mlm_checkpoint
 from twilbert.config import ConfigError, load_config
 from twilbert.data.batch import make_batch, pack_pairs
@@ -484,7 +484,7 @@ def test_torchrun_continues_a_checkpoint_on_two_ranks_and_rank_0_writes_one_fold
     from transformers import AutoModelForMaskedLM
 
     AutoModelForMaskedLM.from_pretrained(out / "model", local_files_only=True)
-    trainer = json.loads(sorted((out / "checkpoints" / "train_state").glob("step-*"))[-1].joinpath("trainer.json")
+    trainer = json.loads(sorted(run_states(out / "checkpoints").glob("step-*"))[-1].joinpath("trainer.json")
                          .read_text())
     assert trainer["world_size"] == 2
 

@@ -33,8 +33,9 @@ from twilbert.train.finetune.learners import (
     task_preprocessor,
     twilbert_learner,
 )
-from twilbert.train.fingerprint import config_fingerprint, files_digest
+from twilbert.train.fingerprint import config_fingerprint, files_digest, run_fingerprint
 from twilbert.train.loop import Callback, seed_everything
+from twilbert.train.run_dirs import run_directory
 
 BASELINE_FILE = "baseline.json"
 METRICS_FILE = "metrics.json"
@@ -80,10 +81,11 @@ def finetune_task(cfg: Config, task: TaskConfig, pretrained_dir: Path, model_out
                   callbacks: Sequence[Callback] = (), baseline_row: Optional[bool] = None) -> dict:
     """Finetune the configured backbone on ``task`` (and the baseline row); write models and metrics.
 
-    With ``checkpoint_dir`` the neural backbones checkpoint and resume there (``train_state/``, or
-    ``fold-<i>/`` per fold). Under torchrun (``ctx``) every rank trains; rank 0 alone fits the
-    baseline row and writes. ``splits``: the task's files already read (``load_task``), so that a
-    caller can validate them before it opens its MLflow run. ``callbacks``: the training loop's hooks.
+    With ``checkpoint_dir`` the neural backbones checkpoint and resume in this run's folder there
+    (``run-<identity>/train_state/``, or ``fold-<i>/`` per fold: ``train.run_dirs``). Under torchrun
+    (``ctx``) every rank trains; rank 0 alone fits the baseline row and writes. ``splits``: the task's
+    files already read (``load_task``), so that a caller can validate them before it opens its MLflow run.
+    ``callbacks``: the training loop's hooks.
     ``baseline_row``: False when the baseline is a stage of its own (``baseline_task``); None: the config's.
     """
     ft = hf_pretrained_backbone(task.finetuning_config(cfg.finetuning), pretrained_dir)
@@ -101,8 +103,9 @@ def finetune_task(cfg: Config, task: TaskConfig, pretrained_dir: Path, model_out
     else:
         learner = baseline_learner(cfg, task, ft, task_preprocessor(cfg, pretrained_dir))
     if checkpoint_dir is not None and isinstance(learner, NeuralLearner):
-        learner.checkpoint_dir = Path(checkpoint_dir)
-        learner.fingerprint_parts = finetune_fingerprint(cfg, task, ft, pretrained_dir)
+        parts = finetune_fingerprint(cfg, task, ft, pretrained_dir)
+        learner.checkpoint_dir = run_directory(checkpoint_dir, run_fingerprint(parts), parts)
+        learner.fingerprint_parts = parts
     if isinstance(learner, NeuralLearner):
         learner.callbacks = list(callbacks)
 
