@@ -438,7 +438,7 @@ def test_the_finetune_stage_and_predict_read_the_continued_model_with_no_extra_s
 
     # A flipped byte in the continued model is refused before any finetuning, naming the file.
     from twilbert.model.manifest import ManifestError
-    from twilbert.train.finetune.stage_work import hf_pretrained_backbone
+    from twilbert.train.finetune.resolved import hf_pretrained_backbone
 
     weights = pretrained / "model.safetensors"
     data = bytearray(weights.read_bytes())

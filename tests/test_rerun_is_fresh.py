@@ -266,11 +266,12 @@ def run_pretrain(raw: dict, inputs: Path, out: Path) -> None:
 
 
 def run_finetune(raw: dict, inputs: Path, out: Path) -> None:
-    from twilbert.train.finetune.stage_work import finetune_task, run_config
+    from twilbert.train.finetune.resolved import resolve_finetune_run
+    from twilbert.train.finetune.stage_work import finetune_run
 
     cfg = load_config(raw)
-    finetune_task(run_config(cfg, 0), cfg.tasks[TASK], inputs / "pretrained", out / "model", out / "results",
-                  checkpoint_dir=out / "ck", baseline_row=False)
+    run = resolve_finetune_run(cfg, cfg.tasks[TASK], inputs / "pretrained", run_seed=1)
+    finetune_run(run, out / "model", out / "results", checkpoint_dir=out / "ck", baseline_row=False)
 
 
 def outputs(out: Path) -> dict[str, bytes]:

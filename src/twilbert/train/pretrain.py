@@ -34,11 +34,12 @@ from twilbert.model.card import ModelCard, pretraining_positions
 from twilbert.model.io import CheckpointError, LoadReport, load_into, load_pretrained_state, save_pretrained
 from twilbert.tracking.runs import Tracker
 from twilbert.train import distributed
+from twilbert.train.best_epoch import BestEpoch
 from twilbert.train.curves import CurveRecorder
 from twilbert.train.distributed import DistContext, iterate_rank_batches, n_rank_batches, wrap_ddp
 from twilbert.train.fingerprint import config_fingerprint, files_digest, run_fingerprint
 from twilbert.train.heldout import heldout_metrics, summarize
-from twilbert.train.loop import BestEpoch, Callback, Checkpointing, Trainer, seed_everything
+from twilbert.train.loop import Callback, Checkpointing, Trainer, seed_everything
 from twilbert.train.objective import PretrainObjective
 from twilbert.train.optim import build_optimizer, build_scheduler, param_groups
 from twilbert.train.run_dirs import run_directory
