@@ -159,14 +159,14 @@ def baseline_task(cfg: Config, task: TaskConfig, pretrained_dir: Path, model_out
         with atomic_write(metrics_out / METRICS_FILE) as fh:
             json.dump(note, fh, indent=2)
         return None
-    splits = splits if splits is not None else load_task(task, cfg.seed, ft.no_test_protocol)
+    splits = splits if splits is not None else load_task(task, run.split_seed, ft.no_test_protocol)
     # the text the finetuned model reads: the vocabulary's preprocessing, or `preprocess` under hf
-    preprocess = Preprocessor(cfg.preprocess) if ft.backbone == "hf" else task_preprocessor(run)
+    preprocess = Preprocessor(run.preprocess) if ft.backbone == "hf" else task_preprocessor(run)
     row = baseline_learner(run, preprocess)
     with publish_dir(model_out, checksums=True) as staged:
-        run = evaluate_learner(row, splits, cfg.representation.max_len, cfg.representation.test_len, staged)
-    write_run(metrics_out, flag_degenerate(task, run, splits), epochs=False)
-    return run.metrics
+        result = evaluate_learner(row, splits, run.max_len, run.test_len, staged)
+    write_run(metrics_out, flag_degenerate(task, result, splits), epochs=False)
+    return result.metrics
 
 
 def run_scores(metrics: dict) -> dict[str, float]:
