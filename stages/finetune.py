@@ -8,7 +8,6 @@ Rerun after a crash, it resumes from the task's newest training checkpoint of th
 `torchrun --nproc_per_node N stages/finetune.py ...` it trains with DDP; rank 0 writes."""
 
 import argparse
-from dataclasses import asdict
 from pathlib import Path
 from typing import Optional
 
@@ -18,7 +17,8 @@ from twilbert.data.tasks import load_task
 from twilbert.pipeline.stage import fault_callbacks, load_stage_config, parse_args, run
 from twilbert.tracking.runs import Tracker
 from twilbert.train.distributed import distributed_context
-from twilbert.train.finetune.stage_work import finetune_task, hf_pretrained_backbone, run_config
+from twilbert.train.finetune.resolved import resolve_finetune_run
+from twilbert.train.finetune.stage_work import finetune_run
 from twilbert.train.writer_lock import checkpoint_lock
 
 
@@ -42,25 +42,21 @@ def main() -> Optional[str]:
     cfg, raw = load_stage_config(overrides)
     if args.task not in cfg.tasks:
         raise ConfigError(f"--task {args.task!r} is not in params.yaml tasks (have: {sorted(cfg.tasks)})")
-    task = cfg.tasks[args.task]
+    # The run resolved once (overrides, backbone, seeds, lengths): what trains is what MLflow records.
+    run = resolve_finetune_run(cfg, cfg.tasks[args.task], args.pretrained, args.seed)
     metrics_out = args.metrics_out or Path("results/tasks") / args.task
-    ft = task.finetuning_config(cfg.finetuning)
-    params = {"seed": cfg.seed, "run_seed": args.seed, "finetuning": asdict(ft),
-              "representation": raw["representation"], "task": raw["tasks"][args.task]}
     # Bad task files fail here, before an MLflow run is opened; the splits are the same for every seed.
-    splits = load_task(task, cfg.seed, ft.no_test_protocol)
-    backbone = hf_pretrained_backbone(ft, args.pretrained)
-    if backbone.backbone == "hf":  # so is a Hugging Face checkpoint the classifier cannot be built on
-        check_hf_checkpoint(backbone.hf_path, "finetuning.hf_path", ENCODER)
+    splits = load_task(run.task, run.split_seed, run.ft.no_test_protocol)
+    if run.ft.backbone == "hf":  # so is a Hugging Face checkpoint the classifier cannot be built on
+        check_hf_checkpoint(run.ft.hf_path, "finetuning.hf_path", ENCODER)
     # One writer per checkpoint directory: a second run beside a live one is refused, naming its PID.
-    with distributed_context(ft.device) as ctx, \
+    with distributed_context(run.ft.device) as ctx, \
             checkpoint_lock(args.checkpoints, enabled=ctx.is_main and args.checkpoints is not None):
         tracker = Tracker(cfg.tracking, stage="finetune", enabled=ctx.is_main)
-        with tracker.start(params, run_name=f"finetune-{args.task}-s{args.seed}", experiment_params=raw):
+        with tracker.start(run.params(), run_name=f"finetune-{args.task}-s{args.seed}", experiment_params=raw):
             model_out = args.model_out or Path("models/finetuned") / args.task
-            metrics = finetune_task(run_config(cfg, args.seed), task, args.pretrained, model_out, metrics_out, tracker,
-                                    args.checkpoints, ctx, splits=splits, callbacks=fault_callbacks(),
-                                    baseline_row=False if args.no_baseline else None)
+            metrics = finetune_run(run, model_out, metrics_out, tracker, args.checkpoints, ctx, splits=splits,
+                                   callbacks=fault_callbacks(), baseline_row=False if args.no_baseline else None)
             if ctx.is_main:
                 for name in ("metrics.json", "baseline.json", "predictions.tsv"):
                     if (metrics_out / name).is_file():

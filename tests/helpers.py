@@ -217,6 +217,13 @@ def assert_same_weights(a: Path, b: Path) -> None:
         assert torch.equal(tensor, right[name]), f"{name} differs"
 
 
+def run_states(checkpoints: Path, name: str = "train_state") -> Path:
+    """``<checkpoints>/run-<identity>/<name>``: the training checkpoints of the one run there (``train.run_dirs``)."""
+    runs = sorted(p for p in Path(checkpoints).glob("run-*") if p.is_dir())
+    assert len(runs) == 1, f"{checkpoints}: expected one run folder, found {[p.name for p in runs]}"
+    return runs[0] / name
+
+
 def steps(directory: Path) -> list[str]:
     return sorted(p.name for p in directory.iterdir() if p.name.startswith("step-"))
 

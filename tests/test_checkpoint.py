@@ -271,17 +271,25 @@ def test_pruning_keeps_the_newest_and_drops_an_abandoned_timeline(tmp_path):
 # --------------------------------------------------------------------------------------------
 
 
-def test_fingerprint_ignores_keys_that_do_not_change_the_trajectory():
-    raw = {"seed": 1, "training": {"lr": 0.1, "epochs": 3, "log_every": 10, "device": "cpu"},
-           "tracking": {"uri": None}, "tasks": {"t": {"finetuning": {"epochs": 2, "lr": 0.1}}}}
+def test_fingerprint_ignores_only_the_keys_that_cannot_change_an_output():
+    raw = {"seed": 1, "training": {"lr": 0.1, "epochs": 3, "log_every": 10, "device": "cpu", "checkpoint_every": 5},
+           "tracking": {"uri": None}, "finetuning": {"patience": 3, "baseline_c": 1.0},
+           "tasks": {"t": {"finetuning": {"epochs": 2, "lr": 0.1, "checkpoint_every": 0}}}}
     base = config_fingerprint(raw)
     same = json.loads(json.dumps(raw))
-    same["training"].update(epochs=30, log_every=1, device="cuda")
+    same["training"]["checkpoint_every"] = 7
     same["tracking"]["uri"] = "http://elsewhere"
-    same["tasks"]["t"]["finetuning"]["epochs"] = 9
+    same["finetuning"]["baseline_c"] = 2.0
+    same["tasks"]["t"]["finetuning"]["checkpoint_every"] = 9
     assert config_fingerprint(same) == base
+    # lowering the end or the patience, the step curves, the device: each is another run
+    for section, key, value in (("training", "epochs", 1), ("training", "log_every", 1), ("training", "device", "cuda"),
+                                ("finetuning", "patience", 1), ("training", "lr", 0.2)):
+        changed = json.loads(json.dumps(raw))
+        changed[section][key] = value
+        assert config_fingerprint(changed) != base, key
     changed = json.loads(json.dumps(raw))
-    changed["training"]["lr"] = 0.2
+    changed["tasks"]["t"]["finetuning"]["epochs"] = 1
     assert config_fingerprint(changed) != base
 
 

@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 import torch
 
-from helpers import assert_same_weights, killed, make_tweets, ok, run_stage, write_params
+from helpers import assert_same_weights, killed, make_tweets, ok, run_stage, run_states, write_params
 from hf_checkpoints import FAMILIES, make_mlm_checkpoint
 from twilbert.config import ConfigError, load_config
 from twilbert.data.batch import make_batch, pack_pairs
@@ -438,7 +438,7 @@ def test_the_finetune_stage_and_predict_read_the_continued_model_with_no_extra_s
 
     # A flipped byte in the continued model is refused before any finetuning, naming the file.
     from twilbert.model.manifest import ManifestError
-    from twilbert.train.finetune.stage_work import hf_pretrained_backbone
+    from twilbert.train.finetune.resolved import hf_pretrained_backbone
 
     weights = pretrained / "model.safetensors"
     data = bytearray(weights.read_bytes())
@@ -484,7 +484,7 @@ def test_torchrun_continues_a_checkpoint_on_two_ranks_and_rank_0_writes_one_fold
     from transformers import AutoModelForMaskedLM
 
     AutoModelForMaskedLM.from_pretrained(out / "model", local_files_only=True)
-    trainer = json.loads(sorted((out / "checkpoints" / "train_state").glob("step-*"))[-1].joinpath("trainer.json")
+    trainer = json.loads(sorted(run_states(out / "checkpoints").glob("step-*"))[-1].joinpath("trainer.json")
                          .read_text())
     assert trainer["world_size"] == 2
 

@@ -23,6 +23,7 @@ from helpers import (
     ok,
     pretrain_args,
     run_stage,
+    run_states,
     steps,
     write_params,
 )
@@ -143,14 +144,14 @@ def test_torchrun_pretrain_writes_one_model_and_a_killed_run_resumes_bit_for_bit
     assert "2 process(es)" in proc.stderr
     assert {p.name for p in reference.iterdir()} == {"model", "checkpoints", "metrics.json"}
     assert {"model.safetensors", "config.json", "spm.model"} <= {p.name for p in (reference / "model").iterdir()}
-    states = reference / "checkpoints" / "train_state"
+    states = run_states(reference / "checkpoints")
     trainer = json.loads((states / "step-00000028" / "trainer.json").read_text())
     assert trainer["world_size"] == WORLD and len(trainer["rng"]) == WORLD
 
     out = tmp_path / "interrupted"
     killed = run_stage("pretrain.py", pretrain_args(inputs, out), work, kill_at=10, launcher=TORCHRUN)
     assert killed.returncode != 0 and not (out / "model").exists()
-    assert steps(out / "checkpoints" / "train_state") == ["step-00000006", "step-00000010"]  # 9 waited for 10
+    assert steps(run_states(out / "checkpoints")) == ["step-00000006", "step-00000010"]  # 9 waited for 10
     resumed = ok(run_stage("pretrain.py", pretrain_args(inputs, out), work, launcher=TORCHRUN))
     assert "resuming at epoch 1, batch 10" in resumed.stderr
     assert_same_weights(reference / "model" / "model.safetensors", out / "model" / "model.safetensors")
@@ -169,5 +170,5 @@ def test_torchrun_finetune_trains_on_two_ranks_and_rank_0_writes_the_model_and_m
     metrics = json.loads((out / "results" / "metrics.json").read_text())
     assert metrics["epochs_run"] == 2 and metrics["n_train"] == 48
     assert (out / "model" / "model.safetensors").is_file() and (out / "model" / "baseline").is_dir()
-    trainer = json.loads((out / "checkpoints" / "train_state" / "step-00000006" / "trainer.json").read_text())
+    trainer = json.loads((run_states(out / "checkpoints") / "step-00000006" / "trainer.json").read_text())
     assert trainer["world_size"] == WORLD  # 48 rows / (2 ranks x 8) = 3 micro-steps an epoch

@@ -24,6 +24,7 @@ from twilbert.data.batch import make_batch, pack_pairs
 from twilbert.data.special import N_SPECIAL
 from twilbert.data.tasks import load_task
 from twilbert.train.finetune.learners import twilbert_learner
+from twilbert.train.finetune.resolved import resolve_finetune_run
 from twilbert.train.pretrain import build_pretraining
 
 SRC = str(Path(twilbert.__file__).parent)
@@ -115,8 +116,7 @@ def test_finetuning_reads_the_device_once_per_logging_window(tmp_path, monkeypat
     task = write_task(tmp_path / "task", sizes=(4 * STEPS, 16, 16))
     cfg = make_config(compose(["model=tiny"], REPO / "conf"), {"t": task}, epochs=1, batch_size=4)
     spec = first(cfg)
-    ft = spec.finetuning_config(cfg.finetuning)
-    learner = twilbert_learner(cfg, spec, ft, pretrained, None)
+    learner = twilbert_learner(resolve_finetune_run(cfg, spec, pretrained), None)
     splits = load_task(spec, cfg.seed)
     train, dev = learner.prepare(splits.train, 12), learner.prepare(splits.dev, 12)
 

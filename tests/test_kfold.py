@@ -17,6 +17,7 @@ from twilbert.evaluation.scoring import evaluate_scores, predict_scores
 from twilbert.model.finetuned import load_classifier_module
 from twilbert.train.finetune.learner_run import FoldResult, blend, evaluate_learner, fold_splits, run_kfold
 from twilbert.train.finetune.learners import encode_examples, twilbert_learner
+from twilbert.train.finetune.resolved import resolve_finetune_run
 from twilbert.train.finetune.stage_work import finetune_task
 
 SINGLE = TaskSpec(categories={"a": 0, "b": 1, "c": 2})
@@ -75,7 +76,7 @@ def test_kfold_finetuning_blends_the_saved_fold_models(tmp_path, raw):
     pretrained = make_pretrained(tmp_path / "pretrained")
     cfg = make_config(raw, {"t": write_task(tmp_path / "data", sizes=(40, 12, 12))}, epochs=1, kfold=2)
     task = first(cfg)
-    learner = twilbert_learner(cfg, task, cfg.finetuning, pretrained, tracker=None)
+    learner = twilbert_learner(resolve_finetune_run(cfg, task, pretrained), tracker=None)
     run = evaluate_learner(learner, load_task(task, cfg.seed), MAX_LEN, MAX_LEN, tmp_path / "model")
     metrics, kfold = run.metrics, run.metrics["kfold"]
     assert kfold["k"] == 2 and len(kfold["fold_scores"]) == 2 and kfold["on"] == "train"

@@ -11,7 +11,8 @@ from typing import Optional
 import pytest
 import torch
 
-from twilbert.train.loop import BestEpoch, Callback, Checkpointing, Trainer
+from twilbert.train.best_epoch import BestEpoch
+from twilbert.train.loop import Callback, Checkpointing, Trainer
 
 N, BATCH = 24, 4  # 6 micro-steps an epoch
 X = torch.randn(N, 3, generator=torch.Generator().manual_seed(0))

@@ -10,7 +10,7 @@ import torch
 
 import twilbert.train.finetune.learners as finetune
 from finetune_data import make_finetune_inputs
-from helpers import MAX_LEN, make_pretrain_inputs, pretrain_args, run_stage, write_params
+from helpers import MAX_LEN, make_pretrain_inputs, pretrain_args, run_stage, run_states, write_params
 from twilbert.config import load_config
 from twilbert.data.tokenizer import Tokenizer
 from twilbert.train.checkpoint import latest_valid_checkpoint, load_training_checkpoint
@@ -40,7 +40,7 @@ def test_a_blown_up_pretraining_stops_in_one_line_and_keeps_its_last_checkpoint(
     assert not (out / "model").exists() and not (out / "metrics.json").exists()
 
     # The checkpoint of micro-step 1 (after the first, finite step) verifies and loads.
-    path = latest_valid_checkpoint(out / "checkpoints" / "train_state")
+    path = latest_valid_checkpoint(run_states(out / "checkpoints"))
     assert path is not None and path.name == "step-00000001"
     model, trainer, _ = build_pretraining(load_config(raw), Tokenizer(inputs / "vocab").vocab_size, torch.device("cpu"))
     state = load_training_checkpoint(path, model, trainer.optimizer, trainer.scheduler)
@@ -74,7 +74,7 @@ def test_a_nan_loss_in_finetuning_stops_names_epoch_and_batch_and_the_run_resume
         finetune_task(cfg, cfg.tasks["t"], inputs / "pretrained", out / "model", out / "results",
                       checkpoint_dir=out / "checkpoints")
     assert not (out / "model").exists() and not (out / "results").exists()
-    assert latest_valid_checkpoint(out / "checkpoints" / "train_state").name == "step-00000003"  # epoch 1's end
+    assert latest_valid_checkpoint(run_states(out / "checkpoints")).name == "step-00000003"  # epoch 1's end
 
     monkeypatch.setattr(finetune, "build_loss", real_build_loss)  # the cause fixed, the same run goes on
     with caplog.at_level("INFO"):

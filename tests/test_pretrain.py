@@ -277,3 +277,21 @@ def test_pretraining_reads_memory_mapped_shards_and_never_materializes_them(corp
     assert len(opened) == 2
     held = [a for shards in opened for a in shards.open_arrays()]
     assert held and all(isinstance(a, np.memmap) for a in held)
+
+
+@pytest.mark.reliability
+def test_without_a_held_out_score_the_last_epoch_is_published_and_the_rule_is_logged(corpus, tmp_path, caplog):
+    # 10 rows, a batch of 64, no held-out pair (a corpus too small for pairs.heldout_fraction): no epoch has
+    # a held-out score
+    build_pair_shards([(t, None) for t, _ in make_tweets(10, seed=4)], Tokenizer(corpus / "vocab"), tmp_path / "pairs",
+                      max_len=12, heldout_fraction=0.0, shard_size=1000, seed=0)
+    raw = compose(["model=tiny", "representation.max_len=12", "training.batch_size=64", "training.epochs=3",
+                   "training.lr=0.003", "training.pll_examples=0", "training.device=cpu"], REPO / "conf")
+    with caplog.at_level("INFO"):
+        metrics = pretrain(load_config(raw), tmp_path / "pairs", corpus / "vocab", tmp_path / "model", tmp_path / "ck")
+    assert "heldout_mlm_loss" not in metrics
+    assert metrics["epoch"] == 3  # not epoch 1, which an unset score would leave standing
+    assert "selection rule: last epoch" in caplog.text
+    _, published = load_pretrained_state(tmp_path / "model")
+    _, last = load_pretrained_state(tmp_path / "ck" / "last")
+    assert published.keys() == last.keys() and all(torch.equal(published[k], last[k]) for k in published)

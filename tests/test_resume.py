@@ -29,6 +29,7 @@ from helpers import (
     ok,
     pretrain_args,
     run_stage,
+    run_states,
     steps,
     write_params,
 )
@@ -66,10 +67,10 @@ def test_pretrain_killed_mid_epoch_resumes_bit_for_bit_and_passes_over_a_truncat
 
     out = tmp_path / "interrupted"
     args = pretrain_args(pretrain_inputs, out)
-    states = out / "checkpoints" / "train_state"
     # Checkpoints are due every 3 micro-steps; one due inside a window of 2 waits for its end: the one
     # due at micro-step 9 is saved at 10 (epoch 1, masks continued at step 11).
     killed(run_stage("pretrain.py", args, work, kill_at=10))
+    states = run_states(out / "checkpoints")
     assert steps(states) == ["step-00000006", "step-00000010"]
     state = trainer_state(states / "step-00000010")
     assert (state["epoch"], state["batch_in_epoch"], state["accum_position"]) == (0, 10, 0)
@@ -99,7 +100,8 @@ def test_pretrain_killed_mid_epoch_resumes_bit_for_bit_and_passes_over_a_truncat
     assert metrics == json.loads((reference / "metrics.json").read_text()) and metrics["epoch"] == 2
 
 
-def test_pretrain_rerun_with_a_changed_config_starts_fresh_and_says_so(pretrain_inputs, tmp_path, caplog):
+def test_pretrain_rerun_with_a_changed_config_starts_fresh_in_a_run_folder_of_its_own_and_says_so(
+        pretrain_inputs, tmp_path, caplog):
     from twilbert.config import load_config
     from twilbert.train.pretrain import pretrain
 
@@ -107,14 +109,15 @@ def test_pretrain_rerun_with_a_changed_config_starts_fresh_and_says_so(pretrain_
                   REPO / "conf")
     out = tmp_path / "out"
     pretrain(load_config(raw), pretrain_inputs / "pairs", pretrain_inputs / "vocab", out / "model", out / "ck")
-    assert steps(out / "ck" / "train_state") == ["step-00000014"]
+    assert steps(run_states(out / "ck")) == ["step-00000014"]
 
     raw["training"]["lr"] = raw["training"]["lr"] / 2
     with caplog.at_level("INFO"):
         pretrain(load_config(raw), pretrain_inputs / "pairs", pretrain_inputs / "vocab", out / "model", out / "ck")
     assert "the config changed" in caplog.text and "starting fresh" in caplog.text
-    assert (out / "ck" / "train_state" / "superseded").is_dir()
-    assert trainer_state(out / "ck" / "train_state" / "step-00000014")["epoch"] == 1  # retrained, not resumed
+    runs = sorted((out / "ck").glob("run-*"))
+    assert len(runs) == 2  # the first run's checkpoints are untouched: going back to it continues it
+    assert all(trainer_state(run / "train_state" / "step-00000014")["epoch"] == 1 for run in runs)
 
 
 # --------------------------------------------------------------------------------------------
@@ -134,7 +137,7 @@ def test_finetune_killed_mid_epoch_resumes_bit_for_bit_with_its_best_epoch_and_p
     # Micro-step 16: epoch 3, batch 4 (due at 15, saved at its window's end); epochs 1-2 (and their
     # best) are behind it.
     killed(run_stage("finetune.py", finetune_args(tmp_path, out), work, kill_at=16))
-    state = trainer_state(out / "checkpoints" / "train_state" / "step-00000016")
+    state = trainer_state(run_states(out / "checkpoints") / "step-00000016")
     assert (state["epoch"], state["batch_in_epoch"], state["accum_position"]) == (2, 4, 0)
     assert len(state["history"]) == 2 and state["best"]["epoch"] in (1, 2)
     resumed = ok(run_stage("finetune.py", finetune_args(tmp_path, out), work))
@@ -159,10 +162,10 @@ def test_finetune_killed_while_writing_a_checkpoint_replays_from_the_previous_on
     ok(run_stage("finetune.py", finetune_args(tmp_path, tmp_path / "reference")[:-2], work))
 
     out = tmp_path / "interrupted"
-    states = out / "checkpoints" / "train_state"
     # Micro-step 10: epoch 2, batch 4 of 6; checkpoints fall at the ends of windows of 2, and those of
     # micro-steps 8 and 10 are kept.
     killed(run_stage("finetune.py", finetune_args(tmp_path, out), work, kill_at=10))
+    states = run_states(out / "checkpoints")
     assert steps(states) == ["step-00000008", "step-00000010"]
     assert trainer_state(states / "step-00000008")["accum_position"] == 0
     weights = states / "step-00000010" / "model.safetensors"
@@ -188,7 +191,8 @@ def test_kfold_finetune_killed_inside_a_fold_resumes_that_fold_and_the_next_bit_
     # 24 rows per fold, batch 8: 3 micro-steps an epoch; micro-step 5 (a window's end) is inside fold 0's
     # second epoch.
     killed(run_stage("finetune.py", finetune_args(tmp_path, out), work, kill_at=5))
-    assert steps(out / "checkpoints" / "fold-0") and not (out / "checkpoints" / "fold-1").exists()
+    folds = run_states(out / "checkpoints", "")
+    assert steps(folds / "fold-0") and not (folds / "fold-1").exists()
     ok(run_stage("finetune.py", finetune_args(tmp_path, out), work))
 
     for fold in ("folds/0/", "folds/1/", ""):

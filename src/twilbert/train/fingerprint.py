@@ -14,34 +14,30 @@ PathLike = Union[str, "os.PathLike[str]"]
 HASH_WHOLE_FILE_UP_TO = 64 << 20  # larger inputs are fingerprinted by size, head and tail
 HASH_HEAD_TAIL = 4 << 20
 
-# Config keys that do not change the training trajectory: a run may continue after they change.
-# ``epochs`` only moves the end (the batch order and learning-rate schedule depend on the epoch and
-# step, not on the total), ``device`` lets a run move to another machine (not bit-exact across
-# device types). Keys match as dotted suffixes, so ``finetuning.epochs`` also covers a task's own
-# ``tasks.<name>.finetuning.epochs``.
-NON_TRAJECTORY_KEYS = (
-    "tracking",
-    "training.epochs",
-    "training.log_every",
-    "training.device",
-    "training.checkpoint_every",
-    "finetuning.epochs",
-    "finetuning.patience",
-    "finetuning.pred_batch_size",
-    "finetuning.device",
-    "finetuning.checkpoint_every",
-    "finetuning.baseline_model",  # the baseline row is refitted each time; it has no trajectory
-    "finetuning.baseline_c",
-    "finetuning.baseline_row",
-)
+# The only config keys left out of a run's identity: none of them can change a byte the stage writes
+# (models, metrics, curves), so a rerun after changing one may continue the run's checkpoints. Every
+# other key is identity: ``epochs`` and ``patience`` too (a checkpoint at or past a lowered end, or an
+# early stop it would not have taken, cannot be continued into the new run), ``log_every`` (the step
+# curves) and ``device`` (the bits differ across device types). tests/test_rerun_is_fresh.py walks every
+# key of the stages and checks that a rerun writes a fresh run's bytes. Keys match as dotted suffixes,
+# so ``finetuning.checkpoint_every`` also covers a task's own ``tasks.<name>.finetuning.checkpoint_every``.
+OUTPUT_NEUTRAL_KEYS = {
+    "tracking": "where MLflow logs to; nothing a stage writes reads it",
+    "training.checkpoint_every": "when training checkpoints are saved; a save reads the window's losses in step "
+                                 "order and leaves the weights, optimizer, RNG and batch order as they were",
+    "finetuning.checkpoint_every": "when training checkpoints are saved, as training.checkpoint_every",
+    "finetuning.baseline_model": "the baseline row has no checkpoint: it is refitted on every run, after the model",
+    "finetuning.baseline_c": "the baseline row is refitted on every run, as for finetuning.baseline_model",
+    "finetuning.baseline_row": "the baseline row is refitted on every run, as for finetuning.baseline_model",
+}
 
 
 def config_fingerprint(
     raw_config: Mapping[str, Any],
     include: Optional[Iterable[str]] = None,
-    ignore: Iterable[str] = NON_TRAJECTORY_KEYS,
+    ignore: Iterable[str] = tuple(OUTPUT_NEUTRAL_KEYS),
 ) -> str:
-    """sha256 of the config's canonical JSON, without the keys that do not affect the trajectory.
+    """sha256 of the config's canonical JSON, without the keys that cannot change the outputs.
 
     ``include`` (dotted keys, as a DVC stage's ``params``) restricts it to what the stage reads, e.g.
     ``("seed", "model", "training", "representation.max_len")`` for pretraining.

@@ -14,7 +14,6 @@ its slice of every global batch and only rank 0 writes.
 from __future__ import annotations
 
 import logging
-import math
 import shutil
 from pathlib import Path
 from typing import Callable, Mapping, NamedTuple, Optional, Sequence
@@ -35,13 +34,15 @@ from twilbert.model.card import ModelCard, pretraining_positions
 from twilbert.model.io import CheckpointError, LoadReport, load_into, load_pretrained_state, save_pretrained
 from twilbert.tracking.runs import Tracker
 from twilbert.train import distributed
+from twilbert.train.best_epoch import BestEpoch
 from twilbert.train.curves import CurveRecorder
 from twilbert.train.distributed import DistContext, iterate_rank_batches, n_rank_batches, wrap_ddp
 from twilbert.train.fingerprint import config_fingerprint, files_digest, run_fingerprint
 from twilbert.train.heldout import heldout_metrics, summarize
-from twilbert.train.loop import BestEpoch, Callback, Checkpointing, Trainer, seed_everything
+from twilbert.train.loop import Callback, Checkpointing, Trainer, seed_everything
 from twilbert.train.objective import PretrainObjective
 from twilbert.train.optim import build_optimizer, build_scheduler, param_groups
+from twilbert.train.run_dirs import run_directory
 
 log = logging.getLogger(__name__)
 
@@ -53,6 +54,9 @@ TRAIN_STATE_DIR = "train_state"  # training checkpoints, under the stage's check
 # make the last bits), and the package code this module imports (twilbert.codebase).
 FINGERPRINT_KEYS = ("seed", "model", "training", "representation.max_len", "runtime")
 PREFETCH_BATCHES = 4  # batches read ahead of the step on a background thread
+# Which epoch is published without a held-out score: the last one, never the first by accident.
+NO_HELDOUT_RULE = ("no held-out score (no held-out pairs, or too few for one batch): the last epoch is "
+                   "the best epoch and is published (selection rule: last epoch)")
 
 
 
@@ -142,10 +146,11 @@ def pretrain_fingerprint(cfg: Config, pairs_dir: Path, vocab_dir: Path) -> dict[
 
 
 def pretrain_checkpointing(cfg: Config, checkpoint_dir: Path, parts: dict[str, str]) -> Checkpointing:
-    """The run's training checkpoints: ``checkpoint_dir/train_state``, every ``training.checkpoint_every``
-    micro-steps; resumed when ``parts`` (the run's identity) match."""
-    return Checkpointing(Path(checkpoint_dir) / TRAIN_STATE_DIR, run_fingerprint(parts), cfg.training.checkpoint_every,
-                         parts=parts)
+    """The run's training checkpoints: ``checkpoint_dir/run-<identity>/train_state`` (``train.run_dirs``), every
+    ``training.checkpoint_every`` micro-steps; only this run (``parts``, its identity) resumes them."""
+    fingerprint = run_fingerprint(parts)
+    directory = run_directory(checkpoint_dir, fingerprint, parts) / TRAIN_STATE_DIR
+    return Checkpointing(directory, fingerprint, cfg.training.checkpoint_every, parts=parts)
 
 
 def open_pretrain_data(pairs_dir: Path, max_len: int, vocab_size: int) -> tuple[Examples, Examples]:
@@ -172,7 +177,7 @@ def pretrain(cfg: Config, pairs_dir: Path, vocab_dir: Path, out_dir: Path, check
              curves_dir: Optional[Path] = None, callbacks: Sequence[Callback] = ()) -> dict[str, float]:
     """Pretrain on ``pairs_dir``; write the best epoch's model (safetensors + JSON + vocab) to ``out_dir``.
 
-    Training checkpoints go to ``checkpoint_dir/train_state`` (every ``training.checkpoint_every``
+    Training checkpoints go to ``checkpoint_dir/run-<identity>/train_state`` (every ``training.checkpoint_every``
     micro-steps and each epoch end) and a rerun resumes the newest valid one of the same run. Each
     epoch's model is also saved to ``checkpoint_dir/last``, the best so far (held-out MLM loss plus
     ROP error) to ``checkpoint_dir/best``. Under torchrun (``ctx``) only rank 0 writes. With
@@ -225,6 +230,7 @@ class PretrainingTask:
         self.cfg, self.ctx, self.model, self.trainer, self.objective = cfg, ctx, model, trainer, objective
         self.train_data, self.heldout_data = train_data, heldout_data
         self.curves, self.tracker, self.save_epoch = curves, tracker, save_epoch
+        self._said_rule = False
 
     def batches(self, epoch: int, skip: int):
         tcfg = self.cfg.training
@@ -244,7 +250,12 @@ class PretrainingTask:
                               self.ctx.device, tcfg.precision),
             "epoch": epoch + 1,
         }
-        return metrics.get("heldout_mlm_loss", math.inf) + (1.0 - metrics.get("heldout_rop_accuracy", 1.0)), metrics
+        if "heldout_mlm_loss" not in metrics:  # no held-out pairs, or too few for one batch
+            if not self._said_rule and self.ctx.is_main:
+                log.info("pretrain: %s", NO_HELDOUT_RULE)
+            self._said_rule = True
+            return -float(epoch + 1), metrics  # lower is better: the newest epoch always improves
+        return metrics["heldout_mlm_loss"] + (1.0 - metrics.get("heldout_rop_accuracy", 1.0)), metrics
 
     def shown(self, metrics: dict) -> dict:
         return {k: metrics[k] for k in EPOCH_LINE_KEYS if k in metrics}

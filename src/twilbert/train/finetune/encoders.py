@@ -12,7 +12,7 @@ from typing import Any, ClassVar, Optional, Union
 
 from torch import nn
 
-from twilbert.config import Config, ConfigError, FinetuningConfig, TaskConfig
+from twilbert.config import ConfigError, FinetuningConfig, TaskConfig
 from twilbert.data.packers import TWilBertPacker
 from twilbert.data.preprocess import Preprocessor
 from twilbert.data.tokenizer import Tokenizer
@@ -37,11 +37,10 @@ def load_encoder_weights(model: TWilBertForClassification, pretrained_dir: Path,
     return card
 
 
-def check_max_len(cfg: Config, task: TaskConfig, card: ModelCard, pretrained_dir: Path) -> None:
-    """The packed rows (``[CLS] a [SEP] (b [SEP])``) must fit the pretrained model's positions
-    (``max_len_test`` is at most ``max_len``, checked on load)."""
+def check_max_len(max_len: int, task: TaskConfig, card: ModelCard, pretrained_dir: Path) -> None:
+    """The packed rows (``[CLS] a [SEP] (b [SEP])``) of ``representation.max_len`` must fit the pretrained
+    model's positions (``max_len_test`` is at most ``max_len``, checked on load)."""
     segments = 2 if task.dataset.aux_header else 1
-    max_len = cfg.representation.max_len
     if not card.fits(max_len, segments):
         raise ConfigError(
             f"representation.max_len={max_len} gives rows of {row_width(max_len, segments)} tokens for task "
@@ -67,11 +66,11 @@ class TWilBertBackbone:
         self.packer = TWilBertPacker(self.tokenizer)
 
     @classmethod
-    def load(cls, cfg: Config, task: TaskConfig, ft: FinetuningConfig, pretrained_dir: Path) -> "TWilBertBackbone":
+    def load(cls, max_len: int, task: TaskConfig, ft: FinetuningConfig, pretrained_dir: Path) -> "TWilBertBackbone":
         verify_model_dir(pretrained_dir)  # once, before any work; each fold's model then loads unverified
         tokenizer = Tokenizer(pretrained_dir)
         encoder_card = read_card(pretrained_dir / CONFIG_NAME)
-        check_max_len(cfg, task, encoder_card, pretrained_dir)
+        check_max_len(max_len, task, encoder_card, pretrained_dir)
         return cls(Path(pretrained_dir), encoder_card, tokenizer, ft, task)
 
     @property
@@ -110,9 +109,9 @@ class HFBackbone:
     task: TaskConfig
 
     @classmethod
-    def load(cls, cfg: Config, task: TaskConfig, ft: FinetuningConfig) -> "HFBackbone":
+    def load(cls, preprocess: Preprocessor, task: TaskConfig, ft: FinetuningConfig) -> "HFBackbone":
         encoder, tokenizer = load_hf_backbone(ft.hf_path)
-        return cls(encoder, hf_packer(encoder, tokenizer, Preprocessor(cfg.preprocess)), ft, task)
+        return cls(encoder, hf_packer(encoder, tokenizer, preprocess), ft, task)
 
     @property
     def name(self) -> str:

@@ -22,7 +22,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from twilbert.config import Config, ConfigError, FinetuningConfig, TaskConfig
+from twilbert.config import ConfigError, FinetuningConfig, TaskConfig
 from twilbert.data.batch import PACKED_KEYS, PairBatch
 from twilbert.data.hf_vocab import vocab_preprocessor
 from twilbert.data.packers import TWilBertPacker
@@ -37,10 +37,12 @@ from twilbert.model.card import HeadConfig
 from twilbert.model.manifest import write_manifest
 from twilbert.model.trainable import set_trainable
 from twilbert.tracking.runs import Tracker
+from twilbert.train.best_epoch import BestEpoch
 from twilbert.train.distributed import DistContext, n_rank_batches, rank_batch_indices, wrap_ddp
 from twilbert.train.finetune.encoders import Backbone, HFBackbone, TWilBertBackbone
+from twilbert.train.finetune.resolved import FinetuneRun
 from twilbert.train.fingerprint import run_fingerprint
-from twilbert.train.loop import BestEpoch, Callback, Checkpointing, Trainer
+from twilbert.train.loop import Callback, Checkpointing, Trainer
 from twilbert.train.losses import build_loss, class_weights_tensor
 from twilbert.train.optim import build_optimizer, build_scheduler, param_groups
 
@@ -318,22 +320,21 @@ def check_loss(ft: FinetuningConfig, task: TaskConfig) -> None:
         raise ConfigError(f"tasks.{task.name}.finetuning.loss ({ft.loss!r}): {err}") from None
 
 
-def twilbert_learner(cfg: Config, task: TaskConfig, ft: FinetuningConfig, pretrained_dir: Path,
-                     tracker: Optional[Tracker], ctx: Optional[DistContext] = None) -> NeuralLearner:
-    check_loss(ft, task)
-    return neural_learner(cfg, task, ft, TWilBertBackbone.load(cfg, task, ft, Path(pretrained_dir)), tracker, ctx)
+def twilbert_learner(run: FinetuneRun, tracker: Optional[Tracker], ctx: Optional[DistContext] = None) -> NeuralLearner:
+    check_loss(run.ft, run.task)
+    backbone = TWilBertBackbone.load(run.max_len, run.task, run.ft, run.pretrained_dir)
+    return neural_learner(run, backbone, tracker, ctx)
 
 
-def hf_learner(cfg: Config, task: TaskConfig, ft: FinetuningConfig, tracker: Optional[Tracker],
-               ctx: Optional[DistContext] = None) -> NeuralLearner:
-    check_loss(ft, task)
-    return neural_learner(cfg, task, ft, HFBackbone.load(cfg, task, ft), tracker, ctx)
+def hf_learner(run: FinetuneRun, tracker: Optional[Tracker], ctx: Optional[DistContext] = None) -> NeuralLearner:
+    check_loss(run.ft, run.task)
+    return neural_learner(run, HFBackbone.load(Preprocessor(run.preprocess), run.task, run.ft), tracker, ctx)
 
 
-def neural_learner(cfg: Config, task: TaskConfig, ft: FinetuningConfig, backbone: Backbone,
-                   tracker: Optional[Tracker], ctx: Optional[DistContext] = None) -> NeuralLearner:
-    return NeuralLearner(backbone.kind, backbone.name, task, ft, cfg.seed, backbone.preprocess,
-                         backbone=backbone, tracker=tracker, **_placement(ft, ctx))
+def neural_learner(run: FinetuneRun, backbone: Backbone, tracker: Optional[Tracker],
+                   ctx: Optional[DistContext] = None) -> NeuralLearner:
+    return NeuralLearner(backbone.kind, backbone.name, run.task, run.ft, run.seed, backbone.preprocess,
+                         backbone=backbone, tracker=tracker, **_placement(run.ft, ctx))
 
 
 def _placement(ft: FinetuningConfig, ctx: Optional[DistContext]) -> dict:
@@ -342,12 +343,12 @@ def _placement(ft: FinetuningConfig, ctx: Optional[DistContext]) -> dict:
     return {"device": ctx.device, "ctx": ctx}
 
 
-def baseline_learner(cfg: Config, task: TaskConfig, ft: FinetuningConfig, preprocess: Preprocessor) -> BaselineLearner:
-    return BaselineLearner("baseline", f"tfidf-{ft.baseline_model}", task, ft, cfg.seed, preprocess)
+def baseline_learner(run: FinetuneRun, preprocess: Preprocessor) -> BaselineLearner:
+    return BaselineLearner("baseline", f"tfidf-{run.ft.baseline_model}", run.task, run.ft, run.seed, preprocess)
 
 
-def task_preprocessor(cfg: Config, pretrained_dir: Path) -> Preprocessor:
+def task_preprocessor(run: FinetuneRun) -> Preprocessor:
     """The vocabulary's preprocessing when there is a pretrained model, else ``preprocess``."""
-    if (Path(pretrained_dir) / META_FILE).is_file():  # twilbert's vocabulary, or a checkpoint's (init_from hf)
-        return vocab_preprocessor(pretrained_dir)
-    return Preprocessor(cfg.preprocess)
+    if (run.pretrained_dir / META_FILE).is_file():  # twilbert's vocabulary, or a checkpoint's (init_from hf)
+        return vocab_preprocessor(run.pretrained_dir)
+    return Preprocessor(run.preprocess)

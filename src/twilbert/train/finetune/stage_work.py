@@ -6,13 +6,12 @@ evaluated (``learner_run.evaluate_learner``), the model directory published whol
 from __future__ import annotations
 
 import csv
-import dataclasses
 import json
 from pathlib import Path
 from typing import Optional, Sequence, Union
 
 from twilbert.codebase import code_digest
-from twilbert.config import Config, FinetuningConfig, TaskConfig, to_dict
+from twilbert.config import Config, FinetuningConfig, TaskConfig
 from twilbert.data.preprocess import Preprocessor
 from twilbert.data.tasks import TaskData, load_task
 from twilbert.device import configure_matmul, resolve_device
@@ -33,8 +32,10 @@ from twilbert.train.finetune.learners import (
     task_preprocessor,
     twilbert_learner,
 )
-from twilbert.train.fingerprint import config_fingerprint, files_digest
+from twilbert.train.finetune.resolved import FinetuneRun, resolve_finetune_run
+from twilbert.train.fingerprint import config_fingerprint, files_digest, run_fingerprint
 from twilbert.train.loop import Callback, seed_everything
+from twilbert.train.run_dirs import run_directory
 
 BASELINE_FILE = "baseline.json"
 METRICS_FILE = "metrics.json"
@@ -43,66 +44,55 @@ PREDICTIONS_HEADER = "\t".join(PREDICTIONS_COLUMNS) + "\n"  # what a baseline th
 BASELINE_DIR = "baseline"  # the baseline row's model, inside the task's model directory
 
 
-
-def hf_pretrained_backbone(ft: FinetuningConfig, pretrained_dir: Path) -> FinetuningConfig:
-    """``ft``, reading ``pretrained_dir`` as a Hugging Face backbone when continued pretraining wrote it
-    (``training.init_from: hf``): the default backbone then needs no setting of its own."""
-    from twilbert.model.hf_pretraining import is_hf_pretrained
-    from twilbert.model.manifest import verify_model_dir
-
-    if ft.backbone != "twilbert" or not is_hf_pretrained(pretrained_dir):
-        return ft
-    verify_model_dir(pretrained_dir)  # as a twilbert directory is verified before use
-    return dataclasses.replace(ft, backbone="hf", hf_path=str(pretrained_dir))
-
-def finetune_fingerprint(cfg: Config, task: TaskConfig, ft: FinetuningConfig, pretrained_dir: Path) -> dict[str, str]:
-    """What makes two finetuning runs of a task the same run: config, task files, backbone, code."""
-    raw = {"seed": cfg.seed, "finetuning": to_dict(ft), "representation": to_dict(cfg.representation),
-           "preprocess": to_dict(cfg.preprocess), "runtime": to_dict(cfg.runtime),
-           "task": {"dataset": to_dict(task.dataset), "task": to_dict(task.task)}}
-    files = [task.dataset.path(name) for name in (task.dataset.train_file, task.dataset.dev_file,
-                                                   task.dataset.test_file)]
-    backbone = Path(ft.hf_path) if ft.backbone == "hf" else Path(pretrained_dir)
-    return {"config": config_fingerprint(raw), "inputs": files_digest([f for f in files if f] + [backbone]),
+def finetune_fingerprint(run: FinetuneRun) -> dict[str, str]:
+    """What makes two finetuning runs of a task the same run: what trains (``run.params()``), the task's
+    files, the backbone, the code."""
+    dataset = run.task.dataset
+    files = [dataset.path(name) for name in (dataset.train_file, dataset.dev_file, dataset.test_file)]
+    backbone = Path(run.ft.hf_path) if run.ft.backbone == "hf" else run.pretrained_dir
+    return {"config": config_fingerprint(run.params()), "inputs": files_digest([f for f in files if f] + [backbone]),
             "code": code_digest(__name__)}
-
-
-def run_config(cfg: Config, run_seed: int) -> Config:
-    """The config of finetuning run ``run_seed``: its training seed is ``seed + run_seed`` (config/runs.py).
-
-    Load the task's splits with ``cfg.seed`` before, so that every run is scored on the same examples."""
-    return dataclasses.replace(cfg, seed=cfg.seed + run_seed)
 
 
 def finetune_task(cfg: Config, task: TaskConfig, pretrained_dir: Path, model_out: Path, metrics_out: Path,
                   tracker: Optional[Tracker] = None, checkpoint_dir: Optional[Path] = None,
                   ctx: Optional[DistContext] = None, splits: Optional[TaskData] = None,
                   callbacks: Sequence[Callback] = (), baseline_row: Optional[bool] = None) -> dict:
+    """``finetune_run`` of ``task``'s run trained with ``cfg.seed`` (``resolve_finetune_run``)."""
+    return finetune_run(resolve_finetune_run(cfg, task, pretrained_dir), model_out, metrics_out, tracker,
+                        checkpoint_dir, ctx, splits, callbacks, baseline_row)
+
+
+def finetune_run(run: FinetuneRun, model_out: Path, metrics_out: Path,
+                 tracker: Optional[Tracker] = None, checkpoint_dir: Optional[Path] = None,
+                 ctx: Optional[DistContext] = None, splits: Optional[TaskData] = None,
+                 callbacks: Sequence[Callback] = (), baseline_row: Optional[bool] = None) -> dict:
     """Finetune the configured backbone on ``task`` (and the baseline row); write models and metrics.
 
-    With ``checkpoint_dir`` the neural backbones checkpoint and resume there (``train_state/``, or
-    ``fold-<i>/`` per fold). Under torchrun (``ctx``) every rank trains; rank 0 alone fits the
-    baseline row and writes. ``splits``: the task's files already read (``load_task``), so that a
-    caller can validate them before it opens its MLflow run. ``callbacks``: the training loop's hooks.
+    With ``checkpoint_dir`` the neural backbones checkpoint and resume in this run's folder there
+    (``run-<identity>/train_state/``, or ``fold-<i>/`` per fold: ``train.run_dirs``). Under torchrun
+    (``ctx``) every rank trains; rank 0 alone fits the baseline row and writes. ``splits``: the task's
+    files already read (``load_task``), so that a caller can validate them before it opens its MLflow run.
+    ``callbacks``: the training loop's hooks.
     ``baseline_row``: False when the baseline is a stage of its own (``baseline_task``); None: the config's.
     """
-    ft = hf_pretrained_backbone(task.finetuning_config(cfg.finetuning), pretrained_dir)
+    task, ft = run.task, run.ft
     ctx = ctx or DistContext(device=resolve_device(ft.device))
-    seed_everything(cfg.seed, ctx.device)
+    seed_everything(run.seed, ctx.device)
     configure_matmul(ctx.device, ft.tf32)
-    pretrained_dir, model_out, metrics_out = Path(pretrained_dir), Path(model_out), Path(metrics_out)
-    splits = splits if splits is not None else load_task(task, cfg.seed, ft.no_test_protocol)
-    max_len = cfg.representation.max_len
-    test_len = cfg.representation.test_len
+    model_out, metrics_out = Path(model_out), Path(metrics_out)
+    splits = splits if splits is not None else load_task(task, run.split_seed, ft.no_test_protocol)
+    max_len, test_len = run.max_len, run.test_len
     if ft.backbone == "twilbert":
-        learner: Learner = twilbert_learner(cfg, task, ft, pretrained_dir, tracker, ctx)
+        learner: Learner = twilbert_learner(run, tracker, ctx)
     elif ft.backbone == "hf":
-        learner = hf_learner(cfg, task, ft, tracker, ctx)
+        learner = hf_learner(run, tracker, ctx)
     else:
-        learner = baseline_learner(cfg, task, ft, task_preprocessor(cfg, pretrained_dir))
+        learner = baseline_learner(run, task_preprocessor(run))
     if checkpoint_dir is not None and isinstance(learner, NeuralLearner):
-        learner.checkpoint_dir = Path(checkpoint_dir)
-        learner.fingerprint_parts = finetune_fingerprint(cfg, task, ft, pretrained_dir)
+        parts = finetune_fingerprint(run)
+        learner.checkpoint_dir = run_directory(checkpoint_dir, run_fingerprint(parts), parts)
+        learner.fingerprint_parts = parts
     if isinstance(learner, NeuralLearner):
         learner.callbacks = list(callbacks)
 
@@ -113,20 +103,20 @@ def finetune_task(cfg: Config, task: TaskConfig, pretrained_dir: Path, model_out
         return metrics
 
     with publish_dir(model_out, checksums=True) as staged:  # checksums cover the k-fold publish, folds/, baseline/
-        run = flag_degenerate(task, evaluate_learner(learner, splits, max_len, test_len, staged), splits)
+        result = flag_degenerate(task, evaluate_learner(learner, splits, max_len, test_len, staged), splits)
         baseline: Union[dict, None] = None
         if (ft.baseline_row if baseline_row is None else baseline_row) and ft.backbone != "baseline":
-            row = baseline_learner(cfg, task, ft, learner.preprocess)
+            row = baseline_learner(run, learner.preprocess)
             baseline = flag_degenerate(task, evaluate_learner(row, splits, max_len, test_len, staged / BASELINE_DIR),
                                        splits).metrics
 
     if tracker:
-        tracker.log_metrics(run_scores(run.metrics))
+        tracker.log_metrics(run_scores(result.metrics))
         if baseline:
             tracker.log_metrics({f"baseline_{k}": v for k, v in run_scores(baseline).items()})
-    write_metrics(metrics_out, run, baseline, ft, baseline_file=baseline_row is not False)
+    write_metrics(metrics_out, result, baseline, ft, baseline_file=baseline_row is not False)
     distributed.barrier()
-    return run.metrics
+    return result.metrics
 
 
 def write_metrics(metrics_out: Path, run: LearnerRun, baseline: Optional[dict], ft: FinetuningConfig,
@@ -157,7 +147,8 @@ def baseline_task(cfg: Config, task: TaskConfig, vocab_dir: Path, model_out: Pat
     ``metrics_out``. When the task has no baseline row: the skipped note in ``metrics.json``, a
     header-only ``predictions.tsv`` and a ``skipped.json`` model folder (DVC finds every output), None.
     ``vocab_dir``: the vocabulary (or a model directory carrying it) whose preprocessing it applies."""
-    ft = task.finetuning_config(cfg.finetuning)
+    run = resolve_finetune_run(cfg, task, vocab_dir, resolve_backbone=False)
+    ft = run.ft
     metrics_out = Path(metrics_out)
     if not ft.baseline_row or ft.backbone == "baseline":
         note = skipped_baseline(task.name, ft)
@@ -169,14 +160,14 @@ def baseline_task(cfg: Config, task: TaskConfig, vocab_dir: Path, model_out: Pat
         with atomic_write(metrics_out / METRICS_FILE) as fh:
             json.dump(note, fh, indent=2)
         return None
-    splits = splits if splits is not None else load_task(task, cfg.seed, ft.no_test_protocol)
+    splits = splits if splits is not None else load_task(task, run.split_seed, ft.no_test_protocol)
     # the text the finetuned model reads: the vocabulary's preprocessing, or `preprocess` under hf
-    preprocess = Preprocessor(cfg.preprocess) if ft.backbone == "hf" else task_preprocessor(cfg, vocab_dir)
-    row = baseline_learner(cfg, task, ft, preprocess)
+    preprocess = Preprocessor(run.preprocess) if ft.backbone == "hf" else task_preprocessor(run)
+    row = baseline_learner(run, preprocess)
     with publish_dir(model_out, checksums=True) as staged:
-        run = evaluate_learner(row, splits, cfg.representation.max_len, cfg.representation.test_len, staged)
-    write_run(metrics_out, flag_degenerate(task, run, splits), epochs=False)
-    return run.metrics
+        result = evaluate_learner(row, splits, run.max_len, run.test_len, staged)
+    write_run(metrics_out, flag_degenerate(task, result, splits), epochs=False)
+    return result.metrics
 
 
 def run_scores(metrics: dict) -> dict[str, float]:
