@@ -1,0 +1,222 @@
+"""Real reply pairs out of social-media posts (``data.source`` twitter, bluesky, parquet, csv), joined out
+of core by DuckDB: the posts are read (:mod:`twilbert.data.social_read`), filtered (retweets, language,
+empty texts: each counted), made unique by id, and every reply whose parent is anywhere in the corpus
+becomes a ``(parent, reply)`` row; the other posts go on as single texts ``(text, None)``. The rows then
+take the path every source takes (``write_pretrain_corpus``: printable check, dedup, counts).
+
+DuckDB works in a database file in a temporary folder beside the output, under ``data.engine_memory``:
+what does not fit spills there, and the folder is removed at the end. The rows come out in one total
+order (ORDER BY the reply's id, or the post's; then the texts), so the bytes do not depend on the
+thread count or on which file a post came from.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import shutil
+import tempfile
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Callable, Iterator, Optional
+
+from twilbert.config import DataConfig
+from twilbert.data.formats import DataFormatError
+from twilbert.data.social_read import (
+    SPACE,
+    EngineError,
+    bluesky_problem,
+    bluesky_sql,
+    clean_copy,
+    csv_scan,
+    parquet_scan,
+    parse_json_error,
+    table_sql,
+    twitter_problem,
+    twitter_sql,
+)
+
+log = logging.getLogger(__name__)
+
+SOCIAL_SOURCES = ("twitter", "bluesky", "parquet", "csv")
+BATCH_ROWS = 65_536
+SkipBad = Callable[[str, int, str], bool]
+
+
+def engine_threads(threads: Optional[int]) -> int:
+    return threads if threads and threads > 0 else (os.cpu_count() or 1)
+
+
+def _connect(tmp: Path, cfg: DataConfig, threads: int):
+    import duckdb  # imported here: the other sources and later stages never load it
+
+    con = duckdb.connect(str(tmp / "join.duckdb"), config={
+        "threads": threads, "memory_limit": cfg.engine_memory, "temp_directory": str(tmp / "spill"),
+        # the output's order is fixed by ORDER BY; insertion order would only cost memory
+        "preserve_insertion_order": False,
+    })
+    return con
+
+
+def _load_json(con, sql: str, files: list[str], problem_of, skip_bad: SkipBad, tmp: Path) -> dict[str, str]:
+    """Create ``recs`` from JSON files; a malformed line is found (DuckDB names file and line), offered
+    to ``skip_bad``, and the file read again from a copy without its bad lines. Returns copy -> original."""
+    import duckdb
+
+    copies: dict[str, str] = {}  # original -> clean copy
+    while True:
+        try:
+            con.execute(f"CREATE OR REPLACE TABLE recs AS {sql}", {"files": [copies.get(f, f) for f in files]})
+            return {v: k for k, v in copies.items()}
+        except (duckdb.InvalidInputException, duckdb.ConversionException) as err:
+            message = str(err)
+            found = parse_json_error(message)
+            if found is None:
+                raise EngineError(f"data.posts_file: DuckDB could not read the posts: {message.splitlines()[0]}") from None
+            file, line, problem = found
+            if file in copies.values() or file not in files:  # a copy is already clean: the reader and we disagree
+                original = next((o for o, c in copies.items() if c == file), file)
+                raise DataFormatError(original, [(None, f"malformed JSON near line {line}: {problem}")]) from None
+            # Each bad line of the file is found, offered to skip_bad (this one among them), and left out
+            copies[file] = str(tmp / f"clean-{len(copies)}.jsonl")
+            clean_copy(Path(file), Path(copies[file]), problem_of, skip_bad)
+
+
+def _drop_problem_records(con, problem_of, skip_bad: SkipBad, originals: dict[str, str], tmp: Path) -> None:
+    """Records DuckDB read but that are no post (no id, no text): find their lines, offer each to
+    ``skip_bad``, and delete them from ``recs``."""
+    bad = con.execute("SELECT filename, any_value(problem) FROM recs WHERE problem IS NOT NULL "
+                      "GROUP BY filename ORDER BY filename").fetchall()
+    for file, problem in bad:
+        original = originals.get(file, file)
+        if problem_of is not None:
+            dropped = clean_copy(Path(original), tmp / "located.jsonl", problem_of, skip_bad)
+            if dropped:
+                continue
+        if not skip_bad(original, 0, problem):  # reader and locator disagree: still counted, never silent
+            raise DataFormatError(original, [(None, problem)])
+    con.execute("DELETE FROM recs WHERE problem IS NOT NULL")
+
+
+def _load_table(con, cfg: DataConfig, files: list[str], skip_bad: SkipBad) -> None:
+    """Create ``recs`` from CSV or Parquet files; each must hold the configured columns."""
+    import duckdb
+
+    csv = cfg.source == "csv"
+    scan = csv_scan(cfg.csv_delimiter) if csv else parquet_scan()
+    wanted = {"data.text_column": cfg.text_column, "data.id_column": cfg.id_column,
+              "data.reply_to_column": cfg.reply_to_column, "data.lang_column": cfg.lang_column}
+    for file in files:
+        try:
+            names = [d[0] for d in con.execute(f"DESCRIBE SELECT * FROM {scan}", {"files": [file]}).fetchall()]
+        except duckdb.Error as err:
+            raise DataFormatError(file, [(None, f"not readable as {cfg.source}: {str(err).splitlines()[0]}")]) from None
+        for key, name in wanted.items():
+            if name is not None and name not in names:
+                raise DataFormatError(file, [(1 if csv else None, f"no column {name!r} (set by {key}); "
+                                              f"the columns are {', '.join(names[:20])}")])
+    sql = table_sql(scan, cfg.text_column, cfg.id_column, cfg.reply_to_column, cfg.lang_column)
+    try:
+        con.execute(f"CREATE OR REPLACE TABLE recs AS {sql}", {"files": files})
+    except duckdb.Error as err:
+        raise EngineError(f"data.posts_file: DuckDB could not read the posts: {str(err).splitlines()[0]}") from None
+    if csv:
+        rejects = con.execute("SELECT s.file_path, e.line, string_agg(e.error_message, '; ' ORDER BY e.error_message) "
+                              "FROM reject_errors e JOIN reject_scans s ON e.scan_id = s.scan_id AND e.file_id = s.file_id "
+                              "GROUP BY ALL ORDER BY 1, 2").fetchall()
+        for file, line, message in rejects:
+            problem = f"not an RFC 4180 CSV row: {message.splitlines()[0]}"
+            if not skip_bad(file, int(line), problem):
+                raise DataFormatError(file, [(int(line), problem)])
+
+
+def _lang_fate(cfg: DataConfig) -> str:
+    if cfg.lang is None:
+        return ""
+    lang = cfg.lang.lower().replace("'", "''")
+    untagged = "" if cfg.keep_untagged else "WHEN langs IS NULL THEN 'untagged_language_dropped' "
+    return (f"{untagged}WHEN langs IS NOT NULL AND NOT list_bool_or(list_transform(langs, "
+            f"lambda l: lower(l) = '{lang}' OR starts_with(lower(l), '{lang}-'))) THEN 'other_language_dropped' ")
+
+
+def _build_rows(con, cfg: DataConfig) -> dict[str, int]:
+    """From ``recs`` to the tables ``p`` (unique posts) and ``pr`` (found pairs); return the counts."""
+    con.execute(f"""CREATE OR REPLACE TABLE cls AS
+        SELECT id, parent, text,
+               CASE WHEN retweet THEN 'retweets_dropped' {_lang_fate(cfg)}
+                    WHEN text IS NULL OR text = '' THEN 'empty_texts_dropped' ELSE 'kept' END AS fate
+        FROM (SELECT id, parent, retweet, langs,
+                     trim(regexp_replace(text, '{SPACE}+', ' ', 'g')) AS text
+              FROM recs WHERE NOT skip)""")
+    fates = dict(con.execute("SELECT fate, count(*) FROM cls GROUP BY fate").fetchall())
+    skipped = con.execute("SELECT count(*) FROM recs WHERE skip").fetchone()[0]
+    con.execute("DROP TABLE recs")
+    # One post per id: the longest text (a note tweet over its truncated text), then a fixed order.
+    con.execute("""CREATE OR REPLACE TABLE p AS
+        SELECT id, nullif(m.p, '') AS parent, m.t AS text FROM (
+          SELECT id, max(struct_pack(l := length(text), t := text, p := coalesce(parent, ''))) AS m
+          FROM cls WHERE fate = 'kept' AND id IS NOT NULL GROUP BY id)
+        UNION ALL SELECT NULL, NULL, text FROM cls WHERE fate = 'kept' AND id IS NULL""")
+    con.execute("DROP TABLE cls")
+    con.execute("""CREATE OR REPLACE TABLE pr AS
+        SELECT r.id AS rid, r.parent AS pid, par.text AS a, r.text AS b
+        FROM p r JOIN p par ON par.id = r.parent WHERE r.id <> r.parent""")
+    posts, replies = con.execute("SELECT count(*), count(parent) FROM p").fetchone()
+    pairs = con.execute("SELECT count(*) FROM pr").fetchone()[0]
+    chains = con.execute("SELECT count(*) FROM pr WHERE rid IN (SELECT pid FROM pr)").fetchone()[0]
+    counts = {"posts_read": sum(fates.values())}
+    if cfg.source == "bluesky":
+        counts["events_skipped"] = skipped
+    for key in ("retweets_dropped", "other_language_dropped", "untagged_language_dropped", "empty_texts_dropped"):
+        counts[key] = fates.get(key, 0)
+    counts.update(duplicate_ids_removed=fates.get("kept", 0) - posts, posts=posts, replies=replies,
+                  reply_pairs_found=pairs, replies_parent_missing=replies - pairs, reply_chains=chains)
+    return counts
+
+
+ROWS_SQL = """
+    SELECT a, b FROM (
+      SELECT rid AS k, a, b FROM pr
+      UNION ALL
+      SELECT coalesce(id, text) AS k, text AS a, NULL AS b FROM p
+      WHERE id IS NULL OR (id NOT IN (SELECT rid FROM pr) AND id NOT IN (SELECT pid FROM pr))
+    ) ORDER BY k, a, b NULLS FIRST"""
+
+
+def _stream(con) -> Iterator[tuple[str, Optional[str]]]:
+    reader = con.sql(ROWS_SQL).to_arrow_reader(BATCH_ROWS)  # streamed, not materialized in Python
+    for batch in reader:
+        yield from zip(batch.column(0).to_pylist(), batch.column(1).to_pylist())
+
+
+def du(path: Path) -> int:
+    return sum(f.stat().st_size for f in path.rglob("*") if f.is_file())
+
+
+@contextmanager
+def social_rows(cfg: DataConfig, files: list[Path], skip_bad: SkipBad, threads: Optional[int],
+                workdir: Path) -> Iterator[tuple[dict[str, int], Iterator[tuple[str, Optional[str]]]]]:
+    """The counts of the posts read and the corpus rows ``(parent, reply)`` / ``(text, None)``, in
+    their fixed order; the engine's files live in a temporary folder under ``workdir`` until the end."""
+    workdir.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=".join-", dir=workdir))
+    con = None
+    try:
+        con = _connect(tmp, cfg, engine_threads(threads))
+        names = [str(f) for f in files]
+        if cfg.source in ("twitter", "bluesky"):
+            problem_of = twitter_problem if cfg.source == "twitter" else bluesky_problem
+            sql = twitter_sql() if cfg.source == "twitter" else bluesky_sql()
+            originals = _load_json(con, sql, names, problem_of, skip_bad, tmp)
+            _drop_problem_records(con, problem_of, skip_bad, originals, tmp)
+        else:
+            _load_table(con, cfg, names, skip_bad)
+        counts = _build_rows(con, cfg)
+        yield counts, _stream(con)
+        con.execute("CHECKPOINT")
+        log.info("data: engine files at their largest after the join: %.1f MB (database and spill, in %s; removed)",
+                 du(tmp) / 1e6, tmp)
+    finally:
+        if con is not None:
+            con.close()
+        shutil.rmtree(tmp, ignore_errors=True)
