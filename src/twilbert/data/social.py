@@ -12,6 +12,7 @@ thread count or on which file a post came from.
 
 from __future__ import annotations
 
+import csv as _csv
 import logging
 import os
 import shutil
@@ -28,6 +29,7 @@ from twilbert.data.social_read import (
     bluesky_problem,
     bluesky_sql,
     clean_copy,
+    csv_header_sql,
     csv_scan,
     parquet_scan,
     parse_json_error,
@@ -99,27 +101,37 @@ def _drop_problem_records(con, problem_of, skip_bad: SkipBad, originals: dict[st
 
 
 def _load_table(con, cfg: DataConfig, files: list[str], skip_bad: SkipBad) -> None:
-    """Create ``recs`` from CSV or Parquet files; each must hold the configured columns."""
+    """Create ``recs`` from CSV or Parquet files; each must hold the configured columns. CSV files are
+    read in groups of the same header."""
     import duckdb
 
     csv = cfg.source == "csv"
-    scan = csv_scan(cfg.csv_delimiter) if csv else parquet_scan()
     wanted = {"data.text_column": cfg.text_column, "data.id_column": cfg.id_column,
               "data.reply_to_column": cfg.reply_to_column, "data.lang_column": cfg.lang_column}
+    groups: dict[tuple, list[str]] = {}
     for file in files:
         try:
-            names = [d[0] for d in con.execute(f"DESCRIBE SELECT * FROM {scan}", {"files": [file]}).fetchall()]
+            if csv:
+                first = con.execute(csv_header_sql(), {"files": [file]}).fetchall()
+                names = next(_csv.reader([first[0][0]], delimiter=cfg.csv_delimiter)) if first else []
+            else:
+                names = [d[0] for d in con.execute(f"DESCRIBE SELECT * FROM {parquet_scan()}", {"files": [file]}).fetchall()]
         except duckdb.Error as err:
             raise DataFormatError(file, [(None, f"not readable as {cfg.source}: {str(err).splitlines()[0]}")]) from None
         for key, name in wanted.items():
             if name is not None and name not in names:
                 raise DataFormatError(file, [(1 if csv else None, f"no column {name!r} (set by {key}); "
                                               f"the columns are {', '.join(names[:20])}")])
-    sql = table_sql(scan, cfg.text_column, cfg.id_column, cfg.reply_to_column, cfg.lang_column)
-    try:
-        con.execute(f"CREATE OR REPLACE TABLE recs AS {sql}", {"files": files})
-    except duckdb.Error as err:
-        raise EngineError(f"data.posts_file: DuckDB could not read the posts: {str(err).splitlines()[0]}") from None
+        groups.setdefault(tuple(names) if csv else (), []).append(file)
+    sql = "CREATE OR REPLACE TABLE recs AS"
+    for header, group in groups.items():
+        scan = csv_scan(cfg.csv_delimiter, list(header)) if csv else parquet_scan()
+        try:
+            con.execute(f"{sql} {table_sql(scan, cfg.text_column, cfg.id_column, cfg.reply_to_column, cfg.lang_column)}",
+                        {"files": group})
+        except duckdb.Error as err:
+            raise EngineError(f"data.posts_file: DuckDB could not read the posts: {str(err).splitlines()[0]}") from None
+        sql = "INSERT INTO recs"
     if csv:
         rejects = con.execute("SELECT s.file_path, e.line, string_agg(e.error_message, '; ' ORDER BY e.error_message) "
                               "FROM reject_errors e JOIN reject_scans s ON e.scan_id = s.scan_id AND e.file_id = s.file_id "
@@ -149,7 +161,7 @@ def _build_rows(con, cfg: DataConfig) -> dict[str, int]:
                      trim(regexp_replace(text, '{SPACE}+', ' ', 'g')) AS text
               FROM recs WHERE NOT skip)""")
     fates = dict(con.execute("SELECT fate, count(*) FROM cls GROUP BY fate").fetchall())
-    skipped = con.execute("SELECT count(*) FROM recs WHERE skip").fetchone()[0]
+    skipped = con.execute("SELECT count(*) FROM recs WHERE skip").fetchall()[0][0]
     con.execute("DROP TABLE recs")
     # One post per id: the longest text (a note tweet over its truncated text), then a fixed order.
     con.execute("""CREATE OR REPLACE TABLE p AS
@@ -161,9 +173,9 @@ def _build_rows(con, cfg: DataConfig) -> dict[str, int]:
     con.execute("""CREATE OR REPLACE TABLE pr AS
         SELECT r.id AS rid, r.parent AS pid, par.text AS a, r.text AS b
         FROM p r JOIN p par ON par.id = r.parent WHERE r.id <> r.parent""")
-    posts, replies = con.execute("SELECT count(*), count(parent) FROM p").fetchone()
-    pairs = con.execute("SELECT count(*) FROM pr").fetchone()[0]
-    chains = con.execute("SELECT count(*) FROM pr WHERE rid IN (SELECT pid FROM pr)").fetchone()[0]
+    posts, replies = con.execute("SELECT count(*), count(parent) FROM p").fetchall()[0]
+    pairs = con.execute("SELECT count(*) FROM pr").fetchall()[0][0]
+    chains = con.execute("SELECT count(*) FROM pr WHERE rid IN (SELECT pid FROM pr)").fetchall()[0][0]
     counts = {"posts_read": sum(fates.values())}
     if cfg.source == "bluesky":
         counts["events_skipped"] = skipped

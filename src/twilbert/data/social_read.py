@@ -105,8 +105,8 @@ def bluesky_sql() -> str:
              p.reply.parent.uri AS parent, p.text AS text, p.langs AS langs,
              coalesce(kind = 'commit' AND "commit".collection = '{REPOST_COLLECTION}'
                       AND "commit".operation = 'create', false) AS retweet,
-             coalesce(kind IS NOT NULL AND NOT (kind = 'commit' AND "commit".collection = '{POST_COLLECTION}'
-                      AND "commit".operation = 'create'), false) AS skip
+             coalesce(kind IS NOT NULL AND NOT (kind = 'commit' AND "commit".collection IN ('{POST_COLLECTION}',
+                      '{REPOST_COLLECTION}') AND "commit".operation = 'create'), false) AS skip
       FROM (SELECT *, CASE WHEN kind IS NOT NULL THEN "commit".record ELSE coalesce(value, record) END AS p
             FROM {json_scan(_BLUESKY_FIELDS)})
     )"""
@@ -124,13 +124,21 @@ def table_sql(scan: str, text: str, id_col: Optional[str], reply_to: Optional[st
     FROM {scan}"""
 
 
-def csv_scan(delimiter: str) -> str:
-    # RFC 4180: fields may be quoted, quotes doubled inside them, and quoted fields may hold the
-    # delimiter and line breaks. Rejected rows are kept in reject_errors, with their lines.
+def csv_scan(delimiter: str, header: list[str]) -> str:
+    """RFC 4180: fields may be quoted, quotes doubled inside them, and quoted fields may hold the
+    delimiter and line breaks. The columns are the header's (no sniffing: a bad row must not stop the
+    reader from starting); rejected rows are kept in reject_errors, with their lines."""
     delim = delimiter.replace("'", "''")
-    return (f"read_csv($files, header=true, all_varchar=true, delim='{delim}', quote='\"', escape='\"', "
-            "strict_mode=true, filename=true, union_by_name=true, ignore_errors=true, store_rejects=true, "
+    cols = "{" + ", ".join("'{}': 'VARCHAR'".format(c.replace("'", "''")) for c in header) + "}"
+    return (f"read_csv($files, header=true, auto_detect=false, columns={cols}, delim='{delim}', quote='\"', "
+            "escape='\"', strict_mode=true, filename=true, ignore_errors=true, store_rejects=true, "
             "compression='auto')")
+
+
+def csv_header_sql() -> str:
+    # the first physical line, raw (compressed or not): its names are parsed as CSV in Python
+    return ("SELECT line FROM read_csv($files, header=false, auto_detect=false, columns={'line': 'VARCHAR'}, "
+            "delim='\x01', quote='', escape='', compression='auto') LIMIT 1")
 
 
 def parquet_scan() -> str:
