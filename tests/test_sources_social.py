@@ -225,3 +225,29 @@ def test_the_data_stage_on_a_twitter_v2_folder(tmp_path, twitter_folder):
     lines = (workdir / "data" / "pretrain" / "corpus.jsonl").read_text().splitlines()
     assert sum(json.loads(line)["b"] is not None for line in lines) == summary["pretrain_pairs_with_reply"] == 4
     assert not any(p.name.startswith(".join-") for p in (workdir / "data").iterdir())  # the engine's files gone
+
+
+TRICKY = ["Hola  mundo", "hola mundo", "HOLA\tMUNDO\n", "RT @ana: hola mundo", "RT @José_1: hola mundo",
+          "mira https://t.co/abc123", "mira www.ejemplo.es", "mira http://x.co/zz", "@Ñandú hola", "@pepe hola",
+          "comillas \" y \\ barra", "salto\u2028de línea\u00a0y\x0bmás", "emoji 😂🇲🇽", "\u200b", "\x01\x02",
+          "tab\tdentro", "solo"]
+
+
+def test_sql_dedup_and_whitespace_agree_with_the_python_rules(tmp_path):
+    from twilbert.data.corpus import has_printable
+    from twilbert.data.dedup import normalized
+
+    f = tmp_path / "posts.csv"
+    with f.open("w", encoding="utf-8", newline="") as fh:
+        import csv
+
+        csv.writer(fh).writerows([["text"], *[[t] for t in TRICKY]])
+    summary, rows = run(tmp_path, "csv", [f])
+    texts = [" ".join(t.split()) for t in TRICKY]
+    texts = [t for t in texts if t]
+    printable = [t for t in texts if has_printable(t)]
+    expected = sorted({normalized(t): t for t in sorted(printable, reverse=True)}.values())
+    assert sorted(a for a, _ in rows) == expected  # the same texts survive, each written as Python splits it
+    assert summary["unprintable_removed"] == len(texts) - len(printable)
+    assert summary["duplicates_removed"] == len(printable) - len(expected)
+    assert summary["empty_texts_dropped"] == len(TRICKY) - len(texts)

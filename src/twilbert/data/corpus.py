@@ -22,7 +22,7 @@ from typing import Iterable, Iterator, Optional
 from twilbert.config import DataConfig
 from twilbert.data.dedup import DigestSet, row_digests
 from twilbert.data.formats import write_table
-from twilbert.data.social import SOCIAL_SOURCES, social_rows
+from twilbert.data.social import SOCIAL_SOURCES, social_corpus
 from twilbert.data.sources import (
     BadRowBudget,
     BlankLines,
@@ -246,9 +246,8 @@ def run_data_stage(cfg: DataConfig, seed: int, out: Path, threads: Optional[int]
         blank = BlankLines()
         source = f"data.{cfg.source} ({len(files)} file(s))"
         if cfg.source in SOCIAL_SOURCES:
-            with budget_message(budget), social_rows(cfg, files, budget, threads, out) as (posts, rows):
-                counts = write_pretrain_corpus(corpus_file, rows, cfg.dedup, source)
-            counts = {**posts, **counts}
+            with budget_message(budget):
+                counts = social_corpus(cfg, files, budget, threads, corpus_file, source)
         else:
             counts = write_pretrain_corpus(corpus_file, iter_corpus_rows(cfg, files, budget, blank), cfg.dedup, source)
         summary.update(files=len(files), untracked_files=len(untracked), **counts, bad_rows_skipped=budget.skipped)

@@ -17,13 +17,13 @@ import logging
 import os
 import shutil
 import tempfile
-from contextlib import contextmanager
 from pathlib import Path
-from typing import Callable, Iterator, Optional
+from typing import Callable, Optional
 
 from twilbert.config import DataConfig
 from twilbert.data.formats import DataFormatError
 from twilbert.data.social_read import (
+    OTHER_SPACE,
     SPACE,
     EngineError,
     bluesky_problem,
@@ -31,12 +31,14 @@ from twilbert.data.social_read import (
     clean_copy,
     csv_header_sql,
     csv_scan,
+    open_binary,
     parquet_scan,
     parse_json_error,
     table_sql,
     twitter_problem,
     twitter_sql,
 )
+from twilbert.io_utils import atomic_write
 
 log = logging.getLogger(__name__)
 
@@ -52,7 +54,8 @@ def engine_threads(threads: Optional[int]) -> int:
 def _connect(tmp: Path, cfg: DataConfig, threads: int):
     import duckdb  # imported here: the other sources and later stages never load it
 
-    con = duckdb.connect(str(tmp / "join.duckdb"), config={
+    # in memory, spilling to temp_directory past memory_limit: a database file would add its WAL and fsyncs
+    con = duckdb.connect(":memory:", config={
         "threads": threads, "memory_limit": cfg.engine_memory, "temp_directory": str(tmp / "spill"),
         # the output's order is fixed by ORDER BY; insertion order would only cost memory
         "preserve_insertion_order": False,
@@ -112,8 +115,7 @@ def _load_table(con, cfg: DataConfig, files: list[str], skip_bad: SkipBad) -> No
     for file in files:
         try:
             if csv:
-                first = con.execute(csv_header_sql(), {"files": [file]}).fetchall()
-                names = next(_csv.reader([first[0][0]], delimiter=cfg.csv_delimiter)) if first else []
+                names = csv_header(con, file, cfg.csv_delimiter)
             else:
                 names = [d[0] for d in con.execute(f"DESCRIBE SELECT * FROM {parquet_scan()}", {"files": [file]}).fetchall()]
         except duckdb.Error as err:
@@ -142,6 +144,17 @@ def _load_table(con, cfg: DataConfig, files: list[str], skip_bad: SkipBad) -> No
                 raise DataFormatError(file, [(int(line), problem)])
 
 
+def csv_header(con, file: str, delimiter: str) -> list[str]:
+    """The column names of a CSV file's first line (a header's names hold no line break)."""
+    if file.endswith(".zst"):  # no zstd reader in Python's standard library: DuckDB's own
+        first = con.execute(csv_header_sql(), {"files": [file]}).fetchall()
+        line = first[0][0] if first else ""
+    else:
+        with open_binary(Path(file)) as fh:
+            line = fh.readline().decode("utf-8-sig", errors="replace").rstrip("\r\n")
+    return next(_csv.reader([line], delimiter=delimiter), [])
+
+
 def _lang_fate(cfg: DataConfig) -> str:
     if cfg.lang is None:
         return ""
@@ -158,7 +171,7 @@ def _build_rows(con, cfg: DataConfig) -> dict[str, int]:
                CASE WHEN retweet THEN 'retweets_dropped' {_lang_fate(cfg)}
                     WHEN text IS NULL OR text = '' THEN 'empty_texts_dropped' ELSE 'kept' END AS fate
         FROM (SELECT id, parent, retweet, langs,
-                     trim(regexp_replace(text, '{SPACE}+', ' ', 'g')) AS text
+                     {collapsed('text')} AS text
               FROM recs WHERE NOT skip)""")
     fates = dict(con.execute("SELECT fate, count(*) FROM cls GROUP BY fate").fetchall())
     skipped = con.execute("SELECT count(*) FROM recs WHERE skip").fetchall()[0][0]
@@ -186,31 +199,89 @@ def _build_rows(con, cfg: DataConfig) -> dict[str, int]:
     return counts
 
 
-ROWS_SQL = """
-    SELECT a, b FROM (
-      SELECT rid AS k, a, b FROM pr
-      UNION ALL
-      SELECT coalesce(id, text) AS k, text AS a, NULL AS b FROM p
-      WHERE id IS NULL OR (id NOT IN (SELECT rid FROM pr) AND id NOT IN (SELECT pid FROM pr))
-    ) ORDER BY k, a, b NULLS FIRST"""
+def collapsed(col: str) -> str:
+    """``col`` with whitespace runs as one space and no blank at either end (" ".join(text.split())):
+    the regexp only where it changes something, a tenth of its cost on tweets."""
+    return (f"CASE WHEN regexp_matches({col}, '  |^ | $|{OTHER_SPACE}') "
+            f"THEN trim(regexp_replace({col}, '{SPACE}+', ' ', 'g')) ELSE {col} END")
 
 
-def _stream(con) -> Iterator[tuple[str, Optional[str]]]:
-    reader = con.sql(ROWS_SQL).to_arrow_reader(BATCH_ROWS)  # streamed, not materialized in Python
-    for batch in reader:
-        yield from zip(batch.column(0).to_pylist(), batch.column(1).to_pylist())
+URL = "(?:https?://|www\\.)\\S*"
+USER = "@[\\pL\\pN\\pM_]+"
+
+
+def normalized_sql(table: str) -> str:
+    """``table``'s rows with ``h``, the digest of :func:`twilbert.data.dedup.normalized` of its texts
+    (already collapsed): lowercase, URLs and @users as placeholders, no leading ``RT @user:``. Each
+    step a subquery, its regexp only where it changes something."""
+    def steps(c: str) -> list[str]:
+        return [f"lower({c})",
+                f"CASE WHEN contains({c}, '://') OR contains({c}, 'www.') THEN regexp_replace({c}, '{URL}', 'url', 'g') "
+                f"ELSE {c} END",
+                f"CASE WHEN contains({c}, '@') THEN regexp_replace({c}, '{USER}', '@user', 'g') ELSE {c} END",
+                f"CASE WHEN starts_with({c}, 'rt @user') THEN regexp_replace({c}, '^rt @user:? ?', '') ELSE {c} END"]
+
+    sql = f"SELECT k, a, b, a AS na, b AS nb FROM {table}"
+    for i in range(4):
+        sql = f"SELECT k, a, b, {steps('na')[i]} AS na, {steps('nb')[i]} AS nb FROM ({sql})"
+    return f"SELECT k, a, b, md5_number(na || coalesce(chr(10) || nb, '')) AS h FROM ({sql})"
+
+
+def printable(col: str) -> str:
+    # twilbert.data.corpus.has_printable: a character that is neither a control/format mark nor blank
+    return f"CASE WHEN regexp_matches({col}, '[!-~]') THEN true ELSE regexp_matches({col}, '[^\\pC\\pZ]') END"
+
+
+def _final_rows(con, cfg: DataConfig) -> dict[str, int]:
+    """Table ``fin``: the corpus rows (k, a, b), printable, without exact duplicates when ``data.dedup``
+    (the first in output order kept, as the other sources keep the first read). Returns the counts."""
+    con.execute("""CREATE OR REPLACE TABLE rows AS
+        SELECT rid AS k, a, b FROM pr
+        UNION ALL
+        SELECT coalesce(id, text) AS k, text AS a, NULL AS b FROM p
+        WHERE id IS NULL OR (id NOT IN (SELECT rid FROM pr) AND id NOT IN (SELECT pid FROM pr))""")
+    con.execute("DROP TABLE p")
+    con.execute("DROP TABLE pr")
+    con.execute(f"""CREATE OR REPLACE TABLE ok AS SELECT k, a, b FROM rows
+                    WHERE {printable('a')} AND (b IS NULL OR {printable('b')})""")
+    n_rows = con.execute("SELECT count(*) FROM rows").fetchall()[0][0]
+    con.execute("DROP TABLE rows")
+    if cfg.dedup:
+        con.execute(f"""CREATE OR REPLACE TABLE fin AS
+            SELECT min(k) AS k, arg_min(struct_pack(a := a, b := b), k) AS m FROM ({normalized_sql('ok')}) GROUP BY h""")
+        con.execute("CREATE OR REPLACE TABLE fin AS SELECT k, m.a AS a, m.b AS b FROM fin")
+    else:
+        con.execute("ALTER TABLE ok RENAME TO fin")
+    n_ok = con.execute("SELECT count(*) FROM ok").fetchall()[0][0] if cfg.dedup else None
+    texts, pairs = con.execute("SELECT count(*), count(b) FROM fin").fetchall()[0]
+    n_ok = texts if n_ok is None else n_ok
+    return {"rows_read": n_rows, "unprintable_removed": n_rows - n_ok, "duplicates_removed": n_ok - texts,
+            "pretrain_texts": texts, "pretrain_pairs_with_reply": pairs}
+
+
+# JSON lines rendered by DuckDB ({"a":...,"b":...}, the keys of every corpus row), in one total order
+LINES_SQL = "SELECT to_json(struct_pack(a := a, b := b)) FROM fin ORDER BY k, a, b NULLS FIRST"
+
+
+def _write(con, path: Path) -> None:
+    with atomic_write(path) as fh:
+        for batch in con.sql(LINES_SQL).to_arrow_reader(BATCH_ROWS):  # streamed, not materialized
+            fh.write("\n".join(batch.column(0).to_pylist()))
+            fh.write("\n")
 
 
 def du(path: Path) -> int:
     return sum(f.stat().st_size for f in path.rglob("*") if f.is_file())
 
 
-@contextmanager
-def social_rows(cfg: DataConfig, files: list[Path], skip_bad: SkipBad, threads: Optional[int],
-                workdir: Path) -> Iterator[tuple[dict[str, int], Iterator[tuple[str, Optional[str]]]]]:
-    """The counts of the posts read and the corpus rows ``(parent, reply)`` / ``(text, None)``, in
-    their fixed order; the engine's files live in a temporary folder under ``workdir`` until the end."""
+def social_corpus(cfg: DataConfig, files: list[Path], skip_bad: SkipBad, threads: Optional[int],
+                  corpus_file: Path, source: str) -> dict[str, int]:
+    """Write the corpus rows ``(parent, reply)`` / ``(text, None)`` of the posts in ``files`` to
+    ``corpus_file`` (atomically), in their fixed order; return the counts. The engine's files live in a
+    temporary folder beside ``corpus_file``'s folder until the end."""
+    workdir = corpus_file.parent.parent
     workdir.mkdir(parents=True, exist_ok=True)
+    corpus_file.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=".join-", dir=workdir))
     con = None
     try:
@@ -224,10 +295,12 @@ def social_rows(cfg: DataConfig, files: list[Path], skip_bad: SkipBad, threads: 
         else:
             _load_table(con, cfg, names, skip_bad)
         counts = _build_rows(con, cfg)
-        yield counts, _stream(con)
-        con.execute("CHECKPOINT")
-        log.info("data: engine files at their largest after the join: %.1f MB (database and spill, in %s; removed)",
-                 du(tmp) / 1e6, tmp)
+        written = _final_rows(con, cfg)
+        if not written["rows_read"]:
+            raise EngineError(f"{source}: no posts to pretrain on (summary so far: {counts})")
+        _write(con, corpus_file)
+        log.info("data: engine files after the join: %.1f MB of spill (in %s; removed)", du(tmp) / 1e6, tmp)
+        return {**counts, **written}
     finally:
         if con is not None:
             con.close()

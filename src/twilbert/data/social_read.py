@@ -27,7 +27,9 @@ from twilbert.errors import TwilbertError
 SkipBad = Callable[[str, int, str], bool]
 
 # Python's str.isspace() set, so that whitespace runs collapse as " ".join(text.split()) would
-SPACE = r"[\s\x{0b}\x{1c}-\x{1f}\x{85}\x{a0}\x{1680}\x{2000}-\x{200a}\x{2028}\x{2029}\x{202f}\x{205f}\x{3000}]"
+_OTHER = r"\t\n\x{0b}\x{0c}\r\x{1c}-\x{1f}\x{85}\x{a0}\x{1680}\x{2000}-\x{200a}\x{2028}\x{2029}\x{202f}\x{205f}\x{3000}"
+OTHER_SPACE = f"[{_OTHER}]"  # every whitespace character but the blank
+SPACE = f"[ {_OTHER}]"
 
 _TWEET_FIELDS = {
     "id": "VARCHAR", "id_str": "VARCHAR", "text": "VARCHAR", "full_text": "VARCHAR",
@@ -162,8 +164,11 @@ def open_binary(path: Path):
     if path.name.endswith(".gz"):
         return gzip.open(path, "rb")
     if path.name.endswith(".zst"):
-        import zstandard  # only for the rare bad .zst file; DuckDB reads the good ones itself
-
+        try:
+            import zstandard  # not a dependency: DuckDB reads .zst itself; only a bad .zst line needs it here
+        except ImportError:
+            raise EngineError(f"{path}: a malformed record in a .zst file: install zstandard to find its line, "
+                              "or decompress the file (zstd -d)") from None
         return zstandard.open(path, "rb")
     return open(path, "rb")
 
