@@ -98,6 +98,14 @@ def test_untagged_posts_are_kept_or_dropped_as_configured(tmp_path):
 
 
 def test_one_and_two_threads_write_identical_bytes(tmp_path, twitter_folder):
+    import random
+
+    rng = random.Random(0)  # and a few thousand posts more, so that two threads do split the work
+    for f in range(3):
+        pages = [{"data": [v2(str(10_000 + 1000 * f + i), f"tuit {rng.randrange(900)} número {i}",
+                              reply_to=str(rng.randrange(10_000, 13_000)) if rng.random() < 0.5 else None)
+                           for i in range(p, p + 100)]} for p in range(0, 1000, 100)]
+        jsonl(twitter_folder / f"more-{f}.jsonl", pages)
     run(tmp_path, "twitter", [twitter_folder / "*"], threads=1)
     run(tmp_path, "twitter", [twitter_folder / "*"], threads=2)
     one, two = (tmp_path / f"out-{n}" / "pretrain" for n in (1, 2))

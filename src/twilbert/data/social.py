@@ -2,14 +2,13 @@
 of core by DuckDB: the posts are read (:mod:`twilbert.data.social_read`), filtered (retweets, language,
 empty texts: each counted), made unique by id, and every reply whose parent is anywhere in the corpus
 becomes a ``(parent, reply)`` row; the other posts go on as single texts ``(text, None)``. The rows then
-take the path every source takes (``write_pretrain_corpus``: printable check, dedup, counts).
+pass the checks every source's rows pass (``write_pretrain_corpus``: a printable character, exact
+duplicates dropped by the same normalization), done here in SQL so that they too run out of core.
 
-DuckDB works in a database file in a temporary folder beside the output, under ``data.engine_memory``:
-what does not fit spills there, and the folder is removed at the end. The rows come out in one total
-order (ORDER BY the reply's id, or the post's; then the texts), so the bytes do not depend on the
-thread count or on which file a post came from.
+DuckDB works in memory up to ``data.engine_memory`` and spills to a temporary folder beside the
+output past it (removed at the end). The rows come out in one total order (ORDER BY the reply's id, or
+the post's), so the bytes do not depend on the thread count or on which file a post came from.
 """
-
 from __future__ import annotations
 
 import csv as _csv
@@ -38,12 +37,10 @@ from twilbert.data.social_read import (
     twitter_problem,
     twitter_sql,
 )
-from twilbert.io_utils import atomic_write
 
 log = logging.getLogger(__name__)
 
 SOCIAL_SOURCES = ("twitter", "bluesky", "parquet", "csv")
-BATCH_ROWS = 65_536
 SkipBad = Callable[[str, int, str], bool]
 
 
@@ -129,8 +126,8 @@ def _load_table(con, cfg: DataConfig, files: list[str], skip_bad: SkipBad) -> No
     for header, group in groups.items():
         scan = csv_scan(cfg.csv_delimiter, list(header)) if csv else parquet_scan()
         try:
-            con.execute(f"{sql} {table_sql(scan, cfg.text_column, cfg.id_column, cfg.reply_to_column, cfg.lang_column)}",
-                        {"files": group})
+            read = table_sql(scan, cfg.text_column, cfg.id_column, cfg.reply_to_column, cfg.lang_column)
+            con.execute(f"{sql} {classified(read, cfg)}", {"files": group})
         except duckdb.Error as err:
             raise EngineError(f"data.posts_file: DuckDB could not read the posts: {str(err).splitlines()[0]}") from None
         sql = "INSERT INTO recs"
@@ -164,18 +161,23 @@ def _lang_fate(cfg: DataConfig) -> str:
             f"lambda l: lower(l) = '{lang}' OR starts_with(lower(l), '{lang}-'))) THEN 'other_language_dropped' ")
 
 
+def classified(read_sql: str, cfg: DataConfig) -> str:
+    """The posts of ``read_sql`` with their text collapsed and their fate: kept, or why they are dropped.
+    One pass: filtering while reading costs no second table."""
+    return f"""
+        SELECT filename, id, parent, problem, text,
+               CASE WHEN skip THEN 'events_skipped' WHEN problem IS NOT NULL THEN 'bad'
+                    WHEN retweet THEN 'retweets_dropped' {_lang_fate(cfg)}
+                    WHEN text IS NULL OR text = '' THEN 'empty_texts_dropped' ELSE 'kept' END AS fate
+        FROM (SELECT filename, id, parent, problem, skip, retweet, langs, {collapsed('text')} AS text
+              FROM ({read_sql}))"""
+
+
 def _build_rows(con, cfg: DataConfig) -> dict[str, int]:
     """From ``recs`` to the tables ``p`` (unique posts) and ``pr`` (found pairs); return the counts."""
-    con.execute(f"""CREATE OR REPLACE TABLE cls AS
-        SELECT id, parent, text,
-               CASE WHEN retweet THEN 'retweets_dropped' {_lang_fate(cfg)}
-                    WHEN text IS NULL OR text = '' THEN 'empty_texts_dropped' ELSE 'kept' END AS fate
-        FROM (SELECT id, parent, retweet, langs,
-                     {collapsed('text')} AS text
-              FROM recs WHERE NOT skip)""")
-    fates = dict(con.execute("SELECT fate, count(*) FROM cls GROUP BY fate").fetchall())
-    skipped = con.execute("SELECT count(*) FROM recs WHERE skip").fetchall()[0][0]
-    con.execute("DROP TABLE recs")
+    fates = dict(con.execute("SELECT fate, count(*) FROM recs GROUP BY fate").fetchall())
+    skipped = fates.pop("events_skipped", 0)
+    con.execute("ALTER TABLE recs RENAME TO cls")
     # One post per id: the longest text (a note tweet over its truncated text), then a fixed order.
     con.execute("""CREATE OR REPLACE TABLE p AS
         SELECT id, nullif(m.p, '') AS parent, m.t AS text FROM (
@@ -224,7 +226,9 @@ def normalized_sql(table: str) -> str:
     sql = f"SELECT k, a, b, a AS na, b AS nb FROM {table}"
     for i in range(4):
         sql = f"SELECT k, a, b, {steps('na')[i]} AS na, {steps('nb')[i]} AS nb FROM ({sql})"
-    return f"SELECT k, a, b, md5_number(na || coalesce(chr(10) || nb, '')) AS h FROM ({sql})"
+    # 64 bits, as the other sources' digests: which row of a group is kept (the first in output order)
+    # does not depend on the hash function, only a collision (~n²/2⁶⁵) would
+    return f"SELECT k, a, b, hash(na, nb) AS h FROM ({sql})"
 
 
 def printable(col: str) -> str:
@@ -238,7 +242,7 @@ def _final_rows(con, cfg: DataConfig) -> dict[str, int]:
     con.execute("""CREATE OR REPLACE TABLE rows AS
         SELECT rid AS k, a, b FROM pr
         UNION ALL
-        SELECT coalesce(id, text) AS k, text AS a, NULL AS b FROM p
+        SELECT coalesce(id, chr(1) || text) AS k, text AS a, NULL AS b FROM p
         WHERE id IS NULL OR (id NOT IN (SELECT rid FROM pr) AND id NOT IN (SELECT pid FROM pr))""")
     con.execute("DROP TABLE p")
     con.execute("DROP TABLE pr")
@@ -259,15 +263,19 @@ def _final_rows(con, cfg: DataConfig) -> dict[str, int]:
             "pretrain_texts": texts, "pretrain_pairs_with_reply": pairs}
 
 
-# JSON lines rendered by DuckDB ({"a":...,"b":...}, the keys of every corpus row), in one total order
-LINES_SQL = "SELECT to_json(struct_pack(a := a, b := b)) FROM fin ORDER BY k, a, b NULLS FIRST"
-
-
 def _write(con, path: Path) -> None:
-    with atomic_write(path) as fh:
-        for batch in con.sql(LINES_SQL).to_arrow_reader(BATCH_ROWS):  # streamed, not materialized
-            fh.write("\n".join(batch.column(0).to_pylist()))
-            fh.write("\n")
+    """DuckDB writes the JSON lines ({"a":...,"b":...}, the keys of every corpus row) in one total order,
+    into a temporary file renamed over ``path`` when complete."""
+    tmp = path.with_name(f".{path.name}.tmp")
+    quoted = str(tmp).replace("'", "''")
+    con.execute("SET preserve_insertion_order = true")  # COPY keeps the ORDER BY
+    try:
+        # k is unique but for posts without an id, whose k is their text (after a \x01 no id starts
+        # with): rows of the same k are the same bytes, so ORDER BY k is a total order of the output
+        con.execute(f"COPY (SELECT a, b FROM fin ORDER BY k) TO '{quoted}' (FORMAT json)")
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
 
 
 def du(path: Path) -> int:
@@ -290,7 +298,7 @@ def social_corpus(cfg: DataConfig, files: list[Path], skip_bad: SkipBad, threads
         if cfg.source in ("twitter", "bluesky"):
             problem_of = twitter_problem if cfg.source == "twitter" else bluesky_problem
             sql = twitter_sql() if cfg.source == "twitter" else bluesky_sql()
-            originals = _load_json(con, sql, names, problem_of, skip_bad, tmp)
+            originals = _load_json(con, classified(sql, cfg), names, problem_of, skip_bad, tmp)
             _drop_problem_records(con, problem_of, skip_bad, originals, tmp)
         else:
             _load_table(con, cfg, names, skip_bad)
