@@ -11,16 +11,16 @@ Needs polars beside duckdb (not a dependency of the project: ``pip install polar
 import argparse
 import json
 import os
-import resource
 import subprocess
 import sys
 import time
 from pathlib import Path
 
 DUCK = """
-import duckdb, sys, json, time
+import duckdb, sys, json, time, resource
 files, threads, out = sys.argv[1].split(","), int(sys.argv[2]), sys.argv[3]
 con = duckdb.connect(config={"threads": threads, "memory_limit": "768MB", "preserve_insertion_order": False})
+con.execute("SET enable_progress_bar = false")
 t = time.perf_counter()
 T = "STRUCT(id VARCHAR, text VARCHAR, referenced_tweets STRUCT(type VARCHAR, id VARCHAR)[])"
 con.execute(f'''CREATE TABLE p AS SELECT t.id AS id, any_value(t.text) AS text,
@@ -28,14 +28,19 @@ con.execute(f'''CREATE TABLE p AS SELECT t.id AS id, any_value(t.text) AS text,
   FROM (SELECT unnest(list_concat(coalesce(data, []), coalesce(includes.tweets, []))) AS t
         FROM read_json($f, format='newline_delimited', columns={{'data': '{T}[]', 'includes': 'STRUCT(tweets {T}[])'}}))
   GROUP BY t.id''', {"f": files})
-con.execute("SET preserve_insertion_order = true")
-con.execute(f'''COPY (SELECT coalesce(par.text, r.text) AS a, CASE WHEN par.id IS NOT NULL THEN r.text END AS b
-  FROM p r LEFT JOIN p par ON par.id = r.parent ORDER BY r.id) TO '{out}' (FORMAT json)''')
-print(json.dumps({"s": time.perf_counter() - t}))
+# as the data stage writes: the ordered JSON lines streamed out (DuckDB's ordered COPY is single-threaded)
+reader = con.sql('''SELECT to_json(struct_pack(a := coalesce(par.text, r.text),
+  b := CASE WHEN par.id IS NOT NULL THEN r.text END)) FROM p r LEFT JOIN p par ON par.id = r.parent
+  ORDER BY r.id''').to_arrow_reader(1 << 16)
+with open(out, "w", encoding="utf-8") as fh:
+    for batch in reader:
+        if batch.num_rows:
+            fh.write("\\n".join(batch.column(0).to_pylist()) + "\\n")
+print(json.dumps({"s": time.perf_counter() - t, "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}))
 """
 
 POLARS = """
-import polars as pl, sys, json, time
+import polars as pl, sys, json, time, resource
 files, threads, out = sys.argv[1].split(","), int(sys.argv[2]), sys.argv[3]
 t = time.perf_counter()
 tw = pl.Struct({"id": pl.String, "text": pl.String,
@@ -52,20 +57,20 @@ rows = (tweets.join(par, left_on="parent", right_on="pid", how="left")
         .sort("id").select(pl.coalesce("ptext", "text").alias("a"),
                            pl.when(pl.col("ptext").is_not_null()).then(pl.col("text")).alias("b")))
 rows.sink_ndjson(out, engine="streaming")
-print(json.dumps({"s": time.perf_counter() - t}))
+print(json.dumps({"s": time.perf_counter() - t, "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}))
 """
 
 
 def measure(python: str, code: str, files: list[str], threads: int, out: Path) -> dict:
     env = {**os.environ, "POLARS_MAX_THREADS": str(threads)}
     t = time.perf_counter()
-    proc = subprocess.run([python, "-c", code, ",".join(files), str(threads), str(out)], env=env,
-                          capture_output=True, text=True)
+    proc = subprocess.Popen([python, "-c", code, ",".join(files), str(threads), str(out)], env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    stdout, stderr = proc.communicate()
     if proc.returncode:
-        raise SystemExit(proc.stderr[-2000:])
-    usage = resource.getrusage(resource.RUSAGE_CHILDREN)
-    return {**json.loads(proc.stdout.strip().splitlines()[-1]), "wall_s": time.perf_counter() - t,
-            "children_maxrss_mb": usage.ru_maxrss / 1024, "lines": sum(1 for _ in out.open())}
+        raise SystemExit(stderr[-2000:])
+    return {**json.loads([line for line in stdout.splitlines() if line.startswith("{")][-1]), "wall_s": time.perf_counter() - t,
+            "lines": sum(1 for _ in out.open())}
 
 
 def main() -> None:
@@ -76,7 +81,6 @@ def main() -> None:
     args = parser.parse_args()
     files = sorted(str(p) for p in args.posts.glob("part-*"))
     print(f"load average {os.getloadavg()}", flush=True)
-    # Polars first: ru_maxrss of the children only grows, so the second figure is max(both)
     pol = measure(args.python, POLARS, files, args.threads, Path("/tmp/engine-choice-polars.jsonl"))
     print("polars", json.dumps(pol), flush=True)
     duck = measure(args.python, DUCK, files, args.threads, Path("/tmp/engine-choice-duckdb.jsonl"))

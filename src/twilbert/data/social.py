@@ -58,6 +58,7 @@ def _connect(tmp: Path, cfg: DataConfig, threads: int):
         # the output's order is fixed by ORDER BY; insertion order would only cost memory
         "preserve_insertion_order": False,
     })
+    con.execute("SET enable_progress_bar = false")  # it would draw over the stage's log and its JSON summary
     return con
 
 
