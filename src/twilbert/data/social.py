@@ -16,6 +16,7 @@ import logging
 import os
 import shutil
 import tempfile
+import time
 from pathlib import Path
 from typing import Callable, Optional
 
@@ -308,6 +309,12 @@ def social_corpus(cfg: DataConfig, files: list[Path], skip_bad: SkipBad, threads
     try:
         con = _connect(tmp, cfg, engine_threads(threads))
         names = [str(f) for f in files]
+        clock = [time.perf_counter()]
+
+        def lap() -> str:
+            clock.append(time.perf_counter())
+            return f"{clock[-1] - clock[-2]:.1f} s"
+
         if cfg.source in ("twitter", "bluesky"):
             problem_of = twitter_problem if cfg.source == "twitter" else bluesky_problem
             sql = twitter_sql() if cfg.source == "twitter" else bluesky_sql()
@@ -315,12 +322,18 @@ def social_corpus(cfg: DataConfig, files: list[Path], skip_bad: SkipBad, threads
             _drop_problem_records(con, problem_of, skip_bad, originals, tmp)
         else:
             _load_table(con, cfg, names, skip_bad)
+        laps = [f"read {lap()}"]
         counts = _build_rows(con, cfg)
+        laps.append(f"join {lap()}")
         written = _final_rows(con, cfg)
+        laps.append(f"printable and dedup {lap()}")
         if not written["rows_read"]:
             raise EngineError(f"{source}: no posts to pretrain on (summary so far: {counts})")
+        spill = du(tmp)
         _write(con, corpus_file)
-        log.info("data: engine files after the join: %.1f MB of spill (in %s; removed)", du(tmp) / 1e6, tmp)
+        laps.append(f"ordered write {lap()}")
+        log.info("data: DuckDB (%d threads): %s; spill %.1f MB before the write, %.1f MB after (in %s; removed)",
+                 engine_threads(threads), ", ".join(laps), spill / 1e6, du(tmp) / 1e6, tmp)
         return {**counts, **written}
     finally:
         if con is not None:
