@@ -341,6 +341,11 @@ def social_corpus(cfg: DataConfig, files: list[Path], skip_bad: SkipBad, threads
         log.info("data: DuckDB (%d threads): %s; spill %.1f MB before the write, %.1f MB after (in %s; removed)",
                  engine_threads(threads), ", ".join(laps), spill / 1e6, du(tmp) / 1e6, tmp)
         return {**counts, **written}
+    except Exception as err:
+        if type(err).__name__ == "OutOfMemoryException":  # duckdb's, imported lazily
+            raise EngineError(f"{source}: DuckDB ran out of data.engine_memory={cfg.engine_memory} "
+                              f"({str(err).splitlines()[0]}); raise data.engine_memory, or lower runtime.threads") from None
+        raise
     finally:
         if con is not None:
             con.close()
