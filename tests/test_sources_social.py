@@ -259,3 +259,12 @@ def test_sql_dedup_and_whitespace_agree_with_the_python_rules(tmp_path):
     assert summary["unprintable_removed"] == len(texts) - len(printable)
     assert summary["duplicates_removed"] == len(printable) - len(expected)
     assert summary["empty_texts_dropped"] == len(TRICKY) - len(texts)
+
+
+def test_running_out_of_engine_memory_is_one_line_naming_the_key(tmp_path, twitter_folder):
+    from twilbert.data.social_read import EngineError
+
+    with pytest.raises(EngineError, match=r"DuckDB ran out of data\.engine_memory=1MB .*raise data\.engine_memory"):
+        run(tmp_path, "twitter", [twitter_folder / "*"], engine_memory="1MB")
+    assert not (tmp_path / "out-1" / "pretrain" / "corpus.jsonl").exists()
+    assert not list((tmp_path / "out-1").glob(".join-*"))  # the engine's folder is gone too
