@@ -425,24 +425,12 @@ def main(argv: Optional[list[str]] = None) -> None:
                              "checkpoint's tokenizer (--hf-path, or a BETO-shaped WordPiece one built here)")
     parser.add_argument("--hf-path", type=Path, help="--init hf: a local checkpoint folder (e.g. BETO's)")
     parser.add_argument("--make-hf-checkpoint", type=Path, help=argparse.SUPPRESS)  # internal: hf_checkpoint's child
-    social = parser.add_argument_group("posts as researchers hold them (benchmarks/social_scale.py)")
-    social.add_argument("--format", choices=("twitter-v2", "twitter-v1", "bluesky", "parquet", "csv"),
-                        help="measure data.source twitter/bluesky/parquet/csv on --posts synthetic posts instead")
-    social.add_argument("--posts", type=int, nargs="+", default=[100_000])
-    social.add_argument("--files", type=int, default=8, help="files the posts are split over")
-    social.add_argument("--threads", type=int, help="runtime.threads (default: the cores)")
-    social.add_argument("--stages", default="data,vocab,pairs", help="stages to run, comma-separated")
-    social.add_argument("--replies", type=float, default=0.4, help="share of posts that reply to another")
-    social.add_argument("--missing", type=float, default=0.1, help="share of replies whose parent is nowhere")
-    social.add_argument("--includes-only", type=float, default=0.1,
-                        help="twitter-v2: share of replies whose parent is only in the page's includes")
-    social.add_argument("--retweets", type=float, default=0.05)
-    social.add_argument("--other-lang", type=float, default=0.05)
+    sys.path.insert(0, str(Path(__file__).parent))
+    import social_scale  # --format: posts as researchers hold them
+
+    social_scale.add_arguments(parser)
     args, overrides = parser.parse_known_args(argv)
     if args.format:
-        sys.path.insert(0, str(Path(__file__).parent))
-        import social_scale
-
         social_scale.main(args, overrides)
         return
     if args.make_hf_checkpoint:

@@ -242,7 +242,8 @@ def run(fmt: str, n: int, work: Path, seed: int, files: int, threads: int, stage
             if phases:
                 out["engine_phases"] = phases.group(1)
                 out["engine_s"] = sum(float(x) for x in re.findall(r"([\d.]+) s", phases.group(1)))
-                out["engine_posts_per_s"] = summary["posts_read"] / out["engine_s"]
+                if out["engine_s"] > 0:  # logged to 0.1 s: a tiny run may read 0.0
+                    out["engine_posts_per_s"] = summary["posts_read"] / out["engine_s"]
             out["spill_mb"] = peak[0] / 1e6
             line += (f"   engine {out.get('engine_phases')}   {out['posts_per_s']:,.0f} posts/s   "
                      f"{in_bytes / 1e6 / m['s']:.1f} MB/s   engine files "
@@ -254,6 +255,23 @@ def run(fmt: str, n: int, work: Path, seed: int, files: int, threads: int, stage
     out["ingest_over_scan_cpu"] = out.get("posts_per_cpu_s", 0) / out["scan_posts_per_cpu_s"]
     out["host"] = host_line()
     return out
+
+
+def add_arguments(parser) -> None:
+    """data_scale.py's options for this benchmark."""
+    social = parser.add_argument_group("posts as researchers hold them (benchmarks/social_scale.py)")
+    social.add_argument("--format", choices=("twitter-v2", "twitter-v1", "bluesky", "parquet", "csv"),
+                        help="measure data.source twitter/bluesky/parquet/csv on --posts synthetic posts instead")
+    social.add_argument("--posts", type=int, nargs="+", default=[100_000])
+    social.add_argument("--files", type=int, default=8, help="files the posts are split over")
+    social.add_argument("--threads", type=int, help="runtime.threads (default: the cores)")
+    social.add_argument("--stages", default="data,vocab,pairs", help="stages to run, comma-separated")
+    social.add_argument("--replies", type=float, default=0.4, help="share of posts that reply to another")
+    social.add_argument("--missing", type=float, default=0.1, help="share of replies whose parent is nowhere")
+    social.add_argument("--includes-only", type=float, default=0.1,
+                        help="twitter-v2: share of replies whose parent is only in the page's includes")
+    social.add_argument("--retweets", type=float, default=0.05)
+    social.add_argument("--other-lang", type=float, default=0.05)
 
 
 def main(args, extra: list[str]) -> None:
