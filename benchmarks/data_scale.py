@@ -40,6 +40,9 @@ the pairs output over the corpus's tokens (each text counted once, before trunca
 Prints one line per stage and ends with one JSON line: pairs, data_rss_mb, vocab_rss_mb,
 pairs_rss_mb, pretrain_startup_rss_mb, data_s, vocab_s, pairs_s, pairs_per_s, bytes_per_token,
 projected_70m_hours, projected_70m_peak_gb, pairs_rss_growth_pct, growth_from_pairs.
+
+    python benchmarks/data_scale.py --format twitter-v2 --posts 1000000   # posts as researchers hold them:
+    # benchmarks/social_scale.py (also twitter-v1, bluesky, parquet, csv), ending with its own JSON line
 """
 
 from __future__ import annotations
@@ -422,7 +425,14 @@ def main(argv: Optional[list[str]] = None) -> None:
                              "checkpoint's tokenizer (--hf-path, or a BETO-shaped WordPiece one built here)")
     parser.add_argument("--hf-path", type=Path, help="--init hf: a local checkpoint folder (e.g. BETO's)")
     parser.add_argument("--make-hf-checkpoint", type=Path, help=argparse.SUPPRESS)  # internal: hf_checkpoint's child
+    sys.path.insert(0, str(Path(__file__).parent))
+    import social_scale  # --format: posts as researchers hold them
+
+    social_scale.add_arguments(parser)
     args, overrides = parser.parse_known_args(argv)
+    if args.format:
+        social_scale.main(args, overrides)
+        return
     if args.make_hf_checkpoint:
         hf_checkpoint(args.make_hf_checkpoint, args.seed)
         return

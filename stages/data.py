@@ -18,7 +18,7 @@ def main() -> str:
     cfg, _ = load_stage_config(overrides)
     if args.check_tasks:  # a task that cannot run fails now, not after pretraining
         check_config_tasks(cfg, args.out / "default", default_pending=True)
-    summary = run_data_stage(cfg.data, cfg.seed, args.out)
+    summary = run_data_stage(cfg.data, cfg.seed, args.out, cfg.runtime.threads)
     print(json.dumps(summary))  # machine-readable, for scripts and the data_scale benchmark
     return ", ".join(f"{k} {v}" for k, v in summary.items())
 

@@ -56,3 +56,15 @@ def test_projection_stops_growing_at_the_cap_of_the_vocabulary_sample():
     assert project(100, 200, 10_000, 110_000, 70_000_000, cap=250_000) == 200 + 1e-3 * 140_000
     # the larger run holds the full sample already: it is the projection
     assert project(2000, 2200, 100_000, 1_000_000, 70_000_000, cap=250_000) == 2200
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("fmt", ["twitter-v2", "bluesky"])
+def test_the_format_benchmark_finds_every_generated_pair_and_ends_with_its_json_line(tmp_path, fmt):
+    cmd = [sys.executable, "benchmarks/data_scale.py", "--format", fmt, "--posts", "3000", "--stages", "data",
+           "--workdir", str(tmp_path / "work")]
+    done = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
+    figures = json.loads(done.stdout.strip().splitlines()[-1])
+    assert {"posts_per_s", "scan_posts_per_s", "peak_rss_mb", "pairs_found", "pairs_expected"} <= set(figures)
+    assert figures["pairs_found"] == figures["pairs_expected"] > 500  # 40% replies, 10% of them orphans

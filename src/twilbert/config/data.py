@@ -50,11 +50,21 @@ class RepresentationConfig:
 class DataConfig:
     """Where the pretraining corpus comes from (the ``data`` stage)."""
 
-    # evomsa: the embedded default | pairs_file: TWilBert pair TSVs | text_file: one tweet per line
-    source: Literal["evomsa", "pairs_file", "text_file"] = "evomsa"
+    # evomsa: the embedded default | pairs_file: TWilBert pair TSVs | text_file: one tweet per line |
+    # twitter, bluesky, parquet, csv: posts (posts_file), replies joined to their parents (docs/own-data.md)
+    source: Literal["evomsa", "pairs_file", "text_file", "twitter", "bluesky", "parquet", "csv"] = "evomsa"
     # A path, a glob or a list of them (read in order, each glob sorted); ``.gz`` files are gunzipped.
     pairs_file: Union[str, list[str], None] = None
     text_file: Union[str, list[str], None] = None
+    posts_file: Union[str, list[str], None] = None  # twitter/bluesky JSON lines, Parquet or CSV; .gz, .zst read as such
+    lang: Optional[str] = None  # keep only posts in this language (e.g. es; es-MX counts); None keeps all
+    keep_untagged: bool = True  # with lang set: keep posts that carry no language tag ('und' included)
+    text_column: str = "text"  # parquet/csv: the post's text
+    id_column: Optional[str] = None  # parquet/csv: the post's id (needed for replies)
+    reply_to_column: Optional[str] = None  # parquet/csv: the id of the post it replies to
+    lang_column: Optional[str] = None  # parquet/csv: the post's language tag
+    csv_delimiter: str = ","
+    engine_memory: str = "768MB"  # DuckDB's memory limit for the join; beyond it, it spills to disk
     pairs_header: bool = True  # False for headerless pair files (TWilBert's own dumps)
     delimiter: str = "\t"
     orig_text_header: str = "ORIG_TEXT"
@@ -70,12 +80,14 @@ class DataConfig:
 
     def corpus_files(self) -> list[str]:
         """The configured paths and globs of the selected source, unexpanded."""
-        spec = {"pairs_file": self.pairs_file, "text_file": self.text_file}.get(self.source)
+        spec = {"pairs_file": self.pairs_file, "text_file": self.text_file}.get(self.source, self.posts_file)
+        if self.source == "evomsa":
+            spec = None
         return [] if spec is None else [spec] if isinstance(spec, str) else list(spec)
 
     def validate(self, where: str = "data") -> None:
         if self.source != "evomsa":
-            key = f"{where}.{self.source}"
+            key = f"{where}.{self.source if self.source in ('pairs_file', 'text_file') else 'posts_file'}"
             if not self.corpus_files():
                 raise ConfigError(f"{key} must be set when {where}.source is '{self.source}' (a path, glob or list)")
             if any(not p.strip() for p in self.corpus_files()):
@@ -88,7 +100,12 @@ class DataConfig:
                 "repository; use a folder of its own such as 'corpus', or an absolute path"
             )
         check_delimiter(self, where, "delimiter")
-        check_nonempty(self, where, "orig_text_header", "reply_text_header", "evomsa_version")
+        check_nonempty(self, where, "orig_text_header", "reply_text_header", "evomsa_version", "text_column")
+        check_delimiter(self, where, "csv_delimiter")
+        if not re.fullmatch(r"\d+(\.\d+)?\s*(KB|MB|GB|KiB|MiB|GiB)", self.engine_memory):
+            raise ConfigError(f"{where}.engine_memory must be a size such as 768MB or 2GB, got {self.engine_memory!r}")
+        if self.lang is not None and not re.fullmatch(r"[A-Za-z]{2,3}(-[A-Za-z0-9]+)*", self.lang):
+            raise ConfigError(f"{where}.lang must be a language tag such as es (or null: every language), got {self.lang!r}")
         if not re.fullmatch(r"[0-9a-f]{64}", self.evomsa_sha256):
             raise ConfigError(f"{where}.evomsa_sha256 must be 64 lowercase hex digits, got {self.evomsa_sha256!r}")
         if self.max_bad_rows < 0:

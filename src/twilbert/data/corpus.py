@@ -22,7 +22,15 @@ from typing import Iterable, Iterator, Optional
 from twilbert.config import DataConfig
 from twilbert.data.dedup import DigestSet, row_digests
 from twilbert.data.formats import has_printable, write_table
-from twilbert.data.sources import BadRowBudget, BlankLines, iter_corpus_rows, resolve_corpus_files, untracked_files
+from twilbert.data.social import SOCIAL_SOURCES, social_corpus
+from twilbert.data.sources import (
+    BadRowBudget,
+    BlankLines,
+    budget_message,
+    iter_corpus_rows,
+    resolve_corpus_files,
+    untracked_files,
+)
 from twilbert.errors import TwilbertError
 from twilbert.io_utils import atomic_write, sha256_file
 
@@ -200,12 +208,13 @@ def iter_corpus_texts(path: Path) -> Iterator[str]:
             yield b
 
 
-def run_data_stage(cfg: DataConfig, seed: int, out: Path) -> dict:
+def run_data_stage(cfg: DataConfig, seed: int, out: Path, threads: Optional[int] = None) -> dict:
     """Write the default task split and the pretraining corpus under ``out``; return a summary.
 
     The summary is also written to ``<out>/pretrain/summary.json``: rows read, duplicates removed,
     malformed rows skipped (the first of them listed), blank lines of plain-text files skipped, files
-    read and those DVC does not track.
+    read and those DVC does not track. ``threads`` is the join engine's (social-media sources only:
+    their output does not depend on it).
     """
     out = Path(out)
     summary: dict = {"source": cfg.source}
@@ -230,8 +239,12 @@ def run_data_stage(cfg: DataConfig, seed: int, out: Path) -> dict:
             )
         budget = BadRowBudget(cfg.max_bad_rows)
         blank = BlankLines()
-        rows = iter_corpus_rows(cfg, files, budget, blank)
-        counts = write_pretrain_corpus(corpus_file, rows, cfg.dedup, f"data.{cfg.source} ({len(files)} file(s))")
+        source = f"data.{cfg.source} ({len(files)} file(s))"
+        if cfg.source in SOCIAL_SOURCES:
+            with budget_message(budget):
+                counts = social_corpus(cfg, files, budget, threads, corpus_file, source)
+        else:
+            counts = write_pretrain_corpus(corpus_file, iter_corpus_rows(cfg, files, budget, blank), cfg.dedup, source)
         summary.update(files=len(files), untracked_files=len(untracked), **counts, bad_rows_skipped=budget.skipped)
         if cfg.source == "text_file":
             summary["blank_lines_skipped"] = blank.count

@@ -10,6 +10,7 @@ import glob
 import logging
 import os
 import stat
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Iterator, Optional
 
@@ -125,12 +126,20 @@ def iter_corpus_rows(cfg: DataConfig, files: list[Path], budget: BadRowBudget,
                 for _, a, b in iter_pairs(path, cfg.pairs_header, cfg.delimiter, cfg.orig_text_header,
                                           cfg.reply_text_header, skip_bad=budget)
             )
-        try:
+        with budget_message(budget):
             yield from rows
-        except DataFormatError as err:
-            if not (budget.max_bad_rows and budget.declined):
-                raise
-            raise CorpusError(
-                f"{err}\n{budget.skipped} malformed rows were skipped before this, the most data.max_bad_rows="
-                f"{budget.max_bad_rows} allows: fix the rows above or raise data.max_bad_rows"
-            ) from None
+
+
+@contextmanager
+def budget_message(budget: BadRowBudget) -> Iterator[None]:
+    """A file's :class:`DataFormatError` as it is (max_bad_rows 0), or, when some rows were allowed,
+    with a line saying the budget ran out."""
+    try:
+        yield
+    except DataFormatError as err:
+        if not (budget.max_bad_rows and budget.declined):
+            raise
+        raise CorpusError(
+            f"{err}\n{budget.skipped} malformed rows were skipped before this, the most data.max_bad_rows="
+            f"{budget.max_bad_rows} allows: fix the rows above or raise data.max_bad_rows"
+        ) from None

@@ -1,0 +1,352 @@
+"""Real reply pairs out of social-media posts (``data.source`` twitter, bluesky, parquet, csv), joined out
+of core by DuckDB: the posts are read (:mod:`twilbert.data.social_read`), filtered (retweets, language,
+empty texts: each counted), made unique by id, and every reply whose parent is anywhere in the corpus
+becomes a ``(parent, reply)`` row; the other posts go on as single texts ``(text, None)``. The rows then
+pass the checks every source's rows pass (``write_pretrain_corpus``: a printable character, exact
+duplicates dropped by the same normalization), done here in SQL so that they too run out of core.
+
+DuckDB works in memory up to ``data.engine_memory`` and spills to a temporary folder beside the
+output past it (removed at the end). The rows come out in one total order (ORDER BY the reply's id, or
+the post's), so the bytes do not depend on the thread count or on which file a post came from.
+"""
+from __future__ import annotations
+
+import csv as _csv
+import logging
+import os
+import shutil
+import tempfile
+import time
+from pathlib import Path
+from typing import Callable, Optional
+
+from twilbert.config import DataConfig
+from twilbert.data.formats import DataFormatError
+from twilbert.data.social_read import (
+    OTHER_SPACE,
+    SPACE,
+    EngineError,
+    bluesky_problem,
+    bluesky_sql,
+    clean_copy,
+    csv_header_sql,
+    csv_scan,
+    open_binary,
+    parquet_scan,
+    parse_json_error,
+    table_sql,
+    twitter_problem,
+    twitter_sql,
+)
+
+log = logging.getLogger(__name__)
+
+SOCIAL_SOURCES = ("twitter", "bluesky", "parquet", "csv")
+SkipBad = Callable[[str, int, str], bool]
+
+
+def engine_threads(threads: Optional[int]) -> int:
+    return threads if threads and threads > 0 else (os.cpu_count() or 1)
+
+
+def _connect(tmp: Path, cfg: DataConfig, threads: int):
+    import duckdb  # imported here: the other sources and later stages never load it
+
+    # in memory, spilling to temp_directory past memory_limit: a database file would add its WAL and fsyncs
+    con = duckdb.connect(":memory:", config={
+        "threads": threads, "memory_limit": cfg.engine_memory, "temp_directory": str(tmp / "spill"),
+        # the output's order is fixed by ORDER BY; insertion order would only cost memory
+        "preserve_insertion_order": False,
+    })
+    con.execute("SET enable_progress_bar = false")  # it would draw over the stage's log and its JSON summary
+    return con
+
+
+def _load_json(con, sql: str, files: list[str], problem_of, skip_bad: SkipBad, tmp: Path) -> dict[str, str]:
+    """Create ``recs`` from JSON files; a malformed line is found (DuckDB names file and line), offered
+    to ``skip_bad``, and the file read again from a copy without its bad lines. Returns copy -> original."""
+    import duckdb
+
+    copies: dict[str, str] = {}  # original -> clean copy
+    while True:
+        try:
+            con.execute(f"CREATE OR REPLACE TABLE recs AS {sql}", {"files": [copies.get(f, f) for f in files]})
+            return {v: k for k, v in copies.items()}
+        except (duckdb.InvalidInputException, duckdb.ConversionException) as err:
+            message = str(err)
+            found = parse_json_error(message)
+            if found is None:
+                raise EngineError(f"data.posts_file: DuckDB could not read the posts: {message.splitlines()[0]}") from None
+            file, line, problem = found
+            if file in copies.values() or file not in files:  # a copy is already clean: the reader and we disagree
+                original = next((o for o, c in copies.items() if c == file), file)
+                raise DataFormatError(original, [(None, f"malformed JSON near line {line}: {problem}")]) from None
+            # Each bad line of the file is found, offered to skip_bad (this one among them), and left out
+            copies[file] = str(tmp / f"clean-{len(copies)}.jsonl")
+            clean_copy(Path(file), Path(copies[file]), problem_of, skip_bad)
+
+
+def _drop_problem_records(con, problem_of, skip_bad: SkipBad, originals: dict[str, str], tmp: Path) -> None:
+    """Records DuckDB read but that are no post (no id, no text): find their lines, offer each to
+    ``skip_bad``, and delete them from ``recs``."""
+    bad = con.execute("SELECT filename, any_value(problem) FROM recs WHERE problem IS NOT NULL "
+                      "GROUP BY filename ORDER BY filename").fetchall()
+    for file, problem in bad:
+        original = originals.get(file, file)
+        if problem_of is not None:
+            dropped = clean_copy(Path(original), tmp / "located.jsonl", problem_of, skip_bad)
+            if dropped:
+                continue
+        if not skip_bad(original, 0, problem):  # reader and locator disagree: still counted, never silent
+            raise DataFormatError(original, [(None, problem)])
+    con.execute("DELETE FROM recs WHERE problem IS NOT NULL")
+
+
+def _load_table(con, cfg: DataConfig, files: list[str], skip_bad: SkipBad) -> None:
+    """Create ``recs`` from CSV or Parquet files; each must hold the configured columns. CSV files are
+    read in groups of the same header."""
+    import duckdb
+
+    csv = cfg.source == "csv"
+    wanted = {"data.text_column": cfg.text_column, "data.id_column": cfg.id_column,
+              "data.reply_to_column": cfg.reply_to_column, "data.lang_column": cfg.lang_column}
+    groups: dict[tuple, list[str]] = {}
+    for file in files:
+        try:
+            if csv:
+                names = csv_header(con, file, cfg.csv_delimiter)
+            else:
+                names = [d[0] for d in con.execute(f"DESCRIBE SELECT * FROM {parquet_scan()}", {"files": [file]}).fetchall()]
+        except duckdb.Error as err:
+            raise DataFormatError(file, [(None, f"not readable as {cfg.source}: {str(err).splitlines()[0]}")]) from None
+        for key, name in wanted.items():
+            if name is not None and name not in names:
+                raise DataFormatError(file, [(1 if csv else None, f"no column {name!r} (set by {key}); "
+                                              f"the columns are {', '.join(names[:20])}")])
+        groups.setdefault(tuple(names) if csv else (), []).append(file)
+    sql = "CREATE OR REPLACE TABLE recs AS"
+    for header, group in groups.items():
+        scan = csv_scan(cfg.csv_delimiter, list(header)) if csv else parquet_scan()
+        try:
+            read = table_sql(scan, cfg.text_column, cfg.id_column, cfg.reply_to_column, cfg.lang_column)
+            con.execute(f"{sql} {classified(read, cfg)}", {"files": group})
+        except duckdb.Error as err:
+            raise EngineError(f"data.posts_file: DuckDB could not read the posts: {str(err).splitlines()[0]}") from None
+        sql = "INSERT INTO recs"
+    if csv:
+        rejects = con.execute("SELECT s.file_path, e.line, string_agg(e.error_message, '; ' ORDER BY e.error_message) "
+                              "FROM reject_errors e JOIN reject_scans s ON e.scan_id = s.scan_id AND e.file_id = s.file_id "
+                              "GROUP BY ALL ORDER BY 1, 2").fetchall()
+        for file, line, message in rejects:
+            problem = f"not an RFC 4180 CSV row: {message.splitlines()[0]}"
+            if not skip_bad(file, int(line), problem):
+                raise DataFormatError(file, [(int(line), problem)])
+
+
+def csv_header(con, file: str, delimiter: str) -> list[str]:
+    """The column names of a CSV file's first line (a header's names hold no line break)."""
+    if file.endswith(".zst"):  # no zstd reader in Python's standard library: DuckDB's own
+        first = con.execute(csv_header_sql(), {"files": [file]}).fetchall()
+        line = first[0][0] if first else ""
+    else:
+        with open_binary(Path(file)) as fh:
+            line = fh.readline().decode("utf-8-sig", errors="replace").rstrip("\r\n")
+    return next(_csv.reader([line], delimiter=delimiter), [])
+
+
+def _lang_fate(cfg: DataConfig) -> str:
+    if cfg.lang is None:
+        return ""
+    lang = cfg.lang.lower().replace("'", "''")
+    untagged = "" if cfg.keep_untagged else "WHEN langs IS NULL THEN 'untagged_language_dropped' "
+    return (f"{untagged}WHEN langs IS NOT NULL AND NOT list_bool_or(list_transform(langs, "
+            f"lambda l: lower(l) = '{lang}' OR starts_with(lower(l), '{lang}-'))) THEN 'other_language_dropped' ")
+
+
+def classified(read_sql: str, cfg: DataConfig) -> str:
+    """The posts of ``read_sql`` with their text collapsed and their fate: kept, or why they are dropped.
+    One pass: filtering while reading costs no second table."""
+    return f"""
+        SELECT CASE WHEN problem IS NOT NULL THEN filename END AS filename, id, parent, problem, text,
+               CASE WHEN skip THEN 'events_skipped' WHEN problem IS NOT NULL THEN 'bad'
+                    WHEN retweet THEN 'retweets_dropped' {_lang_fate(cfg)}
+                    WHEN text IS NULL OR text = '' THEN 'empty_texts_dropped' ELSE 'kept' END AS fate
+        FROM (SELECT filename, id, parent, problem, skip, retweet, langs, {collapsed('text')} AS text
+              FROM ({read_sql}))"""
+
+
+def _build_rows(con, cfg: DataConfig) -> dict[str, int]:
+    """From ``recs`` to the tables ``p`` (unique posts) and ``pr`` (found pairs); return the counts."""
+    fates = dict(con.execute("SELECT fate, count(*) FROM recs GROUP BY fate").fetchall())
+    skipped = fates.pop("events_skipped", 0)
+    con.execute("ALTER TABLE recs RENAME TO cls")
+    # One post per id: the longest text (a note tweet over its truncated text), then a fixed order.
+    # Most ids are seen once: only the few seen more often go through the (costlier) aggregate.
+    con.execute("CREATE OR REPLACE TABLE dup AS SELECT id FROM cls WHERE fate = 'kept' GROUP BY id HAVING count(*) > 1")
+    con.execute("""CREATE OR REPLACE TABLE p AS
+        SELECT id, parent, text FROM cls WHERE fate = 'kept' AND (id IS NULL OR id NOT IN (SELECT id FROM dup))
+        UNION ALL
+        SELECT id, nullif(m.p, '') AS parent, m.t AS text FROM (
+          SELECT id, max(struct_pack(l := length(text), t := text, p := coalesce(parent, ''))) AS m
+          FROM cls WHERE fate = 'kept' AND id IN (SELECT id FROM dup) GROUP BY id)""")
+    con.execute("DROP TABLE cls")
+    con.execute("DROP TABLE dup")
+    con.execute("""CREATE OR REPLACE TABLE pr AS
+        SELECT r.id AS rid, r.parent AS pid, par.text AS a, r.text AS b
+        FROM p r JOIN p par ON par.id = r.parent WHERE r.id <> r.parent""")
+    posts, replies = con.execute("SELECT count(*), count(parent) FROM p").fetchall()[0]
+    pairs = con.execute("SELECT count(*) FROM pr").fetchall()[0][0]
+    chains = con.execute("SELECT count(*) FROM pr WHERE rid IN (SELECT pid FROM pr)").fetchall()[0][0]
+    counts = {"posts_read": sum(fates.values())}
+    if cfg.source == "bluesky":
+        counts["events_skipped"] = skipped
+    for key in ("retweets_dropped", "other_language_dropped", "untagged_language_dropped", "empty_texts_dropped"):
+        counts[key] = fates.get(key, 0)
+    counts.update(duplicate_ids_removed=fates.get("kept", 0) - posts, posts=posts, replies=replies,
+                  reply_pairs_found=pairs, replies_parent_missing=replies - pairs, reply_chains=chains)
+    return counts
+
+
+def collapsed(col: str) -> str:
+    """``col`` with whitespace runs as one space and no blank at either end (" ".join(text.split())):
+    the regexp only where it changes something, a tenth of its cost on tweets."""
+    return (f"CASE WHEN regexp_matches({col}, '  |^ | $|{OTHER_SPACE}') "
+            f"THEN trim(regexp_replace({col}, '{SPACE}+', ' ', 'g')) ELSE {col} END")
+
+
+URL = "(?:https?://|www\\.)\\S*"
+USER = "@[\\pL\\pN\\pM_]+"
+
+
+def normalized_sql(table: str) -> str:
+    """``table``'s rows with ``h``, the digest of :func:`twilbert.data.dedup.normalized` of its texts
+    (already collapsed): lowercase, URLs and @users as placeholders, no leading ``RT @user:``. Each
+    step a subquery, its regexp only where it changes something."""
+    def steps(c: str) -> list[str]:
+        return [f"lower({c})",
+                f"CASE WHEN contains({c}, '://') OR contains({c}, 'www.') THEN regexp_replace({c}, '{URL}', 'url', 'g') "
+                f"ELSE {c} END",
+                f"CASE WHEN contains({c}, '@') THEN regexp_replace({c}, '{USER}', '@user', 'g') ELSE {c} END",
+                f"CASE WHEN starts_with({c}, 'rt @user') THEN regexp_replace({c}, '^rt @user:? ?', '') ELSE {c} END"]
+
+    sql = f"SELECT k, a, b, a AS na, b AS nb FROM {table}"
+    for i in range(4):
+        sql = f"SELECT k, a, b, {steps('na')[i]} AS na, {steps('nb')[i]} AS nb FROM ({sql})"
+    # 64 bits, as the other sources' digests: which row of a group is kept (the first in output order)
+    # does not depend on the hash function, only a collision (~n²/2⁶⁵) would
+    return f"SELECT k, a, b, hash(na, nb) AS h FROM ({sql})"
+
+
+def printable(col: str) -> str:
+    # twilbert.data.formats.has_printable: a character that is neither a control/format mark nor blank
+    return f"CASE WHEN regexp_matches({col}, '[!-~]') THEN true ELSE regexp_matches({col}, '[^\\pC\\pZ]') END"
+
+
+def _final_rows(con, cfg: DataConfig) -> dict[str, int]:
+    """Table ``fin``: the corpus rows (k, a, b), printable, without exact duplicates when ``data.dedup``
+    (the first in output order kept, as the other sources keep the first read). Returns the counts."""
+    con.execute("""CREATE OR REPLACE TABLE rows AS
+        SELECT rid AS k, a, b FROM pr
+        UNION ALL
+        SELECT coalesce(id, chr(1) || text) AS k, text AS a, NULL AS b FROM p
+        WHERE id IS NULL OR (id NOT IN (SELECT rid FROM pr) AND id NOT IN (SELECT pid FROM pr))""")
+    con.execute("DROP TABLE p")
+    con.execute("DROP TABLE pr")
+    con.execute(f"""CREATE OR REPLACE TABLE ok AS SELECT k, a, b FROM rows
+                    WHERE {printable('a')} AND (b IS NULL OR {printable('b')})""")
+    n_rows = con.execute("SELECT count(*) FROM rows").fetchall()[0][0]
+    con.execute("DROP TABLE rows")
+    if cfg.dedup:  # as for ids: only the rows whose key is seen more than once are aggregated
+        con.execute(f"CREATE OR REPLACE TABLE okh AS {normalized_sql('ok')}")
+        con.execute("DROP TABLE ok")
+        con.execute("CREATE OR REPLACE TABLE dup AS SELECT h FROM okh GROUP BY h HAVING count(*) > 1")
+        con.execute("""CREATE OR REPLACE TABLE fin AS
+            SELECT k, a, b FROM okh WHERE h NOT IN (SELECT h FROM dup)
+            UNION ALL
+            SELECT k, m.a, m.b FROM (SELECT h, min(k) AS k, arg_min(struct_pack(a := a, b := b), k) AS m
+                                           FROM okh WHERE h IN (SELECT h FROM dup) GROUP BY h)""")
+        n_ok = con.execute("SELECT count(*) FROM okh").fetchall()[0][0]
+        con.execute("DROP TABLE okh")
+        con.execute("DROP TABLE dup")
+    else:
+        con.execute("ALTER TABLE ok RENAME TO fin")
+        n_ok = None
+    texts, pairs = con.execute("SELECT count(*), count(b) FROM fin").fetchall()[0]
+    n_ok = texts if n_ok is None else n_ok
+    return {"rows_read": n_rows, "unprintable_removed": n_rows - n_ok, "duplicates_removed": n_ok - texts,
+            "pretrain_texts": texts, "pretrain_pairs_with_reply": pairs}
+
+
+def _write(con, path: Path) -> None:
+    """The JSON lines ({"a":...,"b":...}, rendered by DuckDB) in one total order, written by DuckDB into
+    a temporary file renamed over ``path`` when complete. Sorted into a table first, then copied out
+    in its order as one column without quoting (JSON escapes every control character, so no line
+    holds the delimiter or a line break): faster than DuckDB's ordered JSON COPY, which writes on
+    one thread, or streaming the rows through Python."""
+    # k is unique but for posts without an id, whose k is their text (after a \x01 no id starts
+    # with): rows of the same k are the same bytes, so ORDER BY k is a total order of the output
+    con.execute("SET preserve_insertion_order = true")
+    con.execute("CREATE OR REPLACE TABLE lines AS SELECT to_json(struct_pack(a := a, b := b)) AS line FROM fin ORDER BY k")
+    con.execute("DROP TABLE fin")
+    tmp = path.with_name(f".{path.name}.tmp")
+    quoted = str(tmp).replace("'", "''")
+    try:
+        con.execute(f"COPY (SELECT line FROM lines) TO '{quoted}' "
+                    "(FORMAT csv, header false, quote '', escape '', delim '\x1f')")
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def du(path: Path) -> int:
+    return sum(f.stat().st_size for f in path.rglob("*") if f.is_file())
+
+
+def social_corpus(cfg: DataConfig, files: list[Path], skip_bad: SkipBad, threads: Optional[int],
+                  corpus_file: Path, source: str) -> dict[str, int]:
+    """Write the corpus rows ``(parent, reply)`` / ``(text, None)`` of the posts in ``files`` to
+    ``corpus_file`` (atomically), in their fixed order; return the counts. The engine's files live in a
+    temporary folder beside ``corpus_file``'s folder until the end."""
+    workdir = corpus_file.parent.parent
+    workdir.mkdir(parents=True, exist_ok=True)
+    corpus_file.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=".join-", dir=workdir))
+    con = None
+    try:
+        con = _connect(tmp, cfg, engine_threads(threads))
+        names = [str(f) for f in files]
+        clock = [time.perf_counter()]
+
+        def lap() -> str:
+            clock.append(time.perf_counter())
+            return f"{clock[-1] - clock[-2]:.1f} s"
+
+        if cfg.source in ("twitter", "bluesky"):
+            problem_of = twitter_problem if cfg.source == "twitter" else bluesky_problem
+            sql = twitter_sql() if cfg.source == "twitter" else bluesky_sql()
+            originals = _load_json(con, classified(sql, cfg), names, problem_of, skip_bad, tmp)
+            _drop_problem_records(con, problem_of, skip_bad, originals, tmp)
+        else:
+            _load_table(con, cfg, names, skip_bad)
+        laps = [f"read {lap()}"]
+        counts = _build_rows(con, cfg)
+        laps.append(f"join {lap()}")
+        written = _final_rows(con, cfg)
+        laps.append(f"printable and dedup {lap()}")
+        if not written["rows_read"]:
+            raise EngineError(f"{source}: no posts to pretrain on (summary so far: {counts})")
+        spill = du(tmp)
+        _write(con, corpus_file)
+        laps.append(f"ordered write {lap()}")
+        log.info("data: DuckDB (%d threads): %s; spill %.1f MB before the write, %.1f MB after (in %s; removed)",
+                 engine_threads(threads), ", ".join(laps), spill / 1e6, du(tmp) / 1e6, tmp)
+        return {**counts, **written}
+    except Exception as err:
+        if type(err).__name__ == "OutOfMemoryException":  # duckdb's, imported lazily
+            raise EngineError(f"{source}: DuckDB ran out of data.engine_memory={cfg.engine_memory} "
+                              f"({str(err).splitlines()[0]}); raise data.engine_memory, or lower runtime.threads") from None
+        raise
+    finally:
+        if con is not None:
+            con.close()
+        shutil.rmtree(tmp, ignore_errors=True)
