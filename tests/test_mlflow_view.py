@@ -27,17 +27,17 @@ def test_the_view_shows_the_changed_param_and_each_tasks_test_score_in_model_tra
         with tracker.start({}, run_name="evaluate", experiment_params=experiment(n_encoders)):
             tracker.log_experiment_metrics({"tass_default.test_official": n_encoders / 10,
                                             "tass_default.test_official_sd": 0.01,
-                                            "tass_default.baseline.test_official": 0.4})
+                                            "tass_default.tfidf.test_official": 0.4})
     uri = local_store_uri(tmp_path)
     view = prepare(uri, "twilbert")
     assert view.n_parents == 2
     assert view.params == ["model.n_encoders"]  # hidden_size, lr and seed are the same in both
-    assert view.metrics == ["tass_default.test_official", "tass_default.baseline.test_official"]
+    assert view.metrics == ["tass_default.test_official", "tass_default.tfidf.test_official"]
     assert "workflowType=machine_learning" in view.path() and f"viewStateShareKey={VIEW_KEY}" in view.path()
     tags = mlflow.MlflowClient(tracking_uri=uri).get_experiment_by_name("twilbert").tags
     state = json.loads(tags[SHARED_VIEW_TAG + VIEW_KEY])
     assert state["selectedColumns"] == ["params.`model.n_encoders`", "metrics.`tass_default.test_official`",
-                                        "metrics.`tass_default.baseline.test_official`"]
+                                        "metrics.`tass_default.tfidf.test_official`"]
     assert state["searchFilter"] == "tags.`twilbert.parent` = 'true'"
     assert tags[EXPERIMENT_KIND_TAG] == EXPERIMENT_KIND
 

@@ -87,7 +87,7 @@ def test_models_compared_holds_the_four_rows(project):
     compared = table.split("## Models compared")[1]
     rows = [line for line in compared.splitlines() if line.startswith("| tass_default |")]
     models = [line.split(" | ")[2].removesuffix(" ⚠") for line in rows]  # ⚠: a tiny run may predict one class
-    assert sorted(models) == sorted(["hf (pretrained)", "hf (roberta)", "hf (twilbert-scratch)", "baseline"]), rows
+    assert sorted(models) == sorted(["hf (pretrained)", "hf (roberta)", "hf (twilbert-scratch)", "tfidf"]), rows
 
 
 def test_a_new_hf_path_reruns_from_the_vocab_stage(project):

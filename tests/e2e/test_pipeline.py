@@ -185,7 +185,7 @@ def test_experiment_with_changed_param_gets_its_own_metrics_and_runs(project):
     assert parents["enc4"].data.params["model.n_encoders"] == "4"
     for parent in (parents["workspace"], parents["enc4"]):
         assert math.isfinite(parent.data.metrics["tass_default.test_official"])
-        for key in ("tass_default.dev_official", "tass_default.baseline.test_official", "pretrain.heldout_mlm_loss",
+        for key in ("tass_default.dev_official", "tass_default.tfidf.test_official", "pretrain.heldout_mlm_loss",
                     "pretrain.heldout_mlm_accuracy", "pretrain.heldout_rop_accuracy"):
             assert key in parent.data.metrics, key
         assert len(parent.data.params) > 100  # all of params.yaml, past MLflow's 100 params per call
