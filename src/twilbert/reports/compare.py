@@ -139,7 +139,7 @@ def short_labels(keys: list[str]) -> dict[str, str]:
     return labels
 
 
-def _cell(value: Any, metric: bool = False, in_points: bool = False) -> str:
+def cell(value: Any, metric: bool = False, in_points: bool = False) -> str:
     """A param's value (cut to MAX_CELL), or a metric's: a score in points (0.3314 -> 33.14), a loss as it is."""
     if value is None:
         return "-"
@@ -194,8 +194,8 @@ def compare_table(rows: list[dict], width: int = WIDTH) -> str:
     labels = short_labels(params)
     metrics = metric_columns(rows)
     names = [r["name"] + (" (failed)" if r["error"] else "") for r in rows]
-    param_cells = [[_cell(r["params"].get(k)) if r["params"] else "-" for k in params] for r in rows]
-    metric_cells = [[_cell(dig(r[src], key), True, in_points) for _, _, src, key, in_points in metrics] for r in rows]
+    param_cells = [[cell(r["params"].get(k)) if r["params"] else "-" for k in params] for r in rows]
+    metric_cells = [[cell(dig(r[src], key), True, in_points) for _, _, src, key, in_points in metrics] for r in rows]
     param_head = ["experiment", *(labels[k] for k in params)]
     param_groups = ["", *(["params that differ"] * len(params))]
     metric_head = ["experiment", *(h for _, h, _, _, _ in metrics)]
