@@ -180,6 +180,7 @@ def test_an_unknown_reference_is_refused_in_one_line(monkeypatch, capsys):
     assert err.startswith("compare: --reference 'nope' is no row here") and "enc4" in err and "\n" not in err
 
 
+@pytest.mark.reliability
 def test_a_run_without_predictions_is_said_as_n_of_in_the_verdict():
     """#29: Δ from 2 of 3 runs read like the Δ from all three; now the cell says n=2 of 3."""
     rows = experiment_rows(exp_show(("enc4", 4, 0.001, 0.42)))
@@ -192,6 +193,7 @@ def test_a_run_without_predictions_is_said_as_n_of_in_the_verdict():
     assert f"{100 * delta.delta:+.2f} [" in line and "enc4 n=2 of 3" in line
 
 
+@pytest.mark.reliability
 def test_run_predictions_names_each_missing_file(tmp_path):
     runs = {f"tass_default-s{s}": {"task": "tass_default", "seed": s} for s in (0, 1, 2)}
     row = {"name": "workspace", "kind": "workspace", "params_tree": {"finetune_runs": runs}}

@@ -404,6 +404,7 @@ def test_the_evaluate_stage_refuses_runs_on_other_test_examples_in_one_line(stag
     assert not (stage_dir / "results" / "results.md").exists()
 
 
+@pytest.mark.reliability
 def test_a_run_without_predictions_is_refused_naming_the_file(seeded, tmp_path):
     """#29: a missing seed's predictions.tsv left Δ over 2 of 3 runs (or no interval) without a word."""
     (seeded["root"] / "coset17" / "runs" / "s2" / "predictions.tsv").unlink()
@@ -445,6 +446,7 @@ def test_two_models_of_a_task_need_no_pairs_table(seeded, tmp_path):
     assert "## Every pair compared" not in md
 
 
+@pytest.mark.reliability
 def test_the_evaluate_stage_refuses_a_listed_run_without_predictions_in_one_line(stage_dir):
     (stage_dir / "results" / "tasks" / "tass_default" / "runs" / "s1" / "predictions.tsv").unlink()
     proc = _evaluate(stage_dir)
