@@ -8,9 +8,7 @@ import re
 import shutil
 import sys
 
-import yaml
-
-from helpers import REPO
+from helpers import REPO, apply_four_row_recipe, four_row_recipe_text
 from twilbert.config import compose, load_config
 from twilbert.reports.tables import comparison_table
 
@@ -59,22 +57,12 @@ def test_a_stale_quote_is_found_and_rewritten(tmp_path):
     assert any("reads 36.21" in m for m in docs_numbers.experiments_mismatches(tmp_path))
 
 
-def _block_after(text: str, marker: str, lang: str = "") -> str:
-    return text.split(marker, 1)[1].split(f"```{lang}\n", 1)[1].split("```", 1)[0]
-
-
 def test_the_four_row_recipe_composes_without_placeholders(tmp_path):
     """docs/continued-pretraining.md's yaml, as written, into conf/config.yaml: three tasks on one
     dataset and task, the copies shown with the first and finetuned on their checkpoints."""
-    doc = (REPO / "docs" / "continued-pretraining.md").read_text(encoding="utf-8")
-    recipe = yaml.safe_load(_block_after(doc, "## Did adapting help?", "yaml"))
-    conf = tmp_path / "conf"
-    shutil.copytree(REPO / "conf", conf)
-    config = yaml.safe_load((conf / "config.yaml").read_text(encoding="utf-8"))
-    config["defaults"] = recipe["defaults"]
-    config["tasks"] = recipe["tasks"]
-    (conf / "config.yaml").write_text(yaml.safe_dump(config, sort_keys=False, allow_unicode=True), encoding="utf-8")
-    raw = compose([], conf)
+    shutil.copytree(REPO / "conf", tmp_path / "conf")
+    apply_four_row_recipe(tmp_path / "conf")
+    raw = compose([], tmp_path / "conf")
     assert list(raw["tasks"]) == ["tass_default", "tass_asis", "tass_scratch"]
     default = raw["tasks"]["tass_default"]
     for name, folder in (("tass_asis", "checkpoints/beto"), ("tass_scratch", "checkpoints/twilbert-scratch")):
@@ -84,11 +72,11 @@ def test_the_four_row_recipe_composes_without_placeholders(tmp_path):
         assert task["finetuning"] == {"backbone": "hf", "hf_path": folder, "baseline_row": False}
     cfg = load_config(raw)  # the config checks pass: compare_as names a task
     assert cfg.tasks["tass_asis"].finetuning_config(cfg.finetuning).hf_path == "checkpoints/beto"
-    assert "<" not in _block_after(doc, "## Did adapting help?", "yaml")
+    assert "<" not in four_row_recipe_text()
 
 
 def test_the_four_row_example_has_todays_table_header():
     doc = (REPO / "docs" / "continued-pretraining.md").read_text(encoding="utf-8")
-    quoted = _block_after(doc, "naming its folder").splitlines()[:2]
+    quoted = doc.split("naming its folder", 1)[1].split("```\n", 1)[1].splitlines()[:2]
     assert quoted == comparison_table([]).splitlines()[:2]
 
