@@ -1,7 +1,8 @@
 """DVC stage `evaluate`: the results tables from the metrics files of the tasks in params
-(every finetuning run, runs/s<seed>/metrics.json, and the baseline row, baseline/metrics.json, with
-their predictions.tsv for the Δ intervals), the finetuning curves as DVC plot files, PNGs of every
-training curve, and the experiment's headline metrics on its MLflow parent run."""
+(every finetuning run, runs/s<seed>/metrics.json, and the TF-IDF row `tfidf`, baseline/metrics.json,
+with their predictions.tsv for the Δ intervals: a listed run without one is refused), the finetuning
+curves as DVC plot files, PNGs of every training curve, and the experiment's headline metrics on its
+MLflow parent run."""
 
 import argparse
 import json
