@@ -219,7 +219,7 @@ def compare_table(rows: list[dict], width: int = WIDTH) -> str:
 
 
 # --------------------------------------------------------------------------------------------
-# Δ against the workspace, paired on the test examples
+# Δ against the reference row (`baseline`, or --reference), paired on the test examples
 # --------------------------------------------------------------------------------------------
 
 # exp name -> task -> the text of each run's predictions.tsv, None for a run without one (a mapping,
