@@ -441,9 +441,20 @@ def test_every_pair_of_a_task_with_more_than_two_models_gets_its_delta(seeded, t
     assert rows[1].startswith("| coset17 | twilbert | tfidf |") and rows[6].startswith("| coset17 | hf | hf |")
 
 
-def test_two_models_of_a_task_need_no_pairs_table(seeded, tmp_path):
+def test_one_model_beside_tfidf_needs_no_pairs_table(seeded, tmp_path):
     md = write_results(task_metrics_files(seeded["root"] / "coset17"), tmp_path / "out", specs={"coset17": SPEC})
     assert "## Every pair compared" not in md
+
+
+def test_two_models_without_a_tfidf_row_get_their_pair(seeded, tmp_path):
+    """baseline_row: false on both: the comparison table has no Δ column to fill, the pair still has one."""
+    root, gold, ids = seeded["root"], seeded["gold"], seeded["baseline"].ids
+    _write_run(root / "coset17_asis" / "runs" / "s1", "coset17_asis", "hf", Predictions(ids, gold, _noisy(gold, 0.6, 5), SPEC))
+    files = task_metrics_files(root / "coset17")[:-1] + task_metrics_files(root / "coset17_asis")
+    md = write_results(files, tmp_path / "out", labels={"coset17_asis": "coset17"},
+                       specs={"coset17": SPEC, "coset17_asis": SPEC})
+    rows = _md_rows(md.split("## Every pair compared")[1])
+    assert len(rows) == 2 and rows[1].startswith("| coset17 | twilbert | hf | ")
 
 
 @pytest.mark.reliability

@@ -72,15 +72,16 @@ def tfidf_deltas(groups: list[dict], specs: Optional[Mapping[str, TaskSpec]] = N
 
 def pair_deltas(groups: list[dict], specs: Optional[Mapping[str, TaskSpec]] = None,
                 labels: Optional[Mapping[str, str]] = None) -> list[tuple[str, dict, dict, Delta]]:
-    """(task shown, A, B, Δ of A over B) for every pair of models of a task that holds more than two
-    (the continued checkpoint, the checkpoint as it is, twilbert from scratch, TF-IDF: "did continuing
-    help?" is a pair of its own). With two models the TF-IDF Δ is the only pair: nothing here."""
+    """(task shown, A, B, Δ of A over B) for every pair of models of a task where two or more are not
+    the TF-IDF row (the continued checkpoint, the checkpoint as it is, twilbert from scratch, TF-IDF:
+    "did continuing help?" is a pair of its own). With one model beside TF-IDF, the TF-IDF Δ of the
+    comparison table is the only pair: nothing here."""
     if not specs:
         return []
     read = _Predictions(specs)
     out = []
     for task, task_groups in by_task(groups, labels).items():
-        if len(task_groups) < 3 or not _pairable(task_groups, specs):
+        if sum(g["model"] != TFIDF_ROW for g in task_groups) < 2 or not _pairable(task_groups, specs):
             continue
         for i, a in enumerate(task_groups):
             for b in task_groups[i + 1:]:

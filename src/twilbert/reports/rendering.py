@@ -1,6 +1,6 @@
 """results.md, results.csv and metrics.json rendered from the per-task metrics files, and written.
 
-Two tables, plus a third where a task holds more than two models: TWilBert's (dev and test MP, MR,
+Two tables, plus a third where a task holds two or more models beside the TF-IDF row: TWilBert's (dev and test MP, MR,
 MF1, F1, Acc and the official metric), the models compared on each task's official metric with Δ
 against the TF-IDF row, and every pair of models of such a task. Scores are copied from the metrics
 files; only the intervals are computed (:mod:`twilbert.reports.deltas`)."""

@@ -1,6 +1,6 @@
 """The results tables from the rows of :mod:`twilbert.reports.results`: TWilBert's per-task layout,
 the models compared on each task's official metric (Δ against the TF-IDF row), every pair of a task
-with more than two models, and results.csv.
+with two or more models beside it, and results.csv.
 
 The markdown tables show points (100 × the fraction, two decimals); results.csv keeps the metrics
 files' fractions, every digit, for programs."""
