@@ -10,7 +10,7 @@ import sys
 
 from helpers import REPO, apply_four_row_recipe, four_row_recipe_text
 from twilbert.config import compose, load_config
-from twilbert.reports.tables import comparison_table
+from twilbert.reports.tables import comparison_table, pairs_table
 
 
 def _script():
@@ -77,6 +77,7 @@ def test_the_four_row_recipe_composes_without_placeholders(tmp_path):
 
 def test_the_four_row_example_has_todays_table_header():
     doc = (REPO / "docs" / "continued-pretraining.md").read_text(encoding="utf-8")
-    quoted = doc.split("naming its folder", 1)[1].split("```\n", 1)[1].splitlines()[:2]
-    assert quoted == comparison_table([]).splitlines()[:2]
+    blocks = doc.split("naming its folder", 1)[1].split("```\n")
+    assert blocks[1].splitlines()[:2] == comparison_table([]).splitlines()[:2]
+    assert blocks[3].splitlines()[:2] == pairs_table([]).splitlines()[:2]
 
