@@ -56,9 +56,10 @@ JOBS ?= 1
 queue: setup
 	dvc queue start -j $(JOBS)
 
-## The workspace and every experiment: the params that differ and the headline metrics
+## The workspace and every experiment: the params that differ and the headline metrics, then each one's Δ
+## against `baseline`, or against any other: make compare ARGS='--reference enc4'
 compare: setup
-	$(PY) -m twilbert.reports.compare
+	$(PY) -m twilbert.reports.compare $(ARGS)
 
 ## ruff, configured in pyproject.toml
 lint: setup

@@ -24,8 +24,9 @@ from typing import Iterable, Optional, Sequence, Union
 from twilbert.config import Config, ConfigError, compose, load_config
 from twilbert.model.card import read_card, row_width
 from twilbert.pipeline.stage import parse_args, setup_logging
-from twilbert.reports.results import task_metrics_files, write_results
-from twilbert.train.finetune.stage_work import finetune_task
+from twilbert.reports.rendering import write_results
+from twilbert.reports.results import task_metrics_files
+from twilbert.train.finetune.stage_work import baseline_task, finetune_task
 
 log = logging.getLogger("twilbert")
 REPO = Path(__file__).resolve().parents[1]
@@ -138,13 +139,16 @@ def run_acceptance(cfg: Config, pretrained: Path, out_dir: Path, models_dir: Pat
         shutil.rmtree(metrics_dir, ignore_errors=True)  # no stale metrics from an earlier run
         start = time.perf_counter()
         try:
-            metrics = finetune_task(cfg, task, pretrained, models_dir / name, metrics_dir)
+            # the pipeline's layout (runs/s<seed>/ and baseline/), which the results tables read
+            metrics = finetune_task(cfg, task, pretrained, models_dir / name, metrics_dir / "runs" / "s0",
+                                    baseline_row=False)
+            baseline_task(cfg, task, pretrained, models_dir / "tfidf" / name, metrics_dir / "baseline")
         except Exception as err:  # noqa: BLE001 - one broken task must not hide the others' results
             log.exception("acceptance: task %s failed", name)
             report.failures[name] = f"{type(err).__name__}: {err}"
             continue
         report.seconds[name] = time.perf_counter() - start
-        report.metrics_files += task_metrics_files(metrics_dir)  # metrics.json, and baseline.json when run
+        report.metrics_files += task_metrics_files(metrics_dir)  # the run's, and the TF-IDF row's when it ran
         log.info("acceptance: %s (%s) test %s = %.4f in %.1fs", name, SAMPLE_TASKS.get(name, name),
                  metrics["official_metric"], metrics["test"]["official"], report.seconds[name])
     if report.metrics_files:

@@ -1,4 +1,4 @@
-"""DVC stage `baseline` (one instance per task): the TF-IDF + linear baseline row, fitted once, since
+"""DVC stage `baseline` (one instance per task): the TF-IDF + linear row (`tfidf` in the tables), fitted once, since
 it is deterministic, on the same splits and preprocessing as the task's finetuning runs."""
 
 import argparse
@@ -26,7 +26,7 @@ def main() -> Optional[str]:
     metrics = baseline_task(cfg, cfg.tasks[args.task], args.vocab, args.model_out, args.metrics_out)
     if metrics is None:
         return f"{args.task}: no separate baseline row -> {args.metrics_out}"
-    return (f"{args.task} (baseline {metrics['model_name']}): dev {metrics['official_metric']} "
+    return (f"{args.task} (the tfidf row, {metrics['model_name']}): dev {metrics['official_metric']} "
             f"{metrics['dev']['official']:.4f}, test {metrics['test']['official']:.4f}")
 
 

@@ -1,8 +1,8 @@
 """DVC stage `evaluate`: the results tables from the metrics files of the tasks in params
-(every finetuning run, runs/s<seed>/metrics.json, and the baseline row, baseline/metrics.json, with
-their predictions.tsv for the Δ intervals), the finetuning curves as DVC plot files, PNGs of every
-training curve. The experiment's scores on its MLflow parent run come from `make`'s sync
-(twilbert.pipeline.mlflow_sync), which also runs when DVC skips this stage."""
+(every finetuning run, runs/s<seed>/metrics.json, and the TF-IDF row `tfidf`, baseline/metrics.json,
+with their predictions.tsv for the Δ intervals: a listed run without one is refused), the finetuning
+curves as DVC plot files, PNGs of every training curve. The experiment's scores on its MLflow parent
+run come from `make`'s sync (twilbert.pipeline.mlflow_sync), which also runs when DVC skips this stage."""
 
 import argparse
 import json
@@ -13,14 +13,13 @@ from twilbert.config.runs import expand_seeds
 from twilbert.numerics import describe
 from twilbert.pipeline.stage import load_stage_config, parse_args, run
 from twilbert.reports.plots import write_finetune_curves, write_pngs
+from twilbert.reports.rendering import render_results, write_rendered
 from twilbert.reports.results import (
     aggregate,
     collect,
     headline_metrics,
-    render_results,
     task_metrics_files,
     tracked_metrics,
-    write_rendered,
 )
 from twilbert.tracking.runs import Tracker
 
@@ -41,6 +40,13 @@ def main() -> str:
     missing = [str(d / "metrics.json") for d in runs.values() if not (d / "metrics.json").is_file()]
     if missing:
         raise FileNotFoundError(f"evaluate: missing finetuning runs {missing}; run the finetune stages")
+    # Δ and its interval pair every run's predictions: one missing would shrink n without a word.
+    missing = [name for name, d in runs.items() if not (d / "predictions.tsv").is_file()]
+    if missing:
+        files = ", ".join(str(runs[name] / "predictions.tsv") for name in missing)
+        stages = " ".join(f"finetune@{name}" for name in missing)
+        raise FileNotFoundError(f"evaluate: missing {files}; Δ pairs every listed run's predictions, so none is "
+                                f"left out: `dvc checkout` or `dvc repro --force {stages}` brings it back")
     listed = {d / "metrics.json" for d in runs.values()}
     files = [f for name in cfg.tasks for f in task_metrics_files(args.tasks_dir / name)
              if f in listed or f.parent.parent.name != "runs"]

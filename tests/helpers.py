@@ -269,3 +269,28 @@ def load_acceptance_script() -> ModuleType:
     sys.modules[spec.name] = script  # its dataclasses resolve their annotations through sys.modules
     spec.loader.exec_module(script)
     return script
+
+
+# --------------------------------------------------------------------------------------------
+# The four-row recipe of docs/continued-pretraining.md, as the page writes it
+# --------------------------------------------------------------------------------------------
+
+FOUR_ROW_PAGE = REPO / "docs" / "continued-pretraining.md"
+
+
+def four_row_recipe_text() -> str:
+    """The yaml block under "Did adapting help?" in docs/continued-pretraining.md."""
+    text = FOUR_ROW_PAGE.read_text(encoding="utf-8")
+    return text.split("## Did adapting help?", 1)[1].split("```yaml\n", 1)[1].split("```", 1)[0]
+
+
+def apply_four_row_recipe(conf_dir: Path) -> None:
+    """conf_dir/config.yaml with the recipe's defaults and tasks, as a user pastes them in."""
+    import yaml
+
+    recipe = yaml.safe_load(four_row_recipe_text())
+    path = Path(conf_dir) / "config.yaml"
+    config = yaml.safe_load(path.read_text(encoding="utf-8"))
+    config["defaults"] = recipe["defaults"]
+    config["tasks"] = recipe["tasks"]
+    path.write_text(yaml.safe_dump(config, sort_keys=False, allow_unicode=True), encoding="utf-8")

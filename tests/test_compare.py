@@ -9,11 +9,13 @@ import numpy as np
 import pytest
 
 from twilbert.evaluation.predictions import Predictions, PredictionsFileError, format_predictions
+from twilbert.reports import compare
 from twilbert.reports.compare import (
     changed_params,
     compare_table,
     compare_task,
     experiment_rows,
+    run_predictions,
     short_labels,
     task_specs,
     verdict_table,
@@ -33,7 +35,7 @@ def rev_data(n_encoders: int, lr: float, test: float) -> dict:
                                                "heldout_rop_accuracy": 0.55, "epoch": 2}},
             "results/metrics.json": {"data": {"tass_default": {
                 "test_official": test, "dev_official": test + 0.01,
-                "baseline": {"test_official": 0.46, "dev_official": 0.41}}}},
+                "tfidf": {"test_official": 0.46, "dev_official": 0.41}}}},
         },
     }
 
@@ -60,8 +62,8 @@ def test_the_table_has_every_row_the_changed_params_and_the_test_scores():
     assert "n_encoders" in head and "test" in head and "mlm loss" in head
     assert "tass_default" in lines[0] and "pretrain held-out" in lines[0]
     enc4 = next(line for line in lines if line.startswith("| enc4"))
-    assert "| 4 " in enc4 and "0.4200" in enc4
-    assert "0.3700" in next(line for line in lines if line.startswith("| workspace"))
+    assert "| 4 " in enc4 and "42.00" in enc4
+    assert "37.00" in next(line for line in lines if line.startswith("| workspace"))
     assert "seed" not in head and "model.name" not in head  # unchanged params are left out
     assert max(map(len, lines)) <= 160
 
@@ -146,3 +148,60 @@ def test_an_experiment_on_other_test_examples_is_marked_not_paired():
              "enc4": {"tass_default": [predictions_text(0.6, 2, ids=["x"] + IDS[1:])]}}
     line = next(line for line in verdict_table(rows, texts.get).splitlines() if line.startswith("| enc4"))
     assert "other test examples" in line
+
+
+def test_scores_read_in_points_and_the_tfidf_row_is_not_named_baseline():
+    """`baseline` is the experiment `make repro` keeps; the TF-IDF row is `tfidf`, and every score is in
+    points, as in the Δ table and results.md (the held-out MLM loss is a loss, not a score)."""
+    table = compare_table(experiment_rows(exp_show(("enc4", 4, 0.001, 0.42))))
+    head = table.splitlines()[1]
+    assert "tfidf test" in head and "baseline" not in head and "tf-idf" not in head
+    enc4 = next(line for line in table.splitlines() if line.startswith("| enc4"))
+    cells = [c.strip() for c in enc4.split("|")[1:-1]]
+    assert cells[2:] == ["5.5000", "5.00", "55.00", "43.00", "42.00", "46.00"]  # loss; mlm, rop acc; dev, test, tfidf
+    assert "Scores in points" in table
+
+
+def test_any_experiment_can_be_the_reference():
+    rows = experiment_rows(exp_show(("enc4", 4, 0.001, 0.42), ("lr", 2, 0.003, 0.39)))
+    enc4 = [predictions_text(0.4, s) for s in (4, 5, 6)]
+    lr = [predictions_text(0.6, s) for s in (7, 8, 9)]
+    table = verdict_table(rows, {"enc4": {"tass_default": enc4}, "lr": {"tass_default": lr}}, reference="enc4")
+    assert "Δ test vs enc4 [95% CI]" in table
+    line = next(line for line in table.splitlines() if line.startswith("| lr"))
+    delta = compare_task(SPEC, enc4, lr)
+    assert f"{100 * delta.delta:+.2f} [{100 * delta.low:+.2f}, {100 * delta.high:+.2f}]" in line and "better" in line
+
+
+def test_an_unknown_reference_is_refused_in_one_line(monkeypatch, capsys):
+    monkeypatch.setattr(compare, "exp_show_json", lambda repo: exp_show(("enc4", 4, 0.001, 0.42)))
+    assert compare.main(["--reference", "nope"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("compare: --reference 'nope' is no row here") and "enc4" in err and "\n" not in err
+
+
+@pytest.mark.reliability
+def test_a_run_without_predictions_is_said_as_n_of_in_the_verdict():
+    """#29: Δ from 2 of 3 runs read like the Δ from all three; now the cell says n=2 of 3."""
+    rows = experiment_rows(exp_show(("enc4", 4, 0.001, 0.42)))
+    workspace = [predictions_text(0.6, s) for s in (1, 2, 3)]
+    enc4 = [predictions_text(0.6, 4), None, predictions_text(0.6, 6)]
+    line = next(line for line in verdict_table(rows, {"workspace": {"tass_default": workspace},
+                                                      "enc4": {"tass_default": enc4}}).splitlines()
+                if line.startswith("| enc4"))
+    delta = compare_task(SPEC, workspace, [enc4[0], enc4[2]])
+    assert f"{100 * delta.delta:+.2f} [" in line and "enc4 n=2 of 3" in line
+
+
+@pytest.mark.reliability
+def test_run_predictions_names_each_missing_file(tmp_path):
+    runs = {f"tass_default-s{s}": {"task": "tass_default", "seed": s} for s in (0, 1, 2)}
+    row = {"name": "workspace", "kind": "workspace", "params_tree": {"finetune_runs": runs}}
+    for seed in (0, 2):
+        folder = tmp_path / "results" / "tasks" / "tass_default" / "runs" / f"s{seed}"
+        folder.mkdir(parents=True)
+        (folder / "predictions.tsv").write_text(predictions_text(0.6, seed))
+    missing = []
+    texts = run_predictions(tmp_path, row, missing)
+    assert [t is None for t in texts["tass_default"]] == [False, True, False]
+    assert missing == ["workspace: results/tasks/tass_default/runs/s1/predictions.tsv"]

@@ -12,7 +12,7 @@ from finetune_data import first, make_config, make_pretrained, write_task
 from helpers import REPO
 from twilbert.config import TaskSpec, compose
 from twilbert.evaluation.predictions import Predictions
-from twilbert.reports.results import render_results
+from twilbert.reports.rendering import render_results
 from twilbert.train.finetune.degenerate import run_warnings
 from twilbert.train.finetune.stage_work import baseline_task
 
@@ -55,5 +55,5 @@ def test_a_tiny_task_is_warned_in_the_log_and_marked_in_both_tables(tmp_path, pr
     assert metrics["warnings"][0].startswith("small training set")
     table = render_results([tmp_path / "baseline" / "metrics.json"])["results.md"]
     marked = [line for line in table.splitlines() if line.startswith("| t |")]
-    assert len(marked) == 2 and all("| baseline ⚠ |" in line for line in marked)
-    assert "- t baseline: small training set: 12 examples for 4 classes" in table
+    assert len(marked) == 2 and all("| tfidf ⚠ |" in line for line in marked)
+    assert "- t tfidf: small training set: 12 examples for 4 classes" in table

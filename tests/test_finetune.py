@@ -258,7 +258,7 @@ def test_the_child_runs_scores_are_the_selected_epochs_under_the_tables_names(tm
     import mlflow
 
     from twilbert.config import TrackingConfig
-    from twilbert.reports.results import render_results
+    from twilbert.reports.rendering import render_results
     from twilbert.tracking.runs import Tracker
 
     monkeypatch.chdir(tmp_path)

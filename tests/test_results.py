@@ -11,7 +11,8 @@ import pytest
 from helpers import REPO
 from twilbert.config import TaskSpec
 from twilbert.evaluation.predictions import Predictions, PredictionsFileError, write_predictions
-from twilbert.reports.results import aggregate, collect, render_results, task_metrics_files, tracked_metrics, write_results
+from twilbert.reports.rendering import render_results, write_results
+from twilbert.reports.results import MetricsFileError, aggregate, collect, task_metrics_files, tracked_metrics
 from twilbert.reports.stats import paired_delta
 
 
@@ -21,12 +22,16 @@ def _split(**over):
 
 def _metrics(task, model="twilbert", test_is_dev=False, metric="mf1", **test):
     return {"task": task, "model": model, "official_metric": metric, "best_epoch": 2,
+            "protocol": "dev_as_test" if test_is_dev else "test_file",
             "test_is_dev": test_is_dev, "dev": _split(), "test": _split(**{"mf1": 0.4, "official": 0.4, **test})}
 
 
+PLACES = {"metrics.json": "runs/s0/metrics.json", "baseline.json": "baseline/metrics.json"}  # a run; the TF-IDF row
+
+
 def _write(root, task, name, data):
-    (root / task).mkdir(exist_ok=True)
-    path = root / task / name
+    path = root / task / PLACES.get(name, name)
+    path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(data))
     return path
 
@@ -56,17 +61,17 @@ def test_twilbert_table_holds_the_numbers_of_every_metrics_file(tasks_dir, tmp_p
     rows = _md_rows(md)
     assert ("| coset17 | twilbert | test file | 1 | 50.00 | 25.00 | 33.33 | - | 75.00 | 50.00 | 25.00 | 40.00 | - | 75.00 "
             "| mf1 | 33.33 | 40.00 | - |") in rows
-    assert ("| coset17 | baseline | test file | 1 | 50.00 | 25.00 | 33.33 | - | 75.00 | 12.50 | 25.00 | 25.00 | - | 75.00 "
+    assert ("| coset17 | tfidf | test file | 1 | 50.00 | 25.00 | 33.33 | - | 75.00 | 12.50 | 25.00 | 25.00 | - | 75.00 "
             "| mf1 | 33.33 | 25.00 | - |") in rows
 
 
-def test_comparison_table_has_one_row_per_task_and_model_with_the_delta_to_the_baseline(tasks_dir, tmp_path):
+def test_comparison_table_has_one_row_per_task_and_model_with_the_delta_to_the_tfidf_row(tasks_dir, tmp_path):
     md = write_results(_files(tasks_dir, "coset17", "tass20_es"), tmp_path / "out")
     comparison = md.split("## Models compared")[1]
     rows = _md_rows(comparison)
     assert rows[1:] == [  # no predictions files beside these: the point Δ alone, no interval nor verdict
         "| coset17 | mf1 | twilbert | test file | 1 | 33.33 | **40.00** | +15.00 | - |",
-        "| coset17 | mf1 | baseline | test file | 1 | 33.33 | 25.00 | - | - |",
+        "| coset17 | mf1 | tfidf | test file | 1 | 33.33 | 25.00 | - | - |",
         "| tass20_es † | mf1 | twilbert | dev as test | 1 | 33.33 | 40.00 | - | - |",
     ]
 
@@ -105,7 +110,7 @@ def test_csv_holds_every_number_of_the_metrics_files(tasks_dir, tmp_path):
     write_results(files, tmp_path / "out")
     table = list(csv.DictReader(io.StringIO((tmp_path / "out" / "results.csv").read_text())))
     assert [(r["task"], r["model"], r["row"]) for r in table] == [
-        (task, model, row) for task, model in [("coset17", "twilbert"), ("coset17", "baseline"),
+        (task, model, row) for task, model in [("coset17", "twilbert"), ("coset17", "tfidf"),
                                                ("tass20_es", "twilbert"), ("semeval18_affect", "twilbert")]
         for row in ("run", "mean")]
     for path, line in zip(files, table[::2]):
@@ -121,15 +126,16 @@ def test_dvc_metrics_hold_each_task_and_model(tasks_dir, tmp_path):
     summary = json.loads((tmp_path / "out" / "metrics.json").read_text())
     assert summary["coset17"]["test_official"] == 0.4 and summary["coset17"]["dev_official"] == 0.3333
     assert summary["coset17"]["test_official_n"] == 1 and summary["coset17"]["test_official_sd"] is None
-    assert summary["coset17"]["baseline"]["test_official"] == 0.25
-    assert summary["coset17"]["baseline"]["test_mp"] == 0.125
+    assert summary["coset17"]["tfidf"]["test_official"] == 0.25
+    assert summary["coset17"]["tfidf"]["test_mp"] == 0.125
+    assert "baseline" not in summary["coset17"]  # `baseline` is the experiment `make repro` keeps
     assert summary["semeval18_affect"]["test_micro_f1"] == 0.5
 
 
 def test_mlflow_metrics_equal_the_files(tasks_dir):
     flat = tracked_metrics(aggregate(collect(_files(tasks_dir, "coset17"))))
     assert flat["coset17.twilbert.test_official"] == 0.4 and flat["coset17.twilbert.test_official_n"] == 1
-    assert flat["coset17.baseline.test_mf1"] == 0.25
+    assert flat["coset17.tfidf.test_mf1"] == 0.25
     assert "coset17.twilbert.test_official_sd" not in flat  # one run has no spread, and MLflow takes numbers only
 
 
@@ -149,18 +155,28 @@ def test_labels_rename_tasks_in_the_tables_only(tasks_dir, tmp_path):
     assert (line["task"], line["label"]) == ("coset17", "coset17/folder")
 
 
-def test_primary_metrics_file_comes_first_and_duplicate_model_names_are_told_apart(tmp_path):
+def test_the_runs_come_first_and_duplicate_model_names_are_told_apart(tmp_path):
     _write(tmp_path, "gender17", "baseline.json", _metrics("gender17", "baseline"))
-    _write(tmp_path, "gender17", "metrics.json", _metrics("gender17", "baseline"))
+    _write(tmp_path, "gender17", "metrics.json", _metrics("gender17", "baseline"))  # finetuning.backbone: baseline
     files = task_metrics_files(tmp_path / "gender17")
-    assert [f.name for f in files] == ["metrics.json", "baseline.json"]
-    assert [g["model"] for g in aggregate(collect(files))] == ["baseline", "baseline (baseline)"]
+    assert [f.relative_to(tmp_path / "gender17").as_posix() for f in files] == [
+        "runs/s0/metrics.json", "baseline/metrics.json"]
+    assert [g["model"] for g in aggregate(collect(files))] == ["tfidf", "tfidf (baseline)"]
 
 
-def test_a_json_that_is_not_a_metrics_file_is_left_out(tmp_path):
-    good = _write(tmp_path, "coset17", "metrics.json", _metrics("coset17"))
-    other = _write(tmp_path, "coset17", "predictions.json", [1, 2, 3])
-    assert [r["file"] for r in collect([good, other])] == ["metrics.json"]
+def test_metrics_files_outside_the_runs_layout_are_not_read(tmp_path):
+    """The layout before runs/s<seed>/ (metrics.json and baseline.json at the task folder's top) is gone."""
+    _write(tmp_path, "coset17", "top/metrics.json", _metrics("coset17"))
+    (tmp_path / "coset17" / "top" / "metrics.json").rename(tmp_path / "coset17" / "metrics.json")
+    assert task_metrics_files(tmp_path / "coset17") == []
+    with pytest.raises(MetricsFileError, match=r"coset17/metrics.json: not where a metrics file lives"):
+        collect([tmp_path / "coset17" / "metrics.json"])
+
+
+def test_a_json_that_is_not_a_metrics_object_is_named(tmp_path):
+    other = _write(tmp_path, "coset17", "metrics.json", [1, 2, 3])
+    with pytest.raises(MetricsFileError, match=r"runs/s0/metrics.json: not a metrics file \(a JSON list"):
+        collect([other])
 
 
 def test_no_metrics_is_an_error(tmp_path):
@@ -169,7 +185,7 @@ def test_no_metrics_is_an_error(tmp_path):
 
 
 def test_a_corrupt_metrics_file_is_named(tmp_path):
-    bad = tmp_path / "metrics.json"
+    bad = _write(tmp_path, "coset17", "metrics.json", {})
     bad.write_text("{not json")
     with pytest.raises(ValueError, match="metrics.json"):
         write_results([bad], tmp_path / "out")
@@ -197,7 +213,7 @@ def test_a_task_compared_as_another_joins_its_rows_in_the_comparison(tasks_dir, 
     rows = _md_rows(md.split("## Models compared")[1])
     assert rows[1:] == [
         "| coset17 | mf1 | twilbert | test file | 1 | 33.33 | 40.00 | +15.00 | - |",
-        "| coset17 | mf1 | baseline | test file | 1 | 33.33 | 25.00 | - | - |",
+        "| coset17 | mf1 | tfidf | test file | 1 | 33.33 | 25.00 | - | - |",
         "| coset17 | mf1 | hf | test file | 1 | 33.33 | **50.00** | +25.00 | - |",
     ]
 
@@ -264,8 +280,8 @@ def test_three_runs_show_mean_plus_minus_sd_with_n_3(seeded, tmp_path):
     assert cells[11] == cells[16] == _cell(np.mean(tests), np.std(tests, ddof=1))  # test MF1, the official metric
     assert cells[13] == _cell(np.mean(accs), np.std(accs, ddof=1))
     assert cells[15] == _cell(np.mean(devs), np.std(devs, ddof=1))
-    base = next(r for r in _md_rows(md.split("## Per task")[1]) if r.startswith("| coset17 | baseline"))
-    assert "| baseline | test file | 1 |" in base and "±" not in base  # one deterministic run: its value
+    base = next(r for r in _md_rows(md.split("## Per task")[1]) if r.startswith("| coset17 | tfidf"))
+    assert "| tfidf | test file | 1 |" in base and "±" not in base  # one deterministic run: its value
 
 
 def test_the_comparison_gives_the_delta_to_the_baseline_with_its_interval_and_verdict(seeded, tmp_path):
@@ -289,7 +305,7 @@ def test_csv_holds_each_run_and_the_mean_row_with_its_sd(seeded, tmp_path):
     table = list(csv.DictReader(io.StringIO((tmp_path / "out" / "results.csv").read_text())))
     assert [(r["model"], r["row"], r["seed"], r["n"]) for r in table] == [
         ("twilbert", "run", "1", "1"), ("twilbert", "run", "2", "1"), ("twilbert", "run", "10", "1"),
-        ("twilbert", "mean", "", "3"), ("baseline", "run", "", "1"), ("baseline", "mean", "", "1")]
+        ("twilbert", "mean", "", "3"), ("tfidf", "run", "", "1"), ("tfidf", "mean", "", "1")]
     tests = [seeded["scores"][s]["official"] for s in (1, 2, 10)]
     assert [float(r["test_official"]) for r in table[:3]] == tests
     assert float(table[3]["test_official"]) == pytest.approx(np.mean(tests), abs=1e-15)
@@ -305,8 +321,8 @@ def test_dvc_metrics_keep_the_mean_under_the_old_key_with_sd_and_n_beside(seeded
     assert summary["test_official_sd"] == pytest.approx(np.std(tests, ddof=1), abs=1e-15)
     assert summary["test_official_n"] == 3
     assert list(summary)[:3] == ["test_official", "test_official_sd", "test_official_n"]
-    assert summary["baseline"]["test_official"] == seeded["base_scores"]["official"]
-    assert summary["baseline"]["test_official_n"] == 1 and summary["baseline"]["test_official_sd"] is None
+    assert summary["tfidf"]["test_official"] == seeded["base_scores"]["official"]
+    assert summary["tfidf"]["test_official_n"] == 1 and summary["tfidf"]["test_official_sd"] is None
 
 
 def test_the_same_files_render_the_same_bytes(seeded, tmp_path):
@@ -385,4 +401,67 @@ def test_the_evaluate_stage_refuses_runs_on_other_test_examples_in_one_line(stag
     assert proc.returncode == 2 and "Traceback" not in proc.stderr
     [line] = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
     assert "tass_default/baseline/predictions.tsv" in line and "not on the same test examples" in line
+    assert not (stage_dir / "results" / "results.md").exists()
+
+
+@pytest.mark.reliability
+def test_a_run_without_predictions_is_refused_naming_the_file(seeded, tmp_path):
+    """#29: a missing seed's predictions.tsv left Δ over 2 of 3 runs (or no interval) without a word."""
+    (seeded["root"] / "coset17" / "runs" / "s2" / "predictions.tsv").unlink()
+    with pytest.raises(MetricsFileError, match=r"coset17/runs/s2/predictions.tsv: missing.*twilbert has 3 runs"):
+        write_results(task_metrics_files(seeded["root"] / "coset17"), tmp_path / "out", specs={"coset17": SPEC})
+    assert not (tmp_path / "out").exists()
+
+
+def test_scores_are_in_points_and_the_tfidf_row_is_named_apart_from_the_baseline_experiment(seeded, tmp_path):
+    md = write_results(task_metrics_files(seeded["root"] / "coset17"), tmp_path / "out", specs={"coset17": SPEC})
+    assert "Scores in points" in md and "in %" not in md
+    assert "Δ test vs tfidf [95% CI]" in md and "| baseline |" not in md
+
+
+def test_every_pair_of_a_task_with_more_than_two_models_gets_its_delta(seeded, tmp_path):
+    """The four-row table: the continued checkpoint, the checkpoint as it is, twilbert from scratch and
+    TF-IDF; "did continuing help?" is the pair (continued, as it is), with its interval."""
+    root, gold = seeded["root"], seeded["gold"]
+    ids = seeded["baseline"].ids
+    models = {"coset17_asis": (0.65, 20), "coset17_scratch": (0.45, 30)}
+    for task, (right, seed) in models.items():
+        preds = Predictions(ids, gold, _noisy(gold, right, seed), SPEC)
+        _write_run(root / task / "runs" / "s1", task, "hf", preds)
+    files = [f for t in ("coset17", *models) for f in task_metrics_files(root / t)]
+    labels = {t: "coset17" for t in models}
+    md = write_results(files, tmp_path / "out", labels=labels, specs={t: SPEC for t in ("coset17", *models)})
+    rows = _md_rows(md.split("## Every pair compared")[1])
+    assert rows[0] == "| Task | A | B | Δ test A − B [95% CI] | verdict |" and len(rows) == 1 + 6
+    continued = [seeded["runs"][s].pred for s in (1, 2, 10)]
+    asis = _noisy(gold, 0.65, 20)
+    expected = paired_delta(SPEC, gold, [asis], continued)
+    interval = f"{100 * expected.delta:+.2f} [{100 * expected.low:+.2f}, {100 * expected.high:+.2f}]"
+    assert rows[2] == f"| coset17 | twilbert | hf | {interval} | {expected.verdict} |"  # continued − as it is
+    assert rows[1].startswith("| coset17 | twilbert | tfidf |") and rows[6].startswith("| coset17 | hf | hf |")
+
+
+def test_one_model_beside_tfidf_needs_no_pairs_table(seeded, tmp_path):
+    md = write_results(task_metrics_files(seeded["root"] / "coset17"), tmp_path / "out", specs={"coset17": SPEC})
+    assert "## Every pair compared" not in md
+
+
+def test_two_models_without_a_tfidf_row_get_their_pair(seeded, tmp_path):
+    """baseline_row: false on both: the comparison table has no Δ column to fill, the pair still has one."""
+    root, gold, ids = seeded["root"], seeded["gold"], seeded["baseline"].ids
+    _write_run(root / "coset17_asis" / "runs" / "s1", "coset17_asis", "hf", Predictions(ids, gold, _noisy(gold, 0.6, 5), SPEC))
+    files = task_metrics_files(root / "coset17")[:-1] + task_metrics_files(root / "coset17_asis")
+    md = write_results(files, tmp_path / "out", labels={"coset17_asis": "coset17"},
+                       specs={"coset17": SPEC, "coset17_asis": SPEC})
+    rows = _md_rows(md.split("## Every pair compared")[1])
+    assert len(rows) == 2 and rows[1].startswith("| coset17 | twilbert | hf | ")
+
+
+@pytest.mark.reliability
+def test_the_evaluate_stage_refuses_a_listed_run_without_predictions_in_one_line(stage_dir):
+    (stage_dir / "results" / "tasks" / "tass_default" / "runs" / "s1" / "predictions.tsv").unlink()
+    proc = _evaluate(stage_dir)
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr
+    [line] = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
+    assert "results/tasks/tass_default/runs/s1/predictions.tsv" in line and "finetune@tass_default-s1" in line
     assert not (stage_dir / "results" / "results.md").exists()

@@ -107,6 +107,7 @@ def test_an_unreachable_tracking_store_under_fail_is_one_line_and_evaluate_write
         metrics.parent.mkdir(parents=True)
         metrics.write_text(json.dumps({"task": "tass_default", "model": "twilbert", "official_metric": "mf1",
                                        "dev": {"official": 0.5}, "test": {"official": 0.4}}), encoding="utf-8")
+        (metrics.parent / "predictions.tsv").write_text("id\tgold\tpred\n0\tP\tN\n", encoding="utf-8")
     broken = workdir / "broken.db"
     broken.write_bytes(b"this is not an SQLite database, not even close" * 100)
     proc = run_stage("evaluate.py", "--tasks-dir", "results/tasks", "--out", "results",

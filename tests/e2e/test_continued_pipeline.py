@@ -7,8 +7,8 @@ it is, the checkpoint after continued pretraining, twilbert from scratch (export
 
 from __future__ import annotations
 
-import copy
 import json
+import re
 import sys
 from pathlib import Path
 
@@ -25,6 +25,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from project import commit_project, copy_project, project_env, run  # noqa: E402
 
 from finetune_data import make_pretrained  # noqa: E402
+from helpers import apply_four_row_recipe  # noqa: E402
 from hf_checkpoints import make_mlm_checkpoint  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[2]
@@ -33,19 +34,17 @@ pytestmark = pytest.mark.slow
 
 
 def continued_params(repo: Path, sha: str) -> dict:
-    """params.yaml of the recipe in README "Start from an existing checkpoint", made tiny."""
+    """params.yaml of the recipe in README "Start from an existing checkpoint", made tiny: the
+    four-row yaml of docs/continued-pretraining.md pasted into conf/config.yaml as it is written."""
     conf_file = repo / "conf" / "config.yaml"
     conf = yaml.safe_load(conf_file.read_text(encoding="utf-8"))
     conf["data"]["evomsa_sha256"] = sha
     conf_file.write_text(yaml.safe_dump(conf, sort_keys=False, allow_unicode=True), encoding="utf-8")
+    apply_four_row_recipe(repo / "conf")
     raw = compose([], repo / "conf")
     raw["representation"]["max_len"] = 16
-    raw["training"].update(init_from="hf", hf_path="checkpoints/roberta", epochs=1, batch_size=16, lr=1e-3)
+    raw["training"].update(init_from="hf", hf_path="checkpoints/beto", epochs=1, batch_size=16, lr=1e-3)
     raw["finetuning"].update(epochs=2, patience=2, seeds=1)
-    default = raw["tasks"]["tass_default"]
-    for name, folder in (("tass_asis", "checkpoints/roberta"), ("tass_scratch", "checkpoints/twilbert-scratch")):
-        raw["tasks"][name] = {**copy.deepcopy(default), "compare_as": "tass_default",
-                              "finetuning": {"backbone": "hf", "hf_path": folder, "baseline_row": False}}
     raw["finetune_runs"] = finetune_runs(raw["tasks"], raw["finetuning"]["seeds"])
     return raw
 
@@ -54,7 +53,7 @@ def continued_params(repo: Path, sha: str) -> dict:
 def project(tmp_path_factory):
     root = tmp_path_factory.mktemp("e2e-continued")
     repo, sha = copy_project(root)
-    make_mlm_checkpoint(repo / "checkpoints" / "roberta", "roberta")
+    make_mlm_checkpoint(repo / "checkpoints" / "beto", "roberta")  # a tiny RoBERTa where the recipe looks
     scratch = make_pretrained(root / "scratch")  # a twilbert pretrained from scratch, as a scratch run leaves it
     exported = repo / "checkpoints" / "twilbert-scratch"
     assert cli_main(["export-hf", "--model", str(scratch), "--out", str(exported)]) == 0
@@ -84,10 +83,14 @@ def test_repro_takes_the_checkpoints_tokenizer_and_writes_a_hf_folder(project):
 def test_models_compared_holds_the_four_rows(project):
     repo, _ = project
     table = (repo / "results" / "results.md").read_text(encoding="utf-8")
-    compared = table.split("## Models compared")[1]
+    compared = table.split("## Models compared")[1].split("## Every pair compared")[0]
     rows = [line for line in compared.splitlines() if line.startswith("| tass_default |")]
     models = [line.split(" | ")[2].removesuffix(" ⚠") for line in rows]  # ⚠: a tiny run may predict one class
-    assert sorted(models) == sorted(["hf (pretrained)", "hf (roberta)", "hf (twilbert-scratch)", "baseline"]), rows
+    assert sorted(models) == sorted(["hf (pretrained)", "hf (beto)", "hf (twilbert-scratch)", "tfidf"]), rows
+    pairs = [line for line in table.split("## Every pair compared")[1].splitlines() if line.startswith("| tass_default |")]
+    assert len(pairs) == 6  # each two of the four rows, with Δ and its interval
+    continued = next(line for line in pairs if line.startswith("| tass_default | hf (pretrained) | hf (beto) |"))
+    assert re.search(r"\| [+-]\d+\.\d\d \[[+-]\d+\.\d\d, [+-]\d+\.\d\d\] \| (better|worse|within noise) \|$", continued)
 
 
 def test_a_new_hf_path_reruns_from_the_vocab_stage(project):

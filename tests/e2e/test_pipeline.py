@@ -231,7 +231,7 @@ def test_experiment_with_changed_param_gets_its_own_metrics_and_runs(project):
     rows = compare_rows(table)
     assert set(rows) == {"baseline", "enc4"}
     assert rows["enc4"]["n_encoders"] == "4" and rows["baseline"]["n_encoders"] == "2"
-    assert rows["enc4"]["test"] == f"{exp_score:.4f}"
+    assert rows["enc4"]["test"] == f"{100 * exp_score:.2f}"  # in points, as results.md
     verdict = rows["enc4"]["verdict"]
     assert verdict in ("better", "worse", "within noise")
     assert re.fullmatch(r"[+-]\d+\.\d\d \[[+-]\d+\.\d\d, [+-]\d+\.\d\d\]", rows["enc4"]["Δ test vs baseline [95% CI]"])

@@ -1,11 +1,14 @@
 """`make compare`: the workspace, its commit and every DVC experiment in one table: the params that
 differ among them and the headline metrics (pretraining held-out loss, MLM and ROP accuracy; each
-task's dev and test official metric and its baseline's test). Reads ``dvc exp show --json`` and fits
-a 160-column terminal: params and metrics that do not fit side by side come as two tables, same rows.
+task's dev and test official metric and its TF-IDF row's test), scores in points. Reads
+``dvc exp show --json`` and fits a 160-column terminal: params and metrics that do not fit side by
+side come as two tables, same rows.
 
 A second table (:func:`verdict_table`) gives, per task, each experiment's Δ of the official test
-metric against the workspace, with its 95% interval from a paired bootstrap over the test examples
-and runs (:mod:`twilbert.reports.stats`), and the verdict: better, worse or within noise."""
+metric against the reference (``--reference``, default the experiment `baseline`), with its 95%
+interval from a paired bootstrap over the test examples and runs (:mod:`twilbert.reports.stats`), and
+the verdict: better, worse or within noise. A run whose predictions.tsv is missing is said in the
+verdict cell (``n=2 of 3``) and named below the table."""
 
 from __future__ import annotations
 
@@ -23,17 +26,20 @@ from twilbert.config import TaskSpec
 from twilbert.config.strict import dig, flatten, from_dict
 from twilbert.errors import TwilbertError
 from twilbert.evaluation.predictions import PredictionsFileError, aligned, parse_predictions
+from twilbert.reports.results import TFIDF_ROW
 from twilbert.reports.stats import Delta, paired_delta
+from twilbert.reports.tables import delta_cell
 
 log = logging.getLogger(__name__)
 
 PARAMS_FILE = "params.yaml"
 PRETRAIN_FILE = "results/pretrain.json"
 TASKS_FILE = "results/metrics.json"
-PRETRAIN_COLUMNS = (("heldout_mlm_loss", "mlm loss"), ("heldout_mlm_accuracy", "mlm acc"),
-                    ("heldout_rop_accuracy", "rop acc"))
+# (key, header, a score shown in points): the held-out MLM loss stays a loss
+PRETRAIN_COLUMNS = (("heldout_mlm_loss", "mlm loss", False), ("heldout_mlm_accuracy", "mlm acc", True),
+                    ("heldout_rop_accuracy", "rop acc", True))
 TASK_COLUMNS = (("dev_official", "dev"), ("test_official", "test"), ("test_official_sd", "test sd"),
-                ("baseline.test_official", "tf-idf test"))  # the TF-IDF row, not the `baseline` experiment
+                (f"{TFIDF_ROW}.test_official", f"{TFIDF_ROW} test"))  # the TF-IDF row, not the `baseline` experiment
 WIDTH = 160
 MAX_CELL = 24  # a longer param value is cut (the full value: `dvc params diff`)
 
@@ -93,11 +99,12 @@ def local_rows(rows: list[dict]) -> list[dict]:
     return workspace + experiments
 
 
-def run_predictions(repo: Path, row: Mapping) -> dict[str, list[str]]:
+def run_predictions(repo: Path, row: Mapping, missing: Optional[list[str]] = None) -> dict[str, list[Optional[str]]]:
     """``task -> [predictions.tsv text of each run]`` of a row: from the experiment's commit, or from
-    the workspace's files; only the runs its params list (``finetune_runs``)."""
+    the workspace's files; only the runs its params list (``finetune_runs``). A run without the file
+    is None in the list, and ``<row>: <path>`` in ``missing``: never dropped unsaid."""
     runs = (row.get("params_tree") or {}).get("finetune_runs") or {}
-    texts: dict[str, list[str]] = {}
+    texts: dict[str, list[Optional[str]]] = {}
     for entry in runs.values():
         path = f"results/tasks/{entry['task']}/runs/s{entry['seed']}/predictions.tsv"
         if row["kind"] == "workspace":
@@ -106,8 +113,9 @@ def run_predictions(repo: Path, row: Mapping) -> dict[str, list[str]]:
         else:
             proc = subprocess.run(["git", "show", f"{row['rev']}:{path}"], cwd=repo, capture_output=True, text=True)
             text = proc.stdout if proc.returncode == 0 else None
-        if text is not None:
-            texts.setdefault(entry["task"], []).append(text)
+        if text is None and missing is not None:
+            missing.append(f"{row['name']}: {path}")
+        texts.setdefault(entry["task"], []).append(text)
     return texts
 
 
@@ -131,22 +139,25 @@ def short_labels(keys: list[str]) -> dict[str, str]:
     return labels
 
 
-def _cell(value: Any, metric: bool = False) -> str:
+def cell(value: Any, metric: bool = False, in_points: bool = False) -> str:
+    """A param's value (cut to MAX_CELL), or a metric's: a score in points (0.3314 -> 33.14), a loss as it is."""
     if value is None:
         return "-"
     if metric and isinstance(value, (int, float)) and not isinstance(value, bool):
-        return "nan" if math.isnan(value) else f"{value:.4f}"
+        if math.isnan(value):
+            return "nan"
+        return f"{100 * value:.2f}" if in_points else f"{value:.4f}"
     text = json.dumps(value) if isinstance(value, (list, dict)) else str(value)
     return text if len(text) <= MAX_CELL else text[: MAX_CELL - 1] + "…"
 
 
-def metric_columns(rows: list[dict]) -> list[tuple[str, str, str, str]]:
-    """(group, header, source, key) of the headline metrics that some row has."""
-    cols = [("pretrain held-out", label, "pretrain", key) for key, label in PRETRAIN_COLUMNS
+def metric_columns(rows: list[dict]) -> list[tuple[str, str, str, str, bool]]:
+    """(group, header, source, key, in points) of the headline metrics that some row has."""
+    cols = [("pretrain held-out", label, "pretrain", key, in_points) for key, label, in_points in PRETRAIN_COLUMNS
             if any(key in r["pretrain"] for r in rows)]
     tasks = list(dict.fromkeys(t for r in rows for t in r["tasks"]))
     for task in tasks:
-        cols += [(task, label, "tasks", f"{task}.{key}") for key, label in TASK_COLUMNS
+        cols += [(task, label, "tasks", f"{task}.{key}", True) for key, label in TASK_COLUMNS
                  if any(dig(r["tasks"], f"{task}.{key}") is not None for r in rows)]
     return cols
 
@@ -183,12 +194,12 @@ def compare_table(rows: list[dict], width: int = WIDTH) -> str:
     labels = short_labels(params)
     metrics = metric_columns(rows)
     names = [r["name"] + (" (failed)" if r["error"] else "") for r in rows]
-    param_cells = [[_cell(r["params"].get(k)) if r["params"] else "-" for k in params] for r in rows]
-    metric_cells = [[_cell(dig(r[src], key), metric=True) for _, _, src, key in metrics] for r in rows]
+    param_cells = [[cell(r["params"].get(k)) if r["params"] else "-" for k in params] for r in rows]
+    metric_cells = [[cell(dig(r[src], key), True, in_points) for _, _, src, key, in_points in metrics] for r in rows]
     param_head = ["experiment", *(labels[k] for k in params)]
     param_groups = ["", *(["params that differ"] * len(params))]
-    metric_head = ["experiment", *(h for _, h, _, _ in metrics)]
-    metric_groups = ["", *(g for g, _, _, _ in metrics)]
+    metric_head = ["experiment", *(h for _, h, _, _, _ in metrics)]
+    metric_groups = ["", *(g for g, _, _, _, _ in metrics)]
     together = render(param_head + metric_head[1:], [[n, *p, *m] for n, p, m in zip(names, param_cells, metric_cells)],
                       param_groups + metric_groups[1:])
     if max(map(len, together.splitlines())) <= width:
@@ -201,15 +212,20 @@ def compare_table(rows: list[dict], width: int = WIDTH) -> str:
     full = [f"{labels[k]} = {k}" for k in params if labels[k] != k]
     if full:
         text += "\n\nparams: " + ", ".join(full)
+    if metrics:
+        text += (f"\n\nScores in points (100 × the fraction); {TFIDF_ROW}: the TF-IDF row of results.md; "
+                 "mlm loss: the held-out masked-LM loss")
     return text
 
 
 # --------------------------------------------------------------------------------------------
-# Δ against the workspace, paired on the test examples
+# Δ against the reference row (`baseline`, or --reference), paired on the test examples
 # --------------------------------------------------------------------------------------------
 
-# exp name -> task -> the text of each run's predictions.tsv (a mapping, or a function of the name)
-PredictionTexts = Union[Mapping[str, Mapping[str, Sequence[str]]], Callable[[str], Mapping[str, Sequence[str]]]]
+# exp name -> task -> the text of each run's predictions.tsv, None for a run without one (a mapping,
+# or a function of the name)
+RunTexts = Mapping[str, Sequence[Optional[str]]]
+PredictionTexts = Union[Mapping[str, RunTexts], Callable[[str], RunTexts]]
 REFERENCE = "workspace"
 
 
@@ -230,21 +246,26 @@ def compare_task(spec: TaskSpec, reference: Sequence[str], other: Sequence[str],
     return paired_delta(spec, gold, preds[:len(reference)], preds[len(reference):])
 
 
-def _texts(predictions: PredictionTexts, name: str) -> Mapping[str, Sequence[str]]:
+def _texts(predictions: PredictionTexts, name: str) -> RunTexts:
     found = predictions(name) if callable(predictions) else predictions.get(name)
     return found or {}
 
 
-def _verdict_cells(spec: TaskSpec, reference: Sequence[str], other: Sequence[str], names: tuple[str, str]) -> list[str]:
-    if not reference or not other:
-        return ["-", "-"]
+def _verdict_cells(spec: TaskSpec, reference: Sequence[Optional[str]], other: Sequence[Optional[str]],
+                   names: tuple[str, str]) -> list[str]:
+    """Δ [interval] and verdict; a side short of runs' predictions says so in the verdict (``n=2 of 3``)."""
+    ref = [t for t in reference if t is not None]
+    oth = [t for t in other if t is not None]
+    if not ref or not oth:
+        return ["-", "-" if not reference or not other else "no predictions"]
     try:
-        delta = compare_task(spec, reference, other, names)
+        delta = compare_task(spec, ref, oth, names)
     except PredictionsFileError as err:  # e.g. the experiment changed the task's test file: not paired
         log.warning("compare: %s", err)
         return ["-", "other test examples"]
-    points = lambda v: f"{100 * v:+.2f}"  # noqa: E731
-    return [f"{points(delta.delta)} [{points(delta.low)}, {points(delta.high)}]", delta.verdict]
+    short = [f"{name} n={len(found)} of {len(listed)}" for name, found, listed in
+             ((names[0], ref, reference), (names[1], oth, other)) if len(found) < len(listed)]
+    return [delta_cell(delta), "; ".join([delta.verdict, *short])]
 
 
 def verdict_table(rows: list[dict], predictions: PredictionTexts, specs: Optional[Mapping[str, TaskSpec]] = None,
@@ -280,8 +301,8 @@ def main(argv: Optional[Iterable[str]] = None) -> int:
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--repo", type=Path, default=Path("."))
     parser.add_argument("--width", type=int, default=WIDTH, help="terminal columns to fit (default 160)")
-    parser.add_argument("--reference", help="the row the others are measured against (default: the experiment "
-                                            "`baseline` that `make repro` keeps, else the workspace)")
+    parser.add_argument("--reference", help="the row (experiment) the others are measured against (default: the "
+                                            "experiment `baseline` that `make repro` keeps, else the workspace)")
     args = parser.parse_args(list(argv) if argv is not None else None)
     try:
         rows = local_rows(experiment_rows(exp_show_json(args.repo)))
@@ -292,19 +313,24 @@ def main(argv: Optional[Iterable[str]] = None) -> int:
         print("compare: no experiment yet: `make repro` keeps its run as `baseline`", file=sys.stderr)
         return 2
     names = [r["name"] for r in rows]
+    if args.reference is not None and args.reference not in names:
+        print(f"compare: --reference {args.reference!r} is no row here (have: {', '.join(names)})", file=sys.stderr)
+        return 2
     reference = args.reference or ("baseline" if "baseline" in names else names[0])
     rows.sort(key=lambda r: r["name"] != reference)  # the reference first, the others as DVC lists them
     print(compare_table(rows, args.width))
     if len(rows) > 1:
-        by_name = {r["name"]: r for r in rows}
+        missing: list[str] = []
+        texts = {r["name"]: run_predictions(args.repo, r, missing) for r in rows}
         try:
-            table = verdict_table(rows, lambda name: run_predictions(args.repo, by_name[name]), reference=reference)
+            table = verdict_table(rows, texts, reference=reference)
         except CompareError as err:
             print(f"compare: {err}", file=sys.stderr)
             return 2
         print("\n" + table)
+        if missing:  # the verdict cells say n=k of m; these are the runs left out
+            print("\nno predictions.tsv, so Δ is over the other runs: " + "; ".join(missing))
     return 0
-
 
 if __name__ == "__main__":
     sys.exit(main())
