@@ -61,8 +61,9 @@ def continued_config(checkpoint: Path, sizes: dict, batch: int, precision: str, 
 
 def ours_step(cfg, vocab, batch):
     from twilbert.train.continued import build_continued
+    from twilbert.train.pretrain_run import resolve_pretrain_run
 
-    _, trainer, objective = build_continued(cfg, vocab, torch.device(cfg.training.device))
+    _, trainer, objective = build_continued(resolve_pretrain_run(cfg), vocab, torch.device(cfg.training.device))
     return lambda: trainer.train_step(batch, objective)
 
 

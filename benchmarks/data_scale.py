@@ -283,6 +283,7 @@ def probe(data: Path, steps: int, overrides: list[str]) -> None:
     from twilbert.data.tokenizer import Tokenizer
     from twilbert.train.distributed import DistContext, iterate_rank_batches
     from twilbert.train.pretrain import PREFETCH_BATCHES, build_pretraining, open_pretrain_data
+    from twilbert.train.pretrain_run import resolve_pretrain_run
 
     torch.set_num_threads(1)
     cfg = load_config(compose(["model=tiny", "training.device=cpu", *overrides], REPO / "conf"))
@@ -292,11 +293,11 @@ def probe(data: Path, steps: int, overrides: list[str]) -> None:
 
         vocab = HFVocab(data / "vocab")
         train, heldout = open_pretrain_data(data / "pairs", cfg.representation.max_len, vocab.vocab_size)
-        model, trainer, objective = build_continued(cfg, vocab, torch.device("cpu"))
+        model, trainer, objective = build_continued(resolve_pretrain_run(cfg), vocab, torch.device("cpu"))
     else:
         vocab_size = Tokenizer(data / "vocab").vocab_size
         train, heldout = open_pretrain_data(data / "pairs", cfg.representation.max_len, vocab_size)
-        model, trainer, objective = build_pretraining(cfg, vocab_size, torch.device("cpu"))
+        model, trainer, objective = build_pretraining(resolve_pretrain_run(cfg), vocab_size, torch.device("cpu"))
     batches = prefetch(iterate_rank_batches(train, cfg.training.batch_size, cfg.seed, 0, DistContext()),
                        PREFETCH_BATCHES)
     for _, batch in zip(range(steps), batches):

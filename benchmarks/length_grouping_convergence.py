@@ -30,6 +30,7 @@ import torch
 from twilbert.config import load_config
 from twilbert.config.plain_compose import compose_plain
 from twilbert.train.pretrain import pretrain
+from twilbert.train.pretrain_run import resolve_pretrain_run
 
 REPO = Path(__file__).resolve().parents[1]
 METRICS = ("heldout_mlm_loss", "heldout_rop_accuracy", "heldout_mlm_accuracy")
@@ -38,7 +39,7 @@ METRICS = ("heldout_mlm_loss", "heldout_rop_accuracy", "heldout_mlm_accuracy")
 def run_once(overrides: list[str], pairs: Path, vocab: Path, work: Path) -> dict[str, float]:
     """One pretraining run; the held-out figures of its last epoch (from its epoch curves)."""
     cfg = load_config(compose_plain(overrides, REPO / "conf"))
-    pretrain(cfg, pairs, vocab, work / "model", work / "checkpoints", curves_dir=work / "curves")
+    pretrain(resolve_pretrain_run(cfg), pairs, vocab, work / "model", work / "checkpoints", curves_dir=work / "curves")
     with open(work / "curves" / "epochs.csv", newline="") as fh:
         last = list(csv.DictReader(fh))[-1]
     return {k: float(last[k]) for k in METRICS} | {"epochs": int(last["epoch"])}

@@ -92,6 +92,7 @@ from twilbert.data.batch import PackedRows, PairBatch, make_batch, pack_pairs
 from twilbert.data.special import N_SPECIAL
 from twilbert.device import configure_matmul, native_bf16
 from twilbert.train.pretrain import PretrainObjective, build_pretraining
+from twilbert.train.pretrain_run import resolve_pretrain_run
 
 REPO = Path(__file__).resolve().parents[1]
 FULL = dict(vocab=30000, embedding_size=128, hidden_size=768, n_heads=12, n_encoders=6, intermediate_size=3072,
@@ -143,7 +144,7 @@ def fixed_masks(cfg: Config, vocab: int, batch: PairBatch) -> tuple[torch.Tensor
 def ours_step(cfg: Config, vocab: int, batch: PairBatch) -> Callable[[], None]:
     """One step of the pretrain stage's training loop on ``batch`` (a host batch: each step copies it to
     the device, as the stage does)."""
-    _, trainer, objective = build_pretraining(cfg, vocab, torch.device(cfg.training.device))
+    _, trainer, objective = build_pretraining(resolve_pretrain_run(cfg), vocab, torch.device(cfg.training.device))
     return lambda: trainer.train_step(batch, objective)
 
 
@@ -362,7 +363,7 @@ def padding_of(batches: list[PairBatch]) -> float:
 
 def ours_stepper(cfg: Config, vocab: int) -> Callable[[PairBatch], None]:
     """The pretrain stage's training step, one batch at a time."""
-    _, trainer, objective = build_pretraining(cfg, vocab, torch.device(cfg.training.device))
+    _, trainer, objective = build_pretraining(resolve_pretrain_run(cfg), vocab, torch.device(cfg.training.device))
     return lambda batch: trainer.train_step(batch, objective)
 
 
@@ -563,7 +564,7 @@ def main() -> None:
         from twilbert.model.kernels import attention_backend
         from twilbert.train.pretrain import build_pretraining_model
 
-        model = build_pretraining_model(build("bf16"), vocab).to(DEVICE)
+        model = build_pretraining_model(resolve_pretrain_run(build("bf16")), vocab).to(DEVICE)
         kernels = {f"{p}_{'padded' if padded else 'unpadded'}": attention_backend(model, args.batch, seq, padded, p)
                    for p in precisions for padded in (False, True)}
         print(f"attention kernels (SDPA, training mode): {kernels}", flush=True)

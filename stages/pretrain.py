@@ -19,6 +19,7 @@ from twilbert.tracking.runs import Tracker
 from twilbert.train.continued import continued_pretrain
 from twilbert.train.distributed import distributed_context
 from twilbert.train.pretrain import pretrain
+from twilbert.train.pretrain_run import resolve_pretrain_run
 from twilbert.train.writer_lock import checkpoint_lock
 
 
@@ -36,16 +37,18 @@ def main() -> Optional[str]:
     cfg, raw = load_stage_config(overrides)
     if args.check_tasks:  # a task that cannot run fails now, not after pretraining
         check_config_tasks(cfg, args.check_tasks)
-    if cfg.training.init_from == "hf":  # a checkpoint that cannot be continued fails now, before a run is opened
-        check_hf_checkpoint(cfg.training.hf_path, "training.hf_path", MASKED_LM)
-    params = {k: raw[k] for k in ("seed", "model", "training", "representation", "vocab") if k in raw}
+    # The run resolved once (seed, model, training with its init, length, runtime): what trains is what
+    # MLflow records and what the checkpoints' identity hashes; dvc.yaml's params are its keys.
+    run = resolve_pretrain_run(cfg)
+    if run.continued:  # a checkpoint that cannot be continued fails now, before a run is opened
+        check_hf_checkpoint(run.hf_path, "training.hf_path", MASKED_LM)
     # One writer per checkpoint directory: a second run beside a live one is refused, naming its PID.
-    with distributed_context(cfg.training.device) as ctx, checkpoint_lock(args.checkpoints, enabled=ctx.is_main):
+    with distributed_context(run.training.device) as ctx, checkpoint_lock(args.checkpoints, enabled=ctx.is_main):
         tracker = Tracker(cfg.tracking, stage="pretrain", enabled=ctx.is_main)
-        with tracker.start(params, run_name=f"pretrain-{cfg.model.name}", experiment_params=raw):
+        with tracker.start(run.params(), run_name=f"pretrain-{run.model.name}", experiment_params=raw):
             # training.init_from hf: continued pretraining of a Hugging Face checkpoint (train/continued.py)
-            train = continued_pretrain if cfg.training.init_from == "hf" else pretrain
-            metrics = train(cfg, args.pairs, args.vocab, args.out, args.checkpoints, tracker, ctx, args.curves,
+            train = continued_pretrain if run.continued else pretrain
+            metrics = train(run, args.pairs, args.vocab, args.out, args.checkpoints, tracker, ctx, args.curves,
                             callbacks=fault_callbacks())
             if ctx.is_main:
                 args.metrics.parent.mkdir(parents=True, exist_ok=True)
@@ -54,7 +57,7 @@ def main() -> Optional[str]:
                 tracker.log_artifact(args.out / "config.json")
     if not ctx.is_main:
         return None
-    return (f"best epoch {metrics['epoch']}/{cfg.training.epochs}: "
+    return (f"best epoch {metrics['epoch']}/{run.training.epochs}: "
             f"{format_metrics(metrics, PRETRAIN_HEADLINE)} -> {args.out}")
 
 

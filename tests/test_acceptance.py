@@ -28,6 +28,7 @@ from twilbert.data.tokenizer import Tokenizer, train_vocab
 from twilbert.model.card import ModelCard
 from twilbert.model.io import save_pretrained
 from twilbert.train.pretrain import build_pretraining_model
+from twilbert.train.pretrain_run import resolve_pretrain_run
 
 REPO = Path(__file__).resolve().parents[1]
 acceptance = load_acceptance_script()
@@ -46,7 +47,7 @@ def pretrained(tmp_path_factory):
     cfg = load_config(raw)
     train_vocab([t for t, _ in make_tweets(200)], root / "vocab", cfg.vocab, cfg.preprocess)
     tokenizer = Tokenizer(root / "vocab")
-    model = build_pretraining_model(cfg, tokenizer.vocab_size)
+    model = build_pretraining_model(resolve_pretrain_run(cfg), tokenizer.vocab_size)
     card = ModelCard.pretrained(cfg.model, tokenizer.vocab_size, cfg.representation.max_len)
     save_pretrained(root / "model", model, card)
     tokenizer.copy_to(root / "model")

@@ -21,6 +21,7 @@ from twilbert.data.batch import make_batch, pack_pairs
 from twilbert.data.hf_vocab import HFVocab, check_positions, open_vocab, take_hf_vocab, template_from_json
 from twilbert.data.pairs import build_pair_shards, load_shards
 from twilbert.model.hf_pretraining import HFForPretraining, load_masked_lm
+from twilbert.train.pretrain_run import resolve_pretrain_run
 
 MAX_LEN = 12
 
@@ -356,7 +357,7 @@ def test_continued_pretraining_lowers_heldout_loss_and_writes_a_folder_hf_loads_
     cfg = load_config(work / "params.yaml")
     before = heldout_loss_before(cfg, checkpoint, vocab_dir, pairs_dir)
     out = tmp_path / "pretrained"
-    metrics = continued_pretrain(cfg, pairs_dir, vocab_dir, out, tmp_path / "checkpoints")
+    metrics = continued_pretrain(resolve_pretrain_run(cfg), pairs_dir, vocab_dir, out, tmp_path / "checkpoints")
     assert metrics["heldout_mlm_loss"] < before - 0.05, (before, metrics)
     assert "heldout_rop_accuracy" in metrics and "heldout_pll" in metrics
 
@@ -416,7 +417,8 @@ def test_the_finetune_stage_and_predict_read_the_continued_model_with_no_extra_s
     work = tmp_path / "work"
     write_params(work, continued_overrides(checkpoint, epochs=1))
     pretrained = tmp_path / "pretrained"
-    continued_pretrain(load_config(work / "params.yaml"), root / "pairs", root / "vocab", pretrained, tmp_path / "ck")
+    continued_pretrain(resolve_pretrain_run(load_config(work / "params.yaml")),
+                       root / "pairs", root / "vocab", pretrained, tmp_path / "ck")
 
     raw = compose(["model=tiny"], REPO / "conf")
     cfg = make_config(raw, {"t": write_task(tmp_path / "data")})  # finetuning.backbone: twilbert, the default
@@ -457,7 +459,7 @@ def test_continued_pretraining_under_bf16_autocast_trains_to_finite_metrics(tmp_
     checkpoint = continued_inputs(root, "bert", 30)
     work = tmp_path / "work"
     write_params(work, continued_overrides(checkpoint, epochs=1, precision="bf16", pll_examples=0))
-    metrics = continued_pretrain(load_config(work / "params.yaml"), root / "pairs", root / "vocab",
+    metrics = continued_pretrain(resolve_pretrain_run(load_config(work / "params.yaml")), root / "pairs", root / "vocab",
                                  tmp_path / "out", tmp_path / "ck")
     assert math.isfinite(metrics["heldout_mlm_loss"]) and math.isfinite(metrics["train_loss"])
     from transformers import AutoModelForMaskedLM

@@ -39,6 +39,7 @@ from twilbert.train.distributed import (
 )
 from twilbert.train.loop import Checkpointing
 from twilbert.train.pretrain import build_pretraining
+from twilbert.train.pretrain_run import resolve_pretrain_run
 
 pytestmark = pytest.mark.reliability
 
@@ -71,7 +72,7 @@ def train_one_epoch(batch_size: int, ctx: DistContext, checkpoint_dir=None):
     """One epoch of the real pretraining loop; every row masked as in ``pair_data``. Returns the
     weights and the epoch totals."""
     data, masked, labels = pair_data()
-    model, trainer, objective = build_pretraining(sgd_config(), VOCAB, torch.device("cpu"), ctx=ctx)
+    model, trainer, objective = build_pretraining(resolve_pretrain_run(sgd_config()), VOCAB, torch.device("cpu"), ctx=ctx)
     order = iter(rank_batch_indices(N_EXAMPLES, batch_size, SEED, 0, ctx.rank, ctx.world_size))
 
     def fixed_masks(batch, *keys):
@@ -105,7 +106,7 @@ def test_an_epoch_on_two_ranks_with_batch_b_equals_one_process_with_batch_2b(tmp
     single, single_totals, single_steps = train_one_epoch(PER_RANK * WORLD, DistContext())
     assert single_steps == 3  # 5 micro-batches in windows of 2: the last, short window steps too
 
-    start = build_pretraining(sgd_config(), VOCAB, torch.device("cpu")).model.state_dict()
+    start = build_pretraining(resolve_pretrain_run(sgd_config()), VOCAB, torch.device("cpu")).model.state_dict()
     ranks = [load_file(str(tmp_path / f"weights-{r}.safetensors")) for r in range(WORLD)]
     for name, tensor in single.items():
         assert torch.equal(ranks[0][name], ranks[1][name]), name  # DDP keeps the replicas identical

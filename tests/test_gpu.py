@@ -33,6 +33,7 @@ from twilbert.data.special import N_SPECIAL
 from twilbert.model.kernels import FUSED, attention_backend
 from twilbert.train.loop import Trainer
 from twilbert.train.pretrain import PretrainObjective, build_pretraining, build_pretraining_model
+from twilbert.train.pretrain_run import resolve_pretrain_run
 
 pytestmark = pytest.mark.gpu
 
@@ -100,7 +101,7 @@ COMPARED = [("cpu", "bf16"), *([("cuda", "fp32"), ("cuda", "bf16")] if HAS_CUDA 
 def test_forward_and_backward_match_the_cpu_in_fp32(device, precision, padded):
     cfg = small_config(device=device)
     vocab = 200
-    reference = build_pretraining_model(cfg, vocab).train()
+    reference = build_pretraining_model(resolve_pretrain_run(cfg), vocab).train()
     model = copy.deepcopy(reference).to(device)
     objective = PretrainObjective(cfg.model.masked_lm, cfg.seed, vocab, CPU)
     batch = batch_of(vocab, 16, 16, padded)
@@ -120,7 +121,7 @@ def test_forward_and_backward_match_the_cpu_in_fp32(device, precision, padded):
 
 @cuda_only
 def test_attention_runs_a_fused_kernel_on_cuda():
-    model = build_pretraining_model(small_config("model.n_heads=2"), 200).to(CUDA)
+    model = build_pretraining_model(resolve_pretrain_run(small_config("model.n_heads=2")), 200).to(CUDA)
     unpadded_bf16 = attention_backend(model, 32, 64, padded=False, precision="bf16")
     padded_bf16 = attention_backend(model, 32, 64, padded=True, precision="bf16")
     padded_fp32 = attention_backend(model, 32, 64, padded=True, precision="fp32")
@@ -132,7 +133,7 @@ def test_attention_runs_a_fused_kernel_on_cuda():
 @cuda_only
 def test_training_steps_on_cuda_sync_once_per_logging_window():
     cfg = small_config("training.log_every=5", "training.precision=bf16", "training.batch_size=16")
-    _, trainer, objective = build_pretraining(cfg, 200, CUDA)
+    _, trainer, objective = build_pretraining(resolve_pretrain_run(cfg), 200, CUDA)
     batches = [batch_of(200, 16, 16, padded=i % 2 == 1, seed=i) for i in range(20)]
     trainer.train_epoch(batches[:2], objective)  # warm-up: the allocator, cuBLAS handles, the first window
     trainer.state.epoch = 0
@@ -185,7 +186,7 @@ def test_one_nccl_rank_trains_the_same_step_as_the_plain_model(monkeypatch):
     monkeypatch.setenv("MASTER_ADDR", "127.0.0.1")
     monkeypatch.setenv("MASTER_PORT", str(free_port()))
     cfg = small_config()
-    plain, plain_trainer, objective = build_pretraining(cfg, 200, CUDA)
+    plain, plain_trainer, objective = build_pretraining(resolve_pretrain_run(cfg), 200, CUDA)
     twin = copy.deepcopy(plain)
     batch = batch_of(200, 16, 16, padded=True)
     plain_trainer.train_step(batch, objective)
@@ -220,7 +221,8 @@ def test_bf16_pretraining_with_the_pseudo_log_likelihood_on_trains_on_the_device
     inputs = make_pretrain_inputs(tmp_path / "inputs")
     cfg = small_config(f"representation.max_len={MAX_LEN}", "training.precision=bf16", "training.pll_examples=4",
                        "training.epochs=1", "training.batch_size=16", device=device)
-    metrics = pretrain(cfg, inputs / "pairs", inputs / "vocab", tmp_path / "model", tmp_path / "checkpoints")
+    metrics = pretrain(resolve_pretrain_run(cfg),
+                       inputs / "pairs", inputs / "vocab", tmp_path / "model", tmp_path / "checkpoints")
 
     for key in ("heldout_mlm_loss", "heldout_rop_accuracy", "heldout_pll", "heldout_pseudo_perplexity"):
         assert math.isfinite(metrics[key]), (key, metrics)

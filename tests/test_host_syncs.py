@@ -26,6 +26,7 @@ from twilbert.data.tasks import load_task
 from twilbert.train.finetune.learners import twilbert_learner
 from twilbert.train.finetune.resolved import resolve_finetune_run
 from twilbert.train.pretrain import build_pretraining
+from twilbert.train.pretrain_run import resolve_pretrain_run
 
 SRC = str(Path(twilbert.__file__).parent)
 TORCH = str(Path(torch.__file__).parent)
@@ -85,7 +86,7 @@ def pretraining_batches(vocab: int, n: int, batch: int, max_len: int):
 def test_pretraining_reads_the_device_once_per_logging_window(monkeypatch):
     cfg = load_config(compose(["model=tiny", "representation.max_len=8", "training.log_every=5",
                                "training.device=cpu", "training.batch_size=4"], REPO / "conf"))
-    _, trainer, objective = build_pretraining(cfg, 60, torch.device("cpu"))
+    _, trainer, objective = build_pretraining(resolve_pretrain_run(cfg), 60, torch.device("cpu"))
     batches = list(pretraining_batches(60, STEPS, 4, 8))
     assert {b.padded for b in batches} == {True, False}
 
@@ -105,7 +106,7 @@ def test_pretraining_reads_the_device_once_per_logging_window(monkeypatch):
 def test_a_window_left_open_at_the_epoch_end_is_read_once_there(monkeypatch):
     cfg = load_config(compose(["model=tiny", "representation.max_len=8", "training.log_every=8",
                                "training.device=cpu", "training.batch_size=4"], REPO / "conf"))
-    _, trainer, objective = build_pretraining(cfg, 60, torch.device("cpu"))
+    _, trainer, objective = build_pretraining(resolve_pretrain_run(cfg), 60, torch.device("cpu"))
     recorder = SyncRecorder(monkeypatch)
     trainer.train_epoch(list(pretraining_batches(60, STEPS, 4, 8)), objective)
     assert [c[3] for c in recorder.in_loop()] == [8, 16, 20], recorder.calls  # windows, then the epoch's end
@@ -138,7 +139,7 @@ def test_a_non_finite_loss_stops_training_within_its_window_naming_its_step_befo
 
     cfg = load_config(compose(["model=tiny", "representation.max_len=8", "training.log_every=5",
                                "training.device=cpu", "training.batch_size=4"], REPO / "conf"))
-    _, trainer, objective = build_pretraining(cfg, 60, torch.device("cpu"))
+    _, trainer, objective = build_pretraining(resolve_pretrain_run(cfg), 60, torch.device("cpu"))
     trainer.checkpointing = Checkpointing(tmp_path / "train_state", "run", every=4)
     calls = []
 

@@ -16,6 +16,7 @@ from twilbert.data.tokenizer import Tokenizer, train_vocab
 from twilbert.reports.inspection import inspect_model, inspect_samples, load_pretraining_model, render_markdown
 from twilbert.train.objective import PretrainObjective
 from twilbert.train.pretrain import pretrain
+from twilbert.train.pretrain_run import resolve_pretrain_run
 
 OVERRIDES = ["model=tiny", "representation.max_len=12", "training.batch_size=16", "training.epochs=1",
              "training.pll_examples=4"]
@@ -29,7 +30,7 @@ def pretrained(tmp_path_factory):
     build_pair_shards([(t, None) for t, _ in make_tweets(100, seed=2)], Tokenizer(root / "vocab"), root / "pairs",
                       max_len=12, heldout_fraction=0.2, shard_size=1000, seed=0)
     cfg = load_config(compose(OVERRIDES, REPO / "conf"))
-    metrics = pretrain(cfg, root / "pairs", root / "vocab", root / "model", root / "checkpoints")
+    metrics = pretrain(resolve_pretrain_run(cfg), root / "pairs", root / "vocab", root / "model", root / "checkpoints")
     return dict(cfg=cfg, metrics=metrics, model=root / "model", heldout=root / "pairs" / "heldout")
 
 

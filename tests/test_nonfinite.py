@@ -17,6 +17,7 @@ from twilbert.train.checkpoint import latest_valid_checkpoint, load_training_che
 from twilbert.train.finetune.stage_work import finetune_task
 from twilbert.train.loop import NonFiniteLossError
 from twilbert.train.pretrain import build_pretraining
+from twilbert.train.pretrain_run import resolve_pretrain_run
 
 pytestmark = pytest.mark.reliability
 
@@ -42,7 +43,8 @@ def test_a_blown_up_pretraining_stops_in_one_line_and_keeps_its_last_checkpoint(
     # The checkpoint of micro-step 1 (after the first, finite step) verifies and loads.
     path = latest_valid_checkpoint(run_states(out / "checkpoints"))
     assert path is not None and path.name == "step-00000001"
-    model, trainer, _ = build_pretraining(load_config(raw), Tokenizer(inputs / "vocab").vocab_size, torch.device("cpu"))
+    model, trainer, _ = build_pretraining(resolve_pretrain_run(load_config(raw)),
+                                          Tokenizer(inputs / "vocab").vocab_size, torch.device("cpu"))
     state = load_training_checkpoint(path, model, trainer.optimizer, trainer.scheduler)
     assert (state["micro_steps"], state["optimizer_steps"]) == (1, 1)
     assert all(torch.isfinite(p).all() for p in model.parameters())

@@ -9,6 +9,7 @@ from twilbert.data.batch import make_batch, pack_pairs
 from twilbert.data.special import N_SPECIAL
 from twilbert.model import TWilBertForPretraining, count_parameters
 from twilbert.train.pretrain import build_pretraining
+from twilbert.train.pretrain_run import resolve_pretrain_run
 
 V, MAX_LEN = 30000, 64  # the README table's vocabulary; positions 2*64+3 = 131
 PRESETS = ("base", "large", "xlarge", "xxlarge")
@@ -84,7 +85,7 @@ def test_cross_sharing_makes_depth_free():
 def test_reduced_base_override_trains_a_step():
     cfg = load_config(compose([*REDUCED, "representation.max_len=8"], REPO / "conf"))
     assert cfg.model.pkm and cfg.model.pkm_params.in_layers == [4] and cfg.model.n_encoders == 6
-    model, trainer, objective = build_pretraining(cfg, 50, torch.device("cpu"))
+    model, trainer, objective = build_pretraining(resolve_pretrain_run(cfg), 50, torch.device("cpu"))
     g = torch.Generator().manual_seed(0)
     rows = torch.randint(N_SPECIAL, 50, (4, 8), generator=g).tolist()
     packed = pack_pairs(rows, rows[::-1], 8)

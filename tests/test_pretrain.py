@@ -20,6 +20,7 @@ from twilbert.data.tokenizer import Tokenizer, train_vocab
 from twilbert.model.io import load_pretrained_state
 from twilbert.train.heldout import pseudo_log_likelihood
 from twilbert.train.pretrain import build_pretraining, pretrain
+from twilbert.train.pretrain_run import resolve_pretrain_run
 
 
 class RecordingTracker:
@@ -56,7 +57,7 @@ def run(corpus, tmp_path_factory):
     out = tmp_path_factory.mktemp("run")
     tracker = RecordingTracker()
     cfg = configure(raw)
-    metrics = pretrain(cfg, corpus / "pairs", corpus / "vocab", out / "model", out / "checkpoints", tracker,
+    metrics = pretrain(resolve_pretrain_run(cfg), corpus / "pairs", corpus / "vocab", out / "model", out / "checkpoints", tracker,
                        curves_dir=out / "curves")
     vocab = Tokenizer(corpus / "vocab").vocab_size
     return dict(raw=raw, cfg=cfg, metrics=metrics, epochs=tracker.epochs, out=out, vocab=vocab)
@@ -109,7 +110,7 @@ def test_pretrain_metrics_hold_heldout_accuracy_perplexity_rop_and_a_finite_pll(
 def test_mlm_only_pretraining_when_rop_is_disabled(run, corpus, tmp_path):
     raw = {**run["raw"], "model": {**run["raw"]["model"], "rop": {**run["raw"]["model"]["rop"], "enabled": False}}}
     cfg = configure(raw, epochs=1)
-    metrics = pretrain(cfg, corpus / "pairs", corpus / "vocab", tmp_path / "model", tmp_path / "ck")
+    metrics = pretrain(resolve_pretrain_run(cfg), corpus / "pairs", corpus / "vocab", tmp_path / "model", tmp_path / "ck")
     assert not [k for k in metrics if "rop" in k]
     assert math.isfinite(metrics["heldout_mlm_accuracy"]) and math.isfinite(metrics["heldout_pll"])
     card, state = load_pretrained_state(tmp_path / "model")
@@ -137,7 +138,7 @@ def test_gradient_accumulation_over_k_batches_equals_one_batch_k_times_larger_un
     params = []
     for accum, batches in ((k, small), (1, [big])):
         cfg = configure(raw, optimizer="sgd", lr=0.5, weight_decay=0.0, accum_iters=accum, max_grad_norm=None)
-        model, trainer, objective = build_pretraining(cfg, vocab, torch.device("cpu"))
+        model, trainer, objective = build_pretraining(resolve_pretrain_run(cfg), vocab, torch.device("cpu"))
         masked, labels = objective.mask(big, 0, 0)  # one draw for all rows: both runs see the same masks
         parts = iter([(masked, labels)] if accum == 1 else
                      [(masked[i * b : (i + 1) * b], labels[i * b : (i + 1) * b]) for i in range(k)])
@@ -149,13 +150,13 @@ def test_gradient_accumulation_over_k_batches_equals_one_batch_k_times_larger_un
     assert (labels != -100).sum(1).unique().numel() == 1  # every row, hence every micro-batch, masks as many
     for name, p in single.items():
         torch.testing.assert_close(accumulated[name], p, rtol=1e-5, atol=1e-6, msg=name)
-    start = build_pretraining(configure(raw), vocab, torch.device("cpu")).model
+    start = build_pretraining(resolve_pretrain_run(configure(raw)), vocab, torch.device("cpu")).model
     assert not torch.equal(start.twilbert.encoder.layers[0].ffn.weight, single["twilbert.encoder.layers.0.ffn.weight"])
 
 
 def test_noam_schedule_advances_once_per_optimizer_step_not_per_micro_batch(run):
     cfg = configure(run["raw"], noam_annealing=True, warmup_steps=3, accum_iters=2, max_grad_norm=None)
-    model, trainer, objective = build_pretraining(cfg, run["vocab"], torch.device("cpu"))
+    model, trainer, objective = build_pretraining(resolve_pretrain_run(cfg), run["vocab"], torch.device("cpu"))
     used = []
     trainer.optimizer.register_step_pre_hook(lambda opt, args, kwargs: used.append(opt.param_groups[0]["lr"]))
     rows = full_rows(12, run["vocab"], 8, seed=0)
@@ -168,7 +169,7 @@ def test_noam_schedule_advances_once_per_optimizer_step_not_per_micro_batch(run)
 
 def test_pll_equals_masking_each_token_in_turn_one_forward_at_a_time(run, corpus):
     cfg = run["cfg"]
-    model, _, _ = build_pretraining(cfg, run["vocab"], torch.device("cpu"))
+    model, _, _ = build_pretraining(resolve_pretrain_run(cfg), run["vocab"], torch.device("cpu"))
     model.eval()
     data = load_shards(corpus / "pairs" / "heldout")
     rows = data.originals(3)
@@ -195,9 +196,9 @@ def test_pll_equals_masking_each_token_in_turn_one_forward_at_a_time(run, corpus
 
 def test_path_initial_weights_continues_from_the_saved_weights(run):
     saved = load_pretrained_state(run["out"] / "model")[1]
-    fresh = build_pretraining(run["cfg"], run["vocab"], torch.device("cpu")).model.state_dict()
+    fresh = build_pretraining(resolve_pretrain_run(run["cfg"]), run["vocab"], torch.device("cpu")).model.state_dict()
     cfg = configure(run["raw"], path_initial_weights=str(run["out"] / "model"))
-    model = build_pretraining(cfg, run["vocab"], torch.device("cpu")).model
+    model = build_pretraining(resolve_pretrain_run(cfg), run["vocab"], torch.device("cpu")).model
     state = model.state_dict()
     assert state.keys() == saved.keys()
     for name, tensor in saved.items():
@@ -208,7 +209,7 @@ def test_path_initial_weights_continues_from_the_saved_weights(run):
 def test_continued_pretraining_starts_from_the_saved_model_metrics(run, corpus, tmp_path):
     """One more epoch at a negligible learning rate ends where the saved model was."""
     cfg = configure(run["raw"], path_initial_weights=str(run["out"] / "model"), epochs=1, lr=1e-9)
-    metrics = pretrain(cfg, corpus / "pairs", corpus / "vocab", tmp_path / "model", tmp_path / "ck")
+    metrics = pretrain(resolve_pretrain_run(cfg), corpus / "pairs", corpus / "vocab", tmp_path / "model", tmp_path / "ck")
     best = run["metrics"]
     assert metrics["heldout_mlm_loss"] == pytest.approx(best["heldout_mlm_loss"], abs=1e-4)
     assert metrics["heldout_pll"] == pytest.approx(best["heldout_pll"], abs=1e-4)
@@ -269,7 +270,7 @@ def test_pretraining_reads_memory_mapped_shards_and_never_materializes_them(corp
     monkeypatch.setattr(np, "load", spying_load)
     monkeypatch.setattr(shards_module.PairShards, "__init__", recording_init)
     cfg = configure(run["raw"], epochs=1, pll_examples=2)
-    pretrain(cfg, corpus / "pairs", corpus / "vocab", tmp_path / "model", tmp_path / "ck")
+    pretrain(resolve_pretrain_run(cfg), corpus / "pairs", corpus / "vocab", tmp_path / "model", tmp_path / "ck")
 
     shard_loads = [(p, mode) for p, mode in loads if p.endswith(".npy")]
     assert shard_loads and all(mode == "r" for _, mode in shard_loads), shard_loads
@@ -288,7 +289,8 @@ def test_without_a_held_out_score_the_last_epoch_is_published_and_the_rule_is_lo
     raw = compose(["model=tiny", "representation.max_len=12", "training.batch_size=64", "training.epochs=3",
                    "training.lr=0.003", "training.pll_examples=0", "training.device=cpu"], REPO / "conf")
     with caplog.at_level("INFO"):
-        metrics = pretrain(load_config(raw), tmp_path / "pairs", corpus / "vocab", tmp_path / "model", tmp_path / "ck")
+        metrics = pretrain(resolve_pretrain_run(load_config(raw)),
+                           tmp_path / "pairs", corpus / "vocab", tmp_path / "model", tmp_path / "ck")
     assert "heldout_mlm_loss" not in metrics
     assert metrics["epoch"] == 3  # not epoch 1, which an unset score would leave standing
     assert "selection rule: last epoch" in caplog.text

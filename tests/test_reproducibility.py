@@ -13,6 +13,7 @@ from helpers import PRETRAIN, REPO, assert_same_weights, make_pretrain_inputs
 from twilbert.config import compose, load_config
 from twilbert.train.finetune.stage_work import finetune_task
 from twilbert.train.pretrain import pretrain
+from twilbert.train.pretrain_run import resolve_pretrain_run
 
 pytestmark = pytest.mark.reliability
 
@@ -23,7 +24,8 @@ def full_run(inputs, task, out):
     raw["tasks"] = {"t": task}
     raw["finetuning"].update(epochs=2, batch_size=16, dropout=0.1, device="cpu", baseline_row=False)
     cfg = load_config(raw)
-    pretrain_metrics = pretrain(cfg, inputs / "pairs", inputs / "vocab", out / "pretrained", out / "ck" / "pretrain")
+    pretrain_metrics = pretrain(resolve_pretrain_run(cfg),
+                                inputs / "pairs", inputs / "vocab", out / "pretrained", out / "ck" / "pretrain")
     finetune_metrics = finetune_task(cfg, cfg.tasks["t"], out / "pretrained", out / "finetuned", out / "results",
                                      checkpoint_dir=out / "ck" / "finetune")
     return pretrain_metrics, finetune_metrics
@@ -46,5 +48,6 @@ def test_two_runs_with_the_same_seed_give_identical_weights_and_metrics(tmp_path
         assert first_file.read_text() == second_file.read_text(), name
     # and the seed matters: the metrics are not identical by accident
     raw = compose([*PRETRAIN, "seed=7"], REPO / "conf")
-    other = pretrain(load_config(raw), inputs / "pairs", inputs / "vocab", tmp_path / "other", tmp_path / "ck-other")
+    other = pretrain(resolve_pretrain_run(load_config(raw)),
+                     inputs / "pairs", inputs / "vocab", tmp_path / "other", tmp_path / "ck-other")
     assert other["heldout_mlm_loss"] != first[0]["heldout_mlm_loss"]

@@ -33,6 +33,7 @@ from twilbert.config.plain_compose import compose_plain
 from twilbert.data.pairs import build_pair_shards
 from twilbert.data.tokenizer import Tokenizer, train_vocab
 from twilbert.train.fingerprint import OUTPUT_NEUTRAL_KEYS
+from twilbert.train.pretrain_run import resolve_pretrain_run
 
 pytestmark = pytest.mark.reliability
 
@@ -260,7 +261,7 @@ def run_pretrain(raw: dict, inputs: Path, out: Path) -> None:
     from twilbert.train.pretrain import pretrain
 
     cfg = load_config(raw)  # the pair shards are built for one max_len (the pairs stage's param)
-    metrics = pretrain(cfg, inputs / f"pairs-{cfg.representation.max_len}", inputs / "vocab", out / "model",
+    metrics = pretrain(resolve_pretrain_run(cfg), inputs / f"pairs-{cfg.representation.max_len}", inputs / "vocab", out / "model",
                        out / "ck", curves_dir=out / "curves")
     (out / "metrics.json").write_text(json.dumps(metrics, indent=2), encoding="utf-8")
 

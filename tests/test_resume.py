@@ -34,6 +34,7 @@ from helpers import (
     write_params,
 )
 from twilbert.config import compose
+from twilbert.train.pretrain_run import resolve_pretrain_run
 
 pytestmark = pytest.mark.reliability
 
@@ -108,12 +109,14 @@ def test_pretrain_rerun_with_a_changed_config_starts_fresh_in_a_run_folder_of_it
     raw = compose([*PRETRAIN, "training.epochs=1", "training.checkpoint_every=0", "training.pll_examples=0"],
                   REPO / "conf")
     out = tmp_path / "out"
-    pretrain(load_config(raw), pretrain_inputs / "pairs", pretrain_inputs / "vocab", out / "model", out / "ck")
+    pretrain(resolve_pretrain_run(load_config(raw)),
+             pretrain_inputs / "pairs", pretrain_inputs / "vocab", out / "model", out / "ck")
     assert steps(run_states(out / "ck")) == ["step-00000014"]
 
     raw["training"]["lr"] = raw["training"]["lr"] / 2
     with caplog.at_level("INFO"):
-        pretrain(load_config(raw), pretrain_inputs / "pairs", pretrain_inputs / "vocab", out / "model", out / "ck")
+        pretrain(resolve_pretrain_run(load_config(raw)),
+                 pretrain_inputs / "pairs", pretrain_inputs / "vocab", out / "model", out / "ck")
     assert "the config changed" in caplog.text and "starting fresh" in caplog.text
     runs = sorted((out / "ck").glob("run-*"))
     assert len(runs) == 2  # the first run's checkpoints are untouched: going back to it continues it

@@ -20,7 +20,7 @@ from typing import Optional, Sequence
 import torch
 
 from twilbert.codebase import code_digest
-from twilbert.config import Config, ConfigError, to_dict
+from twilbert.config import ConfigError, to_dict
 from twilbert.data.hf_vocab import HFVocab, check_positions, is_hf_vocab
 from twilbert.data.shards import MANIFEST
 from twilbert.device import configure_matmul, resolve_device
@@ -54,24 +54,25 @@ from twilbert.train.pretrain import (
     run_epochs,
     running_metrics,
 )
+from twilbert.train.pretrain_run import PretrainRun
 
 log = logging.getLogger(__name__)
 
 
-def build_continued(cfg: Config, vocab: HFVocab, device: torch.device, tracker: Optional[Tracker] = None,
+def build_continued(run: PretrainRun, vocab: HFVocab, device: torch.device, tracker: Optional[Tracker] = None,
                     ctx: Optional[DistContext] = None, checkpointing: Optional[Checkpointing] = None,
                     callbacks: Sequence[Callback] = ()) -> Pretraining:
     """The checkpoint under the pretraining objective, its optimizer, schedule, loop and masks."""
-    tcfg = cfg.training
+    tcfg = run.training
     ctx = ctx or DistContext(device=device)
-    torch.manual_seed(cfg.seed)  # heads the checkpoint lacks (ROP, a missing decoder bias) start seeded
+    torch.manual_seed(run.seed)  # heads the checkpoint lacks (ROP, a missing decoder bias) start seeded
     mlm = load_masked_lm(tcfg.hf_path)
     if vocab.vocab_size > mlm.config.vocab_size:
         raise HFModelError(f"training.hf_path {tcfg.hf_path}: {mlm.config.vocab_size} embedding rows for a tokenizer "
                            f"of {vocab.vocab_size} ids ({vocab.vocab_dir}); rerun the vocab stage")
     model = HFForPretraining(mlm, rop=tcfg.rop).to(device)
     if ctx.is_distributed:
-        torch.manual_seed(cfg.seed + ctx.rank)
+        torch.manual_seed(run.seed + ctx.rank)
     optimizer = build_optimizer(tcfg.optimizer, param_groups(model, tcfg.lr, tcfg.weight_decay), tcfg.lr,
                                 tcfg.weight_decay)
     scheduler = build_scheduler(optimizer, tcfg.noam_annealing, mlm.config.hidden_size, tcfg.warmup_steps)
@@ -81,41 +82,39 @@ def build_continued(cfg: Config, vocab: HFVocab, device: torch.device, tracker: 
     trainer = Trainer(trained, optimizer, scheduler, accum_iters=tcfg.accum_iters, max_grad_norm=tcfg.max_grad_norm,
                       precision=tcfg.precision, device=device, tracker=tracker, log_every=tcfg.log_every,
                       prefix="pretrain", checkpointing=checkpointing, callbacks=callbacks, running=running_metrics)
-    objective = PretrainObjective(cfg.model.masked_lm, cfg.seed, vocab.vocab_size, device,
+    objective = PretrainObjective(run.model.masked_lm, run.seed, vocab.vocab_size, device,
                                   rank=ctx.rank if ctx.is_distributed else None,
                                   position=lambda: (trainer.state.epoch, trainer.state.batch_in_epoch),
                                   mask_id=vocab.mask_id, n_special=vocab.n_special)
     return Pretraining(model, trainer, objective)
 
 
-def continued_fingerprint(cfg: Config, pairs_dir: Path, vocab_dir: Path) -> dict[str, str]:
+def continued_fingerprint(run: PretrainRun, pairs_dir: Path, vocab_dir: Path) -> dict[str, str]:
     """As ``pretrain_fingerprint``, the checkpoint's files included."""
-    raw = {"seed": cfg.seed, "model": to_dict(cfg.model), "training": to_dict(cfg.training),
-           "representation": to_dict(cfg.representation), "runtime": to_dict(cfg.runtime)}
-    inputs = [pairs_dir / MANIFEST, vocab_dir, Path(cfg.training.hf_path)]
-    return {"config": config_fingerprint(raw, include=FINGERPRINT_KEYS), "inputs": files_digest(inputs),
+    inputs = [pairs_dir / MANIFEST, vocab_dir, Path(run.training.hf_path)]
+    return {"config": config_fingerprint(run.params(), include=FINGERPRINT_KEYS), "inputs": files_digest(inputs),
             "code": code_digest(__name__)}
 
 
-def open_vocab_for(cfg: Config, vocab_dir: Path) -> HFVocab:
+def open_vocab_for(run: PretrainRun, vocab_dir: Path) -> HFVocab:
     """``data/vocab`` as the vocab stage took it from ``training.hf_path``; refused when it is another."""
     if not is_hf_vocab(vocab_dir):
         raise ConfigError(f"{vocab_dir}: a SentencePiece vocabulary, but training.init_from is 'hf'; rerun the vocab "
                           "stage (`dvc repro vocab`) so that it takes the checkpoint's tokenizer")
     vocab = HFVocab(vocab_dir)
     source = vocab.meta.get("source", {}).get("hf_path")
-    if source != cfg.training.hf_path:
+    if source != run.training.hf_path:
         raise ConfigError(f"{vocab_dir}: the tokenizer of {source!r}, but training.hf_path is "
-                          f"{cfg.training.hf_path!r}; rerun the vocab stage")
-    check_positions(vocab.meta, cfg.representation.max_len, f"training.hf_path {cfg.training.hf_path}")
+                          f"{run.training.hf_path!r}; rerun the vocab stage")
+    check_positions(vocab.meta, run.max_len, f"training.hf_path {run.training.hf_path}")
     return vocab
 
 
-def card(cfg: Config, vocab: HFVocab, model: HFForPretraining, epoch: int, metrics: dict) -> dict:
-    return {"format": CARD_FORMAT, "backbone": "hf", "init_from": "hf", "hf_path": cfg.training.hf_path,
+def card(run: PretrainRun, vocab: HFVocab, model: HFForPretraining, epoch: int, metrics: dict) -> dict:
+    return {"format": CARD_FORMAT, "backbone": "hf", "init_from": "hf", "hf_path": run.training.hf_path,
             "model_type": vocab.meta.get("model_type"), "vocab_size": vocab.vocab_size,
-            "max_positions": vocab.meta.get("max_positions"), "max_len": cfg.representation.max_len,
-            "rop": model.rop_classifier is not None, "masked_lm": to_dict(cfg.model.masked_lm), "epoch": epoch,
+            "max_positions": vocab.meta.get("max_positions"), "max_len": run.max_len,
+            "rop": model.rop_classifier is not None, "masked_lm": to_dict(run.model.masked_lm), "epoch": epoch,
             "metrics": metrics,
             "preprocess": vocab.meta.get("preprocess", {})}
 
@@ -135,35 +134,35 @@ def save_hf_pretrained(directory: Path, model: HFForPretraining, vocab: HFVocab,
     return Path(directory)
 
 
-def continued_pretrain(cfg: Config, pairs_dir: Path, vocab_dir: Path, out_dir: Path, checkpoint_dir: Path,
+def continued_pretrain(run: PretrainRun, pairs_dir: Path, vocab_dir: Path, out_dir: Path, checkpoint_dir: Path,
                        tracker: Optional[Tracker] = None, ctx: Optional[DistContext] = None,
                        curves_dir: Optional[Path] = None, callbacks: Sequence[Callback] = ()) -> dict[str, float]:
     """``train.pretrain.pretrain`` for ``training.init_from: hf``: the best epoch as a Hugging Face folder
     in ``out_dir``."""
-    tcfg = cfg.training
+    tcfg = run.training
     ctx = ctx or DistContext(device=resolve_device(tcfg.device))
     device = ctx.device
-    seed_everything(cfg.seed, device)
+    seed_everything(run.seed, device)
     configure_matmul(device, tcfg.tf32)
     pairs_dir, vocab_dir, out_dir, checkpoint_dir = map(Path, (pairs_dir, vocab_dir, out_dir, checkpoint_dir))
-    vocab = open_vocab_for(cfg, vocab_dir)
-    train_data, heldout_data = open_pretrain_data(pairs_dir, cfg.representation.max_len, vocab.vocab_size)
+    vocab = open_vocab_for(run, vocab_dir)
+    train_data, heldout_data = open_pretrain_data(pairs_dir, run.max_len, vocab.vocab_size)
     curves = CurveRecorder(tracker, prefix="pretrain")
-    checkpointing = pretrain_checkpointing(cfg, checkpoint_dir, continued_fingerprint(cfg, pairs_dir, vocab_dir))
-    model, trainer, objective = build_continued(cfg, vocab, device, curves, ctx, checkpointing, callbacks)
+    checkpointing = pretrain_checkpointing(run, checkpoint_dir, continued_fingerprint(run, pairs_dir, vocab_dir))
+    model, trainer, objective = build_continued(run, vocab, device, curves, ctx, checkpointing, callbacks)
     n_params = count_parameters(model)
     if ctx.is_main:
         log.info("pretrain: continuing %s (%s, %d parameters), device %s, %d process(es)", tcfg.hf_path,
                  vocab.meta.get("model_type"), n_params, device, ctx.world_size)
     def save_epoch(epoch: int, metrics: dict, improved: bool) -> None:
-        save_hf_pretrained(checkpoint_dir / "last", model, vocab, card(cfg, vocab, model, epoch, metrics))
+        save_hf_pretrained(checkpoint_dir / "last", model, vocab, card(run, vocab, model, epoch, metrics))
 
-    best = run_epochs(PretrainingTask(cfg, ctx, model, trainer, objective, train_data, heldout_data, curves, tracker,
+    best = run_epochs(PretrainingTask(run, ctx, model, trainer, objective, train_data, heldout_data, curves, tracker,
                                       save_epoch))
     if ctx.is_main:
         model.load_state_dict(best.weights)
         check_tied(model.mlm, str(out_dir))
-        save_hf_pretrained(out_dir, model, vocab, card(cfg, vocab, model, best.epoch, best.metrics))
+        save_hf_pretrained(out_dir, model, vocab, card(run, vocab, model, best.epoch, best.metrics))
         if curves_dir is not None:
             curves.write(curves_dir)
     distributed.barrier()

@@ -21,7 +21,6 @@ from typing import Callable, Mapping, NamedTuple, Optional, Sequence
 import torch
 
 from twilbert.codebase import code_digest
-from twilbert.config import Config, to_dict
 from twilbert.data.batch import Examples
 from twilbert.data.pairs import load_shards
 from twilbert.data.prefetch import prefetch
@@ -42,6 +41,7 @@ from twilbert.train.heldout import heldout_metrics, summarize
 from twilbert.train.loop import Callback, Checkpointing, Trainer, seed_everything
 from twilbert.train.objective import PretrainObjective
 from twilbert.train.optim import build_optimizer, build_scheduler, param_groups
+from twilbert.train.pretrain_run import KEYS, PretrainRun
 from twilbert.train.run_dirs import run_directory
 
 log = logging.getLogger(__name__)
@@ -50,9 +50,9 @@ log = logging.getLogger(__name__)
 EPOCH_LINE_KEYS = ("train_loss", "train_mlm_accuracy", "train_rop_accuracy", "heldout_mlm_loss",
                    "heldout_mlm_accuracy", "heldout_rop_accuracy", "heldout_perplexity")
 TRAIN_STATE_DIR = "train_state"  # training checkpoints, under the stage's checkpoint directory
-# What a run's identity covers: the stage's params in dvc.yaml (runtime: the kernels and thread count
-# make the last bits), and the package code this module imports (twilbert.codebase).
-FINGERPRINT_KEYS = ("seed", "model", "training", "representation.max_len", "runtime")
+# What a run's identity covers: the run's params (train.pretrain_run: the stage's params in dvc.yaml), its
+# input files, and the package code this module imports (twilbert.codebase).
+FINGERPRINT_KEYS = KEYS
 PREFETCH_BATCHES = 4  # batches read ahead of the step on a background thread
 # Which epoch is published without a held-out score: the last one, never the first by accident.
 NO_HELDOUT_RULE = ("no held-out score (no held-out pairs, or too few for one batch): the last epoch is "
@@ -66,9 +66,9 @@ NO_HELDOUT_RULE = ("no held-out score (no held-out pairs, or too few for one bat
 # --------------------------------------------------------------------------------------------
 
 
-def build_pretraining_model(cfg: Config, vocab_size: int) -> TWilBertForPretraining:
-    torch.manual_seed(cfg.seed)
-    return TWilBertForPretraining(cfg.model, vocab_size, pretraining_positions(cfg.representation.max_len))
+def build_pretraining_model(run: PretrainRun, vocab_size: int) -> TWilBertForPretraining:
+    torch.manual_seed(run.seed)
+    return TWilBertForPretraining(run.model, vocab_size, pretraining_positions(run.max_len))
 
 
 def load_initial_weights(model: TWilBertForPretraining, directory: Path) -> LoadReport:
@@ -93,25 +93,25 @@ def running_metrics(sums: Mapping[str, float]) -> dict[str, float]:
 
 
 def build_pretraining(
-    cfg: Config, vocab_size: int, device: torch.device, tracker: Optional[Tracker] = None,
+    run: PretrainRun, vocab_size: int, device: torch.device, tracker: Optional[Tracker] = None,
     ctx: Optional[DistContext] = None, checkpointing: Optional[Checkpointing] = None,
     callbacks: Sequence[Callback] = (),
 ) -> Pretraining:
     """Model (from ``path_initial_weights`` when set), optimizer, schedule, loop and objective;
     the model wrapped in DDP when ``ctx`` spans several ranks. ``checkpointing`` and ``callbacks``:
     the loop's (``pretrain_checkpointing``; none for a bare training step)."""
-    tcfg = cfg.training
+    tcfg = run.training
     ctx = ctx or DistContext(device=device)
-    model = build_pretraining_model(cfg, vocab_size)
+    model = build_pretraining_model(run, vocab_size)
     if tcfg.path_initial_weights:
         load_initial_weights(model, Path(tcfg.path_initial_weights))
     model.to(device)
     if ctx.is_distributed:
-        torch.manual_seed(cfg.seed + ctx.rank)  # dropout differs per rank; DDP broadcasts rank 0's weights
-    value_lr = cfg.model.pkm_params.value_lr if cfg.model.pkm else None
+        torch.manual_seed(run.seed + ctx.rank)  # dropout differs per rank; DDP broadcasts rank 0's weights
+    value_lr = run.model.pkm_params.value_lr if run.model.pkm else None
     optimizer = build_optimizer(tcfg.optimizer, param_groups(model, tcfg.lr, tcfg.weight_decay, value_lr),
                                 tcfg.lr, tcfg.weight_decay)
-    scheduler = build_scheduler(optimizer, tcfg.noam_annealing, cfg.model.hidden_size, tcfg.warmup_steps)
+    scheduler = build_scheduler(optimizer, tcfg.noam_annealing, run.model.hidden_size, tcfg.warmup_steps)
     trained = wrap_ddp(model, ctx)
     if tcfg.compile:  # the compiled graph wraps DDP's module, so DDP's bucketed all-reduce stays in charge
         trained = torch.compile(trained)
@@ -120,7 +120,7 @@ def build_pretraining(
                       log_every=tcfg.log_every, prefix="pretrain", checkpointing=checkpointing, callbacks=callbacks,
                       running=running_metrics)
     # masks keyed by where the loop stands (epoch, batch of the epoch): a resumed epoch continues its stream
-    objective = PretrainObjective(cfg.model.masked_lm, cfg.seed, vocab_size, device,
+    objective = PretrainObjective(run.model.masked_lm, run.seed, vocab_size, device,
                                   rank=ctx.rank if ctx.is_distributed else None,
                                   position=lambda: (trainer.state.epoch, trainer.state.batch_in_epoch))
     return Pretraining(model, trainer, objective)
@@ -131,26 +131,24 @@ def build_pretraining(
 # --------------------------------------------------------------------------------------------
 
 
-def pretrain_fingerprint(cfg: Config, pairs_dir: Path, vocab_dir: Path) -> dict[str, str]:
+def pretrain_fingerprint(run: PretrainRun, pairs_dir: Path, vocab_dir: Path) -> dict[str, str]:
     """What makes two pretraining runs the same run: config, input data, and the code that trains.
 
     The pairs count through their manifest, which holds every shard's sha256: a restart reads no shard.
     """
-    raw = {"seed": cfg.seed, "model": to_dict(cfg.model), "training": to_dict(cfg.training),
-           "representation": to_dict(cfg.representation), "runtime": to_dict(cfg.runtime)}
     inputs = [pairs_dir / MANIFEST, vocab_dir]
-    if cfg.training.path_initial_weights:
-        inputs.append(Path(cfg.training.path_initial_weights))
-    return {"config": config_fingerprint(raw, include=FINGERPRINT_KEYS), "inputs": files_digest(inputs),
+    if run.training.path_initial_weights:
+        inputs.append(Path(run.training.path_initial_weights))
+    return {"config": config_fingerprint(run.params(), include=FINGERPRINT_KEYS), "inputs": files_digest(inputs),
             "code": code_digest(__name__)}
 
 
-def pretrain_checkpointing(cfg: Config, checkpoint_dir: Path, parts: dict[str, str]) -> Checkpointing:
+def pretrain_checkpointing(run: PretrainRun, checkpoint_dir: Path, parts: dict[str, str]) -> Checkpointing:
     """The run's training checkpoints: ``checkpoint_dir/run-<identity>/train_state`` (``train.run_dirs``), every
     ``training.checkpoint_every`` micro-steps; only this run (``parts``, its identity) resumes them."""
     fingerprint = run_fingerprint(parts)
     directory = run_directory(checkpoint_dir, fingerprint, parts) / TRAIN_STATE_DIR
-    return Checkpointing(directory, fingerprint, cfg.training.checkpoint_every, parts=parts)
+    return Checkpointing(directory, fingerprint, run.training.checkpoint_every, parts=parts)
 
 
 def open_pretrain_data(pairs_dir: Path, max_len: int, vocab_size: int) -> tuple[Examples, Examples]:
@@ -172,7 +170,7 @@ def open_pretrain_data(pairs_dir: Path, max_len: int, vocab_size: int) -> tuple[
     return load_shards(pairs_dir / "train"), load_shards(pairs_dir / "heldout")
 
 
-def pretrain(cfg: Config, pairs_dir: Path, vocab_dir: Path, out_dir: Path, checkpoint_dir: Path,
+def pretrain(run: PretrainRun, pairs_dir: Path, vocab_dir: Path, out_dir: Path, checkpoint_dir: Path,
              tracker: Optional[Tracker] = None, ctx: Optional[DistContext] = None,
              curves_dir: Optional[Path] = None, callbacks: Sequence[Callback] = ()) -> dict[str, float]:
     """Pretrain on ``pairs_dir``; write the best epoch's model (safetensors + JSON + vocab) to ``out_dir``.
@@ -184,31 +182,31 @@ def pretrain(cfg: Config, pairs_dir: Path, vocab_dir: Path, out_dir: Path, check
     ``curves_dir``, the curves per logged step and per epoch go there (``train.curves``). ``callbacks``:
     the training loop's hooks (``train.loop.Callback``).
     """
-    tcfg = cfg.training
+    tcfg = run.training
     ctx = ctx or DistContext(device=resolve_device(tcfg.device))
     device = ctx.device
-    seed_everything(cfg.seed, device)
+    seed_everything(run.seed, device)
     configure_matmul(device, tcfg.tf32)
     pairs_dir, vocab_dir, out_dir, checkpoint_dir = map(Path, (pairs_dir, vocab_dir, out_dir, checkpoint_dir))
     tokenizer = Tokenizer(vocab_dir)
     vocab_size = tokenizer.vocab_size
-    train_data, heldout_data = open_pretrain_data(pairs_dir, cfg.representation.max_len, vocab_size)
+    train_data, heldout_data = open_pretrain_data(pairs_dir, run.max_len, vocab_size)
     curves = CurveRecorder(tracker, prefix="pretrain")
-    checkpointing = pretrain_checkpointing(cfg, checkpoint_dir, pretrain_fingerprint(cfg, pairs_dir, vocab_dir))
-    model, trainer, objective = build_pretraining(cfg, vocab_size, device, curves, ctx, checkpointing, callbacks)
+    checkpointing = pretrain_checkpointing(run, checkpoint_dir, pretrain_fingerprint(run, pairs_dir, vocab_dir))
+    model, trainer, objective = build_pretraining(run, vocab_size, device, curves, ctx, checkpointing, callbacks)
     n_params = count_parameters(model)
     if ctx.is_main:
-        log.info("pretrain: %s preset, %d parameters, device %s, %d process(es)", cfg.model.name, n_params, device,
+        log.info("pretrain: %s preset, %d parameters, device %s, %d process(es)", run.model.name, n_params, device,
                  ctx.world_size)
 
-    card = ModelCard.pretrained(cfg.model, vocab_size, cfg.representation.max_len)
+    card = ModelCard.pretrained(run.model, vocab_size, run.max_len)
 
     def save_epoch(epoch: int, metrics: dict, improved: bool) -> None:
         save_pretrained(checkpoint_dir / "last", model, card.replace(epoch=epoch, metrics=metrics))
         if improved:
             save_pretrained(checkpoint_dir / "best", model, card.replace(epoch=epoch, metrics=metrics))
 
-    best = run_epochs(PretrainingTask(cfg, ctx, model, trainer, objective, train_data, heldout_data, curves, tracker,
+    best = run_epochs(PretrainingTask(run, ctx, model, trainer, objective, train_data, heldout_data, curves, tracker,
                                       save_epoch))
     if ctx.is_main:
         publish_best(model, best, card, tokenizer, checkpoint_dir / "best", out_dir)
@@ -224,17 +222,17 @@ class PretrainingTask:
     epoch, curves and tracking per epoch; ``save_epoch(epoch, metrics, improved)`` writes the epoch's
     model on rank 0. The curves travel in the training checkpoints."""
 
-    def __init__(self, cfg: Config, ctx: DistContext, model: torch.nn.Module, trainer: Trainer,
+    def __init__(self, run: PretrainRun, ctx: DistContext, model: torch.nn.Module, trainer: Trainer,
                  objective: PretrainObjective, train_data: Examples, heldout_data: Examples, curves: CurveRecorder,
                  tracker: Optional[Tracker], save_epoch: Callable[[int, dict, bool], None]):
-        self.cfg, self.ctx, self.model, self.trainer, self.objective = cfg, ctx, model, trainer, objective
+        self.run, self.ctx, self.model, self.trainer, self.objective = run, ctx, model, trainer, objective
         self.train_data, self.heldout_data = train_data, heldout_data
         self.curves, self.tracker, self.save_epoch = curves, tracker, save_epoch
         self._said_rule = False
 
     def batches(self, epoch: int, skip: int):
-        tcfg = self.cfg.training
-        return prefetch(iterate_rank_batches(self.train_data, tcfg.batch_size, self.cfg.seed, epoch, self.ctx,
+        tcfg = self.run.training
+        return prefetch(iterate_rank_batches(self.train_data, tcfg.batch_size, self.run.seed, epoch, self.ctx,
                                              start=skip, length_grouping=tcfg.length_grouping),
                         PREFETCH_BATCHES)
 
@@ -243,7 +241,7 @@ class PretrainingTask:
 
     def evaluate(self, epoch: int, sums: dict) -> tuple[float, dict]:
         # Every rank scores the whole held-out set: the same numbers, so the same best-epoch decision.
-        tcfg = self.cfg.training
+        tcfg = self.run.training
         metrics = {
             **summarize(sums, "train"),
             **heldout_metrics(self.model, self.objective, self.heldout_data, tcfg.batch_size, tcfg.pll_examples,
@@ -277,7 +275,7 @@ class PretrainingTask:
 
 def run_epochs(task: PretrainingTask) -> BestEpoch:
     """The epochs of pretraining (resumed from the run's training checkpoints); the best epoch."""
-    tcfg, ctx = task.cfg.training, task.ctx
+    tcfg, ctx = task.run.training, task.ctx
     best = task.trainer.fit(task, tcfg.epochs, BestEpoch(lower_is_better=True),
                             total=n_rank_batches(len(task.train_data), tcfg.batch_size, ctx.world_size))
     if best.weights is None:
