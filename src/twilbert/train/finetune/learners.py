@@ -45,6 +45,7 @@ from twilbert.train.fingerprint import run_fingerprint
 from twilbert.train.loop import Callback, Checkpointing, Trainer
 from twilbert.train.losses import build_loss, class_weights_tensor
 from twilbert.train.optim import build_optimizer, build_scheduler, param_groups
+from twilbert.train.run_dirs import run_directory
 
 log = logging.getLogger(__name__)
 EPOCH_CURVES = "epochs/"  # MLflow metric prefix of the per-epoch curves (a chart section in the UI)
@@ -227,7 +228,9 @@ class NeuralLearner(Learner):
     tracker: Optional[Tracker] = None
     device: torch.device = field(default_factory=lambda: torch.device("cpu"))
     ctx: DistContext = field(default_factory=DistContext)
-    checkpoint_dir: Optional[Path] = None  # None: no training checkpoints, no resume
+    # The stage's checkpoint root (None: no training checkpoints, no resume); this run's folder in it
+    # (train.run_dirs) is opened only once the model is built, so a backbone that cannot load leaves none.
+    checkpoint_dir: Optional[Path] = None
     fingerprint_parts: Optional[dict[str, str]] = None  # the run's identity (finetune_fingerprint)
     callbacks: list[Callback] = field(default_factory=list)  # the training loop's hooks
 
@@ -279,8 +282,10 @@ class NeuralLearner(Learner):
         if self.checkpoint_dir is None:
             return None
         parts = dict(self.fingerprint_parts or {})
-        directory = Path(self.checkpoint_dir) / (TRAIN_STATE_DIR if fold is None else f"fold-{fold}")
-        return Checkpointing(directory, run_fingerprint(parts), self.ft.checkpoint_every, parts=parts)
+        fingerprint = run_fingerprint(parts)
+        run_dir = run_directory(self.checkpoint_dir, fingerprint, parts)
+        directory = run_dir / (TRAIN_STATE_DIR if fold is None else f"fold-{fold}")
+        return Checkpointing(directory, fingerprint, self.ft.checkpoint_every, parts=parts)
 
 
 @dataclass

@@ -33,9 +33,8 @@ from twilbert.train.finetune.learners import (
     twilbert_learner,
 )
 from twilbert.train.finetune.resolved import FinetuneRun, resolve_finetune_run
-from twilbert.train.fingerprint import config_fingerprint, files_digest, run_fingerprint
+from twilbert.train.fingerprint import config_fingerprint, files_digest
 from twilbert.train.loop import Callback, seed_everything
-from twilbert.train.run_dirs import run_directory
 
 BASELINE_FILE = "baseline.json"
 METRICS_FILE = "metrics.json"
@@ -91,7 +90,7 @@ def finetune_run(run: FinetuneRun, model_out: Path, metrics_out: Path,
         learner = baseline_learner(run, task_preprocessor(run))
     if checkpoint_dir is not None and isinstance(learner, NeuralLearner):
         parts = finetune_fingerprint(run)
-        learner.checkpoint_dir = run_directory(checkpoint_dir, run_fingerprint(parts), parts)
+        learner.checkpoint_dir = Path(checkpoint_dir)  # the run's folder opens when training starts
         learner.fingerprint_parts = parts
     if isinstance(learner, NeuralLearner):
         learner.callbacks = list(callbacks)
