@@ -91,12 +91,15 @@ SPM_DAMAGES = {
 
 @pytest.mark.parametrize("damage", list(SPM_DAMAGES))
 def test_a_damaged_sentencepiece_vocabulary_is_refused_naming_the_file(vocab_dir, tmp_path, damage):
-    vocab = tmp_path / "vocab"
-    shutil.copytree(vocab_dir, vocab)
-    edit, message = SPM_DAMAGES[damage]
+    assert_damaged_vocab_refused(Tokenizer, vocab_dir, tmp_path / "vocab", *SPM_DAMAGES[damage])
+
+
+def assert_damaged_vocab_refused(reader, source: Path, vocab: Path, edit, message: str) -> None:
+    """A copy of ``source`` damaged by ``edit``: ``reader`` refuses it in one line naming it and ``message``."""
+    shutil.copytree(source, vocab)
     edit(vocab)
     with pytest.raises(VocabError, match=re.escape(message)) as refused:
-        Tokenizer(vocab)
+        reader(vocab)
     assert str(vocab) in str(refused.value) and len(str(refused.value).splitlines()) == 1
 
 
@@ -140,13 +143,7 @@ HF_VOCAB_DAMAGES = {
 
 @pytest.mark.parametrize("damage", list(HF_VOCAB_DAMAGES))
 def test_a_damaged_hugging_face_vocabulary_is_refused_naming_the_file(hf_vocab, tmp_path, damage):
-    vocab = tmp_path / "vocab"
-    shutil.copytree(hf_vocab, vocab)
-    edit, message = HF_VOCAB_DAMAGES[damage]
-    edit(vocab)
-    with pytest.raises(VocabError, match=re.escape(message)) as refused:
-        HFVocab(vocab)
-    assert str(vocab) in str(refused.value) and len(str(refused.value).splitlines()) == 1
+    assert_damaged_vocab_refused(HFVocab, hf_vocab, tmp_path / "vocab", *HF_VOCAB_DAMAGES[damage])
 
 
 # --------------------------------------------------------------------------------------------

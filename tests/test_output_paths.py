@@ -49,18 +49,11 @@ def model_state(model_dir) -> tuple[list[str], str]:
     return sorted(p.name for p in model_dir.iterdir()), checksums_text(model_dir)
 
 
-@pytest.mark.parametrize("how", ["path", "symlink", "hard link"])
-def test_predict_refuses_an_output_that_is_its_input(tmp_path, model_dir, src, how, capsys):
+@pytest.mark.parametrize("command,how", [("predict", "path"), ("predict", "symlink"), ("predict", "hard link"),
+                                         ("embeddings", "path"), ("embeddings", "symlink")])
+def test_predict_and_embeddings_refuse_an_output_that_is_their_input(tmp_path, model_dir, src, command, how, capsys):
     output = same_input(src, how)
-    assert main(["predict", "--model", str(model_dir), "--input", str(src), "--output", str(output)]) == 2
-    refused(capsys, "--output", "is the input file")
-    assert src.read_text(encoding="utf-8") == TEXTS
-
-
-@pytest.mark.parametrize("how", ["path", "symlink"])
-def test_embeddings_refuses_an_output_that_is_its_input(tmp_path, model_dir, src, how, capsys):
-    output = same_input(src, how)
-    assert main(["embeddings", "--model", str(model_dir), "--input", str(src), "--output", str(output)]) == 2
+    assert main([command, "--model", str(model_dir), "--input", str(src), "--output", str(output)]) == 2
     refused(capsys, "--output", "is the input file")
     assert src.read_text(encoding="utf-8") == TEXTS
 
