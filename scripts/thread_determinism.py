@@ -211,6 +211,13 @@ def run_child(args: list[str], env: dict) -> dict:
     return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
+def child_env() -> dict[str, str]:
+    """This environment with the portable pins; the thread count is the child's ``torch.set_num_threads``."""
+    env = {**os.environ, **PORTABLE_ENV, PINNED_BY_LAUNCHER: "1", "PYTHONHASHSEED": "0"}
+    env.pop("OMP_NUM_THREADS", None)
+    return env
+
+
 def loadavg() -> str:
     return " ".join(Path("/proc/loadavg").read_text().split()[:3])
 
@@ -302,8 +309,7 @@ def main() -> int:
         print(json.dumps(result))
         return 0
 
-    env = {**os.environ, **PORTABLE_ENV, PINNED_BY_LAUNCHER: "1", "PYTHONHASHSEED": "0"}
-    env.pop("OMP_NUM_THREADS", None)  # the thread count is the child's torch.set_num_threads
+    env = child_env()
     print(f"host {platform.node()}, {os.cpu_count()} CPUs, {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}; "
           f"{' '.join(f'{k}={v}' for k, v in PORTABLE_ENV.items())}")
     print(f"load average before: {loadavg()}; starting {args.load} busy loop(s)")
