@@ -225,7 +225,13 @@ def loadavg() -> str:
 def parse_variant(spec: str) -> tuple[int, dict[str, str]]:
     """``2`` or ``2:OMP_WAIT_POLICY=PASSIVE,...``: a thread count and extra environment variables."""
     threads, _, extra = spec.partition(":")
-    return int(threads), dict(item.split("=", 1) for item in extra.split(",") if item)
+    pairs: list[str] = []
+    for item in filter(None, extra.split(",")):
+        if "=" in item or not pairs:
+            pairs.append(item)
+        else:  # a value with a comma: MKL_CBWR=AVX2,STRICT
+            pairs[-1] += "," + item
+    return int(threads), dict(item.split("=", 1) for item in pairs)
 
 
 def probe_train(variants: list[str], runs: int, env: dict) -> bool:
