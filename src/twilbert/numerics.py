@@ -28,17 +28,17 @@ PORTABLE_ENV: Mapping[str, str] = {
     "MKL_DYNAMIC": "FALSE",
 }
 # Results differ between 1 and 2 intra-op threads (ATen splits its sums by thread; MKL_CBWR=AVX2,STRICT
-# changes nothing: the same 20 steps, other bytes), so the count is part of the numerics, and of a run's identity (runtime.*).
-# A fixed count is bit-exact on a busy machine too: with 2 threads and load average 8-10 on 2 cores,
-# fresh training processes gave one weight hash and every op of the step one result over 20 repeats
-# (scripts/thread_determinism.py, docs/pipeline.md). The resume test that "differed under load with 2"
-# (6f78427) compared stages pinned to 2 threads with a last rerun inside the pytest process (until
-# e88c43a), which conftest.py gave 1 thread in a pytest-xdist worker (`make test`, the loaded machine)
-# and torch's default (one per core: 2) alone: the thread count differed, not the load (`--part history`).
-# 1 stays: the committed results were made with it (2 passive threads ran an epoch 1.3x faster). More per
-# worker (runtime.threads) stay bit-exact; on shared cores add OMP_WAIT_POLICY=PASSIVE (same bytes),
-# as libgomp's spinning barriers made 2 threads 13x slower than 1 under load. The one way found for load
-# to change bits: OMP_DYNAMIC=TRUE (teams sized by the load average: a third hash), off unless a shell sets it.
+# changes nothing: the same 20 steps, other bytes), so the count is part of the numerics, and of a run's
+# identity (runtime.*). A fixed count is bit-exact on a busy machine too: with 2 threads and load
+# average 8-10 on 2 cores, fresh training processes gave one weight hash and every op of the step one
+# result over 20 repeats (scripts/thread_determinism.py, docs/pipeline.md). The resume test that
+# "differed under load with 2" (6f78427) compared stages pinned to 2 threads with a last rerun inside
+# the pytest process (until e88c43a), which conftest.py gave 1 thread in a pytest-xdist worker
+# (`make test`, the loaded machine) and torch's default (one per core: 2) alone: the thread count differed, not the load (`--part history`). 1 stays: the committed results were made with it (2 passive threads ran
+# an epoch 1.3x faster). More per worker (runtime.threads) stay bit-exact; on shared cores add
+# OMP_WAIT_POLICY=PASSIVE (same bytes), as libgomp's spinning barriers made 2 threads 13x slower than 1
+# under load. The one way found for load to change bits: OMP_DYNAMIC=TRUE (teams sized by the load
+# average: a third hash), off unless a shell sets it.
 PORTABLE_THREADS = 1
 # Set by stages/py beside PORTABLE_ENV: the launcher, not the user, put those values there.
 PINNED_BY_LAUNCHER = "TWILBERT_PINNED_NUMERICS"
