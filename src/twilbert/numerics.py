@@ -34,8 +34,9 @@ PORTABLE_ENV: Mapping[str, str] = {
 # result over 20 repeats (scripts/thread_determinism.py, docs/pipeline.md). The resume test that
 # "differed under load with 2" (6f78427) compared stages pinned to 2 threads with a last rerun inside
 # the pytest process (until e88c43a), which conftest.py gave 1 thread in a pytest-xdist worker
-# (`make test`, the loaded machine) and torch's default (one per core: 2) alone: the thread count differed, not the load (`--part history`). 1 stays: the committed results were made with it (2 passive threads ran
-# an epoch 1.3x faster). More per worker (runtime.threads) stay bit-exact; on shared cores add
+# (`make test`, the loaded machine) and torch's default (one per core: 2) alone: the thread count
+# differed, not the load (`--part history`). 1 stays: the committed results were made with it (2 passive
+# threads ran an epoch 1.3x faster). More per worker (runtime.threads) stay bit-exact; on shared cores add
 # OMP_WAIT_POLICY=PASSIVE (same bytes), as libgomp's spinning barriers made 2 threads 13x slower than 1
 # under load. The one way found for load to change bits: OMP_DYNAMIC=TRUE (teams sized by the load
 # average: a third hash), off unless a shell sets it.
