@@ -4,6 +4,7 @@ from the written file; the same rows kept as a set of every digest would keep.""
 import os
 
 import numpy as np
+import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -48,17 +49,16 @@ def test_deduplicator_table_stays_at_its_fixed_size_for_a_stream_many_times_larg
     assert list(tmp_path.iterdir()) == []  # DuckDB's spill folder goes with the Deduplicator
 
 
-def test_cut_lines_removes_the_named_lines_in_place_across_blocks(tmp_path, monkeypatch):
-    import twilbert.data.dedup as dedup
-
-    monkeypatch.setattr(dedup, "COMPACT_BLOCK", 7)
+@pytest.mark.parametrize("cuts", [[0, 1, 5, 6, 7, 20, 39], [25, 26, 38], []])
+def test_cut_lines_removes_the_named_lines_in_place_across_blocks(tmp_path, monkeypatch, cuts):
+    monkeypatch.setattr(dedup_module, "COMPACT_BLOCK", 7)
     lines = [f"línea {i}{'x' * (i % 5)}\n".encode() for i in range(40)]
     path = tmp_path / "f"
     path.write_bytes(b"head\n" + b"".join(lines))
-    cuts = [0, 1, 5, 6, 7, 20, 39]
     fd = os.open(path, os.O_RDWR)
     try:
-        cut_lines(fd, 5, 100, iter([np.array([100 + c for c in cuts[:3]]), np.array([100 + c for c in cuts[3:]])]))
+        batches = [np.array([100 + c for c in cuts[:2]], dtype=np.int64), np.array([100 + c for c in cuts[2:]])]
+        cut_lines(fd, 5, 100, iter(batches))
     finally:
         os.close(fd)
     assert path.read_bytes() == b"head\n" + b"".join(x for i, x in enumerate(lines) if i not in cuts)

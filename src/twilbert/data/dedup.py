@@ -218,6 +218,11 @@ def cut_lines(fd: int, offset: int, first_line: int, cuts: Iterable[np.ndarray])
                 pending = np.concatenate((pending, more))
         k = int(np.searchsorted(pending, line + n))
         cut, pending = pending[:k] - line, pending[k:]
+        if not k and write_at == read_at - len(data):  # nothing cut yet: the bytes are in place already
+            write_at += int(ends[-1]) + 1 if n else 0
+            line += n
+            carry = data[int(ends[-1]) + 1 :] if n else data
+            continue
         pieces, start = [], 0
         for c in cut.tolist():  # the bytes between two cut lines go in one piece
             pieces.append(data[start : (ends[c - 1] + 1 if c else 0)])
