@@ -20,7 +20,8 @@ peak at 1k. The 70M projections come from the two largest runs, per stage: the s
 larger run to 70M pairs. A fixed start-up cost (imports, the tokenizer) then adds nothing, as it
 should; extrapolating from 1k pairs made it grow with the corpus. The `vocab` stage's memory stops
 growing once its reservoir sample holds ``vocab.max_sentences`` texts (read from the vocabulary's
-``meta.json``, with the corpus's texts per pair): its slope is carried only up to that size, and a
+``meta.json``, with the corpus's texts per pair; its 40M-character cap may stop SentencePiece's part
+earlier): its slope is carried only up to that size, and a
 larger run already past it (holding the full sample) is its projection. Time: data + vocab + pairs,
 data and pairs by their slopes; vocab as its training (capped like its memory) plus its reading of
 the whole corpus to draw the sample, in proportion to the corpus (the stage logs how long the

@@ -1,11 +1,13 @@
 import collections
+import functools
 
 import pytest
 
 from helpers import make_tweets
 from twilbert.config import VocabConfig
+from twilbert.data import tokenizer
 from twilbert.data.special import CLS_ID, MASK_ID, SEP_ID, SPECIAL_TOKENS
-from twilbert.data.tokenizer import Tokenizer, sample_texts, train_vocab
+from twilbert.data.tokenizer import Tokenizer, sample_texts, train_vocab, within_characters
 
 
 @pytest.fixture(scope="module")
@@ -69,6 +71,38 @@ def test_vocab_trains_on_a_seeded_sample_of_at_most_max_sentences(tmp_path):
     assert meta["vocab"]["max_sentences"] == 150
     other = train_vocab(texts, tmp_path / "w", cfg, seed=2)
     assert (tmp_path / "v/spm.model").read_bytes() != (other / "spm.model").read_bytes()
+
+
+def test_vocab_sample_is_cut_to_its_character_budget_for_sentencepieces_suffix_array(tmp_path, monkeypatch):
+    texts = [t for t, _ in make_tweets(400, seed=5)]
+    cfg = VocabConfig(vocab_size=80, max_sentences=300)
+    whole = Tokenizer(train_vocab(texts, tmp_path / "whole", cfg, seed=1)).meta
+    monkeypatch.setattr(tokenizer, "SAMPLE_MAX_CHARS", 6000)
+    seen = []
+    monkeypatch.setattr(tokenizer.spm.SentencePieceTrainer, "train",
+                        functools.partial(_recording_train, tokenizer.spm.SentencePieceTrainer.train, seen))
+    cut = Tokenizer(train_vocab(texts, tmp_path / "cut", cfg, seed=1)).meta
+    assert whole["n_training_texts"] == 300 and 0 < cut["n_training_texts"] < 300
+    assert cut["n_training_texts"] == len(seen) and sum(map(len, seen)) <= 6000
+    again = train_vocab(texts, tmp_path / "again", cfg, seed=1)
+    assert (again / "spm.model").read_bytes() == (tmp_path / "cut" / "spm.model").read_bytes()
+
+
+def _recording_train(train, seen, sentence_iterator, **kwargs):
+    sentences = list(sentence_iterator)
+    seen.extend(sentences)
+    return train(sentence_iterator=iter(sentences), **kwargs)
+
+
+def test_character_budget_keeps_a_sample_that_fits_as_it_is_and_cuts_a_seeded_uniform_subset():
+    lines = ["ab", "cd", "ef"]
+    assert within_characters(list(lines), 6, seed=0) == lines
+    counts = collections.Counter()
+    for seed in range(300):
+        kept = within_characters(list("abcdefghij"), 3, seed)
+        assert len(kept) == 3 and kept == within_characters(list("abcdefghij"), 3, seed)
+        counts.update(kept)
+    assert all(60 < counts[x] < 120 for x in "abcdefghij"), counts  # each kept with probability 3/10
 
 
 def test_reservoir_sample_is_seeded_and_uniform():

@@ -212,11 +212,12 @@ def _exchange(a: Path, b: Path) -> bool:
 
 def _create_temp(path: Path) -> tuple[Path, int]:
     # os.open with 0o666 honours the umask, unlike mkstemp's 0o600; an existing file keeps its mode.
+    # Read-write: the corpus writer cuts late-found duplicates from its own file before publishing it.
     mode = stat.S_IMODE(path.stat().st_mode) if path.exists() else 0o666
     while True:
         tmp = path.with_name(f".{path.name}.{secrets.token_hex(4)}.tmp")
         try:
-            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, mode)
+            fd = os.open(tmp, os.O_RDWR | os.O_CREAT | os.O_EXCL, mode)
         except FileExistsError:
             continue
         if path.exists():

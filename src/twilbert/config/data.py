@@ -120,9 +120,9 @@ class VocabConfig:
     model_type: Literal["unigram", "bpe"] = "unigram"
     character_coverage: float = 0.9995
     lowercase: bool = False
-    # SentencePiece trains on a seeded uniform sample of at most this many texts: its memory grows
-    # with the sample (about 18 bytes per character, ~2.2 GB for 500k texts of 250 characters),
-    # never with the corpus.
+    # SentencePiece trains on a seeded uniform sample of at most this many texts, and of at most
+    # 40M characters (twilbert.data.tokenizer.SAMPLE_MAX_CHARS): its memory grows with the sample
+    # (about 20 bytes per character, ~0.9 GB at the cap), never with the corpus.
     max_sentences: int = 500_000
 
     def validate(self, where: str = "vocab") -> None:

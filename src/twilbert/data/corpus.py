@@ -6,6 +6,7 @@ duplicates dropped when ``data.dedup``) and ``<out>/pretrain/summary.json`` (wha
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import json
 import json.scanner
@@ -19,8 +20,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterable, Iterator, Optional
 
+import numpy as np
+
 from twilbert.config import DataConfig
-from twilbert.data.dedup import DigestSet, row_digests
+from twilbert.data.dedup import Deduplicator, cut_lines, row_digests
 from twilbert.data.formats import has_printable, write_table
 from twilbert.data.social import SOCIAL_SOURCES, social_corpus
 from twilbert.data.sources import (
@@ -137,22 +140,32 @@ def write_task_split(path: Path, tweets: list[LabelledTweet]) -> None:
 
 
 def write_pretrain_corpus(
-    path: Path, rows: Iterable[tuple[str, Optional[str]]], dedup: bool = False, source: str = "the corpus"
+    path: Path, rows: Iterable[tuple[str, Optional[str]]], dedup: bool = False, source: str = "the corpus",
+    engine_memory: str = "768MB",
 ) -> dict[str, int]:
     """Stream ``rows`` into the corpus file (atomically), without exact duplicates when ``dedup``;
-    return the counts read, written and removed. Memory holds one chunk of rows plus the digests.
-    No rows at all is an error naming ``source``, and leaves ``path`` as it was."""
+    return the counts read, written and removed. Memory holds one chunk of rows plus a bounded digest
+    table (:class:`twilbert.data.dedup.Deduplicator`; DuckDB within ``engine_memory`` past it, whose
+    later copies are cut from the file at the end). No rows at all is an error naming ``source``, and
+    leaves ``path`` as it was."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    seen = DigestSet() if dedup else None
     counts = {"rows_read": 0, "unprintable_removed": 0, "duplicates_removed": 0, "pretrain_texts": 0,
               "pretrain_pairs_with_reply": 0}
     rows = iter(rows)
-    with atomic_write(path) as fh:
+    with atomic_write(path) as fh, (Deduplicator(path.parent, memory_limit=engine_memory) if dedup
+                                    else contextlib.nullcontext()) as seen:
+        spill_offset = None  # where the first row noted by DuckDB starts in the file
         while chunk := list(itertools.islice(rows, CHUNK_ROWS)):
             counts["rows_read"] += len(chunk)
             printable = [(a, b) for a, b in chunk if has_printable(a) and (b is None or has_printable(b))]
             counts["unprintable_removed"] += len(chunk) - len(printable)
-            keep = seen.add(row_digests(printable)) if seen is not None else itertools.repeat(True)
+            if seen is not None:
+                keep = seen.add(row_digests(printable), np.fromiter((b is not None for _, b in printable), bool))
+                if seen.spilled and spill_offset is None:
+                    fh.flush()
+                    spill_offset = os.lseek(fh.fileno(), 0, os.SEEK_CUR)
+            else:
+                keep = itertools.repeat(True)
             kept = [(a, b) for (a, b), new in zip(printable, keep) if new]
             fh.writelines(_encode({"a": a, "b": b}) + "\n" for a, b in kept)
             counts["duplicates_removed"] += len(printable) - len(kept)
@@ -160,6 +173,17 @@ def write_pretrain_corpus(
             counts["pretrain_pairs_with_reply"] += sum(1 for _, b in kept if b is not None)
         if not counts["rows_read"]:
             raise DataStageError(f"{source}: no well-formed rows; nothing to pretrain on")
+        if spill_offset is not None:
+            fh.flush()
+
+            def counted(batches):
+                for lines, replies in batches:
+                    counts["duplicates_removed"] += len(lines)
+                    counts["pretrain_texts"] -= len(lines)
+                    counts["pretrain_pairs_with_reply"] -= int(replies.sum())
+                    yield lines
+
+            cut_lines(fh.fileno(), spill_offset, seen.first_spilled_line, counted(seen.later_copies()))
     if counts["unprintable_removed"]:
         log.warning("data: %d row(s) of %s held a text with no printable character (only controls, NULs or "
                     "blanks); removed (summary.json: unprintable_removed)", counts["unprintable_removed"], source)
@@ -244,7 +268,8 @@ def run_data_stage(cfg: DataConfig, seed: int, out: Path, threads: Optional[int]
             with budget_message(budget):
                 counts = social_corpus(cfg, files, budget, threads, corpus_file, source)
         else:
-            counts = write_pretrain_corpus(corpus_file, iter_corpus_rows(cfg, files, budget, blank), cfg.dedup, source)
+            counts = write_pretrain_corpus(corpus_file, iter_corpus_rows(cfg, files, budget, blank), cfg.dedup, source,
+                                           cfg.engine_memory)
         summary.update(files=len(files), untracked_files=len(untracked), **counts, bad_rows_skipped=budget.skipped)
         if cfg.source == "text_file":
             summary["blank_lines_skipped"] = blank.count

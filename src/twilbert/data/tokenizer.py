@@ -48,6 +48,12 @@ def read_vocab_meta(path: Path) -> dict:
 
 MODEL_FILE = "spm.model"
 META_FILE = "meta.json"
+# SentencePiece's unigram trainer mines its seed pieces from a suffix array of the whole sample, 20 bytes
+# per character (sentencepiece_model.proto, on mining_sentence_size): 500k texts of ~200 characters took
+# 2.07 GB. The sample is capped in characters too, so the stage stays near 0.9 GB whatever the texts'
+# length. A constant, not a vocab.* key: meta.json records the vocab config, and a new key would change
+# the default vocabulary's bytes, which never reaches this cap.
+SAMPLE_MAX_CHARS = 40_000_000
 
 
 def train_vocab(
@@ -60,7 +66,8 @@ def train_vocab(
     """Train a SentencePiece model on ``texts`` (pretraining texts only) into ``out_dir``, atomically.
 
     ``texts`` is streamed once: SentencePiece sees a seeded uniform sample of at most
-    ``cfg.max_sentences`` of them, so memory is bounded by the sample, not by the corpus. The same
+    ``cfg.max_sentences`` of them and :data:`SAMPLE_MAX_CHARS` characters once preprocessed, so memory
+    is bounded by the sample, not by the corpus. The same
     texts, config and seed write the same bytes: ``spm.model`` records no path (the trainer reads an
     iterator and hands the model back), and its own random generator is seeded.
     """
@@ -72,13 +79,16 @@ def train_vocab(
     log.info("vocab: drew a sample of %d of %d texts in %.3f s", len(sample), n_texts, time.perf_counter() - started)
     if n_texts == 0:
         raise VocabError("vocab: the pretraining corpus is empty; nothing to train a vocabulary on")
+    for i, text in enumerate(sample):  # in place: the sample is held once
+        sample[i] = prep(text).replace("\n", " ")
+    sample = within_characters(sample, SAMPLE_MAX_CHARS, seed)
     n_sample = len(sample)
     with publish_dir(out_dir) as new_dir:
         # The sample waits on disk, preprocessed, while SentencePiece holds its own copy; it is
         # removed before the directory is published (a killed run's copy goes with its work folder).
         sample_file = new_dir / "sample.txt"
         with sample_file.open("w", encoding="utf-8", newline="\n") as fh:
-            fh.writelines(prep(text).replace("\n", " ") + "\n" for text in sample)
+            fh.writelines(line + "\n" for line in sample)
         del sample
         model = io.BytesIO()
         spm.set_random_generator_seed(seed)
@@ -135,6 +145,24 @@ def sample_texts(texts: Iterable[str], k: int, seed: int) -> tuple[list[str], in
             if j < k:
                 sample[j] = text
     return sample, n
+
+
+def within_characters(lines: list[str], budget: int, seed: int) -> list[str]:
+    """``lines`` as they are when they hold at most ``budget`` characters; else a seeded uniform subset
+    that does: ``lines`` shuffled, then taken while they fit (a reservoir's slots are not in random
+    order until the stream is much longer than the reservoir, so its prefix would favour early texts)."""
+    if sum(map(len, lines)) <= budget:
+        return lines
+    random.Random(seed).shuffle(lines)
+    total = 0
+    for n, line in enumerate(lines):
+        total += len(line)
+        if total > budget:
+            del lines[n:]
+            break
+    log.info("vocab: sample cut to %d texts, %d characters at most (SentencePiece's suffix array: 20 bytes "
+             "a character)", len(lines), budget)
+    return lines
 
 
 class Tokenizer:
