@@ -71,7 +71,9 @@ def init_distributed(device: str = "auto", timeout_s: float = 1800.0) -> DistCon
     """Join the process group described by torchrun's RANK, WORLD_SIZE, LOCAL_RANK (and MASTER_ADDR/PORT).
 
     ``device`` is the config's ``training.device``: ``auto`` picks ``cuda:<LOCAL_RANK>`` when CUDA is
-    available, else the CPU. The backend is NCCL on CUDA and gloo on the CPU. Without torchrun's
+    available (several workers share a GPU when there are more workers than GPUs), else the CPU. The
+    backend is NCCL when each worker has a GPU of its own, else gloo (NCCL refuses two ranks on one
+    GPU; collectives of CUDA tensors then pass through host memory). Without torchrun's
     variables (or with WORLD_SIZE=1) no process group is created and a rank-0 context is returned.
     """
     env = os.environ
@@ -86,10 +88,15 @@ def init_distributed(device: str = "auto", timeout_s: float = 1800.0) -> DistCon
         )
     global_rank, local_rank = int(env["RANK"]), int(env["LOCAL_RANK"])
     target = pick_device(device, local_rank)
+    own_gpu = False
     if target.type == "cuda":
+        gpus = torch.cuda.device_count()
+        if target.index is not None and target.index >= gpus:
+            target = torch.device("cuda", target.index % gpus)
+        own_gpu = int(env.get("LOCAL_WORLD_SIZE", n)) <= gpus
         torch.cuda.set_device(target)  # NCCL collectives and barriers use the current device
     if not is_initialized():
-        backend = "nccl" if target.type == "cuda" else "gloo"
+        backend = "nccl" if own_gpu else "gloo"
         dist.init_process_group(backend=backend, timeout=timedelta(seconds=timeout_s))
         log.info("rank %d/%d joined the %s process group on %s", global_rank, n, backend, target)
     return DistContext(global_rank, n, local_rank, target)
@@ -110,11 +117,31 @@ def barrier() -> None:
         dist.barrier()
 
 
+def _through_host(tensor: torch.Tensor) -> bool:
+    """gloo's collectives take host tensors: a CUDA tensor goes through host memory (same bits)."""
+    return tensor.is_cuda and dist.get_backend() == "gloo"
+
+
 def all_reduce_sum(tensor: torch.Tensor) -> torch.Tensor:
     """Sum ``tensor`` over ranks, in place; returns it."""
     if is_initialized():
-        dist.all_reduce(tensor, op=dist.ReduceOp.SUM)
+        if _through_host(tensor):
+            host = tensor.cpu()
+            dist.all_reduce(host, op=dist.ReduceOp.SUM)
+            tensor.copy_(host)
+        else:
+            dist.all_reduce(tensor, op=dist.ReduceOp.SUM)
     return tensor
+
+
+def all_gather(tensor: torch.Tensor) -> list[torch.Tensor]:
+    """``[tensor of rank 0, tensor of rank 1, ...]``, on ``tensor``'s device (``[tensor]`` on one process)."""
+    if not is_initialized():
+        return [tensor]
+    sent = tensor.cpu() if _through_host(tensor) else tensor
+    received = [torch.empty_like(sent) for _ in range(dist.get_world_size())]
+    dist.all_gather(received, sent)
+    return [r.to(tensor.device) for r in received]
 
 
 def all_gather_object(obj: Any) -> list:
@@ -144,7 +171,12 @@ def broadcast_weights(model: nn.Module) -> None:
     """Rank 0's parameters and buffers on every rank (they are built identically; this makes it certain)."""
     if is_initialized():
         for tensor in [*model.parameters(), *model.buffers()]:
-            dist.broadcast(tensor.data, src=0)
+            if _through_host(tensor):
+                host = tensor.data.cpu()
+                dist.broadcast(host, src=0)
+                tensor.data.copy_(host)
+            else:
+                dist.broadcast(tensor.data, src=0)
 
 
 def unwrap(model: nn.Module) -> nn.Module:

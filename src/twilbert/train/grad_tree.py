@@ -79,8 +79,7 @@ def combine(n_micro: int, leaf: Callable[[int], torch.Tensor], size: int, device
     sent = torch.zeros(width, size, dtype=torch.float32, device=device)  # (nodes, P), padded with zeros
     for i, node in enumerate(mine):
         sent[i] = node
-    received = [torch.empty_like(sent) for _ in range(n_workers)]
-    torch.distributed.all_gather(received, sent)
+    received = distributed.all_gather(sent)
     sums = {node: received[r][i] for r, nodes in enumerate(layout) for i, node in enumerate(nodes)}
     return assemble(0, n_micro, sums)
 
