@@ -330,7 +330,7 @@ def resume_training(
     newest checkpoint was written under another config (fingerprint), the run starts fresh and says
     so (naming which of ``parts`` changed, when the caller saved them as ``state["fingerprint_parts"]``);
     the stale checkpoints move to ``<directory>/superseded/<fingerprint>/`` rather than being deleted
-    (only the latest superseded run is kept). Under DDP rank 0 chooses and every rank loads the same
+    (only the latest superseded run is kept). Under torchrun rank 0 chooses and every rank loads the same
     checkpoint (a shared filesystem).
     """
     directory = Path(directory)

@@ -248,8 +248,8 @@ class Trainer:
             return
         if self.state.micro_steps % ck.every == 0:
             self._save_due = True
-        # At the window's end only: under DDP each rank's gradients inside a window are its own, and on
-        # one process a checkpoint would have to carry them.
+        # At the window's end only: inside a window the combined gradient so far would have to travel
+        # in the checkpoint.
         if self._save_due and self._pending == 0:
             self.save_checkpoint()
 

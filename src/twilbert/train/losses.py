@@ -34,8 +34,8 @@ LossFn = Callable[[Tensor, Tensor], Tensor]
 def mlm_loss(logits: Tensor, targets: Tensor, normalizer: Union[float, Tensor, None] = None) -> Tensor:
     """Summed cross-entropy over masked tokens divided by ``normalizer`` (default: their count).
 
-    logits (N, V), targets (N,); targets equal to -100 are ignored. Under DDP pass the masked
-    count summed over ranks so every token weighs the same whatever rank it landed on.
+    logits (N, V), targets (N,); targets equal to -100 are ignored. Micro-batches pass the masked
+    count of the whole global batch so every token weighs the same whatever micro-batch it landed in.
     """
     total = F.cross_entropy(logits.float(), targets, reduction="sum", ignore_index=IGNORE_INDEX)
     return _normalized(total, (targets != IGNORE_INDEX).sum() if normalizer is None else normalizer)
