@@ -1,7 +1,8 @@
 """World-size invariance (CPU, gloo via torchrun, one intra-op thread per worker): the pretrain and
 finetune stages write the same bytes (model, metrics, curves) whether 1, 2 or 4 workers share each
 global batch's micro-batches, and a run killed on 2 workers resumes on 1 to the bytes of an
-uninterrupted run. 4 workers oversubscribe a 2-core machine; only the time changes."""
+uninterrupted run; more workers than micro-batches is refused before training. 4 workers
+oversubscribe a 2-core machine; only the time changes."""
 
 from __future__ import annotations
 
@@ -101,3 +102,16 @@ def test_finetuning_on_1_2_and_4_workers_writes_the_same_model_and_metrics(tmp_p
     assert "model/model.safetensors" in outputs[1] and "results/metrics.json" in outputs[1]
     assert differing(outputs[1], outputs[2]) == []
     assert differing(outputs[1], outputs[4]) == []
+
+
+def test_more_workers_than_micro_batches_stop_before_training_with_one_line_naming_the_key(tmp_path):
+    inputs = make_pretrain_inputs(tmp_path / "inputs")
+    work = tmp_path / "work"
+    write_params(work, ["model=tiny", f"representation.max_len={MAX_LEN}", "training.batch_size=8",
+                        "training.micro_batches=1", "training.epochs=1", "training.device=cpu"])
+    out = tmp_path / "out"
+    proc = run_stage("pretrain.py", pretrain_args(inputs, out), work, launcher=torchrun(2))
+    assert proc.returncode != 0 and not (out / "model").exists()
+    errors = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
+    assert errors and all("training.micro_batches=1 is less than the 2 workers launched" in e for e in errors), \
+        proc.stderr[-3000:]
