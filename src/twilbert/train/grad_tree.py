@@ -7,9 +7,8 @@ node [mid, hi), ``mid = (lo + hi) // 2``. Worker r of W holds the contiguous blo
 inside it (``node_sum``: a streaming recursion that holds one buffer per tree level, never K gradients).
 The workers exchange those node sums (one all_gather of a padded flat fp32 tensor; how many nodes each
 worker has is a pure function of K and W) and every worker assembles the root in tree order
-(``assemble``). A floating-point addition of
-the same two operands gives the same bits, so the root does not depend on W: one worker computes the
-same additions through ``node_sum(0, K)``.
+(``assemble``). A floating-point addition of the same two operands gives the same bits, so the root
+does not depend on W: one worker computes the same additions through ``node_sum(0, K)``.
 """
 
 from __future__ import annotations
