@@ -282,7 +282,7 @@ def probe(data: Path, steps: int, overrides: list[str]) -> None:
     from twilbert.config import compose, load_config
     from twilbert.data.prefetch import prefetch
     from twilbert.data.tokenizer import Tokenizer
-    from twilbert.train.distributed import DistContext, iterate_rank_batches
+    from twilbert.train.distributed import DistContext, iterate_micro_batches
     from twilbert.train.pretrain import PREFETCH_BATCHES, build_pretraining, open_pretrain_data
     from twilbert.train.pretrain_run import resolve_pretrain_run
 
@@ -299,7 +299,8 @@ def probe(data: Path, steps: int, overrides: list[str]) -> None:
         vocab_size = Tokenizer(data / "vocab").vocab_size
         train, heldout = open_pretrain_data(data / "pairs", cfg.representation.max_len, vocab_size)
         model, trainer, objective = build_pretraining(resolve_pretrain_run(cfg), vocab_size, torch.device("cpu"))
-    batches = prefetch(iterate_rank_batches(train, cfg.training.batch_size, cfg.seed, 0, DistContext()),
+    tcfg = cfg.training
+    batches = prefetch(iterate_micro_batches(train, tcfg.batch_size, tcfg.micro_batches, cfg.seed, 0, DistContext()),
                        PREFETCH_BATCHES)
     for _, batch in zip(range(steps), batches):
         trainer.train_step(batch, objective)

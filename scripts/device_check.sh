@@ -15,7 +15,7 @@
 #
 # Parts: 1. the tests marked `gpu` (tests/test_gpu.py) on every device present: CUDA vs the CPU's fp32
 # forward/backward in fp32 and bf16, bf16 pretraining with PLL, bf16 finetuning, predict labels, the
-# SDPA kernel, syncs per window, resume after a kill, a 1-rank NCCL DDP step; 2. the throughput of
+# SDPA kernel, syncs per window, resume after a kill, 1 vs 2 workers on the GPU; 2. the throughput of
 # benchmarks/pretrain_throughput.py at the benchmark's sizes, batch 32 and the largest of 256/128 that
 # fits, ours vs HF AlbertForPreTraining in bf16 and fp32/TF32; 3. the tiny pipeline's training stages
 # in bf16 on the device on a generated corpus (scripts/device_pipeline.py; the data stage's download is

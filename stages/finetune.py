@@ -5,7 +5,8 @@ splits as every other run. Without `--no-baseline` it also fits the baseline row
 which the pipeline runs once per task instead (stages/baseline.py).
 
 Rerun after a crash, it resumes from the task's newest training checkpoint of the same run. Under
-`torchrun --nproc_per_node N stages/finetune.py ...` it trains with DDP; rank 0 writes."""
+`torchrun --nproc_per_node N stages/finetune.py ...` N workers (1..finetuning.micro_batches) share
+each global batch and write the same bytes as one; rank 0 writes."""
 
 import argparse
 from pathlib import Path

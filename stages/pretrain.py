@@ -1,7 +1,8 @@
 """DVC stage `pretrain`: masked LM + reply-order prediction; the best epoch becomes the pretrained model.
 
 Rerun after a crash, it resumes from the newest training checkpoint of the same run. Under
-`torchrun --nproc_per_node N stages/pretrain.py ...` it trains with DDP; rank 0 writes.
+`torchrun --nproc_per_node N stages/pretrain.py ...` N workers (1..training.micro_batches) share
+each global batch and write the same bytes as one; rank 0 writes.
 """
 
 import argparse

@@ -140,6 +140,9 @@ INVALID_VALUES = [
     ("data.orig_text_header", ""),
     ("tracking.experiment", ""),
     ("runtime.threads", -2),
+    ("training.micro_batches", 0),
+    ("training.micro_batches", 10_000),  # more micro-batches than examples in a global batch
+    ("finetuning.micro_batches", 0),
     # a task's own finetuning overrides and its dataset/labels
     ("tasks.tass_default.finetuning.optimizer", "foo"),
     ("tasks.tass_default.finetuning.loss", "foo"),

@@ -1,4 +1,5 @@
-"""DDP on CPU (gloo, 2 processes): the same gradients as one process with the global batch; rank shards; resume."""
+"""torchrun on CPU (gloo, 2 processes): checkpoints saved and resumed by every rank; each worker's
+micro-batches of the shared batch order; resume; memory-mapped shards read in disjoint shares."""
 
 from __future__ import annotations
 
@@ -10,26 +11,22 @@ import torch
 import torch.multiprocessing as mp
 
 from helpers import free_port, join_gloo_group
-from twilbert.config import ModelConfig, RopConfig
-from twilbert.data.batch import iterate_batches
+from twilbert.config import ConfigError, ModelConfig, RopConfig
 from twilbert.model import TWilBertForPretraining
 from twilbert.train.distributed import (
     DistContext,
+    check_workers,
     destroy_distributed,
     init_distributed,
-    iterate_rank_batches,
-    loss_normalizer,
-    n_rank_batches,
-    no_sync_unless,
-    rank_batch_indices,
-    wrap_ddp,
+    iterate_micro_batches,
+    micro_batch_indices,
+    n_global_batches,
 )
-from twilbert.train.losses import mlm_loss
 
 pytestmark = pytest.mark.reliability
 
 VOCAB, MAX_POS, WIDTH = 40, 16, 12
-N_EXAMPLES, PER_RANK, WORLD, ACCUM, SEED = 12, 3, 2, 2, 5
+N_EXAMPLES, WORLD, SEED = 12, 2, 5
 
 
 def tiny_model(seed: int = 0) -> TWilBertForPretraining:
@@ -40,59 +37,34 @@ def tiny_model(seed: int = 0) -> TWilBertForPretraining:
     return TWilBertForPretraining(cfg, VOCAB, MAX_POS)
 
 
-def pair_data() -> tuple[dict[str, np.ndarray], np.ndarray]:
-    """Packed rows of varied length, and fixed MLM labels per row (both sides mask the same tokens)."""
+def pair_data() -> dict[str, np.ndarray]:
+    """Packed rows of varied length."""
     rng = np.random.default_rng(0)
     length = rng.integers(5, WIDTH + 1, N_EXAMPLES).astype(np.int32)
     ids = np.zeros((N_EXAMPLES, WIDTH), dtype=np.int32)
-    labels = np.full((N_EXAMPLES, WIDTH), -100, dtype=np.int64)
     for i, n in enumerate(length):
         ids[i, :n] = rng.integers(5, VOCAB, n)
         ids[i, 0], ids[i, n - 1] = 3, 4  # [CLS] ... [SEP]
-        chosen = rng.choice(np.arange(1, n - 1), size=rng.integers(1, n - 2), replace=False)  # uneven counts
-        labels[i, chosen] = ids[i, chosen]
-    data = {"input_ids": ids, "len_a": length - 2, "length": length, "labels": np.ones(N_EXAMPLES, dtype=np.int64)}
-    return data, labels
-
-
-def accumulate(model, batches, labels_of, normalizer) -> list[float]:
-    """ACCUM micro-batches of masked-LM loss into .grad; ``normalizer(local_count)`` sets the divisor.
-
-    Returns the gradient norm of the word embeddings after each micro-batch."""
-    norms = []
-    for micro, batch in enumerate(batches):
-        labels = torch.from_numpy(labels_of(micro))[:, : batch.input_ids.shape[1]]
-        with no_sync_unless(model, sync=micro == ACCUM - 1):
-            out = model(batch.input_ids, batch.segment_ids, batch.attention_mask, labels)
-            loss = mlm_loss(out.mlm_logits, out.mlm_targets, normalizer=normalizer(out.mlm_targets.numel()))
-            (loss / ACCUM).backward()
-        norms.append(next(p for p in model.parameters()).grad.norm().item())
-    return norms
+    return {"input_ids": ids, "len_a": length - 2, "length": length, "labels": np.ones(N_EXAMPLES, dtype=np.int64)}
 
 
 def _worker(rank: int, port: int, out_dir: str) -> None:
-    from safetensors.torch import save_file
-
     from twilbert.train.checkpoint import resume_training, save_training_checkpoint
 
-    ctx = join_gloo_group(rank, WORLD, port)
+    join_gloo_group(rank, WORLD, port)
     try:
-        data, labels = pair_data()
         model = tiny_model()
-        ddp = wrap_ddp(model, ctx)
-        batches = list(iterate_rank_batches(data, PER_RANK, SEED, 0, ctx))
-        idx = list(rank_batch_indices(N_EXAMPLES, PER_RANK, SEED, 0, ctx.rank, ctx.world_size))
-        norms = accumulate(ddp, batches, lambda m: labels[idx[m]], loss_normalizer)
-        save_file({n: p.grad.contiguous() for n, p in model.named_parameters()}, f"{out_dir}/grads-{rank}.safetensors")
-
-        # Resume under DDP: every rank saves, rank 0 alone writes; every rank resumes the same state.
         opt = torch.optim.SGD(model.parameters(), lr=0.1)
+        for p in model.parameters():
+            p.grad = torch.ones_like(p)
         opt.step()
+        # Every rank saves, rank 0 alone writes (with its RNG state); every rank resumes the same state.
         state = {"epoch": 0, "batch_in_epoch": 2, "optimizer_steps": 1, "micro_steps": 2, "accum_position": 0}
-        torch.rand(1 + rank)  # ranks' RNG streams differ; each must get its own back
+        torch.manual_seed(11)
         expected_draw = (torch.get_rng_state(), torch.rand(4))
         torch.set_rng_state(expected_draw[0])
-        path = save_training_checkpoint(f"{out_dir}/ckpt", ddp, opt, None, state, "fp")
+        torch.rand(1 + rank)  # the ranks' own streams differ: each resumes rank 0's
+        path = save_training_checkpoint(f"{out_dir}/ckpt", model, opt, None, state, "fp")
         fresh = tiny_model(seed=9)
         fresh_opt = torch.optim.SGD(fresh.parameters(), lr=0.1)
         resumed = resume_training(f"{out_dir}/ckpt", fresh, fresh_opt, None, "fp")
@@ -100,8 +72,8 @@ def _worker(rank: int, port: int, out_dir: str) -> None:
             "state": resumed,
             "weights_equal": all(torch.equal(a, b) for a, b in zip(fresh.state_dict().values(),
                                                                   model.state_dict().values())),
-            "rng_equal": torch.equal(torch.rand(4), expected_draw[1]),
-            "grad_norms": norms,
+            "rng": torch.rand(4).tolist(),
+            "expected_rng": expected_draw[1].tolist() if rank == 0 else None,
             "rng_states": len(json.loads((path / "trainer.json").read_text())["rng"]),
         }
         with open(f"{out_dir}/report-{rank}.json", "w") as fh:
@@ -110,65 +82,61 @@ def _worker(rank: int, port: int, out_dir: str) -> None:
         destroy_distributed()
 
 
-def test_two_gloo_ranks_give_the_gradients_of_one_process_with_twice_the_batch(tmp_path):
-    from safetensors.torch import load_file
-
+def test_every_gloo_rank_resumes_the_checkpoint_rank_0_wrote_with_rank_0s_rng_state(tmp_path):
     mp.spawn(_worker, args=(free_port(), str(tmp_path)), nprocs=WORLD, join=True)
-
-    data, labels = pair_data()
-    model = tiny_model()
-    batches = list(iterate_batches(data, PER_RANK * WORLD, SEED, 0))
-    idx = list(rank_batch_indices(N_EXAMPLES, PER_RANK * WORLD, SEED, 0, 0, 1))
-    accumulate(model, batches, lambda m: labels[idx[m]], lambda count: count)
-    for rank in range(WORLD):
-        grads = load_file(str(tmp_path / f"grads-{rank}.safetensors"))
-        for name, p in model.named_parameters():
-            torch.testing.assert_close(grads[name], p.grad, rtol=1e-5, atol=1e-6, msg=f"rank {rank}: {name}")
-
     reports = [json.loads((tmp_path / f"report-{rank}.json").read_text()) for rank in range(WORLD)]
-    # no_sync: after the first micro-batch each rank holds only its own gradients; synced after the last
-    assert reports[0]["grad_norms"][0] != reports[1]["grad_norms"][0]
-    assert reports[0]["grad_norms"][-1] == reports[1]["grad_norms"][-1]
-
     checkpoints = [p.name for p in (tmp_path / "ckpt").iterdir()]
     assert checkpoints == ["step-00000002"]
     for report in reports:
         assert report["state"]["micro_steps"] == 2
-        assert report["weights_equal"] and report["rng_equal"], report
-        assert report["rng_states"] == WORLD
+        assert report["weights_equal"], report
+        assert report["rng_states"] == 1  # one state: every micro-batch reseeds from its position
+    assert reports[0]["rng"] != reports[0]["expected_rng"]  # rank 0 drew one number before saving
+    assert reports[0]["rng"] == reports[1]["rng"]  # both continue rank 0's stream
 
 
 # --------------------------------------------------------------------------------------------
-# Rank shards of the batch order (no processes needed)
+# Each worker's micro-batches of the batch order (no processes needed)
 # --------------------------------------------------------------------------------------------
 
 
 @pytest.mark.parametrize("n", [12, 13, 7, 1])
-def test_rank_shards_are_disjoint_slices_of_the_single_process_batches(n):
-    world, per_rank = 3, 2
-    shards = [list(rank_batch_indices(n, per_rank, SEED, 4, r, world)) for r in range(world)]
-    steps = n_rank_batches(n, per_rank, world)
-    assert all(len(s) == steps for s in shards)  # every rank takes the same number of steps
-    single = list(rank_batch_indices(n, per_rank * world, SEED, 4, 0, 1))
-    for step, whole in enumerate(single):
-        parts = [shards[r][step] for r in range(world)]
-        assert all(len(p) for p in parts)
-        if len(whole) >= world:
-            assert sorted(np.concatenate(parts)) == sorted(whole)  # disjoint, nothing lost
-        else:  # fewer examples than ranks: padded from the start of the order
-            assert set(whole) <= set(np.concatenate(parts))
+@pytest.mark.parametrize("n_micro", [1, 3, 4])
+def test_any_number_of_workers_shares_the_same_micro_batches_of_the_same_global_batches(n, n_micro):
+    batch_size = 4
+    single = list(micro_batch_indices(n, batch_size, n_micro, SEED, 4, 0, 1))
+    assert len(single) == n_global_batches(n, batch_size)
+    for workers in range(1, n_micro + 1):
+        shares = [list(micro_batch_indices(n, batch_size, n_micro, SEED, 4, r, workers)) for r in range(workers)]
+        for s, (index, whole) in enumerate(single):
+            parts = [part for share in shares for part in share[s][1]]  # the workers' blocks, in rank order
+            assert all(share[s][0] == index == s for share in shares)
+            assert [k for k, _ in parts] == list(range(n_micro))  # contiguous blocks, every micro-batch once
+            assert all(np.array_equal(a, b) for (_, a), (_, b) in zip(parts, whole))
+    seen = np.concatenate([part for _, whole in single for _, part in whole])
+    assert sorted(seen.tolist()) == list(range(n))  # batch_size examples a global batch, each once an epoch
 
 
-def test_rank_shards_resume_from_a_global_batch():
-    full = list(rank_batch_indices(40, 4, SEED, 1, 1, 2))
-    assert [list(b) for b in rank_batch_indices(40, 4, SEED, 1, 1, 2, start=3)] == [list(b) for b in full[3:]]
+def test_a_short_last_global_batch_leaves_its_last_micro_batches_empty():
+    last = list(micro_batch_indices(9, 4, 4, SEED, 0, 0, 1))[-1][1]  # one example in 4 micro-batches
+    assert [len(idx) for _, idx in last] == [1, 0, 0, 0]
+    batches = list(iterate_micro_batches(pair_data(), 5, 3, SEED, 0, DistContext(world_size=1)))
+    assert [b is None for _, b in batches[-1].micro] == [False, False, True]  # 12 = 5 + 5 + 2: sizes 1, 1, 0
+    ours = [int(len(b.labels)) for g in batches for _, b in g.micro if b is not None]
+    assert ours == [2, 2, 1, 2, 2, 1, 1, 1]
 
 
-def test_single_rank_shards_match_iterate_batches():
-    data, _ = pair_data()
-    ctx = DistContext()
-    for ours, theirs in zip(iterate_rank_batches(data, 5, SEED, 2, ctx), iterate_batches(data, 5, SEED, 2)):
-        assert torch.equal(ours.input_ids, theirs.input_ids)
+def test_micro_batches_resume_from_a_global_batch():
+    full = list(micro_batch_indices(40, 4, 2, SEED, 1, 1, 2))
+    resumed = list(micro_batch_indices(40, 4, 2, SEED, 1, 1, 2, start=3))
+    assert [(s, [(k, i.tolist()) for k, i in p]) for s, p in resumed] == \
+        [(s, [(k, i.tolist()) for k, i in p]) for s, p in full[3:]]
+
+
+def test_more_workers_than_micro_batches_is_a_config_error_naming_the_key():
+    check_workers(4, 4, "training.micro_batches")
+    with pytest.raises(ConfigError, match=r"training.micro_batches=2 is less than the 3 workers"):
+        check_workers(2, 3, "training.micro_batches")
 
 
 def test_without_torchrun_variables_the_context_is_a_single_main_process(monkeypatch):
@@ -176,8 +144,6 @@ def test_without_torchrun_variables_the_context_is_a_single_main_process(monkeyp
         monkeypatch.delenv(var, raising=False)
     ctx = init_distributed("cpu")
     assert (ctx.rank, ctx.world_size, ctx.is_main, ctx.is_distributed) == (0, 1, True, False)
-    assert loss_normalizer(7).item() == 7.0
-    assert wrap_ddp(tiny_model(), ctx).__class__ is TWilBertForPretraining
 
 
 def test_a_partial_torchrun_environment_is_a_clear_error(monkeypatch):
@@ -188,7 +154,7 @@ def test_a_partial_torchrun_environment_is_a_clear_error(monkeypatch):
 
 
 # --------------------------------------------------------------------------------------------
-# Memory-mapped pair shards under DDP: each rank reads its own share
+# Memory-mapped pair shards under torchrun: each worker reads its own share
 # --------------------------------------------------------------------------------------------
 
 
@@ -203,8 +169,8 @@ def _shard_worker(rank: int, port: int, pairs_dir: str, out_dir: str, length_gro
     ctx = join_gloo_group(rank, WORLD, port)
     try:
         data = load_shards(pairs_dir)
-        seen = {epoch: _examples_as_rows(iterate_rank_batches(data, 5, SEED, epoch, ctx,
-                                                              length_grouping=length_grouping))
+        seen = {epoch: _examples_as_rows(part for batch in iterate_micro_batches(
+                    data, 6, 2, SEED, epoch, ctx, length_grouping=length_grouping) for _, part in batch.micro)
                 for epoch in (0, 1)}
         report = {"seen": seen, "memmap": all(isinstance(a, np.memmap) for a in data.open_arrays())}
         with open(f"{out_dir}/shard-report-{rank}.json", "w") as fh:

@@ -238,8 +238,8 @@ def test_auto_loss_is_the_default(raw):
 @pytest.mark.parametrize("weights,expected", [("auto", [1.0, 1.0, 1.0, 1.0]), ({"N": 3.0}, [1.0, 3.0, 1.0, 1.0])])
 def test_class_weights_reach_the_loss(tmp_path, raw, pretrained, monkeypatch, weights, expected):
     seen = []
-    real = finetune.build_loss
-    monkeypatch.setattr(finetune, "build_loss", lambda name, spec, w=None: seen.append(w) or real(name, spec, w))
+    real = finetune.SummedLoss
+    monkeypatch.setattr(finetune, "SummedLoss", lambda name, spec, w=None: seen.append(w) or real(name, spec, w))
     task = write_task(tmp_path / "data")  # 12 examples of each class: auto weights are all 1
     task["task"]["class_weights"] = weights
     run(tmp_path, make_config(raw, {"t": task}, epochs=1), pretrained)

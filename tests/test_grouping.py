@@ -12,7 +12,7 @@ from twilbert.data.batch import batch_indices, epoch_order, iterate_batches
 from twilbert.data.grouping import WINDOW_BATCHES, grouped_batches, padding_share
 from twilbert.data.pairs import build_pair_shards, load_shards
 from twilbert.data.tokenizer import Tokenizer, train_vocab
-from twilbert.train.distributed import rank_batch_indices
+from twilbert.train.distributed import micro_batch_indices
 from twilbert.train.finetune.learners import shuffled_batches
 
 SEED = 3
@@ -77,12 +77,14 @@ def test_grouped_batches_of_tweet_like_lengths_are_under_a_tenth_padding(batch_s
     assert padding_share(lengths, random) > 0.40  # what grouping removes
 
 
-def test_two_ranks_take_disjoint_shares_that_cover_each_grouped_global_batch():
+def test_two_workers_take_disjoint_micro_batches_that_cover_each_grouped_global_batch():
     lengths = tweet_like_lengths(5_003)
-    shares = [list(rank_batch_indices(len(lengths), 16, SEED, 1, r, 2, lengths=lengths.__getitem__)) for r in (0, 1)]
+    shares = [list(micro_batch_indices(len(lengths), 32, 4, SEED, 1, r, 2, lengths=lengths.__getitem__))
+              for r in (0, 1)]
     assert len(shares[0]) == len(shares[1])
-    for whole, a, b in zip(grouped(lengths, 32, epoch=1), *shares):
-        assert not set(a) & set(b) and sorted(np.concatenate([a, b])) == sorted(whole)
+    for whole, (_, a), (_, b) in zip(grouped(lengths, 32, epoch=1), *shares):
+        assert [k for k, _ in a + b] == [0, 1, 2, 3]
+        assert sorted(np.concatenate([idx for _, idx in a + b])) == sorted(whole)
 
 
 def test_shard_lengths_are_the_lengths_of_the_rows_they_pack(tmp_path):
@@ -105,7 +107,11 @@ def test_finetuning_batches_can_be_grouped_and_still_hold_every_row_once():
 
     lengths = tweet_like_lengths(1_000)
     data = {"input_ids": np.zeros((1_000, 1)), "len_a": lengths, "length": lengths, "labels": np.arange(1_000)}
-    rows = np.concatenate(list(shuffled_batches(data, Packer(), 32, SEED, 0, length_grouping=True)))
-    assert np.array_equal(np.sort(rows), np.arange(1_000))
-    plain = np.concatenate(list(shuffled_batches(data, Packer(), 32, SEED, 0)))
-    assert not np.array_equal(rows, plain)
+    def rows(**grouping) -> np.ndarray:
+        return np.concatenate([part for batch in shuffled_batches(data, Packer(), 32, SEED, 0, n_micro=2, **grouping)
+                               for _, part in batch.micro])
+
+    grouped_rows = rows(length_grouping=True)
+    assert np.array_equal(np.sort(grouped_rows), np.arange(1_000))
+    plain = rows()
+    assert not np.array_equal(grouped_rows, plain)

@@ -96,7 +96,8 @@ def test_pretraining_reads_the_device_once_per_logging_window(monkeypatch):
     # one read at the end of each window of 5 optimizer steps, none per step; the epoch's end has
     # nothing left to read (its last step closed a window)
     assert [c[3] for c in recorder.in_loop()] == [5, 10, 15, 20], recorder.calls
-    assert all(c[1].startswith("loop.py") and "flush" in c[1] for c in recorder.calls), recorder.calls
+    # flush's one read: the window's values of every micro-batch (train/micro.py), gathered from every worker
+    assert all(c[1].startswith("micro.py") and "gather_micro_values" in c[1] for c in recorder.calls), recorder.calls
     assert len(recorder.calls) == 4
     # ... and what was read adds up: every step's counts, the epoch's mean loss
     assert trainer.state.optimizer_steps == STEPS and sums["rop_count"] == 4 * STEPS
@@ -148,7 +149,8 @@ def test_a_non_finite_loss_stops_training_within_its_window_naming_its_step_befo
         loss, counts = objective(model, batch)
         return (loss * float("nan") if len(calls) == 6 else loss), counts
 
-    with pytest.raises(NonFiniteLossError, match=r"loss is nan at epoch 1, batch 6 \(micro-step 6, optimizer step 5\)"):
+    where = r"epoch 1, batch 6 \(micro-batch 0, micro-step 6, optimizer step 5\)"
+    with pytest.raises(NonFiniteLossError, match=rf"loss is nan at {where}"):
         trainer.train_epoch(list(pretraining_batches(60, STEPS, 4, 8)), poisoned)
     # read at the checkpoint of micro-step 8 (before the window's end at 10), which was not written
     assert len(calls) == 8

@@ -36,7 +36,7 @@ def test_a_blown_up_pretraining_stops_in_one_line_and_keeps_its_last_checkpoint(
     assert "Traceback" not in proc.stderr
     errors = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
     assert len(errors) == 1, proc.stderr[-3000:]
-    assert "pretrain: loss is nan at epoch 1, batch 2 (micro-step 2, optimizer step 1)" in errors[0]
+    assert "pretrain: loss is nan at epoch 1, batch 2 (micro-batch 0, micro-step 2, optimizer step 1)" in errors[0]
     assert "is intact" in errors[0] and "Lower the learning rate" in errors[0]
     assert not (out / "model").exists() and not (out / "metrics.json").exists()
 
@@ -58,27 +58,24 @@ def test_a_nan_loss_in_finetuning_stops_names_epoch_and_batch_and_the_run_resume
                        finetuning={"epochs": 2, "batch_size": 16, "device": "cpu", "baseline_row": False})
     cfg = load_config(raw)
     calls = []
-    real_build_loss = finetune.build_loss
+    real_loss = finetune.SummedLoss
 
-    def poisoned_build_loss(*args, **kwargs):
-        criterion = real_build_loss(*args, **kwargs)
-
-        def loss(logits, labels):
+    class Poisoned(real_loss):
+        def numerator(self, logits, labels):
             calls.append(1)
-            value = criterion(logits, labels)
-            return value * math.nan if len(calls) == 5 else value  # epoch 2 (3 batches an epoch), batch 2
+            value = super().numerator(logits, labels)
+            # 2 micro-batches a global batch, 3 global batches an epoch: epoch 2, batch 2, micro-batch 0
+            return value * math.nan if len(calls) == 9 else value
 
-        return loss
-
-    monkeypatch.setattr(finetune, "build_loss", poisoned_build_loss)
+    monkeypatch.setattr(finetune, "SummedLoss", Poisoned)
     out = tmp_path / "out"
-    with pytest.raises(NonFiniteLossError, match=r"loss is nan at epoch 2, batch 2 \(micro-step 5"):
+    with pytest.raises(NonFiniteLossError, match=r"loss is nan at epoch 2, batch 2 \(micro-batch 0, micro-step 5"):
         finetune_task(cfg, cfg.tasks["t"], inputs / "pretrained", out / "model", out / "results",
                       checkpoint_dir=out / "checkpoints")
     assert not (out / "model").exists() and not (out / "results").exists()
     assert latest_valid_checkpoint(run_states(out / "checkpoints")).name == "step-00000003"  # epoch 1's end
 
-    monkeypatch.setattr(finetune, "build_loss", real_build_loss)  # the cause fixed, the same run goes on
+    monkeypatch.setattr(finetune, "SummedLoss", real_loss)  # the cause fixed, the same run goes on
     with caplog.at_level("INFO"):
         metrics = finetune_task(cfg, cfg.tasks["t"], inputs / "pretrained", out / "model", out / "results",
                                 checkpoint_dir=out / "checkpoints")

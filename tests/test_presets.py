@@ -91,6 +91,6 @@ def test_reduced_base_override_trains_a_step():
     packed = pack_pairs(rows, rows[::-1], 8)
     batch = make_batch(packed["input_ids"], packed["len_a"], packed["length"], torch.tensor([1, 0, 1, 0]).numpy())
     before = model.twilbert.encoder.memories["4"].values.weight.detach().clone()
-    loss, counts = trainer.train_step(batch, objective)
+    (loss,), (counts,) = trainer.train_step(batch, objective)  # one micro-batch: a plain batch
     assert torch.isfinite(loss) and counts["mlm_count"] > 0 and trainer.state.optimizer_steps == 1
     assert not torch.equal(before, model.twilbert.encoder.memories["4"].values.weight)

@@ -39,7 +39,7 @@ from twilbert.train.pretrain_run import resolve_pretrain_run
 pytestmark = pytest.mark.reliability
 
 # 48 training rows, batch 8: 6 micro-steps an epoch; early stopping with patience 2 over up to 5 epochs.
-FINETUNE = {"epochs": 5, "patience": 2, "batch_size": 8, "accum_iters": 2, "checkpoint_every": 3, "lr": 1e-2,
+FINETUNE = {"epochs": 5, "patience": 2, "batch_size": 8, "accum_iters": 2, "checkpoint_every": 3, "lr": 3e-2,
             "dropout": 0.1, "device": "cpu", "baseline_row": False}
 
 

@@ -35,6 +35,9 @@ class TrainingConfig:
     noam_annealing: bool = False
     warmup_steps: int = 8000
     accum_iters: int = 1
+    # K: each global batch of batch_size examples is cut into K micro-batches, whatever the number of
+    # workers (1..K) computing them; part of the run's identity (their gradients sum in a fixed order)
+    micro_batches: int = 2
     max_grad_norm: Optional[float] = 1.0
     precision: Literal["fp32", "bf16"] = "fp32"
     device: str = "auto"  # auto | cpu | cuda | cuda:N
@@ -52,9 +55,10 @@ class TrainingConfig:
     rop: bool = True  # init_from hf: a reply-order head on the [CLS] state beside MLM (scratch: model.rop.enabled)
 
     def validate(self, where: str = "training") -> None:
-        check_positive(self, where, "batch_size", "epochs", "accum_iters", "warmup_steps", "log_every", "lr",
-                  "max_grad_norm")
+        check_positive(self, where, "batch_size", "epochs", "accum_iters", "micro_batches", "warmup_steps",
+                       "log_every", "lr", "max_grad_norm")
         check_non_negative(self, where, "weight_decay", "pll_examples", "checkpoint_every")
+        check_micro_batches(self, where)
         check_optimizer(self, where)
         check_device(self, where)
         if self.path_initial_weights is not None:
@@ -94,6 +98,7 @@ class FinetuningConfig:
     noam_annealing: bool = False
     warmup_steps: int = 5
     accum_iters: int = 1
+    micro_batches: int = 2  # K micro-batches per global batch, as training.micro_batches
     max_grad_norm: Optional[float] = 1.0
     dropout: float = 0.1
     n_hidden: int = 0
@@ -117,9 +122,10 @@ class FinetuningConfig:
 
         expand_seeds(self.seeds, f"{where}.seeds")
         check_positive(self, where, "batch_size", "pred_batch_size", "epochs", "patience", "accum_iters",
-                  "warmup_steps", "hidden_size", "baseline_c", "lr", "max_grad_norm")
+                  "micro_batches", "warmup_steps", "hidden_size", "baseline_c", "lr", "max_grad_norm")
         check_non_negative(self, where, "weight_decay", "n_hidden", "checkpoint_every")
         check_probability(self, where, "dropout")
+        check_micro_batches(self, where)
         check_optimizer(self, where)
         check_device(self, where)
         check_loss_name(self, where)
@@ -135,6 +141,12 @@ class FinetuningConfig:
                     f"{where}.trainable_layers ({self.trainable_layers}) contradicts {where}.finetune_all: false "
                     "(which freezes the whole encoder); set one of them"
                 )
+
+
+def check_micro_batches(cfg: Any, where: str) -> None:
+    if cfg.micro_batches > cfg.batch_size:
+        raise ConfigError(f"{where}.micro_batches ({cfg.micro_batches}) exceeds {where}.batch_size ({cfg.batch_size}): "
+                          "each micro-batch needs at least one example")
 
 
 @dataclass

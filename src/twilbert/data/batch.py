@@ -195,7 +195,7 @@ def batch_of(data: Union[Examples, dict], idx: np.ndarray) -> PairBatch:
 
 
 def epoch_order(n: int, seed: int, epoch: int, shuffle: bool = True) -> np.ndarray:
-    """The example order of one epoch: a pure function of (seed, epoch), shared by every rank under DDP.
+    """The example order of one epoch: a pure function of (seed, epoch), shared by every worker under torchrun.
 
     A full permutation, as uint32 (4 bytes per example) while the examples fit, else int64; the
     same order as ``default_rng([seed, epoch]).permutation(n)``.

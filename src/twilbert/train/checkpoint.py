@@ -78,8 +78,9 @@ def save_training_checkpoint(
     ``state`` holds :data:`STATE_KEYS` plus any JSON-able keys of the caller (epoch sums, best score).
     ``tensors`` maps a group name to tensors saved as ``<name>.safetensors`` (e.g. ``best``: the best
     epoch's weights); loading returns them under ``state["tensors"]``.
-    Under DDP every rank calls this; each rank's RNG state is gathered, and only rank 0 writes,
-    between two barriers (no rank runs ahead of, or reads, a half-written checkpoint).
+    Under torchrun every rank calls this and only rank 0 writes (with its RNG state: every micro-batch
+    reseeds from its position, so no rank's stream needs continuing), between two barriers (no rank
+    runs ahead of, or reads, a half-written checkpoint).
     Checkpoints newer than the one written belong to an abandoned timeline (resume passed them
     over as corrupted) and are removed with the pruning.
     """
@@ -100,7 +101,7 @@ def save_training_checkpoint(
         "world_size": distributed.world_size(),
         "state": dict(state),
         "tensor_groups": sorted(tensors),
-        "rng": distributed.all_gather_object(capture_rng_state()),
+        "rng": [capture_rng_state()],
     }
     try:
         trainer_text = json.dumps(trainer)  # fails on unserialisable state before touching disk
@@ -109,8 +110,8 @@ def save_training_checkpoint(
     gradients = None
     if state["accum_position"]:
         if distributed.world_size() > 1:
-            raise ValueError("under DDP, save checkpoints at accumulation boundaries (accum_position 0): "
-                             "inside a window each rank's gradients are still unsynchronized")
+            raise ValueError("under torchrun, save checkpoints at accumulation boundaries (accum_position 0): "
+                             "inside a window each rank holds only its own micro-batches' gradients")
         gradients = {name: p.grad.detach().cpu().contiguous()
                      for name, p in distributed.unwrap(model).named_parameters() if p.grad is not None}
     directory = Path(directory)
@@ -268,7 +269,7 @@ def load_training_checkpoint(
     restore_rng: bool = True,
     verify: bool = True,
 ) -> dict:
-    """Restore model, optimizer, scheduler, accumulated gradients and this rank's RNG states; return ``state``.
+    """Restore model, optimizer, scheduler, accumulated gradients and the RNG states (rank 0's, on every rank); return ``state``.
 
     Every file is read and checked before anything is modified, so a refused checkpoint leaves the
     model and optimizer as they were.
@@ -304,12 +305,9 @@ def load_training_checkpoint(
             if name in gradients:
                 p.grad = gradients[name].to(device=p.device, dtype=p.dtype)
     if restore_rng:
-        states = trainer["rng"]
-        me, n = distributed.rank(), distributed.world_size()
-        if len(states) != n:
-            log.warning("%s was saved by %d rank(s), resuming on %d: RNG streams are not continued exactly",
-                        path, len(states), n)
-        restore_rng_state(states[me % len(states)])
+        # Rank 0's state (older checkpoints: one per rank). Training reseeds every micro-batch from its
+        # position, so resuming on another number of workers continues exactly.
+        restore_rng_state(trainer["rng"][0])
     log.info("resumed from %s (epoch %d, batch %d, optimizer step %d)", path, trainer["state"]["epoch"],
              trainer["state"]["batch_in_epoch"], trainer["state"]["optimizer_steps"])
     state = dict(trainer["state"])
@@ -332,7 +330,7 @@ def resume_training(
     newest checkpoint was written under another config (fingerprint), the run starts fresh and says
     so (naming which of ``parts`` changed, when the caller saved them as ``state["fingerprint_parts"]``);
     the stale checkpoints move to ``<directory>/superseded/<fingerprint>/`` rather than being deleted
-    (only the latest superseded run is kept). Under DDP rank 0 chooses and every rank loads the same
+    (only the latest superseded run is kept). Under torchrun rank 0 chooses and every rank loads the same
     checkpoint (a shared filesystem).
     """
     directory = Path(directory)

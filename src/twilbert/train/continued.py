@@ -1,8 +1,9 @@
 """Continued pretraining of a local Hugging Face checkpoint on the pair shards (``training.init_from: hf``).
 
 The same stage, loop and objective as twilbert's own pretraining (``train.pretrain``): dynamic
-masking keyed by (seed, epoch, step), training checkpoints every ``training.checkpoint_every``
-micro-steps and a bit-exact resume, DDP, bf16, the held-out metrics and the best epoch. What differs:
+masking keyed by (seed, epoch, global batch, micro-batch), training checkpoints every
+``training.checkpoint_every`` micro-steps and a bit-exact resume, the same bytes on any number of
+torchrun workers, bf16, the held-out metrics and the best epoch. What differs:
 the model is :class:`~twilbert.model.hf_pretraining.HFForPretraining` around ``AutoModelForMaskedLM``,
 masks use the checkpoint's own mask and special ids (``data/vocab/meta.json``, written by the vocab
 stage), and the output is a Hugging Face folder: ``save_pretrained`` + the tokenizer, the project's
@@ -40,7 +41,7 @@ from twilbert.model.io import save_weights
 from twilbert.tracking.runs import Tracker
 from twilbert.train import distributed
 from twilbert.train.curves import CurveRecorder
-from twilbert.train.distributed import DistContext, wrap_ddp
+from twilbert.train.distributed import DistContext, check_workers
 from twilbert.train.fingerprint import config_fingerprint, files_digest
 from twilbert.train.loop import Callback, Checkpointing, Trainer, seed_everything
 from twilbert.train.objective import PretrainObjective
@@ -65,26 +66,22 @@ def build_continued(run: PretrainRun, vocab: HFVocab, device: torch.device, trac
     """The checkpoint under the pretraining objective, its optimizer, schedule, loop and masks."""
     tcfg = run.training
     ctx = ctx or DistContext(device=device)
+    check_workers(tcfg.micro_batches, ctx.world_size, "training.micro_batches")
     torch.manual_seed(run.seed)  # heads the checkpoint lacks (ROP, a missing decoder bias) start seeded
     mlm = load_masked_lm(tcfg.hf_path)
     if vocab.vocab_size > mlm.config.vocab_size:
         raise HFModelError(f"training.hf_path {tcfg.hf_path}: {mlm.config.vocab_size} embedding rows for a tokenizer "
                            f"of {vocab.vocab_size} ids ({vocab.vocab_dir}); rerun the vocab stage")
     model = HFForPretraining(mlm, rop=tcfg.rop).to(device)
-    if ctx.is_distributed:
-        torch.manual_seed(run.seed + ctx.rank)
     optimizer = build_optimizer(tcfg.optimizer, param_groups(model, tcfg.lr, tcfg.weight_decay), tcfg.lr,
                                 tcfg.weight_decay)
     scheduler = build_scheduler(optimizer, tcfg.noam_annealing, mlm.config.hidden_size, tcfg.warmup_steps)
-    trained = wrap_ddp(model, ctx)
-    if tcfg.compile:
-        trained = torch.compile(trained)
+    trained = torch.compile(model) if tcfg.compile else model
     trainer = Trainer(trained, optimizer, scheduler, accum_iters=tcfg.accum_iters, max_grad_norm=tcfg.max_grad_norm,
                       precision=tcfg.precision, device=device, tracker=tracker, log_every=tcfg.log_every,
-                      prefix="pretrain", checkpointing=checkpointing, callbacks=callbacks, running=running_metrics)
+                      prefix="pretrain", checkpointing=checkpointing, callbacks=callbacks, running=running_metrics,
+                      seed=run.seed)
     objective = PretrainObjective(run.model.masked_lm, run.seed, vocab.vocab_size, device,
-                                  rank=ctx.rank if ctx.is_distributed else None,
-                                  position=lambda: (trainer.state.epoch, trainer.state.batch_in_epoch),
                                   mask_id=vocab.mask_id, n_special=vocab.n_special)
     return Pretraining(model, trainer, objective)
 

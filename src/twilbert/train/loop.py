@@ -1,5 +1,12 @@
-"""One training loop for pretraining and finetuning: accumulation, bf16 autocast, clipping, logging,
-training checkpoints with exact resume, and DDP gradient sync.
+"""One training loop for pretraining and finetuning: micro-batches summed in a fixed order, accumulation,
+bf16 autocast, clipping, logging, training checkpoints with exact resume.
+
+A step of the loop trains one global batch of K micro-batches (``distributed.GlobalBatch``): every
+random draw of micro-batch k (masks, dropout) is keyed by (seed, epoch, global batch, k), its loss is
+normalized by counts of the whole global batch, and the K gradients are summed in one fixed tree
+order (``train.grad_tree``) however many workers computed them. Every worker then holds the same
+gradient and takes the same optimizer step (no DDP wrapper), so weights, logged losses and metrics
+are the same bytes for any number of workers of one device type, and a run resumes on any of them.
 
 A step never waits for the device: the loss and counts of each micro-step stay where they were
 computed and are read in one transfer per logging window (``log_every`` optimizer steps), before each
@@ -12,7 +19,7 @@ batches, its loss, its evaluation, its log line, its per-epoch hook and its own 
 checkpoint. The loop owns where training stands (``LoopState``); a checkpoint of it, plus the
 weights, optimizer, scheduler and RNG states (``train.checkpoint``), is everything needed to
 continue as if never stopped. Checkpoints fall only at the end of an accumulation window, so none
-holds half-accumulated gradients.
+holds half-accumulated gradients. "Micro-steps" in the state and checkpoint names count global batches.
 """
 
 from __future__ import annotations
@@ -24,7 +31,7 @@ import random
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Iterable, Iterator, Mapping, Optional, Protocol, Sequence
+from typing import Iterable, Iterator, Optional, Sequence
 
 import numpy as np
 import torch
@@ -37,44 +44,15 @@ from twilbert.tracking.runs import Tracker
 from twilbert.train import distributed
 from twilbert.train.best_epoch import BestEpoch
 from twilbert.train.checkpoint import TENSORS_KEY, resume_training, save_training_checkpoint
+from twilbert.train.distributed import GlobalBatch
+from twilbert.train.grad_tree import combine, flat_size, put_grads, take_grads
+from twilbert.train.micro import LossFn, MicroLoss, Running, TrainingTask, gather_micro_values, global_totals
+from twilbert.train.rng_state import step_seed
 
 log = logging.getLogger(__name__)
 CPU = torch.device("cpu")  # the default device of a Trainer
 
-# A loss function gets (model, batch) and returns the loss of the micro-batch and summable counts
-# (e.g. {"mlm_correct": tensor(12), "mlm_count": 40}) that the loop aggregates over the epoch. A count
-# may be a device tensor: the loop reads those once per logging window, never per step.
-LossFn = Callable[[torch.nn.Module, object], tuple[torch.Tensor, dict[str, object]]]
-# The epoch's sums so far -> metrics logged with each logged step (e.g. the running MLM accuracy).
-Running = Callable[[Mapping[str, float]], Mapping[str, float]]
-
-
-class TrainingTask(Protocol):
-    """What one kind of training (pretraining, finetuning) hands to ``Trainer.fit``.
-
-    Every rank calls every method at the same points, so all ranks take the same decisions.
-    """
-
-    def batches(self, epoch: int, skip: int) -> Iterable:
-        """Epoch ``epoch``'s (from 0) micro-batches, without its first ``skip`` (where a checkpoint stopped)."""
-
-    def loss(self, model: torch.nn.Module, batch: object) -> tuple[torch.Tensor, dict[str, object]]:
-        """The micro-batch's loss and its summable counts (a ``LossFn``)."""
-
-    def evaluate(self, epoch: int, sums: dict[str, float]) -> tuple[float, dict]:
-        """(score, metrics) of epoch ``epoch`` (from 0) given its training sums; the score picks the best epoch."""
-
-    def shown(self, metrics: dict) -> Mapping[str, float]:
-        """What the epoch's log line shows of ``metrics`` (every metric still goes to the tracker)."""
-
-    def on_epoch(self, epoch: int, metrics: dict, improved: bool) -> None:
-        """After epoch ``epoch`` (from 1) was scored and the best epoch updated, before its checkpoint."""
-
-    def state(self) -> dict:
-        """The task's own JSON keys for the checkpoint (history, curves...); none may be the loop's."""
-
-    def load_state(self, state: dict) -> None:
-        """Resume: the keys ``state()`` saved, as the checkpoint holds them."""
+DROPOUT_STREAM = 1  # the last key of a micro-batch's dropout seed; masks use the key without it
 
 
 class NonFiniteLossError(TwilbertError, RuntimeError):
@@ -83,11 +61,12 @@ class NonFiniteLossError(TwilbertError, RuntimeError):
 
 @dataclass
 class _Trained:
-    """A trained micro-step whose loss and counts may still live on the device (read at the next flush)."""
+    """A trained global batch whose losses and counts may still live on the device (read at the next flush)."""
 
     position: tuple[int, int, int, int]  # epoch, batch (1-based), micro-step (1-based), optimizer steps before it
-    loss: torch.Tensor  # () detached
-    counts: dict[str, object]
+    n_micro: int
+    losses: dict[int, torch.Tensor]  # micro-batch k of this worker -> its loss, () detached
+    counts: dict[int, dict[str, object]]
 
 
 def seed_everything(seed: int, device: torch.device) -> None:
@@ -161,11 +140,14 @@ class Callback:
 
 
 class Trainer:
-    """Runs epochs of micro-batches with gradient accumulation over ``accum_iters`` of them.
+    """Runs epochs of global batches with gradient accumulation over ``accum_iters`` of them.
 
-    ``model`` may be wrapped in DDP (``distributed.wrap_ddp``): gradients are then all-reduced only
-    on the last micro-batch of each accumulation window. Checkpoints wait for a window boundary.
-    ``running(sums)``: metrics of the epoch so far logged with each logged step (with ``tracker``).
+    Under torchrun every worker trains its block of each global batch's micro-batches and the
+    gradients are combined in a fixed order (``grad_tree.combine``); ``model`` is the plain model (or
+    its compiled form), never DDP. ``seed``: dropout of micro-batch k of global batch s in epoch e is
+    seeded by (seed, e, s, k) (None: the process's own stream, for bare training steps).
+    Checkpoints wait for a window boundary. ``running(sums)``: metrics of the epoch so far logged with
+    each logged step (with ``tracker``).
     """
 
     def __init__(
@@ -184,6 +166,7 @@ class Trainer:
         checkpointing: Optional[Checkpointing] = None,
         callbacks: Sequence[Callback] = (),
         running: Optional[Running] = None,
+        seed: Optional[int] = None,
     ):
         self.model, self.optimizer, self.scheduler = model, optimizer, scheduler
         self.accum_iters, self.max_grad_norm = accum_iters, max_grad_norm
@@ -195,7 +178,11 @@ class Trainer:
         self.task: Optional[TrainingTask] = None  # fit's; checkpoints carry its state
         self._pending = 0  # micro-batches whose gradients await the next optimizer step
         self._save_due = False  # a periodic checkpoint waits for the end of an accumulation window
+        self.seed = seed
         self._trainable = [p for p in model.parameters() if p.requires_grad]
+        self._size = flat_size(self._trainable)
+        self._grad: Optional[torch.Tensor] = None  # the window's gradient so far, flat fp32
+        distributed.broadcast_weights(model)  # built identically on every rank; this makes it certain
         self._window: list[_Trained] = []  # micro-steps not yet read from the device (see ``flush``)
         self._last_loss: Optional[float] = None  # the newest loss read, for the tracker
 
@@ -214,6 +201,8 @@ class Trainer:
                                state["micro_steps"], state["loss_sum"], dict(state["sums"]))
         # Checkpoints of older versions could fall inside a window; their gradients were restored with the weights.
         self._pending = state["accum_position"]
+        if self._pending:  # the restored window's gradients, where the next global batches add theirs
+            self._grad = take_grads(self._trainable, self.device)
         self._window = []
         log.info("%s: resuming at epoch %d, batch %d (micro-step %d, optimizer step %d)", self.prefix,
                  self.state.epoch + 1, self.state.batch_in_epoch, self.state.micro_steps, self.state.optimizer_steps)
@@ -259,8 +248,8 @@ class Trainer:
             return
         if self.state.micro_steps % ck.every == 0:
             self._save_due = True
-        # At the window's end only: under DDP each rank's gradients inside a window are its own, and on
-        # one process a checkpoint would have to carry them.
+        # At the window's end only: inside a window the combined gradient so far would have to travel
+        # in the checkpoint.
         if self._save_due and self._pending == 0:
             self.save_checkpoint()
 
@@ -300,33 +289,65 @@ class Trainer:
         best = self.best
         return patience is not None and best is not None and best.weights is not None and best.since >= patience
 
-    def train_step(self, batch: object, loss_fn: LossFn, sync: bool = False) -> tuple[torch.Tensor, dict[str, object]]:
-        """One micro-batch: forward under autocast, backward, and the optimizer step once
-        ``accum_iters`` micro-batches have accumulated, or at once when ``sync`` (the epoch's last
-        micro-batch). Returns the micro-batch loss (detached, on the device) and its counts.
+    def train_step(self, batch: object, loss_fn: "MicroLoss | LossFn",
+                   sync: bool = False) -> tuple[list[torch.Tensor], list[dict[str, object]]]:
+        """One global batch (a ``GlobalBatch``, or a plain batch: one micro-batch on one process): each of
+        this worker's micro-batches forward under autocast and backward, their gradients combined in tree
+        order over all workers and added to the window's; the optimizer step once ``accum_iters`` global
+        batches have accumulated, or at once when ``sync`` (the epoch's last). Returns this worker's
+        micro-batch losses (detached, on the device) and counts.
 
-        Nothing here waits for the device: the loss and counts join the current logging window and
-        are read by ``flush`` (every ``log_every`` optimizer steps, at checkpoints and epoch ends).
+        Nothing here reads the device: the losses and counts join the current logging window and are read
+        by ``flush`` (every ``log_every`` optimizer steps, at checkpoints and epoch ends).
         """
         self.model.train()
         s = self.state
-        step_now = sync or self._pending + 1 == self.accum_iters
-        with distributed.no_sync_unless(self.model, step_now):
-            with autocast(self.precision, self.device):
-                loss, counts = loss_fn(self.model, batch)
-            (loss / self.accum_iters).backward()
-        loss = loss.detach()
+        if not isinstance(batch, GlobalBatch):
+            if distributed.world_size() > 1:
+                raise ValueError(f"{self.prefix}: under torchrun the loop trains GlobalBatch shares, not plain batches")
+            batch = GlobalBatch(s.batch_in_epoch, 1, [(0, batch)])
+        micro = hasattr(loss_fn, "prepare")
+        if not micro and batch.n_micro > 1:
+            raise ValueError(f"{self.prefix}: {batch.n_micro} micro-batches need a MicroLoss (global normalizers)")
+        prepared, denominators = {}, {}
+        for k, part in batch.micro:
+            if part is None:  # an empty micro-batch of a short global batch adds nothing
+                continue
+            keys = (s.epoch, batch.index, k)
+            prepared[k], denominators[k] = loss_fn.prepare(part, keys) if micro else (part, ())
+        totals = global_totals(batch.n_micro, denominators, loss_fn.normalizers, self.device) if micro else None
+        losses: dict[int, torch.Tensor] = {}
+        counts: dict[int, dict[str, object]] = {}
+
+        def leaf(k: int) -> torch.Tensor:
+            if k in prepared:
+                if self.seed is not None:
+                    torch.manual_seed(step_seed(self.seed, s.epoch, batch.index, k, DROPOUT_STREAM))
+                with autocast(self.precision, self.device):
+                    if micro:
+                        loss, counts[k] = loss_fn.micro_loss(self.model, prepared[k], totals)
+                    else:
+                        loss, counts[k] = loss_fn(self.model, prepared[k])
+                (loss / self.accum_iters).backward()
+                losses[k] = loss.detach()
+            return take_grads(self._trainable, self.device)
+
+        root = combine(batch.n_micro, leaf, self._size, self.device)
+        if self._grad is None:
+            self._grad = root
+        else:
+            self._grad += root  # the window's global batches in order, the same on every worker
         self._window.append(_Trained((s.epoch + 1, s.batch_in_epoch + 1, s.micro_steps + 1, s.optimizer_steps),
-                                     loss, counts))
+                                     batch.n_micro, losses, counts))
         self._pending += 1
         s.micro_steps += 1
         s.batch_in_epoch += 1
-        if step_now:
+        if sync or self._pending == self.accum_iters:
             self._optimizer_step()
-        return loss, counts
+        return list(losses.values()), list(counts.values())
 
     def train_epoch(self, batches: Iterable, loss_fn: LossFn, total: Optional[int] = None) -> dict[str, float]:
-        """The rest of the current epoch; returns its mean loss and summed counts (over ranks under DDP).
+        """The rest of the current epoch; returns its mean loss and summed counts (over all workers).
 
         ``batches`` must start at ``state.batch_in_epoch`` (0, or where a resumed checkpoint
         stopped); ``total`` is the epoch's number of batches (progress only). A last, incomplete
@@ -347,47 +368,41 @@ class Trainer:
         return result
 
     def flush(self) -> None:
-        """Read the trained micro-steps' losses and counts from the device in one transfer (the one host
-        sync of a logging window), add them to the epoch's sums in step order, and stop at the first
-        non-finite loss (on any rank), naming its step. Every rank calls it at the same points."""
+        """Read the trained global batches' losses and counts from the device in one transfer (the one
+        host sync of a logging window), gathered from every worker, and add them to the epoch's sums:
+        micro-batch values in micro-batch order, global batches in step order, so the sums are the same
+        for any number of workers. Stops at the first non-finite loss, naming its step; every worker sees
+        every loss, so all stop together. Every rank calls it at the same points."""
         window, self._window = self._window, []
         if not window:
             return
-        losses = torch.stack([t.loss.to(torch.float64) for t in window])  # (n,)
-        bad = (~torch.isfinite(losses)).to(torch.float64)  # (n,)
-        if distributed.world_size() > 1:  # every rank stops at the same step, none waits on a collective
-            bad = distributed.all_reduce_sum(bad)
-        on_device = [v for t in window for v in t.counts.values() if isinstance(v, torch.Tensor)]
-        parts = [losses, bad]
-        if on_device:
-            parts.append(torch.stack([v.to(losses.device, torch.float64).reshape(()) for v in on_device]))
-        values = torch.cat(parts).tolist()
-        n = len(window)
-        device_counts = iter(values[2 * n:])
+        keys = sorted({key for t in window for c in t.counts.values() for key in c})
+        keys, values = gather_micro_values([(t.losses, t.counts) for t in window],
+                                           max(t.n_micro for t in window), keys, self.device)
         s = self.state
-        for trained, loss, flag in zip(window, values[:n], values[n:2 * n]):
-            if flag:
-                self._raise_non_finite(trained.position, loss)
-            s.loss_sum += loss
-            for key, value in trained.counts.items():
-                value = next(device_counts) if isinstance(value, torch.Tensor) else float(value)
-                s.sums[key] = s.sums.get(key, 0.0) + value
-        self._last_loss = values[n - 1]
+        for trained, rows in zip(window, values):
+            step_loss = 0.0
+            for k, row in enumerate(rows):
+                if not math.isfinite(row[0]):
+                    self._raise_non_finite(trained.position, k, row[0])
+                step_loss += row[0]
+            s.loss_sum += step_loss
+            for j, key in enumerate(keys, 1):
+                total = 0.0
+                for row in rows:
+                    total += row[j]
+                s.sums[key] = s.sums.get(key, 0.0) + total
+            self._last_loss = step_loss
 
     def _epoch_totals(self) -> dict[str, float]:
-        s = self.state
-        if distributed.world_size() == 1:
-            return {"loss": s.loss_sum / max(s.batch_in_epoch, 1), **s.sums}
-        keys = sorted(s.sums)
-        totals = torch.tensor([s.loss_sum, s.batch_in_epoch, *(s.sums[k] for k in keys)], dtype=torch.float64,
-                              device=self.device)
-        totals = distributed.all_reduce_sum(totals).tolist()
-        return {"loss": totals[0] / max(totals[1], 1), **dict(zip(keys, totals[2:]))}
+        s = self.state  # every worker's flush summed every worker's values
+        return {"loss": s.loss_sum / max(s.batch_in_epoch, 1), **s.sums}
 
-    def _raise_non_finite(self, position: tuple[int, int, int, int], loss: float) -> None:
+    def _raise_non_finite(self, position: tuple[int, int, int, int], micro: int, loss: float) -> None:
         epoch, batch, micro_step, optimizer_steps = position
-        where = f"epoch {epoch}, batch {batch} (micro-step {micro_step}, optimizer step {optimizer_steps})"
-        what = f"loss is {loss}" if not math.isfinite(loss) else "the loss is not finite on another rank"
+        where = (f"epoch {epoch}, batch {batch} (micro-batch {micro}, micro-step {micro_step}, "
+                 f"optimizer step {optimizer_steps})")
+        what = f"loss is {loss}"
         kept = (f"the last checkpoint in {self.checkpointing.directory} is intact" if self.checkpointing
                 else "no checkpoint is written by this loop")
         raise NonFiniteLossError(
@@ -396,6 +411,9 @@ class Trainer:
         )
 
     def _optimizer_step(self) -> None:
+        if self._grad is not None:
+            put_grads(self._trainable, self._grad)
+            self._grad = None
         if self.max_grad_norm:
             torch.nn.utils.clip_grad_norm_(self._trainable, self.max_grad_norm)
         self.optimizer.step()

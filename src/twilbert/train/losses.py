@@ -34,8 +34,8 @@ LossFn = Callable[[Tensor, Tensor], Tensor]
 def mlm_loss(logits: Tensor, targets: Tensor, normalizer: Union[float, Tensor, None] = None) -> Tensor:
     """Summed cross-entropy over masked tokens divided by ``normalizer`` (default: their count).
 
-    logits (N, V), targets (N,); targets equal to -100 are ignored. Under DDP pass the masked
-    count summed over ranks so every token weighs the same whatever rank it landed on.
+    logits (N, V), targets (N,); targets equal to -100 are ignored. Micro-batches pass the masked
+    count of the whole global batch so every token weighs the same whatever micro-batch it landed in.
     """
     total = F.cross_entropy(logits.float(), targets, reduction="sum", ignore_index=IGNORE_INDEX)
     return _normalized(total, (targets != IGNORE_INDEX).sum() if normalizer is None else normalizer)
@@ -252,6 +252,44 @@ def build_loss(name: str, spec: TaskSpec, class_weights: Optional[Tensor] = None
         return bce
 
     return _soft_metric_loss(_SOFT_METRICS[key], spec.multi_label)
+
+
+class SummedLoss:
+    """A finetuning loss split for micro-batches (the training loop's ``MicroLoss`` shape): the
+    micro-batch's ``numerator`` and ``denominator`` such that the global batch's loss is the sum of the
+    numerators over the sum of the denominators, exactly the full batch's loss for cross-entropy (class
+    weights included: the denominator is the batch's weight sum), BCE and MSE. RMSE and the soft-metric
+    losses do not decompose: there the global loss is the micro-batches' losses averaged by their sizes
+    (with one micro-batch, the batch's loss).
+    """
+
+    def __init__(self, name: str, spec: TaskSpec, class_weights: Optional[Tensor] = None):
+        self.key, self.spec = canonical_loss(name), spec
+        self.whole = build_loss(name, spec, class_weights)  # validates the name against the task
+        self.class_weights = None if class_weights is None else class_weights.float()
+
+    def denominator(self, targets: Tensor) -> float:
+        """From the host targets of the micro-batch, before its forward: its weight or element count."""
+        if self.key == "cross_entropy" and self.class_weights is not None:
+            return float(self.class_weights.double()[targets.long()].sum())
+        if self.key == "bce" and not self.spec.multi_label:  # one-hot targets of every class
+            return float(targets.shape[0] * len(self.spec.categories))
+        if self.key in ("bce", "mse"):
+            return float(targets.numel())
+        return float(targets.shape[0])
+
+    def numerator(self, logits: Tensor, targets: Tensor) -> Tensor:
+        """The micro-batch's summed loss (device targets; nothing read from the device)."""
+        logits = logits.float()
+        w = None if self.class_weights is None else self.class_weights.to(logits.device)
+        if self.key == "cross_entropy":
+            return F.cross_entropy(logits, targets.long(), weight=w, reduction="sum")
+        if self.key == "bce":
+            _, y = _probs_and_onehot(logits, targets, self.spec.multi_label)
+            return F.binary_cross_entropy_with_logits(logits, y, pos_weight=w, reduction="sum")
+        if self.key == "mse":
+            return F.mse_loss(logits.reshape(targets.shape), targets.float(), reduction="sum")
+        return self.whole(logits, targets) * float(targets.shape[0])
 
 
 # --------------------------------------------------------------------------------------------

@@ -1,14 +1,14 @@
 """The pretraining objective: masked LM (dynamic masking) + reply-order prediction on a batch of pairs.
 
-Masks are drawn from a generator seeded by (seed, epoch, step[, rank]): a pure function of where
-training stands, so a resumed run draws the masks the uninterrupted one drew.
+Masks are drawn from a generator seeded by (seed, epoch, global batch, micro-batch): a pure function of
+where training stands, so a resumed run, on any number of workers, draws the masks the uninterrupted one
+drew.
 """
 
 from __future__ import annotations
 
-from typing import Callable, Optional
+from typing import Optional
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 
@@ -16,13 +16,10 @@ from twilbert.config import MaskedLMConfig
 from twilbert.data.batch import PairBatch
 from twilbert.data.masking import mask_tokens
 from twilbert.data.special import IGNORE_INDEX, MASK_ID, N_SPECIAL
-from twilbert.train.distributed import loss_normalizer
 from twilbert.train.losses import linear_mlm_loss, rop_loss
+from twilbert.train.rng_state import step_seed
 
-
-def step_seed(seed: int, *keys: int) -> int:
-    """A seed that is a pure function of (seed, epoch, step): masks replay exactly on resume."""
-    return int(np.random.SeedSequence([seed, *keys]).generate_state(1)[0])
+__all__ = ["PretrainObjective", "masked_positions", "step_seed"]
 
 
 def masked_positions(labels: torch.Tensor) -> torch.Tensor:
@@ -32,23 +29,22 @@ def masked_positions(labels: torch.Tensor) -> torch.Tensor:
 
 
 class PretrainObjective:
-    """MLM + ROP loss of one batch; masks drawn from a generator seeded by (seed, epoch, step).
+    """MLM + ROP loss of one batch; masks drawn from a generator seeded by where training stands.
 
-    Under DDP (``rank`` set) the key also holds the rank, so that ranks draw different masks, and
-    the losses are divided by the masked-token and pair counts summed over ranks (``loss_normalizer``).
+    As the loop's ``MicroLoss`` (``prepare``, ``micro_loss``): micro-batch k of global batch s draws its
+    masks from (seed, epoch, s, k), and its summed MLM and ROP losses are divided by the masked tokens
+    and the pairs of the whole global batch, so every masked token and every pair weighs the same
+    whichever micro-batch, and worker, it landed in. Called directly (``objective(model, batch)``),
+    the losses are the batch's own means under masks of (seed, 0, calls so far).
     """
 
+    normalizers = 2  # masked tokens, pairs
+
     def __init__(self, masked_lm: MaskedLMConfig, seed: int, vocab_size: int, device: torch.device,
-                 rank: Optional[int] = None, position: Optional[Callable[[], tuple[int, int]]] = None,
                  mask_id: int = MASK_ID, n_special: int = N_SPECIAL):
         self.masked_lm, self.seed, self.vocab_size, self.device = masked_lm, seed, vocab_size, device
         # twilbert's fixed ids, or a Hugging Face checkpoint's mask id and its leading special ids
         self.mask_id, self.n_special = mask_id, n_special
-        self.rank = rank
-        # (epoch, batch of the epoch) of the batch being trained: the loop's own position (LoopState),
-        # so a resumed epoch's masks continue its stream. Without one (a standalone objective), epoch 0
-        # and the calls so far.
-        self.position = position
         self._calls = 0
 
     def mask(self, batch: PairBatch, *keys: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -62,8 +58,8 @@ class PretrainObjective:
                 normalizers: Optional[torch.Tensor] = None, positions: Optional[torch.Tensor] = None):
         """(loss, summable counts) of ``batch`` under the given masks (host tensors).
 
-        ``normalizers`` (2,): the divisors of the summed MLM and ROP losses (DDP); default, this
-        batch's own counts (means). The counts are device tensors or host numbers, never read here:
+        ``normalizers`` (2,): the divisors of the summed MLM and ROP losses (the global batch's counts);
+        default, this batch's own counts (means). The counts are device tensors or host numbers, never read here:
         the training loop reads them once per logging window, so a step never waits for the device.
         """
         positions = masked_positions(labels) if positions is None else positions
@@ -87,14 +83,18 @@ class PretrainObjective:
             counts["rop_count"] = batch.labels.numel()
         return loss, counts
 
-    def __call__(self, model: torch.nn.Module, batch: PairBatch):
-        epoch, step = self.position() if self.position is not None else (0, self._calls)
-        self._calls += 1
-        keys = (epoch, step) if self.rank is None else (epoch, step, self.rank)
+    def prepare(self, batch: PairBatch, keys: tuple[int, ...]):
+        """The micro-batch with its masks (host) and its denominators: masked tokens, pairs."""
         masked, labels = self.mask(batch, *keys)
         positions = masked_positions(labels)
-        normalizers = None
-        if self.rank is not None:  # every masked token and every pair weighs the same on any rank
-            local = torch.tensor([positions.numel(), batch.labels.numel()], dtype=torch.float32)
-            normalizers = loss_normalizer(local, self.device)
-        return self.outputs(model, batch, masked, labels, normalizers, positions)
+        return (batch, masked, labels, positions), (float(positions.numel()), float(batch.labels.numel()))
+
+    def micro_loss(self, model: torch.nn.Module, prepared, totals: torch.Tensor):
+        batch, masked, labels, positions = prepared
+        return self.outputs(model, batch, masked, labels, totals.float(), positions)
+
+    def __call__(self, model: torch.nn.Module, batch: PairBatch):
+        keys = (0, self._calls)
+        self._calls += 1
+        masked, labels = self.mask(batch, *keys)
+        return self.outputs(model, batch, masked, labels)

@@ -7,8 +7,10 @@ the held-out evaluation in ``train.heldout``.
 
 The stage checkpoints every ``training.checkpoint_every`` micro-steps and at each epoch end, and a
 rerun continues the newest valid checkpoint of the same run (config, inputs and code) exactly: the
-batch order and the masks are pure functions of (seed, epoch, step). Under torchrun each rank trains
-its slice of every global batch and only rank 0 writes.
+batch order, the masks and the dropout are pure functions of (seed, epoch, global batch, micro-batch).
+Under torchrun each worker trains its block of every global batch's ``training.micro_batches``
+micro-batches (``train.loop``), the result is the same bytes for any number of workers, and only rank 0
+writes.
 """
 
 from __future__ import annotations
@@ -35,7 +37,7 @@ from twilbert.tracking.runs import Tracker
 from twilbert.train import distributed
 from twilbert.train.best_epoch import BestEpoch
 from twilbert.train.curves import CurveRecorder
-from twilbert.train.distributed import DistContext, iterate_rank_batches, n_rank_batches, wrap_ddp
+from twilbert.train.distributed import DistContext, check_workers, iterate_micro_batches, n_global_batches
 from twilbert.train.fingerprint import config_fingerprint, files_digest, run_fingerprint
 from twilbert.train.heldout import heldout_metrics, summarize
 from twilbert.train.loop import Callback, Checkpointing, Trainer, seed_everything
@@ -82,7 +84,7 @@ def load_initial_weights(model: TWilBertForPretraining, directory: Path) -> Load
 
 
 class Pretraining(NamedTuple):
-    model: TWilBertForPretraining  # the plain model (the trainer may hold it wrapped in DDP)
+    model: TWilBertForPretraining  # the plain model (the trainer may hold it compiled)
     trainer: Trainer
     objective: PretrainObjective
 
@@ -98,31 +100,26 @@ def build_pretraining(
     callbacks: Sequence[Callback] = (),
 ) -> Pretraining:
     """Model (from ``path_initial_weights`` when set), optimizer, schedule, loop and objective;
-    the model wrapped in DDP when ``ctx`` spans several ranks. ``checkpointing`` and ``callbacks``:
-    the loop's (``pretrain_checkpointing``; none for a bare training step)."""
+    ``checkpointing`` and ``callbacks``: the loop's (``pretrain_checkpointing``; none for a bare training
+    step)."""
     tcfg = run.training
     ctx = ctx or DistContext(device=device)
+    check_workers(tcfg.micro_batches, ctx.world_size, "training.micro_batches")
     model = build_pretraining_model(run, vocab_size)
     if tcfg.path_initial_weights:
         load_initial_weights(model, Path(tcfg.path_initial_weights))
     model.to(device)
-    if ctx.is_distributed:
-        torch.manual_seed(run.seed + ctx.rank)  # dropout differs per rank; DDP broadcasts rank 0's weights
     value_lr = run.model.pkm_params.value_lr if run.model.pkm else None
     optimizer = build_optimizer(tcfg.optimizer, param_groups(model, tcfg.lr, tcfg.weight_decay, value_lr),
                                 tcfg.lr, tcfg.weight_decay)
     scheduler = build_scheduler(optimizer, tcfg.noam_annealing, run.model.hidden_size, tcfg.warmup_steps)
-    trained = wrap_ddp(model, ctx)
-    if tcfg.compile:  # the compiled graph wraps DDP's module, so DDP's bucketed all-reduce stays in charge
-        trained = torch.compile(trained)
+    trained = torch.compile(model) if tcfg.compile else model
     trainer = Trainer(trained, optimizer, scheduler, accum_iters=tcfg.accum_iters,
                       max_grad_norm=tcfg.max_grad_norm, precision=tcfg.precision, device=device, tracker=tracker,
                       log_every=tcfg.log_every, prefix="pretrain", checkpointing=checkpointing, callbacks=callbacks,
-                      running=running_metrics)
-    # masks keyed by where the loop stands (epoch, batch of the epoch): a resumed epoch continues its stream
-    objective = PretrainObjective(run.model.masked_lm, run.seed, vocab_size, device,
-                                  rank=ctx.rank if ctx.is_distributed else None,
-                                  position=lambda: (trainer.state.epoch, trainer.state.batch_in_epoch))
+                      running=running_metrics, seed=run.seed)
+    # masks keyed by (epoch, global batch, micro-batch), which the loop hands to ``objective.prepare``
+    objective = PretrainObjective(run.model.masked_lm, run.seed, vocab_size, device)
     return Pretraining(model, trainer, objective)
 
 
@@ -228,16 +225,14 @@ class PretrainingTask:
         self.run, self.ctx, self.model, self.trainer, self.objective = run, ctx, model, trainer, objective
         self.train_data, self.heldout_data = train_data, heldout_data
         self.curves, self.tracker, self.save_epoch = curves, tracker, save_epoch
+        self.loss = objective  # the loop's MicroLoss
         self._said_rule = False
 
     def batches(self, epoch: int, skip: int):
         tcfg = self.run.training
-        return prefetch(iterate_rank_batches(self.train_data, tcfg.batch_size, self.run.seed, epoch, self.ctx,
-                                             start=skip, length_grouping=tcfg.length_grouping),
+        return prefetch(iterate_micro_batches(self.train_data, tcfg.batch_size, tcfg.micro_batches, self.run.seed,
+                                              epoch, self.ctx, start=skip, length_grouping=tcfg.length_grouping),
                         PREFETCH_BATCHES)
-
-    def loss(self, model: torch.nn.Module, batch) -> tuple[torch.Tensor, dict]:
-        return self.objective(model, batch)
 
     def evaluate(self, epoch: int, sums: dict) -> tuple[float, dict]:
         # Every rank scores the whole held-out set: the same numbers, so the same best-epoch decision.
@@ -275,9 +270,9 @@ class PretrainingTask:
 
 def run_epochs(task: PretrainingTask) -> BestEpoch:
     """The epochs of pretraining (resumed from the run's training checkpoints); the best epoch."""
-    tcfg, ctx = task.run.training, task.ctx
+    tcfg = task.run.training
     best = task.trainer.fit(task, tcfg.epochs, BestEpoch(lower_is_better=True),
-                            total=n_rank_batches(len(task.train_data), tcfg.batch_size, ctx.world_size))
+                            total=n_global_batches(len(task.train_data), tcfg.batch_size))
     if best.weights is None:
         raise ValueError(f"pretrain: no epoch trained (training.epochs={tcfg.epochs})")
     return best

@@ -51,3 +51,9 @@ def restore_rng_state(state: Mapping[str, Any]) -> None:
         else:
             log.warning("checkpoint holds %d CUDA RNG states, this node has %d GPUs: CUDA RNGs not restored",
                         len(cuda), torch.cuda.device_count())
+
+
+def step_seed(seed: int, *keys: int) -> int:
+    """A seed that is a pure function of (seed, keys...), e.g. (epoch, global batch, micro-batch): masks
+    and dropout replay exactly on resume, on any number of workers."""
+    return int(np.random.SeedSequence([seed, *keys]).generate_state(1)[0])

@@ -54,7 +54,6 @@ class TWilBertBackbone:
     """A pretrained TWilBert directory (``models/pretrained``): its encoder, vocabulary and config."""
 
     kind: ClassVar[str] = "twilbert"
-    find_unused_parameters: ClassVar[bool] = False
     pretrained_dir: Path
     encoder_card: ModelCard  # the directory's config.json
     tokenizer: Tokenizer
@@ -101,8 +100,6 @@ class HFBackbone:
     """A local Hugging Face checkpoint (``finetuning.hf_path``) and its own tokenizer."""
 
     kind: ClassVar[str] = "hf"
-    # Hugging Face encoders compute a pooler the head does not use: DDP must be told to expect it.
-    find_unused_parameters: ClassVar[bool] = True
     encoder: Any
     packer: Any  # model.backbone.hf_packer's
     ft: FinetuningConfig

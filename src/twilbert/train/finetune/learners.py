@@ -7,8 +7,9 @@ learner with or without k-fold; ``stage_work`` is the stage's work.
 
 Neural learners checkpoint each epoch end (and every ``finetuning.checkpoint_every`` micro-steps)
 when given a checkpoint directory, best epoch and early-stopping counters included; a rerun of the
-same run (config, data, pretrained model, code) continues exactly. Under torchrun every rank trains
-its slice of each batch and scores dev in full; only rank 0 writes.
+same run (config, data, pretrained model, code) continues exactly. Under torchrun every worker trains
+its block of each global batch's ``finetuning.micro_batches`` micro-batches (the same bytes for any
+number of workers: ``train.loop``) and scores dev in full; only rank 0 writes.
 """
 
 from __future__ import annotations
@@ -38,12 +39,12 @@ from twilbert.model.manifest import write_manifest
 from twilbert.model.trainable import set_trainable
 from twilbert.tracking.runs import Tracker
 from twilbert.train.best_epoch import BestEpoch
-from twilbert.train.distributed import DistContext, n_rank_batches, rank_batch_indices, wrap_ddp
+from twilbert.train.distributed import DistContext, GlobalBatch, check_workers, micro_batch_indices, n_global_batches
 from twilbert.train.finetune.encoders import Backbone, HFBackbone, TWilBertBackbone
 from twilbert.train.finetune.resolved import FinetuneRun
 from twilbert.train.fingerprint import run_fingerprint
 from twilbert.train.loop import Callback, Checkpointing, Trainer
-from twilbert.train.losses import build_loss, class_weights_tensor
+from twilbert.train.losses import SummedLoss, build_loss, class_weights_tensor
 from twilbert.train.optim import build_optimizer, build_scheduler, param_groups
 from twilbert.train.run_dirs import run_directory
 
@@ -99,17 +100,38 @@ def log_truncated(task: str, path: str, a: Sequence[Sequence[int]], b: Optional[
 
 
 def shuffled_batches(data: Split, packer: Any, batch_size: int, seed: int, epoch: int,
-                     ctx: Optional[DistContext] = None, start: int = 0,
-                     length_grouping: bool = False) -> Iterator[PairBatch]:
-    """This rank's training batches from batch ``start`` on, in an order that is a pure function of
-    (seed, epoch) (every rank takes its slice of each global batch: ``distributed.rank_batch_indices``);
-    with ``length_grouping``, of rows of similar length (``data.grouping``)."""
+                     ctx: Optional[DistContext] = None, start: int = 0, length_grouping: bool = False,
+                     n_micro: int = 1) -> Iterator[GlobalBatch]:
+    """This worker's share of the training batches from global batch ``start`` on, in an order that is a
+    pure function of (seed, epoch), each cut into ``n_micro`` micro-batches
+    (``distributed.micro_batch_indices``); with ``length_grouping``, of rows of similar length
+    (``data.grouping``)."""
     ctx = ctx or DistContext()
     n = len(data["labels"])
     lengths = (lambda idx: data["length"][idx]) if length_grouping else None
-    for idx in rank_batch_indices(n, batch_size, seed, epoch, ctx.rank, ctx.world_size, start=start,
-                                  lengths=lengths):
-        yield packer.batch(*(data[k][idx] for k in PACKED_KEYS))
+    for s, parts in micro_batch_indices(n, batch_size, n_micro, seed, epoch, ctx.rank, ctx.world_size, start=start,
+                                        lengths=lengths):
+        yield GlobalBatch(s, n_micro, [(k, packer.batch(*(data[key][idx] for key in PACKED_KEYS)) if len(idx) else None)
+                                       for k, idx in parts])
+
+
+class ClassifierLoss:
+    """The task's loss as the loop's ``MicroLoss``: a micro-batch's summed loss over the global batch's
+    count (or class-weight sum, ``losses.SummedLoss``)."""
+
+    normalizers = 1
+
+    def __init__(self, loss: SummedLoss, device: torch.device):
+        self.summed, self.device = loss, device
+
+    def prepare(self, batch: PairBatch, keys: tuple[int, ...]) -> tuple[PairBatch, tuple[float]]:
+        return batch, (self.summed.denominator(batch.labels),)
+
+    def micro_loss(self, model: nn.Module, batch: PairBatch, totals: torch.Tensor) -> tuple[torch.Tensor, dict]:
+        batch = batch.to(self.device)
+        logits = model(batch.input_ids, batch.segment_ids, batch.attention_mask, batch.special_mask,
+                       padded=batch.padded)
+        return self.summed.numerator(logits, batch.labels) / totals[0].float(), {}
 
 
 def score_split(model, data: Split, task: TaskConfig, ft: FinetuningConfig, device, packer: Any = None) -> dict[str, float]:
@@ -124,8 +146,8 @@ class FinetuningTask:
     task's loss, the dev monitor that picks the best epoch, and the per-epoch history (with its curves
     in MLflow), which travels in the training checkpoints."""
 
-    model: nn.Module  # the plain model (the trainer may hold it wrapped in DDP)
-    criterion: nn.Module
+    model: nn.Module
+    loss: ClassifierLoss
     train: Split
     dev: Split
     task: TaskConfig
@@ -141,15 +163,7 @@ class FinetuningTask:
     def batches(self, epoch: int, skip: int) -> Iterator[PairBatch]:
         ft = self.ft
         return shuffled_batches(self.train, self.packer, ft.batch_size, self.seed, epoch, self.ctx, skip,
-                                ft.length_grouping)
-
-    def loss(self, model: nn.Module, batch: PairBatch) -> tuple[torch.Tensor, dict]:
-        # Under DDP each rank's mean over its slice, averaged over ranks by DDP: the global mean
-        # when the slices are equal (all but possibly an epoch's last batch).
-        batch = batch.to(self.device)
-        logits = model(batch.input_ids, batch.segment_ids, batch.attention_mask, batch.special_mask,
-                       padded=batch.padded)
-        return self.criterion(logits.float(), batch.labels), {}
+                                ft.length_grouping, ft.micro_batches)
 
     def evaluate(self, epoch: int, sums: dict) -> tuple[float, dict]:
         # every rank scores dev in full: the same decision
@@ -251,29 +265,26 @@ class NeuralLearner(Learner):
     def fit(self, train: Split, dev: Split, fold: Optional[int] = None) -> Fitted:
         ft, task, device, ctx = self.ft, self.task, self.device, self.ctx
         seed = self.seed + (fold or 0)
+        check_workers(ft.micro_batches, ctx.world_size, f"tasks.{task.name}.finetuning.micro_batches")
         torch.manual_seed(seed)
         model = self.backbone.build()
         set_trainable(model, ft.finetune_all, ft.trainable_layers)
         model.to(device)
-        if ctx.is_distributed:
-            torch.manual_seed(seed + ctx.rank)  # dropout differs per rank; DDP broadcasts rank 0's weights
 
         weights = class_weights_tensor(task.task, train["labels"])
-        criterion = build_loss(resolve_loss(ft.loss, task), task.task, None if weights is None else weights.to(device))
-        run = FinetuningTask(model, criterion, train, dev, task, ft, self.packer, seed, device, ctx, self.tracker,
-                             fold)
+        loss = ClassifierLoss(SummedLoss(resolve_loss(ft.loss, task), task.task, weights), device)
+        run = FinetuningTask(model, loss, train, dev, task, ft, self.packer, seed, device, ctx, self.tracker, fold)
 
         groups = param_groups(model, ft.lr, ft.weight_decay, None)  # skips frozen parameters
         optimizer = build_optimizer(ft.optimizer, groups, ft.lr, ft.weight_decay)
         scheduler = build_scheduler(optimizer, ft.noam_annealing, self.backbone.hidden_size, ft.warmup_steps)
         prefix = f"finetune_{task.name}" + ("" if fold is None else f"_fold{fold}")
-        ddp = wrap_ddp(model, ctx, find_unused_parameters=self.backbone.find_unused_parameters)
-        trainer = Trainer(ddp, optimizer, scheduler, accum_iters=ft.accum_iters,
+        trainer = Trainer(model, optimizer, scheduler, accum_iters=ft.accum_iters,
                           max_grad_norm=ft.max_grad_norm, precision=ft.precision, device=device, tracker=self.tracker,
                           log_every=10, prefix=prefix, checkpointing=self._checkpointing(fold),
-                          callbacks=self.callbacks)
+                          callbacks=self.callbacks, seed=seed)
         best = trainer.fit(run, ft.epochs, BestEpoch(lower_is_better=False), patience=ft.patience,
-                           total=n_rank_batches(len(train["labels"]), ft.batch_size, ctx.world_size),
+                           total=n_global_batches(len(train["labels"]), ft.batch_size),
                            tag=task.name if fold is None else f"{task.name} fold {fold}")
         model.load_state_dict(best.weights)
         return Fitted(self, model, best.epoch, run.history)
