@@ -206,7 +206,7 @@ def test_killing_the_stage_leaves_no_worker_and_the_next_run_resumes(tmp_path, i
             assert env_seen["OMP_NUM_THREADS"] == "1"
         stage.send_signal(sig)
         status = stage.wait(timeout=60)
-        deadline = time.monotonic() + 30
+        deadline = time.monotonic() + 10  # PR_SET_PDEATHSIG at once, the watchdog within a second
         while any(alive(p) for p in pids) and time.monotonic() < deadline:
             time.sleep(0.1)
         assert not [p for p in pids if alive(p)], f"workers survived {sig.name} of the stage"
