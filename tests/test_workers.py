@@ -15,7 +15,20 @@ from types import SimpleNamespace
 
 import pytest
 
-from helpers import PRETRAIN, REPO, make_pretrain_inputs, ok, pretrain_args, run_stage, run_states, steps, write_params
+from finetune_data import make_finetune_inputs
+from helpers import (
+    MAX_LEN,
+    PRETRAIN,
+    REPO,
+    finetune_args,
+    make_pretrain_inputs,
+    ok,
+    pretrain_args,
+    run_stage,
+    run_states,
+    steps,
+    write_params,
+)
 from twilbert.config import ConfigError, RuntimeConfig, compose, load_config
 from twilbert.numerics import PINNED_BY_LAUNCHER, PORTABLE_ENV
 from twilbert.pipeline import workers
@@ -116,6 +129,22 @@ def test_runtime_workers_2_trains_on_two_ranks_with_one_log_one_writer_and_one_m
         assert log.count(once) == 1, once
     assert "rank 1" not in log and "[rank" not in log and "torch.distributed.elastic" not in log
     assert mlflow_runs(work, "pretrain") == ["pretrain-tiny@workspace"]
+
+
+def test_finetune_under_two_workers_writes_the_model_and_metrics_once_from_rank_0(tmp_path):
+    _, task = make_finetune_inputs(tmp_path)
+    work = tmp_path / "work"
+    write_params(work, ["model=tiny", f"representation.max_len={MAX_LEN}", "runtime.workers=2"], tasks={"t": task},
+                 finetuning={"epochs": 1, "batch_size": 8, "device": "cpu"})
+    out = tmp_path / "out"
+    proc = ok(run_stage("finetune.py", [*finetune_args(tmp_path, out), "--no-baseline"], work))
+    log = proc.stdout + proc.stderr
+    assert "finetune: 2 workers (runtime.workers=2)" in log and log.count("t s0 (twilbert): dev ") == 1
+    assert json.loads((out / "results" / "metrics.json").read_text())["n_train"] == 48
+    assert (out / "model" / "model.safetensors").is_file()
+    trainer = json.loads((run_states(out / "checkpoints") / "step-00000003" / "trainer.json").read_text())
+    assert trainer["world_size"] == 2  # 48 rows / (2 ranks x 8): 3 micro-steps
+    assert mlflow_runs(work, "finetune") == ["finetune-t-s0@workspace"]
 
 
 def test_runtime_workers_1_trains_in_the_stage_process_itself(tmp_path, inputs):
