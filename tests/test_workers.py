@@ -247,6 +247,9 @@ def test_killing_the_stage_leaves_no_worker_and_the_next_run_resumes(tmp_path, i
                 os.kill(pid, signal.SIGKILL)
     log = (tmp_path / "stderr.log").read_text()
     assert log.count("restarting with ATEN_CPU_CAPABILITY=avx2") == 1  # the launcher's; no worker restarted
+    assert "torch/distributed/elastic" not in log and "[rank" not in log  # no agent line, no rank's traceback
+    if sig == signal.SIGINT:  # rank 0's one line; the agent passed the Ctrl-C on to the workers
+        assert log.count("interrupted: pretrain stopped (Ctrl-C)") == 1 and "Traceback" not in log
     assert not (out / "model").exists()
     if sig == signal.SIGKILL:  # once is enough for the resume: the slow part
         saved = steps(run_states(out / "checkpoints"))

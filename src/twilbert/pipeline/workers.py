@@ -132,7 +132,9 @@ def run_workers(n: int, threads: int, argv: Optional[list[str]] = None) -> int:
     os.environ.update({"OMP_NUM_THREADS": str(threads), WORKER_OF_ENV: str(os.getpid()),
                        LAUNCHED_AT_ENV: f"{time.time():.3f}"})
     # The agent's INFO lines and its failure report would repeat what rank 0 says; our line replaces them.
-    logging.getLogger("torch.distributed.elastic").setLevel(logging.CRITICAL)
+    # (torch sets a level on each of its elastic modules' loggers, so each is quieted)
+    for name in [n for n in logging.root.manager.loggerDict if n.startswith("torch.distributed.elastic")]:
+        logging.getLogger(name).setLevel(logging.CRITICAL)
     for stream in (sys.stdout, sys.stderr):
         stream.flush()
     with tempfile.TemporaryDirectory(prefix="twilbert-workers-") as logs:
