@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import signal
@@ -145,6 +146,22 @@ def test_finetune_under_two_workers_writes_the_model_and_metrics_once_from_rank_
     trainer = json.loads((run_states(out / "checkpoints") / "step-00000003" / "trainer.json").read_text())
     assert trainer["world_size"] == 2  # 48 rows / (2 ranks x 8): 3 micro-steps
     assert mlflow_runs(work, "finetune") == ["finetune-t-s0@workspace"]
+
+
+def test_the_portable_default_launches_min_of_cores_and_micro_batches_workers(tmp_path, inputs):
+    from twilbert.config.training import TrainingConfig
+
+    if "micro_batches" not in {f.name for f in dataclasses.fields(TrainingConfig)}:
+        pytest.skip("training.micro_batches (issue 33's world-size-invariant training) is not in this tree")
+    work = tmp_path / "work"
+    write_params(work, [*PRETRAIN, "training.epochs=1", "training.micro_batches=2"])  # runtime.workers: null
+    out = tmp_path / "out"
+    proc = ok(run_stage("pretrain.py", pretrain_args(inputs, out), work))
+    expected = min(workers.available_cores(), 2)
+    trainer = json.loads((run_states(out / "checkpoints") / steps(run_states(out / "checkpoints"))[-1]
+                          / "trainer.json").read_text())
+    assert trainer["world_size"] == expected
+    assert (f"pretrain: {expected} workers (auto: min(" in proc.stderr) == (expected > 1)
 
 
 def test_runtime_workers_1_trains_in_the_stage_process_itself(tmp_path, inputs):
