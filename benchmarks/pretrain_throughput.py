@@ -54,10 +54,12 @@ real_tok_per_s_ours, real_tok_per_s_ours_random, real_tok_per_s_hf, real_tok_per
 padding_share_ours, padding_share_random and the ratios (of the first batch size, and per size under
 ``by_batch``).
 
-``--numerics`` times ours in fp32 in fresh processes, alternating: under the portable numerics the
-stages use by default (ATen avx2, oneDNN AVX2, MKL CBWR AVX2, 2 threads) and under the host's fastest
-kernels and torch's default threads (``runtime.portable_numerics: false``), since those settings are
-read when torch loads. It prints both medians, their ratio and one JSON line.
+``--numerics`` times ours in fp32 in fresh processes, alternating (``benchmarks/numerics_throughput.py``):
+the portable default run as ``min(cores, K)`` one-thread DDP workers launched as the training stages
+launch them (``runtime.workers``), the old portable default (one process, one thread), the host's
+fastest (one process, all cores' threads, no pins; ``runtime.portable_numerics: false``) and the
+host's best ISA at one thread (the price of the AVX2 pins alone). It prints the host line, the ratios
+and one JSON line.
 
 Prints the figures, then one JSON line with hf_fp32_tok_s, ours_fp32_tok_s, hf_bf16_tok_s,
 ours_bf16_tok_s, ours_pkm_fp32_tok_s, ours_pkm_bf16_tok_s, ratio_fp32, ratio_bf16, mfu_fp32,
@@ -292,42 +294,6 @@ def train_flops(cfg: Config, vocab: int, batch: int, seq: int, n_masked: int) ->
     return 3.0 * (per_token * batch * seq + per_masked * n_masked + per_row * batch)
 
 
-def numerics_cost(args: argparse.Namespace) -> None:
-    """``--numerics``: ours under the pinned numerics against the host's fastest, in alternating processes."""
-    import subprocess
-    import sys
-
-    from twilbert.numerics import PINNED_BY_LAUNCHER, PORTABLE_ENV, PORTABLE_THREADS
-
-    base = {k: v for k, v in os.environ.items()
-            if k not in {*PORTABLE_ENV, PINNED_BY_LAUNCHER, "OMP_NUM_THREADS", "MKL_NUM_THREADS"}}
-    envs = {"portable": {**base, **PORTABLE_ENV, "OMP_NUM_THREADS": str(PORTABLE_THREADS)}, "host": base}
-    cmd = [sys.executable, __file__, "--numerics-child", "--steps", str(args.steps), "--batch", str(args.batch),
-           "--act", args.act, "--warmup", str(args.warmup), *(["--quick"] if args.quick else [])]
-    print(f"machine: {platform.node()}: {platform.processor() or platform.machine()}, {os.cpu_count()} CPUs; "
-          f"load average {os.getloadavg()[0]:.2f}; {args.rounds} rounds x {args.steps} steps, batch {args.batch}",
-          flush=True)
-    rates: dict[str, list[float]] = {name: [] for name in envs}
-    seen: dict[str, dict] = {}
-    for r in range(args.rounds):
-        for name in (list(envs) if r % 2 == 0 else list(envs)[::-1]):
-            proc = subprocess.run(cmd, env=envs[name], capture_output=True, text=True, check=True)
-            seen[name] = json.loads(proc.stdout.strip().splitlines()[-1])
-            rates[name].append(seen[name]["tok_s"])
-        print(f"round {r + 1}: portable {rates['portable'][-1]:.1f} tok/s, host {rates['host'][-1]:.1f} tok/s",
-              flush=True)
-    portable, host = (statistics.median(rates[n]) for n in ("portable", "host"))
-    print(f"portable numerics ({seen['portable']['capability']}, {seen['portable']['threads']} threads): "
-          f"{portable:.1f} tok/s; host's fastest ({seen['host']['capability']}, {seen['host']['threads']} threads): "
-          f"{host:.1f} tok/s; portable/host {portable / host:.3f}; load average at the end {os.getloadavg()[0]:.2f}")
-    print(json.dumps({"portable_tok_s": round(portable, 1), "host_tok_s": round(host, 1),
-                      "ratio_portable_to_host": round(portable / host, 3),
-                      "portable_capability": seen["portable"]["capability"], "host_capability": seen["host"]["capability"],
-                      "portable_threads": seen["portable"]["threads"], "host_threads": seen["host"]["threads"],
-                      "rounds_portable": rates["portable"], "rounds_host": rates["host"], "host": platform.node(),
-                      "batch": args.batch, "load_average_end": round(os.getloadavg()[0], 2)}))
-
-
 REAL_EXAMPLES = 20_000  # generated examples: hundreds of batches, many grouping windows
 REAL_MAX_LEN = 32  # pieces per segment in the generated rows: the default pipeline's representation.max_len
 
@@ -469,6 +435,10 @@ def main() -> None:
     parser.add_argument("--warmup", type=int, default=1, help="untimed steps of each side first (more for compile)")
     parser.add_argument("--numerics", action="store_true", help="the cost of runtime.portable_numerics (see above)")
     parser.add_argument("--numerics-child", action="store_true", help=argparse.SUPPRESS)
+    parser.add_argument("--numerics-workers", type=int, default=1, help=argparse.SUPPRESS)
+    parser.add_argument("--workers", type=int, help="--numerics: the workers side's process count (default "
+                        "min(cores, K))")
+    parser.add_argument("--micro-batches", type=int, help="--numerics: K (default: training.micro_batches of conf/)")
     parser.add_argument("--real-lengths", nargs="?", const="", default=None, metavar="PAIRS_DIR",
                         help="real tokens/s on tweet-length batches, grouped and random (see above); with a pairs "
                              "folder, its lengths, else generated tweet-like ones")
@@ -482,8 +452,10 @@ def main() -> None:
         import continued_throughput  # beside this script
 
         return continued_throughput.run(args)
-    if args.numerics:
-        return numerics_cost(args)
+    if args.numerics or args.numerics_child:
+        import numerics_throughput  # beside this script
+
+        return numerics_throughput.child(args) if args.numerics_child else numerics_throughput.run(args)
     DEVICE = torch.device(args.device)
     if DEVICE.type == "cuda" and not torch.cuda.is_available():
         parser.error("--device cuda: this torch sees no CUDA device")
@@ -505,13 +477,6 @@ def main() -> None:
           f"L={sizes['n_encoders']} I={sizes['intermediate_size']} T={seq} B={args.batch}, {args.act}; "
           f"{args.steps} steps x {args.rounds} rounds; compile {args.compile}, tf32 {args.tf32}", flush=True)
 
-    if args.numerics_child:  # one side of --numerics: ours in fp32 under this process's environment
-        step = ours_step(pretraining_config(sizes, args.batch, "fp32", pkm=False, act=args.act), vocab, batch)
-        for _ in range(args.warmup):
-            step()
-        print(json.dumps({"tok_s": tokens * args.steps / seconds(step, args.steps), "threads": torch.get_num_threads(),
-                          "capability": torch.backends.cpu.get_cpu_capability()}))
-        return
     cfg = pretraining_config(sizes, args.batch, "fp32", pkm=False, act=args.act)
     n_masked = int((fixed_masks(cfg, vocab, batch)[1] != -100).sum())  # the same count every step
     flops = train_flops(cfg, vocab, args.batch, seq, n_masked)

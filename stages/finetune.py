@@ -16,6 +16,7 @@ from twilbert.config import ConfigError
 from twilbert.data.hf_checkpoint import ENCODER, check_hf_checkpoint
 from twilbert.data.tasks import load_task
 from twilbert.pipeline.stage import fault_callbacks, load_stage_config, parse_args, run
+from twilbert.pipeline.workers import launch_workers, log_startup
 from twilbert.tracking.runs import Tracker
 from twilbert.train.distributed import distributed_context
 from twilbert.train.finetune.resolved import resolve_finetune_run
@@ -50,9 +51,12 @@ def main() -> Optional[str]:
     splits = load_task(run.task, run.split_seed, run.ft.no_test_protocol)
     if run.ft.backbone == "hf":  # so is a Hugging Face checkpoint the classifier cannot be built on
         check_hf_checkpoint(run.ft.hf_path, "finetuning.hf_path", ENCODER)
+    if run.ft.backbone != "baseline":  # portable numerics on the CPU: min(cores, micro_batches) DDP workers
+        launch_workers(run.runtime, getattr(run.ft, "micro_batches", 1), run.ft.device, "finetuning")
     # One writer per checkpoint directory: a second run beside a live one is refused, naming its PID.
     with distributed_context(run.ft.device) as ctx, \
             checkpoint_lock(args.checkpoints, enabled=ctx.is_main and args.checkpoints is not None):
+        log_startup(ctx.is_main, ctx.world_size)
         tracker = Tracker(cfg.tracking, stage="finetune", enabled=ctx.is_main)
         with tracker.start(run.params(), run_name=f"finetune-{args.task}-s{args.seed}", experiment_params=raw):
             model_out = args.model_out or Path("models/finetuned") / args.task

@@ -14,6 +14,7 @@ from twilbert.data.hf_checkpoint import MASKED_LM, check_hf_checkpoint
 from twilbert.data.tasks import check_config_tasks
 from twilbert.io_utils import atomic_write
 from twilbert.pipeline.stage import fault_callbacks, load_stage_config, parse_args, run
+from twilbert.pipeline.workers import launch_workers, log_startup
 from twilbert.progress import format_metrics
 from twilbert.reports.results import PRETRAIN_HEADLINE
 from twilbert.tracking.runs import Tracker
@@ -43,8 +44,11 @@ def main() -> Optional[str]:
     run = resolve_pretrain_run(cfg)
     if run.continued:  # a checkpoint that cannot be continued fails now, before a run is opened
         check_hf_checkpoint(run.hf_path, "training.hf_path", MASKED_LM)
+    # Portable numerics on the CPU: this stage as min(cores, training.micro_batches) DDP workers, then exit
+    launch_workers(run.runtime, getattr(run.training, "micro_batches", 1), run.training.device, "training")
     # One writer per checkpoint directory: a second run beside a live one is refused, naming its PID.
     with distributed_context(run.training.device) as ctx, checkpoint_lock(args.checkpoints, enabled=ctx.is_main):
+        log_startup(ctx.is_main, ctx.world_size)
         tracker = Tracker(cfg.tracking, stage="pretrain", enabled=ctx.is_main)
         with tracker.start(run.params(), run_name=f"pretrain-{run.model.name}", experiment_params=raw):
             # training.init_from hf: continued pretraining of a Hugging Face checkpoint (train/continued.py)

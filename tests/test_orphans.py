@@ -120,3 +120,53 @@ def test_killing_dvc_repro_leaves_no_stage_process(tmp_path, cmd):
         dvc.kill()
         if pid is not None and alive(pid):
             os.kill(pid, signal.SIGKILL)
+
+
+WORKERS_SLEEPER = """\
+import os, time
+from pathlib import Path
+from twilbert.pipeline.stage import run
+from twilbert.pipeline.workers import run_workers, under_torchrun
+
+def main():
+    if not under_torchrun():  # the stage's own launch (runtime.workers): two ranks of this script
+        raise SystemExit(run_workers(2, 1))
+    Path(f"worker-{os.environ['RANK']}.pid").write_text(str(os.getpid()))
+    time.sleep(600)  # a long training run
+
+run(main)
+"""
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc")
+def test_killing_dvc_repro_leaves_no_worker_the_stage_launched(tmp_path):
+    repo = tmp_path / "repo"
+    repo.mkdir()
+    (repo / "sleeper.py").write_text(WORKERS_SLEEPER)
+    (repo / "dvc.yaml").write_text("stages:\n  train:\n    cmd: python sleeper.py\n    deps: [sleeper.py]\n")
+    env = {**os.environ, "PYTHONPATH": str(REPO / "src"), "SHELL": shutil.which("bash") or "/bin/sh",
+           "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"}
+    subprocess.run(["git", "init", "-q"], cwd=repo, check=True)
+    subprocess.run(["dvc", "init", "-q"], cwd=repo, env=env, check=True)
+    dvc = subprocess.Popen(["dvc", "repro"], cwd=repo, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    pids: list[int] = []
+    try:
+        deadline = time.monotonic() + 240
+        while len(pids) < 2 and time.monotonic() < deadline:
+            files = [repo / f"worker-{r}.pid" for r in range(2)]
+            texts = [f.read_text() if f.exists() else "" for f in files]
+            pids = [int(t) for t in texts if t]
+            time.sleep(0.2)
+        assert len(pids) == 2 and all(alive(p) for p in pids), "the workers never started"
+        time.sleep(1.5)  # the launcher's watchdog has found DVC
+        dvc.kill()
+        dvc.wait()
+        deadline = time.monotonic() + 60
+        while any(alive(p) for p in pids) and time.monotonic() < deadline:
+            time.sleep(0.2)
+        assert not [p for p in pids if alive(p)], "a worker survived the SIGKILL of dvc repro"
+    finally:
+        dvc.kill()
+        for pid in pids:
+            if alive(pid):
+                os.kill(pid, signal.SIGKILL)

@@ -491,3 +491,16 @@ def test_a_task_without_text_or_class_header_logs_the_defaults_it_takes(tiny_raw
     message = " ".join(r.getMessage() for r in caplog.records)
     assert "tasks.tass_default.dataset" in message and "text_header='TEXT'" in message
     assert "class_header='CLASS'" in message
+
+
+@pytest.mark.parametrize("text, problem", [('{"format": \n', "line 2: not valid JSON"),
+                                           ("[1, 2]", "format 'list'"), (b"\xff\xfe{", "utf-8")],
+                         ids=["truncated", "not-an-object", "not-utf8"])
+def test_a_damaged_pairs_manifest_is_one_line_naming_it(tmp_path, text, problem):
+    from twilbert.data.shards import read_manifest
+
+    path = tmp_path / "manifest.json"
+    path.write_bytes(text if isinstance(text, bytes) else text.encode())
+    with pytest.raises(PairsDataError, match=problem) as err:
+        read_manifest(tmp_path)
+    assert str(err.value).startswith(f"{path}: ") and "\n" not in str(err.value)

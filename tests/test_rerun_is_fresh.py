@@ -140,6 +140,7 @@ ALTERNATIVES: dict[str, Alt] = {
     "preprocess.laughter_token": {"preprocess.laughter_token": "jeje"},
     "preprocess.empty_text": {"preprocess.empty_text": "[nada]"},
     "runtime.threads": {"runtime.threads": 2},
+    "runtime.workers": {"runtime.workers": 1},  # the library call runs one process either way
     f"tasks.{TASK}.dataset.data_dir": lambda _, inputs: {f"tasks.{TASK}.dataset.data_dir": str(inputs / "task-copy")},
     f"tasks.{TASK}.dataset.train_file": lambda _, inputs: _renamed(inputs, "train.tsv"),
     f"tasks.{TASK}.dataset.dev_file": {f"tasks.{TASK}.dataset.dev_file": None},

@@ -132,9 +132,14 @@ def read_manifest(directory: Path) -> dict:
         hint = ("it holds shards of an older twilbert (.npz); rerun the pairs stage (`dvc repro pairs`)" if old
                 else "run the pairs stage first")
         raise FileNotFoundError(f"{path}: missing; {hint}")
-    manifest = json.loads(path.read_text(encoding="utf-8"))
-    if manifest.get("format") != FORMAT:
-        raise PairsDataError(f"{path}: format {manifest.get('format')!r}, expected {FORMAT!r}; rerun the pairs stage")
+    try:
+        manifest = json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:  # truncated or overwritten
+        what = f"line {err.lineno}: not valid JSON ({err.msg})" if isinstance(err, json.JSONDecodeError) else str(err)
+        raise PairsDataError(f"{path}: {what}; rerun the pairs stage") from None
+    if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
+        found = manifest.get("format") if isinstance(manifest, dict) else type(manifest).__name__
+        raise PairsDataError(f"{path}: format {found!r}, expected {FORMAT!r}; rerun the pairs stage")
     return manifest
 
 

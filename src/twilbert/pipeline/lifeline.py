@@ -3,7 +3,10 @@
 A stage started by DVC (which sets ``DVC_STAGE``) ends on SIGTERM when its parent dies
 (``prctl(PR_SET_PDEATHSIG)``, Linux), and a watchdog thread ends it within a second of the death of
 its nearest ancestor outside the stage's process tree (DVC itself, past ``$SHELL -c`` or ``torchrun``).
-A stage run by hand (no ``DVC_STAGE``) is left alone, so ``nohup`` keeps working."""
+A stage run by hand (no ``DVC_STAGE``) is left alone, so ``nohup`` keeps working.
+
+A worker the stage launched itself (``pipeline.workers``, ``WORKER_OF_ENV`` holds the launcher's PID)
+dies with that launcher, however it is run: the launcher, not the worker, answers to DVC."""
 
 from __future__ import annotations
 
@@ -21,6 +24,8 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 STAGE_ENV = "DVC_STAGE"
+# Set by pipeline.workers in the environment of the workers it starts: the PID of their launcher
+WORKER_OF_ENV = "TWILBERT_WORKER_OF"
 PR_SET_PDEATHSIG = 1  # <linux/prctl.h>
 POLL_S = 1.0
 
@@ -81,9 +86,25 @@ def _watch(watched: Optional["psutil.Process"], ppid: int, sig: int, stop: threa
             return
 
 
+def _die_with_owner(owner: int, sig: int) -> Optional[threading.Event]:
+    """A launched worker: end with the launcher (PID ``owner``), its parent, even if it died before
+    this worker got here (torch's import takes seconds)."""
+    if sys.platform.startswith("linux"):
+        _set_pdeathsig(sig)
+    if os.getppid() != owner:
+        _end_self(sig, f"the stage process that launched this worker (PID {owner}) is gone")
+        return None
+    stop = threading.Event()
+    threading.Thread(target=_watch, args=(None, owner, sig, stop), name="twilbert-lifeline", daemon=True).start()
+    return stop
+
+
 def die_with_launcher(sig: int = signal.SIGTERM) -> Optional[threading.Event]:
-    """Under DVC, end this process when the process that started the stage dies; returns the
-    watchdog's stop event (None when not under DVC)."""
+    """Under DVC, end this process when the process that started the stage dies; a launched worker,
+    when its launcher dies. Returns the watchdog's stop event (None when neither)."""
+    owner = os.environ.get(WORKER_OF_ENV)
+    if owner and owner.isdigit():
+        return _die_with_owner(int(owner), sig)
     if STAGE_ENV not in os.environ:
         return None
     ppid = os.getppid()

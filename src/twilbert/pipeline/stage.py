@@ -19,6 +19,7 @@ from typing import Callable, Optional
 from twilbert.config import Config, ConfigError, compose, load_config, read_yaml
 from twilbert.config.strict import flatten
 from twilbert.numerics import pin
+from twilbert.pipeline.lifeline import WORKER_OF_ENV
 from twilbert.pipeline.runtime import apply_threads
 from twilbert.progress import format_duration
 
@@ -37,7 +38,11 @@ _LOADED: Optional[tuple[Config, dict]] = None
 
 
 def setup_logging() -> None:
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+    """INFO on rank 0; the other ranks (torchrun's, or the stage's own workers) say only warnings and
+    errors, so that the stage log is one copy, not one per rank."""
+    rank = os.environ.get("RANK", "0")
+    level = logging.INFO if not rank.isdigit() or int(rank) == 0 else logging.WARNING
+    logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s",
                         datefmt="%H:%M:%S")
     for noisy in ("alembic", "mlflow", "urllib3", "git"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
@@ -66,8 +71,10 @@ def load_stage_config(overrides: list[str], params: str = PARAMS_FILE) -> tuple[
     _LOADED = (cfg, raw)
     if _STAGE_PROCESS:  # a test calling this in its own process must not be re-executed
         pin(cfg.runtime.portable_numerics)
-        # after pin, which may re-execute the process: the stage's first line, once
-        log.info("%s: %s", stage_name(), describe_changes(raw, overrides))
+        # after pin, which may re-execute the process: the stage's first line, once (a launched
+        # worker's launcher has said it)
+        if WORKER_OF_ENV not in os.environ:
+            log.info("%s: %s", stage_name(), describe_changes(raw, overrides))
     apply_threads(cfg.runtime.threads, cfg.runtime.portable_numerics)
     return cfg, raw
 
@@ -125,6 +132,11 @@ def fault_callbacks() -> list:
     """The training-loop callbacks the test hooks in the environment ask for (none in production)."""
     wanted = os.environ.get(KILL_HOOK_ENV)
     return [KillAtMicroStep(int(wanted))] if wanted else []
+
+
+def is_stage_process() -> bool:
+    """Whether this process runs a stage script as its program (not a test calling its ``main``)."""
+    return _STAGE_PROCESS
 
 
 def stage_name() -> str:
