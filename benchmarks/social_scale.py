@@ -170,6 +170,7 @@ import duckdb
 from twilbert.data import social_read as r
 fmt, files, threads, mem = sys.argv[1], sorted(map(str, Path(sys.argv[2]).glob('part-*'))), int(sys.argv[3]), sys.argv[4]
 con = duckdb.connect(config={"threads": threads, "memory_limit": mem})
+con.execute("SET enable_progress_bar = false")  # past 2 s (a loaded host) it drew over the JSON line, as in the stage
 if fmt in ("twitter", "bluesky"):
     sql = r.twitter_sql() if fmt == "twitter" else r.bluesky_sql()
 elif fmt == "parquet":

@@ -167,20 +167,24 @@ def classified(read_sql: str, cfg: DataConfig) -> str:
     """The posts of ``read_sql`` with their text collapsed and their fate: kept, or why they are dropped;
     and for a kept post what the corpus rows need of its text, ``pt`` (it holds a printable character)
     and ``nh`` (the digest of its dedup form, :func:`normalized_steps`). One pass: filtering while
-    reading costs no second table, and each text is looked at once, not once per row it is in."""
+    reading costs no second table, and each text is looked at once, not once per row it is in.
+
+    ``odd``: the text holds whitespace to collapse or a character lower() changes. One regexp scan of
+    every text for both (most tweets hold neither); only the odd ones are looked at again."""
     fated = f"""
-        SELECT CASE WHEN problem IS NOT NULL THEN filename END AS filename, id, parent, problem, text,
+        SELECT CASE WHEN problem IS NOT NULL THEN filename END AS filename, id, parent, problem, text, odd,
                CASE WHEN skip THEN 'events_skipped' WHEN problem IS NOT NULL THEN 'bad'
                     WHEN retweet THEN 'retweets_dropped' {_lang_fate(cfg)}
                     WHEN text IS NULL OR text = '' THEN 'empty_texts_dropped' ELSE 'kept' END AS fate
-        FROM (SELECT filename, id, parent, problem, skip, retweet, langs, {collapsed('text')} AS text
-              FROM ({read_sql}))"""
+        FROM (SELECT filename, id, parent, problem, skip, retweet, langs, odd, {collapsed('text', 'odd')} AS text
+              FROM (SELECT *, regexp_matches(text, '{UNCOLLAPSED}|{LOWERED}') AS odd FROM ({read_sql})))"""
     if not cfg.dedup:
-        return f"SELECT *, CASE WHEN fate = 'kept' THEN {printable('text')} END AS pt, NULL::UBIGINT AS nh FROM ({fated})"
+        return (f"SELECT * EXCLUDE (odd), CASE WHEN fate = 'kept' THEN {printable('text')} END AS pt, "
+                f"NULL::UBIGINT AS nh FROM ({fated})")
     sql = f"SELECT *, CASE WHEN fate = 'kept' THEN text END AS n FROM ({fated})"
-    for step in normalized_steps("n"):
+    for step in normalized_steps("n", "odd"):
         sql = f"SELECT * REPLACE ({step} AS n) FROM ({sql})"
-    return (f"SELECT * EXCLUDE (n), CASE WHEN fate = 'kept' THEN {printable('text')} END AS pt, "
+    return (f"SELECT * EXCLUDE (n, odd), CASE WHEN fate = 'kept' THEN {printable('text')} END AS pt, "
             f"CASE WHEN fate = 'kept' THEN hash(n) END AS nh FROM ({sql})")
 
 
@@ -233,10 +237,14 @@ def _build_rows(con, cfg: DataConfig) -> dict[str, int]:
     return counts
 
 
-def collapsed(col: str) -> str:
+UNCOLLAPSED = f"  |^ | $|{OTHER_SPACE}"  # what " ".join(text.split()) changes
+
+
+def collapsed(col: str, odd: str = "true") -> str:
     """``col`` with whitespace runs as one space and no blank at either end (" ".join(text.split())):
-    the regexp only where it changes something, a tenth of its cost on tweets."""
-    return (f"CASE WHEN regexp_matches({col}, '  |^ | $|{OTHER_SPACE}') "
+    the regexp only where it changes something (and where ``odd``, a test it implies), a tenth of its
+    cost on tweets."""
+    return (f"CASE WHEN {odd} AND regexp_matches({col}, '{UNCOLLAPSED}') "
             f"THEN trim(regexp_replace({col}, '{SPACE}+', ' ', 'g')) ELSE {col} END")
 
 
@@ -249,11 +257,12 @@ USER = "@[\\pL\\pN\\pM_]+"
 LOWERED = "[\\p{Lu}\\p{Lt}\\x{2160}-\\x{216f}\\x{24b6}-\\x{24cf}]"
 
 
-def normalized_steps(c: str) -> list[str]:
+def normalized_steps(c: str, odd: str = "true") -> list[str]:
     """The steps from a (collapsed) text ``c`` to its dedup form, as :func:`twilbert.data.dedup.normalized`:
     lowercase, URLs and @users as placeholders, no leading ``RT @user:``. Each a subquery's column, its
-    function only where it changes something (a cheap test first: most tweets need none of them)."""
-    return [f"CASE WHEN regexp_matches({c}, '{LOWERED}') THEN lower({c}) ELSE {c} END",
+    function only where it changes something (a cheap test first: most tweets need none of them);
+    ``odd`` is false only for texts without a character of :data:`LOWERED` (collapsing keeps them)."""
+    return [f"CASE WHEN {odd} AND regexp_matches({c}, '{LOWERED}') THEN lower({c}) ELSE {c} END",
             f"CASE WHEN contains({c}, '://') OR contains({c}, 'www.') THEN regexp_replace({c}, '{URL}', 'url', 'g') "
             f"ELSE {c} END",
             f"CASE WHEN contains({c}, '@') THEN regexp_replace({c}, '{USER}', '@user', 'g') ELSE {c} END",
