@@ -199,14 +199,17 @@ def _build_rows(con, cfg: DataConfig) -> dict[str, int]:
     # (pt and nh follow from the text: they never decide). Most ids are seen once: only the few seen
     # more often go through the (costlier) aggregate.
     con.execute("CREATE OR REPLACE TABLE dup AS SELECT id FROM cls WHERE fate = 'kept' GROUP BY id HAVING count(*) > 1")
-    con.execute("""CREATE OR REPLACE TABLE p AS
-        SELECT id, parent, text, pt, nh FROM cls WHERE fate = 'kept' AND (id IS NULL OR id NOT IN (SELECT id FROM dup))
-        UNION ALL
-        SELECT id, nullif(m.p, '') AS parent, m.t AS text, m.g AS pt, m.h AS nh FROM (
-          SELECT id, max(struct_pack(l := length(text), t := text, p := coalesce(parent, ''), g := pt, h := nh)) AS m
-          FROM cls WHERE fate = 'kept' AND id IN (SELECT id FROM dup) GROUP BY id)""")
-    con.execute("DROP TABLE cls")
-    con.execute("DROP TABLE dup")
+    # a view when no id is seen twice (the usual case): the posts are not copied
+    p = "SELECT id, parent, text, pt, nh FROM cls WHERE fate = 'kept'"
+    if con.execute("SELECT count(*) FROM dup").fetchall()[0][0]:
+        p = f"""{p} AND (id IS NULL OR id NOT IN (SELECT id FROM dup))
+            UNION ALL
+            SELECT id, nullif(m.p, '') AS parent, m.t AS text, m.g AS pt, m.h AS nh FROM (
+              SELECT id, max(struct_pack(l := length(text), t := text, p := coalesce(parent, ''), g := pt, h := nh)) AS m
+              FROM cls WHERE fate = 'kept' AND id IN (SELECT id FROM dup) GROUP BY id)"""
+        con.execute(f"CREATE OR REPLACE TABLE p AS {p}")
+    else:
+        con.execute(f"CREATE OR REPLACE VIEW p AS {p}")
     # the pairs by their ids alone: the texts are fetched once, into the rows
     con.execute("""CREATE OR REPLACE TABLE pr AS
         SELECT r.id AS rid, r.parent AS pid FROM p r JOIN p par ON par.id = r.parent WHERE r.id <> r.parent""")
@@ -277,15 +280,18 @@ def printable(col: str) -> str:
 def _final_rows(con, cfg: DataConfig) -> tuple[str, dict[str, int]]:
     """The corpus rows' query (k, a, b): printable, without exact duplicates when ``data.dedup`` (the first
     in output order kept, as the other sources keep the first read); and the counts so far."""
-    n_rows, n_ok = con.execute("SELECT count(*), count_if(ok) FROM rows").fetchall()[0]
+    # the rows counted by digest: one pass over the join (of ids and digests only)
+    con.execute("CREATE OR REPLACE TABLE hc AS SELECT h, ok, count(*) AS c FROM rows GROUP BY h, ok")
+    n_rows, n_ok, n_dup = con.execute("SELECT sum(c), sum(c) FILTER (WHERE ok), count(*) FILTER (WHERE ok AND c > 1) "
+                                      "FROM hc").fetchall()[0]
+    n_rows, n_ok = int(n_rows or 0), int(n_ok or 0)
     fin = "SELECT k, a, b FROM rows WHERE ok"
-    if cfg.dedup:  # as for ids: only the rows whose digest is seen more than once are aggregated
-        con.execute("CREATE OR REPLACE TABLE dup AS SELECT h FROM rows WHERE ok GROUP BY h HAVING count(*) > 1")
-        if con.execute("SELECT count(*) FROM dup").fetchall()[0][0]:
-            fin = """SELECT k, a, b FROM rows WHERE ok AND h NOT IN (SELECT h FROM dup)
-                     UNION ALL
-                     SELECT k, m.a, m.b FROM (SELECT h, min(k) AS k, arg_min(struct_pack(a := a, b := b), k) AS m
-                                              FROM rows WHERE ok AND h IN (SELECT h FROM dup) GROUP BY h)"""
+    if cfg.dedup and n_dup:  # as for ids: only the rows whose digest is seen more than once are aggregated
+        con.execute("CREATE OR REPLACE TABLE dup AS SELECT h FROM hc WHERE ok AND c > 1")
+        fin = """SELECT k, a, b FROM rows WHERE ok AND h NOT IN (SELECT h FROM dup)
+                 UNION ALL
+                 SELECT k, m.a, m.b FROM (SELECT h, min(k) AS k, arg_min(struct_pack(a := a, b := b), k) AS m
+                                          FROM rows WHERE ok AND h IN (SELECT h FROM dup) GROUP BY h)"""
     return fin, {"rows_read": n_rows, "unprintable_removed": n_rows - n_ok}
 
 
