@@ -216,7 +216,8 @@ def _build_rows(con, cfg: DataConfig) -> dict[str, int]:
     posts, replies = con.execute("SELECT count(*), count(parent) FROM p").fetchall()[0]
     pairs = con.execute("SELECT count(*) FROM pr").fetchall()[0][0]
     chains = con.execute("SELECT count(*) FROM pr WHERE rid IN (SELECT pid FROM pr)").fetchall()[0][0]
-    # A post with a parent (ids unique: one at most) is a pair's reply; a post that is no pair's reply
+    # A post with a parent (ids unique: one at most) is a pair's reply (the join's table holds the
+    # posts replied to only, not every post's text); a post that is no pair's reply
     # nor parent is a text of its own. k orders the output: the reply's id, or the post's; a post
     # without an id goes by its text (after a \x01 no id starts with). The dedup digest of a row is
     # that of its texts' digests: rows share it exactly when their texts' dedup forms are the same
@@ -228,7 +229,8 @@ def _build_rows(con, cfg: DataConfig) -> dict[str, int]:
                CASE WHEN par.id IS NULL THEN NULL ELSE r.text END AS b,
                CASE WHEN par.id IS NULL THEN hash(r.nh, NULL::UBIGINT) ELSE hash(par.nh, r.nh) END AS h,
                CASE WHEN par.id IS NULL THEN r.pt ELSE par.pt AND r.pt END AS ok
-        FROM p r LEFT JOIN p par ON par.id = r.parent AND r.id <> r.parent
+        FROM p r LEFT JOIN (SELECT * FROM p WHERE id IN (SELECT pid FROM pr)) par
+          ON par.id = r.parent AND r.id <> r.parent
         WHERE par.id IS NOT NULL OR r.id IS NULL OR r.id NOT IN (SELECT pid FROM pr)""")
     counts = {"posts_read": sum(fates.values())}
     if cfg.source == "bluesky":
