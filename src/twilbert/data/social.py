@@ -312,7 +312,7 @@ def _write(con, fin: str, path: Path) -> tuple[int, int]:
     con.execute("SET preserve_insertion_order = true")
     con.execute("SET arrow_large_buffer_size = true")  # 64-bit offsets: a batch of long texts may pass 2 GiB
     reader = con.sql(f"""SELECT to_json(struct_pack(a := a, b := b)) || chr(10) AS line, b IS NOT NULL AS pair
-                         FROM ({fin}) ORDER BY k""").to_arrow_reader(1 << 16)
+                         FROM ({fin}) ORDER BY k""").to_arrow_reader(1 << 13)
     lines = pairs = 0
     tmp = path.with_name(f".{path.name}.tmp")
     try:
