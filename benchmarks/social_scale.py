@@ -269,8 +269,12 @@ def run(fmt: str, n: int, work: Path, seed: int, files: int, threads: int, stage
                 out["engine_s"] = sum(float(x) for x in re.findall(r"([\d.]+) s", phases.group(1)))
                 if out["engine_s"] > 0:  # logged to 0.1 s: a tiny run may read 0.0
                     out["engine_posts_per_s"] = summary["posts_read"] / out["engine_s"]
+            cpu = re.search(r"data: DuckDB CPU s per phase \(.*?\): (.*)", m["output"])
+            if cpu:  # which phase runs on one core: its CPU seconds near its wall seconds
+                out["engine_phases_cpu_s"] = cpu.group(1).strip()
             out["spill_mb"] = peak[0] / 1e6
-            line += (f"   engine {out.get('engine_phases')}   {out['posts_per_s']:,.0f} posts/s   "
+            line += (f"   engine {out.get('engine_phases')} (CPU s {out.get('engine_phases_cpu_s')})   "
+                     f"{out['posts_per_s']:,.0f} posts/s   "
                      f"{in_bytes / 1e6 / m['s']:.1f} MB/s   engine files "
                      f"at most {out['spill_mb']:.0f} MB   pairs {out['pairs_found']:,} of {truth['pairs_expected']:,}")
         print(line, flush=True)
@@ -324,7 +328,7 @@ def main(args, extra: list[str]) -> None:
             shutil.rmtree(work / f"{args.format}-{n}", ignore_errors=True)
     print(host_line(), flush=True)
     keep = ("format", "posts", "threads", "posts_per_s", "scan_posts_per_s", "ingest_over_scan", "engine_posts_per_s",
-            "engine_s", "posts_per_cpu_s",
+            "engine_s", "engine_phases", "engine_phases_cpu_s", "posts_per_cpu_s",
             "scan_posts_per_cpu_s", "ingest_over_scan_cpu", "peak_rss_mb",
             "pairs_found", "pairs_expected", "spill_mb", "input_mb", "data_s", "data_rss_mb", "vocab_s",
             "vocab_rss_mb", "pairs_s", "pairs_rss_mb", "scan_s")
