@@ -170,6 +170,7 @@ import duckdb
 from twilbert.data import social_read as r
 fmt, files, threads, mem = sys.argv[1], sorted(map(str, Path(sys.argv[2]).glob('part-*'))), int(sys.argv[3]), sys.argv[4]
 con = duckdb.connect(config={"threads": threads, "memory_limit": mem})
+con.execute("SET enable_progress_bar = false")  # past 2 s (a loaded host) it drew over the JSON line, as in the stage
 if fmt in ("twitter", "bluesky"):
     sql = r.twitter_sql() if fmt == "twitter" else r.bluesky_sql()
 elif fmt == "parquet":
@@ -191,17 +192,41 @@ def spill_sampler(folder: Path, peak: list, done: threading.Event) -> None:
         peak[0] = max(peak[0], size)
 
 
+def reused_truth(posts: Path, n: int, seed: int, files: int, shares: dict) -> dict:
+    """The truth.json beside a folder of posts written earlier by :func:`write_posts`, checked against
+    this run's options: a measurement must not count pairs against another corpus's truth."""
+    truth_file = posts.parent / "truth.json"
+    if not truth_file.is_file():
+        raise SystemExit(f"--reuse {posts}: no {truth_file} (written with the posts, once they are complete)")
+    truth = json.loads(truth_file.read_text())
+    asked = {"seed": seed, "files": files, "shares": shares}
+    differ = [f"{k} {truth.get(k)!r} (asked {v!r})" for k, v in asked.items() if truth.get(k) != v]
+    if differ:
+        raise SystemExit(f"--reuse {posts}: written with other options: {'; '.join(differ)}")
+    found = len(list(posts.glob("part-*")))
+    if found != files:
+        raise SystemExit(f"--reuse {posts}: {found} part-* files, {files} expected")
+    # the posts written exceed n only by the v2 parents that are only in includes: never fewer than n
+    if not n <= truth["posts_written"] < 2 * n:
+        raise SystemExit(f"--reuse {posts}: {truth['posts_written']:,} posts written, not a --posts {n:,} corpus")
+    return {"pairs_expected": truth["pairs_expected"], "posts_written": truth["posts_written"]}
+
+
 def run(fmt: str, n: int, work: Path, seed: int, files: int, threads: int, stages: list[str], shares: dict,
-        extra: list[str]) -> dict:
+        extra: list[str], reuse: Optional[Path] = None) -> dict:
     from data_scale import du, host_line, run_measured
 
-    posts = work / f"{fmt}-{n}" / "posts"
+    posts = reuse or work / f"{fmt}-{n}" / "posts"
     data = work / f"{fmt}-{n}" / "data"
     t0 = time.perf_counter()
-    truth = write_posts(posts, fmt, n, files, seed, shares)
+    data.mkdir(parents=True, exist_ok=True)
+    if reuse:  # read only: the stage writes under --workdir, never beside the posts
+        truth = reused_truth(posts, n, seed, files, shares)
+    else:
+        truth = write_posts(posts, fmt, n, files, seed, shares)
     in_bytes = du(posts)
-    print(f"[{fmt} {n:,} posts] {in_bytes / 1e6:.1f} MB in {files} files written in {time.perf_counter() - t0:.1f} s",
-          flush=True)
+    print(f"[{fmt} {n:,} posts] {in_bytes / 1e6:.1f} MB in {files} files "
+          f"{'reused from ' + str(posts) if reuse else 'written'} in {time.perf_counter() - t0:.1f} s", flush=True)
     py = sys.executable
     common = [*overrides_for(fmt, posts), f"runtime.threads={threads}", *extra]
     out: dict = {"format": fmt, "posts": n, "input_mb": in_bytes / 1e6, "threads": threads, **truth}
@@ -244,8 +269,12 @@ def run(fmt: str, n: int, work: Path, seed: int, files: int, threads: int, stage
                 out["engine_s"] = sum(float(x) for x in re.findall(r"([\d.]+) s", phases.group(1)))
                 if out["engine_s"] > 0:  # logged to 0.1 s: a tiny run may read 0.0
                     out["engine_posts_per_s"] = summary["posts_read"] / out["engine_s"]
+            cpu = re.search(r"data: DuckDB CPU s per phase \(.*?\): (.*)", m["output"])
+            if cpu:  # which phase runs on one core: its CPU seconds near its wall seconds
+                out["engine_phases_cpu_s"] = cpu.group(1).strip()
             out["spill_mb"] = peak[0] / 1e6
-            line += (f"   engine {out.get('engine_phases')}   {out['posts_per_s']:,.0f} posts/s   "
+            line += (f"   engine {out.get('engine_phases')} (CPU s {out.get('engine_phases_cpu_s')})   "
+                     f"{out['posts_per_s']:,.0f} posts/s   "
                      f"{in_bytes / 1e6 / m['s']:.1f} MB/s   engine files "
                      f"at most {out['spill_mb']:.0f} MB   pairs {out['pairs_found']:,} of {truth['pairs_expected']:,}")
         print(line, flush=True)
@@ -272,6 +301,9 @@ def add_arguments(parser) -> None:
                         help="twitter-v2: share of replies whose parent is only in the page's includes")
     social.add_argument("--retweets", type=float, default=0.05)
     social.add_argument("--other-lang", type=float, default=0.05)
+    social.add_argument("--reuse", type=Path, metavar="DIR",
+                        help="read the posts from DIR (written earlier, with truth.json beside it: one --posts) "
+                             "instead of writing them; DIR is only read")
 
 
 def main(args, extra: list[str]) -> None:
@@ -282,9 +314,12 @@ def main(args, extra: list[str]) -> None:
               "other": args.other_lang, "includes_only": args.includes_only if args.format == "twitter-v2" else 0.0}
     threads = args.threads or len(os.sched_getaffinity(0))
     print(host_line(), flush=True)
+    if args.reuse and len(set(args.posts)) != 1:
+        raise SystemExit("--reuse DIR holds one corpus: give one --posts")
     result: Optional[dict] = None
     for n in sorted(set(args.posts)):
-        result = run(args.format, n, work, args.seed, args.files, threads, args.stages.split(","), shares, extra)
+        result = run(args.format, n, work, args.seed, args.files, threads, args.stages.split(","), shares, extra,
+                     args.reuse)
         if result.get("pairs_found") != result["pairs_expected"]:
             raise SystemExit(f"pairs found {result.get('pairs_found')} != pairs generated {result['pairs_expected']}")
         if not args.keep:
@@ -293,7 +328,7 @@ def main(args, extra: list[str]) -> None:
             shutil.rmtree(work / f"{args.format}-{n}", ignore_errors=True)
     print(host_line(), flush=True)
     keep = ("format", "posts", "threads", "posts_per_s", "scan_posts_per_s", "ingest_over_scan", "engine_posts_per_s",
-            "engine_s", "posts_per_cpu_s",
+            "engine_s", "engine_phases", "engine_phases_cpu_s", "posts_per_cpu_s",
             "scan_posts_per_cpu_s", "ingest_over_scan_cpu", "peak_rss_mb",
             "pairs_found", "pairs_expected", "spill_mb", "input_mb", "data_s", "data_rss_mb", "vocab_s",
             "vocab_rss_mb", "pairs_s", "pairs_rss_mb", "scan_s")

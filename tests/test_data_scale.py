@@ -68,3 +68,24 @@ def test_the_format_benchmark_finds_every_generated_pair_and_ends_with_its_json_
     figures = json.loads(done.stdout.strip().splitlines()[-1])
     assert {"posts_per_s", "scan_posts_per_s", "peak_rss_mb", "pairs_found", "pairs_expected"} <= set(figures)
     assert figures["pairs_found"] == figures["pairs_expected"] > 500  # 40% replies, 10% of them orphans
+
+
+@pytest.mark.slow
+def test_the_format_benchmark_reuses_posts_written_earlier_without_writing_beside_them(tmp_path):
+    sys.path.insert(0, str(REPO / "benchmarks"))
+    import social_scale
+
+    shares = {"replies": 0.4, "missing": 0.1, "retweets": 0.05, "other": 0.05, "includes_only": 0.1}
+    posts = tmp_path / "held" / "posts"
+    truth = social_scale.write_posts(posts, "twitter-v2", 3000, 8, 2024, shares)
+    (posts.parent / "truth.json").write_text(json.dumps({"seed": 2024, "files": 8, "shares": shares, **truth}))
+    before = sorted((p.name, p.stat().st_mtime_ns) for p in posts.parent.rglob("*"))
+    cmd = [sys.executable, "benchmarks/data_scale.py", "--format", "twitter-v2", "--posts", "3000", "--stages", "data",
+           "--workdir", str(tmp_path / "work"), "--reuse", str(posts)]
+    done = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
+    figures = json.loads(done.stdout.strip().splitlines()[-1])
+    assert figures["pairs_found"] == figures["pairs_expected"] == truth["pairs_expected"]
+    assert sorted((p.name, p.stat().st_mtime_ns) for p in posts.parent.rglob("*")) == before
+    other = subprocess.run([*cmd[:-2], "--seed", "7", "--reuse", str(posts)], cwd=REPO, capture_output=True, text=True)
+    assert other.returncode != 0 and "written with other options: seed 2024 (asked 7)" in other.stderr

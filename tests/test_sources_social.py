@@ -268,3 +268,37 @@ def test_running_out_of_engine_memory_is_one_line_naming_the_key(tmp_path, twitt
         run(tmp_path, "twitter", [twitter_folder / "*"], engine_memory="1MB")
     assert not (tmp_path / "out-1" / "pretrain" / "corpus.jsonl").exists()
     assert not list((tmp_path / "out-1").glob(".join-*"))  # the engine's folder is gone too
+
+
+def test_every_character_lower_changes_is_in_the_lowercase_guard():
+    """The dedup form lowercases only texts that match social.LOWERED: sound only if every code point
+    DuckDB's lower() changes is in it (checked here for every code point, with DuckDB's own regexp)."""
+    import duckdb
+
+    from twilbert.data.social import LOWERED
+
+    con = duckdb.connect()
+    changed, missed = con.execute(f"""
+        SELECT count(*), count(*) FILTER (WHERE NOT regexp_matches(ch, '{LOWERED}'))
+        FROM (SELECT chr(c::INTEGER) AS ch FROM (SELECT range AS c FROM range(0, 55296)  -- no surrogates
+                                                  UNION ALL SELECT range FROM range(57344, 1114112)))
+        WHERE lower(ch) <> ch""").fetchall()[0]
+    assert changed > 1000 and missed == 0
+
+
+def test_pair_rows_are_duplicates_only_when_both_dedup_forms_agree(tmp_path):
+    """A row's dedup key is its parent's and its reply's dedup forms together (case, URLs, @users as
+    placeholders): the first row in output order of each key is kept; a single text like a pair's
+    parent is no duplicate of the pair."""
+    d = tmp_path / "corpus"
+    d.mkdir()
+    jsonl(d / "a.jsonl", [{"data": [
+        v2("100", "HOLA Ⅻ Ⓐ https://t.co/x @Ana"), v2("101", "Bien, ¿y TÚ?", reply_to="100"),
+        v2("200", "hola ⅻ ⓐ http://ejemplo.es @luis"), v2("201", "bien, ¿y tú?", reply_to="200"),
+        v2("300", "hola ⅻ ⓐ url @user"), v2("301", "bien, ¿y tú? otra", reply_to="300"),
+        v2("400", "HOLA Ⅻ Ⓐ www.x.org @pepe"),
+    ]}])
+    summary, rows = run(tmp_path, "twitter", [d / "a.jsonl"])
+    assert rows == [("HOLA Ⅻ Ⓐ https://t.co/x @Ana", "Bien, ¿y TÚ?"),
+                    ("hola ⅻ ⓐ url @user", "bien, ¿y tú? otra"), ("HOLA Ⅻ Ⓐ www.x.org @pepe", None)]
+    assert summary["duplicates_removed"] == 1 and summary["pretrain_pairs_with_reply"] == 2
