@@ -113,6 +113,19 @@ def test_one_and_two_threads_write_identical_bytes(tmp_path, twitter_folder):
     assert (one / "summary.json").read_bytes() == (two / "summary.json").read_bytes()
 
 
+def test_the_log_gives_each_engine_phase_its_cpu_seconds(tmp_path, twitter_folder, caplog):
+    # on a shared host wall time measures the neighbours: the benchmark reads these to tell a phase
+    # that runs on one core from one that runs on all
+    import logging
+    import re
+
+    with caplog.at_level(logging.INFO, logger="twilbert.data.social"):
+        run(tmp_path, "twitter", [twitter_folder / "*"])
+    line = next(r.getMessage() for r in caplog.records if "CPU s per phase" in r.getMessage())
+    found = re.fullmatch(r"data: DuckDB CPU s per phase \(read, join, dedup, ordered write\): (.*)", line)
+    assert found and len([float(x) for x in found.group(1).split(", ")]) == 4
+
+
 def test_a_tweet_seen_twice_is_one_post_and_the_longer_text_wins(tmp_path):
     a = jsonl(tmp_path / "a.jsonl", [v2("1", "corto…", note_tweet={"text": "corto y ahora largo"})])
     b = jsonl(tmp_path / "b.jsonl", [v2("1", "corto…"), v2("2", "respuesta", reply_to="1")])
