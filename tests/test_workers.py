@@ -6,6 +6,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import shutil
 import signal
 import sqlite3
 import subprocess
@@ -162,6 +163,40 @@ def test_the_portable_default_launches_min_of_cores_and_micro_batches_workers(tm
                           / "trainer.json").read_text())
     assert trainer["world_size"] == expected
     assert (f"pretrain: {expected} workers (auto: min(" in proc.stderr) == (expected > 1)
+
+
+def tree_bytes(root: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(root)): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()}
+
+
+@pytest.mark.skipif(shutil.which("taskset") is None or workers.available_cores() < 2,
+                    reason="needs taskset and 2 cores to change the core count between the runs")
+def test_a_run_killed_on_auto_workers_resumes_on_fewer_cores_to_the_bytes_of_an_uninterrupted_run(tmp_path, inputs):
+    work = tmp_path / "work"
+    write_params(work, [*PRETRAIN, "training.micro_batches=2"])  # runtime.workers: null (auto)
+    one_core = ["taskset", "-c", "0", sys.executable]  # auto: min(1 core, K=2) = 1 worker
+
+    def args(out: Path) -> list:
+        return [*pretrain_args(inputs, out), "--curves", out / "curves"]
+
+    def outputs(out: Path) -> dict[str, bytes]:
+        return {**{f"model/{k}": v for k, v in tree_bytes(out / "model").items()},
+                **{f"curves/{k}": v for k, v in tree_bytes(out / "curves").items()},
+                "metrics.json": (out / "metrics.json").read_bytes()}
+
+    whole = tmp_path / "whole"
+    ok(run_stage("pretrain.py", args(whole), work, launcher=one_core))
+    moved = tmp_path / "moved"
+    stopped = run_stage("pretrain.py", args(moved), work, kill_at=10)  # 2 cores: 2 workers
+    assert "pretrain: 2 workers (auto: min(2 core(s)" in stopped.stderr, stopped.stderr[-3000:]
+    assert stopped.returncode != 0 and not (moved / "model").exists()
+    saved = steps(run_states(moved / "checkpoints"))
+    resumed = ok(run_stage("pretrain.py", args(moved), work, launcher=one_core))
+    # the same run (runtime.workers is output-neutral and null in both), continued on 1 worker
+    assert saved and "resuming at" in resumed.stderr and "1 process(es)" in resumed.stderr
+    want, got = outputs(whole), outputs(moved)
+    assert "model/model.safetensors" in want and "curves/steps.csv" in want
+    assert sorted(k for k in want.keys() | got.keys() if want.get(k) != got.get(k)) == []
 
 
 def test_runtime_workers_1_trains_in_the_stage_process_itself(tmp_path, inputs):
