@@ -3,7 +3,6 @@
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import os
 import shutil
@@ -150,10 +149,6 @@ def test_finetune_under_two_workers_writes_the_model_and_metrics_once_from_rank_
 
 
 def test_the_portable_default_launches_min_of_cores_and_micro_batches_workers(tmp_path, inputs):
-    from twilbert.config.training import TrainingConfig
-
-    if "micro_batches" not in {f.name for f in dataclasses.fields(TrainingConfig)}:
-        pytest.skip("training.micro_batches (issue 33's world-size-invariant training) is not in this tree")
     work = tmp_path / "work"
     write_params(work, [*PRETRAIN, "training.epochs=1", "training.micro_batches=2"])  # runtime.workers: null
     out = tmp_path / "out"
