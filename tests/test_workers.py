@@ -1,4 +1,4 @@
-"""runtime.workers: a training stage under portable numerics runs as DDP workers it launches itself
+"""runtime.workers: a training stage under portable numerics runs as workers it launches itself
 (pipeline/workers.py), with one log, one error line, one writer, and no worker outliving it."""
 
 from __future__ import annotations
@@ -121,9 +121,10 @@ def test_runtime_workers_2_trains_on_two_ranks_with_one_log_one_writer_and_one_m
     proc = ok(run_stage("pretrain.py", pretrain_args(inputs, out), work))
     assert "pretrain: 2 workers (runtime.workers=2), 1 intra-op thread(s) each" in proc.stderr
     states = run_states(out / "checkpoints")
-    assert steps(states)[-1] == "step-00000014"  # 108 pairs / (2 ranks x batch 8): 7 micro-steps an epoch
-    trainer = json.loads((states / "step-00000014" / "trainer.json").read_text())
-    assert trainer["world_size"] == 2 and len(trainer["rng"]) == 2
+    # batch_size is the global batch: 108 pairs / 8 = 14 global batches an epoch on any number of workers
+    assert steps(states)[-1] == "step-00000028"
+    trainer = json.loads((states / "step-00000028" / "trainer.json").read_text())
+    assert trainer["world_size"] == 2 and len(trainer["rng"]) == 1  # rank 0's: every micro-batch reseeds
     assert (out / "model" / "model.safetensors").is_file() and (out / "metrics.json").is_file()
     log = proc.stdout + proc.stderr
     for once in ("pretrain: params: params.yaml", "pretrain epoch 1/2", "pretrain: done in", "2 workers ready"):
@@ -143,8 +144,8 @@ def test_finetune_under_two_workers_writes_the_model_and_metrics_once_from_rank_
     assert "finetune: 2 workers (runtime.workers=2)" in log and log.count("t s0 (twilbert): dev ") == 1
     assert json.loads((out / "results" / "metrics.json").read_text())["n_train"] == 48
     assert (out / "model" / "model.safetensors").is_file()
-    trainer = json.loads((run_states(out / "checkpoints") / "step-00000003" / "trainer.json").read_text())
-    assert trainer["world_size"] == 2  # 48 rows / (2 ranks x 8): 3 micro-steps
+    trainer = json.loads((run_states(out / "checkpoints") / "step-00000006" / "trainer.json").read_text())
+    assert trainer["world_size"] == 2  # 48 rows / a global batch of 8: 6 global batches, on any worker count
     assert mlflow_runs(work, "finetune") == ["finetune-t-s0@workspace"]
 
 
