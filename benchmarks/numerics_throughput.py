@@ -3,21 +3,26 @@ own workers (``runtime.workers``, issue 33) win back. Ours in fp32 (the script's
 as one global batch), each side in fresh processes (the pins are read when torch loads), the sides'
 order alternating between rounds:
 
-- ``workers``: the NEW portable default: ``min(cores, K)`` DDP workers of one intra-op thread each
-  under the AVX2 pins, started by ``pipeline.workers.run_workers``, the function the training stages
-  launch themselves with (torch's elastic agent, as ``torchrun --standalone``); each rank steps on its
-  slice of the global batch, as ``distributed.iterate_rank_batches`` cuts it, DDP averaging the
-  gradients. K is ``training.micro_batches`` of conf/ (1 where the key does not exist), or
-  ``--micro-batches``; ``--workers`` forces the count. Startup is not timed (see the stage's log line
-  ``N workers ready ... s after their launch``);
-- ``portable_1``: the OLD portable default: one process, one thread, the AVX2 pins;
+- ``workers``: the NEW portable default: ``min(cores, K)`` workers of one intra-op thread each under
+  the AVX2 pins, started by ``pipeline.workers.run_workers``, the function the training stages launch
+  themselves with (torch's elastic agent, as ``torchrun --standalone``). The global batch is cut into K
+  micro-batches and each worker steps on its block of them (``distributed.worker_block``) as a
+  ``GlobalBatch`` share, ``training.micro_batches=K``: the stage's own step, gradients combined in tree
+  order (``train.grad_tree``). K is ``training.micro_batches`` of conf/, or ``--micro-batches``;
+  ``--workers`` forces the count. Startup is not timed (see the stage's log line ``N workers ready ...
+  s after their launch``);
+- ``portable_1``: the OLD portable default: one process, one thread, the AVX2 pins, K=1 (a plain batch);
+- ``portable_k_1``: one process, one thread, the AVX2 pins, K micro-batches: beside ``portable_1`` it
+  prices the micro-batches alone, beside ``workers`` the parallelism alone;
 - ``fastest``: the host's fastest: one process, torch's default threads (one per core), no pins
-  (``runtime.portable_numerics: false``);
-- ``best_isa_1``: the host's best ISA at one thread, no pins: beside ``portable_1`` it prices the ISA
-  pins alone, at equal threads.
+  (``runtime.portable_numerics: false``), K=1;
+- ``best_isa_1``: the host's best ISA at one thread, no pins, K=1: beside ``portable_1`` it prices the
+  ISA pins alone, at equal threads.
 
 Ratios (medians of per-round ratios): ``workers/fastest``, ``portable_1/fastest``,
-``workers/portable_1`` (what the workers win back) and ``isa_pin_price`` = ``portable_1/best_isa_1``.
+``workers/portable_1`` (what the workers win back), ``micro_batch_price`` = ``portable_k_1/portable_1``,
+``workers_to_portable_k_1`` and ``isa_pin_price`` = ``portable_1/best_isa_1``. Each timed run is
+``--steps`` global batches and the loop's ``flush`` (the losses read and gathered once).
 Prints the host line (CPU model, its ISA flags, torch's best capability, cores, load average), the
 rounds, the ratios and one JSON line.
 """
@@ -25,7 +30,7 @@ rounds, the ratios and one JSON line.
 from __future__ import annotations
 
 import argparse
-import dataclasses
+import itertools
 import json
 import os
 import platform
@@ -34,7 +39,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-SIDES = ("workers", "portable_1", "fastest", "best_isa_1")
+SIDES = ("workers", "portable_1", "portable_k_1", "fastest", "best_isa_1")
 ISA_FLAGS = ("avx2", "fma", "avx512f", "avx512_bf16", "avx512_vnni", "amx_tile", "amx_bf16")
 
 
@@ -57,8 +62,7 @@ def micro_batches(args: argparse.Namespace) -> int:
 
     from twilbert.config import load_config
 
-    training = load_config(compose_plain([], REPO / "conf")).training
-    return getattr(training, "micro_batches", None) or 1
+    return load_config(compose_plain([], REPO / "conf")).training.micro_batches
 
 
 def child_env(side: str) -> dict[str, str]:
@@ -66,7 +70,7 @@ def child_env(side: str) -> dict[str, str]:
 
     base = {k: v for k, v in os.environ.items()
             if k not in {*PORTABLE_ENV, PINNED_BY_LAUNCHER, "OMP_NUM_THREADS", "MKL_NUM_THREADS"}}
-    if side in ("workers", "portable_1"):
+    if side in ("workers", "portable_1", "portable_k_1"):
         return {**base, **PORTABLE_ENV, PINNED_BY_LAUNCHER: "1", "OMP_NUM_THREADS": "1"}
     if side == "best_isa_1":
         return {**base, "OMP_NUM_THREADS": "1"}
@@ -94,7 +98,8 @@ def run(args: argparse.Namespace) -> None:
     for r in range(args.rounds):
         order = SIDES if r % 2 == 0 else SIDES[::-1]
         for side in order:
-            cmd = [*base_cmd, "--numerics-workers", str(workers if side == "workers" else 1)]
+            cmd = [*base_cmd, "--numerics-workers", str(workers if side == "workers" else 1),
+                   "--numerics-micro", str(k if side in ("workers", "portable_k_1") else 1)]
             proc = subprocess.run(cmd, env=child_env(side), capture_output=True, text=True)
             if proc.returncode != 0:
                 raise SystemExit(f"{side}: the child failed ({proc.returncode}):\n{proc.stderr[-3000:]}")
@@ -107,12 +112,17 @@ def run(args: argparse.Namespace) -> None:
 
     medians = {s: statistics.median(rates[s]) for s in SIDES}
     ratios = {"workers_to_fastest": ratio("workers", "fastest"), "portable_1_to_fastest": ratio("portable_1", "fastest"),
-              "workers_to_portable_1": ratio("workers", "portable_1"), "isa_pin_price": ratio("portable_1", "best_isa_1")}
+              "workers_to_portable_1": ratio("workers", "portable_1"),
+              "micro_batch_price": ratio("portable_k_1", "portable_1"),
+              "workers_to_portable_k_1": ratio("workers", "portable_k_1"),
+              "isa_pin_price": ratio("portable_1", "best_isa_1")}
     for side in SIDES:
         print(f"{side}: {medians[side]:.1f} tok/s ({seen[side]['world_size']} process(es) x {seen[side]['threads']} "
-              f"thread(s), ATen {seen[side]['capability']})")
+              f"thread(s), K={seen[side]['micro_batches']}, ATen {seen[side]['capability']})")
     print(f"portable/fastest: new (workers) {ratios['workers_to_fastest']:.3f}, old (1 process) "
           f"{ratios['portable_1_to_fastest']:.3f}; workers/old portable {ratios['workers_to_portable_1']:.3f}; "
+          f"K micro-batches/1 at 1 thread {ratios['micro_batch_price']:.3f}; "
+          f"workers/1 process of K micro-batches {ratios['workers_to_portable_k_1']:.3f}; "
           f"ISA pin price at 1 thread (AVX2 / {seen['best_isa_1']['capability']}) {ratios['isa_pin_price']:.3f}; "
           f"load average at the end {os.getloadavg()[0]:.2f}")
     print(json.dumps({
@@ -121,53 +131,81 @@ def run(args: argparse.Namespace) -> None:
         "workers": workers, "micro_batches": k, "cores": cores,
         "threads": {s: seen[s]["threads"] for s in SIDES},
         "capability": {s: seen[s]["capability"] for s in SIDES},
+        "side_micro_batches": {s: seen[s]["micro_batches"] for s in SIDES},
         "rounds": rates, "cpu": model, "isa_flags": flags, "host": platform.node(), "batch": args.batch,
         "load_average_start": round(load_start, 2), "load_average_end": round(os.getloadavg()[0], 2),
     }))
 
 
+def global_batch_parts(vocab: int, batch: int, max_len: int, n_micro: int, rank: int, n_workers: int) -> list:
+    """This worker's block of the global batch's K micro-batches, ``(k, PairBatch)``: the rows of
+    ``pretrain_throughput.random_batch`` (same ids, same ROP labels), cut as the stage cuts a global batch."""
+    import numpy as np
+
+    from twilbert.data.batch import make_batch, pack_pairs
+    from twilbert.data.special import N_SPECIAL
+    from twilbert.train.distributed import worker_block
+
+    rng = np.random.default_rng(0)
+    a = rng.integers(N_SPECIAL, vocab, (batch, max_len)).tolist()
+    b = rng.integers(N_SPECIAL, vocab, (batch, max_len)).tolist()
+    packed = pack_pairs(a, b, max_len)
+    labels = rng.integers(0, 2, batch)
+    parts = np.array_split(np.arange(batch), n_micro)
+    lo, hi = worker_block(n_micro, n_workers, rank)
+    return [(k, make_batch(*(packed[key][parts[k]] for key in ("input_ids", "len_a", "length")), labels[parts[k]]))
+            for k in range(lo, hi)]
+
+
 def child(args: argparse.Namespace) -> None:
     """One side in this process's environment: ``--numerics-workers`` ranks (launched here, as the
-    stage launches its own), or this process alone; rank 0 prints tok/s of the global batch."""
+    stage launches its own), or this process alone, each stepping on its share of a global batch of
+    ``--numerics-micro`` micro-batches (K=1: the plain batch); rank 0 prints tok/s of the global batch."""
     from twilbert.pipeline.workers import run_workers, under_torchrun
 
     if args.numerics_workers > 1 and not under_torchrun():
         threads = int(os.environ.get("OMP_NUM_THREADS", "1"))
         raise SystemExit(run_workers(args.numerics_workers, threads))
-    import numpy as np
     import torch
-    from pretrain_throughput import FULL, QUICK, pretraining_config, random_batch, seconds
+    from pretrain_throughput import FULL, QUICK, REPO, compose_plain, pretraining_overrides, random_batch, seconds
 
+    from twilbert.config import load_config
     from twilbert.pipeline.runtime import apply_threads
-    from twilbert.train.distributed import barrier, destroy_distributed, init_distributed
+    from twilbert.train.distributed import GlobalBatch, barrier, destroy_distributed, init_distributed
     from twilbert.train.pretrain import build_pretraining
     from twilbert.train.pretrain_run import resolve_pretrain_run
 
     pinned = "ATEN_CPU_CAPABILITY" in os.environ
     apply_threads(None, portable=pinned)  # what a stage sets: 1 thread when portable
     sizes = QUICK if args.quick else FULL
-    vocab, seq = sizes["vocab"], 2 * sizes["max_len"] + 3
+    vocab, seq, k = sizes["vocab"], 2 * sizes["max_len"] + 3, args.numerics_micro
     ctx = init_distributed("cpu")
     try:
-        whole = random_batch(vocab, args.batch, sizes["max_len"])
-        rows = np.array_split(np.arange(args.batch), ctx.world_size)[ctx.rank]  # this rank's slice
-        picked = {f.name: getattr(whole, f.name)[torch.as_tensor(rows)] for f in dataclasses.fields(whole)
-                  if isinstance(getattr(whole, f.name), torch.Tensor)}
-        batch = dataclasses.replace(whole, **picked)
-        cfg = pretraining_config(sizes, len(rows), "fp32", pkm=False, act=args.act)
+        overrides = pretraining_overrides(sizes, args.batch, "fp32", pkm=False, act=args.act)
+        cfg = load_config(compose_plain([*overrides, f"training.micro_batches={k}"], REPO / "conf"))
         _, trainer, objective = build_pretraining(resolve_pretrain_run(cfg), vocab, torch.device("cpu"), ctx=ctx)
+        if k == 1 and not ctx.is_distributed:  # the old step: one plain batch
+            whole = random_batch(vocab, args.batch, sizes["max_len"])
+            batches = iter(lambda: whole, None)
+        else:
+            share = global_batch_parts(vocab, args.batch, sizes["max_len"], k, ctx.rank, ctx.world_size)
+            batches = (GlobalBatch(s, k, share) for s in itertools.count())
 
         def step() -> None:
-            trainer.train_step(batch, objective)
+            trainer.train_step(next(batches), objective)
 
-        for _ in range(args.warmup):
-            step()
+        def run_steps(n: int) -> None:
+            for _ in range(n):
+                step()
+            trainer.flush()  # the window's losses read (and gathered over workers) as the loop reads them
+
+        run_steps(args.warmup)
         barrier()
-        elapsed = seconds(step, args.steps) * args.steps
+        elapsed = seconds(lambda: run_steps(args.steps), 1)
         barrier()
         if ctx.is_main:
             print(json.dumps({"tok_s": args.batch * seq * args.steps / elapsed, "threads": torch.get_num_threads(),
-                              "world_size": ctx.world_size, "capability": torch.backends.cpu.get_cpu_capability()}),
-                  flush=True)
+                              "world_size": ctx.world_size, "micro_batches": k,
+                              "capability": torch.backends.cpu.get_cpu_capability()}), flush=True)
     finally:
         destroy_distributed()

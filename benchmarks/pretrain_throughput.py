@@ -55,11 +55,12 @@ padding_share_ours, padding_share_random and the ratios (of the first batch size
 ``by_batch``).
 
 ``--numerics`` times ours in fp32 in fresh processes, alternating (``benchmarks/numerics_throughput.py``):
-the portable default run as ``min(cores, K)`` one-thread DDP workers launched as the training stages
-launch them (``runtime.workers``), the old portable default (one process, one thread), the host's
-fastest (one process, all cores' threads, no pins; ``runtime.portable_numerics: false``) and the
-host's best ISA at one thread (the price of the AVX2 pins alone). It prints the host line, the ratios
-and one JSON line.
+the portable default run as ``min(cores, K)`` one-thread workers launched as the training stages
+launch them (``runtime.workers``), each stepping on its block of the global batch's K micro-batches,
+the old portable default (one process, one thread, K=1), one process of one thread over K
+micro-batches, the host's fastest (one process, all cores' threads, no pins;
+``runtime.portable_numerics: false``) and the host's best ISA at one thread (the price of the AVX2
+pins alone). It prints the host line, the ratios and one JSON line.
 
 Prints the figures, then one JSON line with hf_fp32_tok_s, ours_fp32_tok_s, hf_bf16_tok_s,
 ours_bf16_tok_s, ours_pkm_fp32_tok_s, ours_pkm_bf16_tok_s, ratio_fp32, ratio_bf16, mfu_fp32,
@@ -436,6 +437,7 @@ def main() -> None:
     parser.add_argument("--numerics", action="store_true", help="the cost of runtime.portable_numerics (see above)")
     parser.add_argument("--numerics-child", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--numerics-workers", type=int, default=1, help=argparse.SUPPRESS)
+    parser.add_argument("--numerics-micro", type=int, default=1, help=argparse.SUPPRESS)
     parser.add_argument("--workers", type=int, help="--numerics: the workers side's process count (default "
                         "min(cores, K))")
     parser.add_argument("--micro-batches", type=int, help="--numerics: K (default: training.micro_batches of conf/)")

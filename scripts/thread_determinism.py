@@ -6,7 +6,8 @@ test differed under load and passed alone. This probe finds out why, the machine
 
 - ``train``: ``--runs`` fresh processes per variant (a thread count, optionally with extra variables),
   interleaved, each the real pretraining step (``build_pretraining``: tiny preset, dropout, Adam,
-  clipping, dynamic masking, length-grouped batches read ahead on the prefetch thread) for one epoch
+  clipping, dynamic masking, length-grouped global batches of ``training.micro_batches`` micro-batches,
+  all in this one process, read ahead on the prefetch thread) for one epoch
   of synthetic pairs (the default pipeline's sizes); prints the sha256 of the final weights per variant.
 - ``ops``: each op of that step (MKL sgemm in linear and its gradients, bmm, softmax, layer norm,
   GELU, embedding backward, cross entropy, reductions, grad-norm clipping, AdamW's foreach update),
@@ -72,7 +73,7 @@ def child_train(threads: int) -> dict:
     from twilbert.data.batch import pack_pairs
     from twilbert.data.prefetch import prefetch
     from twilbert.data.special import N_SPECIAL
-    from twilbert.train.distributed import DistContext, iterate_rank_batches
+    from twilbert.train.distributed import DistContext, iterate_micro_batches
     from twilbert.train.loop import seed_everything
     from twilbert.train.pretrain import PREFETCH_BATCHES, build_pretraining
     from twilbert.train.pretrain_run import resolve_pretrain_run
@@ -87,8 +88,9 @@ def child_train(threads: int) -> dict:
     data["labels"] = rng.integers(0, 2, ROWS)
     model, trainer, objective = build_pretraining(run, VOCAB, torch.device("cpu"))
     start = time.perf_counter()
-    batches = prefetch(iterate_rank_batches(data, BATCH, SEED, 0, DistContext(), length_grouping=True),
-                       PREFETCH_BATCHES)
+    # the pretrain stage's own batches in one process: every micro-batch of each global batch
+    batches = prefetch(iterate_micro_batches(data, BATCH, run.training.micro_batches, SEED, 0, DistContext(),
+                                             length_grouping=True), PREFETCH_BATCHES)
     totals = trainer.train_epoch(batches, objective)
     seconds = time.perf_counter() - start
     return {"weights": digest(model.state_dict().values()), "loss": totals["loss"], "seconds": seconds,

@@ -110,6 +110,12 @@ def test_portable_mode_overrides_the_users_shell_and_turning_it_off_removes_only
     assert wanted_env(False, shell) == {}  # the user's own values stand when they opt out
 
 
+def test_a_shell_that_turns_on_libgomps_load_sized_thread_teams_gets_them_pinned_off():
+    # OMP_DYNAMIC=TRUE sizes a team by the load average, so a multi-thread run's bytes followed the load
+    shell = {**PORTABLE_ENV, PINNED_BY_LAUNCHER: "1", "OMP_DYNAMIC": "TRUE"}
+    assert wanted_env(True, shell) == {"OMP_DYNAMIC": "FALSE"}
+
+
 def test_the_stage_launcher_exports_the_same_pins_as_the_package():
     text = (REPO / "stages" / "py").read_text()
     exported = dict(re.findall(r"(\w+)=(\S+)", text.split("export ", 1)[1].splitlines()[0]))

@@ -32,7 +32,7 @@ from twilbert.config import Config, VocabConfig, load_config
 from twilbert.config.plain_compose import compose_plain
 from twilbert.data.pairs import build_pair_shards
 from twilbert.data.tokenizer import Tokenizer, train_vocab
-from twilbert.train.fingerprint import OUTPUT_NEUTRAL_KEYS
+from twilbert.train.fingerprint import OUTPUT_NEUTRAL_KEYS, config_fingerprint
 from twilbert.train.pretrain_run import resolve_pretrain_run
 
 pytestmark = pytest.mark.reliability
@@ -140,7 +140,9 @@ ALTERNATIVES: dict[str, Alt] = {
     "preprocess.laughter_token": {"preprocess.laughter_token": "jeje"},
     "preprocess.empty_text": {"preprocess.empty_text": "[nada]"},
     "runtime.threads": {"runtime.threads": 2},
-    "runtime.workers": {"runtime.workers": 1},  # the library call runs one process either way
+    # output-neutral: the rerun continues the first run's checkpoints (the library call runs one process
+    # either way; tests/test_worker_invariance.py launches 1, 2 and 4)
+    "runtime.workers": {"runtime.workers": 1},
     f"tasks.{TASK}.dataset.data_dir": lambda _, inputs: {f"tasks.{TASK}.dataset.data_dir": str(inputs / "task-copy")},
     f"tasks.{TASK}.dataset.train_file": lambda _, inputs: _renamed(inputs, "train.tsv"),
     f"tasks.{TASK}.dataset.dev_file": {f"tasks.{TASK}.dataset.dev_file": None},
@@ -388,8 +390,20 @@ def test_the_walk_covers_every_key_of_both_stages_and_says_how_many():
 def test_keys_left_out_of_the_identity_are_few_and_each_has_a_reason():
     assert set(OUTPUT_NEUTRAL_KEYS) == {"tracking", "training.checkpoint_every", "finetuning.checkpoint_every",
                                         "finetuning.baseline_model", "finetuning.baseline_c",
-                                        "finetuning.baseline_row"}
+                                        "finetuning.baseline_row", "runtime.workers"}
     assert all(len(reason) > 20 for reason in OUTPUT_NEUTRAL_KEYS.values())
+
+
+def test_a_run_keeps_its_identity_on_any_worker_count_but_not_on_another_thread_count():
+    from twilbert.train.pretrain import FINGERPRINT_KEYS
+
+    def identity(*overrides: str) -> str:
+        run = resolve_pretrain_run(load_config(compose_plain([*PRETRAIN, *overrides], REPO / "conf")))
+        return config_fingerprint(run.params(), include=FINGERPRINT_KEYS)
+
+    # null (auto: min(cores, K), so it follows the core count), 1, 2 and 3 workers are one run
+    assert len({identity(), *(identity(f"runtime.workers={n}") for n in (1, 2, 3))}) == 1
+    assert identity("runtime.threads=2") != identity()
 
 
 @pytest.mark.parametrize("key,tp", _walked(PRETRAIN_KEYS), ids=[k for k, _ in _walked(PRETRAIN_KEYS)])

@@ -34,6 +34,7 @@ def torchrun(workers: int) -> list[str]:
 
 
 def launch(workers: int):
+    # 1: the stage process itself; the params say runtime.workers: 1, else auto would launch min(cores, K)
     return None if workers == 1 else torchrun(workers)
 
 
@@ -61,7 +62,7 @@ def test_pretraining_on_1_2_and_4_workers_writes_the_same_model_metrics_and_curv
     write_params(work, ["model=tiny", f"representation.max_len={MAX_LEN}", "training.batch_size=8",
                         f"training.micro_batches={MICRO}", "training.epochs=2", "training.accum_iters=2",
                         "training.checkpoint_every=3", "training.log_every=1", "training.pll_examples=2",
-                        "training.device=cpu"])
+                        "training.device=cpu", "runtime.workers=1"])
 
     def args(out: Path) -> list:
         return [*pretrain_args(inputs, out), "--curves", out / "curves"]
@@ -90,7 +91,7 @@ def test_finetuning_on_1_2_and_4_workers_writes_the_same_model_and_metrics(tmp_p
     _, task = make_finetune_inputs(tmp_path)
     task["task"]["class_weights"] = {"N": 3.0}  # the loss divides by the global batch's weight sum
     work = tmp_path / "work"
-    write_params(work, ["model=tiny", f"representation.max_len={MAX_LEN}"], tasks={"t": task},
+    write_params(work, ["model=tiny", f"representation.max_len={MAX_LEN}", "runtime.workers=1"], tasks={"t": task},
                  finetuning={"epochs": 2, "batch_size": 12, "micro_batches": MICRO, "device": "cpu",
                              "baseline_row": False})
     outputs = {}

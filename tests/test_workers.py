@@ -1,11 +1,11 @@
-"""runtime.workers: a training stage under portable numerics runs as DDP workers it launches itself
+"""runtime.workers: a training stage under portable numerics runs as workers it launches itself
 (pipeline/workers.py), with one log, one error line, one writer, and no worker outliving it."""
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import os
+import shutil
 import signal
 import sqlite3
 import subprocess
@@ -121,9 +121,10 @@ def test_runtime_workers_2_trains_on_two_ranks_with_one_log_one_writer_and_one_m
     proc = ok(run_stage("pretrain.py", pretrain_args(inputs, out), work))
     assert "pretrain: 2 workers (runtime.workers=2), 1 intra-op thread(s) each" in proc.stderr
     states = run_states(out / "checkpoints")
-    assert steps(states)[-1] == "step-00000014"  # 108 pairs / (2 ranks x batch 8): 7 micro-steps an epoch
-    trainer = json.loads((states / "step-00000014" / "trainer.json").read_text())
-    assert trainer["world_size"] == 2 and len(trainer["rng"]) == 2
+    # batch_size is the global batch: 108 pairs / 8 = 14 global batches an epoch on any number of workers
+    assert steps(states)[-1] == "step-00000028"
+    trainer = json.loads((states / "step-00000028" / "trainer.json").read_text())
+    assert trainer["world_size"] == 2 and len(trainer["rng"]) == 1  # rank 0's: every micro-batch reseeds
     assert (out / "model" / "model.safetensors").is_file() and (out / "metrics.json").is_file()
     log = proc.stdout + proc.stderr
     for once in ("pretrain: params: params.yaml", "pretrain epoch 1/2", "pretrain: done in", "2 workers ready"):
@@ -143,16 +144,12 @@ def test_finetune_under_two_workers_writes_the_model_and_metrics_once_from_rank_
     assert "finetune: 2 workers (runtime.workers=2)" in log and log.count("t s0 (twilbert): dev ") == 1
     assert json.loads((out / "results" / "metrics.json").read_text())["n_train"] == 48
     assert (out / "model" / "model.safetensors").is_file()
-    trainer = json.loads((run_states(out / "checkpoints") / "step-00000003" / "trainer.json").read_text())
-    assert trainer["world_size"] == 2  # 48 rows / (2 ranks x 8): 3 micro-steps
+    trainer = json.loads((run_states(out / "checkpoints") / "step-00000006" / "trainer.json").read_text())
+    assert trainer["world_size"] == 2  # 48 rows / a global batch of 8: 6 global batches, on any worker count
     assert mlflow_runs(work, "finetune") == ["finetune-t-s0@workspace"]
 
 
 def test_the_portable_default_launches_min_of_cores_and_micro_batches_workers(tmp_path, inputs):
-    from twilbert.config.training import TrainingConfig
-
-    if "micro_batches" not in {f.name for f in dataclasses.fields(TrainingConfig)}:
-        pytest.skip("training.micro_batches (issue 33's world-size-invariant training) is not in this tree")
     work = tmp_path / "work"
     write_params(work, [*PRETRAIN, "training.epochs=1", "training.micro_batches=2"])  # runtime.workers: null
     out = tmp_path / "out"
@@ -162,6 +159,40 @@ def test_the_portable_default_launches_min_of_cores_and_micro_batches_workers(tm
                           / "trainer.json").read_text())
     assert trainer["world_size"] == expected
     assert (f"pretrain: {expected} workers (auto: min(" in proc.stderr) == (expected > 1)
+
+
+def tree_bytes(root: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(root)): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()}
+
+
+@pytest.mark.skipif(shutil.which("taskset") is None or workers.available_cores() < 2,
+                    reason="needs taskset and 2 cores to change the core count between the runs")
+def test_a_run_killed_on_auto_workers_resumes_on_fewer_cores_to_the_bytes_of_an_uninterrupted_run(tmp_path, inputs):
+    work = tmp_path / "work"
+    write_params(work, [*PRETRAIN, "training.micro_batches=2"])  # runtime.workers: null (auto)
+    one_core = ["taskset", "-c", "0", sys.executable]  # auto: min(1 core, K=2) = 1 worker
+
+    def args(out: Path) -> list:
+        return [*pretrain_args(inputs, out), "--curves", out / "curves"]
+
+    def outputs(out: Path) -> dict[str, bytes]:
+        return {**{f"model/{k}": v for k, v in tree_bytes(out / "model").items()},
+                **{f"curves/{k}": v for k, v in tree_bytes(out / "curves").items()},
+                "metrics.json": (out / "metrics.json").read_bytes()}
+
+    whole = tmp_path / "whole"
+    ok(run_stage("pretrain.py", args(whole), work, launcher=one_core))
+    moved = tmp_path / "moved"
+    stopped = run_stage("pretrain.py", args(moved), work, kill_at=10)  # 2 cores: 2 workers
+    assert "pretrain: 2 workers (auto: min(2 core(s)" in stopped.stderr, stopped.stderr[-3000:]
+    assert stopped.returncode != 0 and not (moved / "model").exists()
+    saved = steps(run_states(moved / "checkpoints"))
+    resumed = ok(run_stage("pretrain.py", args(moved), work, launcher=one_core))
+    # the same run (runtime.workers is output-neutral and null in both), continued on 1 worker
+    assert saved and "resuming at" in resumed.stderr and "1 process(es)" in resumed.stderr
+    want, got = outputs(whole), outputs(moved)
+    assert "model/model.safetensors" in want and "curves/steps.csv" in want
+    assert sorted(k for k in want.keys() | got.keys() if want.get(k) != got.get(k)) == []
 
 
 def test_runtime_workers_1_trains_in_the_stage_process_itself(tmp_path, inputs):

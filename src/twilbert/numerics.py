@@ -26,6 +26,9 @@ PORTABLE_ENV: Mapping[str, str] = {
     "MKL_CBWR": "AVX2",
     # MKL may otherwise run fewer threads than asked when the cores are busy, which changes its sums
     "MKL_DYNAMIC": "FALSE",
+    # libgomp's OMP_DYNAMIC=TRUE sizes thread teams by the load average: with >1 thread, the one way found
+    # for load to change the bytes (scripts/thread_determinism.py); no effect at 1 thread
+    "OMP_DYNAMIC": "FALSE",
 }
 # Results differ between 1 and 2 intra-op threads (ATen splits its sums by thread; MKL_CBWR=AVX2,STRICT
 # changes nothing: the same 20 steps, other bytes), so the count is part of the numerics, and of a run's
@@ -39,7 +42,8 @@ PORTABLE_ENV: Mapping[str, str] = {
 # threads ran an epoch 1.3x faster). More per worker (runtime.threads) stay bit-exact; on shared cores add
 # OMP_WAIT_POLICY=PASSIVE (same bytes), as libgomp's spinning barriers made 2 threads 13x slower than 1
 # under load. The one way found for load to change bits: OMP_DYNAMIC=TRUE (teams sized by the load
-# average: a third hash), off unless a shell sets it.
+# average: a third hash), pinned off above. 1 thread also leaves the other cores to the stage's own
+# workers (runtime.workers), which give the same bytes.
 PORTABLE_THREADS = 1
 # Set by stages/py beside PORTABLE_ENV: the launcher, not the user, put those values there.
 PINNED_BY_LAUNCHER = "TWILBERT_PINNED_NUMERICS"

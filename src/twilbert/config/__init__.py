@@ -70,7 +70,7 @@ class RuntimeConfig:
     threads: Optional[int] = None  # torch intra-op threads; null or 0: 1 when portable, else the cores shared among DVC jobs
     # The same bytes on any x86-64 CPU with AVX2: pinned kernels and thread count (twilbert.numerics).
     portable_numerics: bool = True
-    # Training worker processes (DDP, one per core): null or 0: min(cores, micro_batches) when portable on the
+    # Training worker processes (torchrun ranks, one per core): null or 0: min(cores, micro_batches) when portable on the
     # CPU, else 1; 1: one in-process worker; N: N workers (pipeline/workers.py)
     workers: Optional[int] = None
 

@@ -1,4 +1,4 @@
-"""``runtime.workers``: a training stage under portable numerics uses the machine's cores as DDP workers.
+"""``runtime.workers``: a training stage under portable numerics uses the machine's cores as workers.
 
 Portable numerics fix torch at one intra-op thread (thread count changes the sums' bits), which leaves
 all but one core idle. The training math cuts each global batch into K micro-batches
@@ -101,7 +101,7 @@ def worker_threads(runtime: "RuntimeConfig", workers: int, cores: int) -> int:
 
 
 def launch_workers(runtime: "RuntimeConfig", micro_batches: int, device: str, where: str) -> None:
-    """In a stage process: when more than one worker is wanted, run this stage as that many DDP workers
+    """In a stage process: when more than one worker is wanted, run this stage as that many workers
     and exit with their status (it does not return then); else return and train in this process.
 
     A test runner calling a stage's ``main`` in its own process never launches (``stage.is_stage_process``)."""

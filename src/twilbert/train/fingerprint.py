@@ -18,9 +18,10 @@ HASH_HEAD_TAIL = 4 << 20
 # (models, metrics, curves), so a rerun after changing one may continue the run's checkpoints. Every
 # other key is identity: ``epochs`` and ``patience`` too (a checkpoint at or past a lowered end, or an
 # early stop it would not have taken, cannot be continued into the new run), ``log_every`` (the step
-# curves) and ``device`` (the bits differ across device types). tests/test_rerun_is_fresh.py walks every
-# key of the stages and checks that a rerun writes a fresh run's bytes. Keys match as dotted suffixes,
-# so ``finetuning.checkpoint_every`` also covers a task's own ``tasks.<name>.finetuning.checkpoint_every``.
+# curves), ``device`` (the bits differ across device types) and ``runtime.threads`` (a thread count
+# changes the sums' bits). tests/test_rerun_is_fresh.py walks every key of the stages and checks that a
+# rerun writes a fresh run's bytes. Keys match as dotted suffixes, so ``finetuning.checkpoint_every``
+# also covers a task's own ``tasks.<name>.finetuning.checkpoint_every``.
 OUTPUT_NEUTRAL_KEYS = {
     "tracking": "where MLflow logs to; nothing a stage writes reads it",
     "training.checkpoint_every": "when training checkpoints are saved; a save reads the window's losses in step "
@@ -29,6 +30,8 @@ OUTPUT_NEUTRAL_KEYS = {
     "finetuning.baseline_model": "the baseline row has no checkpoint: it is refitted on every run, after the model",
     "finetuning.baseline_c": "the baseline row is refitted on every run, as for finetuning.baseline_model",
     "finetuning.baseline_row": "the baseline row is refitted on every run, as for finetuning.baseline_model",
+    "runtime.workers": "how many processes share each global batch's micro-batches; the bytes are the same for "
+                       "any count (tests/test_worker_invariance.py), so a run saved on 2 workers resumes on 1 or 3",
 }
 
 
