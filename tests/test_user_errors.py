@@ -75,6 +75,7 @@ def test_a_pickle_as_the_pretrained_weights_of_finetune_is_one_line(workdir):
     proc = run_stage("finetune.py", "--task", "tass_default", "--pretrained", "pretrained", "--model-out", "m",
                      "--metrics-out", "r", "--checkpoints", "ck", f"tasks.tass_default.dataset.data_dir={task}",
                      f"representation.max_len={MAX_LEN}", "finetuning.device=cpu", "finetuning.baseline_row=false",
+                     "runtime.workers=1",  # one process: the auto-workers path leaves folders (known gap, issue 33)
                      cwd=workdir)
     [line] = error_lines(proc)
     assert "pretrained/model.safetensors" in line and "rerun" in line
