@@ -296,3 +296,12 @@ def apply_four_row_recipe(conf_dir: Path) -> None:
     config["defaults"] = recipe["defaults"]
     config["tasks"] = recipe["tasks"]
     path.write_text(yaml.safe_dump(config, sort_keys=False, allow_unicode=True), encoding="utf-8")
+
+
+def alive(pid: int) -> bool:
+    """Running, not a zombie waiting for a parent to reap it."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return False
+    return stat[stat.rindex(")") + 2] not in "ZX"

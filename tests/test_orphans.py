@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from helpers import REPO
+from helpers import REPO, alive
 from twilbert.train.writer_lock import LOCK_FILE, CheckpointLockError, checkpoint_lock
 
 pytestmark = pytest.mark.reliability
@@ -77,15 +77,6 @@ def main():
 
 run(main)
 """
-
-
-def alive(pid: int) -> bool:
-    """Running, not a zombie waiting for a parent to reap it."""
-    try:
-        stat = Path(f"/proc/{pid}/stat").read_text()
-    except OSError:
-        return False
-    return stat[stat.rindex(")") + 2] not in "ZX"
 
 
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc")

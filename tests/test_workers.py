@@ -21,6 +21,7 @@ from helpers import (
     MAX_LEN,
     PRETRAIN,
     REPO,
+    alive,
     finetune_args,
     make_pretrain_inputs,
     ok,
@@ -225,14 +226,6 @@ def test_bad_input_under_two_workers_is_one_error_line_and_exit_2(tmp_path, inpu
 # --------------------------------------------------------------------------------------------
 # Kills: no orphan worker, and the next run resumes
 # --------------------------------------------------------------------------------------------
-
-
-def alive(pid: int) -> bool:
-    try:
-        stat = Path(f"/proc/{pid}/stat").read_text()
-    except OSError:
-        return False
-    return stat[stat.rindex(")") + 2] not in "ZX"
 
 
 def stage_workers(launcher: int) -> list[int]:
